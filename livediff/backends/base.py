@@ -1,0 +1,29 @@
+"""What the engine asks of a backend: run the three networks of the loop on device tensors."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    """Runs the UNet and the VAE halves. All tensors live on the engine's device.
+
+    Implementations: `TorchBackend` (eager or torch.compile), `OnnxBackend` (ONNX Runtime),
+    `TensorRTBackend`. They are interchangeable: same inputs, same outputs, within tolerance.
+    """
+
+    name: str
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [-1, 1] -> (N, 4, H/8, W/8) latents in diffusion scale."""
+        ...
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Noisy latents, (N,) float timesteps, (N, tokens, dim) embeddings -> the UNet's prediction."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, 4, H/8, W/8) latents -> (N, 3, H, W) images in [-1, 1]."""
+        ...

@@ -1,0 +1,135 @@
+"""Settings: one dataclass per area, validated on construction, passed down as a whole.
+
+`EngineSettings` is fixed for the life of an engine (what gets compiled).
+`StreamParams` belong to one stream (one session) and may change on any frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from livediff.errors import ConfigError
+
+BACKENDS = ("torch", "onnx", "tensorrt")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+MAX_STEPS = 4
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model: str = "auto"
+    """`auto`, `tiny`, `sd-turbo-random`, a Hugging Face id or a local diffusers folder."""
+    vae: str = "taesd"
+    """`taesd` (AutoencoderTiny, fast), `full` (the model's own AutoencoderKL) or a VAE id/folder."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N`."""
+    dtype: str = "auto"
+    """`auto` is float16 on CUDA and float32 on CPU."""
+    height: int = 512
+    """Frame height in pixels; a multiple of 8."""
+    width: int = 512
+    """Frame width in pixels; a multiple of 8."""
+    backend: str = "torch"
+    """Runs the networks: `torch`, `onnx` (ONNX Runtime) or `tensorrt`."""
+    compile: bool = False
+    """torch backend only: wrap the UNet and VAE in `torch.compile`."""
+    max_batch: int = 4
+    """Most frames in one engine step (sessions batched together)."""
+    stream_batch: bool = False
+    """Run the denoising steps of consecutive frames as one UNet batch (output lags steps-1 frames)."""
+    engines_dir: Path = Path("engines")
+    """Where compiled artifacts (ONNX files, TensorRT engines) are cached."""
+    cache_size: int = 64
+    """Prompt embeddings kept in the conditioning cache (LRU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value % 8:
+                raise ConfigError(f"{name} must be a multiple of 8 and at least 64, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 1 <= self.max_batch <= 64:
+            raise ConfigError(f"max_batch must be between 1 and 64, got {self.max_batch}")
+        if self.cache_size < 1:
+            raise ConfigError(f"cache_size must be at least 1, got {self.cache_size}")
+        if self.compile and self.backend != "torch":
+            raise ConfigError("compile applies to the torch backend only")
+
+    def replace(self, **changes: Any) -> EngineSettings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What one stream asks of the engine; any field may change between frames."""
+
+    prompt: str = "a watercolor painting, soft light"
+    negative_prompt: str = ""
+    """Used only when guidance > 1 (classifier-free guidance)."""
+    strength: float = 0.5
+    """How far the frame is noised before denoising: 0 keeps the input, 1 ignores it."""
+    steps: int = 1
+    """Denoising steps per frame, 1 (SD-Turbo) to 4 (LCM)."""
+    t_index_list: tuple[int, ...] | None = None
+    """Explicit timesteps (0-999, descending); overrides strength and steps when given."""
+    seed: int = 42
+    """Seeds the stream's fixed noise: the same seed and input give the same output."""
+    guidance: float = 0.0
+    """Classifier-free guidance scale; <= 1 disables it (SD-Turbo and LCM need none)."""
+    blend_prompt: str = ""
+    """A second prompt mixed into the first by `blend_weight`."""
+    blend_weight: float = 0.0
+    """0 uses `prompt` alone, 1 uses `blend_prompt` alone."""
+    similarity_filter: bool = False
+    """Skip frames that barely changed and repeat the previous output."""
+    similarity_threshold: float = 0.98
+    """Cosine similarity above which a frame may be skipped."""
+    max_skip_frames: int = 10
+    """Most consecutive frames the similarity filter may skip."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"strength must be in (0, 1], got {self.strength}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.t_index_list is not None:
+            ts = tuple(self.t_index_list)
+            if not 1 <= len(ts) <= MAX_STEPS:
+                raise ConfigError(f"t_index_list must have 1 to {MAX_STEPS} entries, got {len(ts)}")
+            if any(not isinstance(t, int) or not 0 <= t <= 999 for t in ts):
+                raise ConfigError("t_index_list entries must be integers in 0..999")
+            if list(ts) != sorted(set(ts), reverse=True):
+                raise ConfigError("t_index_list must be strictly descending")
+            object.__setattr__(self, "t_index_list", ts)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if not 0.0 <= self.guidance <= 20.0:
+            raise ConfigError(f"guidance must be in [0, 20], got {self.guidance}")
+        if not 0.0 <= self.blend_weight <= 1.0:
+            raise ConfigError(f"blend_weight must be in [0, 1], got {self.blend_weight}")
+        if not 0.0 < self.similarity_threshold < 1.0:
+            raise ConfigError(f"similarity_threshold must be in (0, 1), got {self.similarity_threshold}")
+        if not 0 <= self.max_skip_frames <= 1000:
+            raise ConfigError(f"max_skip_frames must be in 0..1000, got {self.max_skip_frames}")
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The denoising timesteps, descending: explicit, or evenly spaced below `strength`.
+
+        Trailing spacing as SD-Turbo and LCM use it: strength 0.5 with 1 step gives (499,),
+        strength 1.0 with 2 steps gives (999, 499).
+        """
+        if self.t_index_list is not None:
+            return self.t_index_list
+        top = self.strength * 1000
+        return tuple(max(0, round(top * (self.steps - k) / self.steps) - 1) for k in range(self.steps))
+
+    def replace(self, **changes: Any) -> StreamParams:
+        return dataclasses.replace(self, **changes)
+

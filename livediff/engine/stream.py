@@ -1,0 +1,292 @@
+"""The streaming img2img engine: a batch of frames in, the transformed frames out.
+
+One step, for frames of one or many streams:
+
+1. similarity filter (host): frames that barely changed reuse their stream's last output
+2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
+3. VAE encode -> latents
+4. noise each latent to its stream's first timestep with the stream's fixed noise
+5. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps)
+6. VAE decode
+7. postprocess: back to uint8 HWC and one device-to-host copy
+
+Frames are uint8 RGB tensors of shape (H, W, 3) on the host, as decoded video frames come.
+Everything that depends only on a stream's params (embeddings, timesteps, coefficients, noise)
+is prepared when the params change, never per frame. Per-stream state lives in `Stream`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from livediff.backends import Backend, create_backend
+from livediff.config import EngineSettings, StreamParams
+from livediff.engine.clock import StageClock
+from livediff.engine.conditioning import ConditioningCache, clip_encoder
+from livediff.engine.device import resolve_device, resolve_dtype
+from livediff.engine.schedule import T, NoiseSchedule
+from livediff.engine.similarity import SimilarityFilter
+from livediff.errors import ConfigError
+from livediff.models import ModelParts, load_model
+
+log = logging.getLogger(__name__)
+
+VAE_SCALE = 8
+"""Pixels per latent cell in each direction (all SD-family VAEs and TAESD)."""
+STAGES = ("preprocess", "encode", "unet", "decode", "postprocess")
+
+
+@dataclass
+class Conditioning:
+    """A stream's params turned into device tensors, once per change."""
+
+    params: StreamParams
+    embeds: torch.Tensor
+    """(1, tokens, dim) prompt embedding (blended when the params say so)."""
+    uncond: torch.Tensor | None
+    """(1, tokens, dim) negative-prompt embedding when guidance > 1."""
+    coefs: torch.Tensor
+    """(5, steps) rows of `NoiseSchedule.table` for the stream's timesteps."""
+    guidance: torch.Tensor
+    """(1,) guidance scale on the device (1 means no guidance)."""
+    truncated: bool
+
+
+@dataclass
+class Stream:
+    """Everything one stream carries between frames. Created by `StreamEngine.open_stream`."""
+
+    conditioning: Conditioning
+    noise: torch.Tensor
+    """(steps, C, h, w) fixed noise, one slice per denoising step: steady noise, steady video."""
+    similarity: SimilarityFilter
+    pending: torch.Tensor | None = None
+    """Stream Batch only: (steps - 1, C, h, w) latents still being denoised, at timesteps 1.."""
+    last_output: torch.Tensor | None = None
+    frames: int = 0
+    skipped: int = 0
+
+    @property
+    def params(self) -> StreamParams:
+        return self.conditioning.params
+
+
+@dataclass
+class StepResult:
+    outputs: list[torch.Tensor]
+    """One (H, W, 3) uint8 host tensor per input frame, in input order."""
+    skipped: list[bool]
+    """Which frames the similarity filter answered with the previous output."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per stage for the whole batch (empty when every frame was skipped)."""
+
+
+class StreamEngine:
+    """Few-step img2img over batches of frames from any number of streams.
+
+    Not thread-safe: one thread (the device's worker) calls every method.
+    """
+
+    def __init__(self, settings: EngineSettings, parts: ModelParts | None = None) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.parts = parts or load_model(settings.model, self.device, self.dtype, vae=settings.vae)
+        self.backend: Backend = create_backend(settings, self.parts)
+        self.schedule = NoiseSchedule(self.parts.scheduler, self.device)
+        self.conditioning = ConditioningCache(
+            clip_encoder(self.parts.tokenizer, self.parts.text_encoder), settings.cache_size
+        )
+        channels = self.parts.unet.config.in_channels
+        self.latent_shape = (channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
+        self.frame_shape = (settings.height, settings.width, 3)
+        log.info(
+            "engine: model %s (%s), backend %s, %s %s, %dx%d",
+            self.parts.ref, self.parts.revision, self.backend.name, self.device, self.dtype,
+            settings.width, settings.height,
+        )  # fmt: skip
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def open_stream(self, params: StreamParams | None = None) -> Stream:
+        params = params or StreamParams()
+        return Stream(
+            conditioning=self._condition(params),
+            noise=self._noise(params),
+            similarity=SimilarityFilter(params.seed),
+        )
+
+    def update(self, stream: Stream, params: StreamParams) -> None:
+        """Apply new params from the next frame on: no reload, no recompile."""
+        old = stream.params
+        stream.conditioning = self._condition(params)
+        if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
+            stream.noise = self._noise(params)
+        if params.timesteps != old.timesteps or params.seed != old.seed:
+            stream.pending = None
+        if not params.similarity_filter:
+            stream.similarity.reset()
+
+    def _condition(self, params: StreamParams) -> Conditioning:
+        prompt = self.conditioning.blend(params.prompt, params.blend_prompt, params.blend_weight)
+        uncond = None
+        if params.guidance > 1.0:
+            uncond = self.conditioning.get(params.negative_prompt).embeds
+        return Conditioning(
+            params=params,
+            embeds=prompt.embeds,
+            uncond=uncond,
+            coefs=self.schedule.coefficients(params.timesteps),
+            guidance=torch.tensor([max(params.guidance, 1.0)], device=self.device),
+            truncated=prompt.truncated,
+        )
+
+    def _noise(self, params: StreamParams) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(params.seed)  # on the host: the same on every device
+        noise = torch.randn((len(params.timesteps), *self.latent_shape), generator=generator)
+        return noise.to(self.device, self.dtype)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, batch: Sequence[tuple[Stream, torch.Tensor]]) -> StepResult:
+        """Transform one frame per entry; entries may belong to different streams."""
+        if not 1 <= len(batch) <= self.settings.max_batch:
+            raise ValueError(f"batch of {len(batch)} frames; this engine takes 1 to {self.settings.max_batch}")
+        for _, image in batch:
+            if tuple(image.shape) != self.frame_shape or image.dtype != torch.uint8:
+                raise ValueError(
+                    f"frames must be uint8 tensors of shape {self.frame_shape}, got {image.dtype} {tuple(image.shape)}"
+                )
+        skipped = [self._skip(stream, image) for stream, image in batch]
+        run = [i for i, skip in enumerate(skipped) if not skip]
+        outputs: list[torch.Tensor | None] = [batch[i][0].last_output if skip else None for i, skip in enumerate(skipped)]
+        timings: dict[str, float] = {}
+        if run:
+            streams = [batch[i][0] for i in run]
+            images, timings = self._run(streams, [batch[i][1] for i in run])
+            for i, stream, image in zip(run, streams, images):
+                stream.last_output = outputs[i] = image
+        for (stream, _), skip in zip(batch, skipped):
+            stream.frames += 1
+            stream.skipped += skip
+        return StepResult(outputs=outputs, skipped=skipped, timings_ms=timings)  # type: ignore[arg-type]
+
+    def _skip(self, stream: Stream, image: torch.Tensor) -> bool:
+        params = stream.params
+        if not params.similarity_filter or stream.last_output is None:
+            return False
+        return stream.similarity.should_skip(image, params.similarity_threshold, params.max_skip_frames)
+
+    def _run(self, streams: list[Stream], images: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        clock = StageClock(self.device)
+        pixels = self._preprocess(images)
+        clock.mark("preprocess")
+        latents = self.backend.encode(pixels)
+        clock.mark("encode")
+        denoised = torch.empty_like(latents)
+        for steps in sorted({len(s.params.timesteps) for s in streams}):
+            group = [i for i, s in enumerate(streams) if len(s.params.timesteps) == steps]
+            index = torch.tensor(group, device=self.device) if len(group) < len(streams) else None
+            x0 = latents if index is None else latents[index]
+            members = [streams[i] for i in group]
+            if self.settings.stream_batch and steps > 1:
+                result = self._denoise_stream_batch(members, x0)
+            else:
+                result = self._denoise(members, x0)
+            if index is None:
+                denoised = result
+            else:
+                denoised[index] = result
+        clock.mark("unet")
+        decoded = self.backend.decode(denoised)
+        clock.mark("decode")
+        frames = self._postprocess(decoded)
+        clock.mark("postprocess")
+        return list(frames.unbind(0)), clock.durations_ms()
+
+    def _preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
+        host = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype)
+        pixels = pixels.div_(127.5).sub_(1.0)
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return pixels
+
+    def _postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
+        frames = decoded.clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
+        return frames.permute(0, 2, 3, 1).contiguous().cpu()
+
+    # -- denoising -------------------------------------------------------------------------------
+
+    def _gather(self, streams: list[Stream]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Batch tensors for `streams`: coefs (B, 5, steps), noise (B, steps, C, h, w), embeds, uncond, guidance."""
+        conds = [s.conditioning for s in streams]
+        coefs = torch.stack([c.coefs for c in conds])
+        noise = torch.stack([s.noise for s in streams])
+        embeds = torch.cat([c.embeds for c in conds])
+        if all(c.uncond is None for c in conds):
+            return coefs, noise, embeds, None, None
+        uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
+        guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
+        return coefs, noise, embeds, uncond, guidance
+
+    def _predict(
+        self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+        uncond: torch.Tensor | None, guidance: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        if uncond is None or guidance is None:
+            return self.backend.unet(x, timesteps, embeds)
+        both = self.backend.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([uncond, embeds]))
+        unconditional, conditional = both.chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+
+    def _denoise(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+        """All steps of each frame in turn: steps UNet calls of batch B."""
+        coefs, noise, embeds, uncond, guidance = self._gather(streams)
+        steps = coefs.shape[-1]
+        x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
+        for k in range(steps):
+            output = self._predict(x, coefs[:, T, k], embeds, uncond, guidance)
+            denoised = self.schedule.predict_x0(x, output, coefs[:, :, k])
+            if k + 1 < steps:
+                x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
+        return denoised
+
+    def _denoise_stream_batch(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+        """One UNet call of batch B * steps: this frame's first step beside the earlier frames' later steps.
+
+        The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
+        carries the latents in between.
+        """
+        coefs, noise, embeds, uncond, guidance = self._gather(streams)
+        batch, steps = coefs.shape[0], coefs.shape[-1]
+        for i, stream in enumerate(streams):
+            if stream.pending is None:  # first frame: start the pipeline filled with this frame
+                later = coefs[i, :, 1:].T
+                stream.pending = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
+        fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
+        x = torch.cat([fresh.unsqueeze(1), torch.stack([s.pending for s in streams])], dim=1).flatten(0, 1)
+        flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5)
+        repeat = lambda t: None if t is None else t.repeat_interleave(steps, dim=0)  # noqa: E731
+        output = self._predict(x, flat_coefs[:, T], repeat(embeds), repeat(uncond), repeat(guidance))
+        denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (batch, steps))
+        renoised = self.schedule.add_noise(
+            denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
+        ).unflatten(0, (batch, steps - 1))
+        for i, stream in enumerate(streams):
+            stream.pending = renoised[i]
+        return denoised[:, -1]
+
+    # -- convenience -----------------------------------------------------------------------------
+
+    def warmup(self, frames: int = 2) -> None:
+        """Run a few frames so lazy initialisation and compilation happen before real traffic."""
+        stream = self.open_stream()
+        image = torch.zeros(self.frame_shape, dtype=torch.uint8)
+        for _ in range(frames):
+            self.step([(stream, image)])
