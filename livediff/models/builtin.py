@@ -37,6 +37,7 @@ def _scheduler() -> EulerDiscreteScheduler:
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
         timestep_spacing="trailing",
+        steps_offset=1,
     )
 
 
@@ -69,8 +70,43 @@ def _write_tokenizer(folder: Path) -> None:
     )
 
 
+@torch.no_grad()
+def _rescale_output(layer: torch.nn.Conv2d, run: Callable[[], None], mean: float, std: float) -> None:
+    """Set `layer`'s weight and bias so its output over `run()` has the given per-channel mean and std."""
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, output: seen.append(output))
+    run()
+    handle.remove()
+    out = torch.cat(seen).transpose(0, 1).flatten(1)  # (channels, values)
+    scale = std / out.std(dim=1).clamp_min(1e-6)
+    layer.weight.mul_(scale[:, None, None, None])
+    layer.bias.copy_((layer.bias - out.mean(dim=1)) * scale + mean)
+
+
+@torch.no_grad()
+def _calibrate_tiny(unet: UNet2DConditionModel, vae: AutoencoderTiny, text_encoder: CLIPTextModel) -> None:
+    """Give the random tiny model the output scales of a trained one, so its outputs respond to input.
+
+    Straight from random init, the VAE decoder saturates (every image near black), latents are ~0
+    and the prompt barely moves the UNet; tests could not tell a prompt change from none. Each
+    network's last layer is rescaled to real-model statistics on random inputs, and cross-attention
+    is strengthened so the prompt visibly steers the output.
+    """
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    latents = torch.randn(4, 4, 8, 8)
+    ids = torch.randint(0, text_encoder.config.vocab_size - 2, (4, 77))
+    embeds = text_encoder(ids, return_dict=False)[0]
+    _rescale_output(vae.encoder.layers[-1], lambda: vae.encoder(images), mean=0.0, std=1.0)
+    _rescale_output(vae.decoder.layers[-1], lambda: vae.decoder(latents), mean=0.5, std=0.2)  # -> [-1, 1] as 2x-1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            module.weight.mul_(8.0)
+    timesteps = torch.full((4,), 500.0)
+    _rescale_output(unet.conv_out, lambda: unet(latents, timesteps, embeds), mean=0.0, std=1.0)
+
+
 def _tiny(folder: Path) -> None:
-    UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
@@ -82,13 +118,13 @@ def _tiny(folder: Path) -> None:
         cross_attention_dim=32,
         norm_num_groups=8,
         use_linear_projection=True,
-    ).save_pretrained(folder / "unet")
-    AutoencoderTiny(
+    )
+    vae = AutoencoderTiny(
         encoder_block_out_channels=(16, 16, 16, 16),
         decoder_block_out_channels=(16, 16, 16, 16),
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
-    ).save_pretrained(folder / "vae")
+    )
     text_config = CLIPTextConfig(
         vocab_size=514,
         hidden_size=32,
@@ -100,7 +136,11 @@ def _tiny(folder: Path) -> None:
         eos_token_id=513,
         pad_token_id=513,
     )
-    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
+    text_encoder = CLIPTextModel(text_config)
+    _calibrate_tiny(unet, vae, text_encoder)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
 
 
 def _sd_turbo_random(folder: Path) -> None:

@@ -1,0 +1,203 @@
+"""`livediff` command line: one Settings object from flags and `LIVEDIFF_*` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from livediff.config import BACKENDS, DTYPES, MAX_STEPS, EngineSettings, StreamParams
+from livediff.errors import ConfigError, LivediffError
+
+log = logging.getLogger("livediff")
+
+BENCH_BACKENDS = ("torch", "torch.compile", "onnx", "tensorrt")
+
+
+def _env(name: str, default: Any) -> Any:
+    """The default of flag `--name`: `LIVEDIFF_NAME` from the environment when set."""
+    return os.environ.get("LIVEDIFF_" + name.upper().replace("-", "_"), default)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`512` or `WIDTHxHEIGHT`, each a multiple of 8."""
+    try:
+        width, _, height = text.lower().partition("x")
+        w, h = int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use 512 or 640x480") from None
+    for value in (w, h):
+        if value < 64 or value % 8:
+            raise argparse.ArgumentTypeError(f"{value} must be a multiple of 8 and at least 64")
+    return w, h
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range {low}..{high}")
+        return value
+
+    return parse
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (each flag also reads LIVEDIFF_<FLAG>)")
+    group.add_argument("--model", default=_env("model", "auto"),
+                       help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder")
+    group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast, default), full, or a VAE id/folder")
+    group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPES)
+    group.add_argument("--size", type=_size, default=_env("size", "512"), help="512 or WIDTHxHEIGHT, multiples of 8")
+    group.add_argument("--max-batch", type=_int_range(1, 64), default=int(_env("max_batch", 4)))
+    group.add_argument("--stream-batch", action="store_true", default=_env("stream_batch", "") == "1",
+                       help="denoise consecutive frames' steps in one UNet batch")
+    group.add_argument("--engines-dir", type=Path, default=Path(_env("engines_dir", "engines")))
+    group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=int(_env("steps", 1)),
+                       help=f"denoising steps per frame, 1..{MAX_STEPS}")
+    group.add_argument("--strength", type=_unit_interval, default=float(_env("strength", 0.5)))
+    group.add_argument("--prompt", default=_env("prompt", StreamParams.prompt))
+
+
+def engine_settings(args: argparse.Namespace, backend: str = "torch", compile: bool = False) -> EngineSettings:
+    width, height = args.size if isinstance(args.size, tuple) else _size(args.size)
+    return EngineSettings(
+        model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
+        backend=backend, compile=compile, max_batch=args.max_batch, stream_batch=args.stream_batch,
+        engines_dir=args.engines_dir,
+    )  # fmt: skip
+
+
+def stream_params(args: argparse.Namespace) -> StreamParams:
+    return StreamParams(prompt=args.prompt, steps=args.steps, strength=args.strength)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from livediff.bench import BenchPlan, format_report, run_bench
+
+    names = [name.strip() for name in args.backend.split(",") if name.strip()]
+    for name in names:
+        if name not in BENCH_BACKENDS:
+            raise ConfigError(f"--backend: {name!r} is not one of {', '.join(BENCH_BACKENDS)}")
+    streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else ()
+    args.max_batch = max([args.max_batch, args.batch, *streams])
+    settings = [
+        engine_settings(args, backend=name.removesuffix(".compile"), compile=name == "torch.compile")
+        for name in names
+    ]
+    plan = BenchPlan(
+        frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args),
+        baseline=args.baseline, streams=streams,
+    )  # fmt: skip
+    report = run_bench(settings, plan)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from livediff.backends.build import build_engines
+    from livediff.engine.device import resolve_device, resolve_dtype
+    from livediff.models import load_model
+
+    settings = engine_settings(args, backend=args.backend)
+    device = resolve_device(settings.device)
+    parts = load_model(settings.model, device, resolve_dtype(settings.dtype, device), vae=settings.vae)
+    for path in build_engines(settings, parts, progress=print):
+        print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from livediff.models import BUILDERS, DEFAULT_MODEL
+    from livediff.models.builtin import BUILDER_VERSION, cache_root
+
+    print("built in (random weights, no download):")
+    for name in BUILDERS:
+        folder = cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"
+        print(f"  {name:<20} {'cached at ' + str(folder) if folder.exists() else 'built on first use'}")
+    print(f"default on CUDA: {DEFAULT_MODEL} (VAE madebyollin/taesd); on CPU: tiny")
+    print("in the Hugging Face cache:")
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model")
+    except Exception:  # noqa: BLE001 - no cache folder yet
+        repos = []
+    print("\n".join(f"  {repo}" for repo in repos) or "  (none)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livediff", description="Real-time video-to-video diffusion.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="measure the engine on synthetic camera frames")
+    add_engine_flags(bench)
+    bench.add_argument("--backend", default="torch",
+                       help=f"one or more of {', '.join(BENCH_BACKENDS)}, comma separated")
+    bench.add_argument("--frames", type=_int_range(1, 100_000), default=100)
+    bench.add_argument("--warmup", type=_int_range(0, 1000), default=5)
+    bench.add_argument("--batch", type=_int_range(1, 64), default=1, help="streams per engine step")
+    bench.add_argument("--streams", default="", help="e.g. 1,2,4: batched versus sequential streams")
+    bench.add_argument("--baseline", choices=["diffusers"], help="also time diffusers' img2img pipeline")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.set_defaults(run=cmd_bench)
+
+    build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")
+    add_engine_flags(build)
+    build.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"], default="onnx")
+    build.set_defaults(run=cmd_build_engines)
+
+    models = commands.add_parser("models", help="list the models livediff can run here")
+    models.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    try:
+        return int(args.run(args))
+    except LivediffError as exc:
+        print(f"livediff: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers log progress bars and config notes that mean nothing to users."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared fixtures: the built-in tiny model, loaded once per test session, with no network."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# No test may reach the hub: unknown ids must fail fast and clearly, not after network retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("LIVEDIFF_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "livediff"))
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():  # type: ignore[no-untyped-def]
+    from livediff.models import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture()
+def artifacts_dir() -> Iterator[Path]:
+    """Where tests leave files worth looking at (screenshots, reports)."""
+    folder = Path(__file__).resolve().parent.parent / "test-artifacts"
+    folder.mkdir(exist_ok=True)
+    yield folder
