@@ -1,0 +1,32 @@
+# Two commands for users: `make serve` and `make test`. Each sets up .venv on first use.
+# torch is installed first and pinned: a bare `torch` requirement pulls CUDA wheels on CPU hosts.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: serve bench test setup setup-test browser clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(BIN)/livediff serve $(ARGS)
+
+bench: setup
+	$(BIN)/livediff bench $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts

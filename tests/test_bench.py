@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from livediff.cli import main
+
+STAGES = ("preprocess", "encode", "unet", "decode", "postprocess")
+
+
+def test_bench_prints_json_with_stages_fps_and_the_baseline_ratio(capsys) -> None:
+    code = main(
+        ["bench", "--model", "tiny", "--size", "64", "--frames", "4", "--warmup", "1",
+         "--baseline", "diffusers", "--streams", "1,2", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == "64x64" and report["steps"] == 1 and report["model"].startswith("tiny")
+    (run,) = report["runs"]
+    assert run["backend"] == "torch" and run["frames"] == 4
+    for stage in STAGES:
+        for key in ("p50", "p95"):
+            assert math.isfinite(run["stages_ms"][stage][key]) and run["stages_ms"][stage][key] >= 0
+    assert run["fps"] > 0 and run["ms_per_frame"] > 0
+    baseline = report["baseline"]
+    assert baseline["fps"] > 0 and baseline["frames"] == 4
+    assert report["speedup"]["ratio"] == pytest.approx(baseline["ms_per_frame"] / run["ms_per_frame"], abs=0.01)
+    assert [s["streams"] for s in report["streams"]] == [1, 2]
+    for streams in report["streams"]:
+        assert streams["batched"]["fps"] > 0 and streams["sequential"]["fps"] > 0
+        assert math.isfinite(streams["batched"]["latency_ms"]["p99"])
+
+
+def test_bench_table_names_every_stage(capsys) -> None:
+    assert main(["bench", "--model", "tiny", "--size", "64", "--frames", "2", "--warmup", "0", "--steps", "2"]) == 0
+    table = capsys.readouterr().out
+    for stage in STAGES:
+        assert stage in table
+    assert "steps 2" in table and "fps" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--size", "100"], "--size"),
+        (["--size", "64x6O"], "--size"),
+        (["--steps", "9"], "--steps"),
+        (["--strength", "0"], "--strength"),
+        (["--frames", "0"], "--frames"),
+        (["--dtype", "float8"], "--dtype"),
+    ],
+)
+def test_bad_flags_are_named(argv: list[str], flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_unknown_backend_is_named(capsys) -> None:
+    assert main(["bench", "--model", "tiny", "--size", "64", "--backend", "torch,fast"]) == 2
+    assert "--backend" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_message_not_a_traceback(capsys) -> None:
+    assert main(["bench", "--model", "nobody/nothing", "--size", "64", "--frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "nobody/nothing" in err and "--model tiny" in err and "Traceback" not in err
+
+
+def test_models_lists_the_builtins(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "sd-turbo-random" in out and "stabilityai/sd-turbo" in out
