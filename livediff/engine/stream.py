@@ -104,6 +104,11 @@ class StreamEngine:
         channels = self.parts.unet.config.in_channels
         self.latent_shape = (channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
         self.frame_shape = (settings.height, settings.width, 3)
+        self._staging_cpu = (
+            torch.empty((settings.max_batch, *self.frame_shape), dtype=torch.uint8).pin_memory()
+            if self.device.type == "cuda"
+            else None
+        )
         log.info(
             "engine: model %s (%s), backend %s, %s %s, %dx%d",
             self.parts.ref, self.parts.revision, self.backend.name, self.device, self.dtype,
@@ -188,20 +193,16 @@ class StreamEngine:
         clock.mark("preprocess")
         latents = self.backend.encode(pixels)
         clock.mark("encode")
-        denoised = torch.empty_like(latents)
-        for steps in sorted({len(s.params.timesteps) for s in streams}):
-            group = [i for i, s in enumerate(streams) if len(s.params.timesteps) == steps]
-            index = torch.tensor(group, device=self.device) if len(group) < len(streams) else None
-            x0 = latents if index is None else latents[index]
-            members = [streams[i] for i in group]
-            if self.settings.stream_batch and steps > 1:
-                result = self._denoise_stream_batch(members, x0)
-            else:
-                result = self._denoise(members, x0)
-            if index is None:
-                denoised = result
-            else:
-                denoised[index] = result
+        groups: dict[int, list[int]] = {}
+        for i, stream in enumerate(streams):
+            groups.setdefault(len(stream.params.timesteps), []).append(i)
+        if len(groups) == 1:
+            denoised = self._denoise_group(streams, latents)
+        else:  # streams with different step counts: one pass per count
+            denoised = torch.empty_like(latents)
+            for members in groups.values():
+                index = torch.tensor(members, device=self.device)
+                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index])
         clock.mark("unet")
         decoded = self.backend.decode(denoised)
         clock.mark("decode")
@@ -210,7 +211,10 @@ class StreamEngine:
         return list(frames.unbind(0)), clock.durations_ms()
 
     def _preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
-        host = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        if self._staging_cpu is not None:  # CUDA: stack straight into pinned memory, copy asynchronously
+            host = torch.stack(images, out=self._staging_cpu[: len(images)])
+        else:
+            host = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype)
         pixels = pixels.div_(127.5).sub_(1.0)
         if self.device.type == "cuda":
@@ -222,6 +226,12 @@ class StreamEngine:
         return frames.permute(0, 2, 3, 1).contiguous().cpu()
 
     # -- denoising -------------------------------------------------------------------------------
+
+    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+        """Denoise the latents of streams that share a step count."""
+        if self.settings.stream_batch and len(streams[0].params.timesteps) > 1:
+            return self._denoise_stream_batch(streams, x0)
+        return self._denoise(streams, x0)
 
     def _gather(self, streams: list[Stream]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Batch tensors for `streams`: coefs (B, 5, steps), noise (B, steps, C, h, w), embeds, uncond, guidance."""
