@@ -191,7 +191,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"model {report['model']}  device {report['device']}  dtype {report['dtype']}  "
         f"size {report['size']}  steps {report['steps']}  strength {report['strength']}",
         "",
-        f"{'backend':<14}{'batch':>6}" + "".join(f"{s + ' p50/p95':>22}" for s in STAGES) + f"{'ms/frame':>10}{'fps':>8}",
+        f"{'backend':<14}{'batch':>6}"
+        + "".join(f"{stage + ' p50/p95':>22}" for stage in STAGES)
+        + f"{'ms/frame':>10}{'fps':>8}",
     ]
     for run in report["runs"]:
         cells = "".join(

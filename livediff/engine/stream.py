@@ -28,9 +28,8 @@ from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
 from livediff.engine.device import resolve_device, resolve_dtype
-from livediff.engine.schedule import T, NoiseSchedule
+from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
-from livediff.errors import ConfigError
 from livediff.models import ModelParts, load_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +82,29 @@ class StepResult:
     """Which frames the similarity filter answered with the previous output."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     """Milliseconds per stage for the whole batch (empty when every frame was skipped)."""
+
+
+@dataclass
+class _Batch:
+    """The per-stream tensors of one denoising pass, stacked along the batch."""
+
+    coefs: torch.Tensor
+    """(B, 5, steps) schedule coefficients."""
+    noise: torch.Tensor
+    """(B, steps, C, h, w) each stream's fixed noise."""
+    embeds: torch.Tensor
+    uncond: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+    """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
+
+    def repeat_each(self, times: int) -> _Batch:
+        """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
+
+        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
+                      repeat(self.uncond), repeat(self.guidance))  # fmt: skip
 
 
 class StreamEngine:
@@ -169,7 +191,8 @@ class StreamEngine:
                 )
         skipped = [self._skip(stream, image) for stream, image in batch]
         run = [i for i, skip in enumerate(skipped) if not skip]
-        outputs: list[torch.Tensor | None] = [batch[i][0].last_output if skip else None for i, skip in enumerate(skipped)]
+        outputs: list[torch.Tensor | None] = [stream.last_output if skip else None
+                                              for (stream, _), skip in zip(batch, skipped)]  # fmt: skip
         timings: dict[str, float] = {}
         if run:
             streams = [batch[i][0] for i in run]
@@ -233,35 +256,36 @@ class StreamEngine:
             return self._denoise_stream_batch(streams, x0)
         return self._denoise(streams, x0)
 
-    def _gather(self, streams: list[Stream]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Batch tensors for `streams`: coefs (B, 5, steps), noise (B, steps, C, h, w), embeds, uncond, guidance."""
+    def _gather(self, streams: list[Stream]) -> _Batch:
         conds = [s.conditioning for s in streams]
-        coefs = torch.stack([c.coefs for c in conds])
-        noise = torch.stack([s.noise for s in streams])
-        embeds = torch.cat([c.embeds for c in conds])
-        if all(c.uncond is None for c in conds):
-            return coefs, noise, embeds, None, None
-        uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
-        guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
-        return coefs, noise, embeds, uncond, guidance
+        batch = _Batch(
+            coefs=torch.stack([c.coefs for c in conds]),
+            noise=torch.stack([s.noise for s in streams]),
+            embeds=torch.cat([c.embeds for c in conds]),
+        )
+        if any(c.uncond is not None for c in conds):
+            batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
+            batch.guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
+        return batch
 
-    def _predict(
-        self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-        uncond: torch.Tensor | None, guidance: torch.Tensor | None,
-    ) -> torch.Tensor:  # fmt: skip
-        if uncond is None or guidance is None:
-            return self.backend.unet(x, timesteps, embeds)
-        both = self.backend.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([uncond, embeds]))
+    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """The UNet's prediction, with classifier-free guidance for the frames that ask for it."""
+        if batch.uncond is None or batch.guidance is None:
+            return self.backend.unet(x, timesteps, batch.embeds)
+        both = self.backend.unet(
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds])
+        )
         unconditional, conditional = both.chunk(2)
-        return unconditional + guidance * (conditional - unconditional)
+        return unconditional + batch.guidance * (conditional - unconditional)
 
     def _denoise(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
-        """All steps of each frame in turn: steps UNet calls of batch B."""
-        coefs, noise, embeds, uncond, guidance = self._gather(streams)
+        """All steps of each frame in turn: `steps` UNet calls of batch B."""
+        batch = self._gather(streams)
+        coefs, noise = batch.coefs, batch.noise
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         for k in range(steps):
-            output = self._predict(x, coefs[:, T, k], embeds, uncond, guidance)
+            output = self._predict(x, coefs[:, T, k], batch)
             denoised = self.schedule.predict_x0(x, output, coefs[:, :, k])
             if k + 1 < steps:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
@@ -273,21 +297,21 @@ class StreamEngine:
         The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
         carries the latents in between.
         """
-        coefs, noise, embeds, uncond, guidance = self._gather(streams)
-        batch, steps = coefs.shape[0], coefs.shape[-1]
+        batch = self._gather(streams)
+        coefs, noise = batch.coefs, batch.noise
+        size, steps = coefs.shape[0], coefs.shape[-1]
         for i, stream in enumerate(streams):
             if stream.pending is None:  # first frame: start the pipeline filled with this frame
                 later = coefs[i, :, 1:].T
                 stream.pending = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
         fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         x = torch.cat([fresh.unsqueeze(1), torch.stack([s.pending for s in streams])], dim=1).flatten(0, 1)
-        flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5)
-        repeat = lambda t: None if t is None else t.repeat_interleave(steps, dim=0)  # noqa: E731
-        output = self._predict(x, flat_coefs[:, T], repeat(embeds), repeat(uncond), repeat(guidance))
-        denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (batch, steps))
+        flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5), frame-major
+        output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps))
+        denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (size, steps))
         renoised = self.schedule.add_noise(
             denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
-        ).unflatten(0, (batch, steps - 1))
+        ).unflatten(0, (size, steps - 1))
         for i, stream in enumerate(streams):
             stream.pending = renoised[i]
         return denoised[:, -1]

@@ -105,7 +105,8 @@ def _locate(ref: str) -> tuple[Path, str]:
         return path, _fingerprint(path)
     if path.suffix or ref.count("/") != 1:
         raise ModelLoadError(_how_to_get(ref))
-    patterns = ["model_index.json"] + [f"{c}/*.{ext}" for c in (*_COMPONENTS, "vae") for ext in ("json", "txt", "safetensors")]
+    extensions = ("json", "txt", "safetensors")
+    patterns = ["model_index.json"] + [f"{c}/*.{ext}" for c in (*_COMPONENTS, "vae") for ext in extensions]
     folder = _snapshot(ref, patterns)
     return folder, folder.name  # the hub cache stores snapshots under their commit hash
 

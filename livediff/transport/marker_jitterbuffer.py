@@ -73,7 +73,8 @@ import importlib.metadata
 import inspect
 import warnings
 import weakref
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
@@ -89,11 +90,13 @@ __all__ = [
     "use_marker_completion",
 ]
 
-#: aiortc versions this module was written and tested against: [min, max).
-#: Tested on 1.16.0.  Outside the range a warning is issued; the structural
-#: check in :func:`check_aiortc_internals` is what actually guards us.
+#: aiortc versions this module is tested against: [min, max).  The test suite
+#: passes on 1.14.0, 1.15.0 and 1.16.0 (jitterbuffer.py is identical in all
+#: three; the video buffer capacity is 128 before 1.16 and 512 in 1.16).
+#: Outside the range a warning is issued; the structural check in
+#: :func:`check_aiortc_internals` is what actually guards us.
 TESTED_AIORTC_RANGE: tuple[tuple[int, int, int], tuple[int, int, int]] = (
-    (1, 16, 0),
+    (1, 14, 0),
     (1, 17, 0),
 )
 
@@ -148,12 +151,12 @@ class MarkerJitterBuffer(JitterBuffer):
         super().__init__(capacity=capacity, prefetch=0, is_video=True)
         # Sequence number / timestamp of the last packet removed from the
         # buffer (emitted, discarded or dropped); used to prove frame starts.
-        self._prev_seq: Optional[int] = None
-        self._prev_ts: Optional[int] = None
-        self._emitted_ts: Optional[int] = None
+        self._prev_seq: int | None = None
+        self._prev_ts: int | None = None
+        self._emitted_ts: int | None = None
         # Set by smart_remove(): the new origin may follow a missing packet.
         self._check_gap = False
-        self._suspect_origin: Optional[int] = None
+        self._suspect_origin: int | None = None
         self.early_frames = 0
         self.fallback_frames = 0
         self.discarded_packets = 0
@@ -161,7 +164,7 @@ class MarkerJitterBuffer(JitterBuffer):
 
     # -- frame extraction -------------------------------------------------
 
-    def _remove_frame(self, sequence_number: int) -> Optional[JitterFrame]:
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         """Called by ``add()``: stock rule first, then marker completion."""
         if self._check_gap and self._origin is not None:
             # smart_remove() moved the origin: unless the packet just before
@@ -193,10 +196,7 @@ class MarkerJitterBuffer(JitterBuffer):
     def _starts_frame(self, packet: RtpPacket) -> bool:
         """True if ``packet`` (at the origin) is known to be a frame's first."""
         assert self._origin is not None
-        return (
-            self._prev_seq == uint16_add(self._origin, -1)
-            and self._prev_ts != packet.timestamp
-        )
+        return self._prev_seq == uint16_add(self._origin, -1) and self._prev_ts != packet.timestamp
 
     def _discard_emitted_tail(self) -> None:
         """Drop packets at the origin that belong to an already-emitted frame."""
@@ -212,7 +212,7 @@ class MarkerJitterBuffer(JitterBuffer):
             self.remove(1)
             self.discarded_packets += 1
 
-    def _remove_marked_frame(self) -> Optional[JitterFrame]:
+    def _remove_marked_frame(self) -> JitterFrame | None:
         """Emit the origin frame if contiguous from its start to its marker."""
         if self._origin is None:
             return None
@@ -223,11 +223,7 @@ class MarkerJitterBuffer(JitterBuffer):
         for count in range(self._capacity):
             seq = uint16_add(self._origin, count)
             packet = self._packets[seq % self._capacity]
-            if (
-                packet is None
-                or packet.sequence_number != seq
-                or packet.timestamp != first.timestamp
-            ):
+            if packet is None or packet.sequence_number != seq or packet.timestamp != first.timestamp:
                 return None
             packets.append(packet)
             if packet.marker:
@@ -241,9 +237,7 @@ class MarkerJitterBuffer(JitterBuffer):
 
     # -- removal bookkeeping ----------------------------------------------
 
-    def _remember_last(
-        self, packets: Sequence[Optional[RtpPacket]], start: int, count: int
-    ) -> None:
+    def _remember_last(self, packets: Sequence[RtpPacket | None], start: int, count: int) -> None:
         for i in range(count - 1, -1, -1):
             packet = packets[(start + i) % self._capacity]
             if packet is not None:
@@ -264,9 +258,7 @@ class MarkerJitterBuffer(JitterBuffer):
         snapshot = list(self._packets)
         emptied = super().smart_remove(count)
         if start is not None and self._origin is not None:
-            removed = (
-                self._capacity if emptied else uint16_add(self._origin, -start)
-            )
+            removed = self._capacity if emptied else uint16_add(self._origin, -start)
             self._remember_last(snapshot, start, removed)
         self._suspect_origin = None
         self._check_gap = True
@@ -291,9 +283,7 @@ def _check_jitterbuffer_api() -> None:
         if name not in params:
             raise _fail(f"JitterBuffer.__init__() has no '{name}' parameter")
     if remove_params != ["self", "sequence_number"]:
-        raise _fail(
-            f"JitterBuffer._remove_frame() signature changed to {remove_params}"
-        )
+        raise _fail(f"JitterBuffer._remove_frame() signature changed to {remove_params}")
 
     stock = JitterBuffer(capacity=8, is_video=True)
     for name in _BUFFER_STATE_ATTRS:
@@ -336,7 +326,7 @@ def _check_jitterbuffer_api() -> None:
         )
 
 
-def check_aiortc_internals(receiver: Optional[object] = None) -> None:
+def check_aiortc_internals(receiver: object | None = None) -> None:
     """Raise :class:`AiortcInternalsError` if aiortc's internals moved.
 
     Checks the ``JitterBuffer`` API (methods, constructor, private state and
@@ -349,8 +339,7 @@ def check_aiortc_internals(receiver: Optional[object] = None) -> None:
     low, high = TESTED_AIORTC_RANGE
     if not low <= version < high:
         warnings.warn(
-            f"aiortc {_aiortc_version()} is outside the range tested for "
-            f"MarkerJitterBuffer {TESTED_AIORTC_RANGE}",
+            f"aiortc {_aiortc_version()} is outside the range tested for MarkerJitterBuffer {TESTED_AIORTC_RANGE}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -358,15 +347,10 @@ def check_aiortc_internals(receiver: Optional[object] = None) -> None:
     if receiver is None:
         return
     if not hasattr(receiver, _RECEIVER_BUFFER_ATTR):
-        raise _fail(
-            f"{type(receiver).__name__} has no attribute '{_RECEIVER_BUFFER_ATTR}'"
-        )
+        raise _fail(f"{type(receiver).__name__} has no attribute '{_RECEIVER_BUFFER_ATTR}'")
     buffer = getattr(receiver, _RECEIVER_BUFFER_ATTR)
     if not isinstance(buffer, JitterBuffer):
-        raise _fail(
-            f"'{_RECEIVER_BUFFER_ATTR}' holds {type(buffer).__name__}, "
-            "not a JitterBuffer"
-        )
+        raise _fail(f"'{_RECEIVER_BUFFER_ATTR}' holds {type(buffer).__name__}, not a JitterBuffer")
     if getattr(receiver, _RECEIVER_KIND_ATTR, None) not in ("audio", "video"):
         raise _fail(f"receiver has no '{_RECEIVER_KIND_ATTR}' of 'audio'/'video'")
 
@@ -396,7 +380,7 @@ def use_marker_completion(receiver: RTCRtpReceiver) -> MarkerJitterBuffer:
     return new
 
 
-_enabled_pcs: "weakref.WeakSet[RTCPeerConnection]" = weakref.WeakSet()
+_enabled_pcs: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
 
 
 def enable_for(pc: RTCPeerConnection) -> None:
