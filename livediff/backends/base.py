@@ -15,6 +15,8 @@ class Backend(Protocol):
     """
 
     name: str
+    channels_last: bool
+    """Whether image inputs should be channels-last (NHWC in memory): True where the kernels prefer it."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1] -> (N, 4, H/8, W/8) latents in diffusion scale."""

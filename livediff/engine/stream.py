@@ -240,7 +240,7 @@ class StreamEngine:
             host = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype)
         pixels = pixels.div_(127.5).sub_(1.0)
-        if self.device.type == "cuda":
+        if self.backend.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
 

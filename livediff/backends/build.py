@@ -1,0 +1,32 @@
+"""Ahead-of-time builds for `livediff build-engines`: fill the engine cache before serving.
+
+The backends build what is missing on first use anyway; building ahead keeps minutes of export and
+compilation out of a server's start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from livediff.backends.cache import COMPONENTS
+from livediff.backends.onnx_backend import Progress, ensure_onnx, require_onnxruntime
+from livediff.config import EngineSettings
+from livediff.errors import ConfigError
+from livediff.models import ModelParts
+
+
+def build_engines(settings: EngineSettings, parts: ModelParts, progress: Progress = print) -> list[Path]:
+    """Build or reuse the artifacts `settings.backend` runs, one per network, each checked against torch.
+
+    `progress` receives a line per stage, and for each network whether it was built or reused.
+    Returns the artifacts' paths (ONNX files or TensorRT engines) in the order the frame meets them.
+    """
+    if settings.backend == "onnx":
+        require_onnxruntime(parts.device)
+        return [ensure_onnx(settings, parts, c, progress).path for c in COMPONENTS]
+    if settings.backend == "tensorrt":
+        from livediff.backends.tensorrt_backend import ensure_engine, require_tensorrt
+
+        require_tensorrt(parts.device)
+        return [ensure_engine(settings, parts, c, progress).path for c in COMPONENTS]
+    raise ConfigError(f"build-engines builds for --backend onnx or tensorrt, not {settings.backend!r}")

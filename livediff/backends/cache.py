@@ -1,0 +1,149 @@
+"""The engine cache: compiled artifacts (ONNX files, TensorRT engines) keyed by all that shapes them.
+
+Layout under `settings.engines_dir`, one readable folder per model and one folder per artifact:
+
+    engines/stabilityai-sd-turbo/unet-512x512-fp16-3f2a9c1d0b7e4a12/
+        model.onnx        (+ model.onnx.data: weights over 2 GB live beside the graph)
+        key.json          (the key's fields: what this artifact was built from)
+
+An artifact is a folder, not a file, because an ONNX graph and its external weights must appear
+together: the folder is built under a temporary name and renamed into place, so a reader sees a
+complete artifact or none, and two processes building the same key never corrupt each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+COMPONENTS = ("vae_encoder", "unet", "vae_decoder")
+"""The three networks of the loop, in the order a frame meets them."""
+SIDECAR = "key.json"
+_PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an artifact depends on; any change names a different artifact."""
+
+    model: str
+    """The model as the user named it (hub id, local folder, built-in name)."""
+    revision: str
+    """Hub commit, `builtin-vN`, or a local folder's fingerprint: new weights, new artifact."""
+    component: str
+    """One of `COMPONENTS`."""
+    height: int
+    width: int
+    batch: str
+    """`dynamic` (one ONNX file for every batch size) or a TensorRT profile `min-opt-max`."""
+    precision: str
+    """Tensor dtype of the artifact's inputs and weights: `fp32`, `fp16`, `bf16`."""
+    runtime: str
+    """Whatever produced it, with versions: `onnx-opset18-torch2.13.0-diffusers0.42.0`, `tensorrt-10.9.0`."""
+    device: str
+    """GPU compute capability (`sm89`) or `cpu`: TensorRT engines only run on the GPU they were built for."""
+
+    def __post_init__(self) -> None:
+        if self.component not in COMPONENTS:
+            raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {self.component!r}")
+
+    def fields(self) -> dict[str, str | int]:
+        return dataclasses.asdict(self)
+
+    @property
+    def digest(self) -> str:
+        """16 hex digits of SHA-256 over the fields: stable across runs, machines and Python versions."""
+        text = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        return f"{self.component}-{self.height}x{self.width}-{self.precision}-{self.digest}"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    """The artifact's main file (`model.onnx`, `model.plan`)."""
+    built: bool
+    """True when this call built it, False when an earlier build was reused."""
+
+
+def slugify(ref: str) -> str:
+    """A folder name for a model reference: `stabilityai/sd-turbo` -> `stabilityai-sd-turbo`."""
+    slug = re.sub(r"[^a-z0-9._]+", "-", ref.lower()).strip("-.")
+    return slug[-80:].strip("-.") or "model"
+
+
+def precision_tag(dtype: torch.dtype) -> str:
+    try:
+        return _PRECISIONS[dtype]
+    except KeyError:
+        raise ValueError(f"no precision tag for {dtype}") from None
+
+
+def device_tag(device: torch.device) -> str:
+    """`cpu`, or the CUDA device's compute capability (`sm89`)."""
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+class EngineCache:
+    """Artifacts in `root`, looked up by key; each is built once and reused after."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, key: EngineKey) -> Path:
+        return self.root / slugify(key.model) / key.name
+
+    def lookup(self, key: EngineKey, filename: str) -> Path | None:
+        """The artifact's file when it was built before, else None."""
+        folder = self.folder(key)
+        path = folder / filename
+        if not path.is_file():
+            return None
+        stored = json.loads((folder / SIDECAR).read_text())
+        if stored != key.fields():
+            raise RuntimeError(
+                f"engine cache entry {folder} does not match its key (a hash collision or an edited folder); delete it"
+            )
+        return path
+
+    def get_or_build(self, key: EngineKey, filename: str, build: Callable[[Path], None]) -> Artifact:
+        """The cached artifact, or a new one: `build(path)` writes `path` (and any files beside it).
+
+        `build` writes into a private staging folder; only a build that returns (its checks passed)
+        is renamed into place. When another process got there first, its artifact is kept.
+        """
+        found = self.lookup(key, filename)
+        if found is not None:
+            return Artifact(found, built=False)
+        folder = self.folder(key)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key.name}-", dir=folder.parent))
+        try:
+            build(staging / filename)
+            if not (staging / filename).is_file():
+                raise RuntimeError(f"building {key.name} wrote no {filename}")
+            (staging / SIDECAR).write_text(json.dumps(key.fields(), indent=2, sort_keys=True) + "\n")
+            try:
+                staging.rename(folder)
+            except OSError:  # another process committed the same key first: keep theirs
+                if self.lookup(key, filename) is None:
+                    raise
+                return Artifact(folder / filename, built=False)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Artifact(folder / filename, built=True)

@@ -1,0 +1,282 @@
+"""ONNX: export the three networks once into the engine cache, check them, run them with ONNX Runtime.
+
+Exporter: the dynamo exporter (`torch.onnx.export(..., dynamo=True)`). It exports the diffusers
+UNet2DConditionModel and AutoencoderTiny with a symbolic batch dimension, matches torch within
+~5e-6 in float32, and emits a clean opset-18 graph (no Constant/Identity clutter, attention as
+MatMul/Softmax that TensorRT fuses). The TorchScript exporter (`dynamo=False`) also works and
+exports ~20x faster, but it is deprecated and frozen upstream; an export runs once per key, so the
+maintained path wins.
+
+Shapes: height and width are static (part of the key), the batch axis is dynamic, so one file
+serves every batch the engine forms (frames x guidance x stream-batch steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag, precision_tag
+from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
+from livediff.config import EngineSettings
+from livediff.errors import BackendUnavailable, ConfigError, LivediffError
+from livediff.models import ModelParts
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+"""The dynamo exporter's native opset (no version conversion); ONNX Runtime and TensorRT 10 run it."""
+EXPORTER = f"onnx-opset{OPSET}-torch{torch.__version__}-diffusers{diffusers.__version__}"
+ONNX_FILE = "model.onnx"
+INPUTS = {"vae_encoder": ("images",), "unet": ("latents", "timesteps", "embeds"), "vae_decoder": ("latents",)}
+OUTPUTS = {"vae_encoder": "latents", "unet": "prediction", "vae_decoder": "images"}
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+"""Largest max-abs difference from torch, relative to max(1, largest |output|).
+
+fp32: kernels differ only in summation order, ~1e-7 relative per op; measured 5e-6 on the tiny
+model, so 1e-3 leaves room for the ~10x deeper SD UNet. A broken export (wrong op semantics,
+timesteps or scaling) is off by 1e-1 or more. fp16: one ulp is ~1e-3 relative and it compounds
+over the layers; 5e-2 still catches broken graphs.
+"""
+
+Progress = Callable[[str], None]
+
+
+class ParityError(LivediffError):
+    """An exported or compiled network disagrees with torch beyond the tolerance."""
+
+
+# -- what gets exported ------------------------------------------------------------------------------
+
+
+def torch_module(parts: ModelParts, component: str) -> torch.nn.Module:
+    if component == "vae_encoder":
+        return VaeEncoder(parts.vae).eval()
+    if component == "unet":
+        return UNet(parts.unet).eval()
+    if component == "vae_decoder":
+        return VaeDecoder(parts.vae).eval()
+    raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {component!r}")
+
+
+def export_dtype(parts: ModelParts) -> torch.dtype:
+    """float32 on CPU (ONNX Runtime's CPU kernels are float32); the model dtype on CUDA."""
+    if parts.device.type != "cuda":
+        return torch.float32
+    if parts.dtype not in (torch.float16, torch.float32):
+        raise ConfigError(f"the onnx and tensorrt backends run float16 or float32 on CUDA, not {parts.dtype}")
+    return parts.dtype
+
+
+def sample_inputs(
+    parts: ModelParts, component: str, height: int, width: int, batch: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs shaped as the engine calls the network (timesteps stay float32, as the engine passes them)."""
+    generator = torch.Generator().manual_seed(seed)
+    latent = (height // 8, width // 8)
+    vae_config: Any = parts.vae.config
+    unet_config: Any = parts.unet.config  # type: ignore[attr-defined]
+    if component == "vae_encoder":
+        tensors: tuple[torch.Tensor, ...] = (torch.rand(batch, 3, height, width, generator=generator) * 2 - 1,)
+    elif component == "vae_decoder":
+        tensors = (torch.randn(batch, vae_config.latent_channels, *latent, generator=generator),)
+    else:
+        tokens = parts.tokenizer.model_max_length
+        tensors = (
+            torch.randn(batch, unet_config.in_channels, *latent, generator=generator),
+            torch.linspace(999.0, 1.0, batch),
+            torch.randn(batch, tokens, unet_config.cross_attention_dim, generator=generator),
+        )
+    return tuple(t.to(parts.device, torch.float32 if t.dim() == 1 else dtype) for t in tensors)
+
+
+def export_onnx(module: torch.nn.Module, sample: tuple[torch.Tensor, ...], component: str, path: Path) -> None:
+    """Write `module` as an ONNX graph with a dynamic batch axis (weights in `path`.data beside it).
+
+    Weights always go to an external file: over 2 GB (SD UNet in float32) they must, and one layout
+    for every model keeps the cache simple. `sample` must have a batch above 1, or the batch is
+    specialised away.
+    """
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        module,
+        sample,
+        str(path),
+        input_names=list(INPUTS[component]),
+        output_names=[OUTPUTS[component]],
+        dynamic_shapes=tuple({0: batch} for _ in sample),
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=True,
+        verbose=False,
+    )
+
+
+def check_parity(label: str, expected: torch.Tensor, actual: torch.Tensor, precision: str) -> float:
+    """The max abs difference of `actual` from `expected`; raises `ParityError` above the tolerance."""
+    expected, actual = expected.float().cpu(), actual.float().cpu()
+    if expected.shape != actual.shape:
+        raise ParityError(f"{label}: output shape {tuple(actual.shape)}, torch gives {tuple(expected.shape)}")
+    diff = (expected - actual).abs().max().item()
+    tolerance = TOLERANCE[precision] * max(1.0, expected.abs().max().item())
+    if not diff <= tolerance:  # also catches NaN
+        raise ParityError(
+            f"{label}: max abs diff from torch {diff:.3g} exceeds the tolerance {tolerance:.3g}; the exported graph "
+            "is wrong (an exporter or runtime bug): report it with the model name, then use --backend torch"
+        )
+    return diff
+
+
+# -- the engine cache --------------------------------------------------------------------------------
+
+
+def component_revision(parts: ModelParts, component: str) -> str:
+    """The model revision, plus the VAE choice for the VAE halves (`--vae` swaps them, not the UNet)."""
+    return parts.revision if component == "unet" else f"{parts.revision}+vae={parts.vae_ref}"
+
+
+def onnx_key(settings: EngineSettings, parts: ModelParts, component: str) -> EngineKey:
+    return EngineKey(
+        model=parts.ref,
+        revision=component_revision(parts, component),
+        component=component,
+        height=settings.height,
+        width=settings.width,
+        batch="dynamic",
+        precision=precision_tag(export_dtype(parts)),
+        runtime=EXPORTER,
+        device=device_tag(parts.device),
+    )
+
+
+def ensure_onnx(
+    settings: EngineSettings, parts: ModelParts, component: str, progress: Progress, verify: bool = True
+) -> Artifact:
+    """The cached ONNX file of `component`, exported (and, with `verify`, checked on ONNX Runtime) if missing.
+
+    The TensorRT backend passes `verify=False`: it checks the engine it compiles from this file instead.
+    """
+    key = onnx_key(settings, parts, component)
+    dtype = export_dtype(parts)
+    label = f"{component} ({settings.width}x{settings.height}, {key.precision})"
+
+    def build(path: Path) -> None:
+        module = torch_module(parts, component)
+        if dtype != parts.dtype:  # a float32 copy for the CPU export; the engine's modules stay as they are
+            module = copy.deepcopy(module).to(dtype)
+        progress(f"exporting {label} to ONNX (opset {OPSET})...")
+        export_onnx(module, sample_inputs(parts, component, settings.height, settings.width, 2, dtype), component, path)
+        if verify:
+            check = sample_inputs(parts, component, settings.height, settings.width, 3, dtype, seed=1)
+            with torch.inference_mode():
+                expected = module(*check)
+                actual = OrtRunner(path, parts.device)(*check)
+            diff = check_parity(f"ONNX {label}", expected, actual, key.precision)
+            progress(f"{component}: ONNX Runtime parity max abs diff {diff:.2e} (batch 3)")
+
+    artifact = EngineCache(settings.engines_dir).get_or_build(key, ONNX_FILE, build)
+    progress(f"{component}: {'built' if artifact.built else 'reused'} {artifact.path}")
+    return artifact
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def require_onnxruntime(device: torch.device) -> None:
+    """Raises `BackendUnavailable` when the installed onnxruntime cannot run on `device`."""
+    if device.type not in ("cpu", "cuda"):
+        raise BackendUnavailable(f"the onnx backend runs on cpu or cuda, not {device}")
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable(
+            f"the onnx backend on {device} needs onnxruntime-gpu, but the installed onnxruntime {ort.__version__} "
+            "has no CUDA execution provider: `pip uninstall onnxruntime && pip install onnxruntime-gpu`, "
+            "or run with --device cpu, or --backend torch"
+        )
+
+
+class OrtRunner:
+    """One ONNX Runtime session, called with torch tensors on the engine's device, returning one.
+
+    CPU: numpy views of the tensors go in, the output array is wrapped without a copy.
+    CUDA: IO binding to the tensors' device memory, so the data never visits the host; ORT runs on
+    its own stream, ordered with torch's current stream by events, and its end-of-run host sync is
+    disabled: no synchronisation inside a step.
+    """
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        require_onnxruntime(device)
+        self.device = device
+        self.run_options = ort.RunOptions()
+        if device.type == "cuda":
+            # ORT takes the null handle of torch's default stream for "no stream" and would run on its own,
+            # unordered with torch's: give it a stream of its own and order the two with events.
+            self.stream = torch.cuda.Stream(device)
+            options = {"device_id": str(device.index or 0), "user_compute_stream": str(self.stream.cuda_stream)}
+            providers: list[tuple[str, dict[str, str]]] = [("CUDAExecutionProvider", options)]
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        else:
+            providers = [("CPUExecutionProvider", {})]
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        wanted, active = providers[0][0], self.session.get_providers()
+        if active[0] != wanted:  # ORT logs and carries on on the CPU when the CUDA libraries fail to load
+            raise BackendUnavailable(f"onnxruntime could not start {wanted} (active: {active}); see its log above")
+        self.inputs = [(i.name, _DTYPES[i.type]) for i in self.session.get_inputs()]
+        output = self.session.get_outputs()[0]
+        self.output_name, self.output_dtype = output.name, _DTYPES[output.type]
+        self.output_tail = tuple(int(d) for d in output.shape[1:])  # all but the batch are static
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        # Contiguous and in the graph's dtype: no-ops when they already are.
+        args = [t.detach().to(dtype).contiguous() for t, (_, dtype) in zip(tensors, self.inputs, strict=True)]
+        if self.device.type == "cpu":
+            feeds = {name: a.numpy() for a, (name, _) in zip(args, self.inputs)}
+            return torch.from_numpy(self.session.run([self.output_name], feeds, self.run_options)[0])
+        return self._run_cuda(args)
+
+    def _run_cuda(self, args: list[torch.Tensor]) -> torch.Tensor:
+        index = self.device.index or 0
+        binding = self.session.io_binding()
+        for a, (name, dtype) in zip(args, self.inputs):
+            binding.bind_input(name, "cuda", index, _NUMPY[dtype], tuple(a.shape), a.data_ptr())
+        out = torch.empty((args[0].shape[0], *self.output_tail), dtype=self.output_dtype, device=self.device)
+        binding.bind_output(
+            self.output_name, "cuda", index, _NUMPY[self.output_dtype], tuple(out.shape), out.data_ptr()
+        )
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # inputs ready before ORT reads them
+        self.session.run_with_iobinding(binding, self.run_options)
+        current.wait_stream(self.stream)  # torch's next kernels wait for the output (no host sync)
+        return out
+
+
+class OnnxBackend:
+    """The three networks on ONNX Runtime, from the engine cache (exported on first use)."""
+
+    def __init__(self, settings: EngineSettings, parts: ModelParts, progress: Progress | None = None) -> None:
+        require_onnxruntime(parts.device)  # before any export: a missing runtime fails fast
+        self.name = f"onnx-{parts.device.type}"
+        self.channels_last = False
+        self.dtype = parts.dtype
+        report = progress or log.info
+        runners = [OrtRunner(ensure_onnx(settings, parts, c, report).path, parts.device) for c in COMPONENTS]
+        self._encode, self._unet, self._decode = runners
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode(images).to(self.dtype)
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self._unet(latents, timesteps, embeds).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents).to(self.dtype)

@@ -1,0 +1,339 @@
+"""Tests for livediff.backends: ONNX export parity, the engine cache, the ONNX backend in the engine, TensorRT.
+
+The tiny built-in model is exported once per session (~30 s on 2 cores) into a session-wide engine
+cache that the other tests reuse. GPU tests skip without CUDA (and without TensorRT or
+onnxruntime-gpu); on this kind of host the BackendUnavailable errors are tested instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from livediff.backends import create_backend, onnx_backend
+from livediff.backends.build import build_engines
+from livediff.backends.cache import COMPONENTS, SIDECAR, EngineCache, EngineKey, slugify
+from livediff.backends.onnx_backend import (
+    OPSET,
+    OnnxBackend,
+    OrtRunner,
+    ParityError,
+    check_parity,
+    onnx_key,
+    sample_inputs,
+    torch_module,
+)
+from livediff.config import EngineSettings, StreamParams
+from livediff.engine import StreamEngine
+from livediff.errors import BackendUnavailable
+from livediff.models import ModelParts, load_model
+
+SIZE = 64
+CUDA = torch.cuda.is_available()
+ORT_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="session")
+def parts(tiny_parts: ModelParts) -> ModelParts:
+    """The tiny model on the CPU in float32, shared with the other test files (conftest)."""
+    return tiny_parts
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
+    engines = tmp_path_factory.mktemp("engines")
+    return EngineSettings(model="tiny", backend="onnx", height=SIZE, width=SIZE, engines_dir=engines)
+
+
+@pytest.fixture(scope="session")
+def built(settings: EngineSettings, parts: ModelParts) -> tuple[list[Path], list[str]]:
+    """The three ONNX files of the tiny model, exported once, and the progress lines of that build."""
+    messages: list[str] = []
+    return build_engines(settings, parts, progress=messages.append), messages
+
+
+# -- export parity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_onnx_export_matches_torch(component: str, built: tuple[list[Path], list[str]], parts: ModelParts) -> None:
+    path = built[0][COMPONENTS.index(component)]
+    # Batch 5: neither the export sample's 2 nor the build check's 3, so the batch axis is really dynamic.
+    inputs = sample_inputs(parts, component, SIZE, SIZE, batch=5, dtype=torch.float32, seed=7)
+    with torch.inference_mode():
+        expected = torch_module(parts, component)(*inputs)
+    actual = OrtRunner(path, torch.device("cpu"))(*inputs)
+    diff = (expected - actual).abs().max().item()
+    # float32 on CPU on both sides: the same math, summed in another order by other kernels (MLAS
+    # against ATen/oneDNN), ~1e-7 relative per op. Measured <= 5e-6 here with outputs up to ~4;
+    # 1e-4 leaves 20x headroom, while a wrong graph (op semantics, timesteps, scaling) is off by > 0.1.
+    assert diff < 1e-4, f"{component}: ONNX Runtime vs torch max abs diff {diff:.3g} (tolerance 1e-4)"
+
+
+def test_onnx_files_have_a_dynamic_batch_and_opset(built: tuple[list[Path], list[str]]) -> None:
+    for path in built[0]:
+        model = onnx.load(str(path), load_external_data=False)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == OPSET >= 17
+        for tensor in [*model.graph.input, *model.graph.output]:
+            batch = tensor.type.tensor_type.shape.dim[0]
+            assert batch.dim_param and not batch.dim_value, f"{path}: {tensor.name} has a static batch"
+
+
+def test_build_reports_parity_and_builds(built: tuple[list[Path], list[str]]) -> None:
+    paths, messages = built
+    text = "\n".join(messages)
+    for component, path in zip(COMPONENTS, paths):
+        assert f"exporting {component}" in text
+        assert f"{component}: ONNX Runtime parity max abs diff" in text
+        assert f"{component}: built {path}" in text
+
+
+def test_check_parity_raises_clearly() -> None:
+    expected = torch.zeros(2, 4)
+    assert check_parity("x", expected, expected + 1e-5, "fp32") == pytest.approx(1e-5)
+    with pytest.raises(ParityError, match=r"unet: max abs diff from torch 0\.5 exceeds"):
+        check_parity("unet", expected, expected + 0.5, "fp32")
+    with pytest.raises(ParityError, match="nan"):
+        check_parity("unet", expected, expected * float("nan"), "fp16")
+    with pytest.raises(ParityError, match="shape"):
+        check_parity("unet", expected, expected[:1], "fp32")
+
+
+# -- the engine cache ------------------------------------------------------------------------------
+
+BASE_KEY = EngineKey(
+    model="tiny", revision="builtin-v1", component="unet", height=64, width=64, batch="dynamic",
+    precision="fp32", runtime="onnx-opset18-torch2.13.0", device="cpu",
+)  # fmt: skip
+
+
+def test_key_changes_with_every_field(tmp_path: Path) -> None:
+    changed: dict[str, Any] = {
+        "model": "stabilityai/sd-turbo", "revision": "builtin-v2", "component": "vae_decoder", "height": 128,
+        "width": 96, "batch": "1-4-8", "precision": "fp16", "runtime": "tensorrt-10.9.0", "device": "sm89",
+    }  # fmt: skip
+    assert set(changed) == {f.name for f in dataclasses.fields(EngineKey)}, "a new key field needs a case here"
+    cache = EngineCache(tmp_path)
+    for name, value in changed.items():
+        other = dataclasses.replace(BASE_KEY, **{name: value})
+        assert other.digest != BASE_KEY.digest, name
+        assert cache.folder(other) != cache.folder(BASE_KEY), name
+
+
+def test_key_digest_is_stable() -> None:
+    # Pinned: the name must not depend on the process (no hash() randomisation) or on field order.
+    assert BASE_KEY.digest == "6f090a366432408e"
+    assert EngineKey(**dict(reversed(BASE_KEY.fields().items()))).digest == BASE_KEY.digest  # type: ignore[arg-type]
+
+
+def test_onnx_key_follows_settings_and_model(settings: EngineSettings, parts: ModelParts) -> None:
+    unet, decoder = onnx_key(settings, parts, "unet"), onnx_key(settings, parts, "vae_decoder")
+    assert (unet.model, unet.revision, unet.batch, unet.precision, unet.device) == (
+        "tiny",
+        "builtin-v1",
+        "dynamic",
+        "fp32",
+        "cpu",
+    )
+    assert onnx_key(settings.replace(height=128), parts, "unet").digest != unet.digest
+    assert onnx_key(settings.replace(width=128), parts, "unet").digest != unet.digest
+    assert onnx_key(settings.replace(max_batch=8), parts, "unet") == unet  # one file serves every batch
+    retrained = dataclasses.replace(parts, revision="sha256-0123456789abcdef")
+    assert onnx_key(settings, retrained, "unet").digest != unet.digest
+    other_vae = dataclasses.replace(parts, vae_ref="full")
+    assert onnx_key(settings, other_vae, "vae_decoder").digest != decoder.digest  # --vae swaps the VAE...
+    assert onnx_key(settings, other_vae, "unet") == unet  # ...and leaves the UNet
+
+
+def test_cache_layout_and_sidecar(built: tuple[list[Path], list[str]], settings: EngineSettings) -> None:
+    path = built[0][COMPONENTS.index("unet")]
+    assert path.parent.parent == settings.engines_dir / "tiny"
+    assert path.parent.name.startswith("unet-64x64-fp32-")
+    stored = (path.parent / SIDECAR).read_text()
+    assert '"component": "unet"' in stored and '"revision": "builtin-v1"' in stored
+    assert slugify("stabilityai/sd-turbo") == "stabilityai-sd-turbo"
+    assert slugify("/home/me/My Models/turbo") == "home-me-my-models-turbo"
+
+
+def test_second_build_reuses_without_rewriting(
+    built: tuple[list[Path], list[str]], settings: EngineSettings, parts: ModelParts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = built[0]
+    before = [(p.stat().st_mtime_ns, p.stat().st_ino) for p in paths]
+
+    def no_export(*args: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    messages: list[str] = []
+    start = time.perf_counter()
+    again = build_engines(settings, parts, progress=messages.append)
+    elapsed = time.perf_counter() - start
+    assert again == paths
+    assert [(p.stat().st_mtime_ns, p.stat().st_ino) for p in paths] == before
+    assert messages == [f"{c}: reused {p}" for c, p in zip(COMPONENTS, paths)]
+    assert elapsed < 2.0, f"a reuse took {elapsed:.1f} s (the export takes ~30 s)"
+
+
+def test_cache_commits_only_finished_builds(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path)
+
+    def failing(path: Path) -> None:
+        path.write_text("half")
+        raise RuntimeError("parity failed")
+
+    with pytest.raises(RuntimeError, match="parity failed"):
+        cache.get_or_build(BASE_KEY, "model.onnx", failing)
+    assert cache.lookup(BASE_KEY, "model.onnx") is None
+    assert list((tmp_path / "tiny").iterdir()) == []  # no staging folder left behind
+
+    first = cache.get_or_build(BASE_KEY, "model.onnx", _writer("graph"))
+    assert first.built and first.path.read_text() == "graph"
+    second = cache.get_or_build(BASE_KEY, "model.onnx", lambda path: pytest.fail("rebuilt"))
+    assert second == dataclasses.replace(first, built=False)
+
+
+def _writer(text: str) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(text)
+
+    return write
+
+
+def test_cache_keeps_the_artifact_of_a_racing_builder(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path)
+
+    def slow(path: Path) -> None:  # another process commits the same key while this one builds
+        cache.get_or_build(BASE_KEY, "model.onnx", _writer("theirs"))
+        path.write_text("ours")
+
+    result = cache.get_or_build(BASE_KEY, "model.onnx", slow)
+    assert not result.built and result.path.read_text() == "theirs"
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == [BASE_KEY.name]
+
+
+# -- the ONNX backend in the engine ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stream_batch", "params"),
+    [
+        (False, StreamParams(strength=0.5, steps=1)),
+        (False, StreamParams(strength=0.8, steps=2, guidance=3.0, negative_prompt="blurry")),
+        (True, StreamParams(strength=1.0, steps=3)),
+    ],
+    ids=["one-step", "guidance", "stream-batch"],
+)
+def test_onnx_backend_in_engine_matches_torch(
+    built: tuple[list[Path], list[str]], settings: EngineSettings, parts: ModelParts,
+    stream_batch: bool, params: StreamParams,
+) -> None:  # fmt: skip
+    # The session's engine cache (already built) rather than a fresh tmp_path: a second export would
+    # double the file's run time and test nothing new; the build itself is tested above.
+    onnx_settings = settings.replace(stream_batch=stream_batch)
+    engines = {b: StreamEngine(onnx_settings.replace(backend=b), parts) for b in ("onnx", "torch")}
+    assert engines["onnx"].backend.name == "onnx-cpu"
+    generator = torch.Generator().manual_seed(3)
+    frames = [torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    outputs = {}
+    for name, engine in engines.items():
+        streams = [engine.open_stream(params), engine.open_stream(params.replace(seed=7))]
+        for _ in range(3):  # fills the stream-batch pipeline; compares steady state
+            result = engine.step(list(zip(streams, frames)))
+        outputs[name] = torch.stack(result.outputs).int()
+    diff = (outputs["onnx"] - outputs["torch"]).abs().max().item()
+    # uint8 frames: latents agree to ~1e-5, so only a value at a rounding boundary may move by one level.
+    assert diff <= 1, f"ONNX vs torch engine output differs by {diff} levels"
+
+
+def test_onnx_backend_runs_a_float16_model_on_cpu(
+    built: tuple[list[Path], list[str]], settings: EngineSettings
+) -> None:
+    parts16 = load_model("tiny", "cpu", torch.float16)
+    backend = OnnxBackend(settings, parts16, progress=lambda line: None)  # the float32 files, reused: same keys
+    latents = sample_inputs(parts16, "vae_decoder", SIZE, SIZE, batch=2, dtype=torch.float16)[0]
+    decoded = backend.decode(latents)
+    assert decoded.dtype == torch.float16
+    with torch.inference_mode():
+        expected = torch_module(parts16, "vae_decoder")(latents)
+    diff = (decoded.float() - expected.float()).abs().max().item()
+    assert diff < 2e-2, f"float32 ONNX vs float16 torch max abs diff {diff:.3g}"  # float16 ulp at 1 is ~1e-3
+
+
+def test_create_backend_builds_onnx(
+    built: tuple[list[Path], list[str]], settings: EngineSettings, parts: ModelParts
+) -> None:
+    assert isinstance(create_backend(settings, parts), OnnxBackend)
+
+
+# -- CUDA and TensorRT -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA and HAS_TENSORRT, reason="TensorRT can run here: tested by test_tensorrt_matches_torch")
+def test_tensorrt_unavailable_is_clear(parts: ModelParts, tmp_path: Path) -> None:
+    from livediff.backends.tensorrt_backend import TensorRTBackend
+
+    settings = EngineSettings(model="tiny", backend="tensorrt", height=SIZE, width=SIZE, engines_dir=tmp_path / "e")
+    for attempt in (lambda: TensorRTBackend(settings, parts), lambda: build_engines(settings, parts)):
+        with pytest.raises(BackendUnavailable) as info:
+            attempt()
+        message = str(info.value)
+        assert "tensorrt backend needs" in message
+        assert ("CUDA GPU" in message) == (parts.device.type != "cuda")
+        assert ("pip install tensorrt" in message) == (not HAS_TENSORRT)
+    assert not settings.engines_dir.exists(), "raised after starting work"
+
+
+@pytest.mark.skipif(not CUDA or ORT_CUDA, reason="needs CUDA without onnxruntime-gpu")
+def test_onnx_on_cuda_without_onnxruntime_gpu_is_clear(tmp_path: Path) -> None:
+    parts = load_model("tiny", "cuda", torch.float16)
+    settings = EngineSettings(model="tiny", backend="onnx", height=SIZE, width=SIZE, engines_dir=tmp_path / "e")
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        OnnxBackend(settings, parts)
+    assert not settings.engines_dir.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and ORT_CUDA), reason="needs CUDA and onnxruntime-gpu")
+def test_onnx_on_cuda_matches_torch(tmp_path: Path) -> None:
+    parts = load_model("tiny", "cuda", torch.float16)
+    settings = EngineSettings(model="tiny", backend="onnx", height=SIZE, width=SIZE, engines_dir=tmp_path)
+    _check_backend_on_cuda(OnnxBackend(settings, parts), parts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_tensorrt_matches_torch(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt")
+    from livediff.backends.tensorrt_backend import TensorRTBackend
+
+    parts = load_model("tiny", "cuda", torch.float16)
+    settings = EngineSettings(model="tiny", backend="tensorrt", height=SIZE, width=SIZE, engines_dir=tmp_path)
+    _check_backend_on_cuda(TensorRTBackend(settings, parts), parts)
+    messages: list[str] = []
+    TensorRTBackend(settings, parts, progress=messages.append)
+    assert all(": reused " in line for line in messages), messages
+
+
+def _check_backend_on_cuda(backend: object, parts: ModelParts) -> None:
+    """Each network of `backend` against torch in float16 (one ulp at 1 is ~1e-3; it compounds over layers)."""
+    calls = {"vae_encoder": "encode", "unet": "unet", "vae_decoder": "decode"}
+    for component, method in calls.items():
+        inputs = sample_inputs(parts, component, SIZE, SIZE, batch=3, dtype=torch.float16, seed=5)
+        if component == "vae_encoder":  # the engine sends channels_last frames on CUDA
+            inputs = (inputs[0].contiguous(memory_format=torch.channels_last),)
+        with torch.inference_mode():
+            expected = torch_module(parts, component)(*inputs).float()
+            actual = getattr(backend, method)(*inputs).float()
+        diff = (expected - actual).abs().max().item()
+        assert diff < 5e-2 * max(1.0, expected.abs().max().item()), f"{component}: max abs diff {diff:.3g}"
