@@ -124,8 +124,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     settings = engine_settings(args, backend=args.backend)
     device = resolve_device(settings.device)
     parts = load_model(settings.model, device, resolve_dtype(settings.dtype, device), vae=settings.vae)
-    for path in build_engines(settings, parts, progress=print):
-        print(path)
+    build_engines(settings, parts, progress=print)
     return 0
 
 
@@ -149,6 +148,58 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    from livediff.config import VIDEO_CODECS, ServerSettings
+
+    d = ServerSettings()
+    group = parser.add_argument_group("server (each flag also reads LIVEDIFF_<FLAG>)")
+    group.add_argument("--host", default=_env("host", d.host))
+    group.add_argument("--port", type=_int_range(0, 65535), default=int(_env("port", d.port)))
+    group.add_argument("--token", default=_env("token", ""), help="require Authorization: Bearer TOKEN on the API")
+    group.add_argument("--max-sessions", type=_int_range(1, 1024), default=int(_env("max_sessions", d.max_sessions)))
+    group.add_argument("--max-viewers", type=_int_range(0, 1024), default=int(_env("max_viewers", d.max_viewers)))
+    group.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", d.max_body_bytes)))
+    group.add_argument("--ice-servers", default=_env("ice_servers", ""),
+                       help="comma-separated stun:/turn: urls for the server's peers and WHIP Link headers")
+    group.add_argument("--turn-username", default=_env("turn_username", ""))
+    group.add_argument("--turn-credential", default=_env("turn_credential", ""))
+    group.add_argument("--video-codecs", default=_env("video_codecs", ",".join(d.video_codecs)),
+                       help=f"codec preference, comma separated: {', '.join(VIDEO_CODECS)}")
+    group.add_argument("--bitrate", type=int, default=int(_env("bitrate", d.bitrate)), help="video bit/s")
+    group.add_argument("--keyframe-interval", type=float,
+                       default=float(_env("keyframe_interval", d.keyframe_interval_s)),
+                       help="seconds between forced keyframes")
+    group.add_argument("--marker-completion", action=argparse.BooleanOptionalAction,
+                       default=_env("marker_completion", "1") not in ("0", "false", "no"),
+                       help="complete received video frames on the RTP marker bit")
+    group.add_argument("--connect-timeout", type=float, default=float(_env("connect_timeout", d.connect_timeout_s)))
+    group.add_argument("--cpu-threads", type=_int_range(0, 1024), default=int(_env("cpu_threads", 0)),
+                       help="torch threads on CPU; 0 = cores - 1 (one core left to the codecs)")
+    group.add_argument("--web-dir", type=Path, default=Path(_env("web_dir", str(d.web_dir))))
+
+
+def server_settings(args: argparse.Namespace) -> Any:
+    from livediff.config import ServerSettings
+
+    split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
+    return ServerSettings(
+        host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
+        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes, ice_servers=split(args.ice_servers),
+        turn_username=args.turn_username, turn_credential=args.turn_credential,
+        video_codecs=split(args.video_codecs), bitrate=args.bitrate, keyframe_interval_s=args.keyframe_interval,
+        marker_completion=args.marker_completion, connect_timeout_s=args.connect_timeout, cpu_threads=args.cpu_threads,
+        web_dir=args.web_dir,
+    )  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from livediff.server.serve import serve
+
+    return asyncio.run(serve(engine_settings(args), server_settings(args), stream_params(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livediff", description="Real-time video-to-video diffusion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -170,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(build)
     build.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"], default="onnx")
     build.set_defaults(run=cmd_build_engines)
+
+    serve = commands.add_parser("serve", help="run the WebRTC service (demo page, /offer, WHIP, WHEP, API)")
+    add_engine_flags(serve)
+    add_server_flags(serve)
+    serve.set_defaults(run=cmd_serve)
 
     models = commands.add_parser("models", help="list the models livediff can run here")
     models.set_defaults(run=cmd_models)

@@ -133,3 +133,71 @@ class StreamParams:
     def replace(self, **changes: Any) -> StreamParams:
         return dataclasses.replace(self, **changes)
 
+
+
+VIDEO_CODECS = ("H264", "VP8")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """`livediff serve`: the HTTP/WebRTC side. Engine settings stay in `EngineSettings`."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to (0.0.0.0 to accept other machines)."""
+    port: int = 8080
+    token: str = ""
+    """When set, signalling, API and viewer routes need `Authorization: Bearer <token>`."""
+    max_sessions: int = 4
+    """Publishing sessions at once; beyond it POST /offer and /whip answer 503 with Retry-After."""
+    max_viewers: int = 16
+    """WHEP viewers per session."""
+    max_body_bytes: int = 64 * 1024
+    """Largest request body (SDP, JSON); larger ones get 413."""
+    ice_servers: tuple[str, ...] = ()
+    """STUN/TURN urls (stun:host:3478, turn:host:3478?transport=udp) for the server's peers and WHIP Link headers."""
+    turn_username: str = ""
+    turn_credential: str = ""
+    video_codecs: tuple[str, ...] = VIDEO_CODECS
+    """Codec preference, first wins where the offer carries it: H264 and/or VP8."""
+    bitrate: int = 1_500_000
+    """Target video bitrate in bit/s (suits 512x512 at 30 fps); aiortc clamps it per codec."""
+    keyframe_interval_s: float = 1.0
+    """Seconds between forced keyframes (recovery after loss; a new viewer starts on a keyframe)."""
+    marker_completion: bool = True
+    """Complete received video frames on the RTP marker bit (one frame interval less latency)."""
+    connect_timeout_s: float = 30.0
+    """A peer that has not connected this long after its answer is reaped."""
+    cpu_threads: int = 0
+    """torch threads when the engine runs on the CPU; 0 leaves one core to the video codecs (cores - 1)."""
+    web_dir: Path = Path("web")
+    """Static pages: index.html (/), latency.html (/latency), view.html (/view/{id})."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if not 1 <= self.max_sessions <= 1024:
+            raise ConfigError(f"max_sessions must be in 1..1024, got {self.max_sessions}")
+        if not 0 <= self.max_viewers <= 1024:
+            raise ConfigError(f"max_viewers must be in 0..1024, got {self.max_viewers}")
+        if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
+            raise ConfigError(f"max_body_bytes must be in 1024..16777216, got {self.max_body_bytes}")
+        codecs = tuple(c.upper() for c in self.video_codecs)
+        if not codecs or any(c not in VIDEO_CODECS for c in codecs):
+            raise ConfigError(
+                f"video_codecs must be one or more of {', '.join(VIDEO_CODECS)}, got {self.video_codecs!r}"
+            )
+        object.__setattr__(self, "video_codecs", codecs)
+        for url in self.ice_servers:
+            if not url.startswith(("stun:", "turn:", "turns:")):
+                raise ConfigError(f"ice_servers entries must start with stun:, turn: or turns:, got {url!r}")
+        if not 100_000 <= self.bitrate <= 50_000_000:
+            raise ConfigError(f"bitrate must be in 100000..50000000 bit/s, got {self.bitrate}")
+        if not 0.1 <= self.keyframe_interval_s <= 60:
+            raise ConfigError(f"keyframe_interval_s must be in [0.1, 60], got {self.keyframe_interval_s}")
+        if not 0 <= self.cpu_threads <= 1024:
+            raise ConfigError(f"cpu_threads must be in 0..1024, got {self.cpu_threads}")
+        if not 1 <= self.connect_timeout_s <= 600:
+            raise ConfigError(f"connect_timeout_s must be in [1, 600], got {self.connect_timeout_s}")
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        return dataclasses.replace(self, **changes)

@@ -26,3 +26,19 @@ def artifacts_dir() -> Iterator[Path]:
     folder = Path(__file__).resolve().parent.parent / "test-artifacts"
     folder.mkdir(exist_ok=True)
     yield folder
+
+
+@pytest.fixture()
+def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ICE gathers 127.0.0.1 only (aioice skips loopback by default): server tests stay on loopback."""
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.fixture()
+async def http():  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -1,0 +1,230 @@
+"""The scheduler: which frames go into the next engine step, and the one worker thread that runs it.
+
+All sessions that share the engine (one model, one size) are served here. Each tick takes the
+newest frame of every session that has one, oldest waiting first, up to `max_batch`, and runs
+them as one `StreamEngine.step` on the device's single worker thread; the event loop only does
+bookkeeping, so signalling stays responsive while the model runs. Everything else that touches
+the engine (opening streams, param updates that run the text encoder) goes through the same
+thread, because the engine is not thread-safe.
+
+WebRTC is not known here: `convert_in` / `convert_out` (given by the server) turn the
+transport's frames into engine tensors and back, on the worker thread, only for frames that are
+actually processed (a dropped frame costs no conversion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from livediff.config import EngineSettings, StreamParams
+from livediff.session import FrameIn, FrameOut, Session
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+ConvertIn = Callable[[Session, FrameIn], torch.Tensor]
+ConvertOut = Callable[[Session, FrameIn, torch.Tensor], Any]
+
+
+class AdmissionError(Exception):
+    """The server is at `max_sessions`; try again after `retry_after` seconds."""
+
+    def __init__(self, limit: int, retry_after: int = 5) -> None:
+        super().__init__(f"server is at its limit of {limit} sessions")
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class Engine(Protocol):
+    """What the scheduler needs of `livediff.engine.StreamEngine`."""
+
+    settings: EngineSettings
+
+    def open_stream(self, params: StreamParams | None = None) -> Any: ...
+    def update(self, stream: Any, params: StreamParams) -> None: ...
+    def step(self, batch: Any) -> Any: ...
+
+
+class StepObserver(Protocol):
+    def on_step(self, outputs: list[tuple[Session, FrameOut]], dropped_out: int = 0) -> None: ...
+
+
+@dataclass
+class _Pick:
+    session: Session
+    frame: FrameIn
+
+
+def _identity_in(session: Session, frame: FrameIn) -> torch.Tensor:
+    return frame.image
+
+
+def _identity_out(session: Session, frame: FrameIn, image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
+class Scheduler:
+    """Batches the sessions' newest frames into engine steps on one worker thread."""
+
+    def __init__(
+        self,
+        max_sessions: int,
+        convert_in: ConvertIn = _identity_in,
+        convert_out: ConvertOut = _identity_out,
+        observer: StepObserver | None = None,
+        thread_name: str = "livediff-worker",
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.convert_in = convert_in
+        self.convert_out = convert_out
+        self.observer = observer
+        self.engine: Any = None
+        self.sessions: dict[str, Session] = {}
+        self.steps = 0
+        self._reserved = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the worker thread -----------------------------------------------------------------------
+
+    async def run_on_worker(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run `fn(*args)` on the device's worker thread (where every engine call happens)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def load(self, make_engine: Callable[[], Any], warmup_frames: int = 2) -> None:
+        """Build the engine and run a warm-up inference on the worker thread, then start ticking."""
+        self.engine = await self.run_on_worker(make_engine)
+        if warmup_frames:
+            await self.run_on_worker(self.engine.warmup, warmup_frames)
+        self.start()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="livediff-scheduler")
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.engine.settings.max_batch)
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            await self.close_session(session)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    async def open_session(self, params: StreamParams, kind: str = "offer", probe: bool = False) -> Session:
+        """Admit a session (or raise AdmissionError) and open its engine stream."""
+        if len(self.sessions) + self._reserved >= self.max_sessions:
+            raise AdmissionError(self.max_sessions)
+        self._reserved += 1
+        try:
+            session = Session(params=params, kind=kind, probe=probe)
+            session.inbox = type(session.inbox)(on_put=self._wake.set)
+            session.stream = await self.run_on_worker(self.engine.open_stream, params)
+        finally:
+            self._reserved -= 1
+        self.sessions[session.id] = session
+        session.on_close(self._forget(session))
+        return session
+
+    def _forget(self, session: Session) -> Callable[[], Any]:
+        async def forget() -> None:
+            self.sessions.pop(session.id, None)
+
+        return forget
+
+    async def close_session(self, session: Session) -> None:
+        await session.close()
+        self.sessions.pop(session.id, None)
+
+    async def update(self, session: Session, params: StreamParams) -> bool:
+        """Apply `params` from the session's next frame on; True when a prompt was truncated.
+
+        Callers serialise updates of one session (`Session.param_lock`).
+        """
+        await self.run_on_worker(self.engine.update, session.stream, params)
+        session.params = params
+        return self.prompt_truncated(session)
+
+    def prompt_truncated(self, session: Session) -> bool:
+        return bool(getattr(session.stream.conditioning, "truncated", False))
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def pick(self) -> list[_Pick]:
+        """The newest frame of each ready session, oldest waiting first, up to max_batch."""
+        ready = [s for s in self.sessions.values() if s.inbox.ready and not s.closed]
+        ready.sort(key=lambda s: s.inbox.peek().received)  # type: ignore[union-attr]
+        picks = []
+        for session in ready[: self.max_batch]:
+            frame = session.inbox.take_nowait()
+            assert frame is not None
+            picks.append(_Pick(session, frame))
+        return picks
+
+    async def tick(self) -> list[tuple[Session, FrameOut]]:
+        """One batch: pick, run on the worker thread, hand outputs to the outboxes."""
+        picks = self.pick()
+        if not picks:
+            return []
+        scheduled = time.monotonic()
+        outputs = await self.run_on_worker(self._work, picks, scheduled)
+        self.steps += 1
+        delivered = []
+        dropped_out = 0
+        for pick, out in zip(picks, outputs):
+            session = pick.session
+            if session.closed:
+                continue
+            session.stats.processed += 1
+            session.stats.skipped += out.skipped
+            dropped_out += session.outbox.put(out)
+            delivered.append((session, out))
+        if self.observer is not None:
+            self.observer.on_step(delivered, dropped_out)
+        return delivered
+
+    def _work(self, picks: list[_Pick], scheduled: float) -> list[FrameOut]:
+        """On the worker thread: convert, step, convert back."""
+        images = [self.convert_in(p.session, p.frame) for p in picks]
+        result = self.engine.step([(p.session.stream, image) for p, image in zip(picks, images)])
+        outputs = []
+        for pick, image, skipped in zip(picks, result.outputs, result.skipped):
+            outputs.append(
+                FrameOut(
+                    image=self.convert_out(pick.session, pick.frame, image),
+                    source=pick.frame,
+                    scheduled=scheduled,
+                    finished=time.monotonic(),
+                    stages_ms=dict(result.timings_ms),
+                    batch_size=len(picks),
+                    skipped=skipped,
+                )
+            )
+        return outputs
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while any(s.inbox.ready for s in self.sessions.values()):
+                try:
+                    await self.tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # one bad batch must not stop every session: log it and go on
+                    log.exception("engine step failed; its frames are dropped")

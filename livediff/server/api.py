@@ -1,0 +1,28 @@
+"""GET /api/sessions, GET|PATCH /api/sessions/{id}: state, stats and live params."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from livediff.server.common import find_session, read_json, service
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    sessions = service(request).scheduler.sessions.values()
+    return web.json_response({"sessions": [s.describe() for s in sessions]})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(find_session(request).describe())
+
+
+async def patch_session(request: web.Request) -> web.Response:
+    session = find_session(request)
+    data = await read_json(request)
+    return web.json_response(await service(request).apply_params(session, data))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/sessions", list_sessions)
+    app.router.add_get("/api/sessions/{id}", get_session)
+    app.router.add_patch("/api/sessions/{id}", patch_session)

@@ -1,0 +1,90 @@
+"""Prometheus metrics on a per-app registry (never the global one: tests run many apps in one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from livediff.session import FrameOut, Session
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class _EngineCollector(Collector):
+    """Values read at scrape time: conditioning cache counters and GPU state."""
+
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        engine = self._engine()
+        cache = CounterMetricFamily("livediff_conditioning_cache", "Prompt-embedding cache look-ups", labels=["result"])
+        if engine is not None:
+            cache.add_metric(["hit"], engine.conditioning.hits)
+            cache.add_metric(["miss"], engine.conditioning.misses)
+        yield cache
+        yield from _gpu_metrics(engine)
+
+
+def _gpu_metrics(engine: Any) -> Iterator[Any]:
+    import torch
+
+    if engine is None or engine.device.type != "cuda":
+        return
+    memory = GaugeMetricFamily("livediff_gpu_memory_bytes", "torch.cuda memory", labels=["kind"])
+    memory.add_metric(["allocated"], torch.cuda.memory_allocated(engine.device))
+    memory.add_metric(["reserved"], torch.cuda.memory_reserved(engine.device))
+    yield memory
+    try:
+        utilisation = torch.cuda.utilization(engine.device)  # needs pynvml / nvidia-ml-py
+    except (ModuleNotFoundError, RuntimeError):
+        return
+    yield GaugeMetricFamily("livediff_gpu_utilization_ratio", "GPU busy fraction (NVML)", value=utilisation / 100)
+
+
+class Metrics:
+    def __init__(self, engine: Callable[[], Any] = lambda: None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.stage = Histogram("livediff_stage_seconds", "Per-stage latency (queue: received to scheduled; "
+                               "engine stages per batch; worker: scheduled to output ready)", ["stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.frame_age = Histogram("livediff_frame_age_seconds", "Input frame received -> output handed to the encoder",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.frames = Counter("livediff_frames", "Frames by outcome", ["outcome"], registry=r)
+        self.batch_size = Histogram("livediff_batch_size", "Frames per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.sessions = Gauge("livediff_sessions", "Active publishing sessions", registry=r)
+        self.viewers = Gauge("livediff_viewers", "Active WHEP viewers", registry=r)
+        self.errors = Counter("livediff_http_errors", "Error answers by status", ["status"], registry=r)
+        for outcome in ("received", "processed", "skipped", "dropped_in", "dropped_out", "sent"):
+            self.frames.labels(outcome)
+        r.register(_EngineCollector(engine))
+
+    def on_step(self, outputs: list[tuple[Session, FrameOut]], dropped_out: int = 0) -> None:
+        if not outputs:
+            return
+        first = outputs[0][1]
+        self.batch_size.observe(first.batch_size)
+        for stage, ms in first.stages_ms.items():
+            self.stage.labels(stage).observe(ms / 1000.0)
+        self.stage.labels("worker").observe(first.finished - first.scheduled)
+        for _, out in outputs:
+            self.stage.labels("queue").observe(out.scheduled - out.source.received)
+            self.frames.labels("skipped" if out.skipped else "processed").inc()
+        if dropped_out:
+            self.frames.labels("dropped_out").inc(dropped_out)
+
+    def on_sent(self, out: FrameOut) -> float:
+        age = time.monotonic() - out.source.received
+        self.frame_age.observe(age)
+        self.frames.labels("sent").inc()
+        return age
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,29 @@
+"""POST /offer: the demo page's JSON signalling, `{sdp, type, params?}` -> `{sdp, type, session_id}`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiortc import RTCSessionDescription
+
+from livediff.server.common import read_json, service
+from livediff.server.errors import ApiError
+from livediff.server.params import parse_update
+
+
+async def post_offer(request: web.Request) -> web.Response:
+    svc = service(request)
+    data = await read_json(request)
+    sdp, kind = data.get("sdp"), data.get("type")
+    if not isinstance(sdp, str):
+        raise ApiError(400, "sdp must be a string", "sdp")
+    if kind != "offer":
+        raise ApiError(400, 'type must be "offer"', "type")
+    params, extras = parse_update(svc.default_params, data.get("params") or {})
+    session, resource = await svc.publish(RTCSessionDescription(sdp=sdp, type="offer"), params, "offer",
+                                          probe_on=extras.get("probe", False))
+    answer = resource.pc.localDescription
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/offer", post_offer)

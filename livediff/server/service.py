@@ -1,0 +1,364 @@
+"""The service behind the routes: publishing sessions, viewers, live control, frame conversion.
+
+Routes parse HTTP and call in here; this module wires peers (transport) to sessions (scheduler)
+and keeps the per-peer resources (ETag, peer connection, tasks) that WHIP/WHEP address by URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import torch
+from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.exceptions import InvalidStateError, OperationError
+
+from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.models import ModelParts
+from livediff.scheduler import Scheduler
+from livediff.server.errors import NotReady
+from livediff.server.metrics import Metrics
+from livediff.server.params import parse_update
+from livediff.session import FrameIn, FrameOut, Session, params_to_json
+from livediff.transport import probe
+from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
+from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
+from livediff.transport.tracks import OutputTrack, drain, pump
+from livediff.transport.whip import SdpError, SdpFrag, check_offer, new_etag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resource:
+    """A WHIP session or WHEP viewer as addressed by its URL."""
+
+    pc: RTCPeerConnection
+    session: Session
+    etag: str
+    viewer_id: str | None = None
+
+
+def _ms(t: float) -> float:
+    return round(t * 1000.0, 3)
+
+
+class Service:
+    def __init__(self, engine_settings: EngineSettings, settings: ServerSettings,
+                 parts: ModelParts | None = None, default_params: StreamParams | None = None) -> None:
+        self.engine_settings = engine_settings
+        self.default_params = default_params or StreamParams()
+        self.settings = settings
+        self.parts = parts
+        self.metrics = Metrics(engine=lambda: self.scheduler.engine)
+        self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics)
+        self.relay = MediaRelay()
+        self.outputs: dict[str, OutputTrack] = {}
+        self.resources: dict[str, Resource] = {}
+        self.ready = False
+        self.load_error: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Build the engine and run one warm-up inference on the worker thread; then ready."""
+        from livediff.engine import StreamEngine
+        from livediff.engine.device import resolve_device
+
+        def make_engine() -> StreamEngine:
+            if resolve_device(self.engine_settings.device).type == "cpu":
+                # torch's spinning OpenMP threads starve the codec threads (and each other) when
+                # oversubscribed: measured on 2 cores, 2 threads gave 1.3 s stalls, 1 thread none.
+                threads = self.settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+                torch.set_num_threads(threads)
+            return StreamEngine(self.engine_settings, self.parts)
+
+        try:
+            await self.scheduler.load(make_engine)
+        except Exception as exc:  # reported by /readyz and the CLI, never swallowed
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model load failed: %s", self.load_error)
+            raise
+        self.ready = True
+
+    async def close(self) -> None:
+        """Close every peer and session (SIGTERM, app shutdown)."""
+        for session in list(self.scheduler.sessions.values()):
+            await self.close_session(session)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scheduler.close()
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady(self.load_error or "the model is loading")
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close_session(self, session: Session) -> None:
+        await self.scheduler.close_session(session)
+        self.metrics.sessions.set(len(self.scheduler.sessions))
+
+    # -- frames (worker thread) ------------------------------------------------------------------
+
+    def _convert_in(self, session: Session, frame: FrameIn) -> torch.Tensor:
+        image: av.VideoFrame = frame.image
+        if session.probe:
+            frame.frame_id = probe.read(luma(image))
+        return frame_to_tensor(image, self.engine_settings.width, self.engine_settings.height)
+
+    def _convert_out(self, session: Session, frame: FrameIn, image: torch.Tensor) -> av.VideoFrame:
+        rgb = image.numpy()
+        if frame.frame_id is not None:
+            rgb = rgb.copy()  # the engine keeps its last output for the similarity filter
+            probe.paint(rgb, frame.frame_id)
+        return array_to_frame(rgb, frame.pts, frame.time_base)
+
+    def _on_sent(self, session: Session) -> Callable[[FrameOut], None]:
+        def on_sent(out: FrameOut) -> None:
+            age = self.metrics.on_sent(out)
+            session.stats.sent += 1
+            session.stats.last_age_ms = round(age * 1000.0, 3)
+            if out.source.frame_id is not None and session.send_message is not None:
+                session.send_message({
+                    "type": "stats",
+                    "frame_id": out.source.frame_id,
+                    "received_ms": _ms(out.source.received),
+                    "scheduled_ms": _ms(out.scheduled),
+                    "finished_ms": _ms(out.finished),
+                    "sent_ms": _ms(time.monotonic()),
+                    "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
+                    "batch_size": out.batch_size,
+                    "skipped": out.skipped,
+                })
+
+        return on_sent
+
+    def _deliver(self, session: Session) -> Callable[[av.VideoFrame], None]:
+        received = self.metrics.frames.labels("received")
+        dropped = self.metrics.frames.labels("dropped_in")
+
+        def deliver(frame: av.VideoFrame) -> None:
+            session.stats.frames_in += 1
+            if session.state == "new":
+                session.state = "live"
+            received.inc()
+            if session.inbox.put(FrameIn(frame, frame.pts, frame.time_base, time.monotonic())):
+                dropped.inc()
+
+        return deliver
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, offer: RTCSessionDescription, params: StreamParams, kind: str,
+                      probe_on: bool = False) -> tuple[Session, Resource]:
+        """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
+        self.require_ready()
+        check_offer(offer.sdp)
+        session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
+        self.metrics.sessions.set(len(self.scheduler.sessions))
+        try:
+            pc = create_peer(self.settings)
+            session.on_close(pc.close)
+            output = OutputTrack(session.outbox, self._on_sent(session))
+            self.outputs[session.id] = output
+            session.on_close(self._forget_output(session.id))
+            transceiver = pc.addTransceiver(self.relay.subscribe(output, buffered=False), direction="sendrecv")
+            prefer_codecs(transceiver, self.settings.video_codecs)
+            self._watch(pc, session, lambda: self.close_session(session))
+
+            @pc.on("track")
+            def on_track(track: MediaStreamTrack) -> None:
+                if track.kind == "video":
+                    session.spawn(pump(track, self._deliver(session)), "video-in")
+                else:  # audio is accepted and dropped (documented); drained so nothing queues
+                    session.spawn(drain(track), "audio-drain")
+
+            @pc.on("datachannel")
+            def on_datachannel(channel: RTCDataChannel) -> None:
+                if channel.label == "control":
+                    self._control_channel(session, channel)
+
+            await self._answer(pc, offer)
+            if transceiver.currentDirection in ("sendrecv", "sendonly"):
+                session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
+                                          self.settings.keyframe_interval_s), "tune")
+            log.info("session %s (%s): video %s, %s", session.id, kind, negotiated_codec(transceiver),
+                     transceiver.currentDirection)
+        except BaseException:
+            await self.close_session(session)
+            raise
+        resource = Resource(pc=pc, session=session, etag=new_etag())
+        self.resources[session.id] = resource
+        session.on_close(self._forget_resource(session.id))
+        return session, resource
+
+    def _forget_output(self, session_id: str) -> Callable[[], Any]:
+        async def forget() -> None:
+            output = self.outputs.pop(session_id, None)
+            if output is not None:
+                output.stop()
+
+        return forget
+
+    def _forget_resource(self, key: str) -> Callable[[], Any]:
+        async def forget() -> None:
+            self.resources.pop(key, None)
+
+        return forget
+
+    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
+        try:
+            await pc.setRemoteDescription(offer)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except (ValueError, AssertionError, KeyError, IndexError, OperationError, InvalidStateError) as exc:
+            raise SdpError(f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
+
+    def _watch(self, pc: RTCPeerConnection, owner: Session, end: Callable[[], Any]) -> None:
+        """Reap the peer when it fails, closes, or never connects within the ICE timeout."""
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                self._background(end())
+
+        async def watchdog() -> None:
+            await asyncio.sleep(self.settings.connect_timeout_s)
+            if pc.connectionState != "connected":
+                log.info("session %s: peer did not connect in %.0f s, reaped", owner.id,
+                         self.settings.connect_timeout_s)
+                self._background(end())
+
+        owner.spawn(watchdog(), "connect-watchdog")
+
+    # -- viewers (WHEP) --------------------------------------------------------------------------
+
+    def newest_session(self) -> Session | None:
+        live = [s for s in self.scheduler.sessions.values() if not s.closed]
+        return max(live, key=lambda s: s.created, default=None)
+
+    async def view(self, session: Session, offer: RTCSessionDescription) -> Resource:
+        self.require_ready()
+        check_offer(offer.sdp)
+        if len(session.viewers) >= self.settings.max_viewers:
+            raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
+        output = self.outputs[session.id]
+        viewer_id = uuid.uuid4().hex[:12]
+        pc = create_peer(self.settings)
+        proxy = self.relay.subscribe(output, buffered=False)
+        transceiver = pc.addTransceiver(proxy, direction="sendonly")
+        prefer_codecs(transceiver, self.settings.video_codecs)
+        key = f"{session.id}/{viewer_id}"
+        resource = Resource(pc=pc, session=session, etag=new_etag(), viewer_id=viewer_id)
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def end() -> None:
+            if session.viewers.pop(viewer_id, None) is None:
+                return
+            self.resources.pop(key, None)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            proxy.stop()
+            await pc.close()
+            self.metrics.viewers.dec()
+
+        session.viewers[viewer_id] = end
+        self.metrics.viewers.inc()
+        try:
+            await self._answer(pc, offer)
+        except BaseException:
+            await end()
+            raise
+        tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
+                                               self.settings.keyframe_interval_s), "viewer-tune"))
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                self._background(end())
+
+        async def watchdog() -> None:
+            await asyncio.sleep(self.settings.connect_timeout_s)
+            if pc.connectionState != "connected":
+                self._background(end())
+
+        tasks.append(session.spawn(watchdog(), "viewer-watchdog"))
+        self.resources[key] = resource
+        return resource
+
+    async def end_viewer(self, session: Session, viewer_id: str) -> bool:
+        end = session.viewers.get(viewer_id)
+        if end is None:
+            return False
+        await end()
+        return True
+
+    # -- trickle ---------------------------------------------------------------------------------
+
+    async def trickle(self, resource: Resource, frag: SdpFrag) -> None:
+        for candidate in frag.candidates:
+            if candidate.sdpMid is None:
+                transceivers = resource.pc.getTransceivers()
+                candidate.sdpMid = transceivers[0].mid if transceivers else None
+            await resource.pc.addIceCandidate(candidate)
+
+    # -- live control ----------------------------------------------------------------------------
+
+    async def apply_params(self, session: Session, data: dict[str, Any]) -> dict[str, Any]:
+        """Validate and apply a control message; the change takes effect from the next frame."""
+        async with session.param_lock:
+            params, extras = parse_update(session.params, data)
+            truncated = (await self.scheduler.update(session, params) if params != session.params
+                         else self.scheduler.prompt_truncated(session))
+            if "probe" in extras:
+                session.probe = extras["probe"]
+        warnings = []
+        if truncated:
+            limit = self.scheduler.engine.parts.tokenizer.model_max_length
+            warnings.append(f"prompt truncated to the tokenizer's limit of {limit} tokens")
+        return {"session_id": session.id, "params": params_to_json(session.params), "probe": session.probe,
+                "warnings": warnings}
+
+    def _control_channel(self, session: Session, channel: RTCDataChannel) -> None:
+        def send(message: dict[str, Any]) -> None:
+            if channel.readyState == "open":
+                channel.send(json.dumps(message))
+
+        session.send_message = send
+
+        @channel.on("message")
+        def on_message(message: str | bytes) -> None:
+            session.spawn(self._control(session, message, send), "control")
+
+    async def _control(self, session: Session, message: str | bytes, send: Callable[[dict[str, Any]], None]) -> None:
+        from livediff.server.params import ParamError
+
+        request_id = None
+        try:
+            data = json.loads(message)
+            if not isinstance(data, dict):
+                raise ParamError(None, "a control message must be a JSON object")
+            request_id = data.pop("request_id", None)
+            ack = await self.apply_params(session, data)
+        except json.JSONDecodeError as exc:
+            send({"type": "error", "error": f"not JSON: {exc}", "request_id": request_id})
+            return
+        except ParamError as exc:
+            send({"type": "error", "error": exc.message, "field": exc.field, "request_id": request_id})
+            return
+        send({"type": "ack", "request_id": request_id, **ack})

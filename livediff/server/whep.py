@@ -1,0 +1,59 @@
+"""WHEP egress: POST /whep/{id} (or /whep: the newest session) -> a viewer of that session's output.
+
+Viewers subscribe to the session's output through aiortc's MediaRelay (buffered=False: each keeps
+only the newest frame). aiortc encodes per sender, so each viewer costs one encode.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiortc import RTCSessionDescription
+
+from livediff.server.common import find_session, read_text, service
+from livediff.server.errors import ApiError
+from livediff.server.whip import created, find_resource, options_whip, patch_resource
+from livediff.session import Session
+from livediff.transport.whip import SDP_TYPE
+
+
+async def _view(request: web.Request, session: Session) -> web.Response:
+    svc = service(request)
+    sdp = await read_text(request, SDP_TYPE)
+    try:
+        resource = await svc.view(session, RTCSessionDescription(sdp=sdp, type="offer"))
+    except OverflowError as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "10"}) from None
+    return created(resource, f"/whep/{session.id}/{resource.viewer_id}", svc)
+
+
+async def post_whep(request: web.Request) -> web.Response:
+    return await _view(request, find_session(request))
+
+
+async def post_whep_newest(request: web.Request) -> web.Response:
+    service(request).require_ready()
+    session = service(request).newest_session()
+    if session is None:
+        raise ApiError(404, "no session is live")
+    return await _view(request, session)
+
+
+async def delete_viewer(request: web.Request) -> web.Response:
+    session = find_session(request)
+    if not await service(request).end_viewer(session, request.match_info["viewer"]):
+        raise ApiError(404, f"no viewer {request.match_info['viewer']!r} of session {session.id!r}")
+    return web.Response(status=200)
+
+
+async def patch_viewer(request: web.Request) -> web.Response:
+    key = f"{request.match_info['id']}/{request.match_info['viewer']}"
+    return await patch_resource(request, find_resource(request, key))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/whep", post_whep_newest)
+    app.router.add_route("OPTIONS", "/whep", options_whip)
+    app.router.add_post("/whep/{id}", post_whep)
+    app.router.add_route("OPTIONS", "/whep/{id}", options_whip)
+    app.router.add_delete("/whep/{id}/{viewer}", delete_viewer)
+    app.router.add_patch("/whep/{id}/{viewer}", patch_viewer)

@@ -1,0 +1,154 @@
+"""One session: a camera in, a transformed stream out. Every piece of per-session state lives here.
+
+A session is created by the scheduler (admission, engine stream) and closed exactly once; closing
+runs its registered cleanups (peer connections, tasks) newest first. It knows nothing of WebRTC:
+the transport layer registers what it must tear down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from livediff.config import StreamParams
+from livediff.transport.slot import LatestSlot
+
+log = logging.getLogger(__name__)
+
+Cleanup = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class FrameIn:
+    """A received frame waiting in a session's inbox; `image` is whatever the transport decoded."""
+
+    image: Any
+    pts: int | None
+    time_base: Fraction | None
+    received: float
+    """time.monotonic() when the frame came off the network decoder."""
+    frame_id: int | None = None
+    """The probe id read from the frame (probe mode only)."""
+
+
+@dataclass
+class FrameOut:
+    """A transformed frame in a session's outbox, with the times it passed each hop."""
+
+    image: Any
+    source: FrameIn
+    scheduled: float
+    """When the scheduler took the input frame into a batch."""
+    finished: float
+    """When the worker thread handed the output back."""
+    stages_ms: dict[str, float]
+    batch_size: int
+    skipped: bool = False
+
+
+@dataclass
+class SessionStats:
+    frames_in: int = 0
+    dropped_in: int = 0
+    processed: int = 0
+    skipped: int = 0
+    dropped_out: int = 0
+    sent: int = 0
+    last_age_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Session:
+    params: StreamParams
+    kind: str = "offer"
+    """`offer` (demo page) or `whip` (OBS and other WHIP publishers)."""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    stream: Any = None
+    """The engine's per-stream state (livediff.engine.Stream); touched only on the worker thread."""
+    probe: bool = False
+    state: str = "new"
+    """new -> live (media flowing) -> closed."""
+    created: float = field(default_factory=time.time)
+    stats: SessionStats = field(default_factory=SessionStats)
+    inbox: LatestSlot[FrameIn] = field(default_factory=LatestSlot)
+    outbox: LatestSlot[FrameOut] = field(default_factory=LatestSlot)
+    viewers: dict[str, Cleanup] = field(default_factory=dict)
+    """WHEP viewers: id -> how to end the viewer."""
+    send_message: Callable[[dict[str, Any]], None] | None = None
+    """Sends JSON to the client's `control` data channel when it has one."""
+    param_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _cleanups: list[Cleanup] = field(default_factory=list)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    def on_close(self, cleanup: Cleanup) -> None:
+        self._cleanups.append(cleanup)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Run `coro` for the life of the session; cancelled and awaited on close."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{name}:{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Idempotent: ends viewers, tasks and peers, then frees the slots."""
+        if self.closed:
+            return
+        self.state = "closed"
+        self.inbox.close()
+        self.outbox.close()
+        for end_viewer in list(self.viewers.values()):
+            await end_viewer()
+        self.viewers.clear()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for cleanup in reversed(self._cleanups):
+            await cleanup()
+        self._cleanups.clear()
+        self.send_message = None
+        self.closed_event.set()
+
+    def describe(self) -> dict[str, Any]:
+        stats = self.stats.as_dict()
+        stats["dropped_in"] = self.inbox.replaced
+        stats["dropped_out"] = self.outbox.replaced
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "created": self.created,
+            "probe": self.probe,
+            "viewers": len(self.viewers),
+            "params": params_to_json(self.params),
+            "stats": stats,
+        }
+
+
+def params_to_json(params: StreamParams) -> dict[str, Any]:
+    data = dict(params.__dict__)
+    data["t_index_list"] = list(params.t_index_list) if params.t_index_list is not None else None
+    data["blend"] = {"prompt": data.pop("blend_prompt"), "weight": data.pop("blend_weight")}
+    return data

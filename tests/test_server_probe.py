@@ -1,0 +1,40 @@
+"""Probe mode: frame ids painted by the client are read by the server and painted onto the outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livediff.transport import probe
+from tests.server_fixtures import CameraTrack, offer_client, running_server
+
+pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(120)]
+
+
+def test_probe_format_round_trip_and_rejects_blank() -> None:
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    for frame_id in (0, 1, 4242, probe.MAX_ID):
+        probe.paint(image, frame_id)
+        assert probe.read(image) == frame_id
+    assert probe.read(np.zeros((64, 64), np.uint8)) is None
+    assert probe.read(np.full((64, 64), 255, np.uint8)) is None
+    probe.paint(image, 77)
+    image[0 : 96 // 16, 0 : 128 // 16] ^= 255  # one flipped block fails the CRC
+    assert probe.read(image) is None
+
+
+async def test_probe_ids_come_back_with_stats(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=128) as server:
+        camera = CameraTrack(width=160, height=128, paint_probe=True, fps=10)
+        client = await offer_client(http, server.url, camera, params={"probe": True})
+        await client.wait_connected()
+        assert client.received is not None
+        await client.received.wait_for(8, timeout=30)
+        ids = [probe.read(frame) for frame in client.received.frames]
+        read = [i for i in ids if i is not None]
+        assert len(read) >= 0.8 * len(ids), ids
+        assert read == sorted(read) and max(read) < camera.index
+        stats = await client.wait_message(lambda m: m["type"] == "stats" and m["frame_id"] in read)
+        assert stats["received_ms"] <= stats["scheduled_ms"] <= stats["finished_ms"] <= stats["sent_ms"]
+        assert set(stats["stages_ms"]) >= {"encode", "unet", "decode"}
+        await client.close()

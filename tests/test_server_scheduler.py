@@ -1,0 +1,113 @@
+"""The scheduler with a real tiny engine and no WebRTC: batching, order, admission, one worker thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from livediff.config import EngineSettings, StreamParams
+from livediff.engine import StreamEngine
+from livediff.scheduler import AdmissionError, Scheduler
+from livediff.session import FrameIn, FrameOut, Session
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class ThreadCheckingEngine(StreamEngine):
+    """Records the thread of every engine call."""
+
+    threads: set[str]
+
+    def open_stream(self, params=None):  # type: ignore[no-untyped-def]
+        self.threads.add(threading.current_thread().name)
+        return super().open_stream(params)
+
+    def update(self, stream, params):  # type: ignore[no-untyped-def]
+        self.threads.add(threading.current_thread().name)
+        return super().update(stream, params)
+
+    def step(self, batch):  # type: ignore[no-untyped-def]
+        self.threads.add(threading.current_thread().name)
+        return super().step(batch)
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[Session, FrameOut]]] = []
+
+    def on_step(self, outputs: list[tuple[Session, FrameOut]], dropped_out: int = 0) -> None:
+        self.batches.append(outputs)
+
+
+def frame(value: int, received: float) -> FrameIn:
+    return FrameIn(torch.full((64, 64, 3), value, dtype=torch.uint8), None, None, received)
+
+
+@pytest.fixture()
+async def scheduler(tiny_parts):  # type: ignore[no-untyped-def]
+    steps = Steps()
+    sched = Scheduler(max_sessions=3, observer=steps)
+
+    def make() -> StreamEngine:
+        engine = ThreadCheckingEngine(EngineSettings(model="tiny", height=64, width=64, max_batch=2), tiny_parts)
+        engine.threads = set()
+        return engine
+
+    await sched.load(make, warmup_frames=1)
+    sched.steps_seen = steps  # type: ignore[attr-defined]
+    yield sched
+    await sched.close()
+
+
+async def test_batches_newest_frames_oldest_waiting_first(scheduler) -> None:  # type: ignore[no-untyped-def]
+    a = await scheduler.open_session(StreamParams(prompt="a", strength=1.0))
+    b = await scheduler.open_session(StreamParams(prompt="zebra stripes everywhere", strength=1.0))
+    c = await scheduler.open_session(StreamParams(prompt="a", strength=1.0))
+    scheduler._task.cancel()  # drive ticks by hand
+    now = time.monotonic()
+    a.inbox.put(frame(1, now - 0.3))
+    a.inbox.put(frame(100, now - 0.1))  # replaces the older frame: a drop
+    b.inbox.put(frame(100, now - 0.2))
+    c.inbox.put(frame(100, now - 0.05))
+    assert a.inbox.replaced == 1
+    delivered = await scheduler.tick()
+    # max_batch 2: the two oldest waiting (b at -0.2, a's newest at -0.1); c waits for the next tick
+    assert [s.id for s, _ in delivered] == [b.id, a.id]
+    assert delivered[0][1].batch_size == 2 and int(delivered[1][1].source.image[0, 0, 0]) == 100
+    assert c.inbox.ready and not a.inbox.ready
+    # same input, different prompts: different outputs
+    out_a, out_b = a.outbox.peek(), b.outbox.peek()
+    assert (out_a.image.float() - out_b.image.float()).abs().mean() > 1.0
+    assert [s.id for s, _ in await scheduler.tick()] == [c.id]
+    # param update goes through the worker thread and applies to the next frame
+    truncated = await scheduler.update(a, a.params.replace(prompt="zebra stripes everywhere"))
+    assert truncated is False
+    a.inbox.put(frame(100, time.monotonic()))
+    b.inbox.put(frame(100, time.monotonic()))
+    await scheduler.tick()
+    assert (a.outbox.peek().image.float() - b.outbox.peek().image.float()).abs().mean() < 1e-3
+    assert scheduler.engine.threads == {next(iter(scheduler.engine.threads))}
+    assert next(iter(scheduler.engine.threads)).startswith("livediff-worker")
+
+
+async def test_admission_and_close(scheduler) -> None:  # type: ignore[no-untyped-def]
+    sessions = [await scheduler.open_session(StreamParams()) for _ in range(3)]
+    with pytest.raises(AdmissionError):
+        await scheduler.open_session(StreamParams())
+    await scheduler.close_session(sessions[0])
+    assert sessions[0].closed and sessions[0].id not in scheduler.sessions
+    sessions[0].inbox.put(frame(1, time.monotonic()))  # ignored once closed
+    assert not sessions[0].inbox.ready
+    await scheduler.open_session(StreamParams())
+
+
+async def test_loop_processes_frames_as_they_arrive(scheduler) -> None:  # type: ignore[no-untyped-def]
+    session = await scheduler.open_session(StreamParams())
+    for i in range(3):
+        session.inbox.put(frame(i * 50, time.monotonic()))
+        out = await session.outbox.get()
+        assert out.image.shape == (64, 64, 3) and out.source.received <= out.scheduled <= out.finished
+        assert set(out.stages_ms) == {"preprocess", "encode", "unet", "decode", "postprocess"}

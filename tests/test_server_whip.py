@@ -1,0 +1,76 @@
+"""WHIP ingest and WHEP egress with an OBS-like publisher (sendonly H.264 + Opus, no trickle)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.server_fixtures import mean_abs_diff, metric_value, running_server, whep_view, whip_publish
+
+pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(120)]
+
+
+async def test_whip_publish_whep_view_delete(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64) as server:
+        publisher = await whip_publish(http, server.url, query="?prompt=a%20red%20fox&strength=0.7")
+        assert publisher.location.startswith("/whip/") and publisher.etag.startswith('"')
+        await publisher.wait_connected()
+        session = server.service.scheduler.sessions[publisher.session_id]
+        assert session.kind == "whip" and session.params.prompt == "a red fox" and session.params.strength == 0.7
+        viewer = await whep_view(http, server.url, publisher.session_id)
+        assert viewer.location.startswith(f"/whep/{publisher.session_id}/")
+        await viewer.wait_connected()
+        assert viewer.received is not None
+        await viewer.received.wait_for(5, timeout=20)
+        assert viewer.received.frames[-1].shape == (64, 64, 3)
+        assert session.stats.processed >= 5
+        assert await metric_value(http, server.url, "livediff_viewers") == 1.0
+        # a second viewer (newest session via POST /whep) shares the same output
+        second = await whep_view(http, server.url)
+        await second.wait_connected()
+        await second.received.wait_for(3, timeout=20)  # type: ignore[union-attr]
+        assert mean_abs_diff(second.received.frames[-1], viewer.received.frames[-1]) < 60  # type: ignore[union-attr]
+        async with http.delete(server.url + second.location) as response:
+            assert response.status == 200
+        async with http.delete(server.url + second.location) as response:
+            assert response.status == 404 and "error" in await response.json()
+        # stale If-Match is 412, missing If-Match 428, right one 204
+        frag = "a=ice-ufrag:zzzz\r\na=ice-pwd:zzzzzzzzzzzzzzzzzzzzzzzz\r\n"
+        headers = {"Content-Type": "application/trickle-ice-sdpfrag"}
+        async with http.patch(server.url + publisher.location, data=frag,
+                              headers={**headers, "If-Match": '"stale"'}) as response:
+            assert response.status == 412 and "error" in await response.json()
+        async with http.patch(server.url + publisher.location, data=frag, headers=headers) as response:
+            assert response.status == 428
+        candidate = "a=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n"
+        async with http.patch(server.url + publisher.location, data=candidate,
+                              headers={**headers, "If-Match": publisher.etag}) as response:
+            assert response.status == 204, await response.text()
+        # DELETE ends the session (and its viewers); a second DELETE is 404
+        async with http.delete(server.url + publisher.location) as response:
+            assert response.status == 200
+        assert publisher.session_id not in server.service.scheduler.sessions
+        async with http.delete(server.url + publisher.location) as response:
+            assert response.status == 404
+        for _ in range(100):
+            if viewer.pc.connectionState == "closed" or viewer.pc.connectionState == "failed":
+                break
+            await asyncio.sleep(0.1)
+        assert server.service.metrics.viewers._value.get() == 0
+        for client in (publisher, viewer, second):
+            await client.close()
+
+
+async def test_whip_sendrecv_gets_output_back(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64, ice_servers=("stun:127.0.0.1:3478",)) as server:
+        async with http.options(server.url + "/whip") as response:
+            assert response.status == 204
+            assert response.headers["Accept-Post"] == "application/sdp"
+            assert 'rel="ice-server"' in response.headers["Link"]
+        publisher = await whip_publish(http, server.url, sendrecv=True, audio=False)
+        await publisher.wait_connected()
+        assert publisher.received is not None
+        await publisher.received.wait_for(5, timeout=20)
+        assert publisher.received.frames[-1].shape == (64, 64, 3)
+        await publisher.close()
