@@ -95,6 +95,8 @@ def stream_params(args: argparse.Namespace) -> StreamParams:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.g2g:
+        return cmd_g2g(args)
     from livediff.bench import BenchPlan, format_report, run_bench
 
     names = [name.strip() for name in args.backend.split(",") if name.strip()]
@@ -113,6 +115,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = run_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_g2g(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from livediff.g2g import CASES, G2GPlan, format_g2g, run_g2g
+
+    keys = [key.strip() for key in args.cases.split(",") if key.strip()] if args.cases else [c.key for c in CASES]
+    known = {case.key: case for case in CASES}
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"--cases: {key!r} is not one of {', '.join(known)}")
+    plan = G2GPlan(duration_s=args.duration, fps=args.fps, codec=args.codec, params=stream_params(args),
+                   cases=[known[key] for key in keys])  # fmt: skip
+    backend = args.backend.split(",")[0].strip()  # the server runs one backend
+    if backend not in BENCH_BACKENDS:
+        raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BENCH_BACKENDS)}")
+    settings = engine_settings(args, backend=backend.removesuffix(".compile"), compile=backend == "torch.compile")
+    if not args.verbose:  # aioice logs every candidate pair at INFO
+        logging.getLogger("aioice").setLevel(logging.WARNING)
+    report = asyncio.run(run_g2g(settings, plan))
+    print(json.dumps(report, indent=2) if args.json else format_g2g(report))
     return 0
 
 
@@ -215,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--streams", default="", help="e.g. 1,2,4: batched versus sequential streams")
     bench.add_argument("--baseline", choices=["diffusers"], help="also time diffusers' img2img pipeline")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
+    g2g.add_argument("--g2g", action="store_true",
+                     help="measure glass-to-glass latency (passthrough and model, marker completion on/off)")
+    g2g.add_argument("--duration", type=float, default=10.0, help="seconds measured per case, after a 1.5 s warm-up")
+    g2g.add_argument("--fps", type=_int_range(1, 120), default=30, help="camera frames per second")
+    g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8")
+    g2g.add_argument("--cases", default="",
+                     help="comma separated, default all: pass-both, pass-server, pass-stock, model-both, model-stock")
     bench.set_defaults(run=cmd_bench)
 
     build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")

@@ -92,6 +92,8 @@ class StreamParams:
     """Cosine similarity above which a frame may be skipped."""
     max_skip_frames: int = 10
     """Most consecutive frames the similarity filter may skip."""
+    passthrough: bool = False
+    """Return the input frame unchanged, no network run: measures transport alone."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -169,8 +171,8 @@ class ServerSettings:
     """A peer that has not connected this long after its answer is reaped."""
     cpu_threads: int = 0
     """torch threads when the engine runs on the CPU; 0 leaves one core to the video codecs (cores - 1)."""
-    web_dir: Path = Path("web")
-    """Static pages: index.html (/), latency.html (/latency), view.html (/view/{id})."""
+    web_dir: Path = Path(__file__).resolve().parent.parent / "web"
+    """Static pages: index.html (/), latency.html (/latency), view.html (/view/{id}); the checkout's web/."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -29,11 +29,12 @@ def artifacts_dir() -> Iterator[Path]:
 
 
 @pytest.fixture()
-def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+def loopback_ice() -> Iterator[None]:
     """ICE gathers 127.0.0.1 only (aioice skips loopback by default): server tests stay on loopback."""
-    import aioice.ice
+    from livediff.transport.loopback import loopback_candidates
 
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    with loopback_candidates():
+        yield
 
 
 @pytest.fixture()

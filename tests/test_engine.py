@@ -147,6 +147,24 @@ def test_similarity_filter_is_off_by_default(engine, frames) -> None:
     assert not any(engine.step([(stream, frames[0])]).skipped[0] for _ in range(4))
 
 
+def test_passthrough_returns_the_input_unchanged_without_running_the_networks(engine, frames) -> None:
+    stream = engine.open_stream(StreamParams(passthrough=True, similarity_filter=True))
+    for frame in (frames[0], frames[0], frames[1]):
+        result = engine.step([(stream, frame)])
+        assert torch.equal(result.outputs[0], frame)
+        assert result.skipped == [False] and result.timings_ms == {}  # not a skip, no device work
+    assert stream.frames == 3 and stream.skipped == 0 and stream.last_output is None
+
+
+def test_a_batch_mixing_passthrough_and_model_frames_gives_each_its_own_output(engine, frames) -> None:
+    model = StreamParams(prompt="a red fox")
+    through = engine.open_stream(StreamParams(passthrough=True))
+    result = engine.step([(through, frames[2]), (engine.open_stream(model), frames[3]), (through, frames[4])])
+    assert torch.equal(result.outputs[0], frames[2]) and torch.equal(result.outputs[2], frames[4])
+    assert differ(result.outputs[1], run(engine, model, frames[3])) < 0.05
+    assert result.skipped == [False] * 3 and "unet" in result.timings_ms
+
+
 def test_stream_batch_matches_sequential_steps_once_its_pipeline_is_full(tiny_parts, frames) -> None:
     params = StreamParams(steps=2, strength=0.8)
     settings = EngineSettings(model="tiny", height=SIZE, width=SIZE)

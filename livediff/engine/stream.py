@@ -2,7 +2,8 @@
 
 One step, for frames of one or many streams:
 
-1. similarity filter (host): frames that barely changed reuse their stream's last output
+1. passthrough streams get their input back (transport measurements); the similarity filter
+   (host): frames that barely changed reuse their stream's last output
 2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
 3. VAE encode -> latents
 4. noise each latent to its stream's first timestep with the stream's fixed noise
@@ -79,9 +80,9 @@ class StepResult:
     outputs: list[torch.Tensor]
     """One (H, W, 3) uint8 host tensor per input frame, in input order."""
     skipped: list[bool]
-    """Which frames the similarity filter answered with the previous output."""
+    """Which frames the similarity filter answered with the previous output (passthrough frames are not skips)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
-    """Milliseconds per stage for the whole batch (empty when every frame was skipped)."""
+    """Milliseconds per stage for the whole batch (empty when no frame ran the networks)."""
 
 
 @dataclass
@@ -189,10 +190,13 @@ class StreamEngine:
                 raise ValueError(
                     f"frames must be uint8 tensors of shape {self.frame_shape}, got {image.dtype} {tuple(image.shape)}"
                 )
-        skipped = [self._skip(stream, image) for stream, image in batch]
-        run = [i for i, skip in enumerate(skipped) if not skip]
-        outputs: list[torch.Tensor | None] = [stream.last_output if skip else None
-                                              for (stream, _), skip in zip(batch, skipped)]  # fmt: skip
+        passthrough = [stream.params.passthrough for stream, _ in batch]
+        skipped = [not through and self._skip(stream, image) for (stream, image), through in zip(batch, passthrough)]
+        run = [i for i, (skip, through) in enumerate(zip(skipped, passthrough)) if not (skip or through)]
+        outputs: list[torch.Tensor | None] = [
+            image if through else stream.last_output if skip else None
+            for (stream, image), skip, through in zip(batch, skipped, passthrough)
+        ]
         timings: dict[str, float] = {}
         if run:
             streams = [batch[i][0] for i in run]

@@ -2,7 +2,7 @@
 data channel, POST /offer's `params` and WHIP query strings.
 
 Fields: prompt, negative_prompt, strength, steps, t_index_list, seed, guidance,
-blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, probe.
+blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, passthrough, probe.
 A wrong type, an unknown field or a value out of range is a `ParamError` naming the field (422).
 """
 
@@ -26,6 +26,7 @@ _TYPES: dict[str, type] = {
     "similarity_filter": bool,
     "similarity_threshold": float,
     "max_skip_frames": int,
+    "passthrough": bool,
 }
 SESSION_FIELDS = ("probe",)
 """Fields that belong to the session, not to the engine stream."""

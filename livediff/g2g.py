@@ -1,0 +1,298 @@
+"""`livediff bench --g2g`: glass-to-glass latency through a real server and a real aiortc client.
+
+One process, one event loop: a server (`create_app` on 127.0.0.1, an ephemeral port) and the
+demo page's client (`livediff.transport.client`), both gathering loopback ICE candidates only.
+The client sends moving frames at `fps` with the probe id painted in (probe mode) and reads the
+ids back from the output frames. Glass-to-glass for frame N is the time from the client's camera
+track handing frame N to its sender (`recv()` returns) to the client's receiving track returning
+the decoded output frame that carries id N, on the same monotonic clock. It includes encode,
+loopback, the server (decode, inbox, engine or passthrough, outbox, encode) and decode again.
+
+Each case is a fresh session: passthrough (`StreamParams.passthrough`: the engine returns the
+input, the transport alone) or the model, with marker-bit frame completion on both peers, on the
+server only, or on neither (stock aiortc, which completes a frame only when the next one starts).
+
+Counts, never guesses: `sent` frames left the camera inside the measurement window; `returned`
+of them came back with their id; `missing` never did (dropped by the server's latest-only slots,
+or unreadable); `received` output frames arrived in the window; `unread` of them had no valid id.
+`drift_ms` (p50 of the window's last quarter minus its first) shows latency creeping up.
+The server's stats messages split the round trip into `uplink_ms` (camera to the server's decoded
+frame), `server_ms` (decoded frame to the server's encoder: inbox, engine, outbox) and
+`downlink_ms` (to the client's decoded frame); server and client share one monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+import torch
+from aiohttp import web
+
+from livediff.bench import percentiles
+from livediff.config import VIDEO_CODECS, EngineSettings, ServerSettings, StreamParams
+from livediff.engine.device import resolve_device, resolve_dtype
+from livediff.errors import ConfigError
+from livediff.models import ModelParts, load_model, resolve_auto
+from livediff.server.app import LOAD_TASK, create_app
+from livediff.synthetic import SyntheticCamera
+from livediff.transport import probe
+from livediff.transport.client import CameraTrack, Received, offer_client
+from livediff.transport.frames import luma
+from livediff.transport.loopback import loopback_candidates
+
+log = logging.getLogger(__name__)
+
+SCENE_SECONDS = 2.0
+"""The camera plays this much pre-rendered video in a loop (rendering live would stall the loop)."""
+FIRST_FRAME_S = 30.0
+"""A case fails when no output frame with an id came back this long after connecting."""
+CATCH_UP_S = 5.0
+"""After the window, wait at most this long for its last frames to come back."""
+
+
+@dataclass(frozen=True)
+class G2GCase:
+    key: str
+    model: bool
+    """False: passthrough (no network runs); True: the engine's model."""
+    client_marker: bool
+    """Marker-bit frame completion on the client's receiver."""
+    server_marker: bool
+    """Marker-bit frame completion on the server's receiver (`ServerSettings.marker_completion`)."""
+
+    @property
+    def label(self) -> str:
+        ends = {(True, True): "marker both ends", (False, True): "marker server only",
+                (True, False): "marker client only", (False, False): "stock aiortc"}  # fmt: skip
+        return f"{'model' if self.model else 'passthrough'}, {ends[self.client_marker, self.server_marker]}"
+
+
+CASES = (
+    G2GCase("pass-both", model=False, client_marker=True, server_marker=True),
+    G2GCase("pass-server", model=False, client_marker=False, server_marker=True),
+    G2GCase("pass-stock", model=False, client_marker=False, server_marker=False),
+    G2GCase("model-both", model=True, client_marker=True, server_marker=True),
+    G2GCase("model-stock", model=True, client_marker=False, server_marker=False),
+)
+
+
+@dataclass
+class G2GPlan:
+    duration_s: float = 10.0
+    """Measurement window per case."""
+    warmup_s: float = 1.5
+    """From the first frame back to the window's start (connection setup, first keyframes)."""
+    fps: float = 30.0
+    codec: str = "VP8"
+    params: StreamParams = field(default_factory=StreamParams)
+    """The model cases' prompt, steps and strength."""
+    cases: Sequence[G2GCase] = CASES
+
+    def __post_init__(self) -> None:
+        if not 0 < self.duration_s <= 24 * 3600:
+            raise ConfigError(f"duration must be in (0, 86400] s, got {self.duration_s}")
+        if not 1 <= self.fps <= 120:
+            raise ConfigError(f"fps must be in 1..120, got {self.fps}")
+        if self.codec not in VIDEO_CODECS:
+            raise ConfigError(f"codec must be one of {', '.join(VIDEO_CODECS)}, got {self.codec!r}")
+        if not self.cases:
+            raise ConfigError("no cases to run")
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99 and max in ms (NaN when there are no values)."""
+    stats = percentiles(list(values))
+    stats["max"] = round(max(values), 3) if values else float("nan")
+    return stats
+
+
+@dataclass
+class _Probe:
+    """What the client read back from the output frames."""
+
+    arrivals: dict[int, float] = field(default_factory=dict)
+    """Frame id -> when its output first came back."""
+    received: list[float] = field(default_factory=list)
+    unread: list[float] = field(default_factory=list)
+
+    def on_frame(self, frame: av.VideoFrame, now: float) -> None:
+        self.received.append(now)
+        frame_id = probe.read(luma(frame))
+        if frame_id is None:
+            self.unread.append(now)
+        else:
+            self.arrivals.setdefault(frame_id, now)
+
+
+@asynccontextmanager
+async def _server(engine: EngineSettings, settings: ServerSettings, parts: ModelParts) -> AsyncIterator[str]:
+    """A ready server on 127.0.0.1 (ephemeral port); yields its base URL."""
+    runner = web.AppRunner(create_app(engine, settings, parts=parts), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        await runner.app[LOAD_TASK]  # raises when the model failed to load
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _session_params(case: G2GCase, params: StreamParams) -> dict[str, Any]:
+    if not case.model:
+        return {"probe": True, "passthrough": True}
+    return {"probe": True, "passthrough": False, "prompt": params.prompt, "steps": params.steps,
+            "strength": params.strength}  # fmt: skip
+
+
+@dataclass
+class _Run:
+    """One case's raw observations."""
+
+    camera: CameraTrack
+    seen: _Probe
+    messages: list[dict[str, Any]]
+    server_stats: dict[str, Any]
+    start: float
+    end: float
+
+    def window(self) -> list[int]:
+        """Ids of the frames the camera sent inside the window, in order."""
+        return sorted(i for i, t in self.camera.sent_at.items() if self.start <= t < self.end)
+
+
+async def _run_case(http: aiohttp.ClientSession, url: str, case: G2GCase, plan: G2GPlan,
+                    width: int, height: int, scene: Sequence[np.ndarray]) -> _Run:
+    """One session: connect, warm up from the first frame back, measure `plan.duration_s`, catch up."""
+    camera = CameraTrack(width, height, plan.fps, paint_probe=True, scene=scene)
+    seen = _Probe()
+    client = await offer_client(http, url, camera, params=_session_params(case, plan.params), codec=plan.codec,
+                                received=Received(keep=0, on_frame=seen.on_frame),
+                                marker_completion=case.client_marker)  # fmt: skip
+    try:
+        await client.wait_connected()
+        deadline = time.monotonic() + FIRST_FRAME_S
+        while not seen.arrivals:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{case.key}: no frame id came back in {FIRST_FRAME_S:g} s")
+            await asyncio.sleep(0.05)
+        start = time.monotonic() + plan.warmup_s
+        run = _Run(camera, seen, client.messages, {}, start, start + plan.duration_s)
+        await asyncio.sleep(run.end - time.monotonic())
+        last = max(run.window(), default=-1)
+        caught_up = time.monotonic() + CATCH_UP_S
+        while max(seen.arrivals) <= last and time.monotonic() < caught_up:  # ids come back in order
+            await asyncio.sleep(0.05)
+        async with http.get(f"{url}/api/sessions/{client.session_id}") as response:
+            run.server_stats = (await response.json())["stats"]
+    finally:
+        await client.close()
+    return run
+
+
+def _case_report(case: G2GCase, run: _Run) -> dict[str, Any]:
+    window = run.window()
+    sent_at, arrivals = run.camera.sent_at, run.seen.arrivals
+    g2g = [(arrivals[i] - sent_at[i]) * 1000.0 for i in window if i in arrivals]
+    ids = set(window)
+    stats = [m for m in run.messages if m.get("type") == "stats" and m["frame_id"] in ids]
+    quarter = max(1, len(g2g) // 4)
+    in_window = lambda times: sum(run.start <= t < run.end for t in times)  # noqa: E731
+    return {
+        "case": case.key,
+        "label": case.label,
+        **{k: v for k, v in asdict(case).items() if k != "key"},
+        "g2g_ms": summary(g2g),
+        "drift_ms": round(float(np.median(g2g[-quarter:]) - np.median(g2g[:quarter])), 3) if g2g else float("nan"),
+        "frames": {
+            "sent": len(window),
+            "returned": len(g2g),
+            "missing": len(window) - len(g2g),
+            "received": in_window(run.seen.received),
+            "unread": in_window(run.seen.unread),
+        },
+        # server and client share this process's monotonic clock: the round trip splits into three legs
+        "uplink_ms": summary([m["received_ms"] - sent_at[m["frame_id"]] * 1000.0 for m in stats]),
+        "server_ms": summary([m["sent_ms"] - m["received_ms"] for m in stats]),
+        "downlink_ms": summary([(arrivals[m["frame_id"]] * 1000.0 - m["sent_ms"]) for m in stats
+                                if m["frame_id"] in arrivals]),
+        "model_ms": summary([sum(m["stages_ms"].values()) for m in stats if m["stages_ms"]]) if case.model else None,
+        "server": run.server_stats,
+    }
+
+
+async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings | None = None,
+                  parts: ModelParts | None = None) -> dict[str, Any]:
+    """Every case of `plan`, each on a fresh session; one server per marker setting."""
+    server = server or ServerSettings()
+    device = resolve_device(engine.device)
+    engine = engine.replace(model=resolve_auto(engine.model, device))
+    if parts is None:
+        parts = await asyncio.to_thread(load_model, engine.model, device, resolve_dtype(engine.dtype, device),
+                                        vae=engine.vae)  # fmt: skip
+    scene_frames = max(1, round(SCENE_SECONDS * plan.fps))
+    scene = await asyncio.to_thread(SyntheticCamera(engine.height, engine.width).frames, scene_frames)
+    settings = server.replace(host="127.0.0.1", port=0, video_codecs=(plan.codec,))
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, Any]] = {}
+    with loopback_candidates():
+        async with aiohttp.ClientSession() as http:
+            for marker in dict.fromkeys(case.server_marker for case in plan.cases):
+                async with _server(engine, settings.replace(marker_completion=marker), parts) as url:
+                    for case in (c for c in plan.cases if c.server_marker == marker):
+                        log.info("g2g: %s (%.0f s)", case.label, plan.warmup_s + plan.duration_s)
+                        run = await _run_case(http, url, case, plan, engine.width, engine.height, scene)
+                        results[case.key] = _case_report(case, run)
+    return {
+        "size": f"{engine.width}x{engine.height}",
+        "fps": plan.fps,
+        "codec": plan.codec,
+        "duration_s": plan.duration_s,
+        "model": f"{parts.ref} ({parts.revision})",
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": {"before": [round(x, 2) for x in load_before],
+                         "after": [round(x, 2) for x in os.getloadavg()]},  # fmt: skip
+        "cases": [results[case.key] for case in plan.cases],
+    }
+
+
+def format_g2g(report: dict[str, Any]) -> str:
+    """A human-readable table of `report` (milliseconds)."""
+    load = report["load_average"]
+    lines = [
+        f"glass-to-glass: {report['size']} at {report['fps']:g} fps, {report['codec']}, "
+        f"{report['duration_s']:g} s per case, model {report['model']} on {report['device']} "
+        f"({report['torch_threads']} torch threads), load average {load['before'][0]:.2f} -> {load['after'][0]:.2f}",
+        "",
+        f"{'case':<34}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'drift':>7}"
+        f"{'sent':>6}{'back':>6}{'miss':>6}{'recv':>6}{'unread':>7}{'srv drop':>9}"
+        f"{'up p50':>8}{'server p50':>11}{'down p50':>9}{'model p50':>10}",
+    ]
+    for case in report["cases"]:
+        g, n, server = case["g2g_ms"], case["frames"], case["server"]
+        model = f"{case['model_ms']['p50']:>10.1f}" if case["model_ms"] else f"{'-':>10}"
+        lines.append(
+            f"{case['label']:<34}{g['p50']:>8.1f}{g['p95']:>8.1f}{g['p99']:>8.1f}{g['max']:>8.1f}"
+            f"{case['drift_ms']:>7.1f}{n['sent']:>6}{n['returned']:>6}{n['missing']:>6}{n['received']:>6}"
+            f"{n['unread']:>7}{server['dropped_in'] + server['dropped_out']:>9}{case['uplink_ms']['p50']:>8.1f}"
+            f"{case['server_ms']['p50']:>11.1f}{case['downlink_ms']['p50']:>9.1f}{model}"
+        )
+    lines.append("(ms; drift: p50 of the last quarter minus the first; srv drop: the server's latest-only slots, "
+                 "whole session)")
+    for case in report["cases"]:
+        if case["model_ms"]:
+            over = case["g2g_ms"]["p50"] - case["model_ms"]["p50"]
+            lines.append(f"{case['label']}: glass-to-glass p50 is the model's p50 + {over:.1f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,413 @@
+"""The pages under web/ in a real headless Chromium against a real livediff server.
+
+Chromium's fake camera stands in for a webcam; the server runs the built-in tiny model at 128x128
+on its own thread. Each test leaves a screenshot in test-artifacts/ (look at them: a page that
+passes but looks broken is not done).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pages_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LiveServer,
+    Publisher,
+    chromium_missing,
+    start_server,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.timeout(180)]
+
+VIEWPORT = {"width": 1360, "height": 820}
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_parts: Any, browser: Any) -> Iterator[LiveServer]:  # the browser first: skip before starting
+    live = start_server(tiny_parts)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    missing = chromium_missing()
+    if missing is not None:
+        if os.environ.get("LIVEDIFF_REQUIRE_BROWSER") == "1":  # CI: a missing browser is a failure
+            pytest.fail(f"page tests need a browser: {missing}")
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """A fresh browser context and page that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser: Any) -> None:
+        self.context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.errors.append(f"console.error: {message.text}")
+
+    def frames(self, expression: str) -> int:
+        return int(self.page.evaluate(expression))
+
+    def screenshot(self, path: Path, full_page: bool = False) -> None:
+        self.page.evaluate("window.scrollTo(0, 0)")
+        self.page.screenshot(path=str(path), full_page=full_page)
+
+
+@pytest.fixture()
+def page(browser: Any) -> Iterator[Page]:
+    opened = Page(browser)
+    yield opened
+    opened.context.close()
+
+
+def session_ids(server: LiveServer) -> set[str]:
+    return {s["id"] for s in server.sessions() if s["state"] != "closed"}
+
+
+def wait_for_growth(page: Page, expression: str, more: int, timeout: float, what: str) -> int:
+    start = page.frames(expression)
+    return wait_until(lambda: page.frames(expression) >= start + more, timeout, f"{what} to grow by {more}")
+
+
+# -- demo page -----------------------------------------------------------------------------------
+
+
+def test_demo_page_live_controls_and_stop(server: LiveServer, page: Page, artifacts_dir: Path) -> None:
+    p = page.page
+    p.goto(server.url + "/")
+    p.click("#start")
+    wait_until(lambda: page.frames("window.livediff.outputFrames") >= 3, 45, "the output video's first frames")
+    wait_for_growth(page, "window.livediff.outputFrames", 5, 30, "requestVideoFrameCallback calls")
+    assert p.text_content("#status") == "live"
+    (session_id,) = session_ids(server)
+    assert p.evaluate("window.livediff.state.sessionId") == session_id
+
+    # Enter applies the prompt at once.
+    p.fill("#prompt", "a pencil sketch of a lighthouse")
+    p.press("#prompt", "Enter")
+    wait_until(
+        lambda: (
+            server.api("GET", f"/api/sessions/{session_id}")["params"]["prompt"] == "a pencil sketch of a lighthouse"
+        ),
+        10,
+        "the prompt to reach the server",
+    )
+    # Typing alone applies after a short pause (debounce), with no Enter and no blur.
+    p.click("#blend-box summary")
+    p.locator("#blend-prompt").press_sequentially("neon city", delay=20)
+    p.evaluate("""() => { const s = document.getElementById('blend-weight');
+                          s.value = '0.35'; s.dispatchEvent(new Event('input', {bubbles: true})); }""")
+    p.click("#steps button[data-value='2']")
+    p.click("#similarity")
+
+    def params() -> dict[str, Any]:
+        return server.api("GET", f"/api/sessions/{session_id}")["params"]
+
+    wanted = {"blend": {"prompt": "neon city", "weight": 0.35}, "steps": 2, "similarity_filter": True}
+    wait_until(lambda: {k: v for k, v in params().items() if k in wanted} == wanted, 10, "the changes to apply")
+    wait_until(lambda: "Applied" in (p.text_content("#feedback") or ""), 5, "the ack to show")
+
+    # The HUD shows numbers from getStats and the server.
+    wait_until(lambda: "fps" in (p.text_content("#hud") or ""), 10, "the HUD")
+    hud = p.text_content("#hud") or ""
+    assert "round trip" in hud and "jitter buffer" in hud and "dropped" in hud
+    wait_for_growth(page, "window.livediff.outputFrames", 3, 30, "output frames after the changes")
+    page.screenshot(artifacts_dir / "page-demo.png")
+
+    p.click("#stop")
+    wait_until(lambda: session_id not in session_ids(server), 10, "the session to close on the server")
+    wait_until(lambda: p.text_content("#status") == "stopped", 5, "the page to say it stopped")
+    assert p.evaluate("window.livediff.state.pc") is None
+    assert page.errors == []
+
+
+def test_demo_page_camera_denied_offers_test_pattern(server: LiveServer, page: Page, artifacts_dir: Path) -> None:
+    p = page.page
+    p.add_init_script("""navigator.mediaDevices.getUserMedia = async () => {
+        throw new DOMException('Permission denied', 'NotAllowedError'); };""")
+    p.goto(server.url + "/")
+    p.click("#start")
+    notice = p.locator("#notice[data-notice='camera']")
+    notice.wait_for(timeout=10_000)
+    assert "denied" in (notice.text_content() or "")
+    page.screenshot(artifacts_dir / "page-demo-camera-denied.png")
+    notice.get_by_role("button", name="Use test pattern").click()
+    wait_until(lambda: page.frames("window.livediff.outputFrames") >= 5, 45, "output frames from the test pattern")
+    assert p.is_hidden("#notice")
+    (session_id,) = session_ids(server)
+    page.screenshot(artifacts_dir / "page-demo-test-pattern.png")
+    p.click("#stop")
+    wait_until(lambda: session_id not in session_ids(server), 10, "the session to close")
+    assert page.errors == []
+
+
+def test_demo_page_connection_lost_and_reconnect(server: LiveServer, page: Page, artifacts_dir: Path) -> None:
+    p = page.page
+    p.goto(server.url + "/")
+    p.click("#start-pattern")
+    wait_until(lambda: page.frames("window.livediff.outputFrames") >= 3, 45, "the first output frames")
+    (first,) = session_ids(server)
+    # The server goes away under the page (restart, crash, reaped peer): its session ends.
+    server.call(server.service.close_session(server.service.scheduler.sessions[first]))
+    notice = p.locator("#notice[data-notice='lost']")
+    notice.wait_for(timeout=15_000)
+    assert "Connection lost" in (notice.text_content() or "")
+    page.screenshot(artifacts_dir / "page-demo-connection-lost.png")
+    notice.get_by_role("button", name="Reconnect").click()
+    wait_until(lambda: p.text_content("#status") == "live", 30, "the reconnection")
+    (second,) = session_ids(server)
+    assert second != first
+    wait_for_growth(page, "window.livediff.outputFrames", 3, 30, "output frames after reconnecting")
+    p.click("#stop")
+    wait_until(lambda: not session_ids(server), 10, "the session to close")
+    assert page.errors == []
+
+
+# -- latency page --------------------------------------------------------------------------------
+
+
+def test_latency_page_run_summary_and_downloads(server: LiveServer, page: Page, artifacts_dir: Path) -> None:
+    p = page.page
+    # A rate the tiny model keeps up with on 2 CPU cores, so ids are not dropped at the server's inbox.
+    p.goto(server.url + "/latency?duration=10&fps=5&resolution=320x240")
+    assert p.input_value("#duration") == "10"
+    p.click("#run")
+    p.locator("#summary").wait_for(state="visible", timeout=60_000)
+    assert p.text_content("#status") == "done"
+    assert p.text_content("#playout") in ("jitterBufferTarget=0", "playoutDelayHint=0")
+
+    with p.expect_download() as download:
+        p.click("#download-json")
+    download.value.save_as(artifacts_dir / "latency-report.json")
+    report = json.loads((artifacts_dir / "latency-report.json").read_text())
+    (run,) = report["runs"]
+    summary, frames = run["summary"], run["frames"]
+    assert math.isfinite(summary["p50_ms"]) and math.isfinite(summary["p95_ms"])
+    assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["max_ms"] < 10_000
+    assert summary["sent"] >= 40  # 10 s at 5 fps
+    assert summary["received"] >= 0.8 * summary["sent"], summary
+    assert len(frames) == summary["received"]
+    assert len({f["id"] for f in frames}) == len(frames)
+    for frame in frames:
+        assert frame["g2g_ms"] == pytest.approx(frame["displayed_ms"] - frame["sent_ms"])
+        assert 0 < frame["g2g_ms"] < 10_000
+    with_breakdown = [f for f in frames if "unet_ms" in f]
+    assert len(with_breakdown) >= 0.8 * len(frames)
+    for frame in with_breakdown:  # the stacked spans add up to glass-to-glass
+        spans = sum(
+            v
+            for k, v in frame.items()
+            if k.endswith("_ms") and k not in ("sent_ms", "displayed_ms", "received_ms", "g2g_ms")
+        )
+        assert spans == pytest.approx(frame["g2g_ms"], abs=0.5)
+
+    with p.expect_download() as download:
+        p.click("#download-csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert len(rows) == summary["received"] and rows[0]["run"] == "model"
+
+    p.evaluate("document.getElementById('summary').scrollIntoView()")
+    page.screenshot(artifacts_dir / "page-latency.png", full_page=True)
+    assert page.errors == []
+
+
+# -- viewer page ---------------------------------------------------------------------------------
+
+MEAN_LUMA = """() => {
+  const v = document.getElementById('video');
+  if (!v.videoWidth) return -1;
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(v, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  let sum = 0;
+  for (let i = 0; i < d.length; i += 4) sum += (d[i] + d[i + 1] + d[i + 2]) / 3;
+  return sum / (d.length / 4);
+}"""
+
+
+def test_viewer_page_plays_whip_session_and_follows_restarts(
+    server: LiveServer, page: Page, artifacts_dir: Path
+) -> None:
+    publisher = Publisher(server)
+    try:
+        first = publisher.start("?prompt=an%20oil%20painting")
+        p = page.page
+        p.goto(server.url + "/view/latest")
+        wait_until(lambda: page.frames("window.livediffViewer.frames") >= 5, 45, "the viewer's first frames")
+        wait_for_growth(page, "window.livediffViewer.frames", 5, 30, "viewer frames")
+        assert server.api("GET", f"/api/sessions/{first}")["viewers"] == 1
+        assert p.evaluate("document.getElementById('video').videoWidth") == 128  # the engine's output size
+        assert p.evaluate(MEAN_LUMA) > 5  # a picture, not a black frame
+        assert p.evaluate("window.livediffViewer.playout") in ("jitterBufferTarget=0", "playoutDelayHint=0")
+        assert p.locator("#status").evaluate("e => getComputedStyle(e).opacity") == "0"
+        page.screenshot(artifacts_dir / "page-viewer.png")
+
+        # OBS stops and starts streaming again: a new session; the viewer finds it by itself.
+        publisher.delete()
+        publisher.close()
+        second = publisher.start()
+        assert second != first
+        wait_until(lambda: page.frames("window.livediffViewer.connects") >= 2, 30, "the viewer to reconnect")
+        wait_for_growth(page, "window.livediffViewer.frames", 5, 30, "frames of the new session")
+        assert server.api("GET", f"/api/sessions/{second}")["viewers"] == 1
+        assert page.errors == []
+    finally:
+        publisher.close()
+        for session_id in session_ids(server):
+            server.call(server.service.close_session(server.service.scheduler.sessions[session_id]))
+
+
+# -- error paths ---------------------------------------------------------------------------------
+
+
+def test_demo_page_server_busy(tiny_parts: Any, page: Page, artifacts_dir: Path) -> None:
+    busy = start_server(tiny_parts, max_sessions=1)
+    publisher = Publisher(busy)
+    try:
+        publisher.start()
+        p = page.page
+        p.goto(busy.url + "/")
+        p.click("#start")
+        notice = p.locator("#notice[data-notice='busy']")
+        notice.wait_for(timeout=15_000)
+        text = notice.text_content() or ""
+        assert "busy" in text and "retry after 5 s" in text, text
+        page.screenshot(artifacts_dir / "page-demo-busy.png")
+        # The slot frees up: the page retries by itself when Retry-After has passed.
+        publisher.delete()
+        wait_until(lambda: p.text_content("#status") == "live", 20, "the automatic retry to connect")
+        assert len(session_ids(busy)) == 1
+        p.click("#stop")
+    finally:
+        publisher.close()
+        busy.stop()
+
+
+def test_demo_page_wrong_token_asks_for_token(tiny_parts: Any, page: Page, artifacts_dir: Path) -> None:
+    secured = start_server(tiny_parts, token="s3cret-token")
+    try:
+        p = page.page
+        p.goto(secured.url + "/?token=wrong")
+        p.click("#start")
+        notice = p.locator("#notice[data-notice='auth']")
+        notice.wait_for(timeout=15_000)
+        assert "refused" in (notice.text_content() or "")
+        page.screenshot(artifacts_dir / "page-demo-auth.png")
+        notice.locator("input[type=password]").fill("s3cret-token")
+        notice.get_by_role("button", name="Save and connect").click()
+        wait_until(lambda: p.text_content("#status") == "live", 30, "the connection with the right token")
+        assert p.evaluate("localStorage.getItem('livediff.token')") == "s3cret-token"
+        assert len(session_ids(secured)) == 1
+        p.click("#stop")
+        wait_until(lambda: not session_ids(secured), 10, "the session to close")
+    finally:
+        secured.stop()
+
+
+PROBE_CASES = [(0, 320, 240), (1, 128, 128), (0xABCDEF, 256, 192), (0xFFFFFF, 97, 61), (123456, 400, 224)]
+
+
+def test_probe_js_matches_python(server: LiveServer, page: Page) -> None:
+    """web/js/probe.js paints what livediff.transport.probe reads, and reads what it paints."""
+    import numpy as np
+
+    from livediff.transport import probe
+
+    p = page.page
+    p.goto(server.url + "/latency")
+    painted = p.evaluate(
+        """async (cases) => {
+      const m = await import('/web/js/probe.js');
+      return cases.map(([id, w, h]) => {
+        const ctx = Object.assign(document.createElement('canvas'), {width: w, height: h}).getContext('2d');
+        ctx.fillStyle = '#808080'; ctx.fillRect(0, 0, w, h);
+        m.paint(ctx, w, h, id);
+        const rows = m.stripHeight(h);
+        return {crc: m.crc8([id >> 16 & 255, id >> 8 & 255, id & 255]), rows,
+                pixels: Array.from(ctx.getImageData(0, 0, w, rows).data)};
+      });
+    }""",
+        PROBE_CASES,
+    )
+    rng = np.random.default_rng(0)
+    for (frame_id, width, height), result in zip(PROBE_CASES, painted):
+        assert result["crc"] == probe.crc8(frame_id.to_bytes(3, "big"))
+        image = np.full((height, width, 3), 128, np.uint8)
+        strip = np.array(result["pixels"], np.uint8).reshape(result["rows"], width, 4)[..., :3]
+        image[: result["rows"]] = strip
+        assert probe.read(image) == frame_id, (frame_id, width, height)
+
+    # Python paints, compression-like noise is added, JS reads; a flipped bit or a flat strip reads as nothing.
+    frames = []
+    for frame_id, width, height in PROBE_CASES:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        probe.paint(image, frame_id)
+        noisy = np.clip(image.astype(np.int16) + rng.integers(-40, 41, image.shape), 0, 255).astype(np.uint8)
+        frames.append((noisy, width, height))
+    flipped = frames[0][0].copy()
+    y0, y1, x0, x1 = probe._block(240, 320, 31)  # the CRC's last bit
+    flipped[y0:y1, x0:x1] = 255 - flipped[y0:y1, x0:x1]
+    frames.append((flipped, 320, 240))
+    frames.append((np.zeros((240, 320, 3), np.uint8), 320, 240))
+
+    def rgba(image: Any) -> list[int]:
+        alpha = np.full(image.shape[:2] + (1,), 255, np.uint8)
+        return np.concatenate([image, alpha], axis=2).ravel().tolist()
+
+    read_back = p.evaluate(
+        """async (frames) => {
+      const m = await import('/web/js/probe.js');
+      return frames.map(([pixels, w, h]) => m.read(Uint8ClampedArray.from(pixels), w, h));
+    }""",
+        [(rgba(image[: probe.ROWS * height // 16]), width, height) for image, width, height in frames],
+    )
+    expected = [probe.read(image) for image, _, _ in frames]
+    assert expected == [frame_id for frame_id, _, _ in PROBE_CASES] + [None, None]
+    assert read_back == expected
+
+
+def test_pages_are_served(server: LiveServer, page: Page, artifacts_dir: Path) -> None:
+    """Every page and asset loads with no failed request (a typo in an import path fails here)."""
+    failed: list[str] = []
+    page.page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    for path in ("/", "/latency", "/view/no-such-session"):
+        page.page.goto(server.url + path)
+        page.page.wait_for_load_state("networkidle")
+    wait_until(
+        lambda: "waiting for session no-such-session" in (page.page.text_content("#status") or ""),
+        10,
+        "the viewer to say what it waits for",
+    )
+    page.screenshot(artifacts_dir / "page-viewer-waiting.png")
+    time.sleep(2.5)  # one more poll: waiting makes no failed requests
+    assert failed == [] and page.errors == []

@@ -1,0 +1,167 @@
+// Glass-to-glass bookkeeping for the latency page: send times by id, what was displayed, the
+// server's per-frame stats, and the summary. No DOM here.
+
+/** The p-th percentile (0-100) of ascending `sorted`, linear between ranks; NaN when empty. */
+export function percentile(sorted, p) {
+  if (!sorted.length) return NaN;
+  const rank = (p / 100) * (sorted.length - 1);
+  const low = Math.floor(rank);
+  const high = Math.ceil(rank);
+  return sorted[low] + (sorted[high] - sorted[low]) * (rank - low);
+}
+
+export class LatencyRun {
+  constructor({ label = "model", settings = {} } = {}) {
+    this.label = label;
+    this.settings = settings;
+    this.sentAt = new Map(); // id -> performance.now() when painted and captured
+    this.frames = new Map(); // id -> the first display of that id
+    this.server = new Map(); // id -> the server's stats message
+    this.unreadable = 0; // displayed frames whose id could not be read
+    this.repeats = 0; // displays of an id already seen (the server repeated a frame)
+    this.started = null;
+    this.ended = null;
+  }
+
+  start(now) {
+    this.started = now;
+  }
+
+  end(now) {
+    this.ended = now;
+  }
+
+  sent(id, now) {
+    this.sentAt.set(id, now);
+  }
+
+  /** A displayed frame: `id` null when unreadable; `meta` is requestVideoFrameCallback's metadata. */
+  displayed(id, meta) {
+    if (id == null) {
+      this.unreadable += 1;
+      return null;
+    }
+    const sent = this.sentAt.get(id);
+    if (sent === undefined) return null; // from before this run
+    if (this.frames.has(id)) {
+      this.repeats += 1;
+      return null;
+    }
+    const frame = {
+      id,
+      sent_ms: sent,
+      displayed_ms: meta.expectedDisplayTime,
+      received_ms: meta.receiveTime ?? null,
+      g2g_ms: meta.expectedDisplayTime - sent,
+      width: meta.width,
+      height: meta.height,
+    };
+    this.frames.set(id, frame);
+    return frame;
+  }
+
+  serverStats(message) {
+    if (message.frame_id != null && this.sentAt.has(message.frame_id)) this.server.set(message.frame_id, message);
+  }
+
+  /**
+   * Server clock minus client clock (ms), from the smallest one-way delays seen each way, assuming
+   * the fastest uplink and downlink take equally long (like NTP's minimum filter). null before any pair.
+   */
+  clockOffset() {
+    let up = Infinity;
+    let down = Infinity;
+    for (const frame of this.frames.values()) {
+      const s = this.server.get(frame.id);
+      if (!s) continue;
+      up = Math.min(up, s.received_ms - frame.sent_ms);
+      down = Math.min(down, frame.displayed_ms - s.sent_ms);
+    }
+    return Number.isFinite(up) && Number.isFinite(down) ? (up - down) / 2 : null;
+  }
+
+  /** A frame's glass-to-glass split into named spans (ms); null without the server's stats. */
+  breakdown(frame, offset = this.clockOffset()) {
+    const s = this.server.get(frame.id);
+    if (!s || offset == null) return null;
+    const spans = [["uplink+decode", s.received_ms - offset - frame.sent_ms]];
+    spans.push(["wait", s.scheduled_ms - s.received_ms]);
+    let staged = 0;
+    for (const [name, ms] of Object.entries(s.stages_ms ?? {})) {
+      spans.push([name, ms]);
+      staged += ms;
+    }
+    const engine = s.finished_ms - s.scheduled_ms;
+    if (engine - staged > 0.05) spans.push(["engine other", engine - staged]);
+    spans.push(["to encoder", s.sent_ms - s.finished_ms]);
+    spans.push(["encode+downlink+render", frame.displayed_ms - (s.sent_ms - offset)]);
+    return spans;
+  }
+
+  /** Every received frame, oldest first, with its breakdown flattened into `<span>_ms` fields. */
+  rows() {
+    const offset = this.clockOffset();
+    return [...this.frames.values()]
+      .sort((a, b) => a.sent_ms - b.sent_ms)
+      .map((frame) => {
+        const row = { ...frame };
+        const s = this.server.get(frame.id);
+        if (s) {
+          row.server_batch_size = s.batch_size;
+          row.server_skipped = s.skipped;
+        }
+        for (const [name, ms] of this.breakdown(frame, offset) ?? []) row[`${name.replace(/[^a-z0-9]+/gi, "_")}_ms`] = ms;
+        return row;
+      });
+  }
+
+  summary() {
+    const g2g = [...this.frames.values()].map((f) => f.g2g_ms).sort((a, b) => a - b);
+    const sent = this.sentAt.size;
+    const received = this.frames.size;
+    let reachedServer = 0;
+    for (const id of this.sentAt.keys()) if (this.server.has(id)) reachedServer += 1;
+    const mean = g2g.length ? g2g.reduce((a, b) => a + b, 0) / g2g.length : NaN;
+    const means = new Map();
+    let counted = 0;
+    const offset = this.clockOffset();
+    for (const frame of this.frames.values()) {
+      const spans = this.breakdown(frame, offset);
+      if (!spans) continue;
+      counted += 1;
+      for (const [name, ms] of spans) means.set(name, (means.get(name) ?? 0) + ms);
+    }
+    return {
+      label: this.label,
+      duration_s: this.started != null && this.ended != null ? (this.ended - this.started) / 1000 : null,
+      sent,
+      received,
+      lost: sent - received,
+      unreadable: this.unreadable,
+      repeats: this.repeats,
+      sent_by_server: reachedServer,
+      read_back_ratio: sent ? received / sent : NaN,
+      p50_ms: percentile(g2g, 50),
+      p95_ms: percentile(g2g, 95),
+      p99_ms: percentile(g2g, 99),
+      max_ms: g2g.length ? g2g[g2g.length - 1] : NaN,
+      min_ms: g2g.length ? g2g[0] : NaN,
+      mean_ms: mean,
+      clock_offset_ms: offset,
+      breakdown_mean_ms: Object.fromEntries([...means].map(([name, sum]) => [name, sum / counted])),
+    };
+  }
+}
+
+/** Rows of objects as CSV, the union of their keys as the header. */
+export function toCSV(rows) {
+  const keys = [];
+  for (const row of rows) for (const key of Object.keys(row)) if (!keys.includes(key)) keys.push(key);
+  const cell = (value) => {
+    if (value == null) return "";
+    if (typeof value === "number") return Number.isFinite(value) ? String(Math.round(value * 1000) / 1000) : "";
+    const text = String(value);
+    return /[",\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+  };
+  return [keys.join(","), ...rows.map((row) => keys.map((k) => cell(row[k])).join(","))].join("\n") + "\n";
+}
