@@ -134,8 +134,6 @@ def cmd_g2g(args: argparse.Namespace) -> int:
     if backend not in BENCH_BACKENDS:
         raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BENCH_BACKENDS)}")
     settings = engine_settings(args, backend=backend.removesuffix(".compile"), compile=backend == "torch.compile")
-    if not args.verbose:  # aioice logs every candidate pair at INFO
-        logging.getLogger("aioice").setLevel(logging.WARNING)
     report = asyncio.run(run_g2g(settings, plan))
     print(json.dumps(report, indent=2) if args.json else format_g2g(report))
     return 0
@@ -268,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # livediff's own progress at INFO; other libraries' INFO chatter (the ONNX exporter's graph
+    # rewrites, every ICE candidate pair) only with --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries()
     try:
         return int(args.run(args))

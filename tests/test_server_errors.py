@@ -58,7 +58,7 @@ async def test_bad_requests_and_auth_leave_the_live_session_running(tiny_parts, 
             async with http.get(url + path) as response:
                 assert response.status == 200
         async with http.get(url + "/metrics", headers=AUTH) as response:
-            assert response.status == 200 and "livediff_http" not in ""  # scrapeable with the token
+            assert response.status == 200 and "livediff_frames_total" in await response.text()  # scrapeable
         # the live session kept running through all of it
         count = len(client.received.times)
         await client.received.wait_for(count + 3)
@@ -88,6 +88,10 @@ async def test_readyz_is_503_until_the_model_is_warm(tiny_parts, http) -> None: 
 
             await asyncio.sleep(0.05)
         async with http.get(server.make_url("/readyz")) as response:
-            assert response.status == 200
+            ready = await response.json()
+            assert response.status == 200, ready
+        engine = ready["engine"]  # what the pages' HUDs show
+        assert engine["model"] == "tiny" and engine["backend"] == "torch" and engine["device"] == "cpu"
+        assert engine["size"] == "64x64" and "passthrough" in engine["features"]
     finally:
         await server.close()

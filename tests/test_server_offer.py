@@ -38,6 +38,10 @@ async def test_offer_round_trip(tiny_parts, http) -> None:  # type: ignore[no-un
         interval = 90000 // FPS
         assert np.all(steps > 0) and np.all(np.abs(steps - np.round(steps / interval) * interval) <= 4), steps
         assert await metric_value(http, server.url, 'livediff_frames_total{outcome="processed"}') >= 5
+        # the HUD's server timings: a stats message per sent frame, with no frame id outside probe mode
+        stats_messages = [m for m in client.messages if m["type"] == "stats"]
+        assert stats_messages and all(m["frame_id"] is None for m in stats_messages)
+        assert {"encode", "unet", "decode"} <= set(stats_messages[-1]["stages_ms"])
         session = server.service.scheduler.sessions[client.session_id]
         assert session.state == "live"
         await client.close()

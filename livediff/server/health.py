@@ -17,7 +17,7 @@ async def readyz(request: web.Request) -> web.Response:
     svc = service(request)
     if not svc.ready:
         return json_error(503, svc.load_error or "loading the model", headers={"Retry-After": "5"})
-    return web.json_response({"status": "ready", "sessions": len(svc.scheduler.sessions)})
+    return web.json_response({"status": "ready", "sessions": len(svc.scheduler.sessions), "engine": svc.describe()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -48,6 +48,10 @@ class Resource:
     viewer_id: str | None = None
 
 
+FEATURES = ("probe", "passthrough")
+"""Session params beyond the engine's own that the pages may use: probe ids, transport-only runs."""
+
+
 def _ms(t: float) -> float:
     return round(t * 1000.0, 3)
 
@@ -100,6 +104,21 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.scheduler.close()
 
+    def describe(self) -> dict[str, Any]:
+        """What runs here, for /readyz and the pages' HUDs (only once the engine is built)."""
+        engine = self.scheduler.engine
+        return {
+            "model": engine.parts.ref,
+            "revision": engine.parts.revision,
+            "backend": engine.backend.name,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "size": f"{self.engine_settings.width}x{self.engine_settings.height}",
+            "max_batch": self.engine_settings.max_batch,
+            "max_sessions": self.settings.max_sessions,
+            "features": list(FEATURES),
+        }
+
     def require_ready(self) -> None:
         if not self.ready:
             raise NotReady(self.load_error or "the model is loading")
@@ -133,7 +152,7 @@ class Service:
             age = self.metrics.on_sent(out)
             session.stats.sent += 1
             session.stats.last_age_ms = round(age * 1000.0, 3)
-            if out.source.frame_id is not None and session.send_message is not None:
+            if session.send_message is not None:  # frame_id is None unless the session probes
                 session.send_message({
                     "type": "stats",
                     "frame_id": out.source.frame_id,

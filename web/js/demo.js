@@ -150,6 +150,7 @@ async function connect(stream) {
   setButtons("live");
   watchOutput();
   startHud(pc, timings);
+  loadServerInfo(); // the server may have restarted with other settings since the page loaded
 }
 
 async function connectAgain() {
@@ -317,10 +318,14 @@ ui.startPattern.addEventListener("click", () => start("pattern"));
 ui.stop.addEventListener("click", () => stop());
 window.addEventListener("pagehide", () => state.pc?.close());
 
-serverInfo()
-  .then((info) => {
-    state.server = info;
-  })
-  .catch(() => {
-    /* not ready yet: /offer will say so when the user starts */
-  });
+function loadServerInfo() {
+  serverInfo()
+    .then((info) => {
+      state.server = info;
+    })
+    .catch(() => {
+      /* not ready yet: /offer says so when the user starts, and connecting asks again */
+    });
+}
+
+loadServerInfo();

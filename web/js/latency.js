@@ -456,7 +456,7 @@ serverInfo()
   .then((info) => {
     page.server = info;
     ui.serverInfo.textContent = [info.model, info.backend, info.device].filter(Boolean).join(" · ") || "ready";
-    offerModes(Boolean(info.passthrough || info.features?.includes?.("passthrough")));
+    offerModes(info.features.includes("passthrough"));
   })
   .catch(() => {
     ui.serverInfo.textContent = "not ready";

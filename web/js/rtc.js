@@ -186,9 +186,8 @@ export async function endSession(sessionId) {
   await endResource(`/whip/${encodeURIComponent(sessionId)}`);
 }
 
-/** What the server says about itself (GET /readyz): status, and model/backend/device when it reports them. */
+/** What the server runs (GET /readyz `engine`): model, backend, device, dtype, size, features. */
 export async function serverInfo() {
-  const info = await getJSON("/readyz");
-  const engine = info.engine ?? info;
-  return { ...info, model: engine.model, backend: engine.backend, device: engine.device };
+  const { engine } = await getJSON("/readyz");
+  return engine;
 }
