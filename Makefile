@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: serve bench test setup setup-test browser clean
+.PHONY: serve bench test screenshots setup clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The README's page screenshots, as the browser tests take them (needs Chromium).
+screenshots: setup
+	$(BIN)/python -m pytest -q tests/test_pages.py
+	cp test-artifacts/page-demo.png test-artifacts/page-latency.png test-artifacts/page-viewer.png web/screenshots/
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

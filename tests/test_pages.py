@@ -221,6 +221,12 @@ def test_latency_page_run_summary_and_downloads(server: LiveServer, page: Page, 
         assert 0 < frame["g2g_ms"] < 10_000
     with_breakdown = [f for f in frames if "unet_ms" in f]
     assert len(with_breakdown) >= 0.8 * len(frames)
+    # The network legs use the server's clock, matched by pings: on loopback to within half a
+    # round trip, so neither leg can come out negative beyond that.
+    error_ms = summary["clock_round_trip_ms"] / 2 + 1
+    assert 0 < summary["clock_round_trip_ms"] < 100
+    for frame in with_breakdown:
+        assert frame["uplink_decode_ms"] > -error_ms and frame["encode_downlink_render_ms"] > -error_ms, frame
     for frame in with_breakdown:  # the stacked spans add up to glass-to-glass
         spans = sum(
             v

@@ -372,6 +372,9 @@ class Service:
             data = json.loads(message)
             if not isinstance(data, dict):
                 raise ParamError(None, "a control message must be a JSON object")
+            if data.get("type") == "ping":  # clock sync: the client pairs its send/receive times with ours
+                send({"type": "pong", "client_ms": data.get("client_ms"), "server_ms": _ms(time.monotonic())})
+                return
             request_id = data.pop("request_id", None)
             ack = await self.apply_params(session, data)
         except json.JSONDecodeError as exc:

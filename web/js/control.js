@@ -1,4 +1,5 @@
-// The `control` data channel: params out (each with a request_id), acks/errors and stats in.
+// The `control` data channel: params out (each with a request_id), acks/errors and stats in,
+// and pings that match the server's clock to this page's.
 
 export class ControlChannel {
   /** `handlers`: {ack(message, sent), error(message, sent), stats(message), close()} */
@@ -6,6 +7,7 @@ export class ControlChannel {
     this.handlers = handlers;
     this.channel = pc.createDataChannel("control", { ordered: true });
     this.pending = new Map();
+    this.pongs = new Map(); // client_ms of a ping -> resolves with the server's answer
     this.queue = [];
     this.nextId = 1;
     this.channel.addEventListener("open", () => {
@@ -29,12 +31,44 @@ export class ControlChannel {
     return requestId;
   }
 
+  /**
+   * The server's clock minus this page's `performance.now()` (ms), NTP style: `count` pings, and of
+   * the one with the shortest round trip, the server's time is taken at the round trip's midpoint
+   * (off by at most half that round trip). Resolves {offsetMs, roundTripMs}, or null when the
+   * server does not answer within `timeoutMs` (older servers).
+   */
+  async syncClock(count = 8, timeoutMs = 1000) {
+    let best = null;
+    for (let i = 0; i < count; i++) {
+      const sent = performance.now();
+      const answer = await new Promise((resolve) => {
+        const timer = setTimeout(() => resolve(null), timeoutMs);
+        this.pongs.set(sent, (message) => {
+          clearTimeout(timer);
+          resolve(message);
+        });
+        this.channel.send(JSON.stringify({ type: "ping", client_ms: sent }));
+      });
+      this.pongs.delete(sent);
+      if (!answer) return null;
+      const back = performance.now();
+      if (!best || back - sent < best.roundTripMs) {
+        best = { offsetMs: answer.server_ms - (sent + back) / 2, roundTripMs: back - sent };
+      }
+    }
+    return best;
+  }
+
   _receive(data) {
     let message;
     try {
       message = JSON.parse(data);
     } catch {
       return; // not ours to interpret
+    }
+    if (message.type === "pong") {
+      this.pongs.get(message.client_ms)?.(message);
+      return;
     }
     const sent = this.pending.get(message.request_id);
     if (message.request_id != null) this.pending.delete(message.request_id);

@@ -230,6 +230,7 @@ async function measure(label, config, index, count) {
     ui.playout.textContent = session.playout;
     setStatus("connecting", `${prefix}waiting for the first frame`);
     await session.flowing();
+    run.setClock(await session.control.syncClock());
     session.startMeasuring();
     const duration = config.duration_s * 1000;
     const started = performance.now();
@@ -331,9 +332,9 @@ function render(run) {
   renderLegend(s.breakdown_mean_ms);
   ui.clockNote.textContent =
     offset == null
-      ? "The split needs the server's per-frame stats; none have arrived yet."
-      : "Engine stages and waits are timed on the server. The two network legs are split by estimating the " +
-        "server's clock offset from the fastest frame each way, taken as equally long (like NTP).";
+      ? "The split needs the server's clock, which it did not report; glass-to-glass above is exact."
+      : "Engine stages and waits are timed on the server. The two network legs use the server's clock, " +
+        `matched to this page's by pings over the data channel (within ±${(run.clock.roundTripMs / 2).toFixed(1)} ms).`;
 }
 
 function renderLegend(means) {

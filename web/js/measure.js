@@ -21,6 +21,7 @@ export class LatencyRun {
     this.repeats = 0; // displays of an id already seen (the server repeated a frame)
     this.started = null;
     this.ended = null;
+    this.clock = null; // {offsetMs, roundTripMs}: the server's clock, measured by pings
   }
 
   start(now) {
@@ -64,20 +65,14 @@ export class LatencyRun {
     if (message.frame_id != null && this.sentAt.has(message.frame_id)) this.server.set(message.frame_id, message);
   }
 
-  /**
-   * Server clock minus client clock (ms), from the smallest one-way delays seen each way, assuming
-   * the fastest uplink and downlink take equally long (like NTP's minimum filter). null before any pair.
-   */
+  /** The server's clock from `ControlChannel.syncClock` ({offsetMs, roundTripMs}), or null. */
+  setClock(sync) {
+    this.clock = sync;
+  }
+
+  /** Server clock minus this page's clock (ms); null when it could not be measured. */
   clockOffset() {
-    let up = Infinity;
-    let down = Infinity;
-    for (const frame of this.frames.values()) {
-      const s = this.server.get(frame.id);
-      if (!s) continue;
-      up = Math.min(up, s.received_ms - frame.sent_ms);
-      down = Math.min(down, frame.displayed_ms - s.sent_ms);
-    }
-    return Number.isFinite(up) && Number.isFinite(down) ? (up - down) / 2 : null;
+    return this.clock?.offsetMs ?? null;
   }
 
   /** A frame's glass-to-glass split into named spans (ms); null without the server's stats. */
@@ -148,6 +143,7 @@ export class LatencyRun {
       min_ms: g2g.length ? g2g[0] : NaN,
       mean_ms: mean,
       clock_offset_ms: offset,
+      clock_round_trip_ms: this.clock?.roundTripMs ?? null,
       breakdown_mean_ms: Object.fromEntries([...means].map(([name, sum]) => [name, sum / counted])),
     };
   }
