@@ -17,8 +17,7 @@ from livediff.server.common import SERVICE
 
 async def serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams) -> int:
     device = resolve_device(engine_settings.device)
-    asked = engine_settings.model
-    model = resolve_auto(asked, device)
+    model = resolve_auto(engine_settings.model, device)  # says which it picked
     engine_settings = engine_settings.replace(model=model)
     app = create_app(engine_settings, settings, default_params=params)
     runner = web.AppRunner(app, handle_signals=False)
@@ -31,9 +30,7 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings, param
         loop.add_signal_handler(sig, stop.set)
     url = f"http://{settings.host}:{settings.port}/"
     print(f"livediff: serving {url} — model {model}, backend {engine_settings.backend}, device {device}, "
-          f"size {engine_settings.width}x{engine_settings.height}"
-          + (f" (--model auto picked {model} on {device.type})" if asked == "auto" else ""),
-          flush=True)
+          f"size {engine_settings.width}x{engine_settings.height}", flush=True)
     code = 0
     try:
         load = app[LOAD_TASK]

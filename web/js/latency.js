@@ -334,7 +334,7 @@ function render(run) {
     offset == null
       ? "The split needs the server's clock, which it did not report; glass-to-glass above is exact."
       : "Engine stages and waits are timed on the server. The two network legs use the server's clock, " +
-        `matched to this page's by pings over the data channel (within ±${(run.clock.roundTripMs / 2).toFixed(1)} ms).`;
+        `matched to this page's by pings over the data channel (best round trip ${run.clock.roundTripMs.toFixed(1)} ms).`;
 }
 
 function renderLegend(means) {
