@@ -92,7 +92,10 @@ class Firefox:
         self.js("""const script = document.createElement("script");
           script.textContent = `window.__consoleErrors = [];
             const original = console.error.bind(console);
-            console.error = (...args) => { window.__consoleErrors.push(args.map(String).join(" ")); original(...args); };`;
+            console.error = (...args) => {
+              window.__consoleErrors.push(args.map(String).join(" "));
+              original(...args);
+            };`;
           document.head.append(script);""")
 
     def js(self, body: str, *args: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -18,6 +19,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO / "web"
@@ -54,6 +57,16 @@ def chromium_missing() -> str | None:
     except ImportError:
         return "playwright is not installed (pip install playwright)"
     return None
+
+
+def skip_without(missing: str | None) -> None:
+    """Skip the calling test when a browser is `missing` (the reason), or fail under CI, which
+    sets LIVEDIFF_REQUIRE_BROWSER=1 so a broken install cannot pass as skipped page tests."""
+    if missing is None:
+        return
+    if os.environ.get("LIVEDIFF_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"page tests need a browser: {missing}")
+    pytest.skip(missing)
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.pages_support import (
     LiveServer,
     Publisher,
     chromium_missing,
+    skip_without,
     start_server,
     wait_until,
 )
@@ -46,11 +46,7 @@ def server(tiny_parts: Any, browser: Any) -> Iterator[LiveServer]:  # the browse
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    missing = chromium_missing()
-    if missing is not None:
-        if os.environ.get("LIVEDIFF_REQUIRE_BROWSER") == "1":  # CI: a missing browser is a failure
-            pytest.fail(f"page tests need a browser: {missing}")
-        pytest.skip(missing)
+    skip_without(chromium_missing())
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

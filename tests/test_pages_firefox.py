@@ -8,7 +8,6 @@ console.error of the page, and leaves a screenshot in test-artifacts/.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,14 @@ from typing import Any
 import pytest
 
 from tests.firefox_support import Firefox, firefox_missing
-from tests.pages_support import LiveServer, Publisher, start_server, wait_until
+from tests.pages_support import LiveServer, Publisher, skip_without, start_server, wait_until
 
 pytestmark = [pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
 def firefox() -> Iterator[Firefox]:
-    missing = firefox_missing()
-    if missing is not None:
-        if os.environ.get("LIVEDIFF_REQUIRE_BROWSER") == "1":  # CI: a missing browser is a failure
-            pytest.fail(f"Firefox page tests need Firefox: {missing}")
-        pytest.skip(missing)
+    skip_without(firefox_missing())
     browser = Firefox()
     yield browser
     browser.close()
