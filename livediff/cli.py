@@ -16,7 +16,8 @@ from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
-BENCH_BACKENDS = ("torch", "torch.compile", "onnx", "tensorrt")
+BACKEND_NAMES = ("torch", "torch.compile", "onnx", "tensorrt")
+"""What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 
 def _env(name: str, default: Any) -> Any:
@@ -78,12 +79,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt", default=_env("prompt", StreamParams.prompt))
 
 
-def engine_settings(args: argparse.Namespace, backend: str = "torch", compile: bool = False) -> EngineSettings:
+def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineSettings:
+    """The engine flags as settings; `backend` is one of BACKEND_NAMES."""
+    if backend not in BACKEND_NAMES:
+        raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKEND_NAMES)}")
     width, height = args.size if isinstance(args.size, tuple) else _size(args.size)
     return EngineSettings(
         model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
-        backend=backend, compile=compile, max_batch=args.max_batch, stream_batch=args.stream_batch,
-        engines_dir=args.engines_dir,
+        backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
+        stream_batch=args.stream_batch, engines_dir=args.engines_dir,
     )  # fmt: skip
 
 
@@ -100,15 +104,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from livediff.bench import BenchPlan, format_report, run_bench
 
     names = [name.strip() for name in args.backend.split(",") if name.strip()]
-    for name in names:
-        if name not in BENCH_BACKENDS:
-            raise ConfigError(f"--backend: {name!r} is not one of {', '.join(BENCH_BACKENDS)}")
     streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else ()
     args.max_batch = max([args.max_batch, args.batch, *streams])
-    settings = [
-        engine_settings(args, backend=name.removesuffix(".compile"), compile=name == "torch.compile")
-        for name in names
-    ]
+    settings = [engine_settings(args, backend=name) for name in names]
     plan = BenchPlan(
         frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args),
         baseline=args.baseline, streams=streams,
@@ -130,10 +128,7 @@ def cmd_g2g(args: argparse.Namespace) -> int:
             raise ConfigError(f"--cases: {key!r} is not one of {', '.join(known)}")
     plan = G2GPlan(duration_s=args.duration, fps=args.fps, codec=args.codec, params=stream_params(args),
                    cases=[known[key] for key in keys])  # fmt: skip
-    backend = args.backend.split(",")[0].strip()  # the server runs one backend
-    if backend not in BENCH_BACKENDS:
-        raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BENCH_BACKENDS)}")
-    settings = engine_settings(args, backend=backend.removesuffix(".compile"), compile=backend == "torch.compile")
+    settings = engine_settings(args, backend=args.backend.split(",")[0].strip())  # the server runs one backend
     report = asyncio.run(run_g2g(settings, plan))
     print(json.dumps(report, indent=2) if args.json else format_g2g(report))
     return 0
@@ -220,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from livediff.server.serve import serve
 
-    return asyncio.run(serve(engine_settings(args), server_settings(args), stream_params(args)))
+    return asyncio.run(serve(engine_settings(args, backend=args.backend), server_settings(args), stream_params(args)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure the engine on synthetic camera frames")
     add_engine_flags(bench)
     bench.add_argument("--backend", default="torch",
-                       help=f"one or more of {', '.join(BENCH_BACKENDS)}, comma separated")
+                       help=f"one or more of {', '.join(BACKEND_NAMES)}, comma separated")
     bench.add_argument("--frames", type=_int_range(1, 100_000), default=100)
     bench.add_argument("--warmup", type=_int_range(0, 1000), default=5)
     bench.add_argument("--batch", type=_int_range(1, 64), default=1, help="streams per engine step")
@@ -255,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the WebRTC service (demo page, /offer, WHIP, WHEP, API)")
     add_engine_flags(serve)
+    serve.add_argument("--backend", choices=BACKEND_NAMES, default=_env("backend", "torch"),
+                       help="runs the networks (also LIVEDIFF_BACKEND)")
     add_server_flags(serve)
     serve.set_defaults(run=cmd_serve)
 

@@ -74,3 +74,30 @@ def test_models_lists_the_builtins(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "sd-turbo-random" in out and "stabilityai/sd-turbo" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "backend", "compiled"),
+    [
+        ([], {}, "torch", False),
+        (["--backend", "onnx"], {}, "onnx", False),
+        (["--backend", "torch.compile"], {}, "torch", True),
+        ([], {"LIVEDIFF_BACKEND": "onnx"}, "onnx", False),
+    ],
+)
+def test_serve_takes_the_backend_from_the_flag_or_the_environment(
+    argv: list[str], env: dict[str, str], backend: str, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livediff.cli import build_parser, engine_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["serve", "--model", "tiny", *argv])
+    settings = engine_settings(args, backend=args.backend)
+    assert (settings.backend, settings.compile) == (backend, compiled)
+
+
+def test_serve_names_an_unknown_backend(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--backend", "warp"])
+    assert exit_info.value.code == 2 and "--backend" in capsys.readouterr().err
