@@ -169,6 +169,8 @@ class ServerSettings:
     """Complete received video frames on the RTP marker bit (one frame interval less latency)."""
     connect_timeout_s: float = 30.0
     """A peer that has not connected this long after its answer is reaped."""
+    ice_loopback: bool = False
+    """ICE gathers 127.0.0.1 only: for measurements with every peer on this machine (`bench --g2g`)."""
     cpu_threads: int = 0
     """torch threads when the engine runs on the CPU; 0 leaves one core to the video codecs (cores - 1)."""
     web_dir: Path = Path(__file__).resolve().parent.parent / "web"

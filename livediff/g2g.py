@@ -1,16 +1,18 @@
 """`livediff bench --g2g`: glass-to-glass latency through a real server and a real aiortc client.
 
-One process, one event loop: a server (`create_app` on 127.0.0.1, an ephemeral port) and the
-demo page's client (`livediff.transport.client`), both gathering loopback ICE candidates only.
-The client sends moving frames at `fps` with the probe id painted in (probe mode) and reads the
-ids back from the output frames. Glass-to-glass for frame N is the time from the client's camera
-track handing frame N to its sender (`recv()` returns) to the client's receiving track returning
-the decoded output frame that carries id N, on the same monotonic clock. It includes encode,
-loopback, the server (decode, inbox, engine or passthrough, outbox, encode) and decode again.
+The server is `livediff serve` in a process of its own, as deployed, on 127.0.0.1 and an
+ephemeral port with loopback ICE candidates only (`--ice-loopback`); the client, in this
+process, is the demo page's (`livediff.transport.client`). The client sends moving frames at
+`fps` with the probe id painted in (probe mode) and reads the ids back from the output frames.
+Glass-to-glass for frame N is the time from the client's camera track handing frame N to its
+sender (`recv()` returns) to the client's receiving track returning the decoded output frame
+that carries id N. It includes encode, loopback, the server (decode, inbox, engine or
+passthrough, outbox, encode) and decode again.
 
 Each case is a fresh session: passthrough (`StreamParams.passthrough`: the engine returns the
 input, the transport alone) or the model, with marker-bit frame completion on both peers, on the
 server only, or on neither (stock aiortc, which completes a frame only when the next one starts).
+One server process runs per server-side setting.
 
 Counts, never guesses: `sent` frames left the camera inside the measurement window; `returned`
 of them came back with their id; `missing` never did (dropped by the server's latest-only slots,
@@ -18,7 +20,8 @@ or unreadable); `received` output frames arrived in the window; `unread` of them
 `drift_ms` (p50 of the window's last quarter minus its first) shows latency creeping up.
 The server's stats messages split the round trip into `uplink_ms` (camera to the server's decoded
 frame), `server_ms` (decoded frame to the server's encoder: inbox, engine, outbox) and
-`downlink_ms` (to the client's decoded frame); server and client share one monotonic clock.
+`downlink_ms` (to the client's decoded frame): both processes read the machine's one monotonic
+clock (`time.monotonic()`), so their times subtract.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -35,15 +41,12 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-import torch
-from aiohttp import web
 
 from livediff.bench import percentiles
 from livediff.config import VIDEO_CODECS, EngineSettings, ServerSettings, StreamParams
-from livediff.engine.device import resolve_device, resolve_dtype
-from livediff.errors import ConfigError
-from livediff.models import ModelParts, load_model, resolve_auto
-from livediff.server.app import LOAD_TASK, create_app
+from livediff.engine.device import resolve_device
+from livediff.errors import ConfigError, LivediffError
+from livediff.models import resolve_auto
 from livediff.synthetic import SyntheticCamera
 from livediff.transport import probe
 from livediff.transport.client import CameraTrack, Received, offer_client
@@ -58,6 +61,8 @@ FIRST_FRAME_S = 30.0
 """A case fails when no output frame with an id came back this long after connecting."""
 CATCH_UP_S = 5.0
 """After the window, wait at most this long for its last frames to come back."""
+SERVER_READY_S = 600.0
+"""A server process gets this long to load its model (an ONNX export or TensorRT build included)."""
 
 
 @dataclass(frozen=True)
@@ -135,18 +140,59 @@ class _Probe:
 
 
 @asynccontextmanager
-async def _server(engine: EngineSettings, settings: ServerSettings, parts: ModelParts) -> AsyncIterator[str]:
-    """A ready server on 127.0.0.1 (ephemeral port); yields its base URL."""
-    runner = web.AppRunner(create_app(engine, settings, parts=parts), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        await runner.app[LOAD_TASK]  # raises when the model failed to load
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings: ServerSettings,
+                  ready_timeout_s: float = SERVER_READY_S) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """`livediff serve` in its own process on 127.0.0.1; yields its URL and what /readyz says it runs."""
+    port = _free_port()
+    backend = "torch.compile" if engine.compile else engine.backend
+    argv = [
+        sys.executable, "-m", "livediff.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--model", engine.model, "--vae", engine.vae, "--device", engine.device, "--dtype", engine.dtype,
+        "--size", f"{engine.width}x{engine.height}", "--backend", backend, "--max-batch", str(engine.max_batch),
+        "--engines-dir", str(engine.engines_dir), "--video-codecs", ",".join(settings.video_codecs),
+        "--marker-completion" if settings.marker_completion else "--no-marker-completion", "--ice-loopback",
+    ]  # fmt: skip
+    if engine.stream_batch:
+        argv.append("--stream-batch")
+    with tempfile.TemporaryFile() as output:
+        process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=asyncio.subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            yield url, await _wait_ready(http, url, process, output, ready_timeout_s)
+        finally:
+            if process.returncode is None:
+                process.terminate()  # SIGTERM: the server closes its peers and exits
+                try:
+                    await asyncio.wait_for(process.wait(), 15)
+                except asyncio.TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
+async def _wait_ready(http: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process,
+                      output: Any, timeout_s: float) -> dict[str, Any]:
+    """The server's engine description once /readyz answers 200; a clear error if it dies or hangs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.returncode is not None:
+            output.seek(0)
+            tail = output.read().decode(errors="replace").strip().splitlines()[-8:]
+            raise LivediffError(f"the server exited with {process.returncode} before it was ready:\n" + "\n".join(tail))
+        try:
+            async with http.get(url + "/readyz") as response:
+                if response.status == 200:
+                    return dict((await response.json())["engine"])
+        except aiohttp.ClientConnectionError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise LivediffError(f"the server was not ready in {timeout_s:g} s; try `livediff serve` with these flags")
+        await asyncio.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _session_params(case: G2GCase, params: StreamParams) -> dict[str, Any]:
@@ -232,24 +278,20 @@ def _case_report(case: G2GCase, run: _Run) -> dict[str, Any]:
     }
 
 
-async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings | None = None,
-                  parts: ModelParts | None = None) -> dict[str, Any]:
-    """Every case of `plan`, each on a fresh session; one server per marker setting."""
+async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings | None = None) -> dict[str, Any]:
+    """Every case of `plan`, each on a fresh session; one server process per marker setting."""
     server = server or ServerSettings()
-    device = resolve_device(engine.device)
-    engine = engine.replace(model=resolve_auto(engine.model, device))
-    if parts is None:
-        parts = await asyncio.to_thread(load_model, engine.model, device, resolve_dtype(engine.dtype, device),
-                                        vae=engine.vae)  # fmt: skip
+    engine = engine.replace(model=resolve_auto(engine.model, resolve_device(engine.device)))
     scene_frames = max(1, round(SCENE_SECONDS * plan.fps))
     scene = await asyncio.to_thread(SyntheticCamera(engine.height, engine.width).frames, scene_frames)
-    settings = server.replace(host="127.0.0.1", port=0, video_codecs=(plan.codec,))
+    settings = server.replace(video_codecs=(plan.codec,))
     load_before = os.getloadavg()
     results: dict[str, dict[str, Any]] = {}
-    with loopback_candidates():
+    described: dict[str, Any] = {}
+    with loopback_candidates():  # the client's peers; the server gathers loopback by --ice-loopback
         async with aiohttp.ClientSession() as http:
             for marker in dict.fromkeys(case.server_marker for case in plan.cases):
-                async with _server(engine, settings.replace(marker_completion=marker), parts) as url:
+                async with _server(http, engine, settings.replace(marker_completion=marker)) as (url, described):
                     for case in (c for c in plan.cases if c.server_marker == marker):
                         log.info("g2g: %s (%.0f s)", case.label, plan.warmup_s + plan.duration_s)
                         run = await _run_case(http, url, case, plan, engine.width, engine.height, scene)
@@ -259,9 +301,10 @@ async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings 
         "fps": plan.fps,
         "codec": plan.codec,
         "duration_s": plan.duration_s,
-        "model": f"{parts.ref} ({parts.revision})",
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        "model": f"{described['model']} ({described['revision']})",
+        "backend": described["backend"],
+        "device": described["device"],
+        "server_threads": described["threads"],
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},  # fmt: skip
         "cases": [results[case.key] for case in plan.cases],
@@ -273,8 +316,8 @@ def format_g2g(report: dict[str, Any]) -> str:
     load = report["load_average"]
     lines = [
         f"glass-to-glass: {report['size']} at {report['fps']:g} fps, {report['codec']}, "
-        f"{report['duration_s']:g} s per case, model {report['model']} on {report['device']} "
-        f"({report['torch_threads']} torch threads), load average {load['before'][0]:.2f} -> {load['after'][0]:.2f}",
+        f"{report['duration_s']:g} s per case, model {report['model']}, {report['backend']} on {report['device']} "
+        f"({report['server_threads']} threads), load average {load['before'][0]:.2f} -> {load['after'][0]:.2f}",
         "",
         f"{'case':<34}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'drift':>7}"
         f"{'sent':>6}{'back':>6}{'miss':>6}{'recv':>6}{'unread':>7}{'srv drop':>9}"

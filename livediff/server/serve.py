@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 from aiohttp import web
@@ -13,9 +14,15 @@ from livediff.errors import LivediffError
 from livediff.models import resolve_auto
 from livediff.server.app import LOAD_TASK, create_app
 from livediff.server.common import SERVICE
+from livediff.transport.loopback import loopback_candidates
 
 
 async def serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams) -> int:
+    with loopback_candidates() if settings.ice_loopback else contextlib.nullcontext():
+        return await _serve(engine_settings, settings, params)
+
+
+async def _serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # says which it picked
     engine_settings = engine_settings.replace(model=model)

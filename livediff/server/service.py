@@ -113,6 +113,7 @@ class Service:
             "backend": engine.backend.name,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
             "size": f"{self.engine_settings.width}x{self.engine_settings.height}",
             "max_batch": self.engine_settings.max_batch,
             "max_sessions": self.settings.max_sessions,

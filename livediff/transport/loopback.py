@@ -8,7 +8,8 @@ else: no packet leaves the machine, no STUN server is asked.
 aioice has no option for this; it reads its addresses from `aioice.ice.get_host_addresses` when
 a peer gathers. `loopback_candidates()` swaps that function for the life of the `with` block and
 restores it after. It is process-wide: every peer that gathers inside the block, client or
-server, gets loopback only, which is the point; do not use it in a serving process.
+server, gets loopback only, which is the point. A server reachable only from its own machine is
+what `livediff serve --ice-loopback` asks for (the bench's server); never for real clients.
 """
 
 from __future__ import annotations
