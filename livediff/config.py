@@ -137,7 +137,11 @@ class StreamParams:
 
 
 
-VIDEO_CODECS = ("H264", "VP8")
+VIDEO_CODECS = ("VP8", "H264")
+"""The codecs the server sends and receives, in its default order of preference. VP8 first: at
+512x512 aiortc's VP8 encoder takes about half the time of its H.264 one (4 vs 9 ms a frame here),
+and Chromium's H.264 receive path held some frames for a whole frame interval where VP8 did not
+(browser passthrough p95 40 vs 73 ms). Publishers that offer only H.264 (OBS) get H.264."""
 
 
 @dataclass(frozen=True)

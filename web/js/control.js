@@ -40,16 +40,23 @@ export class ControlChannel {
   async syncClock(count = 8, timeoutMs = 1000) {
     let best = null;
     for (let i = 0; i < count; i++) {
+      if (!this.open) return null;
       const sent = performance.now();
-      const answer = await new Promise((resolve) => {
-        const timer = setTimeout(() => resolve(null), timeoutMs);
-        this.pongs.set(sent, (message) => {
-          clearTimeout(timer);
-          resolve(message);
+      let answer;
+      try {
+        answer = await new Promise((resolve) => {
+          const timer = setTimeout(() => resolve(null), timeoutMs);
+          this.pongs.set(sent, (message) => {
+            clearTimeout(timer);
+            resolve(message);
+          });
+          this.channel.send(JSON.stringify({ type: "ping", client_ms: sent }));
         });
-        this.channel.send(JSON.stringify({ type: "ping", client_ms: sent }));
-      });
-      this.pongs.delete(sent);
+      } catch {
+        return null; // the channel closed under us
+      } finally {
+        this.pongs.delete(sent);
+      }
       if (!answer) return null;
       const back = performance.now();
       if (!best || back - sent < best.roundTripMs) {

@@ -37,6 +37,7 @@ const state = {
   cancelRetry: null,
   server: null, // {model, backend, device, ...} when the server says
   outputFrames: 0,
+  run: 0, // bumped by every start and stop: a start that was overtaken drops what it made
 };
 // For tests and the curious: the live numbers, read-only.
 window.livediff = { state, get outputFrames() { return state.outputFrames; } };
@@ -50,7 +51,8 @@ function setStatus(name, text = name) {
 
 // -- sources -------------------------------------------------------------------------------
 
-async function openSource(kind) {
+/** The camera or test pattern as a MediaStream; null when a newer start or a stop came meanwhile. */
+async function openSource(kind, run) {
   if (state.localStream && state.source === kind && state.localStream.getVideoTracks()[0]?.readyState === "live") {
     return state.localStream;
   }
@@ -60,10 +62,15 @@ async function openSource(kind) {
     state.localStream = state.pattern.start();
   } else {
     if (!navigator.mediaDevices?.getUserMedia) throw Object.assign(new Error("no mediaDevices"), { name: "TypeError" });
-    state.localStream = await navigator.mediaDevices.getUserMedia({
+    const stream = await navigator.mediaDevices.getUserMedia({
       video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } },
       audio: false,
     });
+    if (run !== state.run) {
+      stream.getTracks().forEach((t) => t.stop()); // the user moved on while the browser asked
+      return null;
+    }
+    state.localStream = stream;
   }
   state.source = kind;
   ui.input.srcObject = state.localStream;
@@ -85,15 +92,18 @@ function closeSource() {
 // -- the session ---------------------------------------------------------------------------
 
 async function start(kind) {
+  const run = ++state.run;
   cancelRetry();
   await disconnect();
+  if (run !== state.run) return;
   hideNotice(ui.notice);
   setButtons("connecting");
   setStatus("connecting", kind === "camera" ? "starting camera" : "starting");
   let stream;
   try {
-    stream = await openSource(kind);
+    stream = await openSource(kind, run);
   } catch (error) {
+    if (run !== state.run) return;
     const { title, text } = cameraProblem(error);
     showNotice(ui.notice, {
       name: "camera",
@@ -109,6 +119,7 @@ async function start(kind) {
     setButtons("idle");
     return;
   }
+  if (!stream || run !== state.run) return;
   await connect(stream);
 }
 
@@ -135,12 +146,14 @@ async function connect(stream) {
   try {
     answer = await offer(pc, controls.values());
   } catch (error) {
+    if (state.pc !== pc) return; // a stop or a newer start took over while signalling
     await disconnect();
     failed(error, () => connectAgain());
     return;
   }
-  if (state.pc !== pc) {
-    await endSession(answer.session_id); // stopped while signalling: end what the server set up
+  if (!answer || state.pc !== pc) {
+    pc.close();
+    if (answer) await endSession(answer.session_id); // overtaken while signalling: end what the server set up
     return;
   }
   controls.markSent();
@@ -211,6 +224,7 @@ async function disconnect({ keepSource = true, tellServer = true } = {}) {
 }
 
 async function stop() {
+  state.run += 1;
   cancelRetry();
   await disconnect({ keepSource: false });
   hideNotice(ui.notice);
@@ -261,6 +275,7 @@ function startHud(pc, timings) {
   const refresh = async () => {
     if (state.pc !== pc) return;
     const s = await sampler.sample();
+    if (state.pc !== pc) return; // the session ended while sampling
     const items = [
       ["input", fmt(s.inFps, 1, " fps")],
       ["output", fmt(s.outFps, 1, " fps")],
@@ -316,7 +331,10 @@ function dropped(s, server) {
 ui.start.addEventListener("click", () => start("camera"));
 ui.startPattern.addEventListener("click", () => start("pattern"));
 ui.stop.addEventListener("click", () => stop());
-window.addEventListener("pagehide", () => state.pc?.close());
+window.addEventListener("pagehide", () => {
+  if (state.sessionId) endSession(state.sessionId, { keepalive: true }); // the server frees the slot now
+  state.pc?.close();
+});
 
 function loadServerInfo() {
   serverInfo()

@@ -108,6 +108,7 @@ class ProbeSession {
     const params = { probe: true };
     if (this.run.label === "passthrough") params.passthrough = true;
     const answer = await offer(this.pc, params);
+    if (!answer) throw new Error("the connection closed while connecting");
     this.sessionId = answer.session_id;
     this.playout = lowestPlayoutDelay(this.pc);
     this.watch();
@@ -150,18 +151,22 @@ class ProbeSession {
     video.requestVideoFrameCallback(onFrame);
   }
 
-  /** Resolves when the first probe id comes back (the whole path is flowing). */
+  /** Resolves when the first probe id comes back (the whole path is flowing); `stopWaiting(error)` rejects. */
   flowing() {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(
-        () => reject(new Error(`no probe frame came back in ${WARMUP_TIMEOUT_MS / 1000} s`)),
-        WARMUP_TIMEOUT_MS,
-      );
-      this.firstBack = () => {
+      const finish = (error) => {
         clearTimeout(timer);
         this.firstBack = null;
-        resolve();
+        this.stopWaiting = null;
+        if (error) reject(error);
+        else resolve();
       };
+      const timer = setTimeout(
+        () => finish(new Error(`no probe frame came back in ${WARMUP_TIMEOUT_MS / 1000} s`)),
+        WARMUP_TIMEOUT_MS,
+      );
+      this.firstBack = () => finish(null);
+      this.stopWaiting = finish;
     });
   }
 
@@ -223,6 +228,7 @@ async function measure(label, config, index, count) {
   let lostReason = null;
   session.onLost = (reason) => {
     lostReason = reason;
+    session.stopWaiting?.(new Error(`connection lost: ${reason}`));
   };
   try {
     setStatus("connecting", `${prefix}connecting`);
@@ -278,6 +284,11 @@ async function runAll() {
     showSummary(page.results, config);
     setStatus("idle", page.cancelled ? "stopped" : "done");
   } catch (error) {
+    if (page.cancelled) {
+      setStatus("idle", "stopped");
+      if (page.results.length) showSummary(page.results, config);
+      return;
+    }
     setStatus("error", "failed");
     if (error?.name === "HttpError") {
       explainFailure(ui.notice, error, { again: () => runAll(), retryAutomatically: false });
@@ -429,8 +440,13 @@ ui.downloadCsv.addEventListener("click", () => {
 ui.run.addEventListener("click", () => runAll());
 ui.cancel.addEventListener("click", () => {
   page.cancelled = true;
+  page.active?.stopWaiting?.(Object.assign(new Error("cancelled"), { name: "AbortError" }));
 });
-window.addEventListener("pagehide", () => page.active?.pc?.close());
+window.addEventListener("pagehide", () => {
+  const session = page.active;
+  if (session?.sessionId) endSession(session.sessionId, { keepalive: true });
+  session?.pc?.close();
+});
 
 for (const name of videoCodecs()) ui.codec.append(new Option(name, name));
 
@@ -453,15 +469,21 @@ if (!("requestVideoFrameCallback" in HTMLVideoElement.prototype)) {
     text: "The latency page needs requestVideoFrameCallback (Chromium 83+, Safari 15.4+, Firefox 132+).",
   });
 }
-serverInfo()
-  .then((info) => {
-    page.server = info;
-    ui.serverInfo.textContent = [info.model, info.backend, info.device].filter(Boolean).join(" · ") || "ready";
-    offerModes(info.features.includes("passthrough"));
-  })
-  .catch(() => {
-    ui.serverInfo.textContent = "not ready";
-  });
+/** What the server runs; asked again every few seconds while it is still loading its model. */
+function loadServerInfo() {
+  serverInfo()
+    .then((info) => {
+      page.server = info;
+      ui.serverInfo.textContent = [info.model, info.backend, info.device].filter(Boolean).join(" · ") || "ready";
+      offerModes(info.features.includes("passthrough"));
+    })
+    .catch((error) => {
+      ui.serverInfo.textContent = "not ready";
+      setTimeout(loadServerInfo, (error?.retryAfter ?? 5) * 1000);
+    });
+}
+
+loadServerInfo();
 
 const query = new URLSearchParams(location.search);
 for (const key of ["duration", "resolution", "fps", "codec", "mode"]) {

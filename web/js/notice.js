@@ -93,10 +93,10 @@ export function explainFailure(el, error, { again, cancel, retryAutomatically = 
   if (error instanceof HttpError && error.busy) {
     const after = error.retryAfter ?? 5;
     let left = Math.max(1, Math.ceil(after));
-    const reason = error.body?.error ? ` (${error.body.error})` : "";
+    // 503 is both "every session slot is taken" and "the model is still loading": say the server's words.
+    const reason = error.body?.error ? `The server says: ${error.body.error}.` : "The server cannot take a session now.";
     const describe = () =>
-      `Every session slot is in use${reason}. The server asks to retry after ${after} s` +
-      (retryAutomatically ? ` — trying again in ${left} s.` : ".");
+      `${reason} It asks to retry after ${after} s` + (retryAutomatically ? ` — trying again in ${left} s.` : ".");
     const notice = showNotice(el, {
       name: "busy",
       kind: "warn",
@@ -135,6 +135,15 @@ export function explainFailure(el, error, { again, cancel, retryAutomatically = 
           },
         },
       ],
+    });
+  } else if (error instanceof HttpError && error.status === 422) {
+    const field = error.body?.field ? ` (${error.body.field})` : "";
+    showNotice(el, {
+      name: "invalid",
+      kind: "error",
+      title: `The server rejected a setting${field}`,
+      text: `${error.body?.error ?? error.message}. Change it in the controls, then connect again.`,
+      actions: [{ label: "Connect again", primary: true, onClick: again }],
     });
   } else {
     showNotice(el, {

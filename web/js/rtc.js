@@ -105,7 +105,10 @@ export function iceGathered(pc, ms = 2000) {
   });
 }
 
-/** Offer `pc` to `POST /offer` with optional stream params; returns the server's answer body. */
+/**
+ * Offer `pc` to `POST /offer` with optional stream params; returns the server's answer body, or
+ * null when `pc` was closed while the server answered (its session is then ended at once).
+ */
 export async function offer(pc, params = undefined) {
   await pc.setLocalDescription(await pc.createOffer());
   await iceGathered(pc);
@@ -116,26 +119,41 @@ export async function offer(pc, params = undefined) {
     type: "application/json",
   });
   const answer = await response.json();
+  if (pc.signalingState === "closed") {
+    await endSession(answer.session_id);
+    return null;
+  }
   await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
   return answer;
 }
 
-/** A WHEP viewer session at `endpoint` for `pc` (recvonly); returns the resource URL for DELETE. */
+/**
+ * A WHEP viewer session at `endpoint` for `pc` (recvonly); returns the resource URL for DELETE,
+ * or null when `pc` was closed while the server answered (the viewer is then ended at once).
+ */
 export async function whep(pc, endpoint) {
   await pc.setLocalDescription(await pc.createOffer());
   await iceGathered(pc);
   const response = await request(endpoint, { method: "POST", body: pc.localDescription.sdp, type: "application/sdp" });
   const sdp = await response.text();
-  await pc.setRemoteDescription({ type: "answer", sdp });
   const location = response.headers.get("Location");
-  return location ? new URL(location, new URL(endpoint, window.location.href)).href : null;
+  const resource = location ? new URL(location, new URL(endpoint, window.location.href)).href : null;
+  if (pc.signalingState === "closed") {
+    await endResource(resource);
+    return null;
+  }
+  await pc.setRemoteDescription({ type: "answer", sdp });
+  return resource;
 }
 
-/** Ends a WHEP/WHIP resource; errors are ignored (the server may already have ended it). */
-export async function endResource(url) {
+/**
+ * Ends a WHEP/WHIP resource; errors are ignored (the server may already have ended it). With
+ * `keepalive` the request outlives the page (for `pagehide`).
+ */
+export async function endResource(url, { keepalive = false } = {}) {
   if (!url) return;
   try {
-    await fetch(url, { method: "DELETE", headers: headers() });
+    await fetch(url, { method: "DELETE", headers: headers(), keepalive });
   } catch {
     /* best effort */
   }
@@ -182,8 +200,8 @@ export function preferCodec(transceiver, name, { only = false } = {}) {
 }
 
 /** Ends a publishing session on the server (the demo's Stop); a session already gone is fine. */
-export async function endSession(sessionId) {
-  await endResource(`/whip/${encodeURIComponent(sessionId)}`);
+export async function endSession(sessionId, options = {}) {
+  await endResource(`/whip/${encodeURIComponent(sessionId)}`, options);
 }
 
 /** What the server runs (GET /readyz `engine`): model, backend, device, dtype, size, features. */

@@ -7,9 +7,19 @@ import { HttpError, endResource, getJSON, lowestPlayoutDelay, whep } from "./rtc
 const video = document.getElementById("video");
 const status = document.getElementById("status");
 const options = new URLSearchParams(location.search);
-const target = decodeURIComponent(location.pathname.replace(/\/+$/, "").split("/").pop() || "latest");
+const target = sessionFromPath(location.pathname);
 const latest = target === "latest";
 const endpoint = latest ? "/whep" : `/whep/${encodeURIComponent(target)}`;
+
+/** The session id in /view/{id}, "latest" for /view/latest (or a path that does not decode). */
+function sessionFromPath(path) {
+  const last = path.replace(/\/+$/, "").split("/").pop() || "latest";
+  try {
+    return decodeURIComponent(last);
+  } catch {
+    return "latest"; // a malformed escape: follow the newest session rather than show nothing
+  }
+}
 
 const RETRY_MS = 2000;
 const STALL_MS = 8000;
@@ -118,5 +128,8 @@ if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
     say("playing", true);
   });
 }
-window.addEventListener("pagehide", () => viewer.pc?.close());
+window.addEventListener("pagehide", () => {
+  endResource(viewer.resource, { keepalive: true }); // the server frees the viewer slot now
+  viewer.pc?.close();
+});
 loop();
