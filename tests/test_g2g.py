@@ -31,6 +31,7 @@ def test_g2g_reports_every_case_and_marker_completion_saves_frame_intervals(caps
         for leg in ("uplink_ms", "server_ms", "downlink_ms"):
             assert 0 < case[leg]["p50"] < g2g["max"], (key, leg, case[leg])
         assert case["server"]["sent"] > 0 and math.isfinite(case["drift_ms"])
+        assert math.isfinite(case["drift_outside_model_ms"])
         if case["model"]:  # the model may be slower than the camera: frames dropped, never queued
             assert math.isfinite(case["model_ms"]["p50"]) and case["model_ms"]["p50"] > 0
             assert g2g["p50"] > case["model_ms"]["p50"]
