@@ -45,6 +45,11 @@ async def test_prompt_change_over_data_channel(tiny_parts, http) -> None:  # typ
         assert error["type"] == "error" and error["field"] == "strength"
         client.channel.send("not json")
         await client.wait_message(lambda m: m["type"] == "error" and "JSON" in m["error"])
+        # clock sync: the server answers a ping with its monotonic time (this process's clock here)
+        asked = time.monotonic() * 1000.0
+        client.channel.send(json.dumps({"type": "ping", "client_ms": asked}))
+        pong = await client.wait_message(lambda m: m["type"] == "pong")
+        assert pong["client_ms"] == asked and asked <= pong["server_ms"] <= time.monotonic() * 1000.0
         await client.close()
 
 
