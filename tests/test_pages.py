@@ -145,7 +145,9 @@ def test_demo_page_live_controls_and_stop(server: LiveServer, page: Page, artifa
     assert page.errors == []
 
 
-def test_demo_page_stop_while_connecting_leaves_nothing_behind(server: LiveServer, page: Page) -> None:
+def test_demo_page_stop_while_connecting_leaves_nothing_behind(
+    server: LiveServer, page: Page, artifacts_dir: Path
+) -> None:
     """Stop pressed while the offer is in flight: the session the server set up is ended, no error shows."""
     p = page.page
     p.goto(server.url + "/")
@@ -156,6 +158,7 @@ def test_demo_page_stop_while_connecting_leaves_nothing_behind(server: LiveServe
     assert p.text_content("#status") == "stopped"
     assert p.is_hidden("#notice")
     assert p.evaluate("window.livediff.state.pc") is None
+    page.screenshot(artifacts_dir / "page-demo-stopped-while-connecting.png")
     assert page.errors == []
 
 
