@@ -57,17 +57,26 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
 
 @pytest.fixture(scope="session")
 def built(settings: EngineSettings, parts: ModelParts) -> tuple[list[Path], list[str]]:
-    """The three ONNX files of the tiny model, exported once, and the progress lines of that build."""
+    """What the onnx backend runs on the CPU (the fused graphs), built once, and the progress lines."""
     messages: list[str] = []
     return build_engines(settings, parts, progress=messages.append), messages
+
+
+@pytest.fixture(scope="session")
+def exported(settings: EngineSettings, parts: ModelParts, built: tuple[list[Path], list[str]]) -> list[Path]:
+    """The plain exports the fused graphs were made from (in the cache already: reused)."""
+    return [onnx_backend.ensure_onnx(settings, parts, c, progress=lambda _: None).path for c in COMPONENTS]
 
 
 # -- export parity ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("graph", ["export", "fused"])
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_onnx_export_matches_torch(component: str, built: tuple[list[Path], list[str]], parts: ModelParts) -> None:
-    path = built[0][COMPONENTS.index(component)]
+def test_onnx_export_matches_torch(
+    component: str, graph: str, built: tuple[list[Path], list[str]], exported: list[Path], parts: ModelParts
+) -> None:
+    path = (exported if graph == "export" else built[0])[COMPONENTS.index(component)]
     # Batch 5: neither the export sample's 2 nor the build check's 3, so the batch axis is really dynamic.
     inputs = sample_inputs(parts, component, SIZE, SIZE, batch=5, dtype=torch.float32, seed=7)
     with torch.inference_mode():
@@ -77,7 +86,16 @@ def test_onnx_export_matches_torch(component: str, built: tuple[list[Path], list
     # float32 on CPU on both sides: the same math, summed in another order by other kernels (MLAS
     # against ATen/oneDNN), ~1e-7 relative per op. Measured <= 5e-6 here with outputs up to ~4;
     # 1e-4 leaves 20x headroom, while a wrong graph (op semantics, timesteps, scaling) is off by > 0.1.
-    assert diff < 1e-4, f"{component}: ONNX Runtime vs torch max abs diff {diff:.3g} (tolerance 1e-4)"
+    assert diff < 1e-4, f"{component} {graph}: ONNX Runtime vs torch max abs diff {diff:.3g} (tolerance 1e-4)"
+
+
+def test_the_fused_graphs_use_ort_kernels_and_live_apart(built: tuple[list[Path], list[str]],
+                                                         exported: list[Path]) -> None:  # fmt: skip
+    unet_fused, unet_export = built[0][1], exported[1]
+    ops = lambda path: {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}  # noqa: E731
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= ops(unet_fused)
+    assert "MultiHeadAttention" not in ops(unet_export)  # the portable graph TensorRT builds from
+    assert len({p.parent for p in [*built[0], *exported]}) == 6  # six artifacts, six cache folders
 
 
 def test_onnx_files_have_a_dynamic_batch_and_opset(built: tuple[list[Path], list[str]]) -> None:
@@ -94,7 +112,9 @@ def test_build_reports_parity_and_builds(built: tuple[list[Path], list[str]]) ->
     text = "\n".join(messages)
     for component, path in zip(COMPONENTS, paths):
         assert f"exporting {component}" in text
-        assert f"{component}: ONNX Runtime parity max abs diff" in text
+        assert f"{component}: export matches torch on ONNX Runtime, max abs diff" in text
+        assert f"{component}: fused for ONNX Runtime:" in text
+        assert f"{component}: fused graph matches torch on ONNX Runtime, max abs diff" in text
         assert f"{component}: built {path}" in text
 
 
@@ -166,22 +186,25 @@ def test_cache_layout_and_sidecar(built: tuple[list[Path], list[str]], settings:
 
 
 def test_second_build_reuses_without_rewriting(
-    built: tuple[list[Path], list[str]], settings: EngineSettings, parts: ModelParts, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    built: tuple[list[Path], list[str]], exported: list[Path], settings: EngineSettings, parts: ModelParts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     paths = built[0]
     before = [(p.stat().st_mtime_ns, p.stat().st_ino) for p in paths]
 
     def no_export(*args: object) -> None:
-        raise AssertionError("exported again")
+        raise AssertionError("exported or fused again")
 
     monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_backend.ort_fusions, "optimize_for_ort", no_export)
     messages: list[str] = []
     start = time.perf_counter()
     again = build_engines(settings, parts, progress=messages.append)
     elapsed = time.perf_counter() - start
     assert again == paths
     assert [(p.stat().st_mtime_ns, p.stat().st_ino) for p in paths] == before
-    assert messages == [f"{c}: reused {p}" for c, p in zip(COMPONENTS, paths)]
+    assert messages == [line for c, p, e in zip(COMPONENTS, paths, exported)
+                        for line in (f"{c}: reused {e}", f"{c}: reused {p}")]  # fmt: skip
     assert elapsed < 2.0, f"a reuse took {elapsed:.1f} s (the export takes ~30 s)"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from livediff.backends.cache import COMPONENTS
-from livediff.backends.onnx_backend import Progress, ensure_onnx, require_onnxruntime
+from livediff.backends.onnx_backend import Progress, ensure_for_ort, require_onnxruntime
 from livediff.config import EngineSettings
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
@@ -23,7 +23,7 @@ def build_engines(settings: EngineSettings, parts: ModelParts, progress: Progres
     """
     if settings.backend == "onnx":
         require_onnxruntime(parts.device)
-        return [ensure_onnx(settings, parts, c, progress).path for c in COMPONENTS]
+        return [ensure_for_ort(settings, parts, c, progress).path for c in COMPONENTS]
     if settings.backend == "tensorrt":
         from livediff.backends.tensorrt_backend import ensure_engine, require_tensorrt
 
