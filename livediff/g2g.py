@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from livediff.synthetic import SyntheticCamera
 from livediff.transport import probe
 from livediff.transport.client import CameraTrack, Received, offer_client
 from livediff.transport.frames import luma
-from livediff.transport.loopback import loopback_candidates
+from livediff.transport.loopback import free_port, loopback_candidates
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class _Probe:
 async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings: ServerSettings,
                   ready_timeout_s: float = SERVER_READY_S) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """`livediff serve` in its own process on 127.0.0.1; yields its URL and what /readyz says it runs."""
-    port = _free_port()
+    port = free_port()
     backend = "torch.compile" if engine.compile else engine.backend
     argv = [
         sys.executable, "-m", "livediff.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -197,12 +196,6 @@ async def _wait_ready(http: aiohttp.ClientSession, url: str, process: asyncio.su
         if time.monotonic() > deadline:
             raise LivediffError(f"the server was not ready in {timeout_s:g} s; try `livediff serve` with these flags")
         await asyncio.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _session_params(case: G2GCase, params: StreamParams) -> dict[str, Any]:

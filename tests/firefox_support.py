@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.pages_support import free_port
+from livediff.transport.loopback import free_port
 
 FIREFOX_NAMES = ("firefox-esr", "firefox")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from livediff.transport.loopback import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO / "web"
@@ -67,12 +68,6 @@ def skip_without(missing: str | None) -> None:
     if os.environ.get("LIVEDIFF_REQUIRE_BROWSER") == "1":
         pytest.fail(f"page tests need a browser: {missing}")
     pytest.skip(missing)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -333,6 +333,21 @@ def test_demo_page_server_busy(tiny_parts: Any, page: Page, artifacts_dir: Path)
         busy.stop()
 
 
+def test_demo_page_rejected_setting_names_the_field(server: LiveServer, page: Page, artifacts_dir: Path) -> None:
+    """A 422 from POST /offer (a prompt over the server's 2000 characters) names the setting."""
+    p = page.page
+    p.goto(server.url + "/")
+    p.fill("#prompt", "a" * 2100)
+    p.click("#start-pattern")
+    notice = p.locator("#notice[data-notice='invalid']")
+    notice.wait_for(timeout=15_000)
+    text = notice.text_content() or ""
+    assert "rejected a setting (prompt)" in text and "longer than 2000" in text, text
+    assert p.text_content("#status") == "error"
+    assert not session_ids(server)
+    page.screenshot(artifacts_dir / "page-demo-rejected-setting.png")
+
+
 def test_demo_page_wrong_token_asks_for_token(tiny_parts: Any, page: Page, artifacts_dir: Path) -> None:
     secured = start_server(tiny_parts, token="s3cret-token")
     try:

@@ -205,7 +205,7 @@ def ensure_onnx(
         progress(f"exporting {component} ({size}, {key.precision}) to ONNX (opset {OPSET})...")
         export_onnx(module, sample_inputs(parts, component, settings.height, settings.width, 2, dtype), component, path)
         if verify:
-            verify_on_ort(settings, parts, component, path, "export", progress)
+            verify_on_ort(settings, parts, component, module, path, "export", progress)
 
     artifact = EngineCache(settings.engines_dir).get_or_build(key, ONNX_FILE, build)
     progress(f"{component}: {'built' if artifact.built else 'reused'} {artifact.path}")
@@ -222,7 +222,7 @@ def ensure_ort_graph(settings: EngineSettings, parts: ModelParts, component: str
         onnx_ir.save(model, path, external_data=path.name + ".data")
         fused = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "nothing"
         progress(f"{component}: fused for ONNX Runtime: {fused}")
-        verify_on_ort(settings, parts, component, path, "fused graph", progress)
+        verify_on_ort(settings, parts, component, export_module(parts, component), path, "fused graph", progress)
 
     artifact = EngineCache(settings.engines_dir).get_or_build(key, ONNX_FILE, build)
     progress(f"{component}: {'built' if artifact.built else 'reused'} {artifact.path}")
@@ -244,13 +244,14 @@ def export_module(parts: ModelParts, component: str) -> torch.nn.Module:
 
 
 def verify_on_ort(
-    settings: EngineSettings, parts: ModelParts, component: str, path: Path, what: str, progress: Progress
-) -> None:
-    """Run the graph at `path` on ONNX Runtime and torch on the same new inputs (batch 3); `ParityError` if apart."""
+    settings: EngineSettings, parts: ModelParts, component: str, module: torch.nn.Module, path: Path, what: str,
+    progress: Progress,
+) -> None:  # fmt: skip
+    """Run the graph at `path` on ONNX Runtime and `module` on the same new inputs (batch 3); `ParityError` if apart."""
     dtype = export_dtype(parts)
     check = sample_inputs(parts, component, settings.height, settings.width, 3, dtype, seed=1)
     with torch.inference_mode():
-        expected = export_module(parts, component)(*check)
+        expected = module(*check)
         actual = OrtRunner(path, parts.device)(*check)
     label = f"{component} {what} ({settings.width}x{settings.height}, {precision_tag(dtype)})"
     diff = check_parity(label, expected, actual, precision_tag(dtype))

@@ -83,7 +83,12 @@ class CameraTrack(MediaStreamTrack):
         wait = self._start + self.index / self.fps - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        image = self.scene[self.index % len(self.scene)].copy() if self.scene else self.camera.frame(self.index)
+        if self.scene:  # the shared scene frame is copied only when something is painted on it
+            image = self.scene[self.index % len(self.scene)]
+            if self.solid is not None or self.paint_probe:
+                image = image.copy()
+        else:
+            image = self.camera.frame(self.index)
         if self.solid is not None:
             image[:] = self.solid
         if self.paint_probe:

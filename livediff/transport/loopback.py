@@ -14,6 +14,7 @@ what `livediff serve --ice-loopback` asks for (the bench's server); never for re
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +25,13 @@ LOOPBACK = "127.0.0.1"
 
 def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
     return [LOOPBACK] if use_ipv4 else []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server started next)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager
