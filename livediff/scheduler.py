@@ -10,6 +10,12 @@ thread, because the engine is not thread-safe.
 WebRTC is not known here: `convert_in` / `convert_out` (given by the server) turn the
 transport's frames into engine tensors and back, on the worker thread, only for frames that are
 actually processed (a dropped frame costs no conversion).
+
+Passthrough sessions (`StreamParams.passthrough`, transport measurements) need no engine: when
+`pass_through` (also the server's) can send a frame as it came, it goes straight to the outbox
+the moment it arrives, so it never waits behind a model step nor takes a place in a batch. Frames it
+cannot send as they are (another size than the engine's) take the worker path, where the engine
+returns its input.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 ConvertIn = Callable[[Session, FrameIn], torch.Tensor]
 ConvertOut = Callable[[Session, FrameIn, torch.Tensor], Any]
+PassThrough = Callable[[Session, FrameIn], Any | None]
 
 
 class AdmissionError(Exception):
@@ -81,10 +88,12 @@ class Scheduler:
         convert_out: ConvertOut = _identity_out,
         observer: StepObserver | None = None,
         thread_name: str = "livediff-worker",
+        pass_through: PassThrough | None = None,
     ) -> None:
         self.max_sessions = max_sessions
         self.convert_in = convert_in
         self.convert_out = convert_out
+        self.pass_through = pass_through
         self.observer = observer
         self.engine: Any = None
         self.sessions: dict[str, Session] = {}
@@ -133,7 +142,7 @@ class Scheduler:
         self._reserved += 1
         try:
             session = Session(params=params, kind=kind, probe=probe)
-            session.inbox = type(session.inbox)(on_put=self._wake.set)
+            session.inbox = type(session.inbox)(on_put=lambda: self._on_put(session))
             session.stream = await self.run_on_worker(self.engine.open_stream, params)
         finally:
             self._reserved -= 1
@@ -176,6 +185,25 @@ class Scheduler:
             picks.append(_Pick(session, frame))
         return picks
 
+    def _on_put(self, session: Session) -> None:
+        """A frame arrived in `session`'s inbox: forward it now if it is passthrough, else wake the loop."""
+        if not (session.params.passthrough and self._forward(session)):
+            self._wake.set()
+
+    def _forward(self, session: Session) -> bool:
+        """Send the inbox's passthrough frame as it came, if `pass_through` takes it; True when sent."""
+        frame = session.inbox.peek()
+        if self.pass_through is None or frame is None or session.closed:
+            return False
+        image = self.pass_through(session, frame)
+        if image is None:  # needs converting: the worker path
+            return False
+        session.inbox.take_nowait()
+        now = time.monotonic()
+        self._deliver([(session, FrameOut(image=image, source=frame, scheduled=now, finished=now,
+                                          stages_ms={}, batch_size=0))])  # fmt: skip
+        return True
+
     async def tick(self) -> list[tuple[Session, FrameOut]]:
         """One batch: pick, run on the worker thread, hand outputs to the outboxes."""
         picks = self.pick()
@@ -184,17 +212,20 @@ class Scheduler:
         scheduled = time.monotonic()
         outputs = await self.run_on_worker(self._work, picks, scheduled)
         self.steps += 1
+        return self._deliver([(p.session, out) for p, out in zip(picks, outputs)])
+
+    def _deliver(self, outputs: list[tuple[Session, FrameOut]]) -> list[tuple[Session, FrameOut]]:
+        """Put each output in its session's outbox (unless the session closed meanwhile)."""
         delivered = []
         dropped_out = 0
-        for pick, out in zip(picks, outputs):
-            session = pick.session
+        for session, out in outputs:
             if session.closed:
                 continue
             session.stats.processed += 1
             session.stats.skipped += out.skipped
             dropped_out += session.outbox.put(out)
             delivered.append((session, out))
-        if self.observer is not None:
+        if self.observer is not None and delivered:
             self.observer.on_step(delivered, dropped_out)
         return delivered
 

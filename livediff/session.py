@@ -49,6 +49,7 @@ class FrameOut:
     """When the worker thread handed the output back."""
     stages_ms: dict[str, float]
     batch_size: int
+    """Frames in the engine step that made it; 0 for a passthrough frame sent as it came."""
     skipped: bool = False
 
 

@@ -38,3 +38,23 @@ async def test_probe_ids_come_back_with_stats(tiny_parts, http) -> None:  # type
         assert stats["received_ms"] <= stats["scheduled_ms"] <= stats["finished_ms"] <= stats["sent_ms"]
         assert set(stats["stages_ms"]) >= {"encode", "unet", "decode"}
         await client.close()
+
+
+@pytest.mark.parametrize("camera_size, as_is", [((128, 128), True), ((160, 128), False)])
+async def test_passthrough_sends_frames_of_the_engine_size_as_they_came(tiny_parts, http, camera_size,
+                                                                        as_is) -> None:  # type: ignore[no-untyped-def]
+    """Engine-size frames skip the worker (no engine step, no conversion); others are converted there."""
+    async with running_server(tiny_parts, size=128) as server:
+        camera = CameraTrack(*camera_size, paint_probe=True, fps=10)
+        client = await offer_client(http, server.url, camera, params={"probe": True, "passthrough": True})
+        await client.wait_connected()
+        assert client.received is not None
+        await client.received.wait_for(8, timeout=30)
+        assert {frame.shape for frame in client.received.frames} == {(128, 128, 3)}
+        read = [i for i in (probe.read(frame) for frame in client.received.frames) if i is not None]
+        assert len(read) >= 0.8 * len(client.received.frames), read
+        stats = await client.wait_message(lambda m: m["type"] == "stats" and m["frame_id"] in read)
+        assert stats["stages_ms"] == {}  # passthrough: no network ran either way
+        assert (stats["batch_size"] == 0) is as_is, stats
+        assert stats["received_ms"] <= stats["scheduled_ms"] <= stats["finished_ms"] <= stats["sent_ms"]
+        await client.close()

@@ -111,3 +111,40 @@ async def test_loop_processes_frames_as_they_arrive(scheduler) -> None:  # type:
         out = await session.outbox.get()
         assert out.image.shape == (64, 64, 3) and out.source.received <= out.scheduled <= out.finished
         assert set(out.stages_ms) == {"preprocess", "encode", "unet", "decode", "postprocess"}
+
+
+async def test_passthrough_frames_the_transport_can_send_skip_the_worker(tiny_parts) -> None:  # type: ignore[no-untyped-def]
+    def pass_through(session: Session, frame: FrameIn) -> torch.Tensor | None:
+        return None if frame.pts == 1 else frame.image  # pts 1 stands for "needs converting"
+
+    steps = Steps()
+    sched = Scheduler(max_sessions=2, observer=steps, pass_through=pass_through)
+
+    def make() -> StreamEngine:
+        engine = ThreadCheckingEngine(EngineSettings(model="tiny", height=64, width=64), tiny_parts)
+        engine.threads = set()
+        return engine
+
+    await sched.load(make, warmup_frames=0)
+    try:
+        through = await sched.open_session(StreamParams(passthrough=True))
+        model = await sched.open_session(StreamParams())
+        sched.engine.threads.clear()
+        as_is = frame(7, time.monotonic())
+        through.inbox.put(as_is)
+        # sent inside put(), on this thread: no engine step, no batch
+        assert not through.inbox.ready and sched.steps == 0 and sched.engine.threads == set()
+        out = through.outbox.take_nowait()
+        assert out.image is as_is.image and out.batch_size == 0 and out.stages_ms == {}
+        assert through.stats.processed == 1 and steps.batches[-1] == [(through, out)]
+        # a frame pass_through refuses, and a model session's frame: both through the worker
+        refused = FrameIn(torch.full((64, 64, 3), 9, dtype=torch.uint8), 1, None, time.monotonic())
+        through.inbox.put(refused)
+        model.inbox.put(frame(7, time.monotonic()))
+        outs = {session.id: out for session, out in [(through, await through.outbox.get()),
+                                                      (model, await model.outbox.get())]}  # fmt: skip
+        assert sched.steps >= 1 and all(name.startswith("livediff-worker") for name in sched.engine.threads)
+        assert outs[through.id].batch_size >= 1 and torch.equal(outs[through.id].image, refused.image)
+        assert set(outs[model.id].stages_ms) >= {"encode", "unet", "decode"}
+    finally:
+        await sched.close()

@@ -70,10 +70,11 @@ class Metrics:
         if not outputs:
             return
         first = outputs[0][1]
-        self.batch_size.observe(first.batch_size)
-        for stage, ms in first.stages_ms.items():
-            self.stage.labels(stage).observe(ms / 1000.0)
-        self.stage.labels("worker").observe(first.finished - first.scheduled)
+        if first.batch_size:  # an engine step (not passthrough frames sent as they came)
+            self.batch_size.observe(first.batch_size)
+            for stage, ms in first.stages_ms.items():
+                self.stage.labels(stage).observe(ms / 1000.0)
+            self.stage.labels("worker").observe(first.finished - first.scheduled)
         for _, out in outputs:
             self.stage.labels("queue").observe(out.scheduled - out.source.received)
             self.frames.labels("skipped" if out.skipped else "processed").inc()

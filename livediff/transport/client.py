@@ -31,6 +31,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
+from av.video.reformatter import VideoReformatter
 
 from livediff.synthetic import SyntheticCamera
 from livediff.transport import probe
@@ -55,9 +56,11 @@ class SignallingError(RuntimeError):
 class CameraTrack(MediaStreamTrack):
     """Moving synthetic frames at `fps`, optionally with the probe id (the frame index) painted in.
 
-    `sent_at[i]` is when `recv()` handed frame `i` to the sender. A 512x512 synthetic frame takes
-    about 10 ms to render, which would stall the event loop at 30 fps: pass `scene`, frames
-    rendered beforehand (off the loop), and the track plays them in a loop instead.
+    Frames are yuv420p, as a camera gives them (I420), so the sender's encoder converts nothing;
+    the probe id is painted on the luma plane, which is what every reader reads. `sent_at[i]` is
+    when `recv()` handed frame `i` to the sender. A 512x512 synthetic frame takes about 10 ms to
+    render, which would stall the event loop at 30 fps: pass `scene`, frames rendered beforehand
+    (off the loop), and the track plays them in a loop instead (converted to yuv420p once, here).
     """
 
     kind = "video"
@@ -67,13 +70,28 @@ class CameraTrack(MediaStreamTrack):
                  scene: Sequence[np.ndarray] | None = None) -> None:
         super().__init__()
         self.camera = SyntheticCamera(height, width, seed=seed)
+        self.width, self.height = width, height
         self.fps = fps
         self.paint_probe = paint_probe
         self.solid = solid
-        self.scene = scene
         self.index = 0
         self.sent_at: dict[int, float] = {}
         self._start: float | None = None
+        self._to_yuv = VideoReformatter()
+        self._scene = [self._yuv(image) for image in scene or ()]
+
+    def _yuv(self, rgb: np.ndarray) -> np.ndarray:
+        """An (H, W, 3) RGB image as a yuv420p array: (H * 3 / 2, W), the Y plane on top."""
+        frame = self._to_yuv.reformat(av.VideoFrame.from_ndarray(rgb, format="rgb24"), format="yuv420p")
+        return frame.to_ndarray()
+
+    def _image(self, index: int) -> np.ndarray:
+        if self.solid is not None:
+            return self._yuv(np.full((self.height, self.width, 3), self.solid, dtype=np.uint8))
+        if self._scene:
+            image = self._scene[index % len(self._scene)]
+            return image.copy() if self.paint_probe else image  # the shared scene frame stays clean
+        return self._yuv(self.camera.frame(index))
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -83,17 +101,10 @@ class CameraTrack(MediaStreamTrack):
         wait = self._start + self.index / self.fps - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        if self.scene:  # the shared scene frame is copied only when something is painted on it
-            image = self.scene[self.index % len(self.scene)]
-            if self.solid is not None or self.paint_probe:
-                image = image.copy()
-        else:
-            image = self.camera.frame(self.index)
-        if self.solid is not None:
-            image[:] = self.solid
+        image = self._image(self.index)
         if self.paint_probe:
-            probe.paint(image, self.index)
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            probe.paint(image[: self.height], self.index)
+        frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
         frame.pts = int(self.index * CLOCK_RATE / self.fps)
         frame.time_base = fractions.Fraction(1, CLOCK_RATE)
         self.sent_at[self.index] = time.monotonic()

@@ -21,6 +21,7 @@ class LatestSlot(Generic[T]):
     """Holds the newest item only; `replaced` counts the items dropped unread.
 
     Used from the event loop thread only (not thread-safe), like asyncio's own primitives.
+    `on_put` runs after each `put`, the item stored; it may take the item at once.
     """
 
     def __init__(self, on_put: Callable[[], None] | None = None) -> None:
