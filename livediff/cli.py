@@ -190,6 +190,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--marker-completion", action=argparse.BooleanOptionalAction,
                        default=_env("marker_completion", "1") not in ("0", "false", "no"),
                        help="complete received video frames on the RTP marker bit")
+    group.add_argument("--fresh-frames", action=argparse.BooleanOptionalAction,
+                       default=_env("fresh_frames", "1") not in ("0", "false", "no"),
+                       help="when the model is slower than the camera, wait for fresher frames over stale ones")
     group.add_argument("--ice-loopback", action="store_true", default=_env("ice_loopback", "") == "1",
                        help="gather 127.0.0.1 ICE candidates only (every peer on this machine: measurements)")
     group.add_argument("--connect-timeout", type=float, default=float(_env("connect_timeout", d.connect_timeout_s)))
@@ -207,7 +210,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes, ice_servers=split(args.ice_servers),
         turn_username=args.turn_username, turn_credential=args.turn_credential,
         video_codecs=split(args.video_codecs), bitrate=args.bitrate, keyframe_interval_s=args.keyframe_interval,
-        marker_completion=args.marker_completion, ice_loopback=args.ice_loopback,
+        marker_completion=args.marker_completion, fresh_frames=args.fresh_frames, ice_loopback=args.ice_loopback,
         connect_timeout_s=args.connect_timeout, cpu_threads=args.cpu_threads, web_dir=args.web_dir,
     )  # fmt: skip
 

@@ -171,6 +171,9 @@ class ServerSettings:
     """Seconds between forced keyframes (recovery after loss; a new viewer starts on a keyframe)."""
     marker_completion: bool = True
     """Complete received video frames on the RTP marker bit (one frame interval less latency)."""
+    fresh_frames: bool = True
+    """When the model is slower than the cameras, wait a moment for fresher frames rather than run
+    stale ones (less glass-to-glass latency, a little lower output frame rate; see the scheduler)."""
     connect_timeout_s: float = 30.0
     """A peer that has not connected this long after its answer is reaped."""
     ice_loopback: bool = False

@@ -160,6 +160,7 @@ async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings:
         "--size", f"{engine.width}x{engine.height}", "--backend", backend, "--max-batch", str(engine.max_batch),
         "--engines-dir", str(engine.engines_dir), "--video-codecs", ",".join(settings.video_codecs),
         "--marker-completion" if settings.marker_completion else "--no-marker-completion", "--ice-loopback",
+        "--fresh-frames" if settings.fresh_frames else "--no-fresh-frames",
     ]  # fmt: skip
     if engine.stream_batch:
         argv.append("--stream-batch")

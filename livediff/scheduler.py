@@ -11,6 +11,13 @@ WebRTC is not known here: `convert_in` / `convert_out` (given by the server) tur
 transport's frames into engine tensors and back, on the worker thread, only for frames that are
 actually processed (a dropped frame costs no conversion).
 
+Fresh frames first (`fresh_frames`): a model slower than the camera finds, each time it is free,
+a newest frame that has already waited half a camera interval on average. When every waiting
+frame is older than half its camera's interval, the step waits (at most until the next frames
+are due) for newer ones: each output then shows a fresher input, for a little idle time (about
+an eighth of a camera interval per step on average). A faster model always finds fresh frames
+and never waits.
+
 Passthrough sessions (`StreamParams.passthrough`, transport measurements) need no engine: when
 `pass_through` (also the server's) can send a frame as it came, it goes straight to the outbox
 the moment it arrives, so it never waits behind a model step nor takes a place in a batch. Frames it
@@ -89,11 +96,13 @@ class Scheduler:
         observer: StepObserver | None = None,
         thread_name: str = "livediff-worker",
         pass_through: PassThrough | None = None,
+        fresh_frames: bool = True,
     ) -> None:
         self.max_sessions = max_sessions
         self.convert_in = convert_in
         self.convert_out = convert_out
         self.pass_through = pass_through
+        self.fresh_frames = fresh_frames
         self.observer = observer
         self.engine: Any = None
         self.sessions: dict[str, Session] = {}
@@ -187,6 +196,9 @@ class Scheduler:
 
     def _on_put(self, session: Session) -> None:
         """A frame arrived in `session`'s inbox: forward it now if it is passthrough, else wake the loop."""
+        frame = session.inbox.peek()
+        if frame is not None:
+            session.rhythm.observe(frame.received)
         if not (session.params.passthrough and self._forward(session)):
             self._wake.set()
 
@@ -248,12 +260,42 @@ class Scheduler:
             )
         return outputs
 
+    def fresher_frames_due_in(self, now: float) -> float | None:
+        """Seconds to wait for fresher frames before the next step, or None to step now.
+
+        Wait only when every waiting frame is older than half its camera's interval; then until
+        the last of those cameras' next frames is due (plus a little jitter), never longer.
+        """
+        due = []
+        for session in self.sessions.values():
+            frame, interval, last = session.inbox.peek(), session.rhythm.interval, session.rhythm.last
+            if frame is None or session.closed:
+                continue
+            if interval is None or last is None or now - frame.received < interval / 2:
+                return None  # a fresh frame (or a camera whose rhythm is not known yet): go now
+            due.append(last + interval * 1.1)
+        wait = max(due, default=now) - now
+        return wait if wait > 0 else None
+
+    async def _hold_for_fresher_frames(self) -> None:
+        while True:
+            self._wake.clear()  # before looking: a frame that comes after this wakes the wait
+            wait = self.fresher_frames_due_in(time.monotonic())
+            if wait is None:
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                return
+
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while any(s.inbox.ready for s in self.sessions.values()):
                 try:
+                    if self.fresh_frames:
+                        await self._hold_for_fresher_frames()
                     await self.tick()
                 except asyncio.CancelledError:
                     raise

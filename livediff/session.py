@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -54,6 +56,24 @@ class FrameOut:
 
 
 @dataclass
+class CameraRhythm:
+    """When a session's frames arrive: the last arrival and the usual gap (median of the last 15)."""
+
+    last: float | None = None
+    gaps: deque[float] = field(default_factory=lambda: deque(maxlen=15))
+
+    def observe(self, received: float) -> None:
+        if self.last is not None:
+            self.gaps.append(received - self.last)
+        self.last = received
+
+    @property
+    def interval(self) -> float | None:
+        """The camera's frame interval in seconds, once a few frames came (None before)."""
+        return statistics.median(self.gaps) if len(self.gaps) >= 3 else None
+
+
+@dataclass
 class SessionStats:
     frames_in: int = 0
     dropped_in: int = 0
@@ -80,6 +100,7 @@ class Session:
     """new -> live (media flowing) -> closed."""
     created: float = field(default_factory=time.time)
     stats: SessionStats = field(default_factory=SessionStats)
+    rhythm: CameraRhythm = field(default_factory=CameraRhythm)
     inbox: LatestSlot[FrameIn] = field(default_factory=LatestSlot)
     outbox: LatestSlot[FrameOut] = field(default_factory=LatestSlot)
     viewers: dict[str, Cleanup] = field(default_factory=dict)

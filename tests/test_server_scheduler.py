@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -146,5 +147,59 @@ async def test_passthrough_frames_the_transport_can_send_skip_the_worker(tiny_pa
         assert sched.steps >= 1 and all(name.startswith("livediff-worker") for name in sched.engine.threads)
         assert outs[through.id].batch_size >= 1 and torch.equal(outs[through.id].image, refused.image)
         assert set(outs[model.id].stages_ms) >= {"encode", "unet", "decode"}
+    finally:
+        await sched.close()
+
+
+def rhythm_session(scheduler: Scheduler, interval: float, last: float) -> Session:
+    """A session whose camera sent a frame every `interval` s, the last one at `last` (still waiting)."""
+    session = Session(params=StreamParams())
+    for k in range(5, -1, -1):
+        session.rhythm.observe(last - k * interval)
+    session.inbox.put(frame(1, last))
+    scheduler.sessions[session.id] = session
+    return session
+
+
+def test_fresher_frames_are_awaited_only_when_every_waiting_frame_is_stale() -> None:
+    sched = Scheduler(max_sessions=4)
+    now = 100.0
+    assert sched.fresher_frames_due_in(now) is None  # nothing waits
+    stale = rhythm_session(sched, interval=0.040, last=now - 0.030)  # 30 of 40 ms old: next one due in 10
+    assert sched.fresher_frames_due_in(now) == pytest.approx(0.040 * 1.1 - 0.030)
+    fresh = rhythm_session(sched, interval=0.040, last=now - 0.010)  # one fresh frame is reason to go now
+    assert sched.fresher_frames_due_in(now) is None
+    del sched.sessions[fresh.id]
+    new = Session(params=StreamParams())  # a camera whose rhythm is not known yet: go now
+    new.inbox.put(frame(1, now - 0.5))
+    sched.sessions[new.id] = new
+    assert sched.fresher_frames_due_in(now) is None
+    del sched.sessions[new.id]
+    assert sched.fresher_frames_due_in(now + 0.020) is None  # past the due time: go with what there is
+    assert stale.inbox.ready
+
+
+async def test_a_stale_frame_waits_for_the_next_one_and_no_longer(tiny_parts) -> None:  # type: ignore[no-untyped-def]
+    sched = Scheduler(max_sessions=2)
+    await sched.load(lambda: StreamEngine(EngineSettings(model="tiny", height=64, width=64), tiny_parts),
+                     warmup_frames=0)
+    sched._task.cancel()  # drive the hold by hand
+    try:
+        session = await sched.open_session(StreamParams())
+        interval = 0.2
+        start = time.monotonic()
+        for k in range(6):  # a 5 fps camera whose last frame is already 60% of an interval old
+            session.inbox.put(frame(k, start - (5 - k) * interval - 0.6 * interval))
+        hold = asyncio.ensure_future(sched._hold_for_fresher_frames())
+        await asyncio.sleep(0.02)
+        assert not hold.done()
+        session.inbox.put(frame(99, time.monotonic()))  # the next frame: the hold ends at once
+        await asyncio.wait_for(hold, 0.05)
+        assert int(session.inbox.peek().image[0, 0, 0]) == 99
+        # the camera stalls: the hold gives up at the due time plus a tenth of an interval
+        session.inbox.put(frame(100, time.monotonic() - 0.6 * interval))
+        started = time.monotonic()
+        await asyncio.wait_for(sched._hold_for_fresher_frames(), 1.0)
+        assert 0.3 * interval < time.monotonic() - started < 0.8 * interval
     finally:
         await sched.close()

@@ -72,7 +72,7 @@ class Service:
         self.parts = parts
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
-                                   pass_through=self._pass_through)
+                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
         self.relay = MediaRelay()
         self.outputs: dict[str, OutputTrack] = {}
         self.resources: dict[str, Resource] = {}
