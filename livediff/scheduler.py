@@ -19,10 +19,10 @@ an eighth of a camera interval per step on average). A faster model always finds
 and never waits.
 
 Passthrough sessions (`StreamParams.passthrough`, transport measurements) need no engine: when
-`pass_through` (also the server's) can send a frame as it came, it goes straight to the outbox
-the moment it arrives, so it never waits behind a model step nor takes a place in a batch. Frames it
-cannot send as they are (another size than the engine's) take the worker path, where the engine
-returns its input.
+`pass_through` (also the server's) can send a frame as it came, the frame goes straight to the
+outbox the moment it arrives, so it never waits behind a model step nor takes a place in a
+batch. Frames it cannot send as they are (another size than the engine's) take the worker path,
+where the engine returns its input.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class CameraTrack(MediaStreamTrack):
             return self._yuv(np.full((self.height, self.width, 3), self.solid, dtype=np.uint8))
         if self._scene:
             image = self._scene[index % len(self._scene)]
-            return image.copy() if self.paint_probe else image  # the shared scene frame stays clean
+            return image.copy() if self.paint_probe else image  # the scene plays again: paint a copy
         return self._yuv(self.camera.frame(index))
 
     async def recv(self) -> av.VideoFrame:
