@@ -34,6 +34,7 @@ from livediff.backends.onnx_backend import (
 )
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine import StreamEngine
+from livediff.engine.device import torch_threads
 from livediff.errors import BackendUnavailable
 from livediff.models import ModelParts, load_model
 
@@ -275,8 +276,20 @@ def test_onnx_backend_in_engine_matches_torch(
             result = engine.step(list(zip(streams, frames)))
         outputs[name] = torch.stack(result.outputs).int()
     diff = (outputs["onnx"] - outputs["torch"]).abs().max().item()
+    assert engines["onnx"].backend.torch_threads == 1 and engines["torch"].backend.torch_threads is None
     # uint8 frames: latents agree to ~1e-5, so only a value at a rounding boundary may move by one level.
     assert diff <= 1, f"ONNX vs torch engine output differs by {diff} levels"
+
+
+def test_torch_threads_are_set_for_a_block_and_restored_after() -> None:
+    before = torch.get_num_threads()
+    seen = []
+    with pytest.raises(RuntimeError), torch_threads(1):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("a failed step")
+    with torch_threads(None):
+        seen.append(torch.get_num_threads())
+    assert seen == [1, before] and torch.get_num_threads() == before
 
 
 def test_onnx_backend_runs_a_float16_model_on_cpu(

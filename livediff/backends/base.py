@@ -17,6 +17,10 @@ class Backend(Protocol):
     name: str
     channels_last: bool
     """Whether image inputs should be channels-last (NHWC in memory): True where the kernels prefer it."""
+    torch_threads: int | None
+    """torch's CPU threads for the engine's own ops in a step (None: torch's setting). A backend
+    with a CPU thread pool of its own sets 1, so that torch's idle OpenMP workers, spinning after
+    each small op, do not take the cores its pool is about to use."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1] -> (N, 4, H/8, W/8) latents in diffusion scale."""

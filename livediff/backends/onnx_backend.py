@@ -352,6 +352,10 @@ class OnnxBackend:
         require_onnxruntime(parts.device)  # before any export: a missing runtime fails fast
         self.name = f"onnx-{parts.device.type}"
         self.channels_last = False
+        # ORT's CPU pool has torch's thread count (session_options); the few torch ops around its
+        # runs in a step take one thread: 2-thread torch ops left OpenMP workers spinning into the
+        # next ORT run (512x512 on 2 cores: VAE encode 32 -> 26 ms, see `livediff bench`)
+        self.torch_threads = 1 if parts.device.type == "cpu" else None
         self.dtype = parts.dtype
         report = progress or log.info
         runners = [OrtRunner(ensure_for_ort(settings, parts, c, report).path, parts.device) for c in COMPONENTS]

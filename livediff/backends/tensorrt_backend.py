@@ -179,6 +179,7 @@ class TensorRTBackend:
         require_tensorrt(parts.device)  # before any work: what is missing, and how to get it
         export_dtype(parts)  # bfloat16 is refused here too, not after an export
         self.name = "tensorrt"
+        self.torch_threads: int | None = None
         self.channels_last = False
         self.dtype = parts.dtype
         report = progress or log.info

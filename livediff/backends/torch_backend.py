@@ -12,6 +12,7 @@ class TorchBackend:
     def __init__(self, parts: ModelParts, compile: bool = False) -> None:
         self.name = "torch.compile" if compile else "torch"
         modules = [VaeEncoder(parts.vae), UNet(parts.unet), VaeDecoder(parts.vae)]
+        self.torch_threads: int | None = None
         # cuDNN's convolutions are fastest on channels-last tensors; oneDNN on CPU gained nothing here.
         self.channels_last = parts.device.type == "cuda"
         if self.channels_last:

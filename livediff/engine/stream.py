@@ -28,7 +28,7 @@ from livediff.backends import Backend, create_backend
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
-from livediff.engine.device import resolve_device, resolve_dtype
+from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
 from livediff.models import ModelParts, load_model
@@ -190,6 +190,10 @@ class StreamEngine:
                 raise ValueError(
                     f"frames must be uint8 tensors of shape {self.frame_shape}, got {image.dtype} {tuple(image.shape)}"
                 )
+        with torch_threads(self.backend.torch_threads):
+            return self._step(batch)
+
+    def _step(self, batch: Sequence[tuple[Stream, torch.Tensor]]) -> StepResult:
         passthrough = [stream.params.passthrough for stream, _ in batch]
         skipped = [not through and self._skip(stream, image) for (stream, image), through in zip(batch, passthrough)]
         run = [i for i, (skip, through) in enumerate(zip(skipped, passthrough)) if not (skip or through)]
