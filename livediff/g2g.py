@@ -18,8 +18,10 @@ Counts, never guesses: `sent` frames left the camera inside the measurement wind
 of them came back with their id; `missing` never did (dropped by the server's latest-only slots,
 or unreadable); `received` output frames arrived in the window; `unread` of them had no valid id.
 `drift_ms` (p50 of the window's last quarter minus its first) shows latency creeping up;
-`drift_outside_model_ms` does the same for glass-to-glass less the engine's own time per frame,
-so a model whose speed wanders (a busy CPU) is not mistaken for frames piling up.
+`outside_model_ms` is glass-to-glass less the engine's own time, frame by frame (what the service
+adds to the model; the p50s of the two differ from it when the model's speed wanders), and
+`drift_outside_model_ms` is its drift, so a model whose speed wanders (a busy CPU) is not mistaken
+for frames piling up.
 The server's stats messages split the round trip into `uplink_ms` (camera to the server's decoded
 frame), `server_ms` (decoded frame to the server's encoder: inbox, engine, outbox) and
 `downlink_ms` (to the client's decoded frame): both processes read the machine's one monotonic
@@ -281,6 +283,7 @@ def _case_report(case: G2GCase, run: _Run) -> dict[str, Any]:
         "downlink_ms": summary([(arrivals[m["frame_id"]] * 1000.0 - m["sent_ms"]) for m in stats
                                 if m["frame_id"] in arrivals]),
         "model_ms": summary([sum(m["stages_ms"].values()) for m in stats if m["stages_ms"]]) if case.model else None,
+        "outside_model_ms": summary(outside_model) if case.model else None,
         "server": run.server_stats,
     }
 
@@ -344,6 +347,7 @@ def format_g2g(report: dict[str, Any]) -> str:
     for case in report["cases"]:
         if case["model_ms"]:
             over = case["g2g_ms"]["p50"] - case["model_ms"]["p50"]
-            lines.append(f"{case['label']}: glass-to-glass p50 is the model's p50 + {over:.1f} ms; "
+            lines.append(f"{case['label']}: glass-to-glass p50 is the model's p50 + {over:.1f} ms; per frame, "
+                         f"glass-to-glass less that frame's model time p50 {case['outside_model_ms']['p50']:.1f} ms; "
                          f"drift outside the model {case['drift_outside_model_ms']:.1f} ms")
     return "\n".join(lines)

@@ -35,8 +35,10 @@ def test_g2g_reports_every_case_and_marker_completion_saves_frame_intervals(caps
         if case["model"]:  # the model may be slower than the camera: frames dropped, never queued
             assert math.isfinite(case["model_ms"]["p50"]) and case["model_ms"]["p50"] > 0
             assert g2g["p50"] > case["model_ms"]["p50"]
+            # per frame, glass-to-glass less that frame's model time: positive, and under the whole
+            assert 0 < case["outside_model_ms"]["p50"] < g2g["p50"], case["outside_model_ms"]
         else:
-            assert case["model_ms"] is None
+            assert case["model_ms"] is None and case["outside_model_ms"] is None
             assert frames["returned"] >= 0.8 * frames["sent"], (key, frames)
     both, server_only, stock = (cases[k]["g2g_ms"]["p50"] for k in ("pass-both", "pass-server", "pass-stock"))
     # Stock aiortc holds each received frame until the next one starts: one frame interval (33 ms)
