@@ -11,7 +11,8 @@ Format (shared by the latency page, the server and the tests)
 * A 1 bit is white (RGB 255,255,255), a 0 bit is black (0,0,0).
 * Reading: the mean luma of the middle half (in each direction) of each block, thresholded at
   the midpoint between the darkest and the brightest block mean (at least 48 apart, else no id);
-  the id is valid only when the CRC matches. Block centres survive VP8/H.264 compression at the
+  the id is valid only when the CRC matches. A frame under 48 px either way carries no id
+  (its blocks are under 3 px, with no middle to read). Block centres survive VP8/H.264 compression at the
   sizes we use (blocks of 8 px and more).
 
 The server reads the id from each input frame (at the camera's own size, before any resize)
