@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(240)]
 
 
 def live_peers() -> int:
+    """Peer connections alive in this process (other tests' servers, e.g. the page tests', included)."""
     gc.collect()
     return sum(type(o) is RTCPeerConnection for o in gc.get_objects())
 
@@ -48,6 +49,7 @@ async def test_churn_leaves_no_tasks_peers_or_threads(tiny_parts, http) -> None:
         await asyncio.sleep(0.5)
         tasks_before = len(asyncio.all_tasks())
         threads_before = threading.active_count()
+        peers_before = live_peers()
         for i in range(30):
             await cycle(i)
         await settle(lambda: not sessions)
@@ -57,7 +59,7 @@ async def test_churn_leaves_no_tasks_peers_or_threads(tiny_parts, http) -> None:
         assert len(asyncio.all_tasks()) <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
         await settle(lambda: threading.active_count() <= threads_before + 1, timeout=15)
         assert threading.active_count() <= threads_before + 1, [t.name for t in threading.enumerate()]
-        assert live_peers() == 0
+        assert live_peers() <= peers_before  # 30 cycles made 30 server and 30 client peers
         assert await metric_value(http, server.url, "livediff_sessions") == 0
 
 
