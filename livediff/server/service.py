@@ -153,15 +153,18 @@ class Service:
             return None
         if image.format.name != "yuv420p":
             return None
-        if session.probe:
-            frame.frame_id = probe.read(luma(image))
+        self._read_probe(session, frame)
         return image
 
     def _convert_in(self, session: Session, frame: FrameIn) -> torch.Tensor:
-        image: av.VideoFrame = frame.image
+        self._read_probe(session, frame)
+        return frame_to_tensor(frame.image, self.engine_settings.width, self.engine_settings.height)
+
+    @staticmethod
+    def _read_probe(session: Session, frame: FrameIn) -> None:
+        """In probe mode, the id painted in the input frame (at the camera's own size)."""
         if session.probe:
-            frame.frame_id = probe.read(luma(image))
-        return frame_to_tensor(image, self.engine_settings.width, self.engine_settings.height)
+            frame.frame_id = probe.read(luma(frame.image))
 
     def _convert_out(self, session: Session, frame: FrameIn, image: torch.Tensor) -> av.VideoFrame:
         rgb = image.numpy()

@@ -70,15 +70,15 @@ class CameraTrack(MediaStreamTrack):
                  scene: Sequence[np.ndarray] | None = None) -> None:
         super().__init__()
         self.camera = SyntheticCamera(height, width, seed=seed)
-        self.width, self.height = width, height
+        self.height = height
         self.fps = fps
         self.paint_probe = paint_probe
-        self.solid = solid
         self.index = 0
         self.sent_at: dict[int, float] = {}
         self._start: float | None = None
         self._to_yuv = VideoReformatter()
         self._scene = [self._yuv(image) for image in scene or ()]
+        self._solid = None if solid is None else self._yuv(np.full((height, width, 3), solid, dtype=np.uint8))
 
     def _yuv(self, rgb: np.ndarray) -> np.ndarray:
         """An (H, W, 3) RGB image as a yuv420p array: (H * 3 / 2, W), the Y plane on top."""
@@ -86,12 +86,13 @@ class CameraTrack(MediaStreamTrack):
         return frame.to_ndarray()
 
     def _image(self, index: int) -> np.ndarray:
-        if self.solid is not None:
-            return self._yuv(np.full((self.height, self.width, 3), self.solid, dtype=np.uint8))
-        if self._scene:
-            image = self._scene[index % len(self._scene)]
-            return image.copy() if self.paint_probe else image  # the scene plays again: paint a copy
-        return self._yuv(self.camera.frame(index))
+        if self._solid is not None:
+            still = self._solid
+        elif self._scene:
+            still = self._scene[index % len(self._scene)]
+        else:
+            return self._yuv(self.camera.frame(index))
+        return still.copy() if self.paint_probe else still  # converted once, shown again: paint a copy
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
