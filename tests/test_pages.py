@@ -232,11 +232,13 @@ def test_latency_page_run_summary_and_downloads(server: LiveServer, page: Page, 
     for frame in frames:
         assert frame["g2g_ms"] == pytest.approx(frame["displayed_ms"] - frame["sent_ms"])
         assert 0 < frame["g2g_ms"] < 10_000
+        if frame["received_ms"] is not None:  # never shown before its last packet came
+            assert frame["displayed_ms"] >= frame["received_ms"], frame
     with_breakdown = [f for f in frames if "unet_ms" in f]
     assert len(with_breakdown) >= 0.8 * len(frames)
     # The network legs use the server's clock, matched by pings: on loopback to within half a
-    # round trip; the display time is the compositor's vsync prediction (60 Hz), which may fall a
-    # refresh before the frame's last packet. A wrong clock offset would be off by far more.
+    # round trip; the display time may be early by up to a refresh (60 Hz) where the page had to
+    # replace a stale vsync prediction. A wrong clock offset would be off by far more.
     error_ms = summary["clock_round_trip_ms"] / 2 + 1000 / 60
     assert 0 < summary["clock_round_trip_ms"] < 100
     for frame in with_breakdown:
@@ -256,6 +258,33 @@ def test_latency_page_run_summary_and_downloads(server: LiveServer, page: Page, 
 
     p.evaluate("document.getElementById('summary').scrollIntoView()")
     page.screenshot(artifacts_dir / "page-latency.png", full_page=True)
+    assert page.errors == []
+
+
+def test_latency_run_never_shows_a_frame_before_it_could_be(server: LiveServer, page: Page) -> None:
+    """A vsync prediction earlier than the frame's arrival (seen on a loaded CI host) is not trusted."""
+    p = page.page
+    p.goto(server.url + "/latency")
+    result = p.evaluate(
+        """async () => {
+      const { LatencyRun } = await import('/web/js/measure.js');
+      const run = new LatencyRun();
+      run.sent(1, 900); run.sent(2, 1000); run.sent(3, 1100);
+      const meta = (expected, presented, received) =>
+        ({ expectedDisplayTime: expected, presentationTime: presented, receiveTime: received, width: 64, height: 64 });
+      return {
+        honest: run.displayed(1, meta(1020.0, 1020.3, 1001)),  // headless: handed over just after
+        stale: run.displayed(2, meta(991, 1158, 1153)),        // predicted before its last packet arrived
+        late: run.displayed(3, meta(1180, 1170, 1160)),
+        summary: run.summary(),
+      };
+    }"""
+    )
+    assert result["honest"]["g2g_ms"] == 120 and result["honest"]["displayed_ms"] == 1020
+    assert result["stale"]["displayed_ms"] == 1158 and result["stale"]["g2g_ms"] == 158
+    assert result["late"]["g2g_ms"] == 80
+    assert result["summary"]["stale_display_predictions"] == 1
+    assert result["summary"]["received"] == 3 and result["summary"]["max_ms"] == 158
     assert page.errors == []
 
 

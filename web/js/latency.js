@@ -373,6 +373,7 @@ const SUMMARY_ROWS = [
   ["frames received", "received"],
   ["lost", "lost"],
   ["unreadable ids", "unreadable"],
+  ["display time from arrival", "stale_display_predictions"],
   ["read back", "read_back_ratio", "%"],
 ];
 

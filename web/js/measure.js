@@ -19,6 +19,7 @@ export class LatencyRun {
     this.server = new Map(); // id -> the server's stats message
     this.unreadable = 0; // displayed frames whose id could not be read
     this.repeats = 0; // displays of an id already seen (the server repeated a frame)
+    this.stalePredictions = 0; // vsync predictions earlier than the frame's arrival
     this.started = null;
     this.ended = null;
     this.clock = null; // {offsetMs, roundTripMs}: the server's clock, measured by pings
@@ -36,7 +37,16 @@ export class LatencyRun {
     this.sentAt.set(id, now);
   }
 
-  /** A displayed frame: `id` null when unreadable; `meta` is requestVideoFrameCallback's metadata. */
+  /**
+   * A displayed frame: `id` null when unreadable; `meta` is requestVideoFrameCallback's metadata.
+   *
+   * The display time is the browser's vsync prediction (`expectedDisplayTime`). Chromium's first
+   * prediction after an idle spell can be stale, even earlier than the frame's last packet
+   * (`receiveTime`, seen at 100+ ms on a loaded host); such a frame is taken as shown when it was
+   * handed to the compositor (`presentationTime`, or its arrival), and counted in
+   * `stale_display_predictions`. (Headless Chromium puts `presentationTime` a fraction of a
+   * millisecond after a good prediction, so only the arrival is evidence of a stale one.)
+   */
   displayed(id, meta) {
     if (id == null) {
       this.unreadable += 1;
@@ -48,12 +58,17 @@ export class LatencyRun {
       this.repeats += 1;
       return null;
     }
+    let shown = meta.expectedDisplayTime;
+    if (meta.receiveTime != null && shown < meta.receiveTime) {
+      shown = Math.max(meta.receiveTime, meta.presentationTime ?? -Infinity);
+      this.stalePredictions += 1;
+    }
     const frame = {
       id,
       sent_ms: sent,
-      displayed_ms: meta.expectedDisplayTime,
+      displayed_ms: shown,
       received_ms: meta.receiveTime ?? null,
-      g2g_ms: meta.expectedDisplayTime - sent,
+      g2g_ms: shown - sent,
       width: meta.width,
       height: meta.height,
     };
@@ -134,6 +149,7 @@ export class LatencyRun {
       lost: sent - received,
       unreadable: this.unreadable,
       repeats: this.repeats,
+      stale_display_predictions: this.stalePredictions,
       sent_by_server: reachedServer,
       read_back_ratio: sent ? received / sent : NaN,
       p50_ms: percentile(g2g, 50),
