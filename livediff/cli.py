@@ -16,7 +16,7 @@ from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
-BACKEND_NAMES = ("torch", "torch.compile", "onnx", "tensorrt")
+BACKEND_NAMES = ("torch", "torch.compile", "onnx", "openvino", "tensorrt")
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 

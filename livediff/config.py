@@ -13,7 +13,7 @@ from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("torch", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 
@@ -33,7 +33,7 @@ class EngineSettings:
     width: int = 512
     """Frame width in pixels; a multiple of 8."""
     backend: str = "torch"
-    """Runs the networks: `torch`, `onnx` (ONNX Runtime) or `tensorrt`."""
+    """Runs the networks: `torch`, `onnx` (ONNX Runtime), `openvino` (CPU) or `tensorrt` (CUDA)."""
     compile: bool = False
     """torch backend only: wrap the UNet and VAE in `torch.compile`."""
     max_batch: int = 4

@@ -1,4 +1,4 @@
-"""Tests for livediff.backends: ONNX export parity, the engine cache, the ONNX backend in the engine, TensorRT.
+"""Tests for livediff.backends: ONNX export parity, the engine cache, ONNX Runtime and OpenVINO in the engine, TensorRT.
 
 The tiny built-in model is exported once per session (~30 s on 2 cores) into a session-wide engine
 cache that the other tests reuse. GPU tests skip without CUDA (and without TensorRT or
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,12 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 def parts(tiny_parts: ModelParts) -> ModelParts:
     """The tiny model on the CPU in float32, shared with the other test files (conftest)."""
     return tiny_parts
+
+
+@pytest.fixture(scope="session")
+def parts_bf16() -> ModelParts:
+    """The tiny model on the CPU in bfloat16 (what `--dtype bfloat16` loads)."""
+    return load_model("tiny", "cpu", torch.bfloat16)
 
 
 @pytest.fixture(scope="session")
@@ -176,6 +183,16 @@ def test_onnx_key_follows_settings_and_model(settings: EngineSettings, parts: Mo
     assert onnx_key(settings, other_vae, "unet") == unet  # ...and leaves the UNet
 
 
+def test_a_cpu_export_of_rounded_weights_has_its_own_key(
+    settings: EngineSettings, parts: ModelParts, parts_bf16: ModelParts
+) -> None:
+    # Both are float32 graphs, but one holds the bfloat16-rounded weights: they must not share a file.
+    for component in COMPONENTS:
+        full, rounded = onnx_key(settings, parts, component), onnx_key(settings, parts_bf16, component)
+        assert full.precision == rounded.precision == "fp32"
+        assert rounded.revision == full.revision + "+weights=bf16" and rounded.digest != full.digest
+
+
 def test_cache_layout_and_sidecar(built: tuple[list[Path], list[str]], settings: EngineSettings) -> None:
     path = built[0][COMPONENTS.index("unet")]
     assert path.parent.parent == settings.engines_dir / "tiny"
@@ -258,15 +275,18 @@ def test_cache_keeps_the_artifact_of_a_racing_builder(tmp_path: Path) -> None:
     ],
     ids=["one-step", "guidance", "stream-batch"],
 )
-def test_onnx_backend_in_engine_matches_torch(
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_compiled_backend_in_engine_matches_torch(
     built: tuple[list[Path], list[str]], settings: EngineSettings, parts: ModelParts,
-    stream_batch: bool, params: StreamParams,
+    stream_batch: bool, params: StreamParams, backend: str,
 ) -> None:  # fmt: skip
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     # The session's engine cache (already built) rather than a fresh tmp_path: a second export would
     # double the file's run time and test nothing new; the build itself is tested above.
-    onnx_settings = settings.replace(stream_batch=stream_batch)
-    engines = {b: StreamEngine(onnx_settings.replace(backend=b), parts) for b in ("onnx", "torch")}
-    assert engines["onnx"].backend.name == "onnx-cpu"
+    engine_settings = settings.replace(stream_batch=stream_batch)
+    engines = {b: StreamEngine(engine_settings.replace(backend=b), parts) for b in (backend, "torch")}
+    assert engines[backend].backend.name == {"onnx": "onnx-cpu", "openvino": "openvino-fp32"}[backend]
     generator = torch.Generator().manual_seed(3)
     frames = [torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8, generator=generator) for _ in range(2)]
     outputs = {}
@@ -275,10 +295,10 @@ def test_onnx_backend_in_engine_matches_torch(
         for _ in range(3):  # fills the stream-batch pipeline; compares steady state
             result = engine.step(list(zip(streams, frames)))
         outputs[name] = torch.stack(result.outputs).int()
-    diff = (outputs["onnx"] - outputs["torch"]).abs().max().item()
-    assert engines["onnx"].backend.torch_threads == 1 and engines["torch"].backend.torch_threads is None
+    diff = (outputs[backend] - outputs["torch"]).abs().max().item()
+    assert engines[backend].backend.torch_threads == 1 and engines["torch"].backend.torch_threads is None
     # uint8 frames: latents agree to ~1e-5, so only a value at a rounding boundary may move by one level.
-    assert diff <= 1, f"ONNX vs torch engine output differs by {diff} levels"
+    assert diff <= 1, f"{backend} vs torch engine output differs by {diff} levels"
 
 
 def test_torch_threads_are_set_for_a_block_and_restored_after() -> None:
@@ -292,24 +312,102 @@ def test_torch_threads_are_set_for_a_block_and_restored_after() -> None:
     assert seen == [1, before] and torch.get_num_threads() == before
 
 
-def test_onnx_backend_runs_a_float16_model_on_cpu(
-    built: tuple[list[Path], list[str]], settings: EngineSettings
-) -> None:
-    parts16 = load_model("tiny", "cpu", torch.float16)
-    backend = OnnxBackend(settings, parts16, progress=lambda line: None)  # the float32 files, reused: same keys
-    latents = sample_inputs(parts16, "vae_decoder", SIZE, SIZE, batch=2, dtype=torch.float16)[0]
+def test_onnx_backend_runs_a_bfloat16_model_on_cpu(settings: EngineSettings, parts_bf16: ModelParts) -> None:
+    backend = OnnxBackend(settings, parts_bf16, progress=lambda line: None)  # float32 graphs of the rounded weights
+    latents = sample_inputs(parts_bf16, "vae_decoder", SIZE, SIZE, batch=2, dtype=torch.bfloat16)[0]
     decoded = backend.decode(latents)
-    assert decoded.dtype == torch.float16
+    assert decoded.dtype == torch.bfloat16
     with torch.inference_mode():
-        expected = torch_module(parts16, "vae_decoder")(latents)
+        expected = torch_module(parts_bf16, "vae_decoder")(latents)
     diff = (decoded.float() - expected.float()).abs().max().item()
-    assert diff < 2e-2, f"float32 ONNX vs float16 torch max abs diff {diff:.3g}"  # float16 ulp at 1 is ~1e-3
+    assert diff < 1e-1, f"float32 ONNX vs bfloat16 torch max abs diff {diff:.3g}"  # bfloat16 ulp at 1 is ~8e-3
 
 
 def test_create_backend_builds_onnx(
     built: tuple[list[Path], list[str]], settings: EngineSettings, parts: ModelParts
 ) -> None:
     assert isinstance(create_backend(settings, parts), OnnxBackend)
+
+
+# -- OpenVINO --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def openvino_built(
+    settings: EngineSettings, parts: ModelParts, exported: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[EngineSettings, list[Path], list[str]]:
+    """Float32 OpenVINO models compiled into a cache of their own that starts with the session's
+    ONNX exports (whatever order the tests run in), and the progress lines."""
+    pytest.importorskip("openvino")
+    engines = tmp_path_factory.mktemp("openvino-engines")
+    for onnx_file in exported:
+        shutil.copytree(onnx_file.parent, engines / "tiny" / onnx_file.parent.name)
+    ov_settings = settings.replace(backend="openvino", engines_dir=engines)
+    messages: list[str] = []
+    return ov_settings, build_engines(ov_settings, parts, progress=messages.append), messages
+
+
+def test_openvino_build_checks_each_network_and_reuses(
+    openvino_built: tuple[EngineSettings, list[Path], list[str]], exported: list[Path], parts: ModelParts
+) -> None:
+    ov_settings, paths, messages = openvino_built
+    text = "\n".join(messages)
+    for component, path, onnx_file in zip(COMPONENTS, paths, exported):
+        onnx_copy = ov_settings.engines_dir / "tiny" / onnx_file.parent.name / onnx_file.name
+        assert f"{component}: reused {onnx_copy}" in text  # compiled from the export ONNX Runtime runs
+        assert f"{component}: OpenVINO fp32 matches torch, max abs diff" in text
+        assert f"{component}: built {path}" in text and path.name == "model.blob"
+        assert path.parent.name.startswith(f"{component}-64x64-fp32-")
+    again: list[str] = []
+    assert build_engines(ov_settings, parts, progress=again.append) == paths
+    assert again == [f"{c}: reused {p}" for c, p in zip(COMPONENTS, paths)]
+
+
+def test_openvino_matches_torch(openvino_built: tuple[EngineSettings, list[Path], list[str]],
+                                parts: ModelParts) -> None:  # fmt: skip
+    from livediff.backends.openvino_backend import OpenVinoBackend
+
+    backend = create_backend(openvino_built[0], parts)
+    assert isinstance(backend, OpenVinoBackend) and backend.name == "openvino-fp32"
+    for component, method in {"vae_encoder": "encode", "unet": "unet", "vae_decoder": "decode"}.items():
+        inputs = sample_inputs(parts, component, SIZE, SIZE, batch=5, dtype=torch.float32, seed=7)
+        with torch.inference_mode():
+            expected = torch_module(parts, component)(*inputs)
+        actual = getattr(backend, method)(*inputs)
+        diff = (expected - actual).abs().max().item()
+        assert diff < 1e-4, f"{component}: OpenVINO vs torch max abs diff {diff:.3g}"  # as ONNX Runtime, above
+
+
+def test_openvino_runs_bfloat16_where_the_cpu_can(settings: EngineSettings, parts_bf16: ModelParts) -> None:
+    ov = pytest.importorskip("openvino")
+    from livediff.backends.openvino_backend import OpenVinoBackend, run_precision
+
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert run_precision(ov, torch.bfloat16) == ("bf16" if bf16 else "fp32")
+    assert run_precision(ov, torch.float32) == "fp32"
+    messages: list[str] = []
+    backend = OpenVinoBackend(settings.replace(backend="openvino"), parts_bf16, progress=messages.append)
+    assert backend.name == ("openvino-bf16" if bf16 else "openvino-fp32")
+    if bf16:  # built: the conversion checked in float32, then the bf16 model within its own tolerance
+        assert sum("OpenVINO fp32 matches torch" in m for m in messages) == 3
+        assert sum("OpenVINO bf16 matches torch" in m for m in messages) == 3
+    latents = sample_inputs(parts_bf16, "vae_decoder", SIZE, SIZE, batch=2, dtype=torch.bfloat16, seed=2)[0]
+    decoded = backend.decode(latents)
+    assert decoded.dtype == torch.bfloat16 and decoded.shape == (2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        expected = torch_module(parts_bf16, "vae_decoder").float()(latents.float())
+    diff = (decoded.float() - expected).abs().max().item()
+    assert diff < 1e-1 * max(1.0, expected.abs().max().item()), f"bf16 decode off by {diff:.3g}"
+
+
+def test_openvino_unavailable_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livediff.backends.openvino_backend import require_openvino
+
+    with pytest.raises(BackendUnavailable, match=r"openvino backend needs the engine on the CPU \(its device is cuda"):
+        require_openvino(torch.device("cuda"))
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if not installed
+    with pytest.raises(BackendUnavailable, match=r"pip install 'livediff\[openvino\]'"):
+        require_openvino(torch.device("cpu"))
 
 
 # -- CUDA and TensorRT -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Backends run the UNet and VAE: PyTorch, ONNX Runtime or TensorRT, behind one protocol."""
+"""Backends run the UNet and VAE: PyTorch, ONNX Runtime, OpenVINO or TensorRT, behind one protocol."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:
         from livediff.backends.onnx_backend import OnnxBackend
 
         return OnnxBackend(settings, parts)
+    if settings.backend == "openvino":
+        from livediff.backends.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(settings, parts)
     if settings.backend == "tensorrt":
         from livediff.backends.tensorrt_backend import TensorRTBackend
 

@@ -11,7 +11,8 @@ class Backend(Protocol):
     """Runs the UNet and the VAE halves. All tensors live on the engine's device.
 
     Implementations: `TorchBackend` (eager or torch.compile), `OnnxBackend` (ONNX Runtime),
-    `TensorRTBackend`. They are interchangeable: same inputs, same outputs, within tolerance.
+    `OpenVinoBackend` (CPU), `TensorRTBackend` (CUDA). They are interchangeable: same inputs, same
+    outputs, within tolerance.
     """
 
     name: str

@@ -19,14 +19,19 @@ def build_engines(settings: EngineSettings, parts: ModelParts, progress: Progres
     """Build or reuse the artifacts `settings.backend` runs, one per network, each checked against torch.
 
     `progress` receives a line per stage, and for each network whether it was built or reused.
-    Returns the artifacts' paths (ONNX files or TensorRT engines) in the order the frame meets them.
+    Returns the artifacts' paths (ONNX files, OpenVINO blobs or TensorRT engines) in the order the frame meets them.
     """
     if settings.backend == "onnx":
         require_onnxruntime(parts.device)
         return [ensure_for_ort(settings, parts, c, progress).path for c in COMPONENTS]
+    if settings.backend == "openvino":
+        from livediff.backends.openvino_backend import ensure_blob, require_openvino
+
+        require_openvino(parts.device)
+        return [ensure_blob(settings, parts, c, progress).path for c in COMPONENTS]
     if settings.backend == "tensorrt":
         from livediff.backends.tensorrt_backend import ensure_engine, require_tensorrt
 
         require_tensorrt(parts.device)
         return [ensure_engine(settings, parts, c, progress).path for c in COMPONENTS]
-    raise ConfigError(f"build-engines builds for --backend onnx or tensorrt, not {settings.backend!r}")
+    raise ConfigError(f"build-engines builds for --backend onnx, openvino or tensorrt, not {settings.backend!r}")

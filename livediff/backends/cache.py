@@ -1,4 +1,4 @@
-"""The engine cache: compiled artifacts (ONNX files, TensorRT engines) keyed by all that shapes them.
+"""The engine cache: compiled artifacts (ONNX files, OpenVINO and TensorRT engines) keyed by all that shapes them.
 
 Layout under `settings.engines_dir`, one readable folder per model and one folder per artifact:
 

@@ -52,13 +52,15 @@ ONNX_FILE = "model.onnx"
 ORT_FUSIONS = f"ort-fusions-onnxscript{onnxscript.__version__}"
 INPUTS = {"vae_encoder": ("images",), "unet": ("latents", "timesteps", "embeds"), "vae_decoder": ("latents",)}
 OUTPUTS = {"vae_encoder": "latents", "unet": "prediction", "vae_decoder": "images"}
-TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 """Largest max-abs difference from torch, relative to max(1, largest |output|).
 
 fp32: kernels differ only in summation order, ~1e-7 relative per op; measured 5e-6 on the tiny
 model, so 1e-3 leaves room for the ~10x deeper SD UNet. A broken export (wrong op semantics,
 timesteps or scaling) is off by 1e-1 or more. fp16: one ulp is ~1e-3 relative and it compounds
-over the layers; 5e-2 still catches broken graphs.
+over the layers; 5e-2 still catches broken graphs. bf16 (OpenVINO on the CPU): 8 significant
+bits, one ulp ~4e-3 relative; measured up to 2e-2 on the tiny model, so 1e-1 (a graph that is
+wrong, not rounded, is off by the size of its output).
 """
 
 Progress = Callable[[str], None]
@@ -171,8 +173,15 @@ def check_parity(label: str, expected: torch.Tensor, actual: torch.Tensor, preci
 
 
 def component_revision(parts: ModelParts, component: str) -> str:
-    """The model revision, plus the VAE choice for the VAE halves (`--vae` swaps them, not the UNet)."""
-    return parts.revision if component == "unet" else f"{parts.revision}+vae={parts.vae_ref}"
+    """The model revision, plus the VAE choice for the VAE halves (`--vae` swaps them, not the UNet).
+
+    A CPU export of a bfloat16 model is a float32 copy of bfloat16-rounded weights: not the
+    float32 model's graph, so the weights' dtype is part of its revision.
+    """
+    revision = parts.revision if component == "unet" else f"{parts.revision}+vae={parts.vae_ref}"
+    if parts.dtype != export_dtype(parts):
+        revision += f"+weights={precision_tag(parts.dtype)}"
+    return revision
 
 
 def onnx_key(settings: EngineSettings, parts: ModelParts, component: str) -> EngineKey:
