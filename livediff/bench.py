@@ -2,7 +2,8 @@
 
 Every number is measured in this run: per-stage p50/p95, ms per frame, frames per second, and,
 with `baseline="diffusers"`, the same model, size, steps and strength through diffusers'
-`AutoPipelineForImage2Image` called once per frame with PIL images in and out.
+`AutoPipelineForImage2Image` called once per frame with PIL images in and out, in the engine's
+dtype unless `baseline_dtype` names another (the report says which).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine import STAGES, StreamEngine
-from livediff.models import ModelParts
+from livediff.engine.device import resolve_dtype
+from livediff.models import ModelParts, load_model
 from livediff.synthetic import SyntheticCamera
 
 
@@ -36,6 +38,8 @@ class BenchPlan:
     """Frames per engine step, one per stream."""
     params: StreamParams = field(default_factory=StreamParams)
     baseline: str | None = None
+    baseline_dtype: str | None = None
+    """The baseline's dtype when not the engine's (`float32`: what diffusers loads by default)."""
     streams: tuple[int, ...] = ()
     """Stream counts for the batched-versus-sequential comparison."""
 
@@ -166,7 +170,12 @@ def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: Model
     for count in plan.streams:
         report.setdefault("streams", []).append(run_streams(engine, plan, count))
     if plan.baseline == "diffusers":
-        baseline = run_diffusers_baseline(parts, settings_list[0], plan)
+        baseline_parts = parts
+        if plan.baseline_dtype is not None and resolve_dtype(plan.baseline_dtype, parts.device) != parts.dtype:
+            dtype = resolve_dtype(plan.baseline_dtype, parts.device)
+            baseline_parts = load_model(settings_list[0].model, parts.device, dtype, vae=settings_list[0].vae)
+        baseline = run_diffusers_baseline(baseline_parts, settings_list[0], plan)
+        baseline["dtype"] = str(baseline_parts.dtype).removeprefix("torch.")
         report["baseline"] = baseline
         best = max(report["runs"], key=lambda run: run["fps"] / run["batch"])
         report["speedup"] = {
@@ -205,7 +214,7 @@ def format_report(report: dict[str, Any]) -> str:
         ratio = report["speedup"]
         lines += [
             "",
-            f"baseline: {base['name']}: {base['ms_per_frame']:.1f} ms/frame, {base['fps']:.1f} fps "
+            f"baseline: {base['name']}, {base['dtype']}: {base['ms_per_frame']:.1f} ms/frame, {base['fps']:.1f} fps "
             f"(p50 {base['frame_ms']['p50']:.1f}, p95 {base['frame_ms']['p95']:.1f})",
             f"speedup of {ratio['backend']} over the baseline: {ratio['ratio']:.2f}x",
         ]

@@ -103,13 +103,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_g2g(args)
     from livediff.bench import BenchPlan, format_report, run_bench
 
+    if args.baseline_dtype and not args.baseline:
+        raise ConfigError("--baseline-dtype needs --baseline diffusers")
     names = [name.strip() for name in args.backend.split(",") if name.strip()]
     streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else ()
     args.max_batch = max([args.max_batch, args.batch, *streams])
     settings = [engine_settings(args, backend=name) for name in names]
     plan = BenchPlan(
         frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args),
-        baseline=args.baseline, streams=streams,
+        baseline=args.baseline, baseline_dtype=args.baseline_dtype, streams=streams,
     )  # fmt: skip
     report = run_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_int_range(1, 64), default=1, help="streams per engine step")
     bench.add_argument("--streams", default="", help="e.g. 1,2,4: batched versus sequential streams")
     bench.add_argument("--baseline", choices=["diffusers"], help="also time diffusers' img2img pipeline")
+    bench.add_argument("--baseline-dtype", choices=[d for d in DTYPES if d != "auto"],
+                       help="the baseline's dtype (default: the engine's --dtype)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
     g2g.add_argument("--g2g", action="store_true",

@@ -33,6 +33,17 @@ def test_bench_prints_json_with_stages_fps_and_the_baseline_ratio(capsys) -> Non
         assert math.isfinite(streams["batched"]["latency_ms"]["p99"])
 
 
+def test_bench_baseline_in_another_dtype(capsys) -> None:
+    """The engine in bfloat16 against the pipeline as diffusers loads it (float32), in one process."""
+    argv = ["bench", "--model", "tiny", "--size", "64", "--frames", "2", "--warmup", "0", "--dtype", "bfloat16",
+            "--baseline", "diffusers"]  # fmt: skip
+    assert main([*argv, "--baseline-dtype", "float32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "bfloat16" and report["baseline"]["dtype"] == "float32"
+    assert main(argv) == 0  # by default the baseline runs in the engine's dtype, and the table says so
+    assert "baseline: diffusers AutoPipelineForImage2Image, PIL per frame, bfloat16:" in capsys.readouterr().out
+
+
 def test_bench_table_names_every_stage(capsys) -> None:
     assert main(["bench", "--model", "tiny", "--size", "64", "--frames", "2", "--warmup", "0", "--steps", "2"]) == 0
     table = capsys.readouterr().out
@@ -57,6 +68,11 @@ def test_bad_flags_are_named(argv: list[str], flag: str, capsys) -> None:
         main(["bench", "--model", "tiny", *argv])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_baseline_dtype_without_a_baseline_is_named(capsys) -> None:
+    assert main(["bench", "--model", "tiny", "--size", "64", "--baseline-dtype", "float32"]) == 2
+    assert "--baseline-dtype needs --baseline diffusers" in capsys.readouterr().err
 
 
 def test_unknown_backend_is_named(capsys) -> None:
