@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -34,3 +35,29 @@ class Backend(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, 4, H/8, W/8) latents -> (N, 3, H, W) images in [-1, 1]."""
         ...
+
+
+Runner = Callable[..., torch.Tensor]
+"""One compiled network: torch tensors in, a torch tensor out (in the graph's dtype)."""
+
+
+class CompiledBackend:
+    """A backend of three compiled networks (encoder, UNet, decoder, as in `COMPONENTS`), their
+    outputs cast to the engine's dtype (a float32 graph serves a bfloat16 engine on the CPU)."""
+
+    channels_last = False
+
+    def __init__(self, name: str, runners: Sequence[Runner], dtype: torch.dtype, torch_threads: int | None) -> None:
+        self.name = name
+        self._encode, self._unet, self._decode = runners
+        self.dtype = dtype
+        self.torch_threads = torch_threads
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode(images).to(self.dtype)
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self._unet(latents, timesteps, embeds).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents).to(self.dtype)

@@ -37,6 +37,7 @@ import onnxscript
 import torch
 from onnxscript.rewriter import ort_fusions
 
+from livediff.backends.base import CompiledBackend
 from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag, precision_tag
 from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
 from livediff.config import EngineSettings
@@ -354,27 +355,15 @@ class OrtRunner:
         return out
 
 
-class OnnxBackend:
+class OnnxBackend(CompiledBackend):
     """The three networks on ONNX Runtime, from the engine cache (exported on first use)."""
 
     def __init__(self, settings: EngineSettings, parts: ModelParts, progress: Progress | None = None) -> None:
         require_onnxruntime(parts.device)  # before any export: a missing runtime fails fast
-        self.name = f"onnx-{parts.device.type}"
-        self.channels_last = False
+        report = progress or log.info
+        runners = [OrtRunner(ensure_for_ort(settings, parts, c, report).path, parts.device) for c in COMPONENTS]
         # ORT's CPU pool has torch's thread count (session_options); the few torch ops around its
         # runs in a step take one thread: 2-thread torch ops left OpenMP workers spinning into the
         # next ORT run (512x512 on 2 cores: VAE encode 32 -> 26 ms, see `livediff bench`)
-        self.torch_threads = 1 if parts.device.type == "cpu" else None
-        self.dtype = parts.dtype
-        report = progress or log.info
-        runners = [OrtRunner(ensure_for_ort(settings, parts, c, report).path, parts.device) for c in COMPONENTS]
-        self._encode, self._unet, self._decode = runners
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images).to(self.dtype)
-
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet(latents, timesteps, embeds).to(self.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents).to(self.dtype)
+        threads = 1 if parts.device.type == "cpu" else None
+        super().__init__(f"onnx-{parts.device.type}", runners, parts.dtype, torch_threads=threads)

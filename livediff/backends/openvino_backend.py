@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from livediff.backends.base import CompiledBackend
 from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag
 from livediff.backends.onnx_backend import (
     EXPORTER,
@@ -146,25 +147,13 @@ def ensure_blob(settings: EngineSettings, parts: ModelParts, component: str, pro
     return artifact
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(CompiledBackend):
     """The three networks compiled by OpenVINO for the CPU, from the engine cache (built on first use)."""
 
     def __init__(self, settings: EngineSettings, parts: ModelParts, progress: Progress | None = None) -> None:
         ov = require_openvino(parts.device)  # before any export: what is missing, and how to get it
         precision = run_precision(ov, parts.dtype)
-        self.name = f"openvino-{precision}"
-        self.channels_last = False
-        self.torch_threads: int | None = 1  # OpenVINO has its own CPU pool (see Backend.torch_threads)
-        self.dtype = parts.dtype
         report = progress or log.info
         runners = [OvRunner.load(ov, ensure_blob(settings, parts, c, report).path, precision) for c in COMPONENTS]
-        self._encode, self._unet, self._decode = runners
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images).to(self.dtype)
-
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet(latents, timesteps, embeds).to(self.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents).to(self.dtype)
+        # OpenVINO has its own CPU pool: torch's ops around its runs take one thread (see OnnxBackend)
+        super().__init__(f"openvino-{precision}", runners, parts.dtype, torch_threads=1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from livediff.backends.base import CompiledBackend
 from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag, precision_tag
 from livediff.backends.onnx_backend import (
     EXPORTER,
@@ -172,25 +173,12 @@ def ensure_engine(settings: EngineSettings, parts: ModelParts, component: str, p
     return artifact
 
 
-class TensorRTBackend:
+class TensorRTBackend(CompiledBackend):
     """The three networks as TensorRT engines from the engine cache (compiled on first use)."""
 
     def __init__(self, settings: EngineSettings, parts: ModelParts, progress: Progress | None = None) -> None:
         require_tensorrt(parts.device)  # before any work: what is missing, and how to get it
         export_dtype(parts)  # bfloat16 is refused here too, not after an export
-        self.name = "tensorrt"
-        self.torch_threads: int | None = None
-        self.channels_last = False
-        self.dtype = parts.dtype
         report = progress or log.info
         runners = [TrtRunner(ensure_engine(settings, parts, c, report).path, parts.device) for c in COMPONENTS]
-        self._encode, self._unet, self._decode = runners
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images)
-
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet(latents, timesteps, embeds)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents)
+        super().__init__("tensorrt", runners, parts.dtype, torch_threads=None)  # engines in the model's dtype
