@@ -14,6 +14,7 @@ checked against torch once, when built. `openvino` is imported only here, and on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -23,14 +24,14 @@ from typing import Any
 import torch
 
 from livediff.backends.base import CompiledBackend
-from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag
+from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey
 from livediff.backends.onnx_backend import (
     EXPORTER,
     Progress,
     check_parity,
-    component_revision,
     ensure_onnx,
     export_module,
+    onnx_key,
     sample_inputs,
 )
 from livediff.config import EngineSettings
@@ -72,16 +73,11 @@ def run_precision(ov: ModuleType, dtype: torch.dtype) -> str:
 
 
 def blob_key(settings: EngineSettings, parts: ModelParts, component: str, ov: ModuleType) -> EngineKey:
-    return EngineKey(
-        model=parts.ref,
-        revision=component_revision(parts, component),
-        component=component,
-        height=settings.height,
-        width=settings.width,
-        batch="dynamic",
+    """The ONNX export's key, with the run precision and the OpenVINO version."""
+    return dataclasses.replace(
+        onnx_key(settings, parts, component),
         precision=run_precision(ov, parts.dtype),
         runtime=f"openvino-{ov.__version__}+{EXPORTER}",
-        device=device_tag(parts.device),
     )
 
 
