@@ -4,6 +4,11 @@ Every number is measured in this run: per-stage p50/p95, ms per frame, frames pe
 with `baseline="diffusers"`, the same model, size, steps and strength through diffusers'
 `AutoPipelineForImage2Image` called once per frame with PIL images in and out, in the engine's
 dtype unless `baseline_dtype` names another (the report says which).
+
+The configurations take turns: each round gives every engine configuration and the baseline one
+frame, starting with a different one each round. A busy host (other tenants, a frequency drop)
+then slows all of them alike instead of whichever happened to run at the time, and the ratios
+hold from run to run even when the absolute numbers move.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,43 +48,126 @@ class BenchPlan:
     streams: tuple[int, ...] = ()
     """Stream counts for the batched-versus-sequential comparison."""
 
+    @property
+    def rounds(self) -> int:
+        return self.warmup + self.frames
 
-def _camera_frames(settings: EngineSettings, count: int, seed: int = 0) -> list[torch.Tensor]:
-    camera = SyntheticCamera(settings.height, settings.width, seed=seed)
-    return [torch.from_numpy(f) for f in camera.frames(count)]
+
+def _camera_frames(settings: EngineSettings, count: int, seed: int = 0) -> list[np.ndarray]:
+    return list(SyntheticCamera(settings.height, settings.width, seed=seed).frames(count))
 
 
-def run_engine(engine: StreamEngine, plan: BenchPlan) -> dict[str, Any]:
-    """Feed `plan.frames` frames per stream through the engine, `plan.batch` streams per step."""
-    settings = engine.settings
-    streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(plan.batch)]
-    frames = _camera_frames(settings, plan.frames + plan.warmup)
-    stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    step_ms: list[float] = []
-    for index, frame in enumerate(frames):
+class Lane(Protocol):
+    """One configuration under test: runs frame `index` of the camera when its turn comes."""
+
+    def run(self, index: int, record: bool) -> None: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
+class EngineLane:
+    """An engine configuration: `plan.batch` streams, one step per turn."""
+
+    def __init__(self, engine: StreamEngine, plan: BenchPlan, frames: list[np.ndarray]) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.frames = [torch.from_numpy(frame) for frame in frames]
+        self.streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(plan.batch)]
+        self.stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        self.step_ms: list[float] = []
+
+    def run(self, index: int, record: bool) -> None:
+        frame = self.frames[index]
         started = time.perf_counter()
-        result = engine.step([(stream, frame) for stream in streams])
+        result = self.engine.step([(stream, frame) for stream in self.streams])
         elapsed = (time.perf_counter() - started) * 1000.0
-        if index < plan.warmup:
-            continue
-        step_ms.append(elapsed)
-        for stage, ms in result.timings_ms.items():
-            stage_ms[stage].append(ms)
-    wall_s = sum(step_ms) / 1000.0
-    return {
-        "backend": engine.backend.name,
-        "batch": plan.batch,
-        "frames": plan.frames * plan.batch,
-        "stages_ms": {stage: percentiles(values) for stage, values in stage_ms.items()},
-        "step_ms": percentiles(step_ms),
-        "ms_per_frame": round(sum(step_ms) / (plan.frames * plan.batch), 3),
-        "fps": round(plan.frames * plan.batch / wall_s, 2),
-    }
+        if record:
+            self.step_ms.append(elapsed)
+            for stage, ms in result.timings_ms.items():
+                self.stage_ms[stage].append(ms)
+
+    def report(self) -> dict[str, Any]:
+        frames = len(self.step_ms) * self.plan.batch
+        return {
+            "backend": self.engine.backend.name,
+            "batch": self.plan.batch,
+            "frames": frames,
+            "stages_ms": {stage: percentiles(values) for stage, values in self.stage_ms.items()},
+            "step_ms": percentiles(self.step_ms),
+            "ms_per_frame": round(sum(self.step_ms) / frames, 3),
+            "fps": round(1000.0 * frames / sum(self.step_ms), 2),
+        }
+
+
+class DiffusersLane:
+    """What a user would write first: the diffusers img2img pipeline, once per frame, PIL in and out."""
+
+    def __init__(self, parts: ModelParts, plan: BenchPlan, frames: list[np.ndarray]) -> None:
+        from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
+
+        text2img = StableDiffusionPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            scheduler=type(parts.scheduler).from_config(parts.scheduler.config),  # pipelines edit their scheduler
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe = AutoPipelineForImage2Image.from_pipe(text2img)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.dtype = str(parts.dtype).removeprefix("torch.")
+        self.params = plan.params
+        # img2img runs steps * strength of its schedule: ask for steps / strength to run `steps`.
+        self.inference_steps = max(plan.params.steps, math.ceil(plan.params.steps / plan.params.strength - 1e-6))
+        self.frames = frames
+        self.frame_ms: list[float] = []
+
+    def run(self, index: int, record: bool) -> None:
+        from PIL import Image
+
+        image = Image.fromarray(self.frames[index])  # the camera's frame as the user's code receives it
+        params = self.params
+        started = time.perf_counter()
+        output = self.pipe(
+            params.prompt,
+            image=image,
+            num_inference_steps=self.inference_steps,
+            strength=params.strength,
+            guidance_scale=params.guidance,
+            generator=torch.Generator().manual_seed(params.seed),
+            output_type="pil",
+        ).images[0]
+        np.asarray(output)  # the frame as bytes, as a video sink needs it
+        if record:
+            self.frame_ms.append((time.perf_counter() - started) * 1000.0)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "name": "diffusers AutoPipelineForImage2Image, PIL per frame",
+            "dtype": self.dtype,
+            "frames": len(self.frame_ms),
+            "frame_ms": percentiles(self.frame_ms),
+            "ms_per_frame": round(sum(self.frame_ms) / len(self.frame_ms), 3),
+            "fps": round(1000.0 * len(self.frame_ms) / sum(self.frame_ms), 2),
+        }
+
+
+def run_rounds(lanes: list[Lane], plan: BenchPlan) -> None:
+    """`plan.rounds` rounds of one frame per lane, the first `plan.warmup` not recorded.
+
+    Round i starts with lane i mod n, so no lane always runs right after the same other one.
+    """
+    for index in range(plan.rounds):
+        start = index % len(lanes)
+        for lane in lanes[start:] + lanes[:start]:
+            lane.run(index, record=index >= plan.warmup)
 
 
 def run_streams(engine: StreamEngine, plan: BenchPlan, count: int) -> dict[str, Any]:
     """N streams each sending `plan.frames` frames: one batched step per round versus N single-frame steps."""
-    frames = _camera_frames(engine.settings, plan.frames + plan.warmup)
+    frames = [torch.from_numpy(f) for f in _camera_frames(engine.settings, plan.rounds)]
     report: dict[str, Any] = {"streams": count}
     for mode in ("batched", "sequential"):
         streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(count)]
@@ -104,84 +192,43 @@ def run_streams(engine: StreamEngine, plan: BenchPlan, count: int) -> dict[str, 
     return report
 
 
-def run_diffusers_baseline(parts: ModelParts, settings: EngineSettings, plan: BenchPlan) -> dict[str, Any]:
-    """What a user would write first: the diffusers img2img pipeline, once per frame, PIL in and out."""
-    from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
-    from PIL import Image
-
-    text2img = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=type(parts.scheduler).from_config(parts.scheduler.config),  # pipelines edit their scheduler
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe = AutoPipelineForImage2Image.from_pipe(text2img)
-    pipe.set_progress_bar_config(disable=True)
-    params = plan.params
-    # img2img runs steps * strength of its schedule: ask for steps / strength to run `steps`.
-    inference_steps = max(params.steps, math.ceil(params.steps / params.strength - 1e-6))
-    camera = SyntheticCamera(settings.height, settings.width)
-    frame_ms: list[float] = []
-    for index in range(plan.frames + plan.warmup):
-        image = Image.fromarray(camera.frame(index))
-        started = time.perf_counter()
-        output = pipe(
-            params.prompt,
-            image=image,
-            num_inference_steps=inference_steps,
-            strength=params.strength,
-            guidance_scale=params.guidance,
-            generator=torch.Generator().manual_seed(params.seed),
-            output_type="pil",
-        ).images[0]
-        np.asarray(output)  # the frame as bytes, as a video sink needs it
-        if index >= plan.warmup:
-            frame_ms.append((time.perf_counter() - started) * 1000.0)
-    return {
-        "name": "diffusers AutoPipelineForImage2Image, PIL per frame",
-        "frames": plan.frames,
-        "frame_ms": percentiles(frame_ms),
-        "ms_per_frame": round(sum(frame_ms) / len(frame_ms), 3),
-        "fps": round(1000.0 * len(frame_ms) / sum(frame_ms), 2),
-    }
-
-
 def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: ModelParts | None = None) -> dict[str, Any]:
     """One report: a row per engine configuration, the baseline and the stream comparison."""
-    report: dict[str, Any] = {
-        "size": f"{settings_list[0].width}x{settings_list[0].height}",
-        "steps": len(plan.params.timesteps),
-        "strength": plan.params.strength,
-        "runs": [],
-    }
-    engine = None
+    engines = []
     for settings in settings_list:
-        engine = StreamEngine(settings, parts)
-        parts = engine.parts
-        report.setdefault("model", f"{parts.ref} ({parts.revision})")
-        report.setdefault("device", _device_name(engine.device))
-        report.setdefault("dtype", str(engine.dtype).removeprefix("torch."))
-        report["runs"].append(run_engine(engine, plan))
-    assert engine is not None and parts is not None
-    for count in plan.streams:
-        report.setdefault("streams", []).append(run_streams(engine, plan, count))
+        engines.append(StreamEngine(settings, parts))
+        parts = engines[-1].parts
+    assert parts is not None
+    engine = engines[-1]
+    frames = _camera_frames(engine.settings, plan.rounds)
+    lanes: list[Lane] = [EngineLane(e, plan, frames) for e in engines]
+    baseline: DiffusersLane | None = None
     if plan.baseline == "diffusers":
         baseline_parts = parts
         if plan.baseline_dtype is not None and resolve_dtype(plan.baseline_dtype, parts.device) != parts.dtype:
             dtype = resolve_dtype(plan.baseline_dtype, parts.device)
             baseline_parts = load_model(settings_list[0].model, parts.device, dtype, vae=settings_list[0].vae)
-        baseline = run_diffusers_baseline(baseline_parts, settings_list[0], plan)
-        baseline["dtype"] = str(baseline_parts.dtype).removeprefix("torch.")
-        report["baseline"] = baseline
+        baseline = DiffusersLane(baseline_parts, plan, frames)
+        lanes.append(baseline)
+    run_rounds(lanes, plan)
+    report: dict[str, Any] = {
+        "model": f"{parts.ref} ({parts.revision})",
+        "device": _device_name(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "size": f"{engine.settings.width}x{engine.settings.height}",
+        "steps": len(plan.params.timesteps),
+        "strength": plan.params.strength,
+        "runs": [lane.report() for lane in lanes if isinstance(lane, EngineLane)],
+    }
+    for count in plan.streams:
+        report.setdefault("streams", []).append(run_streams(engine, plan, count))
+    if baseline is not None:
+        report["baseline"] = baseline.report()
         best = max(report["runs"], key=lambda run: run["fps"] / run["batch"])
         report["speedup"] = {
             "vs": "diffusers",
             "backend": best["backend"],
-            "ratio": round(baseline["ms_per_frame"] / best["ms_per_frame"], 2),
+            "ratio": round(report["baseline"]["ms_per_frame"] / best["ms_per_frame"], 2),
         }
     return report
 

@@ -16,7 +16,7 @@ from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
-BACKEND_NAMES = ("torch", "torch.compile", "onnx", "openvino", "tensorrt")
+BACKEND_NAMES = ("auto", "torch", "torch.compile", "onnx", "openvino", "tensorrt")
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 
@@ -67,7 +67,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder")
     group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast, default), full, or a VAE id/folder")
     group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
-    group.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPES)
+    group.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPES,
+                       help="auto: float16 on CUDA, bfloat16 for openvino on a CPU with bf16 instructions, "
+                       "else float32")
     group.add_argument("--size", type=_size, default=_env("size", "512"), help="512 or WIDTHxHEIGHT, multiples of 8")
     group.add_argument("--max-batch", type=_int_range(1, 64), default=int(_env("max_batch", 4)))
     group.add_argument("--stream-batch", action="store_true", default=_env("stream_batch", "") == "1",
@@ -143,7 +145,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
     settings = engine_settings(args, backend=args.backend)
     device = resolve_device(settings.device)
-    parts = load_model(settings.model, device, resolve_dtype(settings.dtype, device), vae=settings.vae)
+    dtype = resolve_dtype(settings.dtype, device, settings.backend)
+    parts = load_model(settings.model, device, dtype, vae=settings.vae)
     build_engines(settings, parts, progress=print)
     return 0
 
@@ -259,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the WebRTC service (demo page, /offer, WHIP, WHEP, API)")
     add_engine_flags(serve)
-    serve.add_argument("--backend", choices=BACKEND_NAMES, default=_env("backend", "torch"),
-                       help="runs the networks (also LIVEDIFF_BACKEND)")
+    serve.add_argument("--backend", choices=BACKEND_NAMES, default=_env("backend", "auto"),
+                       help="runs the networks; auto: openvino (else onnx) on the CPU, torch on CUDA "
+                       "(also LIVEDIFF_BACKEND)")
     add_server_flags(serve)
     serve.set_defaults(run=cmd_serve)
 

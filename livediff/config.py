@@ -13,7 +13,7 @@ from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("torch", "onnx", "openvino", "tensorrt")
+BACKENDS = ("auto", "torch", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 
@@ -27,13 +27,15 @@ class EngineSettings:
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N`."""
     dtype: str = "auto"
-    """`auto` is float16 on CUDA and float32 on CPU."""
+    """`auto`: float16 on CUDA; bfloat16 for `openvino` on a CPU with bf16 instructions; else float32."""
     height: int = 512
     """Frame height in pixels; a multiple of 8."""
     width: int = 512
     """Frame width in pixels; a multiple of 8."""
     backend: str = "torch"
-    """Runs the networks: `torch`, `onnx` (ONNX Runtime), `openvino` (CPU) or `tensorrt` (CUDA)."""
+    """Runs the networks: `torch`, `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
+    (`openvino` on the CPU where installed, else `onnx`; `torch` on CUDA). The CLI's default is `auto`;
+    here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False
     """torch backend only: wrap the UNet and VAE in `torch.compile`."""
     max_batch: int = 4

@@ -36,7 +36,7 @@ from livediff.backends.onnx_backend import (
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine import StreamEngine
 from livediff.engine.device import torch_threads
-from livediff.errors import BackendUnavailable
+from livediff.errors import BackendUnavailable, ConfigError
 from livediff.models import ModelParts, load_model
 
 SIZE = 64
@@ -408,6 +408,40 @@ def test_openvino_unavailable_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if not installed
     with pytest.raises(BackendUnavailable, match=r"pip install 'livediff\[openvino\]'"):
         require_openvino(torch.device("cpu"))
+
+
+def test_auto_runs_openvino_in_bfloat16_where_the_cpu_has_it(settings: EngineSettings) -> None:
+    """What `livediff serve` runs on a CPU by default: the fastest set-up this host has."""
+    ov = pytest.importorskip("openvino")
+    from livediff.backends.openvino_backend import cpu_has_bf16
+
+    bf16 = cpu_has_bf16(ov)
+    engine = StreamEngine(settings.replace(backend="auto"))  # loads the model in the dtype auto picked
+    assert engine.settings.backend == "openvino"
+    assert engine.dtype == engine.parts.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert engine.backend.name == ("openvino-bf16" if bf16 else "openvino-fp32")
+    frame = torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8)
+    (output,) = engine.step([(engine.open_stream(), frame)]).outputs
+    assert output.shape == frame.shape and output.dtype == torch.uint8 and not torch.equal(output, frame)
+
+
+def test_auto_without_openvino_or_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livediff.backends import resolve_backend
+    from livediff.engine.device import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("onnx", cpu) == "onnx" and resolve_backend("torch", cuda) == "torch"
+    assert resolve_backend("auto", cuda) == "torch"  # a TensorRT build takes minutes: only when asked
+    assert resolve_dtype("auto", cuda, "torch") == torch.float16
+    assert resolve_dtype("auto", cpu, "onnx") == resolve_dtype("auto", cpu, "torch") == torch.float32
+    assert resolve_dtype("bfloat16", cpu, "onnx") == torch.bfloat16
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if not installed
+    assert resolve_backend("auto", cpu) == "onnx"
+
+
+def test_engine_refuses_a_model_loaded_in_another_dtype(parts: ModelParts) -> None:
+    with pytest.raises(ConfigError, match="dtype bfloat16 asked for, but the model given was loaded in torch.float32"):
+        StreamEngine(EngineSettings(model="tiny", height=SIZE, width=SIZE, dtype="bfloat16"), parts)
 
 
 # -- CUDA and TensorRT -----------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def test_models_lists_the_builtins(capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "backend", "compiled"),
     [
-        ([], {}, "torch", False),
+        ([], {}, "auto", False),
+        (["--backend", "torch"], {}, "torch", False),
         (["--backend", "onnx"], {}, "onnx", False),
         (["--backend", "torch.compile"], {}, "torch", True),
         ([], {"LIVEDIFF_BACKEND": "onnx"}, "onnx", False),

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from typing import TYPE_CHECKING
 
 from livediff.backends.base import Backend
 
 if TYPE_CHECKING:
+    import torch
+
     from livediff.config import EngineSettings
     from livediff.models import ModelParts
 
-__all__ = ["Backend", "create_backend"]
+__all__ = ["Backend", "create_backend", "resolve_backend"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`auto`: on the CPU OpenVINO where it is installed, else ONNX Runtime; on CUDA eager torch
+    (a TensorRT build takes minutes, so it is asked for by name). Says which it picked."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        picked = "torch"
+    else:
+        picked = "openvino" if importlib.util.find_spec("openvino") is not None else "onnx"
+    log.info("--backend auto picked %s (device %s)", picked, device)
+    return picked
 
 
 def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:

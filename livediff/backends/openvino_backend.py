@@ -65,11 +65,14 @@ def _core(ov: ModuleType) -> Any:
     return ov.Core()
 
 
+def cpu_has_bf16(ov: ModuleType) -> bool:
+    """Whether OpenVINO computes bf16 natively on this CPU (AVX512_BF16 or AMX instructions)."""
+    return "BF16" in _core(ov).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def run_precision(ov: ModuleType, dtype: torch.dtype) -> str:
     """What the networks compute in: `bf16` for a bfloat16 engine on a CPU with bf16 instructions, else `fp32`."""
-    if dtype == torch.bfloat16 and "BF16" in _core(ov).get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        return "bf16"
-    return "fp32"
+    return "bf16" if dtype == torch.bfloat16 and cpu_has_bf16(ov) else "fp32"
 
 
 def blob_key(settings: EngineSettings, parts: ModelParts, component: str, ov: ModuleType) -> EngineKey:

@@ -22,10 +22,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+def resolve_dtype(name: str, device: torch.device, backend: str = "torch") -> torch.dtype:
+    """`auto`: float16 on CUDA; on the CPU bfloat16 for OpenVINO where the CPU has bf16 instructions
+    (twice float32's speed there), float32 otherwise."""
+    if name != "auto":
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    if device.type == "cuda":
+        return torch.float16
+    if backend == "openvino":
+        from livediff.backends.openvino_backend import cpu_has_bf16, require_openvino
+
+        if cpu_has_bf16(require_openvino(device)):
+            return torch.bfloat16
+    return torch.float32
 
 
 @contextmanager

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from livediff.backends import Backend, create_backend
+from livediff.backends import Backend, create_backend, resolve_backend
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
+from livediff.errors import ConfigError
 from livediff.models import ModelParts, load_model
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,16 @@ class StreamEngine:
     """
 
     def __init__(self, settings: EngineSettings, parts: ModelParts | None = None) -> None:
-        self.settings = settings
         self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.parts = parts or load_model(settings.model, self.device, self.dtype, vae=settings.vae)
+        settings = settings.replace(backend=resolve_backend(settings.backend, self.device))
+        self.settings = settings
+        if parts is None:
+            self.dtype = resolve_dtype(settings.dtype, self.device, settings.backend)
+            parts = load_model(settings.model, self.device, self.dtype, vae=settings.vae)
+        elif settings.dtype != "auto" and resolve_dtype(settings.dtype, self.device) != parts.dtype:
+            raise ConfigError(f"dtype {settings.dtype} asked for, but the model given was loaded in {parts.dtype}")
+        self.dtype = parts.dtype
+        self.parts = parts
         self.backend: Backend = create_backend(settings, self.parts)
         self.schedule = NoiseSchedule(self.parts.scheduler, self.device)
         self.conditioning = ConditioningCache(

@@ -8,6 +8,7 @@ import signal
 
 from aiohttp import web
 
+from livediff.backends import resolve_backend
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.engine.device import resolve_device
 from livediff.errors import LivediffError
@@ -24,8 +25,8 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings, param
 
 async def _serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams) -> int:
     device = resolve_device(engine_settings.device)
-    model = resolve_auto(engine_settings.model, device)  # says which it picked
-    engine_settings = engine_settings.replace(model=model)
+    model = resolve_auto(engine_settings.model, device)  # each says which it picked
+    engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
     app = create_app(engine_settings, settings, default_params=params)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
