@@ -5,10 +5,11 @@ with `baseline="diffusers"`, the same model, size, steps and strength through di
 `AutoPipelineForImage2Image` called once per frame with PIL images in and out, in the engine's
 dtype unless `baseline_dtype` names another (the report says which).
 
-The configurations take turns: each round gives every engine configuration and the baseline one
-frame, starting with a different one each round. A busy host (other tenants, a frequency drop)
-then slows all of them alike instead of whichever happened to run at the time, and the ratios
-hold from run to run even when the absolute numbers move.
+The configurations take turns of a few frames each (engine configurations and the baseline, the
+first of a turn changing each time): a busy spell of the host (other tenants, a frequency drop)
+then slows all of them alike instead of whichever happened to run at the time. Turns of one frame
+would spread the noise best but leave every frame with caches cold from the other configuration
+(measured: 10-20% slower for both, more for the baseline); with 10 frames a turn they run warm.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class BenchPlan:
     """The baseline's dtype when not the engine's (`float32`: what diffusers loads by default)."""
     streams: tuple[int, ...] = ()
     """Stream counts for the batched-versus-sequential comparison."""
+
+    turn: int = 10
+    """Consecutive frames a configuration runs before the next one takes over (see `run_rounds`)."""
 
     @property
     def rounds(self) -> int:
@@ -155,14 +159,16 @@ class DiffusersLane:
 
 
 def run_rounds(lanes: list[Lane], plan: BenchPlan) -> None:
-    """`plan.rounds` rounds of one frame per lane, the first `plan.warmup` not recorded.
+    """Frames 0 .. `plan.rounds` - 1 through every lane, in turns of `plan.turn` frames per lane;
+    the first `plan.warmup` frames are not recorded.
 
-    Round i starts with lane i mod n, so no lane always runs right after the same other one.
+    Turn i starts with lane i mod n, so no lane always runs right after the same other one.
     """
-    for index in range(plan.rounds):
-        start = index % len(lanes)
+    for turn, first in enumerate(range(0, plan.rounds, plan.turn)):
+        start = turn % len(lanes)
         for lane in lanes[start:] + lanes[:start]:
-            lane.run(index, record=index >= plan.warmup)
+            for index in range(first, min(first + plan.turn, plan.rounds)):
+                lane.run(index, record=index >= plan.warmup)
 
 
 def run_streams(engine: StreamEngine, plan: BenchPlan, count: int) -> dict[str, Any]:
@@ -218,6 +224,7 @@ def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: Model
         "size": f"{engine.settings.width}x{engine.settings.height}",
         "steps": len(plan.params.timesteps),
         "strength": plan.params.strength,
+        "frames_per_turn": plan.turn,
         "runs": [lane.report() for lane in lanes if isinstance(lane, EngineLane)],
     }
     for count in plan.streams:
