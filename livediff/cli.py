@@ -139,12 +139,17 @@ def cmd_g2g(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
+    from livediff.backends import resolve_backend
     from livediff.backends.build import build_engines
     from livediff.engine.device import resolve_device, resolve_dtype
     from livediff.models import load_model
 
     settings = engine_settings(args, backend=args.backend)
     device = resolve_device(settings.device)
+    settings = settings.replace(backend=resolve_backend(settings.backend, device))  # as `serve` would
+    if settings.backend == "torch":
+        print(f"livediff: --backend auto runs torch on {device}, which has nothing to build ahead")
+        return 0
     dtype = resolve_dtype(settings.dtype, device, settings.backend)
     parts = load_model(settings.model, device, dtype, vae=settings.vae)
     build_engines(settings, parts, progress=print)
@@ -257,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")
     add_engine_flags(build)
-    build.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"], default="onnx")
+    build.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"], default=_env("backend", "auto"),
+                       help="what to build for; auto: what `serve --backend auto` runs (also LIVEDIFF_BACKEND)")
     build.set_defaults(run=cmd_build_engines)
 
     serve = commands.add_parser("serve", help="run the WebRTC service (demo page, /offer, WHIP, WHEP, API)")

@@ -425,6 +425,17 @@ def test_auto_runs_openvino_in_bfloat16_where_the_cpu_has_it(settings: EngineSet
     assert output.shape == frame.shape and output.dtype == torch.uint8 and not torch.equal(output, frame)
 
 
+def test_build_engines_builds_what_serve_runs_by_default(settings: EngineSettings, capsys) -> None:  # type: ignore[no-untyped-def]
+    from livediff.cli import main
+
+    argv = ["build-engines", "--model", "tiny", "--size", str(SIZE), "--engines-dir", str(settings.engines_dir)]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": built " in line or ": reused " in line]
+    artifact = "model.blob" if importlib.util.find_spec("openvino") else "model.onnx"
+    assert [line.split(":")[0] for line in lines] == list(COMPONENTS)
+    assert all(line.endswith(artifact) for line in lines), lines
+
+
 def test_auto_without_openvino_or_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     from livediff.backends import resolve_backend
     from livediff.engine.device import resolve_dtype
