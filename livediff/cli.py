@@ -147,8 +147,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     settings = engine_settings(args, backend=args.backend)
     device = resolve_device(settings.device)
     settings = settings.replace(backend=resolve_backend(settings.backend, device))  # as `serve` would
-    if settings.backend == "torch":
-        print(f"livediff: --backend auto runs torch on {device}, which has nothing to build ahead")
+    if settings.backend == "torch":  # auto on CUDA, or LIVEDIFF_BACKEND=torch
+        print(f"livediff: the torch backend on {device} has nothing to build ahead")
         return 0
     dtype = resolve_dtype(settings.dtype, device, settings.backend)
     parts = load_model(settings.model, device, dtype, vae=settings.vae)
