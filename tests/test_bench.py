@@ -114,7 +114,9 @@ def test_serve_takes_the_backend_from_the_flag_or_the_environment(
     assert (settings.backend, settings.compile) == (backend, compiled)
 
 
-def test_serve_names_an_unknown_backend(capsys) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("argv", [["serve", "--backend", "warp"], ["build-engines", "--backend", "torch"]])
+def test_an_unknown_backend_is_named(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--backend", "warp"])
-    assert exit_info.value.code == 2 and "--backend" in capsys.readouterr().err
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--backend" in err and repr(argv[-1]) in err
