@@ -20,7 +20,6 @@ import av
 import torch
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
-from aiortc.exceptions import InvalidStateError, OperationError
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.models import ModelParts
@@ -31,9 +30,10 @@ from livediff.server.params import parse_update
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
+from livediff.transport.offers import answer, check_codecs, check_offer
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
 from livediff.transport.tracks import OutputTrack, drain, pump
-from livediff.transport.whip import SdpError, SdpFrag, check_offer, new_etag
+from livediff.transport.whip import SdpFrag, new_etag
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Service:
                       probe_on: bool = False) -> tuple[Session, Resource]:
         """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
         self.require_ready()
-        check_offer(offer.sdp)
+        check_codecs(check_offer(offer.sdp), self.settings.video_codecs)
         session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
@@ -239,7 +239,7 @@ class Service:
                 if channel.label == "control":
                     self._control_channel(session, channel)
 
-            await self._answer(pc, offer)
+            await answer(pc, offer)
             if transceiver.currentDirection in ("sendrecv", "sendonly"):
                 session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                           self.settings.keyframe_interval_s), "tune")
@@ -267,13 +267,6 @@ class Service:
 
         return forget
 
-    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
-        try:
-            await pc.setRemoteDescription(offer)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except (ValueError, AssertionError, KeyError, IndexError, OperationError, InvalidStateError) as exc:
-            raise SdpError(f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
-
     def _watch(self, pc: RTCPeerConnection, owner: Session, end: Callable[[], Any]) -> None:
         """Reap the peer when it fails, closes, or never connects within the ICE timeout."""
 
@@ -299,7 +292,7 @@ class Service:
 
     async def view(self, session: Session, offer: RTCSessionDescription) -> Resource:
         self.require_ready()
-        check_offer(offer.sdp)
+        check_codecs(check_offer(offer.sdp), self.settings.video_codecs)
         if len(session.viewers) >= self.settings.max_viewers:
             raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
         output = self.outputs[session.id]
@@ -326,7 +319,7 @@ class Service:
         session.viewers[viewer_id] = end
         self.metrics.viewers.inc()
         try:
-            await self._answer(pc, offer)
+            await answer(pc, offer)
         except BaseException:
             await end()
             raise

@@ -29,6 +29,7 @@ from aiortc import (
 from aiortc.codecs import is_rtx
 
 from livediff.config import ServerSettings
+from livediff.transport import h264_profiles
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -46,8 +47,10 @@ def ice_servers(settings: ServerSettings) -> list[RTCIceServer]:
 
 
 def create_peer(settings: ServerSettings) -> RTCPeerConnection:
-    """A peer with our ICE servers (none by default: no STUN look-up delays on a LAN) and, when
-    enabled, marker-bit frame completion on its video receivers."""
+    """A peer with our ICE servers (none by default: no STUN look-up delays on a LAN), H.264 Main
+    and High among the codecs it receives, and, when enabled, marker-bit frame completion on its
+    video receivers."""
+    h264_profiles.enable()  # receive H.264 Main and High too (idempotent)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(settings)))
     if settings.marker_completion:
         from livediff.transport.marker_jitterbuffer import enable_for
