@@ -95,7 +95,7 @@ async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrac
 
 
 async def whep_view(http: aiohttp.ClientSession, url: str, session_id: str | None = None,
-                    codec: str = "VP8") -> Client:
+                    codec: str = "VP8", headers: dict[str, str] | None = None) -> Client:
     client = Client(pc=new_peer())
     transceiver = client.pc.addTransceiver("video", direction="recvonly")
     prefer(transceiver, codec)
@@ -103,7 +103,7 @@ async def whep_view(http: aiohttp.ClientSession, url: str, session_id: str | Non
     await client.pc.setLocalDescription(await client.pc.createOffer())
     path = "/whep" + (f"/{session_id}" if session_id else "")
     async with http.post(url + path, data=client.pc.localDescription.sdp,
-                         headers={"Content-Type": "application/sdp"}) as response:
+                         headers={**(headers or {}), "Content-Type": "application/sdp"}) as response:
         text = await response.text()
         assert response.status == 201, text
         client.location = response.headers["Location"]

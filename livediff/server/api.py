@@ -1,4 +1,4 @@
-"""GET /api/sessions, GET|PATCH /api/sessions/{id}: state, stats and live params."""
+"""GET /api/sessions, GET|PATCH|DELETE /api/sessions/{id}: state, stats, live params, and ending a session."""
 
 from __future__ import annotations
 
@@ -22,7 +22,19 @@ async def patch_session(request: web.Request) -> web.Response:
     return web.json_response(await service(request).apply_params(session, data))
 
 
+async def delete_session(request: web.Request) -> web.Response:
+    """The operator's stop: ends the session's peer, its WHEP viewers and tasks, and frees its slot.
+
+    Any kind of session (demo page, WHIP); 404 when unknown or already ended. Answers the session
+    as it ended (`state` "closed", its final stats).
+    """
+    session = find_session(request)
+    await service(request).close_session(session)
+    return web.json_response(session.describe())
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_patch("/api/sessions/{id}", patch_session)
+    app.router.add_delete("/api/sessions/{id}", delete_session)

@@ -5,23 +5,24 @@ Why
 aiortc lists H.264 in its codec table (``aiortc.codecs.CODECS["video"]``) as Baseline
 ``42001f`` and Constrained Baseline ``42e01f`` only, and matches an offered H.264 codec to a row
 by packetization mode and *profile* (``aiortc.rtcpeerconnection.is_codec_compatible``; the
-level is not compared). An offer whose only video codec is H.264 Main (``4d001f``), Constrained
-High (``640c1f``, what browsers offer as High) or High (``64001f``, what ``ffmpeg -profile:v
-high`` produces), as OBS sends on some platforms, has no row in common and aiortc refuses it ("Failed to set remote video description send
-parameters"). The decoder behind aiortc's receiver (libavcodec's h264 through PyAV) decodes all
-of these profiles, B-frames included: pictures leave the decoder in presentation order once its
-reorder delay is filled, so a stream with B-frames costs that delay and nothing else.
+level is not compared). An offer whose only video codec is H.264 Main (``4d001f``),
+Constrained High (``640c1f``, what browsers offer as High) or High (``64001f``, what ``ffmpeg
+-profile:v high`` produces), as OBS sends on some platforms, has no row in common and aiortc
+refuses it ("Failed to set remote video description send parameters"). The decoder behind
+aiortc's receiver (libavcodec's h264 through PyAV) decodes all of these profiles, B-frames
+included: pictures leave the decoder in presentation order once its reorder delay is filled,
+so a stream with B-frames costs that delay and nothing else.
 
 What
 ----
 :func:`enable` appends rows for Main (``profile-level-id=4d001f``), Constrained High
 (``640c1f``) and High (``64001f``), each with packetization-mode 1, level-asymmetry-allowed 1
-and its RTX row, *after* aiortc's own rows. An offer's codec is matched to a row of its own profile, so the answer carries the
-offered profile (at level 3.1, the level aiortc states for its Baseline rows too; with
-level-asymmetry-allowed the level only bounds what we may be sent, and libavcodec reads any).
-Offers that also carry Baseline keep getting Baseline first, as before. What aiortc *sends*
-stays its own encoder's Constrained Baseline bitstream, which every Main and High decoder
-decodes (Constrained Baseline is a subset of Main and High, ITU-T H.264 A.2.1).
+and its RTX row, *after* aiortc's own rows. An offer's codec is matched to the row of its own
+profile, so the answer carries the offered profile, at level 3.1 as aiortc's Baseline rows
+(with level-asymmetry-allowed the level only bounds what we may be sent; libavcodec reads any
+level). Offers that also carry Baseline keep getting Baseline first, as before. What aiortc
+*sends* stays its own encoder's Constrained Baseline bitstream, which every Main and High
+decoder decodes (Constrained Baseline is a subset of Main and High, ITU-T H.264 A.2.1).
 
 The table is module state of aiortc, shared by every peer connection in the process, so
 :func:`enable` is idempotent and changes nothing else. :func:`check_aiortc_internals` verifies,
