@@ -30,7 +30,7 @@ from livediff.server.params import parse_update
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
-from livediff.transport.offers import answer, check_codecs, check_offer
+from livediff.transport.offers import answer, prepare_offer
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
 from livediff.transport.tracks import OutputTrack, drain, pump
 from livediff.transport.whip import SdpFrag, new_etag
@@ -214,7 +214,7 @@ class Service:
                       probe_on: bool = False) -> tuple[Session, Resource]:
         """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
         self.require_ready()
-        check_codecs(check_offer(offer.sdp), self.settings.video_codecs)
+        offer = prepare_offer(offer.sdp, self.settings.video_codecs)
         session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
@@ -292,7 +292,7 @@ class Service:
 
     async def view(self, session: Session, offer: RTCSessionDescription) -> Resource:
         self.require_ready()
-        check_codecs(check_offer(offer.sdp), self.settings.video_codecs)
+        offer = prepare_offer(offer.sdp, self.settings.video_codecs)
         if len(session.viewers) >= self.settings.max_viewers:
             raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
         output = self.outputs[session.id]

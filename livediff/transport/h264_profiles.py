@@ -146,15 +146,9 @@ def enable() -> None:
         table["video"] += [row, retransmission]
 
 
-def describe(codec: RTCRtpCodecParameters) -> str:
-    """A codec as the error bodies name it: `VP8`, `H264 High (profile-level-id=640c1f, packetization-mode=1)`."""
-    name = codec.mimeType.split("/")[-1]
-    if name.lower() != "h264":
-        return name
-    level_id = str(codec.parameters.get("profile-level-id", "42e01f"))
+def profile_name(profile_level_id: str) -> str:
+    """`Main`, `Constrained High` ... for a profile-level-id (RFC 6184 8.1), or `unknown profile`."""
     try:
-        profile = PROFILE_NAMES.get(parse_h264_profile_level_id(level_id)[0], "unknown profile")
+        return PROFILE_NAMES.get(parse_h264_profile_level_id(profile_level_id)[0], "unknown profile")
     except ValueError:
-        profile = "unknown profile"
-    mode = codec.parameters.get("packetization-mode", 0)
-    return f"H264 {profile} (profile-level-id={level_id}, packetization-mode={mode})"
+        return "unknown profile"

@@ -11,13 +11,16 @@ the client's fault, so an offer goes through these steps, each ending in a clear
    shortest prefix of the SDP it cannot parse ends at the line it choked on (found by
    bisection, a handful of parses). Then what aiortc assumes of every m-section without
    checking it: ICE credentials, a DTLS role (`a=setup`, RFC 8842), `a=rtcp-mux` for RTP
-   (RFC 8829 5.1.1: JSEP endpoints multiplex), `a=sctp-port` for data (RFC 8841).
+   (RFC 8829 5.1.1: JSEP endpoints multiplex), `a=sctp-port` for data (RFC 8841), unique
+   `a=mid`s, a BUNDLE group naming only those (RFC 9143).
    -> `SdpError` (400), with the offending line where there is one.
 2. `check_codecs`: per audio/video m-section, the codecs aiortc would agree on (its own
    matching: H.264 by packetization mode and profile), limited for video to the codecs the
    server is set to use. None in common -> `UnsupportedCodecs` (422), naming the codecs
    offered and the codecs accepted.
-3. `answer`: set the offer, create and set the answer; anything aiortc still raises is an
+3. `with_directions`: an m-section without a direction attribute gets RFC 3264's default
+   written out (aiortc does not assume it). `prepare_offer` runs steps 1-3.
+4. `answer`: set the offer, create and set the answer; anything aiortc still raises is an
    `SdpError` (400) naming aiortc's exception.
 """
 
@@ -42,7 +45,7 @@ _RTPMAP = re.compile(r"a=rtpmap:(\S+)")
 class UnsupportedCodecs(ValueError):
     """A well-formed offer whose m-section has no codec livediff can use (answered 422).
 
-    `offered` and `accepted` name codecs as `h264_profiles.describe` does.
+    `offered` and `accepted` name codecs as `describe` does.
     """
 
     def __init__(self, kind: str, offered: list[str], accepted: list[str]) -> None:
@@ -70,7 +73,22 @@ def check_offer(sdp: str) -> SessionDescription:
     description = _parse(sdp)
     for index, media in enumerate(description.media):
         _check_media(index, media)
+    _check_mids(description)
     return description
+
+
+def _check_mids(description: SessionDescription) -> None:
+    """m-line ids are unique (RFC 9143 7.2.1's identification-tags) and every id a BUNDLE group
+    names is one of them (aiortc leaves a peer it cannot even close otherwise)."""
+    mids = [media.rtp.muxId for media in description.media if media.rtp.muxId]
+    repeated = sorted({mid for mid in mids if mids.count(mid) > 1})
+    if repeated:
+        raise SdpError(f"a=mid:{repeated[0]} names more than one m-line", line=f"a=mid:{repeated[0]}")
+    for group in description.group:
+        missing = [str(item) for item in group.items if str(item) not in mids]
+        if group.semantic == "BUNDLE" and missing:
+            line = f"a=group:BUNDLE {' '.join(map(str, group.items))}"
+            raise SdpError(f"{line!r} names {', '.join(missing)}, which no m-line has as its a=mid", line=line)
 
 
 def _check_fmtp(lines: list[str]) -> None:
@@ -155,9 +173,47 @@ def check_codecs(description: SessionDescription, video_codecs: tuple[str, ...])
         accepted = accepted_codecs(media.kind, video_codecs)
         if rtcpeerconnection.find_common_codecs(accepted, media.rtp.codecs):
             continue
-        offered = [h264_profiles.describe(c) for c in media.rtp.codecs if not aiortc_codecs.is_rtx(c)]
+        offered = [describe(c) for c in media.rtp.codecs if not aiortc_codecs.is_rtx(c)]
         raise UnsupportedCodecs(media.kind, list(dict.fromkeys(offered)),
-                                list(dict.fromkeys(h264_profiles.describe(c) for c in accepted)))
+                                list(dict.fromkeys(describe(c) for c in accepted)))
+
+
+def describe(codec: RTCRtpCodecParameters) -> str:
+    """A codec as error bodies name it: `VP8/90000`, `opus/48000/2`,
+    `H264/90000 High (profile-level-id=64001f, packetization-mode=1)`."""
+    name = f"{codec.mimeType.split('/')[-1]}/{codec.clockRate}" + (f"/{codec.channels}" if codec.channels else "")
+    if codec.mimeType.lower() != "video/h264":
+        return name
+    level_id = str(codec.parameters.get("profile-level-id", "42e01f"))
+    mode = codec.parameters.get("packetization-mode", 0)
+    return f"{name} {h264_profiles.profile_name(level_id)} (profile-level-id={level_id}, packetization-mode={mode})"
+
+
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
+def with_directions(sdp: str) -> str:
+    """`sdp` with a direction attribute in every m-section: RFC 3264 5.1's default written out
+    (the session-level one, else `a=sendrecv`), which aiortc does not assume (it fails with
+    "None is not in list"). Returned unchanged when every m-section has one."""
+    lines = sdp.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("m=")] + [len(lines)]
+    attributes = {f"a={d}" for d in DIRECTIONS}
+    session = next((line for line in lines[: starts[0]] if line.strip() in attributes), "a=sendrecv").strip()
+    sections = [lines[a:b] for a, b in zip(starts, starts[1:])]
+    if all(any(line.strip() in attributes for line in section) for section in sections):
+        return sdp
+    out = lines[: starts[0]]
+    for section in sections:
+        out += section if any(line.strip() in attributes for line in section) else section + [session]
+    return "".join(line + "\r\n" for line in out)
+
+
+def prepare_offer(sdp: str, video_codecs: tuple[str, ...]) -> RTCSessionDescription:
+    """The offer to hand aiortc: checked (`check_offer`, `check_codecs`, raising `SdpError` or
+    `UnsupportedCodecs`), with RFC 3264's default directions written out (`with_directions`)."""
+    check_codecs(check_offer(sdp), video_codecs)
+    return RTCSessionDescription(sdp=with_directions(sdp), type="offer")
 
 
 async def answer(pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
