@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+try:  # imported here, at start-up, not by its plugin's end-of-run summary: pytest then rewrites its modules
+    import hypothesis  # noqa: F401  deep in a call stack, where CPython 3.11.7's ast.parse fails with SystemError
+except ImportError:  # (AST constructor recursion depth mismatch) and the run ends with a traceback
+    pass
+
 # No test may reach the hub: unknown ids must fail fast and clearly, not after network retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("LIVEDIFF_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "livediff"))

@@ -76,6 +76,15 @@ def parse_sdpfrag(text: str) -> SdpFrag:
     return frag
 
 
+def is_ice_restart(frag: SdpFrag, remote_sdp: str) -> bool:
+    """Whether a PATCH body asks for an ICE restart: it carries an `ice-ufrag` or `ice-pwd` other
+    than those of the remote description in force (RFC 8839 4.4.1.1.1: new credentials restart
+    ICE; RFC 9725 4.3.2: a WHIP client restarts ICE by PATCHing them)."""
+    ufrags = {line[len("a=ice-ufrag:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-ufrag:")}
+    pwds = {line[len("a=ice-pwd:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-pwd:")}
+    return (frag.ufrag is not None and frag.ufrag not in ufrags) or (frag.pwd is not None and frag.pwd not in pwds)
+
+
 def link_headers(urls: tuple[str, ...], username: str = "", credential: str = "") -> list[str]:
     """`Link: <url>; rel="ice-server"` values (RFC 9725 4.6), with TURN credentials when set."""
     links = []
