@@ -11,8 +11,8 @@ the client's fault, so an offer goes through these steps, each ending in a clear
    shortest prefix of the SDP it cannot parse ends at the line it choked on (found by
    bisection, a handful of parses). Then what aiortc assumes of every m-section without
    checking it: ICE credentials, a DTLS role (`a=setup`, RFC 8842), `a=rtcp-mux` for RTP
-   (RFC 8829 5.1.1: JSEP endpoints multiplex), `a=sctp-port` for data (RFC 8841), unique
-   `a=mid`s, a BUNDLE group naming only those (RFC 9143).
+   (RFC 8834 4.5: WebRTC multiplexes RTP and RTCP), `a=sctp-port` for data (RFC 8841), unique
+   `a=mid`s (RFC 5888 4), a BUNDLE group naming only those (RFC 9143).
    -> `SdpError` (400), with the offending line where there is one.
 2. `check_codecs`: per audio/video m-section, the codecs aiortc would agree on (its own
    matching: H.264 by packetization mode and profile), limited for video to the codecs the
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCSessionDescription, rtcpeerconnection
 from aiortc import codecs as aiortc_codecs
@@ -62,7 +63,7 @@ def check_offer(sdp: str) -> SessionDescription:
         raise SdpError("empty SDP")
     lines = [line.strip() for line in sdp.strip().splitlines()]
     if not lines[0].startswith("v=0"):
-        raise SdpError("SDP must start with v=0", line=lines[0])
+        raise SdpError("SDP must start with v=0", line=_shown(lines[0]))
     if not any(line.startswith("m=video ") for line in lines):
         raise SdpError("the offer has no video m-line")
     if not any(line.startswith("a=fingerprint:") for line in lines):
@@ -78,17 +79,19 @@ def check_offer(sdp: str) -> SessionDescription:
 
 
 def _check_mids(description: SessionDescription) -> None:
-    """m-line ids are unique (RFC 9143 7.2.1's identification-tags) and every id a BUNDLE group
-    names is one of them (aiortc leaves a peer it cannot even close otherwise)."""
-    mids = [media.rtp.muxId for media in description.media if media.rtp.muxId]
-    repeated = sorted({mid for mid in mids if mids.count(mid) > 1})
-    if repeated:
-        raise SdpError(f"a=mid:{repeated[0]} names more than one m-line", line=f"a=mid:{repeated[0]}")
+    """m-line ids are unique (RFC 5888 4) and every id a BUNDLE group names is one of them (else
+    aiortc leaves a peer that it cannot even close)."""
+    counts = Counter(media.rtp.muxId for media in description.media if media.rtp.muxId)
+    repeated = next((mid for mid, count in counts.items() if count > 1), None)
+    if repeated is not None:
+        line = _shown(f"a=mid:{repeated}")
+        raise SdpError(f"{line} names more than one m-line", line=line)
     for group in description.group:
-        missing = [str(item) for item in group.items if str(item) not in mids]
+        missing = [str(item) for item in group.items if str(item) not in counts]
         if group.semantic == "BUNDLE" and missing:
-            line = f"a=group:BUNDLE {' '.join(map(str, group.items))}"
-            raise SdpError(f"{line!r} names {', '.join(missing)}, which no m-line has as its a=mid", line=line)
+            line = _shown(f"a=group:BUNDLE {' '.join(map(str, group.items))}")
+            raise SdpError(f"{line!r} names {_shown(', '.join(missing))}, which no m-line has as its a=mid",
+                           line=line)
 
 
 def _check_fmtp(lines: list[str]) -> None:
@@ -105,8 +108,8 @@ def _check_fmtp(lines: list[str]) -> None:
         for line in section:
             match = _FMTP.match(line)
             if match and match.group(1) not in mapped:
-                raise SdpError(f"{line!r} describes payload type {match.group(1)}, which has no a=rtpmap "
-                               "line in its m-section", line=line)
+                raise SdpError(f"{_shown(line)!r} describes payload type {_shown(match.group(1))}, which has no "
+                               "a=rtpmap line in its m-section", line=_shown(line))
 
 
 def _parse(sdp: str) -> SessionDescription:
@@ -123,9 +126,13 @@ def _parse(sdp: str) -> SessionDescription:
             low = middle
         except Exception:
             high = middle
-    line = lines[high - 1]
-    shown = line if len(line) <= 120 else line[:120] + f"... ({len(line)} characters)"
+    shown = _shown(lines[high - 1])
     raise SdpError(f"cannot parse line {high} {shown!r}: {_reason(error)}", line=shown) from error
+
+
+def _shown(line: str) -> str:
+    """A line as error bodies quote it: at most 120 characters."""
+    return line if len(line) <= 120 else line[:120] + f"... ({len(line)} characters)"
 
 
 def _reason(exc: BaseException) -> str:
@@ -149,7 +156,7 @@ def _check_media(index: int, media: MediaDescription) -> None:
         raise SdpError(f"{where} has no a=setup attribute (the DTLS role); an offer carries a=setup:actpass "
                        "(RFC 8842)", line="a=setup")
     if media.kind in ("audio", "video") and not media.rtcp_mux:
-        raise SdpError(f"{where} has no a=rtcp-mux: WebRTC multiplexes RTP and RTCP (RFC 8829 5.1.1)",
+        raise SdpError(f"{where} has no a=rtcp-mux: WebRTC multiplexes RTP and RTCP (RFC 8834 4.5)",
                        line="a=rtcp-mux")
     if media.kind == "application" and media.profile != "DTLS/SCTP" and media.sctp_port is None:
         raise SdpError(f"{where} has no a=sctp-port (RFC 8841)", line="a=sctp-port")
