@@ -25,10 +25,10 @@ from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.server import create_app
 from livediff.server.common import SERVICE
 from livediff.server.service import Service
-from livediff.transport.client import FPS, CameraTrack, Client, new_peer, offer_client, prefer
+from livediff.transport.client import FPS, CameraTrack, Client, Received, new_peer, offer_client, prefer
 
 __all__ = [  # the client pieces are re-exported: the tests import everything from here
-    "FPS", "CameraTrack", "Client", "offer_client", "Running", "running_server", "strip_candidates",
+    "FPS", "CameraTrack", "Client", "offer_client", "Running", "running_server", "frames_back", "strip_candidates",
     "whip_publish", "whep_view", "mean_abs_diff", "metric_value",
 ]
 
@@ -61,6 +61,14 @@ async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params:
         yield Running(str(test_server.make_url("")).rstrip("/"), app)
     finally:
         await test_server.close()
+
+
+async def frames_back(client: Client, count: int = 3) -> Received:
+    """Once `client` is connected and `count` frames came back: what it received."""
+    await client.wait_connected()
+    assert client.received is not None
+    await client.received.wait_for(count)
+    return client.received
 
 
 def strip_candidates(sdp: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.server_fixtures import metric_value, offer_client, running_server, whep_view
+from tests.server_fixtures import frames_back, metric_value, offer_client, running_server, whep_view
 
 pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(120)]
 
@@ -18,9 +18,7 @@ async def test_delete_session_ends_peer_viewers_and_frees_the_slot(tiny_parts, h
     async with running_server(tiny_parts, size=64, token=TOKEN, max_sessions=1) as server:
         url = server.url
         client = await offer_client(http, url, headers=AUTH)
-        await client.wait_connected()
-        assert client.received is not None
-        await client.received.wait_for(3)
+        await frames_back(client)
         viewer = await whep_view(http, url, client.session_id, headers=AUTH)
         await viewer.wait_connected()
         session = server.service.scheduler.sessions[client.session_id]
@@ -60,8 +58,6 @@ async def test_delete_session_ends_peer_viewers_and_frees_the_slot(tiny_parts, h
 
         # the slot is free: a new session is admitted and gets transformed frames
         second = await offer_client(http, url, headers=AUTH)
-        await second.wait_connected()
-        assert second.received is not None
-        await second.received.wait_for(3)
+        await frames_back(second)
         for peer in (client, viewer, second):
             await peer.close()
