@@ -187,10 +187,31 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-sessions", type=_int_range(1, 1024), default=int(_env("max_sessions", d.max_sessions)))
     group.add_argument("--max-viewers", type=_int_range(0, 1024), default=int(_env("max_viewers", d.max_viewers)))
     group.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", d.max_body_bytes)))
+    group.add_argument("--tls", choices=["self-signed"], default=_env("tls", None),
+                       help="serve https with a certificate made for this machine's names (kept in --state-dir)")
+    group.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None),
+                       help="serve https with this PEM certificate (chain); with --tls-key")
+    group.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="the PEM key of --tls-cert")
+    group.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
+                       help="where the self-signed certificate is kept (default ~/.local/state/livediff)")
+    group.add_argument("--cors-origins", default=_env("cors_origins", ""),
+                       help="comma-separated origins (https://app.example) whose pages may use the API, "
+                       "WHIP and WHEP, or *; none by default")
     group.add_argument("--ice-servers", default=_env("ice_servers", ""),
-                       help="comma-separated stun:/turn: urls for the server's peers and WHIP Link headers")
-    group.add_argument("--turn-username", default=_env("turn_username", ""))
-    group.add_argument("--turn-credential", default=_env("turn_credential", ""))
+                       help="comma-separated stun:/turn: urls for the server's peers, the pages and "
+                       "WHIP/WHEP Link headers")
+    group.add_argument("--turn-secret", default=_env("turn_secret", ""),
+                       help="the TURN server's shared secret (coturn static-auth-secret): each client gets "
+                       "a short-lived credential")
+    group.add_argument("--turn-ttl", type=_int_range(60, 7 * 86400), default=int(_env("turn_ttl", 86400)),
+                       help="seconds a short-lived TURN credential stays valid")
+    group.add_argument("--turn-username", default=_env("turn_username", ""),
+                       help="static TURN username for every client (prefer --turn-secret)")
+    group.add_argument("--turn-credential", default=_env("turn_credential", ""),
+                       help="static TURN password for every client (prefer --turn-secret)")
+    group.add_argument("--nat-1to1", default=_env("nat_1to1", ""),
+                       help="public address(es) mapped 1:1 to this host (PUBLIC_IP or PRIVATE_IP=PUBLIC_IP, "
+                       "comma separated): advertised in the server's ICE candidates")
     group.add_argument("--video-codecs", default=_env("video_codecs", ",".join(d.video_codecs)),
                        help=f"codec preference, comma separated: {', '.join(VIDEO_CODECS)}")
     group.add_argument("--bitrate", type=int, default=int(_env("bitrate", d.bitrate)), help="video bit/s")
@@ -217,8 +238,11 @@ def server_settings(args: argparse.Namespace) -> Any:
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
     return ServerSettings(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes, ice_servers=split(args.ice_servers),
-        turn_username=args.turn_username, turn_credential=args.turn_credential,
+        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_self_signed=args.tls == "self-signed",
+        state_dir=args.state_dir, cors_origins=split(args.cors_origins), ice_servers=split(args.ice_servers),
+        turn_username=args.turn_username, turn_credential=args.turn_credential, turn_secret=args.turn_secret,
+        turn_ttl_s=args.turn_ttl, nat_1to1=split(args.nat_1to1),
         video_codecs=split(args.video_codecs), bitrate=args.bitrate, keyframe_interval_s=args.keyframe_interval,
         marker_completion=args.marker_completion, fresh_frames=args.fresh_frames, ice_loopback=args.ice_loopback,
         connect_timeout_s=args.connect_timeout, cpu_threads=args.cpu_threads, web_dir=args.web_dir,

@@ -46,11 +46,13 @@ class Running:
 @asynccontextmanager
 async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params: StreamParams | None = None,
                          **server: Any) -> AsyncIterator[Running]:
+    from livediff.server import tls
+
     engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch)
-    settings = ServerSettings(**{"max_body_bytes": 32 * 1024, **server})
+    settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)
     test_server = TestServer(app, host="127.0.0.1", port=0)
-    await test_server.start_server()
+    await test_server.start_server(ssl=tls.context_for(settings))
     try:
         service = app[SERVICE]
         deadline = time.monotonic() + 60

@@ -22,7 +22,7 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessi
 from aiortc.contrib.media import MediaRelay
 from aiortc.exceptions import InvalidStateError, OperationError
 
-from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.config import EngineSettings, ServerSettings, StreamParams, nat_1to1_map
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler
 from livediff.server.errors import NotReady
@@ -30,7 +30,9 @@ from livediff.server.metrics import Metrics
 from livediff.server.params import parse_update
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
+from livediff.transport.candidates import accept_remote, announce, is_mdns
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
+from livediff.transport.ice_servers import IceServerConfig
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
 from livediff.transport.tracks import OutputTrack, drain, pump
 from livediff.transport.whip import SdpError, SdpFrag, check_offer, new_etag
@@ -45,6 +47,8 @@ class Resource:
     pc: RTCPeerConnection
     session: Session
     etag: str
+    answer: str
+    """The SDP answer as sent: the server's candidates, as `announce` maps them."""
     viewer_id: str | None = None
 
 
@@ -70,6 +74,9 @@ class Service:
         self.default_params = default_params or StreamParams()
         self.settings = settings
         self.parts = parts
+        self.ice = IceServerConfig(settings.ice_servers, settings.turn_username, settings.turn_credential,
+                                   settings.turn_secret, settings.turn_ttl_s)
+        self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
                                    pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
@@ -212,13 +219,13 @@ class Service:
 
     async def publish(self, offer: RTCSessionDescription, params: StreamParams, kind: str,
                       probe_on: bool = False) -> tuple[Session, Resource]:
-        """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
+        """Admit a session for a publisher's offer; the answer is `resource.answer`."""
         self.require_ready()
         check_offer(offer.sdp)
         session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
-            pc = create_peer(self.settings)
+            pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
             output = OutputTrack(session.outbox, self._on_sent(session))
             self.outputs[session.id] = output
@@ -239,7 +246,7 @@ class Service:
                 if channel.label == "control":
                     self._control_channel(session, channel)
 
-            await self._answer(pc, offer)
+            answer = await self._answer(pc, offer)
             if transceiver.currentDirection in ("sendrecv", "sendonly"):
                 session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                           self.settings.keyframe_interval_s), "tune")
@@ -248,7 +255,7 @@ class Service:
         except BaseException:
             await self.close_session(session)
             raise
-        resource = Resource(pc=pc, session=session, etag=new_etag())
+        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=answer)
         self.resources[session.id] = resource
         session.on_close(self._forget_resource(session.id))
         return session, resource
@@ -267,12 +274,16 @@ class Service:
 
         return forget
 
-    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
+    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> str:
+        """Negotiate `offer` on `pc`; returns the answer SDP to send (see `transport.candidates`:
+        the offer's end-of-candidates and mDNS candidates are left out, the answer's host
+        candidates carry the NAT 1:1 public address)."""
         try:
-            await pc.setRemoteDescription(offer)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=accept_remote(offer.sdp), type=offer.type))
             await pc.setLocalDescription(await pc.createAnswer())
         except (ValueError, AssertionError, KeyError, IndexError, OperationError, InvalidStateError) as exc:
             raise SdpError(f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
+        return announce(pc.localDescription.sdp, self.nat_1to1)
 
     def _watch(self, pc: RTCPeerConnection, owner: Session, end: Callable[[], Any]) -> None:
         """Reap the peer when it fails, closes, or never connects within the ICE timeout."""
@@ -304,12 +315,11 @@ class Service:
             raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
         output = self.outputs[session.id]
         viewer_id = uuid.uuid4().hex[:12]
-        pc = create_peer(self.settings)
+        pc = create_peer(self.ice, self.settings.marker_completion)
         proxy = self.relay.subscribe(output, buffered=False)
         transceiver = pc.addTransceiver(proxy, direction="sendonly")
         prefer_codecs(transceiver, self.settings.video_codecs)
         key = f"{session.id}/{viewer_id}"
-        resource = Resource(pc=pc, session=session, etag=new_etag(), viewer_id=viewer_id)
         tasks: list[asyncio.Task[Any]] = []
 
         async def end() -> None:
@@ -326,10 +336,11 @@ class Service:
         session.viewers[viewer_id] = end
         self.metrics.viewers.inc()
         try:
-            await self._answer(pc, offer)
+            answer = await self._answer(pc, offer)
         except BaseException:
             await end()
             raise
+        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=answer, viewer_id=viewer_id)
         tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                                self.settings.keyframe_interval_s), "viewer-tune"))
 
@@ -357,7 +368,11 @@ class Service:
     # -- trickle ---------------------------------------------------------------------------------
 
     async def trickle(self, resource: Resource, frag: SdpFrag) -> None:
+        """Add trickled candidates; mDNS ones are skipped and end-of-candidates is not passed on,
+        for the reasons `transport.candidates` gives for offers."""
         for candidate in frag.candidates:
+            if is_mdns(candidate.ip):
+                continue
             if candidate.sdpMid is None:
                 transceivers = resource.pc.getTransceivers()
                 candidate.sdpMid = transceivers[0].mid if transceivers else None

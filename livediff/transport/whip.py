@@ -1,4 +1,4 @@
-"""WHIP/WHEP (RFC 9725) resource helpers: SDP checks, ETags, trickle-ice-sdpfrag, Link headers."""
+"""WHIP/WHEP (RFC 9725) resource helpers: SDP checks, ETags, trickle-ice-sdpfrag."""
 
 from __future__ import annotations
 
@@ -86,14 +86,3 @@ def parse_sdpfrag(text: str) -> SdpFrag:
         elif line[:2] not in ("a=", "c=", "o=", "s=", "t=", "v="):
             raise SdpError(f"unexpected line {line!r} in sdpfrag")
     return frag
-
-
-def link_headers(urls: tuple[str, ...], username: str = "", credential: str = "") -> list[str]:
-    """`Link: <url>; rel="ice-server"` values (RFC 9725 4.6), with TURN credentials when set."""
-    links = []
-    for url in urls:
-        value = f'<{url}>; rel="ice-server"'
-        if url.startswith(("turn:", "turns:")) and username:
-            value += f'; username="{username}"; credential="{credential}"; credential-type="password"'
-        links.append(value)
-    return links

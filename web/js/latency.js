@@ -8,7 +8,7 @@ import { explainFailure, hideNotice, showNotice } from "./notice.js";
 import { PatternSource } from "./pattern.js";
 import { histogram, stackedBars, timeSeries } from "./plot.js";
 import { MAX_ID, paint, read, stripHeight } from "./probe.js";
-import { endSession, lowestPlayoutDelay, offer, preferCodec, serverInfo, videoCodecs } from "./rtc.js";
+import { createPeer, endSession, iceFailure, lowestPlayoutDelay, offer, preferCodec, serverInfo, videoCodecs } from "./rtc.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -92,7 +92,7 @@ class ProbeSession {
     const track = stream.getVideoTracks()[0];
     track.contentHint = "motion";
 
-    this.pc = new RTCPeerConnection();
+    this.pc = await createPeer();
     const transceiver = this.pc.addTransceiver(track, { direction: "sendrecv", streams: [stream] });
     if (codec) preferCodec(transceiver, codec, { only: true });
     this.control = new ControlChannel(this.pc, {
@@ -103,7 +103,9 @@ class ProbeSession {
       if (event.track.kind === "video") ui.output.srcObject = new MediaStream([event.track]);
     });
     this.pc.addEventListener("connectionstatechange", () => {
-      if (this.pc && ["failed", "closed"].includes(this.pc.connectionState)) this.onLost?.("the connection failed");
+      if (this.pc && ["failed", "closed"].includes(this.pc.connectionState)) {
+        this.onLost?.(iceFailure(this.pc) || "the connection failed");
+      }
     });
     const params = { probe: true };
     if (this.run.label === "passthrough") params.passthrough = true;
