@@ -15,9 +15,7 @@ from aiortc import RTCSessionDescription
 from livediff.config import nat_1to1_map
 from livediff.errors import ConfigError
 from livediff.transport.candidates import ACCEPT_REMOTE_REASON, accept_remote, announce
-from tests.server_fixtures import CameraTrack, Client, new_peer, prefer, running_server
-
-MDNS_HOST = "1f0e4b6c-7d2a-4f1e-9c3b-6a5d4e3f2a1b.local"
+from tests.server_fixtures import MDNS_HOST, CameraTrack, Client, new_peer, prefer, replay_gathered, running_server
 
 OFFER = (
     "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
@@ -66,25 +64,6 @@ def test_nat_1to1_entries_are_checked(entry: str) -> None:
         nat_1to1_map([entry])
 
 
-def _replayed(sdp: str, mode: str) -> str:
-    """A real offer as browsers send it after gathering: `none` (no candidate) or `mdns`
-    (`.local` host candidates only), both with `a=end-of-candidates` on every media section."""
-    out = []
-    for line in sdp.splitlines():
-        if line.startswith("a=candidate:"):
-            if mode == "mdns":
-                fields = line.split()
-                fields[4] = MDNS_HOST
-                out.append(" ".join(fields))
-            continue
-        if line in ("", "a=end-of-candidates"):
-            continue
-        out.append(line)
-        if line.startswith("a=mid:"):
-            out.append("a=end-of-candidates")
-    return "\r\n".join(out) + "\r\n"
-
-
 async def _offer_pair() -> tuple[Client, Client]:
     """A sendrecv offerer and a plain aiortc answerer (no livediff in between)."""
     offerer = Client(pc=new_peer(), camera=CameraTrack())
@@ -101,7 +80,7 @@ async def test_aiortc_still_fails_offers_that_end_candidates_with_none_usable() 
     offers by themselves: check `livediff.transport.candidates` and drop what is no longer needed."""
     offerer, answerer = await _offer_pair()
     try:
-        offer = _replayed(offerer.pc.localDescription.sdp, "none")
+        offer = replay_gathered(offerer.pc.localDescription.sdp, "none")
         await answerer.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         await answerer.pc.setLocalDescription(await answerer.pc.createAnswer())
         await asyncio.sleep(0.5)
@@ -112,7 +91,7 @@ async def test_aiortc_still_fails_offers_that_end_candidates_with_none_usable() 
         await offerer.close()
         await answerer.close()
         offerer, answerer = await _offer_pair()
-        offer = accept_remote(_replayed(offerer.pc.localDescription.sdp, "none"))
+        offer = accept_remote(replay_gathered(offerer.pc.localDescription.sdp, "none"))
         await answerer.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         await answerer.pc.setLocalDescription(await answerer.pc.createAnswer())
         assert "a=candidate:" in answerer.pc.localDescription.sdp
@@ -132,7 +111,7 @@ async def test_offers_cut_short_by_end_of_candidates_connect(tiny_parts, http, m
         prefer(client.pc.addTransceiver(client.camera, direction="sendrecv"), "VP8")
         client.receive_video()
         await client.pc.setLocalDescription(await client.pc.createOffer())
-        offer = _replayed(client.pc.localDescription.sdp, mode)
+        offer = replay_gathered(client.pc.localDescription.sdp, mode)
         assert "a=end-of-candidates" in offer and ("a=candidate:" in offer) == (mode == "mdns")
         async with http.post(server.url + "/offer", json={"sdp": offer, "type": "offer"}) as response:
             assert response.status == 200, await response.text()
