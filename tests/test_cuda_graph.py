@@ -220,7 +220,9 @@ def test_cuda_graph_is_refused_off_cuda_before_any_model_is_loaded() -> None:
 def test_cli_names_the_backend_off_cuda(capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA")
-    code = main(["bench", "--model", "tiny", "--size", "64", "--frames", "1", "--backend", "torch,cuda-graph"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("livediff: error: cuda-graph backend needs the engine on a CUDA GPU")
-    assert "\n" not in err
+    for argv in (["bench", "--model", "tiny", "--size", "64", "--frames", "1", "--backend", "torch,cuda-graph"],
+                 ["serve", "--model", "tiny", "--backend", "cuda-graph", "--port", "0"]):  # fmt: skip
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("livediff: error: cuda-graph backend needs the engine on a CUDA GPU")
+        assert "\n" not in err

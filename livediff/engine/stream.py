@@ -23,7 +23,6 @@ copied before it is kept across steps.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -300,8 +299,7 @@ class StreamEngine:
         batch = self._gather(streams)
         if not self._stream_batch(streams):
             return stages.run("unet", self._denoise, x0, batch)
-        starting = tuple(latents is None for latents in batch.pending)
-        denoised, pending = stages.run("unet", functools.partial(self._denoise_stream_batch, starting), x0, batch)
+        denoised, pending = stages.run("unet", self._denoise_stream_batch, x0, batch)
         for stream, latents in zip(streams, pending):
             stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
         return denoised
@@ -342,20 +340,18 @@ class StreamEngine:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
         return denoised
 
-    def _denoise_stream_batch(
-        self, starting: tuple[bool, ...], x0: torch.Tensor, batch: _Batch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denoise_stream_batch(self, x0: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call of batch B * steps: this frame's first step beside the earlier frames' later steps.
 
         The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
         carries the latents in between. Returns (B, C, h, w) outputs and (B, steps - 1, C, h, w)
-        next `pending`. `starting` says which streams have none yet (their first frame).
+        next `pending`.
         """
         coefs, noise = batch.coefs, batch.noise
         size, steps = coefs.shape[0], coefs.shape[-1]
         pending = []
-        for i, (start, latents) in enumerate(zip(starting, batch.pending)):
-            if start:  # first frame: start the pipeline filled with this frame
+        for i, latents in enumerate(batch.pending):
+            if latents is None:  # first frame: start the pipeline filled with this frame
                 later = coefs[i, :, 1:].T
                 latents = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
             pending.append(latents)
