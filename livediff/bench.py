@@ -91,9 +91,12 @@ class PeakMemory:
 
 
 def frame_parity(frames: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
-    """How far uint8 `frames` are from `reference`, in levels of 255: largest and mean absolute difference."""
+    """How far uint8 `frames` are from `reference`, in levels of 255: largest and mean absolute
+    difference, and the reference's own standard deviation (near 0: flat frames, a weak comparison)."""
     diff = torch.cat([(a.int() - b.int()).abs().flatten() for a, b in zip(frames, reference)])
-    return {"max_abs": int(diff.max()), "mean_abs": round(float(diff.float().mean()), 4)}
+    spread = torch.cat([b.flatten() for b in reference]).float().std()
+    return {"max_abs": int(diff.max()), "mean_abs": round(float(diff.float().mean()), 4),
+            "reference_std": round(float(spread), 2)}  # fmt: skip
 
 
 class Lane(Protocol):

@@ -68,7 +68,8 @@ def test_outputs_are_read_from_pytest_and_the_bench(kit) -> None:
 
 
 def _bench(runs: list[dict[str, Any]], baseline_ms: float | None = None) -> dict[str, Any]:
-    report: dict[str, Any] = {"runs": runs}
+    report: dict[str, Any] = {"model": "sd-turbo-random (builtin-v1)", "size": "512x512", "dtype": "float16"}
+    report["runs"] = runs
     if baseline_ms:
         report["baseline"] = {"name": "diffusers", "dtype": "float16", "ms_per_frame": baseline_ms,
                               "fps": 1e3 / baseline_ms}  # fmt: skip
@@ -82,11 +83,13 @@ def _run(backend: str, ms: float, batch: int = 1, parity: tuple[int, float] | No
     return run
 
 
-def _steps(fast_ms: float, parity: tuple[int, float], streams4_fps: float) -> dict[str, Any]:
+def _steps(fast_ms: float, parity: tuple[int, float], streams4_fps: float, failed_tests: int = 0) -> dict[str, Any]:
     ok = lambda result: {"status": "ok", "result": result}  # noqa: E731
     streams = {"streams": [{"streams": n, "batched": {"fps": f, "per_stream_p99_ms": [9.0] * n},
                             "sequential": {"fps": f / 2}} for n, f in ((1, 150.0), (4, streams4_fps))]}  # fmt: skip
+    tests = {"passed": 11, "failed": failed_tests, "deselected": 40}
     return {
+        "gpu-tests": {"status": "failed", "result": tests} if failed_tests else ok(tests),
         "bench-batch1": ok(_bench([_run("torch", 10.0), _run("cuda-graph", fast_ms, parity=parity)], 400.0)),
         "bench-batch4": ok(_bench([_run("torch", 5.0, 4), _run("cuda-graph", 4.0, 4, parity=parity)])),
         "streams": ok(streams),
@@ -110,6 +113,8 @@ def test_the_verdict_holds_the_numbers_against_the_targets(kit) -> None:
 def test_auto_may_pick_cuda_graph_only_when_it_is_faster_and_matches(kit) -> None:
     assert kit.verdict(_steps(fast_ms=4.0, parity=(9, 0.3), streams4_fps=450.0))["auto_may_pick_cuda_graph"] is False
     assert kit.verdict(_steps(fast_ms=12.0, parity=(0, 0.0), streams4_fps=450.0))["auto_may_pick_cuda_graph"] is False
+    failing = _steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0, failed_tests=1)
+    assert kit.verdict(failing)["auto_may_pick_cuda_graph"] is False  # parity on sd-turbo-random alone is not enough
     nothing = kit.verdict({"bench-batch1": {"status": "timeout"}})
     assert nothing["auto_may_pick_cuda_graph"] is False and nothing["cuda_graph"]["matches_torch"] is None
     assert all(t["met"] is None for t in nothing["targets"].values())
@@ -130,3 +135,25 @@ def test_the_engine_backends_and_bench_import_without_aiortc_or_av() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_summary_reads_a_gpu_report(kit) -> None:
+    steps = _steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0)
+    smi = {"gpus": [{"name": "NVIDIA H200", "driver_version": "580.159.04", "clocks.sm": "1980",
+                     "clocks.max.sm": "1980", "clocks.mem": "3201", "memory.used": "2000", "memory.total": "143771",
+                     "temperature.gpu": "40", "power.draw": "300.1"}]}  # fmt: skip
+    report = {
+        "mode": "gpu", "started": "2026-12-01T10:00:00+00:00", "commit": "abc123", "budget_s": 420.0,
+        "elapsed_s": 400.0, "environment": {"gpu": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0"},
+        "nvidia_smi": {"before": smi, "after": {"skipped": "nvidia-smi failed: x"}},
+        "steps": [{"name": name, "seconds": 1.0, **step} for name, step in steps.items()],
+        "verdict": kit.verdict(steps),
+    }  # fmt: skip
+    text = kit.summary(report)
+    assert "NVIDIA H200; torch 2.11.0 CUDA 13.0" in text
+    assert "bench-batch1 (sd-turbo-random (builtin-v1), 512x512, float16): torch 10.00 ms/frame" in text
+    assert "cuda-graph 4.00 ms/frame 250.0 fps (parity max 0, mean 0.0)" in text
+    assert "streams 4: batched 450.0 fps, worst stream p99 9.0 ms" in text
+    assert "target batch1_fps >= 200.0: met (250.0)" in text
+    assert "--backend auto may pick cuda-graph: yes" in text
+    assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
