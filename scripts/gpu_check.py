@@ -359,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu-check: the environment probe failed:\n{probe.get('error')}", file=sys.stderr)
             return _finish(report, {}, args, started_at, "unknown")
         environment = probe["result"]
+        if environment.get("diffusers") is None:
+            probe["status"] = "failed"
+            probe["error"] = "diffusers is missing: run scripts/gpu-wheels here and carry .gpu-wheels"
+            print(f"gpu-check: {probe['error']}", file=sys.stderr)
+            return _finish(report, environment, args, started_at, "unknown")
         gpu = environment["cuda_available"] and not args.dry_run
         mode = "gpu" if gpu else ("dry run (--dry-run)" if environment["cuda_available"] else "dry run (no CUDA)")
         print(f"gpu-check: {mode}; {environment.get('gpu') or 'no GPU'}; budget {args.budget:.0f} s", flush=True)
