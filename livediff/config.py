@@ -15,7 +15,7 @@ from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "onnx", "openvino", "tensorrt")
+BACKENDS = ("auto", "torch", "cuda-graph", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 
@@ -35,7 +35,8 @@ class EngineSettings:
     width: int = 512
     """Frame width in pixels; a multiple of 8."""
     backend: str = "torch"
-    """Runs the networks: `torch`, `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
+    """Runs the networks: `torch`, `cuda-graph` (torch's networks, each step's stages replayed from
+    CUDA graphs), `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
     (`openvino` on the CPU where installed, else `onnx`; `torch` on CUDA). The CLI's default is `auto`;
     here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False
