@@ -25,7 +25,8 @@ from livediff.transport.loopback import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO / "web"
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("LIVEDIFF_CHROMIUM", "/usr/bin/chromium"))
+"""Debian's Chromium; LIVEDIFF_CHROMIUM names another build."""
 ENGINE_SIZE = 128
 
 CHROMIUM_ARGS = [
