@@ -16,6 +16,11 @@ from livediff.errors import ConfigError
 BACKENDS = ("auto", "torch", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
+LIVE_SIZE = {"cuda": 512, "cpu": 256}
+"""`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
+with its default model and backend. SD-Turbo's own size on CUDA; on a CPU the built-in `tiny`
+model at 512x512 runs a few frames a second, which does not feel live (see the README's figures),
+and at 256x256 about four times faster. The library's `EngineSettings` keeps 512x512."""
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class Service:
             await self.scheduler.load(make_engine)
         except Exception as exc:  # reported by /readyz and the CLI, never swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed: %s", self.load_error)
+            log.debug("model load failed: %s", self.load_error)  # the caller says it (once)
             raise
         self.ready = True
 
