@@ -108,8 +108,11 @@ class LiveServer:
         self._stop()
 
 
-def start_server(parts: Any, **settings: Any) -> LiveServer:
-    """Starts the app on a free port on a new thread; returns once /readyz says ready."""
+def start_server(parts: Any, size: int = ENGINE_SIZE, **settings: Any) -> LiveServer:
+    """Starts the app on a free port on a new thread; returns once /readyz says ready.
+
+    `size`: the engine's frame side in pixels (a larger one makes the tiny model slower than a camera).
+    """
     from aiohttp import web
 
     from livediff.config import EngineSettings, ServerSettings
@@ -118,7 +121,7 @@ def start_server(parts: Any, **settings: Any) -> LiveServer:
     port = free_port()
     server_settings = ServerSettings(host="127.0.0.1", port=port, web_dir=WEB_DIR, **settings)
     engine = EngineSettings(
-        model="tiny", device="cpu", dtype="float32", height=ENGINE_SIZE, width=ENGINE_SIZE, max_batch=2
+        model="tiny", device="cpu", dtype="float32", height=size, width=size, max_batch=2
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()
