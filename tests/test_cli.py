@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from livediff.cli import build_parser, engine_settings, main
-from livediff.config import LIVE_SIZE, EngineSettings
+from livediff.config import EngineSettings
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ("serve", "bench", "build-engines")
@@ -116,6 +116,8 @@ def test_a_bad_environment_value_is_named_like_a_flag(
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_the_default_size_is_what_the_cpu_runs_live(command: str, caplog: pytest.LogCaptureFixture) -> None:
+    from livediff.config import LIVE_SIZE
+
     caplog.set_level("INFO", logger="livediff")
     args = build_parser().parse_args([command, "--model", "tiny", "--device", "cpu"])
     settings = engine_settings(args, backend="onnx")
@@ -134,6 +136,8 @@ def test_another_size_is_one_flag_away(argv: list[str], env: dict[str, str], siz
 
 
 def test_the_library_default_stays_512() -> None:
+    from livediff.config import LIVE_SIZE
+
     assert (EngineSettings().width, EngineSettings().height) == (512, 512) == (LIVE_SIZE["cuda"],) * 2
 
 
