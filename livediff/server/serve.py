@@ -58,21 +58,22 @@ async def _serve(engine_settings: EngineSettings, settings: ServerSettings, para
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    code, loaded = 0, False
     try:
-        if not await wait_loaded(app[LOAD_TASK], stop, started):
-            return 0
+        loaded = await wait_loaded(app[LOAD_TASK], stop, started)
     except Exception as exc:  # noqa: BLE001 - said once, in one line, then a clean exit
-        print(f"livediff: error: {exc if isinstance(exc, LivediffError) else f'loading failed: {exc!r}'}",
-              file=sys.stderr, flush=True)
-        await runner.cleanup()
-        return 2 if isinstance(exc, LivediffError) else 1
+        said = exc if isinstance(exc, LivediffError) else f"loading failed: {exc!r}"
+        print(f"livediff: error: {said}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(exc, LivediffError) else 1
     try:
-        print_ready(app[SERVICE].describe(), url(settings, bound_port(sockets)), time.monotonic() - started)
-        await stop.wait()
+        if loaded:
+            print_ready(app[SERVICE].describe(), url(settings, bound_port(sockets)), time.monotonic() - started)
+            await stop.wait()
     finally:
-        print("livediff: shutting down: closing every peer", flush=True)
+        if code == 0:
+            print("livediff: shutting down: closing every peer", flush=True)
         await runner.cleanup()
-    return 0
+    return code
 
 
 def url(settings: ServerSettings, port: int) -> str:
