@@ -41,30 +41,28 @@ def _size(text: str) -> tuple[int, int] | str:
     return w, h
 
 
-def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _number_range(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` within [low, high], else an error saying which and why."""
+
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range {low}..{high}")
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range {low:g}..{high:g}" if kind is float
+                                             else f"{value} is out of range {low}..{high}")
         return value
 
     return parse
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    return _number_range(int, low, high)
 
 
 def _float_range(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range {low:g}..{high:g}")
-        return value
-
-    return parse
+    return _number_range(float, low, high)
 
 
 def _unit_interval(text: str) -> float:
