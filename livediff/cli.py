@@ -325,7 +325,7 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:  # said by the command's parser, which knows the flags to suggest
-            self._commands().get(getattr(parsed, "command", None), self).error(
+            self._commands().get(str(getattr(parsed, "command", "")), self).error(
                 "unrecognized arguments: " + " ".join(extras))
         return parsed
 
