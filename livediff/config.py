@@ -18,6 +18,13 @@ from livediff.errors import ConfigError
 BACKENDS = ("auto", "torch", "cuda-graph", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
+LIVE_SIZE = {"cuda": 512, "cpu": 256}
+"""`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
+with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
+the model on one core, the built-in `tiny` model at 512x512 returns a few frames a second (about 9
+of a 30 fps camera on a quiet 2-core Zen 4, with OpenVINO in bf16), which does not feel live, and a
+256x256 frame costs 3.5-4 times less (the README's `bench --g2g` figures at both sizes). The
+library's `EngineSettings` keeps 512x512."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,9 @@ hidden behind mDNS names (for pages without camera permission)."""
 
 
 def firefox_binary() -> str | None:
+    """Firefox ESR (or Firefox) on PATH, or the binary LIVEDIFF_FIREFOX names."""
+    if "LIVEDIFF_FIREFOX" in os.environ:
+        return shutil.which(os.environ["LIVEDIFF_FIREFOX"])
     return next((path for name in FIREFOX_NAMES if (path := shutil.which(name))), None)
 
 

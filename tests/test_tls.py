@@ -109,7 +109,7 @@ def test_serve_tls_self_signed_prints_the_https_url_and_the_fingerprint(tmp_path
             assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
             lines.append(process.stdout.readline())
         output = "".join(lines)
-        assert f"serving https://127.0.0.1:{port}/" in output, output
+        assert f"open https://127.0.0.1:{port}/" in output, output
         printed = re.search(r"SHA-256 fingerprint ([0-9A-F:]{95})", output)
         assert printed, output
         trusted = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))

@@ -25,6 +25,7 @@ from aiortc.exceptions import InvalidStateError, OperationError
 from livediff.config import EngineSettings, ServerSettings, StreamParams, nat_1to1_map
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler
+from livediff.server.drops import DropLog
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
 from livediff.server.params import parse_update
@@ -106,7 +107,7 @@ class Service:
             await self.scheduler.load(make_engine)
         except Exception as exc:  # reported by /readyz and the CLI, never swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed: %s", self.load_error)
+            log.debug("model load failed: %s", self.load_error)  # the caller says it (once)
             raise
         self.ready = True
 
@@ -181,6 +182,8 @@ class Service:
         return array_to_frame(rgb, frame.pts, frame.time_base)
 
     def _on_sent(self, session: Session) -> Callable[[FrameOut], None]:
+        drops = DropLog(session)
+
         def on_sent(out: FrameOut) -> None:
             age = self.metrics.on_sent(out)
             session.stats.sent += 1
@@ -196,6 +199,7 @@ class Service:
                     "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
                     "batch_size": out.batch_size,
                     "skipped": out.skipped,
+                    "dropped": drops.take(),
                 }
                 asyncio.get_running_loop().call_later(STATS_DELAY_S, session.send_message, stats)
 
