@@ -105,7 +105,7 @@ def test_serve_tls_self_signed_prints_the_https_url_and_the_fingerprint(tmp_path
     try:
         assert process.stdout is not None
         deadline = time.monotonic() + 90
-        while not any("ready" in line for line in lines):
+        while not any(line.startswith("livediff: ready") for line in lines):
             assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
             lines.append(process.stdout.readline())
         output = "".join(lines)
