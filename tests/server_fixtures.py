@@ -29,8 +29,10 @@ from livediff.transport.client import FPS, CameraTrack, Client, Received, new_pe
 
 __all__ = [  # the client pieces are re-exported: the tests import everything from here
     "FPS", "CameraTrack", "Client", "offer_client", "Running", "running_server", "frames_back", "strip_candidates",
-    "whip_publish", "whep_view", "mean_abs_diff", "metric_value",
+    "whip_publish", "whep_view", "mean_abs_diff", "metric_value", "MDNS_HOST", "replay_gathered",
 ]
+
+MDNS_HOST = "1f0e4b6c-7d2a-4f1e-9c3b-6a5d4e3f2a1b.local"
 
 
 @dataclass
@@ -46,11 +48,13 @@ class Running:
 @asynccontextmanager
 async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params: StreamParams | None = None,
                          **server: Any) -> AsyncIterator[Running]:
+    from livediff.server import tls
+
     engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch)
-    settings = ServerSettings(**{"max_body_bytes": 32 * 1024, **server})
+    settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)
     test_server = TestServer(app, host="127.0.0.1", port=0)
-    await test_server.start_server()
+    await test_server.start_server(ssl=tls.context_for(settings))
     try:
         service = app[SERVICE]
         deadline = time.monotonic() + 60
@@ -75,6 +79,25 @@ def strip_candidates(sdp: str) -> str:
     """OBS >= 30.2 sends no candidates in its offer and does not trickle."""
     return "".join(line + "\r\n" for line in sdp.splitlines() if line and not line.startswith(("a=candidate:",
                                                                                           "a=end-of-candidates")))
+
+
+def replay_gathered(sdp: str, mode: str) -> str:
+    """An offer as browsers send it once gathering ended: `none` (no candidate at all) or `mdns`
+    (only `.local` host candidates, what Firefox sends by default), each media section closed by
+    `a=end-of-candidates` (RFC 8840 section 4.1)."""
+    sections: list[list[str]] = [[]]
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            sections.append([])
+        if line in ("", "a=end-of-candidates") or (line.startswith("a=candidate:") and mode != "mdns"):
+            continue
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            fields[4] = MDNS_HOST
+            line = " ".join(fields)
+        sections[-1].append(line)
+    lines = sections[0] + [line for media in sections[1:] for line in [*media, "a=end-of-candidates"]]
+    return "\r\n".join(lines) + "\r\n"
 
 
 async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrack | None = None,

@@ -92,10 +92,10 @@ def test_with_directions_writes_out_the_default() -> None:
 
 
 async def test_answer_turns_whatever_aiortc_raises_into_a_400() -> None:
-    from livediff.transport.offers import answer, prepare_offer
+    from livediff.transport.offers import negotiate, prepare_offer
 
     offer = prepare_offer(await demo_offer(), ("VP8", "H264"))
     pc = RTCPeerConnection()
     await pc.close()  # aiortc raises InvalidStateError for a closed peer
     with pytest.raises(SdpError, match="cannot negotiate this offer: InvalidStateError"):
-        await answer(pc, RTCSessionDescription(sdp=offer.sdp, type="offer"))
+        await negotiate(pc, RTCSessionDescription(sdp=offer.sdp, type="offer"))

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
+
+R = TypeVar("R")
+
+
+class Stages(Protocol):
+    """Runs the stages of one engine step, in the order the step meets them.
+
+    `run(name, fn, *args)` returns `fn(*args)`, computed now (`EAGER`) or replayed from a recording
+    of the same stage (`livediff.backends.cuda_graph`). A recording's outputs are its own buffers:
+    valid until the next step, so the engine copies out whatever it keeps across steps.
+    """
+
+    def run(self, name: str, fn: Callable[..., R], *args: Any) -> R: ...
+
+
+class EagerStages:
+    """Every stage computed when it is asked for."""
+
+    def run(self, name: str, fn: Callable[..., R], *args: Any) -> R:
+        return fn(*args)
+
+
+EAGER = EagerStages()
 
 
 class Backend(Protocol):
@@ -36,6 +59,12 @@ class Backend(Protocol):
         """(N, 4, H/8, W/8) latents -> (N, 3, H, W) images in [-1, 1]."""
         ...
 
+    def stages(self, layout: Hashable | None) -> Stages:
+        """How the engine runs the stages of a step of `layout` (what fixes its shapes and its
+        order of work; None for a step that cannot be recorded): `EAGER` except where a backend
+        records whole stages (`cuda-graph`)."""
+        ...
+
 
 Runner = Callable[..., torch.Tensor]
 """One compiled network: torch tensors in, a torch tensor out (in the graph's dtype)."""
@@ -61,3 +90,6 @@ class CompiledBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._decode(latents).to(self.dtype)
+
+    def stages(self, layout: Hashable | None) -> Stages:
+        return EAGER

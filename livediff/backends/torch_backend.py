@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 
+from livediff.backends.base import EAGER, Stages
 from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
 from livediff.models import ModelParts
 
 
 class TorchBackend:
+    """The networks as torch modules: eager, or each wrapped in `torch.compile` (`compile=True`)."""
+
     def __init__(self, parts: ModelParts, compile: bool = False) -> None:
         self.name = "torch.compile" if compile else "torch"
         modules = [VaeEncoder(parts.vae), UNet(parts.unet), VaeDecoder(parts.vae)]
@@ -30,3 +35,6 @@ class TorchBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._decode(latents)
+
+    def stages(self, layout: Hashable | None) -> Stages:
+        return EAGER

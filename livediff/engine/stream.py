@@ -14,17 +14,22 @@ One step, for frames of one or many streams:
 Frames are uint8 RGB tensors of shape (H, W, 3) on the host, as decoded video frames come.
 Everything that depends only on a stream's params (embeddings, timesteps, coefficients, noise)
 is prepared when the params change, never per frame. Per-stream state lives in `Stream`.
+
+Steps 2-7 go through the backend's `stages(layout)`: computed there and then, or (`cuda-graph`)
+replayed from a recording of the same stage for steps of the same layout. Each stage is a
+function of tensors alone (per-stream tensors gathered beforehand), and what it returns is
+copied before it is kept across steps.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from livediff.backends import Backend, create_backend, resolve_backend
+from livediff.backends import Backend, Stages, create_backend, resolve_backend
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
@@ -98,6 +103,8 @@ class _Batch:
     uncond: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
     """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
+    pending: tuple[torch.Tensor | None, ...] = ()
+    """Stream Batch only: each stream's `Stream.pending` (None on its first frame)."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -106,7 +113,7 @@ class _Batch:
             return None if t is None else t.repeat_interleave(times, dim=0)
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
-                      repeat(self.uncond), repeat(self.guidance))  # fmt: skip
+                      repeat(self.uncond), repeat(self.guidance), self.pending)  # fmt: skip
 
 
 class StreamEngine:
@@ -227,56 +234,84 @@ class StreamEngine:
 
     def _run(self, streams: list[Stream], images: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, float]]:
         clock = StageClock(self.device)
-        pixels = self._preprocess(images)
+        stages = self.backend.stages(self._layout(streams))
+        pixels = stages.run("preprocess", self._preprocess, self._upload(images))
         clock.mark("preprocess")
-        latents = self.backend.encode(pixels)
+        latents = stages.run("encode", self.backend.encode, pixels)
         clock.mark("encode")
         groups: dict[int, list[int]] = {}
         for i, stream in enumerate(streams):
             groups.setdefault(len(stream.params.timesteps), []).append(i)
         if len(groups) == 1:
-            denoised = self._denoise_group(streams, latents)
+            denoised = self._denoise_group(streams, latents, stages)
         else:  # streams with different step counts: one pass per count
             denoised = torch.empty_like(latents)
             for members in groups.values():
                 index = torch.tensor(members, device=self.device)
-                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index])
+                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index], stages)
         clock.mark("unet")
-        decoded = self.backend.decode(denoised)
+        decoded = stages.run("decode", self.backend.decode, denoised)
         clock.mark("decode")
-        frames = self._postprocess(decoded)
+        # the step's one wait for the device; a copy even on the CPU, where a recorded stage's buffer is reused
+        frames = stages.run("postprocess", self._postprocess, decoded).to("cpu", copy=True)
         clock.mark("postprocess")
         return list(frames.unbind(0)), clock.durations_ms()
 
-    def _preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def _layout(self, streams: list[Stream]) -> Hashable | None:
+        """What fixes the shapes and the order of work of a step of `streams`: batch size, step
+        count, guidance, and under Stream Batch which streams start their pipeline. None when the
+        streams' step counts differ (that step gathers its groups by index: never recorded)."""
+        steps = {len(stream.params.timesteps) for stream in streams}
+        if len(steps) > 1:
+            return None
+        guided = any(stream.conditioning.uncond is not None for stream in streams)
+        starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
+        return (len(streams), steps.pop(), guided, starting)
+
+    def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, 3) uint8 frames on the device, in one host-to-device copy."""
         if self._staging_cpu is not None:  # CUDA: stack straight into pinned memory, copy asynchronously
             host = torch.stack(images, out=self._staging_cpu[: len(images)])
         else:
             host = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype)
+        return host.to(self.device, non_blocking=True)
+
+    def _preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1], the model dtype, channels-last where the backend wants it."""
+        pixels = frames.permute(0, 3, 1, 2).to(self.dtype)
         pixels = pixels.div_(127.5).sub_(1.0)
         if self.backend.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
 
     def _postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, still on the device."""
         frames = decoded.clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
-        return frames.permute(0, 2, 3, 1).contiguous().cpu()
+        return frames.permute(0, 2, 3, 1).contiguous()
 
     # -- denoising -------------------------------------------------------------------------------
 
-    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+    def _stream_batch(self, streams: list[Stream]) -> bool:
+        return self.settings.stream_batch and len(streams[0].params.timesteps) > 1
+
+    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, stages: Stages) -> torch.Tensor:
         """Denoise the latents of streams that share a step count."""
-        if self.settings.stream_batch and len(streams[0].params.timesteps) > 1:
-            return self._denoise_stream_batch(streams, x0)
-        return self._denoise(streams, x0)
+        batch = self._gather(streams)
+        if not self._stream_batch(streams):
+            return stages.run("unet", self._denoise, x0, batch)
+        denoised, pending = stages.run("unet", self._denoise_stream_batch, x0, batch)
+        for stream, latents in zip(streams, pending):
+            stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
+        return denoised
 
     def _gather(self, streams: list[Stream]) -> _Batch:
+        """The per-stream tensors of a denoising pass, stacked (device copies, no host work)."""
         conds = [s.conditioning for s in streams]
         batch = _Batch(
             coefs=torch.stack([c.coefs for c in conds]),
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
+            pending=tuple(s.pending for s in streams) if self._stream_batch(streams) else (),
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
@@ -293,9 +328,8 @@ class StreamEngine:
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
 
-    def _denoise(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """All steps of each frame in turn: `steps` UNet calls of batch B."""
-        batch = self._gather(streams)
         coefs, noise = batch.coefs, batch.noise
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
@@ -306,30 +340,30 @@ class StreamEngine:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
         return denoised
 
-    def _denoise_stream_batch(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+    def _denoise_stream_batch(self, x0: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call of batch B * steps: this frame's first step beside the earlier frames' later steps.
 
         The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
-        carries the latents in between.
+        carries the latents in between. Returns (B, C, h, w) outputs and (B, steps - 1, C, h, w)
+        next `pending`.
         """
-        batch = self._gather(streams)
         coefs, noise = batch.coefs, batch.noise
         size, steps = coefs.shape[0], coefs.shape[-1]
-        for i, stream in enumerate(streams):
-            if stream.pending is None:  # first frame: start the pipeline filled with this frame
+        pending = []
+        for i, latents in enumerate(batch.pending):
+            if latents is None:  # first frame: start the pipeline filled with this frame
                 later = coefs[i, :, 1:].T
-                stream.pending = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
+                latents = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
+            pending.append(latents)
         fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
-        x = torch.cat([fresh.unsqueeze(1), torch.stack([s.pending for s in streams])], dim=1).flatten(0, 1)
+        x = torch.cat([fresh.unsqueeze(1), torch.stack(pending)], dim=1).flatten(0, 1)
         flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5), frame-major
         output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps))
         denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (size, steps))
         renoised = self.schedule.add_noise(
             denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
         ).unflatten(0, (size, steps - 1))
-        for i, stream in enumerate(streams):
-            stream.pending = renoised[i]
-        return denoised[:, -1]
+        return denoised[:, -1], renoised
 
     # -- convenience -----------------------------------------------------------------------------
 

@@ -15,26 +15,15 @@ from livediff.server.common import read_text, service
 from livediff.server.errors import ApiError
 from livediff.server.params import parse_query, parse_update
 from livediff.server.service import Resource, Service
-from livediff.transport.whip import (
-    SDP_TYPE,
-    SDPFRAG_TYPE,
-    etag_matches,
-    is_ice_restart,
-    link_headers,
-    parse_sdpfrag,
-)
-
-
-def ice_links(svc: Service) -> list[str]:
-    s = svc.settings
-    return link_headers(s.ice_servers, s.turn_username, s.turn_credential)
+from livediff.transport.whip import SDP_TYPE, SDPFRAG_TYPE, etag_matches, is_ice_restart, parse_sdpfrag
 
 
 def created(resource: Resource, location: str, svc: Service) -> web.Response:
-    response = web.Response(status=201, text=resource.pc.localDescription.sdp, content_type=SDP_TYPE)
+    """201 with the answer, the resource's URL and ETag, and the ICE servers (RFC 9725 4.2, 4.6)."""
+    response = web.Response(status=201, text=resource.answer, content_type=SDP_TYPE)
     response.headers["Location"] = location
     response.headers["ETag"] = resource.etag
-    for link in ice_links(svc):
+    for link in svc.ice.link_headers():
         response.headers.add("Link", link)
     return response
 
@@ -93,11 +82,16 @@ async def delete_whip(request: web.Request) -> web.Response:
 
 
 async def options_whip(request: web.Request) -> web.Response:
+    """WHIP/WHEP endpoint discovery. The ICE servers (`Link`) come along only when the server
+    needs no token: an OPTIONS request carries none, and TURN credentials are for clients that
+    may publish."""
+    svc = service(request)
     response = web.Response(status=204)
     response.headers["Accept-Post"] = SDP_TYPE
     response.headers["Allow"] = "OPTIONS, POST"
-    for link in ice_links(service(request)):
-        response.headers.add("Link", link)
+    if not svc.settings.token:
+        for link in svc.ice.link_headers():
+            response.headers.add("Link", link)
     return response
 
 

@@ -20,7 +20,7 @@ the client's fault, so an offer goes through these steps, each ending in a clear
    offered and the codecs accepted.
 3. `with_directions`: an m-section without a direction attribute gets RFC 3264's default
    written out (aiortc does not assume it). `prepare_offer` runs steps 1-3.
-4. `answer`: set the offer, create and set the answer; anything aiortc still raises is an
+4. `negotiate`: set the offer, create and set the answer; anything aiortc still raises is an
    `SdpError` (400) naming aiortc's exception.
 """
 
@@ -223,7 +223,7 @@ def prepare_offer(sdp: str, video_codecs: tuple[str, ...]) -> RTCSessionDescript
     return RTCSessionDescription(sdp=with_directions(sdp), type="offer")
 
 
-async def answer(pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
+async def negotiate(pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
     """Set `offer` as the remote description and answer it; whatever aiortc raises is an `SdpError`.
 
     The caller closes `pc` on failure.

@@ -1,4 +1,4 @@
-"""WHIP/WHEP (RFC 9725) resource helpers: SDP errors, ETags, trickle-ice-sdpfrag, Link headers.
+"""WHIP/WHEP (RFC 9725) resource helpers: SDP errors, ETags, trickle-ice-sdpfrag.
 
 Offers are checked in `livediff.transport.offers`.
 """
@@ -84,13 +84,3 @@ def is_ice_restart(frag: SdpFrag, remote_sdp: str) -> bool:
     pwds = {line[len("a=ice-pwd:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-pwd:")}
     return (frag.ufrag is not None and frag.ufrag not in ufrags) or (frag.pwd is not None and frag.pwd not in pwds)
 
-
-def link_headers(urls: tuple[str, ...], username: str = "", credential: str = "") -> list[str]:
-    """`Link: <url>; rel="ice-server"` values (RFC 9725 4.6), with TURN credentials when set."""
-    links = []
-    for url in urls:
-        value = f'<{url}>; rel="ice-server"'
-        if url.startswith(("turn:", "turns:")) and username:
-            value += f'; username="{username}"; credential="{credential}"; credential-type="password"'
-        links.append(value)
-    return links
