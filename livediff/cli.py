@@ -277,6 +277,42 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="the pages' folder (index.html, latency.html, view.html)")
 
 
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    from livediff.cluster.settings import LOCAL, ClusterSettings
+
+    d = ClusterSettings()
+    group = parser.add_argument_group("cluster (--cluster: one entry point, replicas on Ray Serve; "
+                                      "each flag also reads LIVEDIFF_<FLAG>)")
+    group.add_argument("--cluster", nargs="?", const=LOCAL, default=_env("cluster", None), metavar="ADDRESS",
+                       help="serve through Ray Serve: one engine replica per GPU behind this entry point; "
+                       "ADDRESS: local (a Ray started here; the default), auto (the cluster this machine "
+                       "belongs to, or $RAY_ADDRESS) or HOST:PORT of a Ray head")
+    group.add_argument("--min-replicas", type=_int_range(0, 4096), default=_env("min_replicas", d.min_replicas),
+                       help="replicas kept when no session runs")
+    group.add_argument("--max-replicas", type=_int_range(0, 4096), default=_env("max_replicas", d.max_replicas),
+                       help="most replicas; 0: one per GPU of the cluster (1 on a cluster without GPUs)")
+    group.add_argument("--target-sessions", type=_float_range(0, 1024),
+                       default=_env("target_sessions", d.target_sessions),
+                       help="sessions per replica above which a replica is added; 0: 3/4 of --max-sessions")
+    group.add_argument("--replica-gpus", type=_float_range(-1, 64), default=_env("replica_gpus", d.replica_gpus),
+                       help="GPUs per replica; -1: 1 on CUDA, else 0")
+    group.add_argument("--replica-cpus", type=_float_range(0.01, 1024), default=_env("replica_cpus", d.replica_cpus),
+                       help="CPU cores per replica (a CPU replica's torch threads)")
+    group.add_argument("--drain-timeout", type=_float_range(1, 7 * 86400),
+                       default=_env("drain_timeout", d.drain_timeout_s),
+                       help="seconds a replica being scaled down lets its sessions run before it ends them")
+
+
+def cluster_settings(args: argparse.Namespace) -> Any:
+    from livediff.cluster.settings import ClusterSettings
+
+    return ClusterSettings(
+        address=args.cluster, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        target_sessions=args.target_sessions, replica_gpus=args.replica_gpus, replica_cpus=args.replica_cpus,
+        drain_timeout_s=args.drain_timeout,
+    )  # fmt: skip
+
+
 def server_settings(args: argparse.Namespace) -> Any:
     from livediff.config import ServerSettings
 
@@ -302,6 +338,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from livediff.server.listen import bind
     from livediff.server.startup import print_loading
 
+    if args.cluster:
+        return cmd_serve_cluster(args)
     sockets = bind(args.host, args.port)  # first: a busy port is said at once, before anything loads
     print_loading()
     try:
@@ -314,6 +352,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def cmd_serve_cluster(args: argparse.Namespace) -> int:
+    from livediff.server.listen import bind
+
+    for sock in bind(args.host, args.port):  # a busy port is said at once; Serve's proxy binds it later
+        sock.close()
+    _quiet_libraries()
+    from livediff.cluster.run import serve_cluster
+
+    return serve_cluster(engine_settings(args, backend=args.backend), server_settings(args), stream_params(args),
+                         cluster_settings(args), started=args.started)
 
 
 _SECRETS = ("token", "turn_credential", "turn_secret")
@@ -424,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs the networks; auto: openvino (else onnx) on the CPU, torch on CUDA "
                        "(also LIVEDIFF_BACKEND)")
     add_server_flags(serve)
+    add_cluster_flags(serve)
     serve.set_defaults(run=cmd_serve)
 
     models = commands.add_parser("models", help="list the models livediff can run here")

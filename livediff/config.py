@@ -212,6 +212,9 @@ class ServerSettings:
     """A peer that has not connected this long after its answer is reaped."""
     ice_loopback: bool = False
     """ICE gathers 127.0.0.1 only: for measurements with every peer on this machine (`bench --g2g`)."""
+    session_id_prefix: str = ""
+    """Put before every session id; a cluster replica's route key (`livediff.cluster`), so that any
+    entry point finds the replica of a session from its id alone. Letters, digits and `-`, at most 32."""
     cpu_threads: int = 0
     """torch threads when the engine runs on the CPU; 0 leaves one core to the video codecs (cores - 1)."""
     web_dir: Path = Path(__file__).resolve().parent.parent / "web"
@@ -251,6 +254,10 @@ class ServerSettings:
             raise ConfigError(f"bitrate must be in 100000..50000000 bit/s, got {self.bitrate}")
         if not 0.1 <= self.keyframe_interval_s <= 60:
             raise ConfigError(f"keyframe_interval_s must be in [0.1, 60], got {self.keyframe_interval_s}")
+        if len(self.session_id_prefix) > 32 or not all(c.isascii() and (c.isalnum() or c == "-")
+                                                        for c in self.session_id_prefix):
+            raise ConfigError(f"session_id_prefix must be at most 32 letters, digits or -, "
+                              f"got {self.session_id_prefix!r}")
         if not 0 <= self.cpu_threads <= 1024:
             raise ConfigError(f"cpu_threads must be in 0..1024, got {self.cpu_threads}")
         if not 1 <= self.connect_timeout_s <= 600:

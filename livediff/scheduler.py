@@ -97,8 +97,11 @@ class Scheduler:
         thread_name: str = "livediff-worker",
         pass_through: PassThrough | None = None,
         fresh_frames: bool = True,
+        id_prefix: str = "",
     ) -> None:
         self.max_sessions = max_sessions
+        self.id_prefix = id_prefix
+        """Put before every session id (`ServerSettings.session_id_prefix`)."""
         self.convert_in = convert_in
         self.convert_out = convert_out
         self.pass_through = pass_through
@@ -152,6 +155,7 @@ class Scheduler:
         self._reserved += 1
         try:
             session = Session(params=params, kind=kind, probe=probe)
+            session.id = self.id_prefix + session.id
             session.inbox = type(session.inbox)(on_put=lambda: self._on_put(session))
             session.stream = await self.run_on_worker(self.engine.open_stream, params)
         finally:

@@ -80,7 +80,8 @@ class Service:
         self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
-                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
+                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames,
+                                   id_prefix=settings.session_id_prefix)
         self.relay = MediaRelay()
         self.outputs: dict[str, OutputTrack] = {}
         self.resources: dict[str, Resource] = {}
