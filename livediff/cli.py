@@ -159,15 +159,26 @@ def cmd_g2g(args: argparse.Namespace) -> int:
 
     from livediff.g2g import CASES, G2GPlan, format_g2g, run_g2g
 
+    if args.cluster and args.cases == "all":
+        args.cases = "model-both,pass-both"  # each target's server runs one marker setting
     every = not args.cases or args.cases == "all"
     keys = [c.key for c in CASES] if every else [key.strip() for key in args.cases.split(",") if key.strip()]
     known = {case.key: case for case in CASES}
     for key in keys:
         if key not in known:
             raise ConfigError(f"--cases: {key!r} is not one of {', '.join(known)}")
+    if args.cluster and any(not known[key].server_marker for key in keys):
+        raise ConfigError("--cluster runs the servers with marker completion on: choose --cases among "
+                          + ", ".join(c.key for c in CASES if c.server_marker))
     plan = G2GPlan(duration_s=args.duration, fps=args.fps, codec=args.codec, params=stream_params(args),
                    cases=[known[key] for key in keys])  # fmt: skip
     settings = engine_settings(args, backend=args.backend.split(",")[0].strip())  # the server runs one backend
+    if args.cluster:
+        from livediff.cluster.bench import format_cluster_bench, run_cluster_bench
+
+        report = asyncio.run(run_cluster_bench(settings, plan, replicas=args.cluster))
+        print(json.dumps(report, indent=2) if args.json else format_cluster_bench(report))
+        return 0
     report = asyncio.run(run_g2g(settings, plan))
     print(json.dumps(report, indent=2) if args.json else format_g2g(report))
     return 0
@@ -357,13 +368,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_cluster(args: argparse.Namespace) -> int:
     from livediff.server.listen import bind
 
+    cluster, server = cluster_settings(args), server_settings(args)  # bad flags are said before anything starts
     for sock in bind(args.host, args.port):  # a busy port is said at once; Serve's proxy binds it later
         sock.close()
     _quiet_libraries()
     from livediff.cluster.run import serve_cluster
 
-    return serve_cluster(engine_settings(args, backend=args.backend), server_settings(args), stream_params(args),
-                         cluster_settings(args), started=args.started)
+    return serve_cluster(engine_settings(args, backend=args.backend), server, stream_params(args), cluster,
+                         started=args.started)
 
 
 _SECRETS = ("token", "turn_credential", "turn_secret")
@@ -460,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8", help="the camera's codec")
     g2g.add_argument("--cases", default="all",
                      help="all, or comma separated: pass-both, pass-server, pass-stock, model-both, model-stock")
+    g2g.add_argument("--cluster", type=_int_range(0, 64), default=0, metavar="N",
+                     help="also through a local Ray Serve cluster of N replicas (livediff serve --cluster), "
+                     "after a single server, same run: session set-up, first frame, glass-to-glass, and "
+                     "8 sessions offered at once")
     bench.set_defaults(run=cmd_bench)
 
     build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")

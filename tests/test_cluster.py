@@ -22,8 +22,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-ray = pytest.importorskip("ray", reason="the cluster extra is not installed (pip install 'livediff[cluster]')")
-serve = pytest.importorskip("ray.serve")
+from tests.tools import import_or_skip
+
+ray = import_or_skip("ray", "pip install 'livediff[cluster]'")
+serve = import_or_skip("ray.serve", "pip install 'livediff[cluster]'")
 
 from livediff.cluster.replica import ICE_ADDRESSES_ENV  # noqa: E402
 from livediff.cluster.run import deploy, end_sessions  # noqa: E402
@@ -179,6 +181,8 @@ async def test_sessions_placed_kept_and_failed_over(cluster: Deployed, http: aio
     # kill one replica's process: its sessions answer 404, the other's keep streaming
     killed = replica_of[clients[0].session_id]
     pid = next(r["pid"] for r in await ready_replicas(http, url) if r["replica"] == killed)
+    with open(f"/proc/{pid}/environ", "rb") as environ:  # no phoning home from the replicas either
+        assert b"RAY_USAGE_STATS_ENABLED=0" in environ.read().split(b"\0")
     os.kill(pid, signal.SIGKILL)
     gone = [c for c in clients if replica_of[c.session_id] == killed]
     kept = [c for c in clients if replica_of[c.session_id] != killed]

@@ -1,8 +1,8 @@
 """The Serve application: `Gateway` (ingress) bound to the `EngineReplica` deployment.
 
 `build` is what `livediff serve --cluster` deploys; `build_app` is the same for a Serve config
-file or a KubeRay RayService (`import_path: livediff.cluster.app:build_app`, `args:` the flags as
-`LIVEDIFF_*` names, e.g. `{"model": "stabilityai/sd-turbo", "max_sessions": 4}`).
+file or a KubeRay RayService (`import_path: livediff.cluster.app:build_app`, `args:` the flags by
+their long names, e.g. `{"model": "stabilityai/sd-turbo", "max_sessions": 4, "replica_gpus": 1}`).
 Every Serve option livediff relies on is set here, in one place.
 """
 
@@ -18,7 +18,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouter
 from livediff.cluster.gateway import ENGINE, Gateway
 from livediff.cluster.replica import EngineReplica
 from livediff.cluster.settings import ClusterSettings
-from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.config import LIVE_SIZE, EngineSettings, ServerSettings, StreamParams
 
 LOOK_BACK_S = 10.0
 """Autoscaling window: a replica counts as holding sessions if it held one in the last 10 s."""
@@ -66,6 +66,8 @@ def build(engine: EngineSettings, server: ServerSettings, params: StreamParams, 
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
     )
     server = server.replace(cpu_threads=server.cpu_threads or max(1, int(cluster.replica_cpus)))
+    # replicas run in Ray's worker folders: a relative engine cache would be built anew in each
+    engine = engine.replace(engines_dir=engine.engines_dir.resolve())
     return gateway.bind(replicas.bind(engine, server, params, cluster.drain_timeout_s), cluster.app_name,
                         server.max_body_bytes, cluster.call_timeout_s)
 
@@ -75,6 +77,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     (`max_sessions`, `model`, `min_replicas`, ...); the rest take their defaults."""
     from livediff.cli import build_parser, cluster_settings, engine_settings, server_settings, stream_params
 
+    args = dict(args)
+    if str(args.get("device", "auto")).startswith("cuda") and str(args.get("size", "auto")) == "auto":
+        args["size"] = LIVE_SIZE["cuda"]  # the builder (Serve's controller, on the head) may have no GPU
     argv = ["serve", "--cluster", "auto"]
     for name, value in args.items():
         flag = "--" + str(name).replace("_", "-")
@@ -85,5 +90,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     parsed: argparse.Namespace = build_parser().parse_args(argv)
     engine = engine_settings(parsed, backend=parsed.backend)
     cluster = cluster_settings(parsed)
-    gpus = cluster.replica_gpus if cluster.replica_gpus >= 0 else (1.0 if engine.device.startswith("cuda") else 0.0)
-    return build(engine, server_settings(parsed), stream_params(parsed), cluster, cluster.max_replicas or 1, gpus)
+    import ray
+
+    # a cluster that adds GPU nodes on demand may show none yet: no check against what is there now
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    wants_cuda = engine.device.startswith("cuda") or cluster_gpus > 0
+    gpus = cluster.replica_gpus if cluster.replica_gpus >= 0 else float(wants_cuda)
+    most = cluster.max_replicas or max(1, cluster.min_replicas, int(cluster_gpus // gpus) if gpus else 1)
+    return build(engine, server_settings(parsed), stream_params(parsed), cluster, most, gpus)
