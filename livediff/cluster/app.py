@@ -50,9 +50,10 @@ def _autoscaling(cluster: ClusterSettings, max_sessions: int, max_replicas: int)
 def build(engine: EngineSettings, server: ServerSettings, params: StreamParams, cluster: ClusterSettings,
           max_replicas: int, replica_gpus: float) -> serve.Application:
     """The application for `max_replicas` (resolved: >= 1) replicas reserving `replica_gpus` each."""
-    router = RequestRouterConfig(request_router_class="livediff.cluster.routing:SessionRouter",
-                                 request_routing_stats_period_s=cluster.stats_period_s)
-    replicas = serve.deployment(EngineReplica, name=ENGINE).options(
+    router = RequestRouterConfig(request_router_class="livediff.cluster.routing:SessionRouter",  # type: ignore[arg-type]
+                                 request_routing_stats_period_s=cluster.stats_period_s)  # type: ignore[arg-type]
+    replicas = serve.deployment(
+        name=ENGINE,
         autoscaling_config=autoscaling(cluster, server.max_sessions, max_replicas),
         ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": replica_gpus},
         # signalling calls, never sessions: a session is state in the replica, not a call
@@ -61,10 +62,8 @@ def build(engine: EngineSettings, server: ServerSettings, params: StreamParams, 
         health_check_period_s=HEALTH_CHECK_S, health_check_timeout_s=30.0,
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=cluster.drain_timeout_s + 30.0,
         request_router_config=router,
-    )  # fmt: skip
-    gateway = serve.deployment(Gateway, name="Gateway").options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
-    )
+    )(EngineReplica)  # fmt: skip
+    gateway = serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)(Gateway)
     server = server.replace(cpu_threads=server.cpu_threads or max(1, int(cluster.replica_cpus)))
     # replicas run in Ray's worker folders: a relative engine cache would be built anew in each
     engine = engine.replace(engines_dir=engine.engines_dir.resolve())

@@ -38,7 +38,7 @@ def desired_replicas(sessions: dict[Any, float], current: int, target: float) ->
 
 def sessions_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
     """Serve's custom-policy entry point (`AutoscalingPolicy(policy_function=...)`)."""
-    target = float(ctx.config.target_ongoing_requests or 1.0)
+    target = float(getattr(ctx.config, "target_ongoing_requests", None) or 1.0)
     per_replica = (ctx.aggregated_metrics or {}).get(SESSIONS, {})
     sessions = {replica: per_replica.get(replica, 0.0) for replica in ctx.running_replicas}
     return desired_replicas(sessions, ctx.current_num_replicas, target), {}

@@ -17,6 +17,7 @@ by the gateway's hops (HTTP proxy -> gateway -> replica, each a Ray call).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import Counter
@@ -79,7 +80,7 @@ async def _cluster(http: aiohttp.ClientSession, engine: EngineSettings, server: 
     from livediff.cluster.settings import ClusterSettings
 
     port = free_port()
-    ray.init(num_cpus=max(replicas, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING",
+    ray.init(num_cpus=max(replicas, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     try:
         cluster = ClusterSettings(min_replicas=replicas, max_replicas=replicas, replica_cpus=1)

@@ -10,6 +10,7 @@ and its workers inherit. A cluster started elsewhere decides at its own `ray sta
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import ssl
 import sys
@@ -43,15 +44,15 @@ def start_ray(cluster: ClusterSettings) -> None:
     import ray
 
     if cluster.address == LOCAL:
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
 
 
 def deploy(engine: EngineSettings, server: ServerSettings, params: StreamParams, cluster: ClusterSettings,
-           proxy_location: str = "EveryNode") -> None:
+           proxy_location: str = "EveryNode") -> int:
     """Start Serve's HTTP proxy on `server.host`/`server.port` and deploy the application (returns once
-    every replica's engine is warm). Ray must be initialised."""
+    every replica's engine is warm). Ray must be initialised. -> the most replicas it may scale to."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions
@@ -64,6 +65,7 @@ def deploy(engine: EngineSettings, server: ServerSettings, params: StreamParams,
         options.update(ssl_certfile=str(server.tls_cert), ssl_keyfile=str(server.tls_key))
     serve.start(proxy_location=proxy_location, http_options=HTTPOptions(**options))
     serve.run(build(engine, server, params, cluster, most, gpus), name=cluster.app_name, route_prefix="/")
+    return most
 
 
 async def end_sessions(url: str, token: str) -> int:
@@ -109,14 +111,15 @@ def serve_cluster(engine: EngineSettings, server: ServerSettings, params: Stream
     start_ray(cluster)
     address = url(server, server.port).rstrip("/")
     try:
-        deploy(engine, server, params, cluster, "HeadOnly" if cluster.address == LOCAL else "EveryNode")
+        most = deploy(engine, server, params, cluster, "HeadOnly" if cluster.address == LOCAL else "EveryNode")
         if certificate is not None:
             print(tls.explain(certificate), flush=True)
         ready = asyncio.run(_describe(address.replace(server.host, "127.0.0.1") if server.host in ("0.0.0.0", "")
                                       else address))
         print_ready(ready["engine"], address + "/", time.monotonic() - started)
-        print(f"livediff: {ready['replicas']['ready']} replicas ready; Ray Serve scales them between "
-              f"{cluster.min_replicas} and the flags' maximum on sessions", flush=True)
+        print(f"livediff: {ready['replicas']['ready']} engine replicas ready; Ray Serve keeps between "
+              f"{cluster.min_replicas} and {most}, adding one above {cluster.target(server.max_sessions):g} sessions "
+              "per replica", flush=True)
         stop = _wait_for_signal()
         print(f"livediff: shutting down ({stop}): ending every session", flush=True)
         local = address.replace(server.host, "127.0.0.1") if server.host in ("0.0.0.0", "") else address
@@ -124,9 +127,10 @@ def serve_cluster(engine: EngineSettings, server: ServerSettings, params: Stream
     except KeyboardInterrupt:
         pass
     finally:
-        serve.delete(cluster.app_name)
         if cluster.address == LOCAL:
-            serve.shutdown()
+            serve.shutdown()  # the application, the proxy and the controller; then Ray itself
+        else:
+            serve.delete(cluster.app_name)  # the cluster and Serve stay for whatever else runs there
         ray.shutdown()
     return 0
 
