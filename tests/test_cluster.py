@@ -4,8 +4,8 @@ Each worker node's replicas gather ICE candidates on the node's own loopback add
 127.0.0.3; `LIVEDIFF_ICE_ADDRESSES` set on the node), and the clients here on 127.0.0.1: a
 session's media can only flow to the node whose address its answer carries, so frames coming
 back prove media goes straight to the replica that holds the session, never through the entry
-point. One cluster serves both tests (starting one costs ~15 s, a replica ~10-20 s here); the
-second changes only the autoscaling settings, which Serve applies to the running replicas.
+point. One Ray cluster serves both tests (starting one costs ~15 s, a replica ~10-20 s here);
+each deploys the application afresh (a second `serve.run` of it would replace every replica).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tests.server_fixtures import Client, frames_back, offer_client, whep_view, 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240), pytest.mark.usefixtures("loopback_ice")]
 
 NODES = ("127.0.0.2", "127.0.0.3")
+APP = ClusterSettings().app_name
 MAX_SESSIONS = 3
 
 
@@ -206,16 +207,25 @@ async def test_sessions_placed_kept_and_failed_over(cluster: Deployed, http: aio
     assert (await sessions_by_replica(http, url))[late.session_id]["replica"] == fresh
     for client in kept:
         assert await still_streaming(client)
+
+    # the application is taken down while sessions are live: each replica drains, its streams go on
+    serve.delete(APP, _blocking=False)
+    await asyncio.sleep(3)  # Serve is stopping the replicas
+    for client in [*kept, late]:
+        assert await still_streaming(client)
     for client in [*clients, late]:
-        async with http.delete(f"{url}/api/sessions/{client.session_id}"):
-            pass
-        await client.close()
+        await client.close()  # each session ends with its peer; then its replica ends
+
+    async def deleted() -> bool:
+        return APP not in serve.status().applications
+
+    await eventually(deleted, 60, "the replicas end once their sessions have")
 
 
 async def test_autoscaling_on_sessions(cluster: Deployed, http: aiohttp.ClientSession) -> None:
     url = cluster.url
-    # target 2 sessions per replica: idle, the cluster shrinks to its minimum of 1
-    cluster.deploy(min_replicas=1, max_replicas=2, target_sessions=2)
+    # target 2 sessions per replica, 1 to 2 replicas
+    await asyncio.to_thread(cluster.deploy, min_replicas=1, max_replicas=2, target_sessions=2)
 
     async def replicas(count: int) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
@@ -225,7 +235,7 @@ async def test_autoscaling_on_sessions(cluster: Deployed, http: aiohttp.ClientSe
 
         return check
 
-    await eventually(await replicas(1), 60, "idle: one replica")
+    await eventually(await replicas(1), 30, "one replica to start with")
     first = [await offer_client(http, url) for _ in range(3)]  # 3 sessions > target 2: a second replica
     for client in first:
         await frames_back(client, 3)
@@ -252,8 +262,13 @@ async def test_autoscaling_on_sessions(cluster: Deployed, http: aiohttp.ClientSe
     await extra.close()
     await eventually(await replicas(1), 60, "back to one replica")
     survivor = first[2]
+    kept = (await ready_replicas(http, url))[0]["replica"]
+    # Serve picks the replica it stops; had it picked the survivor's, that one drains (module docstring)
+    drains = kept != listing[survivor.session_id]["replica"]
+    print(f"scaled down: the survivor's replica {'drains' if drains else 'was kept'}")
     assert await still_streaming(survivor)
-    assert (await get(http, f"{url}/api/sessions/{survivor.session_id}"))[0] == 200
+    async with http.patch(f"{url}/api/sessions/{survivor.session_id}", json={"strength": 0.4}) as response:
+        assert response.status == 200, await response.text()
     async with http.delete(f"{url}/api/sessions/{survivor.session_id}") as response:
         assert response.status == 200
     await survivor.close()

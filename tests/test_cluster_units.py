@@ -113,3 +113,46 @@ def test_cluster_flag_errors_are_one_line(capsys: pytest.CaptureFixture[str]) ->
     assert "--max-replicas" in capsys.readouterr().err
     assert main(["serve", "--cluster", "--min-replicas", "3", "--max-replicas", "2"]) == 2
     assert "below min_replicas" in capsys.readouterr().err
+
+
+async def test_a_draining_replicas_sessions_are_reached_at_its_own_address(
+        tiny_parts: object, loopback_ice: None, http: object) -> None:
+    """Serve routes nothing to a replica it stops; while that replica drains, the gateway reaches its
+    sessions at the address its last stats gave. Here the replica is a real single server, and the
+    router's view is as it stands once Serve dropped the replica (`SessionRouter.update_replicas`)."""
+    import json
+    from collections import OrderedDict
+
+    from livediff.cluster import routing
+    from livediff.cluster.gateway import ENGINE, Gateway
+    from tests.server_fixtures import frames_back, offer_client, running_server
+
+    class RouterView:  # what SessionRouter keeps: no replica routed to, one departed
+        curr_replicas: dict[str, object] = {}
+        departed: OrderedDict[str, ReplicaView] = OrderedDict()
+
+    gateway = Gateway(engines=None, app_name="drain-test", max_body_bytes=65536, call_timeout_s=5)
+    routing._ROUTERS[f"drain-test#{ENGINE}"] = RouterView()  # type: ignore[assignment]
+    try:
+        async with running_server(tiny_parts, session_id_prefix="abcd1234-") as server:
+            client = await offer_client(http, server.url)  # type: ignore[arg-type]
+            await frames_back(client, 3)
+            RouterView.departed["abcd1234"] = ReplicaView("abcd1234", 1, 0, 4, True, 0.0, url=server.url)
+            reply = await gateway.handle(HttpCall("GET", f"/api/sessions/{client.session_id}"))
+            assert reply.status == 200 and reply.replica == "abcd1234", reply
+            assert json.loads(reply.body)["id"] == client.session_id
+            reply = await gateway.handle(HttpCall("PATCH", f"/api/sessions/{client.session_id}",
+                                                  headers=[("Content-Type", "application/json")],
+                                                  body=b'{"prompt": "a charcoal sketch"}'))
+            assert reply.status == 200 and json.loads(reply.body)["params"]["prompt"] == "a charcoal sketch"
+            listing = await gateway.handle(HttpCall("GET", "/api/sessions"))
+            assert [(s["id"], s["replica"]) for s in json.loads(listing.body)["sessions"]] == [
+                (client.session_id, "abcd1234")]
+            await client.close()
+        # the replica has ended: its sessions answer 404, and it is forgotten
+        reply = await gateway.handle(HttpCall("GET", f"/api/sessions/{client.session_id}"))
+        assert reply.status == 404 and "error" in json.loads(reply.body)
+        assert routing.draining_replicas("drain-test", ENGINE) == {}
+    finally:
+        await gateway.close()
+        routing._ROUTERS.pop(f"drain-test#{ENGINE}", None)

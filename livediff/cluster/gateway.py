@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ENGINE = "EngineReplica"
 """The engine replicas' deployment name."""
 RETRY_AFTER_S = 5
+BOOTSTRAP_S = 2.0
+"""A gateway process's first call (which makes its router) waits at most this long for a replica."""
 """Retry-After when no replica could take a request."""
 
 
@@ -98,18 +100,19 @@ class Gateway:
     # -- calls ------------------------------------------------------------------------------------
 
     async def send(self, call: HttpCall, route: str | None = None, exclude: tuple[str, ...] = (),
-                   pinned: bool = False) -> HttpReply:
+                   pinned: bool = False, timeout_s: float | None = None) -> HttpReply:
         """One call to a replica. A replica that dies under it: 404 for a session's request (the
-        session ended with its replica), else 503 with Retry-After."""
+        session ended with its replica), else 503 with Retry-After; so is no answer in `timeout_s`
+        (default `call_timeout_s`: Serve holds a call while no replica is up)."""
+        timeout_s = timeout_s or self.call_timeout_s
         if route is not None:
             draining = draining_replicas(self.app_name, ENGINE).get(route)
             if draining is not None:
                 return await self.direct(draining, call, pinned)
         try:
-            return await asyncio.wait_for(self.engines.remote(call, route=route, exclude=exclude),
-                                          self.call_timeout_s)
+            return await asyncio.wait_for(self.engines.remote(call, route=route, exclude=exclude), timeout_s)
         except asyncio.TimeoutError:
-            return _json(503, {"error": f"no replica answered in {self.call_timeout_s:g} s"}, RETRY_AFTER_S)
+            return _json(503, {"error": f"no replica answered in {timeout_s:g} s"}, RETRY_AFTER_S)
         except Exception as exc:  # noqa: BLE001 - Ray's errors for a replica that died under the call
             log.warning("call %s %s failed: %s", call.method, call.path, exc)
             if pinned:
@@ -135,11 +138,19 @@ class Gateway:
                                                   timeout=aiohttp.ClientTimeout(total=self.call_timeout_s))
         return self._session
 
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __del__(self) -> None:
+        """Serve stops this gateway replica."""
+        await self.close()
+
     async def replicas(self) -> list[ReplicaView]:
         """The replicas the router sees (one call first makes this process's router)."""
         seen = live_replicas(self.app_name, ENGINE)
         if seen is None:
-            await self.send(HttpCall("GET", "/healthz"))
+            await self.send(HttpCall("GET", "/healthz"), timeout_s=BOOTSTRAP_S)
             seen = live_replicas(self.app_name, ENGINE) or []
         return seen
 
@@ -171,7 +182,7 @@ class Gateway:
                 "sessions": sum(r.sessions for r in replicas), "each": [r.describe() for r in replicas]}  # fmt: skip
         if not ready:
             return _json(503, {"error": "no replica is ready", **body}, RETRY_AFTER_S)
-        engine = await self.send(HttpCall("GET", "/readyz"))
+        engine = await self.send(HttpCall("GET", "/readyz"), timeout_s=BOOTSTRAP_S)
         if engine.status == 200:
             body["engine"] = json.loads(engine.body)["engine"]
         return _json(200, body)
