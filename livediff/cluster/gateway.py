@@ -142,10 +142,6 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
 
-    async def __del__(self) -> None:
-        """Serve stops this gateway replica."""
-        await self.close()
-
     async def replicas(self) -> list[ReplicaView]:
         """The replicas the router sees (one call first makes this process's router)."""
         seen = live_replicas(self.app_name, ENGINE)
