@@ -16,6 +16,8 @@ from livediff.errors import ConfigError
 BACKENDS = ("auto", "torch", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
+MAX_BANK_FRAMES = 4
+"""Most earlier frames a stream's feature bank keeps (`StreamParams.temporal_bank`)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class EngineSettings:
     """Where compiled artifacts (ONNX files, TensorRT engines) are cached."""
     cache_size: int = 64
     """Prompt embeddings kept in the conditioning cache (LRU)."""
+    feature_bank: bool = False
+    """Make the temporal feature bank available to streams (`StreamParams.temporal_bank`): on the
+    compiled backends a second UNet graph with the bank's inputs is exported and loaded beside the
+    plain one (steps where no stream uses a bank keep running the plain graph)."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -96,6 +102,12 @@ class StreamParams:
     """Most consecutive frames the similarity filter may skip."""
     passthrough: bool = False
     """Return the input frame unchanged, no network run: measures transport alone."""
+    temporal_bank: int = 0
+    """Feature bank: how many earlier frames each self-attention layer of the UNet also attends to,
+    0 (off) to 4; needs an engine with `EngineSettings.feature_bank` (see `livediff.engine.temporal`)."""
+    temporal_weight: float = 1.0
+    """Attention weight of the bank's frames against the current frame's, 0.1 to 10: 1 weighs them
+    alike, more holds on to the past (steadier, slower to follow), less to the present."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -121,6 +133,10 @@ class StreamParams:
             raise ConfigError(f"similarity_threshold must be in (0, 1), got {self.similarity_threshold}")
         if not 0 <= self.max_skip_frames <= 1000:
             raise ConfigError(f"max_skip_frames must be in 0..1000, got {self.max_skip_frames}")
+        if isinstance(self.temporal_bank, bool) or not 0 <= self.temporal_bank <= MAX_BANK_FRAMES:
+            raise ConfigError(f"temporal_bank must be an integer in 0..{MAX_BANK_FRAMES}, got {self.temporal_bank!r}")
+        if not 0.1 <= self.temporal_weight <= 10.0:
+            raise ConfigError(f"temporal_weight must be in [0.1, 10], got {self.temporal_weight}")
 
     @property
     def timesteps(self) -> tuple[int, ...]:

@@ -7,7 +7,9 @@ One step, for frames of one or many streams:
 2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
 3. VAE encode -> latents
 4. noise each latent to its stream's first timestep with the stream's fixed noise
-5. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps)
+5. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps); streams with
+   a feature bank bring their earlier frames' attention keys and values to each UNet call and keep
+   this frame's (`livediff.engine.temporal`)
 6. VAE decode
 7. postprocess: back to uint8 HWC and one device-to-host copy
 
@@ -25,12 +27,15 @@ from dataclasses import dataclass, field
 import torch
 
 from livediff.backends import Backend, create_backend, resolve_backend
+from livediff.backends.temporal_attention import TemporalBank
+from livediff.backends.unet_extras import NO_EXTRAS
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
+from livediff.engine.temporal import BankRow, FeatureBank, gather, store
 from livediff.errors import ConfigError
 from livediff.models import ModelParts, load_model
 
@@ -68,6 +73,8 @@ class Stream:
     pending: torch.Tensor | None = None
     """Stream Batch only: (steps - 1, C, h, w) latents still being denoised, at timesteps 1.."""
     last_output: torch.Tensor | None = None
+    bank: FeatureBank | None = None
+    """The feature bank's keys and values of earlier frames, when `params.temporal_bank` > 0."""
     frames: int = 0
     skipped: int = 0
 
@@ -98,6 +105,8 @@ class _Batch:
     uncond: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
     """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
+    banks: list[FeatureBank | None] = field(default_factory=list)
+    """Each frame's feature bank (None: the stream has none)."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -106,7 +115,8 @@ class _Batch:
             return None if t is None else t.repeat_interleave(times, dim=0)
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
-                      repeat(self.uncond), repeat(self.guidance))  # fmt: skip
+                      repeat(self.uncond), repeat(self.guidance),
+                      [bank for bank in self.banks for _ in range(times)])  # fmt: skip
 
 
 class StreamEngine:
@@ -131,6 +141,9 @@ class StreamEngine:
         self.conditioning = ConditioningCache(
             clip_encoder(self.parts.tokenizer, self.parts.text_encoder), settings.cache_size
         )
+        extras = getattr(self.backend, "extras", NO_EXTRAS)
+        self.bank_feature = next((f for f in extras.features if isinstance(f, TemporalBank)), None)
+        """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
         channels = self.parts.unet.config.in_channels
         self.latent_shape = (channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
         self.frame_shape = (settings.height, settings.width, 3)
@@ -149,14 +162,21 @@ class StreamEngine:
 
     def open_stream(self, params: StreamParams | None = None) -> Stream:
         params = params or StreamParams()
+        self._check_temporal(params)
         return Stream(
             conditioning=self._condition(params),
             noise=self._noise(params),
             similarity=SimilarityFilter(params.seed),
+            bank=self._bank(params),
         )
 
     def update(self, stream: Stream, params: StreamParams) -> None:
-        """Apply new params from the next frame on: no reload, no recompile."""
+        """Apply new params from the next frame on: no reload, no recompile.
+
+        The feature bank follows `bank_rule`: kept across prompt, blend, strength and weight
+        changes, dropped when the seed, the step count, guidance on/off or the bank size change.
+        """
+        self._check_temporal(params)
         old = stream.params
         stream.conditioning = self._condition(params)
         if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
@@ -165,6 +185,23 @@ class StreamEngine:
             stream.pending = None
         if not params.similarity_filter:
             stream.similarity.reset()
+        if bank_rule(old, params) == "drop":
+            stream.bank = self._bank(params)
+        elif stream.bank is not None:
+            stream.bank.weight = params.temporal_weight
+
+    def _check_temporal(self, params: StreamParams) -> None:
+        if params.temporal_bank and self.bank_feature is None:
+            raise ConfigError(
+                f"temporal_bank needs an engine started with the feature bank (feature_bank, `--feature-bank`); "
+                f"the {self.backend.name} backend here runs without it"
+            )
+
+    def _bank(self, params: StreamParams) -> FeatureBank | None:
+        if not params.temporal_bank or self.bank_feature is None:
+            return None
+        return FeatureBank(self.bank_feature.layers, params.temporal_bank, params.temporal_weight, self.device,
+                           self.dtype)  # fmt: skip
 
     def _condition(self, params: StreamParams) -> Conditioning:
         prompt = self.conditioning.blend(params.prompt, params.blend_prompt, params.blend_weight)
@@ -277,21 +314,43 @@ class StreamEngine:
             coefs=torch.stack([c.coefs for c in conds]),
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
+            banks=[s.bank for s in streams],
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
             batch.guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
         return batch
 
-    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """The UNet's prediction, with classifier-free guidance for the frames that ask for it."""
+    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch, steps: Sequence[int]) -> torch.Tensor:
+        """The UNet's prediction, with classifier-free guidance for the frames that ask for it.
+
+        `steps` is each row's denoising step index: with `batch.banks`, the slot of the row's bank.
+        """
         if batch.uncond is None or batch.guidance is None:
-            return self.backend.unet(x, timesteps, batch.embeds)
-        both = self.backend.unet(
-            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds])
+            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0))
+        rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
+        both = self._unet(
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows
         )
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
+
+    @staticmethod
+    def _bank_rows(batch: _Batch, steps: Sequence[int], branch: int) -> list[BankRow | None]:
+        if not any(batch.banks):
+            return [None] * len(steps)
+        return [None if bank is None else BankRow(bank, (step, branch)) for bank, step in zip(batch.banks, steps)]
+
+    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+              rows: list[BankRow | None]) -> torch.Tensor:  # fmt: skip
+        """One UNet call: the plain graph when no row has a bank, else the bank graph (keeping new features)."""
+        if self.bank_feature is None or all(row is None for row in rows):
+            return self.backend.unet(x, timesteps, embeds)
+        layers = self.bank_feature.layers
+        values = gather(rows, layers, self.device, self.dtype)
+        prediction, outputs = self.backend.unet_with(x, timesteps, embeds, values)
+        store(rows, outputs, len(layers))
+        return prediction
 
     def _denoise(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
         """All steps of each frame in turn: `steps` UNet calls of batch B."""
@@ -300,7 +359,7 @@ class StreamEngine:
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         for k in range(steps):
-            output = self._predict(x, coefs[:, T, k], batch)
+            output = self._predict(x, coefs[:, T, k], batch, [k] * len(streams))
             denoised = self.schedule.predict_x0(x, output, coefs[:, :, k])
             if k + 1 < steps:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
@@ -322,7 +381,7 @@ class StreamEngine:
         fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         x = torch.cat([fresh.unsqueeze(1), torch.stack([s.pending for s in streams])], dim=1).flatten(0, 1)
         flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5), frame-major
-        output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps))
+        output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps), list(range(steps)) * size)
         denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (size, steps))
         renoised = self.schedule.add_noise(
             denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
@@ -339,3 +398,20 @@ class StreamEngine:
         image = torch.zeros(self.frame_shape, dtype=torch.uint8)
         for _ in range(frames):
             self.step([(stream, image)])
+
+
+def bank_rule(old: StreamParams, new: StreamParams) -> str:
+    """What a param change does to a stream's feature bank: `keep` or `drop`.
+
+    Kept when the prompt, negative prompt, blend, strength (timesteps at the same step count) or
+    the bank's weight change: a new prompt then takes over within `temporal_bank` frames, each
+    frame replacing the oldest in the bank, which softens the cut. Dropped (the next frame starts
+    an empty bank) when the seed changes (new noise: the old frames' features belong to another
+    picture), the step count or guidance on/off changes (the bank's slots no longer match the
+    UNet rows), or the bank size changes.
+    """
+    if (new.seed, len(new.timesteps), new.guidance > 1.0, new.temporal_bank) != (
+        old.seed, len(old.timesteps), old.guidance > 1.0, old.temporal_bank
+    ):
+        return "drop"
+    return "keep"
