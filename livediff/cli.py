@@ -75,6 +75,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stream-batch", action="store_true", default=_env("stream_batch", "") == "1",
                        help="denoise consecutive frames' steps in one UNet batch")
     group.add_argument("--engines-dir", type=Path, default=Path(_env("engines_dir", "engines")))
+    group.add_argument("--feature-bank", action=argparse.BooleanOptionalAction,
+                       default=_env("feature_bank", "") in ("1", "true", "yes"),
+                       help="make the temporal feature bank available to sessions (their `temporal` param); "
+                       "compiled backends build a second UNet graph for it")
     group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=int(_env("steps", 1)),
                        help=f"denoising steps per frame, 1..{MAX_STEPS}")
     group.add_argument("--strength", type=_unit_interval, default=float(_env("strength", 0.5)))
@@ -89,7 +93,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
     return EngineSettings(
         model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
-        stream_batch=args.stream_batch, engines_dir=args.engines_dir,
+        stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
     )  # fmt: skip
 
 

@@ -108,6 +108,10 @@ class StreamParams:
     temporal_weight: float = 1.0
     """Attention weight of the bank's frames against the current frame's, 0.1 to 10: 1 weighs them
     alike, more holds on to the past (steadier, slower to follow), less to the present."""
+    motion_strength: tuple[float, float] | None = None
+    """Motion-aware strength: (low, high) bounds, 0 < low <= high <= 1; the strength then follows a
+    smoothed estimate of the camera's motion, `high` on a still scene and down to `low` as it moves
+    fast (see `livediff.engine.temporal.MotionEstimate`), in place of `strength`. None: fixed strength."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -137,6 +141,16 @@ class StreamParams:
             raise ConfigError(f"temporal_bank must be an integer in 0..{MAX_BANK_FRAMES}, got {self.temporal_bank!r}")
         if not 0.1 <= self.temporal_weight <= 10.0:
             raise ConfigError(f"temporal_weight must be in [0.1, 10], got {self.temporal_weight}")
+        if self.motion_strength is not None:
+            bounds = tuple(self.motion_strength)
+            if len(bounds) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+                raise ConfigError(f"motion_strength must be two numbers [low, high], got {self.motion_strength!r}")
+            low, high = float(bounds[0]), float(bounds[1])
+            if not 0.0 < low <= high <= 1.0:
+                raise ConfigError(f"motion_strength must have 0 < low <= high <= 1, got [{low}, {high}]")
+            if self.t_index_list is not None:
+                raise ConfigError("motion_strength sets the timesteps from the strength; leave t_index_list empty")
+            object.__setattr__(self, "motion_strength", (low, high))
 
     @property
     def timesteps(self) -> tuple[int, ...]:
@@ -147,7 +161,11 @@ class StreamParams:
         """
         if self.t_index_list is not None:
             return self.t_index_list
-        top = self.strength * 1000
+        return self.timesteps_at(self.strength)
+
+    def timesteps_at(self, strength: float) -> tuple[int, ...]:
+        """The timesteps `steps` evenly spaced below `strength` (what `timesteps` gives at that strength)."""
+        top = strength * 1000
         return tuple(max(0, round(top * (self.steps - k) / self.steps) - 1) for k in range(self.steps))
 
     def replace(self, **changes: Any) -> StreamParams:

@@ -189,3 +189,37 @@ def test_an_engine_without_the_feature_names_it(plain_engine) -> None:
 def test_params_are_validated(changes: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         StreamParams(**changes)  # type: ignore[arg-type]
+
+
+# -- motion-aware strength -------------------------------------------------------------------------
+
+
+def test_motion_aware_strength_follows_the_scene(plain_engine) -> None:
+    params = StreamParams(seed=5, motion_strength=(0.3, 0.7))
+    stream = plain_engine.open_stream(params)
+    still = torch.from_numpy(SyntheticCamera(SIZE, SIZE, still_background=True).frame(0))
+    for _ in range(3):
+        out = plain_engine.step([(stream, still)]).outputs[0]
+    assert stream.strength == 0.7  # a still scene: the high bound
+    fixed = plain_engine.open_stream(StreamParams(seed=5, strength=0.7))
+    assert torch.equal(out, plain_engine.step([(fixed, still)]).outputs[0])
+    drifting = [torch.from_numpy(f) for f in SyntheticCamera(SIZE, SIZE).frames(12)]  # every pixel moves
+    seen = []
+    for frame in drifting:
+        plain_engine.step([(stream, frame)])
+        seen.append(stream.strength)
+    assert seen == sorted(seen, reverse=True) and seen[-1] is not None and seen[-1] < 0.45  # smoothed, falling
+    plain_engine.update(stream, params.replace(motion_strength=None, strength=0.5))
+    assert stream.strength is None and stream.motion is None
+    assert torch.equal(plain_engine.step([(stream, still)]).outputs[0],
+                       plain_engine.step([(plain_engine.open_stream(StreamParams(seed=5)), still)]).outputs[0])
+
+
+def test_motion_strength_bounds_are_validated() -> None:
+    with pytest.raises(ConfigError, match="motion_strength"):
+        StreamParams(motion_strength=(0.8, 0.2))
+    with pytest.raises(ConfigError, match="motion_strength"):
+        StreamParams(motion_strength=(0.0, 0.5))
+    with pytest.raises(ConfigError, match="t_index_list"):
+        StreamParams(motion_strength=(0.2, 0.5), t_index_list=(500,))
+    assert StreamParams(motion_strength=(0.25, 0.25)).motion_strength == (0.25, 0.25)

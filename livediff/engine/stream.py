@@ -35,7 +35,7 @@ from livediff.engine.conditioning import ConditioningCache, clip_encoder
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
-from livediff.engine.temporal import BankRow, FeatureBank, gather, store
+from livediff.engine.temporal import BankRow, FeatureBank, MotionEstimate, gather, store
 from livediff.errors import ConfigError
 from livediff.models import ModelParts, load_model
 
@@ -75,6 +75,12 @@ class Stream:
     last_output: torch.Tensor | None = None
     bank: FeatureBank | None = None
     """The feature bank's keys and values of earlier frames, when `params.temporal_bank` > 0."""
+    motion: MotionEstimate | None = None
+    """Motion-aware strength: the smoothed motion of the input, when `params.motion_strength` is set."""
+    strength: float | None = None
+    """Motion-aware strength: the strength of the latest frame (None: `params.strength` applies)."""
+    coefs: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    """Motion-aware strength: (5, steps) schedule coefficients per timestep set met so far."""
     frames: int = 0
     skipped: int = 0
 
@@ -168,6 +174,7 @@ class StreamEngine:
             noise=self._noise(params),
             similarity=SimilarityFilter(params.seed),
             bank=self._bank(params),
+            motion=MotionEstimate() if params.motion_strength else None,
         )
 
     def update(self, stream: Stream, params: StreamParams) -> None:
@@ -189,6 +196,12 @@ class StreamEngine:
             stream.bank = self._bank(params)
         elif stream.bank is not None:
             stream.bank.weight = params.temporal_weight
+        if params.motion_strength is None:
+            stream.motion, stream.strength = None, None
+        elif stream.motion is None:
+            stream.motion = MotionEstimate()
+        if len(params.timesteps) != len(old.timesteps):
+            stream.coefs.clear()
 
     def _check_temporal(self, params: StreamParams) -> None:
         if params.temporal_bank and self.bank_feature is None:
@@ -264,6 +277,9 @@ class StreamEngine:
 
     def _run(self, streams: list[Stream], images: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, float]]:
         clock = StageClock(self.device)
+        for stream, image in zip(streams, images):
+            if stream.motion is not None:
+                self._follow_motion(stream, image)
         pixels = self._preprocess(images)
         clock.mark("preprocess")
         latents = self.backend.encode(pixels)
@@ -296,6 +312,22 @@ class StreamEngine:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
 
+    def _follow_motion(self, stream: Stream, image: torch.Tensor) -> None:
+        """Motion-aware strength: this frame's strength from the smoothed motion (see `MotionEstimate`)."""
+        assert stream.motion is not None and stream.params.motion_strength is not None
+        stream.motion.observe(image)
+        stream.strength = stream.motion.strength(*stream.params.motion_strength)
+
+    def _coefs(self, stream: Stream) -> torch.Tensor:
+        """(5, steps) coefficients of this frame's timesteps: the params', or the motion-aware strength's."""
+        if stream.strength is None:
+            return stream.conditioning.coefs
+        timesteps = stream.params.timesteps_at(stream.strength)
+        coefs = stream.coefs.get(timesteps)
+        if coefs is None:
+            coefs = stream.coefs[timesteps] = self.schedule.coefficients(timesteps)
+        return coefs
+
     def _postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
         frames = decoded.clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
         return frames.permute(0, 2, 3, 1).contiguous().cpu()
@@ -311,7 +343,7 @@ class StreamEngine:
     def _gather(self, streams: list[Stream]) -> _Batch:
         conds = [s.conditioning for s in streams]
         batch = _Batch(
-            coefs=torch.stack([c.coefs for c in conds]),
+            coefs=torch.stack([self._coefs(s) for s in streams]),
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
             banks=[s.bank for s in streams],

@@ -1,4 +1,5 @@
-"""Per-stream temporal state: the feature bank's keys and values, batched into a UNet call and back.
+"""Per-stream temporal state: the feature bank's keys and values, batched into a UNet call and back;
+the motion estimate that motion-aware strength follows.
 
 The UNet side (which layers, how attention uses the bank) is `livediff.backends.temporal_attention`.
 Here is what a stream keeps between frames, and how one step's rows are put together:
@@ -20,6 +21,15 @@ says what a bank holds). Per frame and slot at 512x512: the tiny model's 4 layer
 x 64 channels, 0.5 M values (2 MiB in float32, 1 MiB in bfloat16); the SD 2.1 UNet of SD-Turbo, 16
 layers, 23.1 M values (44 MiB in float16; 11 MiB at 256x256). So SD-Turbo, 1 step, no guidance,
 a bank of 2 frames: 88 MiB per stream at 512x512.
+
+Motion-aware strength (after StreamDiffusionV2's motion-aware noise controller, Feng et al., arXiv
+2511.07399): `MotionEstimate` measures how much the camera's frame changed since the last one (the
+mean absolute difference of a small, block-averaged copy of the frame, 0-255 levels), smooths it
+(exponential moving average), and maps it to a strength between the stream's bounds: the high bound
+on a still scene (denoise strongly: more style, and nothing moves to flicker), falling linearly to
+the low bound at `MOTION_FULL` levels and above (denoise conservatively: the output keeps to the
+moving input instead of redrawing it every frame). It runs in the engine step on the host frame:
+0.4 ms at 256x256, 1-1.5 ms at 512x512 here (2 shared Zen 4 cores).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from livediff.backends.temporal_attention import EMPTY_SLOT, BankLayer
@@ -133,3 +144,48 @@ def store(rows: Sequence[BankRow | None], outputs: Mapping[str, torch.Tensor], l
     for r, row in enumerate(rows):
         if row is not None:
             row.bank.push(row.slot, [layer[r] for layer in new])
+
+
+MOTION_STRIDE = 4
+"""Every 4th pixel in each direction is sampled, then averaged in blocks of `MOTION_BLOCK` x
+`MOTION_BLOCK` samples: the figure needs the scene's change, not its detail, and the averaging
+quiets sensor noise (sigma / 4)."""
+MOTION_BLOCK = 4
+MOTION_FLOOR = 0.5
+"""Levels of change taken for noise, not motion: sensor noise of sigma 2 levels leaves ~0.5 after the
+block averaging (measured on the synthetic camera with a still scene)."""
+MOTION_FULL = 10.0
+"""Levels of change at and above which the strength is the low bound: every pixel of the synthetic
+camera's drifting background changes by ~9.6 levels a frame; its shapes moving over a still
+background give ~1.3 (at 256x256 and 512x512)."""
+MOTION_SMOOTHING = 0.3
+"""Weight of the newest frame in the moving average (the estimate follows within ~3 frames)."""
+STRENGTH_QUANTUM = 0.01
+"""Strengths are rounded to this, so a stream visits a few dozen timestep sets, each computed once."""
+
+
+@dataclass
+class MotionEstimate:
+    """Per-stream: the smoothed motion of the input, and the strength it maps to."""
+
+    previous: np.ndarray | None = None
+    motion: float = 0.0
+    """Smoothed mean absolute change per frame, levels of 255 (0 until two frames came)."""
+
+    def observe(self, image: torch.Tensor) -> float:
+        """Update from the next (H, W, 3) uint8 host frame; returns the smoothed motion."""
+        sample = image[::MOTION_STRIDE, ::MOTION_STRIDE].numpy().astype(np.float32)
+        rows, cols = sample.shape[0] // MOTION_BLOCK, sample.shape[1] // MOTION_BLOCK
+        blocks = sample[: rows * MOTION_BLOCK, : cols * MOTION_BLOCK].reshape(rows, MOTION_BLOCK, cols, MOTION_BLOCK, 3)
+        sample = blocks.mean(axis=(1, 3))
+        previous, self.previous = self.previous, sample
+        if previous is not None:
+            change = float(np.abs(sample - previous).mean())
+            self.motion += MOTION_SMOOTHING * (change - self.motion)
+        return self.motion
+
+    def strength(self, low: float, high: float) -> float:
+        """`high` when still, down to `low` at `MOTION_FULL` levels of motion, rounded to `STRENGTH_QUANTUM`."""
+        fast = min(1.0, max(0.0, (self.motion - MOTION_FLOOR) / (MOTION_FULL - MOTION_FLOOR)))
+        strength = high - (high - low) * fast
+        return max(low, min(high, round(strength / STRENGTH_QUANTUM) * STRENGTH_QUANTUM))

@@ -23,11 +23,12 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.exceptions import InvalidStateError, OperationError
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.errors import ConfigError
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
-from livediff.server.params import parse_update
+from livediff.server.params import parse_update, refusal
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
@@ -215,7 +216,10 @@ class Service:
         """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
         self.require_ready()
         check_offer(offer.sdp)
-        session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
+        try:
+            session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
+        except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
+            raise refusal(exc) from None
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
             pc = create_peer(self.settings)
@@ -369,8 +373,11 @@ class Service:
         """Validate and apply a control message; the change takes effect from the next frame."""
         async with session.param_lock:
             params, extras = parse_update(session.params, data)
-            truncated = (await self.scheduler.update(session, params) if params != session.params
-                         else self.scheduler.prompt_truncated(session))
+            try:
+                truncated = (await self.scheduler.update(session, params) if params != session.params
+                             else self.scheduler.prompt_truncated(session))
+            except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
+                raise refusal(exc) from None
             if "probe" in extras:
                 session.probe = extras["probe"]
         warnings = []
