@@ -25,10 +25,11 @@ from aiortc.exceptions import InvalidStateError, OperationError
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
-from livediff.scheduler import Scheduler
+from livediff.scheduler import Scheduler, StepObservers
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
 from livediff.server.params import parse_update, refusal
+from livediff.server.quality import QualitySampler
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
@@ -72,7 +73,9 @@ class Service:
         self.settings = settings
         self.parts = parts
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
-        self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
+        self.quality = QualitySampler(observe=self.metrics.on_quality)
+        self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out,
+                                   observer=StepObservers(self.metrics, self.quality),
                                    pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
         self.relay = MediaRelay()
         self.outputs: dict[str, OutputTrack] = {}
@@ -112,6 +115,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.scheduler.close()
+        self.quality.close()
 
     def describe(self) -> dict[str, Any]:
         """What runs here, for /readyz and the pages' HUDs (only once the engine is built)."""
@@ -190,6 +194,7 @@ class Service:
                     "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
                     "batch_size": out.batch_size,
                     "skipped": out.skipped,
+                    "quality": session.quality.as_dict() if session.quality is not None else None,
                 }
                 asyncio.get_running_loop().call_later(STATS_DELAY_S, session.send_message, stats)
 
