@@ -115,3 +115,44 @@ def test_synthetic_camera_has_still_and_moving_regions() -> None:
     noisy = SyntheticCamera(128, 128, still_background=True, noise=2.0).frames(2)
     assert quality.pair_flicker(noisy, noisy) == pytest.approx(2.26, abs=0.3)  # E|n1 - n2| for sigma 2
     assert np.array_equal(SyntheticCamera(64, 64, noise=2.0).frame(3), SyntheticCamera(64, 64, noise=2.0).frame(3))
+
+
+def test_live_sampler_measures_a_pair_per_interval_off_the_caller() -> None:
+    import threading
+    import time
+
+    import torch
+
+    from livediff.config import StreamParams
+    from livediff.server.quality import LiveQuality, QualitySampler
+    from livediff.session import Session
+
+    seen: list[dict[str, float]] = []
+    measured = threading.Event()
+
+    def observe(figures: dict[str, float]) -> None:
+        seen.append(figures)
+        assert threading.current_thread() is not threading.main_thread()  # on the sampler's own thread
+        measured.set()
+
+    sampler = QualitySampler(observe=observe, interval_s=10.0)
+    session = Session(params=StreamParams())
+    frame = torch.from_numpy(texture(256, 256))
+    try:
+        sampler.offer(session, (frame, frame), now=100.0)  # the first pair: nothing to compare yet
+        assert session.quality.samples == 0 and not measured.is_set()
+        sampler.offer(session, (frame, frame), now=100.5)  # a pair, and a sample due: measured
+        assert measured.wait(10)
+        deadline = time.monotonic() + 5
+        while session.quality.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sampler.offer(session, (frame, frame), now=101.0)  # within the interval: no new sample
+        time.sleep(0.2)
+    finally:
+        sampler.close()
+    assert len(seen) == 1 and seen[0]["warp_error"] == 0.0 and seen[0]["flicker"] == 0.0
+    assert session.quality.as_dict() == {"warp_error": 0.0, "flicker": 0.0, "ssim": 1.0, "samples": 1}
+    live = LiveQuality()
+    live.add({"warp_error": 10.0, "flicker": math.nan, "ssim": 0.5})
+    live.add({"warp_error": 20.0, "flicker": 4.0, "ssim": 0.5})
+    assert live.warp_error == pytest.approx(13.0) and live.flicker == 4.0 and live.samples == 2
