@@ -78,7 +78,7 @@ def optical_flow(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """(H, W, 2) float32 flow from `first` to `second` (RGB uint8): pixel (x, y) of `first` is at
     (x + flow[y, x, 0], y + flow[y, x, 1]) in `second`. OpenCV's DIS flow (Kroeger et al., ECCV 2016)
     on the luma, medium preset."""
-    dis = cv2.DISOpticalFlow_create(_DIS)  # a new one per call: instances keep state, threads may share nothing
+    dis = cv2.DISOpticalFlow_create(_DIS)  # type: ignore[attr-defined]  # one per call: instances keep state
     return dis.calc(_gray(first), _gray(second), None)
 
 

@@ -62,14 +62,14 @@ class BankLayer:
         return 2 * self.tokens * self.channels * torch.empty((), dtype=dtype).element_size()
 
 
-def bank_layers(unet: torch.nn.Module, height: int, width: int) -> tuple[BankLayer, ...]:
+def bank_layers(unet: Any, height: int, width: int) -> tuple[BankLayer, ...]:
     """The self-attention layers of a diffusers UNet2DConditionModel at a frame size of `height` x `width` pixels.
 
     A layer's resolution level follows from its place: `down_blocks.i` at level i, `mid_block` at
     the lowest, `up_blocks.j` at level (levels - 1 - j); each level halves the latent (rounding up,
     as the stride-2 convolutions do).
     """
-    levels = len(unet.config.block_out_channels)  # type: ignore[attr-defined]
+    levels = len(unet.config.block_out_channels)
     sizes = [(height // 8, width // 8)]
     for _ in range(levels - 1):
         h, w = sizes[-1]

@@ -93,7 +93,7 @@ def input_profiles(
     specs = {spec.name: spec for spec in extras.inputs}
     profiles = {}
     for name, shape in static.items():
-        axes = specs[name].shape if name in specs else ("batch", *shape[1:])
+        axes: tuple[int | str, ...] = specs[name].shape if name in specs else ("batch", *shape[1:])
         if name not in specs and name not in INPUTS[component]:
             raise ValueError(f"{component} graph has an unexpected input {name!r}")
         picks = []

@@ -103,7 +103,8 @@ class ExtrasUNet(torch.nn.Module):
     What the torch backend calls and the ONNX exporter traces. With no extras it is the plain call.
     """
 
-    def __init__(self, unet: torch.nn.Module, extras: UNetExtras) -> None:
+    def __init__(self, unet: Any, extras: UNetExtras) -> None:
+        """`unet`: a diffusers UNet2DConditionModel."""
         super().__init__()
         self.unet = unet
         self.extras = extras

@@ -84,7 +84,7 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
         elif name in _OBJECTS:
             members = _OBJECTS[name]
             if not isinstance(value, Mapping) or set(value) - set(members):
-                names = {str: "str", tuple: "[number, number]"}
+                names: dict[type, str] = {str: "str", tuple: "[number, number]"}
                 shape = ", ".join(f'"{m}": {names.get(kind, "number")}' for m, (_, kind) in members.items())
                 raise ParamError(name, f"{name} must be an object {{{shape}}}")
             for member, (field, kind) in members.items():
