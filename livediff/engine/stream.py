@@ -425,11 +425,15 @@ class StreamEngine:
     # -- convenience -----------------------------------------------------------------------------
 
     def warmup(self, frames: int = 2) -> None:
-        """Run a few frames so lazy initialisation and compilation happen before real traffic."""
-        stream = self.open_stream()
+        """Run a few frames so lazy initialisation and compilation happen before real traffic
+        (of the UNet with the feature bank too, when the engine has it)."""
+        streams = [self.open_stream()]
+        if self.bank_feature is not None:
+            streams.append(self.open_stream(StreamParams(temporal_bank=1)))
         image = torch.zeros(self.frame_shape, dtype=torch.uint8)
-        for _ in range(frames):
-            self.step([(stream, image)])
+        for stream in streams:
+            for _ in range(frames):
+                self.step([(stream, image)])
 
 
 def bank_rule(old: StreamParams, new: StreamParams) -> str:
