@@ -35,6 +35,7 @@ import torch
 
 from livediff.backends.base import EAGER, Stages
 from livediff.backends.torch_backend import TorchBackend
+from livediff.backends.unet_extras import NO_EXTRAS, UNetExtras
 from livediff.errors import BackendUnavailable, LivediffError
 from livediff.models import ModelParts
 
@@ -232,11 +233,13 @@ class CudaGraphBackend(TorchBackend):
     recorder lets the bookkeeping run where there is no GPU (the tests).
     """
 
-    def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16) -> None:
+    def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16,
+                 extras: UNetExtras = NO_EXTRAS) -> None:  # fmt: skip
+        """`extras`: the optional UNet inputs (the feature bank), as `TorchBackend` takes them."""
         if capture is None:
             require_cuda(parts.device)
             capture = cuda_capture(parts.device)
-        super().__init__(parts)
+        super().__init__(parts, extras=extras)
         self.name = NAME
         self.graphs = StepGraphs(capture, max_layouts=max_layouts)
 
