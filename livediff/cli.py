@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "off) and each --temporal setting, on each --backend")
     quality.add_argument("--temporal", action="append", metavar="JSON",
                          help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
-                         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more (default: bank 1 and bank 2)')
+                         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}')
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
     g2g.add_argument("--g2g", action="store_true",
                      help="measure glass-to-glass latency (passthrough and model, marker completion on/off)")
