@@ -93,6 +93,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="denoise consecutive frames' steps in one UNet batch")
     group.add_argument("--engines-dir", type=Path, default=Path(_env("engines_dir", "engines")),
                        help="the compiled-engine cache (ONNX files, OpenVINO blobs, TensorRT plans)")
+    group.add_argument("--feature-bank", action=argparse.BooleanOptionalAction,
+                       default=_env("feature_bank", "") in ("1", "true", "yes"),
+                       help="make the temporal feature bank available to sessions (their `temporal` param); "
+                       "compiled backends build a second UNet graph for it")
     group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=_env("steps", 1),
                        help=f"denoising steps per frame, 1..{MAX_STEPS}")
     group.add_argument("--strength", type=_unit_interval, default=_env("strength", 0.5),
@@ -112,7 +116,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
     return EngineSettings(
         model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
-        stream_batch=args.stream_batch, engines_dir=args.engines_dir,
+        stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
     )  # fmt: skip
 
 
@@ -137,6 +141,10 @@ def stream_params(args: argparse.Namespace) -> StreamParams:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.g2g:
         return cmd_g2g(args)
+    if args.quality:
+        return cmd_bench_quality(args)
+    if args.temporal:
+        raise ConfigError("--temporal needs --quality")
     from livediff.bench import BenchPlan, format_report, run_bench
 
     if args.baseline_dtype and not args.baseline:
@@ -151,6 +159,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = run_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+DEFAULT_TEMPORAL = ('{"bank": 1}', '{"bank": 2}')
+"""What `bench --quality` compares with the baseline when no --temporal is given."""
+
+
+def temporal_configs(args: argparse.Namespace) -> list[Any]:
+    """The baseline (the stream params, temporal features off), then one config per --temporal JSON
+    object, parsed as the live `temporal` param is."""
+    from livediff.bench_quality import QualityConfig
+    from livediff.server.params import ParamError, parse_update
+
+    base = stream_params(args).replace(temporal_bank=0, motion_strength=None)
+    configs = [QualityConfig("off (baseline)", base)]
+    for text in args.temporal or DEFAULT_TEMPORAL:
+        try:
+            value = json.loads(text)
+            params, _ = parse_update(base, {"temporal": value})
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--temporal: {text!r} is not JSON ({exc})") from None
+        except ParamError as exc:
+            raise ConfigError(f"--temporal: {exc.message}") from None
+        label = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in value.items())
+        configs.append(QualityConfig(label, params))
+    return configs
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from livediff.bench import BenchPlan
+    from livediff.bench_quality import format_quality, run_quality
+
+    if args.baseline or args.streams:
+        raise ConfigError("--quality compares temporal settings on one engine; leave out --baseline and --streams")
+    configs = temporal_configs(args)
+    args.feature_bank = args.feature_bank or any(c.params.temporal_bank for c in configs)
+    args.max_batch = max(args.max_batch, args.batch)
+    names = [name.strip() for name in args.backend.split(",") if name.strip()]
+    settings = [engine_settings(args, backend=name) for name in names]
+    plan = BenchPlan(frames=args.frames, warmup=args.warmup, batch=args.batch, params=configs[0].params)
+    report = run_quality(settings, plan, configs)
+    print(json.dumps(report, indent=2) if args.json else format_quality(report))
     return 0
 
 
@@ -463,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-dtype", choices=[d for d in DTYPES if d != "auto"],
                        help="the baseline's dtype; none: the engine's --dtype")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    quality = bench.add_argument_group("temporal quality (--quality): warp error, flicker and SSIM beside ms/frame")
+    quality.add_argument("--quality", action="store_true",
+                         help="run a camera with moving and still regions through the baseline (temporal features "
+                         "off) and each --temporal setting, on each --backend")
+    quality.add_argument("--temporal", action="append", metavar="JSON",
+                         help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
+                         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}')
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
     g2g.add_argument("--g2g", action="store_true",
                      help="measure glass-to-glass latency (passthrough and model, marker completion on/off)")

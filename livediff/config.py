@@ -18,6 +18,8 @@ from livediff.errors import ConfigError
 BACKENDS = ("auto", "torch", "cuda-graph", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
+MAX_BANK_FRAMES = 4
+"""Most earlier frames a stream's feature bank keeps (`StreamParams.temporal_bank`)."""
 LIVE_SIZE = {"cuda": 512, "cpu": 256}
 """`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
 with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
@@ -56,6 +58,10 @@ class EngineSettings:
     """Where compiled artifacts (ONNX files, TensorRT engines) are cached."""
     cache_size: int = 64
     """Prompt embeddings kept in the conditioning cache (LRU)."""
+    feature_bank: bool = False
+    """Make the temporal feature bank available to streams (`StreamParams.temporal_bank`): on the
+    compiled backends a second UNet graph with the bank's inputs is exported and loaded beside the
+    plain one (steps where no stream uses a bank keep running the plain graph)."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -106,6 +112,16 @@ class StreamParams:
     """Most consecutive frames the similarity filter may skip."""
     passthrough: bool = False
     """Return the input frame unchanged, no network run: measures transport alone."""
+    temporal_bank: int = 0
+    """Feature bank: how many earlier frames each self-attention layer of the UNet also attends to,
+    0 (off) to 4; needs an engine with `EngineSettings.feature_bank` (see `livediff.engine.temporal`)."""
+    temporal_weight: float = 1.0
+    """Attention weight of the bank's frames against the current frame's, 0.1 to 10: 1 weighs them
+    alike, more holds on to the past (steadier, slower to follow), less to the present."""
+    motion_strength: tuple[float, float] | None = None
+    """Motion-aware strength: (low, high) bounds, 0 < low <= high <= 1; the strength then follows a
+    smoothed estimate of the camera's motion, `high` on a still scene and down to `low` as it moves
+    fast (see `livediff.engine.temporal.MotionEstimate`), in place of `strength`. None: fixed strength."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -131,6 +147,20 @@ class StreamParams:
             raise ConfigError(f"similarity_threshold must be in (0, 1), got {self.similarity_threshold}")
         if not 0 <= self.max_skip_frames <= 1000:
             raise ConfigError(f"max_skip_frames must be in 0..1000, got {self.max_skip_frames}")
+        if isinstance(self.temporal_bank, bool) or not 0 <= self.temporal_bank <= MAX_BANK_FRAMES:
+            raise ConfigError(f"temporal_bank must be an integer in 0..{MAX_BANK_FRAMES}, got {self.temporal_bank!r}")
+        if not 0.1 <= self.temporal_weight <= 10.0:
+            raise ConfigError(f"temporal_weight must be in [0.1, 10], got {self.temporal_weight}")
+        if self.motion_strength is not None:
+            bounds = tuple(self.motion_strength)
+            if len(bounds) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+                raise ConfigError(f"motion_strength must be two numbers [low, high], got {self.motion_strength!r}")
+            low, high = float(bounds[0]), float(bounds[1])
+            if not 0.0 < low <= high <= 1.0:
+                raise ConfigError(f"motion_strength must have 0 < low <= high <= 1, got [{low}, {high}]")
+            if self.t_index_list is not None:
+                raise ConfigError("motion_strength sets the timesteps from the strength; leave t_index_list empty")
+            object.__setattr__(self, "motion_strength", (low, high))
 
     @property
     def timesteps(self) -> tuple[int, ...]:
@@ -141,7 +171,11 @@ class StreamParams:
         """
         if self.t_index_list is not None:
             return self.t_index_list
-        top = self.strength * 1000
+        return self.timesteps_at(self.strength)
+
+    def timesteps_at(self, strength: float) -> tuple[int, ...]:
+        """The timesteps `steps` evenly spaced below `strength` (what `timesteps` gives at that strength)."""
+        top = strength * 1000
         return tuple(max(0, round(top * (self.steps - k) / self.steps) - 1) for k in range(self.steps))
 
     def replace(self, **changes: Any) -> StreamParams:

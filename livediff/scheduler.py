@@ -71,6 +71,17 @@ class StepObserver(Protocol):
     def on_step(self, outputs: list[tuple[Session, FrameOut]], dropped_out: int = 0) -> None: ...
 
 
+class StepObservers:
+    """Several observers as one, called in order."""
+
+    def __init__(self, *observers: StepObserver) -> None:
+        self.observers = observers
+
+    def on_step(self, outputs: list[tuple[Session, FrameOut]], dropped_out: int = 0) -> None:
+        for observer in self.observers:
+            observer.on_step(outputs, dropped_out)
+
+
 @dataclass
 class _Pick:
     session: Session
@@ -251,7 +262,7 @@ class Scheduler:
         images = [self.convert_in(p.session, p.frame) for p in picks]
         result = self.engine.step([(p.session.stream, image) for p, image in zip(picks, images)])
         outputs = []
-        for pick, image, skipped in zip(picks, result.outputs, result.skipped):
+        for pick, image_in, image, skipped in zip(picks, images, result.outputs, result.skipped):
             outputs.append(
                 FrameOut(
                     image=self.convert_out(pick.session, pick.frame, image),
@@ -261,6 +272,7 @@ class Scheduler:
                     stages_ms=dict(result.timings_ms),
                     batch_size=len(picks),
                     skipped=skipped,
+                    frames=(image_in, image),
                 )
             )
         return outputs

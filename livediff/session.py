@@ -53,6 +53,9 @@ class FrameOut:
     batch_size: int
     """Frames in the engine step that made it; 0 for a passthrough frame sent as it came."""
     skipped: bool = False
+    frames: tuple[Any, Any] | None = None
+    """(input, output) at the engine's size, (H, W, 3) uint8 host tensors, for sampling the session's
+    temporal quality off the frame path (`livediff.server.quality`); None for passthrough frames."""
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Session:
     """WHEP viewers: id -> how to end the viewer."""
     send_message: Callable[[dict[str, Any]], None] | None = None
     """Sends JSON to the client's `control` data channel when it has one."""
+    quality: Any = None
+    """Live temporal quality figures (`livediff.server.quality.LiveQuality`), once sampled."""
     param_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
@@ -166,6 +171,7 @@ class Session:
             "viewers": len(self.viewers),
             "params": params_to_json(self.params),
             "stats": stats,
+            "quality": self.quality.as_dict() if self.quality is not None else None,
         }
 
 
@@ -173,4 +179,7 @@ def params_to_json(params: StreamParams) -> dict[str, Any]:
     data = dict(params.__dict__)
     data["t_index_list"] = list(params.t_index_list) if params.t_index_list is not None else None
     data["blend"] = {"prompt": data.pop("blend_prompt"), "weight": data.pop("blend_weight")}
+    motion = data.pop("motion_strength")
+    data["temporal"] = {"bank": data.pop("temporal_bank"), "weight": data.pop("temporal_weight"),
+                        "motion_strength": list(motion) if motion is not None else None}
     return data

@@ -1,7 +1,12 @@
 """Camera-like synthetic frames: moving shapes on a drifting gradient.
 
 Moving content on purpose: a constant frame would flatter encoders, similarity filters and caches.
-Frame `i` is a pure function of (i, size, seed), so runs are repeatable.
+Frame `i` is a pure function of (i, size, seed, options), so runs are repeatable.
+
+For the temporal quality figures (`livediff bench --quality`) the camera can hold its background
+still (`still_background`: moving shapes over a fixed scene, as a webcam on a desk sees a person
+move) and add sensor noise (`noise`), so that a run has moving and static regions and the static
+ones still change by a camera's few levels from frame to frame.
 """
 
 from __future__ import annotations
@@ -12,8 +17,16 @@ import numpy as np
 class SyntheticCamera:
     """Produces (H, W, 3) uint8 RGB frames of a scene that moves a little every frame."""
 
-    def __init__(self, height: int, width: int, seed: int = 0, shapes: int = 4) -> None:
+    def __init__(
+        self, height: int, width: int, seed: int = 0, shapes: int = 4, still_background: bool = False,
+        noise: float = 0.0,
+    ) -> None:  # fmt: skip
+        """`still_background`: the gradient stays put (only the shapes move); `noise`: the standard
+        deviation, in levels of 255, of Gaussian sensor noise added to every pixel of every frame."""
         self.height, self.width = height, width
+        self.seed = seed
+        self.still_background = still_background
+        self.noise = noise
         rng = np.random.default_rng(seed)
         self._y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
         self._x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
@@ -23,7 +36,7 @@ class SyntheticCamera:
         self._colour = rng.integers(40, 255, size=(shapes, 3)).astype(np.float32)
 
     def frame(self, index: int) -> np.ndarray:
-        phase = index * 0.05
+        phase = 0.0 if self.still_background else index * 0.05
         image = np.empty((self.height, self.width, 3), dtype=np.float32)
         image[..., 0] = 120 + 80 * np.sin(2 * np.pi * (self._x + phase))
         image[..., 1] = 120 + 80 * np.sin(2 * np.pi * (self._y - phase * 0.7))
@@ -34,6 +47,9 @@ class SyntheticCamera:
         for (cy, cx), radius, colour in zip(centres, self._radius, self._colour):
             inside = (self._y - cy) ** 2 + ((self._x - cx) * self.width / self.height) ** 2 < radius**2
             image[inside] = colour
+        if self.noise:
+            rng = np.random.default_rng((self.seed, index))
+            image += rng.normal(0.0, self.noise, size=image.shape).astype(np.float32)
         return image.clip(0, 255).astype(np.uint8)
 
     def frames(self, count: int, start: int = 0) -> list[np.ndarray]:

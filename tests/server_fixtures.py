@@ -47,10 +47,10 @@ class Running:
 
 @asynccontextmanager
 async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params: StreamParams | None = None,
-                         **server: Any) -> AsyncIterator[Running]:
+                         feature_bank: bool = False, **server: Any) -> AsyncIterator[Running]:
     from livediff.server import tls
 
-    engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch)
+    engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch, feature_bank=feature_bank)
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)
     test_server = TestServer(app, host="127.0.0.1", port=0)

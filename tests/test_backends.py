@@ -149,6 +149,7 @@ def test_key_changes_with_every_field(tmp_path: Path) -> None:
     changed: dict[str, Any] = {
         "model": "stabilityai/sd-turbo", "revision": "builtin-v2", "component": "vae_decoder", "height": 128,
         "width": 96, "batch": "1-4-8", "precision": "fp16", "runtime": "tensorrt-10.9.0", "device": "sm89",
+        "extras": "bank-v1",
     }  # fmt: skip
     assert set(changed) == {f.name for f in dataclasses.fields(EngineKey)}, "a new key field needs a case here"
     cache = EngineCache(tmp_path)

@@ -24,6 +24,7 @@ from livediff.backends.cuda_graph import (
     flatten,
     require_cuda,
 )
+from livediff.backends.unet_extras import unet_extras
 from livediff.cli import main
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine import StreamEngine
@@ -64,7 +65,7 @@ def engines(tiny_parts, **settings: Any) -> tuple[StreamEngine, StreamEngine, Ho
     config = EngineSettings(model="tiny", height=SIZE, width=SIZE, **settings)
     eager, recorded = StreamEngine(config, parts=tiny_parts), StreamEngine(config, parts=tiny_parts)
     recorder = HostReplay()
-    recorded.backend = CudaGraphBackend(tiny_parts, capture=recorder)
+    recorded.backend = CudaGraphBackend(tiny_parts, capture=recorder, extras=unet_extras(config, tiny_parts))
     return eager, recorded, recorder
 
 
@@ -145,6 +146,28 @@ def test_a_step_mixing_step_counts_runs_eagerly(tiny_parts, frames) -> None:
     eager, recorded, recorder = engines(tiny_parts)
     run_both(eager, recorded, [StreamParams(steps=1), StreamParams(steps=3, strength=0.9)], frames[:3])
     assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stream_batch", [False, True])
+def test_feature_bank_and_motion_aware_steps_run_eagerly_with_the_torch_backends_frames(
+    tiny_parts, frames, stream_batch: bool
+) -> None:
+    """The bank writes each stream's ring during the step and picks its UNet graph per call;
+    motion-aware strength moves a stream's timesteps frame by frame: such steps are never recorded.
+    The same engine still records the steps without them."""
+    eager, recorded, recorder = engines(tiny_parts, feature_bank=True, stream_batch=stream_batch)
+    banked = StreamParams(prompt="a red fox", steps=2, strength=0.8, seed=1, temporal_bank=2)
+    moving = StreamParams(prompt="a city", steps=2, seed=2, motion_strength=(0.3, 0.7))
+    plain = StreamParams(prompt="rain", steps=2, strength=0.8, seed=3)
+    pairs = run_both(eager, recorded, [banked, plain], frames[:4])
+    run_both(eager, recorded, [moving], frames[:4])
+    run_both(eager, recorded, [banked, moving, plain], frames[4:8])
+    assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+    bank = pairs[0][1].bank
+    assert bank is not None and bank.filled((0, 0)) == 2  # the bank did take part: two frames kept per slot
+    assert all(torch.equal(a, b) for a, b in zip(pairs[0][0].bank.rings[(1, 0)].kv, bank.rings[(1, 0)].kv))
+    run_both(eager, recorded, [plain, plain.replace(seed=4)], frames[:3])
+    assert recorder.recorded == len(STAGES)  # bankless, fixed-strength streams: recorded as before
 
 
 def _buffers(engine: StreamEngine) -> list[torch.Tensor]:

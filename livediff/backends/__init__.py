@@ -47,12 +47,14 @@ def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:
     """The backend `settings.backend` names, built (or loaded from the engine cache) for `parts`."""
     if settings.backend == "torch":
         from livediff.backends.torch_backend import TorchBackend
+        from livediff.backends.unet_extras import unet_extras
 
-        return TorchBackend(parts, compile=settings.compile)
+        return TorchBackend(parts, compile=settings.compile, extras=unet_extras(settings, parts))
     if settings.backend == "cuda-graph":
         from livediff.backends.cuda_graph import CudaGraphBackend
+        from livediff.backends.unet_extras import unet_extras
 
-        return CudaGraphBackend(parts)
+        return CudaGraphBackend(parts, extras=unet_extras(settings, parts))
     if settings.backend == "onnx":
         from livediff.backends.onnx_backend import OnnxBackend
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
+
+from livediff.backends.unet_extras import NO_EXTRAS, UNetExtras
 
 R = TypeVar("R")
 
@@ -55,6 +57,15 @@ class Backend(Protocol):
         """Noisy latents, (N,) float timesteps, (N, tokens, dim) embeddings -> the UNet's prediction."""
         ...
 
+    extras: UNetExtras
+    """The optional UNet inputs this backend was built with (`unet_with` takes them); empty: none."""
+
+    def unet_with(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                  values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """The UNet with `extras`' inputs from `values` (by `TensorSpec.name`): the prediction and the
+        extras' outputs by name. Only when `extras` is not empty."""
+        ...
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, 4, H/8, W/8) latents -> (N, 3, H, W) images in [-1, 1]."""
         ...
@@ -68,6 +79,8 @@ class Backend(Protocol):
 
 Runner = Callable[..., torch.Tensor]
 """One compiled network: torch tensors in, a torch tensor out (in the graph's dtype)."""
+MultiRunner = Callable[..., list[torch.Tensor]]
+"""A compiled network with several outputs: torch tensors in, every output in the graph's order."""
 
 
 class CompiledBackend:
@@ -76,11 +89,17 @@ class CompiledBackend:
 
     channels_last = False
 
-    def __init__(self, name: str, runners: Sequence[Runner], dtype: torch.dtype, torch_threads: int | None) -> None:
+    def __init__(self, name: str, runners: Sequence[Runner], dtype: torch.dtype, torch_threads: int | None,
+                 extras: UNetExtras = NO_EXTRAS, extras_unet: MultiRunner | None = None) -> None:  # fmt: skip
+        """`extras_unet` runs the UNet graph with `extras`' inputs after the plain three (None without extras)."""
         self.name = name
         self._encode, self._unet, self._decode = runners
         self.dtype = dtype
         self.torch_threads = torch_threads
+        if bool(extras) != (extras_unet is not None):
+            raise ValueError("a UNet graph with extra inputs comes with its extras, and only then")
+        self.extras = extras
+        self._extras_unet = extras_unet
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._encode(images).to(self.dtype)
@@ -90,6 +109,15 @@ class CompiledBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._decode(latents).to(self.dtype)
+
+    def unet_with(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                  values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        if self._extras_unet is None:
+            raise RuntimeError(f"the {self.name} backend was built without extra UNet inputs")
+        feeds = [values[spec.name] for spec in self.extras.inputs]
+        prediction, *outputs = self._extras_unet(latents, timesteps, embeds, *feeds)
+        names = [spec.name for spec in self.extras.outputs]
+        return prediction.to(self.dtype), {name: out.to(self.dtype) for name, out in zip(names, outputs, strict=True)}
 
     def stages(self, layout: Hashable | None) -> Stages:
         return EAGER

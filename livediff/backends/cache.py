@@ -51,13 +51,21 @@ class EngineKey:
     """Whatever produced it, with versions: `onnx-opset18-torch2.13.0-diffusers0.42.0`, `tensorrt-10.9.0`."""
     device: str
     """GPU compute capability (`sm89`) or `cpu`: TensorRT engines only run on the GPU they were built for."""
+    extras: str = ""
+    """The UNet's optional extra inputs (`UNetExtras.tag`, e.g. `bank-v1`); empty for the plain graph,
+    and then left out of the fields, so that plain artifacts keep the names they had before."""
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
             raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {self.component!r}")
+        if self.extras and self.component != "unet":
+            raise ValueError(f"only the unet takes extra inputs, not the {self.component}")
 
     def fields(self) -> dict[str, str | int]:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if not self.extras:
+            del fields["extras"]
+        return fields
 
     @property
     def digest(self) -> str:
@@ -67,7 +75,8 @@ class EngineKey:
 
     @property
     def name(self) -> str:
-        return f"{self.component}-{self.height}x{self.width}-{self.precision}-{self.digest}"
+        component = f"{self.component}+{self.extras}" if self.extras else self.component
+        return f"{component}-{self.height}x{self.width}-{self.precision}-{self.digest}"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,13 @@ different params batch as they do eagerly. A stage's outputs are static buffers,
 the next replay: the engine copies out what it keeps. Nothing inside a replay waits for the
 host; the step's one synchronisation stays its final copy of the frames to the host.
 
+Steps whose streams use the feature bank or motion-aware strength are never recorded: the engine
+gives them no layout (None) and they run eagerly, the other steps of the same engine still
+replay. The bank's UNet call chooses per call between the plain graph and the bank graph, sizes
+its inputs by how full each stream's bank is, and writes the banks during the step; motion-aware
+strength changes a stream's timesteps from frame to frame. The bank graph is the torch backend's
+(`extras`, `livediff.backends.unet_extras`), run eagerly here.
+
 All graphs share one memory pool. That is safe because graphs never run concurrently (one
 worker thread, one CUDA stream) and nothing reads a stage's outputs after the next step starts.
 
@@ -35,6 +42,7 @@ import torch
 
 from livediff.backends.base import EAGER, Stages
 from livediff.backends.torch_backend import TorchBackend
+from livediff.backends.unet_extras import NO_EXTRAS, UNetExtras
 from livediff.errors import BackendUnavailable, LivediffError
 from livediff.models import ModelParts
 
@@ -232,11 +240,14 @@ class CudaGraphBackend(TorchBackend):
     recorder lets the bookkeeping run where there is no GPU (the tests).
     """
 
-    def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16) -> None:
+    def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16,
+                 extras: UNetExtras = NO_EXTRAS) -> None:  # fmt: skip
+        """`extras`: the optional UNet inputs (the feature bank), as `TorchBackend` takes them; the
+        steps that use them run eagerly (the module docstring says why)."""
         if capture is None:
             require_cuda(parts.device)
             capture = cuda_capture(parts.device)
-        super().__init__(parts)
+        super().__init__(parts, extras=extras)
         self.name = NAME
         self.graphs = StepGraphs(capture, max_layouts=max_layouts)
 

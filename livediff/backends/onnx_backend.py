@@ -10,6 +10,11 @@ maintained path wins.
 Shapes: height and width are static (part of the key), the batch axis is dynamic, so one file
 serves every batch the engine forms (frames x guidance x stream-batch steps).
 
+Extra inputs: the UNet can be exported with optional extra inputs and outputs (`UNetExtras`: the
+temporal feature bank's keys and values), after the plain three inputs and the prediction, with
+their own dynamic axes; such a graph is a separate artifact, keyed by the extras' tag, and checked
+against torch output by output like the plain one.
+
 On the CPU, ONNX Runtime runs a second artifact derived from the export: onnxscript's ORT
 rewriter replaces attention, layer-norm-with-residual and GELU subgraphs by ORT's fused kernels
 (`com.microsoft` ops): the tiny UNet at 512x512 went from 35-37 to 33-34 ms on 2 cores, outputs
@@ -24,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +46,15 @@ from onnxscript.rewriter import ort_fusions
 from livediff.backends.base import CompiledBackend
 from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag, precision_tag
 from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
+from livediff.backends.temporal_attention import EMPTY_SLOT
+from livediff.backends.unet_extras import (
+    DYNAMIC_AXES,
+    NO_EXTRAS,
+    ExtrasUNet,
+    TensorSpec,
+    UNetExtras,
+    unet_extras,
+)
 from livediff.config import EngineSettings
 from livediff.errors import BackendUnavailable, ConfigError, LivediffError
 from livediff.models import ModelParts
@@ -74,11 +89,14 @@ class ParityError(LivediffError):
 # -- what gets exported ------------------------------------------------------------------------------
 
 
-def torch_module(parts: ModelParts, component: str) -> torch.nn.Module:
+def torch_module(parts: ModelParts, component: str, extras: UNetExtras = NO_EXTRAS) -> torch.nn.Module:
+    """The network as the engine calls it; the UNet with `extras` returns (prediction, *extra outputs)."""
+    if extras and component != "unet":
+        raise ValueError(f"only the unet takes extra inputs, not the {component}")
     if component == "vae_encoder":
         return VaeEncoder(parts.vae).eval()
     if component == "unet":
-        return UNet(parts.unet).eval()
+        return (ExtrasUNet(parts.unet, extras) if extras else UNet(parts.unet)).eval()
     if component == "vae_decoder":
         return VaeDecoder(parts.vae).eval()
     raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {component!r}")
@@ -93,10 +111,23 @@ def export_dtype(parts: ModelParts) -> torch.dtype:
     return parts.dtype
 
 
+def input_names(component: str, extras: UNetExtras = NO_EXTRAS) -> list[str]:
+    return [*INPUTS[component], *(spec.name for spec in extras.inputs)]
+
+
+def output_names(component: str, extras: UNetExtras = NO_EXTRAS) -> list[str]:
+    return [OUTPUTS[component], *(spec.name for spec in extras.outputs)]
+
+
 def sample_inputs(
-    parts: ModelParts, component: str, height: int, width: int, batch: int, dtype: torch.dtype, seed: int = 0
-) -> tuple[torch.Tensor, ...]:
-    """Random inputs shaped as the engine calls the network (timesteps stay float32, as the engine passes them)."""
+    parts: ModelParts, component: str, height: int, width: int, batch: int, dtype: torch.dtype, seed: int = 0,
+    extras: UNetExtras = NO_EXTRAS, bank: int = 2,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Random inputs shaped as the engine calls the network (timesteps stay float32, as the engine passes them).
+
+    With `extras`, their inputs follow, `bank` slots on the bank axis; float32 specs (logit biases)
+    get a mix of weights and empty slots, so masking is part of every check.
+    """
     generator = torch.Generator().manual_seed(seed)
     latent = (height // 8, width // 8)
     vae_config: Any = parts.vae.config
@@ -112,25 +143,46 @@ def sample_inputs(
             torch.linspace(999.0, 1.0, batch),
             torch.randn(batch, tokens, unet_config.cross_attention_dim, generator=generator),
         )
-    return tuple(t.to(parts.device, torch.float32 if t.dim() == 1 else dtype) for t in tensors)
+    tensors = tuple(t.to(parts.device, torch.float32 if t.dim() == 1 else dtype) for t in tensors)
+    extra = tuple(_sample_extra(spec, batch, bank, generator).to(parts.device, torch.float32 if spec.float32 else dtype)
+                  for spec in extras.inputs)  # fmt: skip
+    return tensors + extra
 
 
-def export_onnx(module: torch.nn.Module, sample: tuple[torch.Tensor, ...], component: str, path: Path) -> None:
+def _sample_extra(spec: TensorSpec, batch: int, bank: int, generator: torch.Generator) -> torch.Tensor:
+    shape = [batch if d == "batch" else bank if d == "bank" else int(d) for d in spec.shape]
+    if not spec.float32:
+        return torch.randn(shape, generator=generator)
+    # logit biases: row r gets weights ln(0.5), ln(1), ln(2) in turn on its first slots, the rest empty
+    bias = torch.full(shape, EMPTY_SLOT)
+    for row in range(batch):
+        filled = row % (bank + 1)  # 0 (no bank) .. bank slots filled
+        bias[row, :filled] = math.log(2.0 ** (row % 3 - 1))
+    return bias
+
+
+def export_onnx(module: torch.nn.Module, sample: tuple[torch.Tensor, ...], component: str, path: Path,
+                extras: UNetExtras = NO_EXTRAS) -> None:  # fmt: skip
     """Write `module` as an ONNX graph with a dynamic batch axis (weights in `path`.data beside it).
 
     Weights always go to an external file: over 2 GB (SD UNet in float32) they must, and one layout
-    for every model keeps the cache simple. `sample` must have a batch above 1, or the batch is
-    specialised away.
+    for every model keeps the cache simple. `sample` must have a batch (and bank) above 1, or the
+    axis is specialised away. `extras`' inputs come after the plain ones, with their dynamic axes.
     """
-    batch = torch.export.Dim("batch", min=1)
+    axes = {name: torch.export.Dim(name, min=low, max=high) for name, (low, high) in DYNAMIC_AXES.items()}
+    axes["batch"] = torch.export.Dim("batch", min=1)
+    plain = tuple({0: axes["batch"]} for _ in INPUTS[component])
+    dynamic: tuple[Any, ...] = plain
+    if extras:  # ExtrasUNet.forward(latents, timesteps, embeds, *extra): the extras are one varargs group
+        dynamic = (*plain, tuple({i: axes[name] for i, name in spec.dynamic().items()} for spec in extras.inputs))
     with _quiet_exporter():
         torch.onnx.export(
             module,
             sample,
             str(path),
-            input_names=list(INPUTS[component]),
-            output_names=[OUTPUTS[component]],
-            dynamic_shapes=tuple({0: batch} for _ in sample),
+            input_names=input_names(component, extras),
+            output_names=output_names(component, extras),
+            dynamic_shapes=dynamic,
             opset_version=OPSET,
             dynamo=True,
             external_data=True,
@@ -149,10 +201,19 @@ def _quiet_exporter() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"# The axis name: batch", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: (batch|bank)", category=UserWarning)
             yield
     finally:
         registration.setLevel(level)
+
+
+def check_outputs(label: str, expected: torch.Tensor | tuple[torch.Tensor, ...], actual: list[torch.Tensor],
+                  precision: str, names: list[str]) -> float:  # fmt: skip
+    """`check_parity` over every output of a graph (`expected` a tensor or a tuple); the largest difference."""
+    wanted = expected if isinstance(expected, tuple) else (expected,)
+    if len(wanted) != len(actual):
+        raise ParityError(f"{label}: {len(actual)} outputs, torch gives {len(wanted)}")
+    return max(check_parity(f"{label} {name}", e, a, precision) for e, a, name in zip(wanted, actual, names))
 
 
 def check_parity(label: str, expected: torch.Tensor, actual: torch.Tensor, precision: str) -> float:
@@ -185,7 +246,7 @@ def component_revision(parts: ModelParts, component: str) -> str:
     return revision
 
 
-def onnx_key(settings: EngineSettings, parts: ModelParts, component: str) -> EngineKey:
+def onnx_key(settings: EngineSettings, parts: ModelParts, component: str, extras: UNetExtras = NO_EXTRAS) -> EngineKey:
     return EngineKey(
         model=parts.ref,
         revision=component_revision(parts, component),
@@ -196,76 +257,92 @@ def onnx_key(settings: EngineSettings, parts: ModelParts, component: str) -> Eng
         precision=precision_tag(export_dtype(parts)),
         runtime=EXPORTER,
         device=device_tag(parts.device),
+        extras=extras.tag,
     )
 
 
+def artifact_label(component: str, extras: UNetExtras = NO_EXTRAS) -> str:
+    """How progress lines name an artifact: `unet`, or `unet+bank-v1` for the UNet with extra inputs."""
+    return f"{component}+{extras.tag}" if extras else component
+
+
 def ensure_onnx(
-    settings: EngineSettings, parts: ModelParts, component: str, progress: Progress, verify: bool = True
-) -> Artifact:
-    """The cached ONNX file of `component`, exported (and, with `verify`, checked on ONNX Runtime) if missing.
+    settings: EngineSettings, parts: ModelParts, component: str, progress: Progress, verify: bool = True,
+    extras: UNetExtras = NO_EXTRAS,
+) -> Artifact:  # fmt: skip
+    """The cached ONNX file of `component` (with `extras`), exported (and, with `verify`, checked on
+    ONNX Runtime) if missing.
 
     The TensorRT backend passes `verify=False`: it checks the engine it compiles from this file instead.
     """
-    key = onnx_key(settings, parts, component)
+    key = onnx_key(settings, parts, component, extras)
     dtype = export_dtype(parts)
+    label = artifact_label(component, extras)
 
     def build(path: Path) -> None:
-        module = export_module(parts, component)
+        module = export_module(parts, component, extras)
         size = f"{settings.width}x{settings.height}"
-        progress(f"exporting {component} ({size}, {key.precision}) to ONNX (opset {OPSET})...")
-        export_onnx(module, sample_inputs(parts, component, settings.height, settings.width, 2, dtype), component, path)
+        progress(f"exporting {label} ({size}, {key.precision}) to ONNX (opset {OPSET})...")
+        sample = sample_inputs(parts, component, settings.height, settings.width, 2, dtype, extras=extras)
+        export_onnx(module, sample, component, path, extras)
         if verify:
-            verify_on_ort(settings, parts, component, module, path, "export", progress)
+            verify_on_ort(settings, parts, component, module, path, "export", progress, extras)
 
     artifact = EngineCache(settings.engines_dir).get_or_build(key, ONNX_FILE, build)
-    progress(f"{component}: {'built' if artifact.built else 'reused'} {artifact.path}")
+    progress(f"{label}: {'built' if artifact.built else 'reused'} {artifact.path}")
     return artifact
 
 
-def ensure_ort_graph(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress) -> Artifact:
+def ensure_ort_graph(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress,
+                     extras: UNetExtras = NO_EXTRAS) -> Artifact:  # fmt: skip
     """The export with ONNX Runtime's fused kernels put in (see the module docstring), checked against torch."""
-    source = ensure_onnx(settings, parts, component, progress)
-    key = dataclasses.replace(onnx_key(settings, parts, component), runtime=f"{EXPORTER}+{ORT_FUSIONS}")
+    source = ensure_onnx(settings, parts, component, progress, extras=extras)
+    key = dataclasses.replace(onnx_key(settings, parts, component, extras), runtime=f"{EXPORTER}+{ORT_FUSIONS}")
+    label = artifact_label(component, extras)
 
     def build(path: Path) -> None:
         model, counts = ort_fusions.optimize_for_ort(onnx_ir.load(source.path))
         onnx_ir.save(model, path, external_data=path.name + ".data")
         fused = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "nothing"
-        progress(f"{component}: fused for ONNX Runtime: {fused}")
-        verify_on_ort(settings, parts, component, export_module(parts, component), path, "fused graph", progress)
+        progress(f"{label}: fused for ONNX Runtime: {fused}")
+        module = export_module(parts, component, extras)
+        verify_on_ort(settings, parts, component, module, path, "fused graph", progress, extras)
 
     artifact = EngineCache(settings.engines_dir).get_or_build(key, ONNX_FILE, build)
-    progress(f"{component}: {'built' if artifact.built else 'reused'} {artifact.path}")
+    progress(f"{label}: {'built' if artifact.built else 'reused'} {artifact.path}")
     return artifact
 
 
-def ensure_for_ort(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress) -> Artifact:
+def ensure_for_ort(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress,
+                   extras: UNetExtras = NO_EXTRAS) -> Artifact:  # fmt: skip
     """What the onnx backend runs: the fused graph on the CPU, the plain export on CUDA."""
     if parts.device.type == "cpu":
-        return ensure_ort_graph(settings, parts, component, progress)
-    return ensure_onnx(settings, parts, component, progress)
+        return ensure_ort_graph(settings, parts, component, progress, extras)
+    return ensure_onnx(settings, parts, component, progress, extras=extras)
 
 
-def export_module(parts: ModelParts, component: str) -> torch.nn.Module:
+def export_module(parts: ModelParts, component: str, extras: UNetExtras = NO_EXTRAS) -> torch.nn.Module:
     """The torch module that is exported, in the export dtype (a float32 copy for the CPU export)."""
-    module = torch_module(parts, component)
+    module = torch_module(parts, component, extras)
     dtype = export_dtype(parts)
     return copy.deepcopy(module).to(dtype) if dtype != parts.dtype else module
 
 
 def verify_on_ort(
     settings: EngineSettings, parts: ModelParts, component: str, module: torch.nn.Module, path: Path, what: str,
-    progress: Progress,
+    progress: Progress, extras: UNetExtras = NO_EXTRAS,
 ) -> None:  # fmt: skip
-    """Run the graph at `path` on ONNX Runtime and `module` on the same new inputs (batch 3); `ParityError` if apart."""
+    """Run the graph at `path` on ONNX Runtime and `module` on the same new inputs (batch 3, and 3
+    bank slots where the graph has a bank axis: neither is the export's 2); `ParityError` if apart."""
     dtype = export_dtype(parts)
-    check = sample_inputs(parts, component, settings.height, settings.width, 3, dtype, seed=1)
+    check = sample_inputs(parts, component, settings.height, settings.width, 3, dtype, seed=1, extras=extras, bank=3)
     with torch.inference_mode():
         expected = module(*check)
-        actual = OrtRunner(path, parts.device)(*check)
-    label = f"{component} {what} ({settings.width}x{settings.height}, {precision_tag(dtype)})"
-    diff = check_parity(label, expected, actual, precision_tag(dtype))
-    progress(f"{component}: {what} matches torch on ONNX Runtime, max abs diff {diff:.2e} (batch 3)")
+        actual = OrtRunner(path, parts.device).run(*check)
+    label = f"{artifact_label(component, extras)} {what} ({settings.width}x{settings.height}, {precision_tag(dtype)})"
+    diff = check_outputs(label, expected, actual, precision_tag(dtype), output_names(component, extras))
+    progress(f"{artifact_label(component, extras)}: {what} matches torch on ONNX Runtime, max abs diff {diff:.2e} "
+             "(batch 3)")  # fmt: skip
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -327,32 +404,38 @@ class OrtRunner:
         if active[0] != wanted:  # ORT logs and carries on on the CPU when the CUDA libraries fail to load
             raise BackendUnavailable(f"onnxruntime could not start {wanted} (active: {active}); see its log above")
         self.inputs = [(i.name, _DTYPES[i.type]) for i in self.session.get_inputs()]
-        output = self.session.get_outputs()[0]
-        self.output_name, self.output_dtype = output.name, _DTYPES[output.type]
-        self.output_tail = tuple(int(d) for d in output.shape[1:])  # all but the batch are static
+        # (name, dtype, shape after the batch: static in every graph exported here)
+        self.outputs = [(o.name, _DTYPES[o.type], tuple(int(d) for d in o.shape[1:]))
+                        for o in self.session.get_outputs()]  # fmt: skip
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """The graph's first output (the only one but for the UNet with extras)."""
+        return self.run(*tensors)[0]
+
+    def run(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Every output, in the graph's order."""
         # Contiguous and in the graph's dtype: no-ops when they already are.
         args = [t.detach().to(dtype).contiguous() for t, (_, dtype) in zip(tensors, self.inputs, strict=True)]
         if self.device.type == "cpu":
             feeds = {name: a.numpy() for a, (name, _) in zip(args, self.inputs)}
-            return torch.from_numpy(self.session.run([self.output_name], feeds, self.run_options)[0])
+            return [torch.from_numpy(out) for out in self.session.run(None, feeds, self.run_options)]
         return self._run_cuda(args)
 
-    def _run_cuda(self, args: list[torch.Tensor]) -> torch.Tensor:
+    def _run_cuda(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
         index = self.device.index or 0
         binding = self.session.io_binding()
         for a, (name, dtype) in zip(args, self.inputs):
             binding.bind_input(name, "cuda", index, _NUMPY[dtype], tuple(a.shape), a.data_ptr())
-        out = torch.empty((args[0].shape[0], *self.output_tail), dtype=self.output_dtype, device=self.device)
-        binding.bind_output(
-            self.output_name, "cuda", index, _NUMPY[self.output_dtype], tuple(out.shape), out.data_ptr()
-        )
+        outs = []
+        for name, dtype, tail in self.outputs:
+            out = torch.empty((args[0].shape[0], *tail), dtype=dtype, device=self.device)
+            binding.bind_output(name, "cuda", index, _NUMPY[dtype], tuple(out.shape), out.data_ptr())
+            outs.append(out)
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # inputs ready before ORT reads them
         self.session.run_with_iobinding(binding, self.run_options)
         current.wait_stream(self.stream)  # torch's next kernels wait for the output (no host sync)
-        return out
+        return outs
 
 
 class OnnxBackend(CompiledBackend):
@@ -362,8 +445,13 @@ class OnnxBackend(CompiledBackend):
         require_onnxruntime(parts.device)  # before any export: a missing runtime fails fast
         report = progress or log.info
         runners = [OrtRunner(ensure_for_ort(settings, parts, c, report).path, parts.device) for c in COMPONENTS]
+        extras = unet_extras(settings, parts)
+        extras_unet = None
+        if extras:
+            extras_unet = OrtRunner(ensure_for_ort(settings, parts, "unet", report, extras).path, parts.device).run
         # ORT's CPU pool has torch's thread count (session_options); the few torch ops around its
         # runs in a step take one thread: 2-thread torch ops left OpenMP workers spinning into the
         # next ORT run (512x512 on 2 cores: VAE encode 32 -> 26 ms, see `livediff bench`)
         threads = 1 if parts.device.type == "cpu" else None
-        super().__init__(f"onnx-{parts.device.type}", runners, parts.dtype, torch_threads=threads)
+        super().__init__(f"onnx-{parts.device.type}", runners, parts.dtype, torch_threads=threads,
+                         extras=extras, extras_unet=extras_unet)  # fmt: skip

@@ -27,13 +27,17 @@ from livediff.backends.base import CompiledBackend
 from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey
 from livediff.backends.onnx_backend import (
     EXPORTER,
+    NO_EXTRAS,
     Progress,
-    check_parity,
+    artifact_label,
+    check_outputs,
     ensure_onnx,
     export_module,
     onnx_key,
+    output_names,
     sample_inputs,
 )
+from livediff.backends.unet_extras import UNetExtras, unet_extras
 from livediff.config import EngineSettings
 from livediff.errors import BackendUnavailable
 from livediff.models import ModelParts
@@ -75,10 +79,11 @@ def run_precision(ov: ModuleType, dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 and cpu_has_bf16(ov) else "fp32"
 
 
-def blob_key(settings: EngineSettings, parts: ModelParts, component: str, ov: ModuleType) -> EngineKey:
+def blob_key(settings: EngineSettings, parts: ModelParts, component: str, ov: ModuleType,
+             extras: UNetExtras = NO_EXTRAS) -> EngineKey:  # fmt: skip
     """The ONNX export's key, with the run precision and the OpenVINO version."""
     return dataclasses.replace(
-        onnx_key(settings, parts, component),
+        onnx_key(settings, parts, component, extras),
         precision=run_precision(ov, parts.dtype),
         runtime=f"openvino-{ov.__version__}+{EXPORTER}",
     )
@@ -115,34 +120,44 @@ class OvRunner:
         return cls(compiled)
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """The first output (the only one but for the UNet with extras)."""
+        return self.run(*tensors)[0]
+
+    def run(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Every output, in the graph's order."""
         feeds = {name: t.detach().float().contiguous().numpy() for name, t in zip(self.inputs, tensors, strict=True)}
         result = self.request.infer(feeds, share_inputs=True, share_outputs=False)
-        return torch.from_numpy(result[0])
+        return [torch.from_numpy(result[i]) for i in range(len(self.compiled.outputs))]
 
 
-def ensure_blob(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress) -> Artifact:
-    """The cached compiled model of `component`, compiled from the cached ONNX file and checked if missing.
+def ensure_blob(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress,
+                extras: UNetExtras = NO_EXTRAS) -> Artifact:  # fmt: skip
+    """The cached compiled model of `component` (with `extras`), compiled from the cached ONNX file and
+    checked if missing.
 
     Checked twice when built: compiled in f32 it must match torch as closely as ONNX Runtime does
     (a conversion error shows there), and the run precision within that precision's tolerance.
     """
     ov = require_openvino(parts.device)
-    key = blob_key(settings, parts, component, ov)
+    key = blob_key(settings, parts, component, ov, extras)
+    label = artifact_label(component, extras)
 
     def build(path: Path) -> None:
-        onnx = ensure_onnx(settings, parts, component, progress, verify=False)
-        progress(f"compiling {component} with OpenVINO {ov.__version__} ({key.precision})...")
-        check = sample_inputs(parts, component, settings.height, settings.width, 2, torch.float32, seed=1)
+        onnx = ensure_onnx(settings, parts, component, progress, verify=False, extras=extras)
+        progress(f"compiling {label} with OpenVINO {ov.__version__} ({key.precision})...")
+        check = sample_inputs(parts, component, settings.height, settings.width, 2, torch.float32, seed=1,
+                              extras=extras, bank=3)  # fmt: skip
+        names = output_names(component, extras)
         with torch.inference_mode():
-            expected = export_module(parts, component)(*check)  # float32, as the ONNX file
+            expected = export_module(parts, component, extras)(*check)  # float32, as the ONNX file
             for precision in dict.fromkeys(("fp32", key.precision)):
                 compiled = compile_onnx(ov, onnx.path, precision)
-                diff = check_parity(f"OpenVINO {component}", expected, OvRunner(compiled)(*check), precision)
-                progress(f"{component}: OpenVINO {precision} matches torch, max abs diff {diff:.2e} (batch 2)")
+                diff = check_outputs(f"OpenVINO {label}", expected, OvRunner(compiled).run(*check), precision, names)
+                progress(f"{label}: OpenVINO {precision} matches torch, max abs diff {diff:.2e} (batch 2)")
         path.write_bytes(compiled.export_model().getbuffer())
 
     artifact = EngineCache(settings.engines_dir).get_or_build(key, BLOB_FILE, build)
-    progress(f"{component}: {'built' if artifact.built else 'reused'} {artifact.path}")
+    progress(f"{label}: {'built' if artifact.built else 'reused'} {artifact.path}")
     return artifact
 
 
@@ -154,5 +169,10 @@ class OpenVinoBackend(CompiledBackend):
         precision = run_precision(ov, parts.dtype)
         report = progress or log.info
         runners = [OvRunner.load(ov, ensure_blob(settings, parts, c, report).path, precision) for c in COMPONENTS]
+        extras = unet_extras(settings, parts)
+        extras_unet = None
+        if extras:
+            extras_unet = OvRunner.load(ov, ensure_blob(settings, parts, "unet", report, extras).path, precision).run
         # OpenVINO has its own CPU pool: torch's ops around its runs take one thread (see OnnxBackend)
-        super().__init__(f"openvino-{precision}", runners, parts.dtype, torch_threads=1)
+        super().__init__(f"openvino-{precision}", runners, parts.dtype, torch_threads=1, extras=extras,
+                         extras_unet=extras_unet)  # fmt: skip

@@ -4,21 +4,28 @@ One step, for frames of one or many streams:
 
 1. passthrough streams get their input back (transport measurements); the similarity filter
    (host): frames that barely changed reuse their stream's last output
-2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
-3. VAE encode -> latents
-4. noise each latent to its stream's first timestep with the stream's fixed noise
-5. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps)
-6. VAE decode
-7. postprocess: back to uint8 HWC and one device-to-host copy
+2. motion-aware strength (host, streams that ask for it): the input's smoothed motion sets this
+   frame's strength, hence its timesteps (`livediff.engine.temporal.MotionEstimate`)
+3. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
+4. VAE encode -> latents
+5. noise each latent to its stream's first timestep with the stream's fixed noise
+6. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps); streams with
+   a feature bank bring their earlier frames' attention keys and values to each UNet call and keep
+   this frame's (`livediff.engine.temporal`)
+7. VAE decode
+8. postprocess: back to uint8 HWC and one device-to-host copy
 
 Frames are uint8 RGB tensors of shape (H, W, 3) on the host, as decoded video frames come.
 Everything that depends only on a stream's params (embeddings, timesteps, coefficients, noise)
 is prepared when the params change, never per frame. Per-stream state lives in `Stream`.
 
-Steps 2-7 go through the backend's `stages(layout)`: computed there and then, or (`cuda-graph`)
+Steps 3-8 go through the backend's `stages(layout)`: computed there and then, or (`cuda-graph`)
 replayed from a recording of the same stage for steps of the same layout. Each stage is a
-function of tensors alone (per-stream tensors gathered beforehand), and what it returns is
-copied before it is kept across steps.
+function of tensors alone (per-stream tensors gathered beforehand into a `_Batch`), and what it
+returns is copied before it is kept across steps. A step with a stream that uses the feature bank
+or motion-aware strength has no layout and always runs eagerly: the bank's UNet call picks its
+graph (plain or bank) and the size of its inputs per call and writes the banks during the step,
+and motion-aware strength changes a stream's timesteps from frame to frame.
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ from dataclasses import dataclass, field
 import torch
 
 from livediff.backends import Backend, Stages, create_backend, resolve_backend
+from livediff.backends.temporal_attention import TemporalBank
+from livediff.backends.unet_extras import NO_EXTRAS
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
+from livediff.engine.temporal import BankRow, FeatureBank, MotionEstimate, gather, store
 from livediff.errors import ConfigError
 from livediff.models import ModelParts, load_model
 
@@ -73,6 +83,14 @@ class Stream:
     pending: torch.Tensor | None = None
     """Stream Batch only: (steps - 1, C, h, w) latents still being denoised, at timesteps 1.."""
     last_output: torch.Tensor | None = None
+    bank: FeatureBank | None = None
+    """The feature bank's keys and values of earlier frames, when `params.temporal_bank` > 0."""
+    motion: MotionEstimate | None = None
+    """Motion-aware strength: the smoothed motion of the input, when `params.motion_strength` is set."""
+    strength: float | None = None
+    """Motion-aware strength: the strength of the latest frame (None: `params.strength` applies)."""
+    coefs: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    """Motion-aware strength: (5, steps) schedule coefficients per timestep set met so far."""
     frames: int = 0
     skipped: int = 0
 
@@ -105,6 +123,8 @@ class _Batch:
     """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
     pending: tuple[torch.Tensor | None, ...] = ()
     """Stream Batch only: each stream's `Stream.pending` (None on its first frame)."""
+    banks: tuple[FeatureBank | None, ...] = ()
+    """Each frame's feature bank (None: the stream has none); empty when no stream has one."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -113,7 +133,8 @@ class _Batch:
             return None if t is None else t.repeat_interleave(times, dim=0)
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
-                      repeat(self.uncond), repeat(self.guidance), self.pending)  # fmt: skip
+                      repeat(self.uncond), repeat(self.guidance), self.pending,
+                      tuple(bank for bank in self.banks for _ in range(times)))  # fmt: skip
 
 
 class StreamEngine:
@@ -138,6 +159,9 @@ class StreamEngine:
         self.conditioning = ConditioningCache(
             clip_encoder(self.parts.tokenizer, self.parts.text_encoder), settings.cache_size
         )
+        extras = getattr(self.backend, "extras", NO_EXTRAS)
+        self.bank_feature = next((f for f in extras.features if isinstance(f, TemporalBank)), None)
+        """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
         channels = self.parts.unet.config.in_channels
         self.latent_shape = (channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
         self.frame_shape = (settings.height, settings.width, 3)
@@ -156,14 +180,22 @@ class StreamEngine:
 
     def open_stream(self, params: StreamParams | None = None) -> Stream:
         params = params or StreamParams()
+        self._check_temporal(params)
         return Stream(
             conditioning=self._condition(params),
             noise=self._noise(params),
             similarity=SimilarityFilter(params.seed),
+            bank=self._bank(params),
+            motion=MotionEstimate() if params.motion_strength else None,
         )
 
     def update(self, stream: Stream, params: StreamParams) -> None:
-        """Apply new params from the next frame on: no reload, no recompile."""
+        """Apply new params from the next frame on: no reload, no recompile.
+
+        The feature bank follows `bank_rule`: kept across prompt, blend, strength and weight
+        changes, dropped when the seed, the step count, guidance on/off or the bank size change.
+        """
+        self._check_temporal(params)
         old = stream.params
         stream.conditioning = self._condition(params)
         if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
@@ -172,6 +204,29 @@ class StreamEngine:
             stream.pending = None
         if not params.similarity_filter:
             stream.similarity.reset()
+        if bank_rule(old, params) == "drop":
+            stream.bank = self._bank(params)
+        elif stream.bank is not None:
+            stream.bank.weight = params.temporal_weight
+        if params.motion_strength is None:
+            stream.motion, stream.strength = None, None
+        elif stream.motion is None:
+            stream.motion = MotionEstimate()
+        if len(params.timesteps) != len(old.timesteps):
+            stream.coefs.clear()
+
+    def _check_temporal(self, params: StreamParams) -> None:
+        if params.temporal_bank and self.bank_feature is None:
+            raise ConfigError(
+                f"temporal_bank needs an engine started with the feature bank (feature_bank, `--feature-bank`); "
+                f"the {self.backend.name} backend here runs without it"
+            )
+
+    def _bank(self, params: StreamParams) -> FeatureBank | None:
+        if not params.temporal_bank or self.bank_feature is None:
+            return None
+        return FeatureBank(self.bank_feature.layers, params.temporal_bank, params.temporal_weight, self.device,
+                           self.dtype)  # fmt: skip
 
     def _condition(self, params: StreamParams) -> Conditioning:
         prompt = self.conditioning.blend(params.prompt, params.blend_prompt, params.blend_weight)
@@ -234,6 +289,9 @@ class StreamEngine:
 
     def _run(self, streams: list[Stream], images: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, float]]:
         clock = StageClock(self.device)
+        for stream, image in zip(streams, images):
+            if stream.motion is not None:
+                self._follow_motion(stream, image)
         stages = self.backend.stages(self._layout(streams))
         pixels = stages.run("preprocess", self._preprocess, self._upload(images))
         clock.mark("preprocess")
@@ -259,10 +317,11 @@ class StreamEngine:
 
     def _layout(self, streams: list[Stream]) -> Hashable | None:
         """What fixes the shapes and the order of work of a step of `streams`: batch size, step
-        count, guidance, and under Stream Batch which streams start their pipeline. None when the
-        streams' step counts differ (that step gathers its groups by index: never recorded)."""
+        count, guidance, and under Stream Batch which streams start their pipeline. None (never
+        recorded) when the streams' step counts differ (that step gathers its groups by index), or
+        when a stream uses the feature bank or motion-aware strength (see the module docstring)."""
         steps = {len(stream.params.timesteps) for stream in streams}
-        if len(steps) > 1:
+        if len(steps) > 1 or any(stream.bank is not None or stream.motion is not None for stream in streams):
             return None
         guided = any(stream.conditioning.uncond is not None for stream in streams)
         starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
@@ -283,6 +342,22 @@ class StreamEngine:
         if self.backend.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
+
+    def _follow_motion(self, stream: Stream, image: torch.Tensor) -> None:
+        """Motion-aware strength: this frame's strength from the smoothed motion (see `MotionEstimate`)."""
+        assert stream.motion is not None and stream.params.motion_strength is not None
+        stream.motion.observe(image)
+        stream.strength = stream.motion.strength(*stream.params.motion_strength)
+
+    def _coefs(self, stream: Stream) -> torch.Tensor:
+        """(5, steps) coefficients of this frame's timesteps: the params', or the motion-aware strength's."""
+        if stream.strength is None:
+            return stream.conditioning.coefs
+        timesteps = stream.params.timesteps_at(stream.strength)
+        coefs = stream.coefs.get(timesteps)
+        if coefs is None:
+            coefs = stream.coefs[timesteps] = self.schedule.coefficients(timesteps)
+        return coefs
 
     def _postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, still on the device."""
@@ -305,28 +380,51 @@ class StreamEngine:
         return denoised
 
     def _gather(self, streams: list[Stream]) -> _Batch:
-        """The per-stream tensors of a denoising pass, stacked (device copies, no host work)."""
+        """The per-stream tensors of a denoising pass, stacked (device copies; motion-aware strength
+        computes a timestep set's coefficients the first time the stream meets it), and the banks."""
         conds = [s.conditioning for s in streams]
         batch = _Batch(
-            coefs=torch.stack([c.coefs for c in conds]),
+            coefs=torch.stack([self._coefs(s) for s in streams]),
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
             pending=tuple(s.pending for s in streams) if self._stream_batch(streams) else (),
+            banks=tuple(s.bank for s in streams) if any(s.bank is not None for s in streams) else (),
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
             batch.guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
         return batch
 
-    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """The UNet's prediction, with classifier-free guidance for the frames that ask for it."""
+    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch, steps: Sequence[int]) -> torch.Tensor:
+        """The UNet's prediction, with classifier-free guidance for the frames that ask for it.
+
+        `steps` is each row's denoising step index: with `batch.banks`, the slot of the row's bank.
+        """
         if batch.uncond is None or batch.guidance is None:
-            return self.backend.unet(x, timesteps, batch.embeds)
-        both = self.backend.unet(
-            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds])
+            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0))
+        rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
+        both = self._unet(
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows
         )
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
+
+    @staticmethod
+    def _bank_rows(batch: _Batch, steps: Sequence[int], branch: int) -> list[BankRow | None]:
+        if not batch.banks:
+            return [None] * len(steps)
+        return [None if bank is None else BankRow(bank, (step, branch)) for bank, step in zip(batch.banks, steps)]
+
+    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+              rows: list[BankRow | None]) -> torch.Tensor:  # fmt: skip
+        """One UNet call: the plain graph when no row has a bank, else the bank graph (keeping new features)."""
+        if self.bank_feature is None or all(row is None for row in rows):
+            return self.backend.unet(x, timesteps, embeds)
+        layers = self.bank_feature.layers
+        values = gather(rows, layers, self.device, self.dtype)
+        prediction, outputs = self.backend.unet_with(x, timesteps, embeds, values)
+        store(rows, outputs, len(layers))
+        return prediction
 
     def _denoise(self, x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """All steps of each frame in turn: `steps` UNet calls of batch B."""
@@ -334,7 +432,7 @@ class StreamEngine:
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         for k in range(steps):
-            output = self._predict(x, coefs[:, T, k], batch)
+            output = self._predict(x, coefs[:, T, k], batch, [k] * coefs.shape[0])
             denoised = self.schedule.predict_x0(x, output, coefs[:, :, k])
             if k + 1 < steps:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
@@ -358,7 +456,7 @@ class StreamEngine:
         fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         x = torch.cat([fresh.unsqueeze(1), torch.stack(pending)], dim=1).flatten(0, 1)
         flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5), frame-major
-        output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps))
+        output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps), list(range(steps)) * size)
         denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (size, steps))
         renoised = self.schedule.add_noise(
             denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
@@ -368,8 +466,29 @@ class StreamEngine:
     # -- convenience -----------------------------------------------------------------------------
 
     def warmup(self, frames: int = 2) -> None:
-        """Run a few frames so lazy initialisation and compilation happen before real traffic."""
-        stream = self.open_stream()
+        """Run a few frames so lazy initialisation and compilation happen before real traffic
+        (of the UNet with the feature bank too, when the engine has it)."""
+        streams = [self.open_stream()]
+        if self.bank_feature is not None:
+            streams.append(self.open_stream(StreamParams(temporal_bank=1)))
         image = torch.zeros(self.frame_shape, dtype=torch.uint8)
-        for _ in range(frames):
-            self.step([(stream, image)])
+        for stream in streams:
+            for _ in range(frames):
+                self.step([(stream, image)])
+
+
+def bank_rule(old: StreamParams, new: StreamParams) -> str:
+    """What a param change does to a stream's feature bank: `keep` or `drop`.
+
+    Kept when the prompt, negative prompt, blend, strength (timesteps at the same step count) or
+    the bank's weight change: a new prompt then takes over within `temporal_bank` frames, each
+    frame replacing the oldest in the bank, which softens the cut. Dropped (the next frame starts
+    an empty bank) when the seed changes (new noise: the old frames' features belong to another
+    picture), the step count or guidance on/off changes (the bank's slots no longer match the
+    UNet rows), or the bank size changes.
+    """
+    if (new.seed, len(new.timesteps), new.guidance > 1.0, new.temporal_bank) != (
+        old.seed, len(old.timesteps), old.guidance > 1.0, old.temporal_bank
+    ):
+        return "drop"
+    return "keep"

@@ -14,6 +14,9 @@ from livediff.session import FrameOut, Session
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+LEVEL_BUCKETS = (0.5, 1, 2, 3, 5, 8, 12, 20, 30, 50, 85)
+"""Temporal figures in levels of 255 (85: frames unrelated to each other)."""
+SSIM_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 class _EngineCollector(Collector):
@@ -62,6 +65,14 @@ class Metrics:
         self.sessions = Gauge("livediff_sessions", "Active publishing sessions", registry=r)
         self.viewers = Gauge("livediff_viewers", "Active WHEP viewers", registry=r)
         self.errors = Counter("livediff_http_errors", "Error answers by status", ["status"], registry=r)
+        self.quality = {  # one observation per sampled frame pair of any session (livediff.server.quality)
+            "warp_error": Histogram("livediff_quality_warp_error", "Warp error of sampled output frame pairs, "
+                                    "levels of 255, at 128 px", buckets=LEVEL_BUCKETS, registry=r),
+            "flicker": Histogram("livediff_quality_flicker", "Output change where the input stood still, "
+                                 "sampled pairs, levels of 255, at 128 px", buckets=LEVEL_BUCKETS, registry=r),
+            "ssim": Histogram("livediff_quality_ssim", "SSIM of sampled output frames against their input, at 128 px",
+                              buckets=SSIM_BUCKETS, registry=r),
+        }  # fmt: skip
         for outcome in ("received", "processed", "skipped", "dropped_in", "dropped_out", "sent"):
             self.frames.labels(outcome)
         r.register(_EngineCollector(engine))
@@ -80,6 +91,12 @@ class Metrics:
             self.frames.labels("skipped" if out.skipped else "processed").inc()
         if dropped_out:
             self.frames.labels("dropped_out").inc(dropped_out)
+
+    def on_quality(self, figures: dict[str, float]) -> None:
+        """One sampled pair's figures (any thread); NaN figures (nothing to measure) are not observed."""
+        for name, value in figures.items():
+            if name in self.quality and value == value:
+                self.quality[name].observe(value)
 
     def on_sent(self, out: FrameOut) -> float:
         age = time.monotonic() - out.source.received

@@ -2,8 +2,10 @@
 data channel, POST /offer's `params` and WHIP query strings.
 
 Fields: prompt, negative_prompt, strength, steps, t_index_list, seed, guidance,
-blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, passthrough, probe.
-A wrong type, an unknown field or a value out of range is a `ParamError` naming the field (422).
+blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, passthrough, probe,
+temporal {"bank", "weight", "motion_strength": [low, high] or null}.
+A wrong type, an unknown field or a value out of range is a `ParamError` naming the field (422),
+nested fields by their path (`temporal.bank`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ _TYPES: dict[str, type] = {
 }
 SESSION_FIELDS = ("probe",)
 """Fields that belong to the session, not to the engine stream."""
+_OBJECTS: dict[str, dict[str, tuple[str, type]]] = {
+    "blend": {"prompt": ("blend_prompt", str), "weight": ("blend_weight", float)},
+    "temporal": {"bank": ("temporal_bank", int), "weight": ("temporal_weight", float),
+                 "motion_strength": ("motion_strength", tuple)},
+}
+"""JSON objects -> their members: (StreamParams field, type)."""
+_PATHS = {field: f"{name}.{member}" for name, members in _OBJECTS.items() for member, (field, _) in members.items()}
+"""StreamParams field -> its path in the JSON (`blend_weight` -> `blend.weight`)."""
 
 
 class ParamError(ValueError):
@@ -40,6 +50,12 @@ class ParamError(ValueError):
 
 
 def _check_type(name: str, value: Any, kind: type) -> Any:
+    if kind is tuple:  # a pair of numbers, or null
+        if value is None:
+            return None
+        if isinstance(value, list) and len(value) == 2:
+            return tuple(_check_type(name, v, float) for v in value)
+        raise ParamError(name, f"{name} must be a list of two numbers [low, high] or null")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -65,13 +81,15 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
                                       any(not isinstance(t, int) or isinstance(t, bool) for t in value)):
                 raise ParamError(name, "t_index_list must be a list of integers or null")
             changes[name] = tuple(value) if value is not None else None
-        elif name == "blend":
-            if not isinstance(value, Mapping) or set(value) - {"prompt", "weight"}:
-                raise ParamError(name, 'blend must be an object {"prompt": str, "weight": number}')
-            if "prompt" in value:
-                changes["blend_prompt"] = _check_type("blend.prompt", value["prompt"], str)
-            if "weight" in value:
-                changes["blend_weight"] = _check_type("blend.weight", value["weight"], float)
+        elif name in _OBJECTS:
+            members = _OBJECTS[name]
+            if not isinstance(value, Mapping) or set(value) - set(members):
+                names: dict[type, str] = {str: "str", tuple: "[number, number]"}
+                shape = ", ".join(f'"{m}": {names.get(kind, "number")}' for m, (_, kind) in members.items())
+                raise ParamError(name, f"{name} must be an object {{{shape}}}")
+            for member, (field, kind) in members.items():
+                if member in value:
+                    changes[field] = _check_type(f"{name}.{member}", value[member], kind)
         elif name in SESSION_FIELDS:
             session[name] = _check_type(name, value, bool)
         else:
@@ -79,9 +97,15 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
     try:
         return current.replace(**changes), session
     except ConfigError as exc:
-        field = str(exc).split(" ", 1)[0]
-        field = {"blend_weight": "blend.weight"}.get(field, field)
-        raise ParamError(field, str(exc)) from None
+        raise refusal(exc) from None
+
+
+def refusal(exc: ConfigError) -> ParamError:
+    """A `ConfigError` about a StreamParams field (its message starts with the field's name) as a
+    `ParamError` naming the field as the JSON does: from validation, or from an engine that cannot
+    serve a param (`temporal_bank` without the feature bank)."""
+    field = str(exc).split(" ", 1)[0]
+    return ParamError(_PATHS.get(field, field), str(exc))
 
 
 def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
@@ -96,10 +120,14 @@ def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
                 data[name] = int(text)
             elif kind is float:
                 data[name] = float(text)
-            elif name == "blend_prompt":
-                data.setdefault("blend", {})["prompt"] = text
-            elif name == "blend_weight":
-                data.setdefault("blend", {})["weight"] = float(text)
+            elif name in _PATHS:  # blend_prompt=...&temporal_bank=2: the object's members, flat
+                parent, member = _PATHS[name].split(".")
+                kind = _OBJECTS[parent][member][1]
+                if kind is tuple:  # motion_strength=0.3,0.6
+                    value: Any = [float(part) for part in text.split(",")]
+                else:
+                    value = text if kind is str else kind(text)
+                data.setdefault(parent, {})[member] = value
             else:
                 data[name] = text
         except ValueError:

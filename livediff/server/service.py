@@ -22,12 +22,14 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessi
 from aiortc.contrib.media import MediaRelay
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams, nat_1to1_map
+from livediff.errors import ConfigError
 from livediff.models import ModelParts
-from livediff.scheduler import Scheduler
+from livediff.scheduler import Scheduler, StepObservers
 from livediff.server.drops import DropLog
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
-from livediff.server.params import parse_update
+from livediff.server.params import parse_update, refusal
+from livediff.server.quality import QualitySampler
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.candidates import accept_remote, announce, is_mdns
@@ -79,7 +81,9 @@ class Service:
                                    settings.turn_secret, settings.turn_ttl_s)
         self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
-        self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
+        self.quality = QualitySampler(observe=self.metrics.on_quality)
+        self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out,
+                                   observer=StepObservers(self.metrics, self.quality),
                                    pass_through=self._pass_through, fresh_frames=settings.fresh_frames,
                                    id_prefix=settings.session_id_prefix)
         self.relay = MediaRelay()
@@ -120,6 +124,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.scheduler.close()
+        self.quality.close()
 
     def describe(self) -> dict[str, Any]:
         """What runs here, for /readyz and the pages' HUDs (only once the engine is built)."""
@@ -201,6 +206,7 @@ class Service:
                     "batch_size": out.batch_size,
                     "skipped": out.skipped,
                     "dropped": drops.take(),
+                    "quality": session.quality.as_dict() if session.quality is not None else None,
                 }
                 asyncio.get_running_loop().call_later(STATS_DELAY_S, session.send_message, stats)
 
@@ -227,7 +233,10 @@ class Service:
         """Admit a session for a publisher's offer; the answer is `resource.answer`."""
         self.require_ready()
         offer = prepare_offer(offer.sdp, self.settings.video_codecs)
-        session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
+        try:
+            session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
+        except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
+            raise refusal(exc) from None
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
             pc = create_peer(self.ice, self.settings.marker_completion)
@@ -386,8 +395,11 @@ class Service:
         """Validate and apply a control message; the change takes effect from the next frame."""
         async with session.param_lock:
             params, extras = parse_update(session.params, data)
-            truncated = (await self.scheduler.update(session, params) if params != session.params
-                         else self.scheduler.prompt_truncated(session))
+            try:
+                truncated = (await self.scheduler.update(session, params) if params != session.params
+                             else self.scheduler.prompt_truncated(session))
+            except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
+                raise refusal(exc) from None
             if "probe" in extras:
                 session.probe = extras["probe"]
         warnings = []

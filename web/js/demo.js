@@ -2,7 +2,16 @@
 
 import { ControlChannel } from "./control.js";
 import { Controls } from "./controls.js";
-import { RtcStats, ServerTimings, fmt, renderStats, stackBar, stageLabel } from "./hud.js";
+import {
+  QUALITY_TITLE,
+  RtcStats,
+  ServerTimings,
+  fmt,
+  qualityText,
+  renderStats,
+  stackBar,
+  stageLabel,
+} from "./hud.js";
 import { cameraProblem, explainFailure, hideNotice, showNotice } from "./notice.js";
 import { PatternSource } from "./pattern.js";
 import { HttpError, createPeer, endSession, getJSON, iceFailure, lowestPlayoutDelay, offer, serverInfo } from "./rtc.js";
@@ -308,9 +317,11 @@ function startHud(pc, timings) {
     }
     const info = state.server;
     const model = info ? [info.model, info.backend, info.device].filter(Boolean).join(" · ") : "";
+    if (timings.quality) items.push(["temporal", qualityText(timings.quality), null, "quality"]);
     items.push(["codec", [s.codecOut, s.codecIn].filter(Boolean).join(" → ") || "—"]);
     if (model) items.push(["model", model]);
     renderStats(ui.hud, items);
+    ui.hud.querySelector(".stat.quality")?.setAttribute("title", QUALITY_TITLE);
     ui.hud.hidden = false;
   };
   const poll = async () => {

@@ -69,15 +69,17 @@ export function serverSpans(message) {
   return spans.map(([name, ms]) => [name, Math.max(0, ms)]);
 }
 
-/** Rolling mean of the server's spans over the last `size` stats messages. */
+/** Rolling mean of the server's spans over the last `size` stats messages; the latest quality figures. */
 export class ServerTimings {
   constructor(size = 30) {
     this.size = size;
     this.recent = [];
+    this.quality = null;
   }
   add(message) {
     this.recent.push({ spans: serverSpans(message), total: message.sent_ms - message.received_ms });
     if (this.recent.length > this.size) this.recent.shift();
+    if (message.quality?.samples) this.quality = message.quality;
   }
   get empty() {
     return this.recent.length === 0;
@@ -117,6 +119,20 @@ const STAGE_LABELS = { encode: "vae enc", decode: "vae dec", preprocess: "pre", 
 export function stageLabel(name) {
   return STAGE_LABELS[name] ?? name;
 }
+
+/**
+ * The server's live temporal quality (`quality` of its stats messages, sampled about once a second):
+ * warp error and flicker in levels of 255 (lower is steadier), SSIM of output against input.
+ */
+export function qualityText(quality) {
+  if (!quality) return "—";
+  return `warp ${fmt(quality.warp_error, 1)} · flicker ${fmt(quality.flicker, 1)} · SSIM ${fmt(quality.ssim, 2)}`;
+}
+
+export const QUALITY_TITLE =
+  "Sampled on the server about once a second, at 128 px: warp error (output change along the input's motion) " +
+  "and flicker (output change where the input stood still), in levels of 255, lower is steadier; SSIM of " +
+  "the output against its input, 1 = the input's structure kept.";
 
 export function fmt(value, digits = 0, unit = "") {
   if (value == null || !Number.isFinite(value)) return "—";
