@@ -156,3 +156,28 @@ async def test_a_draining_replicas_sessions_are_reached_at_its_own_address(
     finally:
         await gateway.close()
         routing._ROUTERS.pop(f"drain-test#{ENGINE}", None)
+
+
+def test_new_sessions_go_to_the_most_free_room() -> None:
+    from livediff.cluster.routing import choose_replica
+
+    def view(key: str, sessions: int, placing: int = 0, max_sessions: int = 4) -> ReplicaView:
+        return ReplicaView(key, sessions, placing, max_sessions, True, 0.0)
+
+    assert choose_replica([view("a", 2), view("b", 1)]).key == "b"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1), view("b", 0, placing=2)]).key == "a"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1, max_sessions=2), view("b", 2, max_sessions=8)]).key == "b"  # type: ignore[union-attr]
+    # equal room: the one with fewer sessions (more free batch slots), then by key (stable)
+    assert choose_replica([view("a", 3, max_sessions=8), view("b", 0, max_sessions=5)]).key == "b"  # type: ignore[union-attr]
+    assert choose_replica([view("b", 1), view("a", 1)]).key == "a"  # type: ignore[union-attr]
+    # no stats yet: as large as the others, and empty
+    assert choose_replica([view("a", 1), view("b", 0, max_sessions=0)]).key == "b"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1), view("b", 0)], exclude=("b",)).key == "a"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1)], exclude=("a",)) is None and choose_replica([]) is None
+    # 8 sessions arriving at once on 2 replicas of 4, counting those being placed: 4 and 4
+    counts = {"a": 0, "b": 0}
+    for _ in range(8):
+        chosen = choose_replica([view(k, 0, placing=n) for k, n in counts.items()])
+        assert chosen is not None
+        counts[chosen.key] += 1
+    assert counts == {"a": 4, "b": 4}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import aiohttp
+
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                         "proxy-authorization", "proxy-authenticate", "host", "content-length"})
 """Headers that describe one HTTP hop (RFC 9110 section 7.6.1), not the request: never passed on."""
@@ -23,6 +25,9 @@ OPENING = frozenset({("POST", "/offer"), ("POST", "/whip")})
 
 @dataclass
 class HttpCall:
+    """A signalling request as the entry point received it (the body read, at most the server's
+    `max_body_bytes`)."""
+
     method: str
     path: str
     query: str = ""
@@ -41,6 +46,8 @@ class HttpCall:
 
 @dataclass
 class HttpReply:
+    """A replica's app's answer to an `HttpCall`, or the gateway's own (then `replica` is "")."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes
@@ -63,3 +70,11 @@ def session_route(path: str) -> str | None:
 def end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`headers` less the hop-by-hop ones."""
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+async def replay(http: aiohttp.ClientSession, base_url: str, call: HttpCall, replica: str) -> HttpReply:
+    """`call` sent to the app at `base_url` (a replica's own server); raises aiohttp's errors."""
+    async with http.request(call.method, base_url + call.target, headers=end_to_end(call.headers), data=call.body,
+                            allow_redirects=False) as response:
+        body = await response.read()
+        return HttpReply(response.status, end_to_end(list(response.headers.items())), body, replica)

@@ -29,8 +29,15 @@ from typing import Any
 import aiohttp
 
 from livediff.cluster import metrics
-from livediff.cluster.calls import HttpCall, HttpReply, end_to_end, session_route
-from livediff.cluster.routing import ReplicaView, draining_replicas, forget_replica, live_replicas
+from livediff.cluster.calls import HttpCall, HttpReply, end_to_end, replay, session_route
+from livediff.cluster.routing import (
+    ReplicaView,
+    choose_replica,
+    draining_replicas,
+    forget_replica,
+    live_replicas,
+    note_opened,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,7 @@ class Gateway:
         return response
 
     async def handle(self, call: HttpCall) -> HttpReply:
+        """The answer to `call`, from the replica(s) it concerns (module docstring)."""
         if call.path == "/healthz":
             return _json(200, {"status": "ok"})
         if call.path == "/readyz" and call.method == "GET":
@@ -99,8 +107,8 @@ class Gateway:
 
     # -- calls ------------------------------------------------------------------------------------
 
-    async def send(self, call: HttpCall, route: str | None = None, exclude: tuple[str, ...] = (),
-                   pinned: bool = False, timeout_s: float | None = None) -> HttpReply:
+    async def send(self, call: HttpCall, route: str | None = None, pinned: bool = False,
+                   timeout_s: float | None = None) -> HttpReply:
         """One call to a replica. A replica that dies under it: 404 for a session's request (the
         session ended with its replica), else 503 with Retry-After; so is no answer in `timeout_s`
         (default `call_timeout_s`: Serve holds a call while no replica is up)."""
@@ -110,7 +118,7 @@ class Gateway:
             if draining is not None:
                 return await self.direct(draining, call, pinned)
         try:
-            return await asyncio.wait_for(self.engines.remote(call, route=route, exclude=exclude), timeout_s)
+            return await asyncio.wait_for(self.engines.remote(call, route=route), timeout_s)
         except asyncio.TimeoutError:
             return _json(503, {"error": f"no replica answered in {timeout_s:g} s"}, RETRY_AFTER_S)
         except Exception as exc:  # noqa: BLE001 - Ray's errors for a replica that died under the call
@@ -122,10 +130,7 @@ class Gateway:
     async def direct(self, replica: ReplicaView, call: HttpCall, pinned: bool) -> HttpReply:
         """`call` to a replica Serve no longer routes to (it drains), at its app's own address."""
         try:
-            async with self._http().request(call.method, replica.url + call.target, headers=end_to_end(call.headers),
-                                            data=call.body, allow_redirects=False) as response:
-                body = await response.read()
-                return HttpReply(response.status, end_to_end(list(response.headers.items())), body, replica.key)
+            return await replay(self._http(), replica.url, call, replica.key)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             forget_replica(self.app_name, ENGINE, replica.key)  # it ended: ask Serve's replicas from now on
             if pinned:
@@ -161,11 +166,12 @@ class Gateway:
     # -- routes -----------------------------------------------------------------------------------
 
     async def place(self, call: HttpCall) -> HttpReply:
-        """A new session on the replica with the most free room; full ones are skipped."""
+        """A new session on the replica with the most free room; one that is full is skipped."""
         refused: list[str] = []
         reply = _json(503, {"error": "no replica is ready"}, RETRY_AFTER_S)
-        for _ in range(max(1, len(await self.replicas()))):
-            reply = await self.send(call, exclude=tuple(refused))
+        while (chosen := choose_replica(await self.replicas(), tuple(refused))) is not None:
+            note_opened(self.app_name, ENGINE, chosen.key)
+            reply = await self.send(call, route=chosen.key)
             if reply.status != 503 or not reply.replica or reply.replica in refused:
                 return reply
             refused.append(reply.replica)

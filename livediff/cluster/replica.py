@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from livediff.cluster.calls import HttpCall, HttpReply, end_to_end
+from livediff.cluster.calls import HttpCall, HttpReply, replay
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 
 log = logging.getLogger(__name__)
@@ -88,21 +88,17 @@ class EngineReplica:
         await app[LOAD_TASK]  # a load error fails the replica's start, which Serve reports and retries
         log.info("replica %s ready at %s (ICE %s)", self.key, self.url, addresses or "every interface")
 
-    async def __call__(self, call: HttpCall, route: str | None = None,
-                       exclude: tuple[str, ...] = ()) -> HttpReply:
-        """Replay `call` against this replica's app. `route` and `exclude` are read by the router."""
+    async def __call__(self, call: HttpCall, route: str | None = None) -> HttpReply:
+        """Replay `call` against this replica's app. `route` is read by the router."""
         opening = call.opens_session
         self.opening += opening
         try:
-            async with self.http.request(call.method, self.url + call.target, headers=end_to_end(call.headers),
-                                         data=call.body, allow_redirects=False) as response:
-                body = await response.read()
-                headers = end_to_end(list(response.headers.items()))
+            return await replay(self.http, self.url, call, self.key)
         finally:
             self.opening -= opening
-        return HttpReply(response.status, headers, body, self.key)
 
     def sessions(self) -> int:
+        """Publishing sessions this replica holds."""
         return len(self.service.scheduler.sessions)
 
     def record_routing_stats(self) -> dict[str, Any]:

@@ -6,13 +6,15 @@ the call's `route` keyword:
 * a route key (the request names a session): the replica with that key, and only it. When no
   live replica has the key (its replica died, or is draining), any replica: it does not hold the
   session either and answers 404, as the single server does for an unknown session;
-* none (a new session, a page, the ICE servers): the replicas ranked by free room, the most first
-  (`max_sessions` less sessions; ties to the replica with fewer sessions, so more free batch
-  slots), skipping those in `exclude` (they answered 503).
+* none (a page, the ICE servers): any replica.
 
+A new session is sent to the replica `choose_replica` picks (the most free room), named in `route`: the
+gateway picks it from this router's view rather than letting the router rank replicas, because
+Serve's router moves to a lower rank whenever the best replica's queue-length probe is slow (on
+a busy machine: 3 of 4 sessions went to one replica), where a named replica is waited for.
 Free room comes from each replica's `record_routing_stats`, read every `stats_period_s`. Placing a
 burst of sessions on stats that old would put them all on one replica, so the router also counts
-the session-opening calls it sent since a replica's stats were taken.
+the session-opening calls sent since a replica's stats were taken (`note_opened`).
 
 The gateway enumerates replicas (metrics, session lists, readiness) through `live_replicas`,
 this process's router's own view of what Serve routes to: no second registry of replicas.
@@ -31,7 +33,7 @@ from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 IN_FLIGHT_S = 0.5
 """A session-opening call routed this long before a replica's stats were taken may be missing
@@ -79,6 +81,25 @@ def live_replicas(app_name: str, deployment: str) -> list[ReplicaView] | None:
     return None if router is None else [router.view(r) for r in router.curr_replicas.values()]
 
 
+def choose_replica(replicas: list[ReplicaView], exclude: tuple[str, ...] = ()) -> ReplicaView | None:
+    """The replica a new session goes to: the most free room (`max_sessions` less sessions and
+    sessions being placed), ties to the fewest sessions (more free batch slots). Replicas whose
+    first stats have not come are taken to be as large as the others, and empty. None when
+    every replica is in `exclude` (they answered 503) or there is none; a full replica may be
+    returned (it answers 503 itself, with its Retry-After)."""
+    largest = max((r.max_sessions for r in replicas), default=0) or 1
+    known = [r if r.max_sessions else dataclasses.replace(r, max_sessions=largest)
+             for r in replicas if r.key not in exclude]
+    return min(known, key=lambda r: (-r.free, r.sessions + r.placing, r.key), default=None)
+
+
+def note_opened(app_name: str, deployment: str, key: str) -> None:
+    """A session-opening call is being sent to replica `key` (see `IN_FLIGHT_S`)."""
+    router = _ROUTERS.get(f"{app_name}#{deployment}")
+    if router is not None:
+        router.opened(key)
+
+
 def draining_replicas(app_name: str, deployment: str) -> dict[str, ReplicaView]:
     """Replicas that left the routing view (draining, or dead), by route key, as last seen."""
     router = _ROUTERS.get(f"{app_name}#{deployment}")
@@ -93,11 +114,11 @@ def forget_replica(app_name: str, deployment: str, key: str) -> None:
 
 
 class SessionRouter(RequestRouter):
-    """Session calls to their replica; new sessions to the most free room (module docstring)."""
+    """Each call to the replica its `route` names; to any when none does (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._opened: defaultdict[ReplicaID, deque[float]] = defaultdict(lambda: deque(maxlen=256))
+        self._opened: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=256))
         self.departed: OrderedDict[str, ReplicaView] = OrderedDict()
         # Serve may ship this class by value (with a copy of this module's globals): register in
         # the module the gateway imported
@@ -105,14 +126,18 @@ class SessionRouter(RequestRouter):
         registry[f"{self._deployment_id.app_name}#{self._deployment_id.name}"] = self
 
     def view(self, replica: RunningReplica) -> ReplicaView:
+        key = replica.replica_id.unique_id
         stats = replica.routing_stats or {}
-        taken = float(stats.get("at", 0.0)) - IN_FLIGHT_S
-        recent = sum(1 for t in self._opened.get(replica.replica_id, ()) if t > taken)
         at = float(stats.get("at", 0.0))
-        return ReplicaView(replica.replica_id.unique_id, int(stats.get("sessions", 0)), recent,
-                           int(stats.get("max_sessions", 0)), bool(stats.get("ready", False)),
-                           float(stats.get("started", 0.0)), str(stats.get("url", "")), int(stats.get("pid", 0)),
+        recent = sum(1 for t in self._opened.get(key, ()) if t > at - IN_FLIGHT_S)
+        return ReplicaView(key, int(stats.get("sessions", 0)), recent, int(stats.get("max_sessions", 0)),
+                           bool(stats.get("ready", False)), float(stats.get("started", 0.0)),
+                           str(stats.get("url", "")), int(stats.get("pid", 0)),
                            time.time() - at if at else 0.0)  # fmt: skip
+
+    def opened(self, key: str) -> None:
+        """A session-opening call is being sent to replica `key` (counted until its stats show it)."""
+        self._opened[key].append(time.time())
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new set of replicas to route to; those that left it are remembered (module docstring)."""
@@ -129,29 +154,6 @@ class SessionRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        kwargs = pending_request.kwargs if pending_request is not None else {}
-        route = kwargs.get("route")
-        if route is not None:
-            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == route]
-            return [pinned or candidate_replicas]
-        exclude = set(kwargs.get("exclude", ()))
-        views = [(self.view(r), r) for r in candidate_replicas if r.replica_id.unique_id not in exclude]
-        if not views:
-            return [candidate_replicas]
-        # a replica whose first stats have not come yet is taken to be as large as the others, and empty
-        largest = max((v.max_sessions for v, _ in views), default=0) or 1
-        views = [(v if v.max_sessions else dataclasses.replace(v, max_sessions=largest), r) for v, r in views]
-        views.sort(key=lambda vr: (-vr[0].free, vr[0].sessions + vr[0].placing))
-        ranks: list[list[RunningReplica]] = []
-        last: tuple[int, int] | None = None
-        for view, replica in views:
-            if (view.free, view.sessions + view.placing) != last:
-                ranks.append([])
-                last = (view.free, view.sessions + view.placing)
-            ranks[-1].append(replica)
-        return ranks
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        call = pending_request.args[0] if pending_request.args else None
-        if getattr(call, "opens_session", False):
-            self._opened[replica_id].append(time.time())
+        route = pending_request.kwargs.get("route") if pending_request is not None else None
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == route]
+        return [pinned or candidate_replicas]
