@@ -117,7 +117,8 @@ def serve_cluster(engine: EngineSettings, server: ServerSettings, params: Stream
         ready = asyncio.run(_describe(address.replace(server.host, "127.0.0.1") if server.host in ("0.0.0.0", "")
                                       else address))
         print_ready(ready["engine"], address + "/", time.monotonic() - started)
-        print(f"livediff: {ready['replicas']['ready']} engine replicas ready; Ray Serve keeps between "
+        count = ready["replicas"]["ready"]
+        print(f"livediff: {count} engine replica{'s' if count != 1 else ''} ready; Ray Serve keeps between "
               f"{cluster.min_replicas} and {most}, adding one above {cluster.target(server.max_sessions):g} sessions "
               "per replica", flush=True)
         stop = _wait_for_signal()
