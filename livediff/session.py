@@ -1,8 +1,9 @@
 """One session: a camera in, a transformed stream out. Every piece of per-session state lives here.
 
 A session is created by the scheduler (admission, engine stream) and closed exactly once; closing
-runs its registered cleanups (peer connections, tasks) newest first. It knows nothing of WebRTC:
-the transport layer registers what it must tear down.
+runs its registered cleanups (peer connections, tasks) newest first, each one whatever the others
+do: a cleanup that raises is logged and the rest still run, so the one that frees the session's
+slot always does. It knows nothing of WebRTC: the transport layer registers what it must tear down.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class Session:
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _closing: asyncio.Task[None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -133,25 +135,38 @@ class Session:
             log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
 
     async def close(self) -> None:
-        """Idempotent: ends viewers, tasks and peers, then frees the slots."""
-        if self.closed:
-            return
-        self.state = "closed"
+        """Ends viewers, tasks and peers, then frees the slots; idempotent, every caller waits for the end.
+
+        Runs in a task of its own, so a caller that is cancelled meanwhile (a request whose client
+        went away, a session task that closes its own session) does not stop it halfway.
+        """
+        if self._closing is None:
+            self.state = "closed"
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self.inbox.close()
         self.outbox.close()
-        for end_viewer in list(self.viewers.values()):
-            await end_viewer()
+        for viewer_id, end_viewer in list(self.viewers.items()):
+            await self._run_cleanup(f"end of viewer {viewer_id}", end_viewer)
         self.viewers.clear()
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for cleanup in reversed(self._cleanups):
-            await cleanup()
+            await self._run_cleanup(getattr(cleanup, "__qualname__", repr(cleanup)), cleanup)
         self._cleanups.clear()
         self.send_message = None
         self.closed_event.set()
+
+    async def _run_cleanup(self, name: str, cleanup: Cleanup) -> None:
+        """Run one cleanup; an error is logged, never raised: the next cleanup runs anyway."""
+        try:
+            await cleanup()
+        except Exception:
+            log.exception("session %s: cleanup %s failed (the other cleanups still run)", self.id, name)
 
     def describe(self) -> dict[str, Any]:
         stats = self.stats.as_dict()

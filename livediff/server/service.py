@@ -133,9 +133,15 @@ class Service:
             raise NotReady(self.load_error or "the model is loading")
 
     def _background(self, coro: Any) -> None:
+        """Run `coro` outside any request or session (e.g. closing a session from a peer's event); errors are logged."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def close_session(self, session: Session) -> None:
         await self.scheduler.close_session(session)
