@@ -19,7 +19,6 @@ from typing import Any
 import av
 import torch
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaRelay
 from aiortc.exceptions import InvalidStateError, OperationError
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
@@ -32,7 +31,7 @@ from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
-from livediff.transport.tracks import OutputTrack, drain, pump
+from livediff.transport.tracks import SessionOutput, drain, pump
 from livediff.transport.whip import SdpError, SdpFrag, check_offer, new_etag
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,7 @@ class Service:
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
                                    pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
-        self.relay = MediaRelay()
-        self.outputs: dict[str, OutputTrack] = {}
+        self.outputs: dict[str, SessionOutput] = {}
         self.resources: dict[str, Resource] = {}
         self.ready = False
         self.load_error: str | None = None
@@ -226,10 +224,10 @@ class Service:
         try:
             pc = create_peer(self.settings)
             session.on_close(pc.close)
-            output = OutputTrack(session.outbox, self._on_sent(session))
+            output = SessionOutput(session.outbox, self._on_sent(session))
             self.outputs[session.id] = output
             session.on_close(self._forget_output(session.id))
-            transceiver = pc.addTransceiver(self.relay.subscribe(output, buffered=False), direction="sendrecv")
+            transceiver = pc.addTransceiver(output.subscribe(), direction="sendrecv")
             prefer_codecs(transceiver, self.settings.video_codecs)
             self._watch(pc, session, lambda: self.close_session(session))
 
@@ -311,7 +309,7 @@ class Service:
         output = self.outputs[session.id]
         viewer_id = uuid.uuid4().hex[:12]
         pc = create_peer(self.settings)
-        proxy = self.relay.subscribe(output, buffered=False)
+        proxy = output.subscribe()
         transceiver = pc.addTransceiver(proxy, direction="sendonly")
         prefer_codecs(transceiver, self.settings.video_codecs)
         key = f"{session.id}/{viewer_id}"

@@ -1,9 +1,9 @@
 """Media tracks: the output track that reads a session's outbox, and the input pump.
 
 The output track returns each transformed frame with the input frame's pts and time base, so
-the sent frame rate follows the camera's. It is the source of a `MediaRelay` (buffered=False):
-the publisher's own peer and every WHEP viewer subscribe to it, and each subscriber keeps only
-the newest frame.
+the sent frame rate follows the camera's. `SessionOutput` puts it behind a relay of the
+session's own (buffered=False): the publisher's own peer and every WHEP viewer subscribe to it,
+and each subscriber keeps only the newest frame.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import av
 from aiortc import MediaStreamTrack
+from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from livediff.transport.slot import LatestSlot, SlotClosed
@@ -43,6 +44,27 @@ class OutputTrack(MediaStreamTrack):
         if self._on_send is not None:
             self._on_send(item)
         return item.image
+
+
+class SessionOutput:
+    """One session's output track and a relay of its own, which every sender of the session subscribes to.
+
+    The relay is the session's, not the server's: a relay forgets a source only from its reader
+    task, which starts when a subscriber first reads, so a server-wide relay kept every output
+    that never had a reader (a peer that never connected, a send-only publisher nobody watched)
+    and, through the track's `on_send`, its whole session. Here the relay goes with the session.
+    """
+
+    def __init__(self, outbox: LatestSlot[Any], on_send: Callable[[Any], None] | None = None) -> None:
+        self.track = OutputTrack(outbox, on_send)
+        self._relay = MediaRelay()
+
+    def subscribe(self) -> MediaStreamTrack:
+        """A track for one sender: the newest output frame whenever it reads (nothing queues)."""
+        return self._relay.subscribe(self.track, buffered=False)
+
+    def stop(self) -> None:
+        self.track.stop()
 
 
 async def pump(track: MediaStreamTrack, deliver: Callable[[av.VideoFrame], None]) -> None:
