@@ -9,6 +9,7 @@ slot always does. It knows nothing of WebRTC: the transport layer registers what
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import statistics
 import time
@@ -25,6 +26,14 @@ from livediff.transport.slot import LatestSlot
 log = logging.getLogger(__name__)
 
 Cleanup = Callable[[], Awaitable[None]]
+
+
+class SessionClosed(Exception):
+    """The session ended (or is ending): it takes no new task, cleanup, viewer or update (HTTP 404)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} has ended")
+        self.session_id = session_id
 
 
 @dataclass
@@ -118,11 +127,25 @@ class Session:
     def closed(self) -> bool:
         return self.state == "closed"
 
+    def ensure_open(self) -> None:
+        """Raise `SessionClosed` once the session is closing: call it again after every wait."""
+        if self.closed:
+            raise SessionClosed(self.id)
+
     def on_close(self, cleanup: Cleanup) -> None:
+        """Run `cleanup` when the session closes; `SessionClosed` if it already did (it would never run)."""
+        self.ensure_open()
         self._cleanups.append(cleanup)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        """Run `coro` for the life of the session; cancelled and awaited on close."""
+        """Run `coro` for the life of the session; cancelled and awaited on close.
+
+        A closing session starts nothing: `coro` is closed unstarted and `SessionClosed` raised.
+        """
+        if self.closed:
+            if inspect.iscoroutine(coro):
+                coro.close()
+            raise SessionClosed(self.id)
         task = asyncio.ensure_future(coro)
         task.set_name(f"{name}:{self.id}")
         self._tasks.add(task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from tests.server_fixtures import (
     CameraTrack,
     Client,
     Running,
+    metric_value,
     new_peer,
     offer_client,
     running_server,
@@ -190,3 +192,111 @@ async def test_sessions_closed_by_shutdown_become_unreachable(tiny_parts, http) 
         await client.close()
     alive = await wait_unreachable(refs)
     assert not alive, {name: referrer_chain(refs[name]()) for name in alive}
+
+
+# -- requests that race a session's end -------------------------------------------------------------
+
+
+class HeldRequest:
+    """A request sent over a raw socket whose body stops halfway: the handler waits for the rest."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rest: bytes) -> None:
+        self.reader, self.writer, self.rest = reader, writer, rest
+
+    @classmethod
+    async def start(cls, url: str, method: str, path: str, body: bytes, content_type: str,
+                    headers: dict[str, str] | None = None) -> HeldRequest:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}", "Connection: close",
+                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        half = len(body) // 2
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:half])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the handler has looked the session up and waits for the body
+        return cls(reader, writer, body[half:])
+
+    async def finish(self) -> tuple[int, dict[str, object]]:
+        """Send the rest of the body; the status and JSON body of the answer."""
+        self.writer.write(self.rest)
+        await self.writer.drain()
+        raw = await asyncio.wait_for(self.reader.read(), 20)
+        self.writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        return status, json.loads(body) if body.strip() else {}
+
+
+def trickle_fragment(client: Client) -> bytes:
+    """An RFC 8840 fragment with one more candidate for the client's own ICE session (no restart)."""
+    sdp = client.pc.localDescription.sdp
+    ice = [line for line in sdp.splitlines() if line.startswith(("a=ice-ufrag:", "a=ice-pwd:"))][:2]
+    return "\r\n".join([*ice, "m=video 9 UDP/TLS/RTP/SAVPF 0", "a=mid:0",
+                         "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", ""]).encode()
+
+
+async def test_requests_whose_session_ends_while_the_body_arrives_get_404(  # type: ignore[no-untyped-def]
+        tiny_parts, http, caplog) -> None:
+    async with running_server(tiny_parts, size=64, max_sessions=4) as server:
+        publisher = await whip_publish(http, server.url, CameraTrack(fps=30))
+        await publisher.wait_connected()
+        session = server.service.scheduler.sessions[publisher.session_id]
+        prompt_before = session.params.prompt
+        viewer_pc = new_peer()
+        viewer_pc.addTransceiver("video", direction="recvonly")
+        await viewer_pc.setLocalDescription(await viewer_pc.createOffer())
+        held = {
+            "WHEP offer": await HeldRequest.start(server.url, "POST", f"/whep/{session.id}",
+                                                  viewer_pc.localDescription.sdp.encode(), "application/sdp"),
+            "PATCH params": await HeldRequest.start(server.url, "PATCH", f"/api/sessions/{session.id}",
+                                                    json.dumps({"prompt": "after the end"}).encode(),
+                                                    "application/json"),
+            "trickle": await HeldRequest.start(server.url, "PATCH", publisher.location, trickle_fragment(publisher),
+                                               "application/trickle-ice-sdpfrag", {"If-Match": publisher.etag}),
+        }
+        await delete(http, server.url, publisher.location)
+        answers = {name: await request.finish() for name, request in held.items()}
+        assert all(status == 404 and body.get("error") for status, body in answers.values()), answers
+        assert session.params.prompt == prompt_before, "an update ran on the ended session's stream"
+        assert not session.viewers and not server.service.resources
+        assert await metric_value(http, server.url, "livediff_viewers") == 0
+        assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+        assert not [t for t in asyncio.all_tasks() if t.get_name().endswith(f":{session.id}")]
+        await viewer_pc.close()
+        await publisher.close()
+
+
+async def post_viewer(http: aiohttp.ClientSession, url: str, offer: str) -> int:
+    async with http.post(url, data=offer, headers={"Content-Type": "application/sdp"}) as response:
+        await response.read()
+        return response.status
+
+
+async def delete_later(http: aiohttp.ClientSession, url: str, delay: float) -> None:
+    await asyncio.sleep(delay)
+    async with http.delete(url) as response:
+        assert response.status == 200, await response.text()
+
+
+async def test_viewers_racing_the_end_of_their_session_leave_nothing(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64, max_sessions=4) as server:
+        statuses: list[int] = []
+        for round_ in range(6):
+            publisher = await whip_publish(http, server.url, CameraTrack(fps=30))
+            await publisher.wait_connected()
+            session = server.service.scheduler.sessions[publisher.session_id]
+            pc = new_peer()
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+
+            offer = pc.localDescription.sdp
+            status, _ = await asyncio.gather(post_viewer(http, f"{server.url}/whep/{session.id}", offer),
+                                             delete_later(http, server.url + publisher.location, round_ * 0.01))
+            statuses.append(status)
+            await pc.close()
+            await publisher.close()
+            assert not session.viewers and not any(k.startswith(session.id) for k in server.service.resources)
+            assert not [t for t in asyncio.all_tasks() if t.get_name().endswith(f":{session.id}")]
+        assert set(statuses) <= {201, 404}, statuses
+        assert await metric_value(http, server.url, "livediff_viewers") == 0

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from livediff.config import StreamParams
-from livediff.session import Session
+from livediff.session import Session, SessionClosed
 from tests.server_fixtures import offer_client, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,3 +85,19 @@ async def test_a_failing_cleanup_does_not_keep_the_slot(tiny_parts, http) -> Non
         await second.wait_connected()
         assert list(server.service.scheduler.sessions) == [second.session_id]
         await second.close()
+
+
+async def test_a_closed_session_starts_nothing() -> None:
+    session = Session(params=StreamParams())
+    await session.close()
+    started: list[str] = []
+
+    async def work() -> None:
+        started.append("work")
+
+    with pytest.raises(SessionClosed):
+        session.spawn(work(), "late")
+    with pytest.raises(SessionClosed):
+        session.on_close(work)
+    await asyncio.sleep(0.05)
+    assert not started and not session._tasks

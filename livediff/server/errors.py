@@ -14,6 +14,7 @@ from aiohttp import web
 
 from livediff.scheduler import AdmissionError
 from livediff.server.params import ParamError
+from livediff.session import SessionClosed
 from livediff.transport.whip import SdpError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(503, f"not ready: {exc}", headers={"Retry-After": "5"})
     except AdmissionError as exc:
         return json_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+    except SessionClosed as exc:  # it ended while the request waited (its body, an answer, an update)
+        return json_error(404, str(exc))
     except SdpError as exc:
         return json_error(400, f"malformed SDP: {exc}")
     except ParamError as exc:

@@ -11,15 +11,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import av
 import torch
-from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from aiortc.exceptions import InvalidStateError, OperationError
+from aiortc import MediaStreamTrack, RTCDataChannel, RTCSessionDescription
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.models import ModelParts
@@ -27,24 +24,16 @@ from livediff.scheduler import Scheduler
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
 from livediff.server.params import parse_update
+from livediff.server.peers import Resource, answer, watch
+from livediff.server.viewers import Viewers
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
 from livediff.transport.tracks import SessionOutput, drain, pump
-from livediff.transport.whip import SdpError, SdpFrag, check_offer, new_etag
+from livediff.transport.whip import SdpFrag, check_offer, new_etag
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Resource:
-    """A WHIP session or WHEP viewer as addressed by its URL."""
-
-    pc: RTCPeerConnection
-    session: Session
-    etag: str
-    viewer_id: str | None = None
 
 
 FEATURES = ("probe", "passthrough")
@@ -74,6 +63,7 @@ class Service:
                                    pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
         self.outputs: dict[str, SessionOutput] = {}
         self.resources: dict[str, Resource] = {}
+        self.viewers = Viewers(settings, self.metrics, self.resources, self.outputs, self._background)
         self.ready = False
         self.load_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -229,7 +219,8 @@ class Service:
             session.on_close(self._forget_output(session.id))
             transceiver = pc.addTransceiver(output.subscribe(), direction="sendrecv")
             prefer_codecs(transceiver, self.settings.video_codecs)
-            self._watch(pc, session, lambda: self.close_session(session))
+            watch(pc, session, lambda: self.close_session(session), self.settings.connect_timeout_s,
+                  self._background, f"session {session.id}")
 
             @pc.on("track")
             def on_track(track: MediaStreamTrack) -> None:
@@ -243,7 +234,8 @@ class Service:
                 if channel.label == "control":
                     self._control_channel(session, channel)
 
-            await self._answer(pc, offer)
+            await answer(pc, offer)
+            session.ensure_open()  # shutdown may have ended it while the answer was made
             if transceiver.currentDirection in ("sendrecv", "sendonly"):
                 session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                           self.settings.keyframe_interval_s), "tune")
@@ -271,97 +263,18 @@ class Service:
 
         return forget
 
-    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
-        try:
-            await pc.setRemoteDescription(offer)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except (ValueError, AssertionError, KeyError, IndexError, OperationError, InvalidStateError) as exc:
-            raise SdpError(f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
-
-    def _watch(self, pc: RTCPeerConnection, owner: Session, end: Callable[[], Any]) -> None:
-        """Reap the peer when it fails, closes, or never connects within the ICE timeout."""
-
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._background(end())
-
-        async def watchdog() -> None:
-            await asyncio.sleep(self.settings.connect_timeout_s)
-            if pc.connectionState != "connected":
-                log.info("session %s: peer did not connect in %.0f s, reaped", owner.id,
-                         self.settings.connect_timeout_s)
-                self._background(end())
-
-        owner.spawn(watchdog(), "connect-watchdog")
-
     # -- viewers (WHEP) --------------------------------------------------------------------------
 
     def newest_session(self) -> Session | None:
         live = [s for s in self.scheduler.sessions.values() if not s.closed]
         return max(live, key=lambda s: s.created, default=None)
 
-    async def view(self, session: Session, offer: RTCSessionDescription) -> Resource:
-        self.require_ready()
-        check_offer(offer.sdp)
-        if len(session.viewers) >= self.settings.max_viewers:
-            raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
-        output = self.outputs[session.id]
-        viewer_id = uuid.uuid4().hex[:12]
-        pc = create_peer(self.settings)
-        proxy = output.subscribe()
-        transceiver = pc.addTransceiver(proxy, direction="sendonly")
-        prefer_codecs(transceiver, self.settings.video_codecs)
-        key = f"{session.id}/{viewer_id}"
-        resource = Resource(pc=pc, session=session, etag=new_etag(), viewer_id=viewer_id)
-        tasks: list[asyncio.Task[Any]] = []
-
-        async def end() -> None:
-            if session.viewers.pop(viewer_id, None) is None:
-                return
-            self.resources.pop(key, None)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            proxy.stop()
-            await pc.close()
-            self.metrics.viewers.dec()
-
-        session.viewers[viewer_id] = end
-        self.metrics.viewers.inc()
-        try:
-            await self._answer(pc, offer)
-        except BaseException:
-            await end()
-            raise
-        tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
-                                               self.settings.keyframe_interval_s), "viewer-tune"))
-
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._background(end())
-
-        async def watchdog() -> None:
-            await asyncio.sleep(self.settings.connect_timeout_s)
-            if pc.connectionState != "connected":
-                self._background(end())
-
-        tasks.append(session.spawn(watchdog(), "viewer-watchdog"))
-        self.resources[key] = resource
-        return resource
-
-    async def end_viewer(self, session: Session, viewer_id: str) -> bool:
-        end = session.viewers.get(viewer_id)
-        if end is None:
-            return False
-        await end()
-        return True
-
     # -- trickle ---------------------------------------------------------------------------------
 
     async def trickle(self, resource: Resource, frag: SdpFrag) -> None:
+        """Add the fragment's candidates to the resource's peer; `SessionClosed` once its session ended."""
         for candidate in frag.candidates:
+            resource.session.ensure_open()
             if candidate.sdpMid is None:
                 transceivers = resource.pc.getTransceivers()
                 candidate.sdpMid = transceivers[0].mid if transceivers else None
@@ -372,9 +285,11 @@ class Service:
     async def apply_params(self, session: Session, data: dict[str, Any]) -> dict[str, Any]:
         """Validate and apply a control message; the change takes effect from the next frame."""
         async with session.param_lock:
+            session.ensure_open()  # re-checked after every wait: a closed session takes no update
             params, extras = parse_update(session.params, data)
             truncated = (await self.scheduler.update(session, params) if params != session.params
                          else self.scheduler.prompt_truncated(session))
+            session.ensure_open()
             if "probe" in extras:
                 session.probe = extras["probe"]
         warnings = []

@@ -14,7 +14,8 @@ from aiortc import RTCSessionDescription
 from livediff.server.common import read_text, service
 from livediff.server.errors import ApiError
 from livediff.server.params import parse_query, parse_update
-from livediff.server.service import Resource, Service
+from livediff.server.peers import Resource
+from livediff.server.service import Service
 from livediff.transport.whip import SDP_TYPE, SDPFRAG_TYPE, etag_matches, link_headers, parse_sdpfrag
 
 
@@ -48,14 +49,20 @@ def find_resource(request: web.Request, key: str) -> Resource:
     return resource
 
 
-async def patch_resource(request: web.Request, resource: Resource) -> web.Response:
-    """Trickle ICE (RFC 8840 sdpfrag): If-Match is required; a stale ETag is 412."""
+async def patch_resource(request: web.Request, key: str) -> web.Response:
+    """Trickle ICE (RFC 8840 sdpfrag): If-Match is required; a stale ETag is 412.
+
+    The resource is looked up again once the body has arrived: one that ended meanwhile is a 404.
+    """
+    find_resource(request, key)
     if_match = request.headers.get("If-Match")
     if if_match is None:
         raise ApiError(428, "If-Match is required (the ETag of the resource)")
+    text = await read_text(request, SDPFRAG_TYPE)
+    resource = find_resource(request, key)
     if not etag_matches(if_match, resource.etag):
         raise ApiError(412, "If-Match does not match the resource's ETag (stale ICE session)")
-    frag = parse_sdpfrag(await read_text(request, SDPFRAG_TYPE))
+    frag = parse_sdpfrag(text)
     remote = resource.pc.remoteDescription
     if frag.ufrag is not None and remote is not None and f"a=ice-ufrag:{frag.ufrag}" not in remote.sdp:
         raise ApiError(501, "ICE restart is not supported: start a new session")
@@ -64,7 +71,7 @@ async def patch_resource(request: web.Request, resource: Resource) -> web.Respon
 
 
 async def patch_whip(request: web.Request) -> web.Response:
-    return await patch_resource(request, find_resource(request, request.match_info["id"]))
+    return await patch_resource(request, request.match_info["id"])
 
 
 async def delete_whip(request: web.Request) -> web.Response:

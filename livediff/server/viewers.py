@@ -1,0 +1,96 @@
+"""WHEP viewers of the sessions' outputs: admission, their peers, and how each one ends.
+
+A viewer is a send-only peer fed by its session's `SessionOutput`. It is listed in
+`Session.viewers` (how to end it) and in the service's resources (its URL) until it ends: by
+`DELETE`, by its peer failing or closing, by its connect deadline, or with its session. Whatever
+waits on the way (the SDP answer), a session that ended meanwhile gets no viewer: `SessionClosed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from aiortc import RTCSessionDescription
+
+from livediff.config import ServerSettings
+from livediff.server.metrics import Metrics
+from livediff.server.peers import Background, Resource, answer, watch
+from livediff.session import Session, SessionClosed
+from livediff.transport.peer import create_peer, prefer_codecs, tune_sender
+from livediff.transport.tracks import SessionOutput
+from livediff.transport.whip import check_offer, new_etag
+
+log = logging.getLogger(__name__)
+
+
+class Viewers:
+    """Adds and ends the WHEP viewers of every session (each viewer's state stays in its own closure)."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics, resources: dict[str, Resource],
+                 outputs: Mapping[str, SessionOutput], background: Background) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.resources = resources
+        self.outputs = outputs
+        self.background = background
+
+    async def add(self, session: Session, offer: RTCSessionDescription) -> Resource:
+        """A viewer of `session`'s output for `offer`; the answer is `resource.pc.localDescription`.
+
+        Raises `SdpError` (bad offer), `OverflowError` (the session's viewer limit) or
+        `SessionClosed` (the session ended, before or while the answer was made).
+        """
+        check_offer(offer.sdp)
+        session.ensure_open()
+        if len(session.viewers) >= self.settings.max_viewers:
+            raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
+        output = self.outputs.get(session.id)
+        if output is None:  # its output went with its cleanups: the session is ending
+            raise SessionClosed(session.id)
+        viewer_id = uuid.uuid4().hex[:12]
+        key = f"{session.id}/{viewer_id}"
+        pc = create_peer(self.settings)
+        track = output.subscribe()
+        transceiver = pc.addTransceiver(track, direction="sendonly")
+        prefer_codecs(transceiver, self.settings.video_codecs)
+        resource = Resource(pc=pc, session=session, etag=new_etag(), viewer_id=viewer_id)
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def end() -> None:
+            if session.viewers.pop(viewer_id, None) is None:
+                return
+            self.resources.pop(key, None)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            track.stop()
+            await pc.close()
+            self.metrics.viewers.dec()
+
+        session.viewers[viewer_id] = end
+        self.metrics.viewers.inc()
+        try:
+            await answer(pc, offer)
+            session.ensure_open()  # it may have ended while the answer was made
+            tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
+                                                   self.settings.keyframe_interval_s), "viewer-tune"))
+            tasks.append(watch(pc, session, end, self.settings.connect_timeout_s, self.background,
+                               f"viewer {key}"))
+        except BaseException:
+            await end()
+            session.ensure_open()  # a session that ended meanwhile is the answer, not what it broke
+            raise
+        self.resources[key] = resource
+        return resource
+
+    async def end(self, session: Session, viewer_id: str) -> bool:
+        """End one viewer; False when `session` has no such viewer."""
+        end = session.viewers.get(viewer_id)
+        if end is None:
+            return False
+        await end()
+        return True
