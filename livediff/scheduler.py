@@ -172,7 +172,7 @@ class Scheduler:
     async def update(self, session: Session, params: StreamParams) -> bool:
         """Apply `params` from the session's next frame on; True when a prompt was truncated.
 
-        Callers serialise updates of one session (`Session.param_lock`).
+        Callers serialise updates of one session (the server's `Control` runs one at a time).
         """
         await self.run_on_worker(self.engine.update, session.stream, params)
         session.params = params

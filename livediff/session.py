@@ -117,7 +117,8 @@ class Session:
     """WHEP viewers: id -> how to end the viewer."""
     send_message: Callable[[dict[str, Any]], None] | None = None
     """Sends JSON to the client's `control` data channel when it has one."""
-    param_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    control: Any = None
+    """The server's live control of this session (`livediff.server.control.Control`): its pending update."""
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -7,7 +7,6 @@ and keeps the per-peer resources (ETag, peer connection, tasks) that WHIP/WHEP a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -21,9 +20,9 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCSessionDescription
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler
+from livediff.server.control import Control
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
-from livediff.server.params import parse_update
 from livediff.server.peers import Resource, answer, watch
 from livediff.server.viewers import Viewers
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
@@ -211,6 +210,8 @@ class Service:
         check_offer(offer.sdp)
         session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
         self.metrics.sessions.set(len(self.scheduler.sessions))
+        session.control = Control(session, self._apply_update, self.settings.max_body_bytes,
+                                  lambda: self._control_state(session))
         try:
             pc = create_peer(self.settings)
             session.on_close(pc.close)
@@ -232,7 +233,7 @@ class Service:
             @pc.on("datachannel")
             def on_datachannel(channel: RTCDataChannel) -> None:
                 if channel.label == "control":
-                    self._control_channel(session, channel)
+                    session.control.attach(channel)
 
             await answer(pc, offer)
             session.ensure_open()  # shutdown may have ended it while the answer was made
@@ -280,53 +281,27 @@ class Service:
                 candidate.sdpMid = transceivers[0].mid if transceivers else None
             await resource.pc.addIceCandidate(candidate)
 
-    # -- live control ----------------------------------------------------------------------------
+    # -- live control (the queue and the data channel: server/control.py) -------------------------
 
     async def apply_params(self, session: Session, data: dict[str, Any]) -> dict[str, Any]:
-        """Validate and apply a control message; the change takes effect from the next frame."""
-        async with session.param_lock:
-            session.ensure_open()  # re-checked after every wait: a closed session takes no update
-            params, extras = parse_update(session.params, data)
-            truncated = (await self.scheduler.update(session, params) if params != session.params
-                         else self.scheduler.prompt_truncated(session))
-            session.ensure_open()
-            if "probe" in extras:
-                session.probe = extras["probe"]
+        """Apply a PATCH body in turn with the session's data-channel messages; the ack's body."""
+        session.ensure_open()
+        return await session.control.patch(data)  # type: ignore[no-any-return]
+
+    async def _apply_update(self, session: Session, params: StreamParams, extras: dict[str, Any]) -> dict[str, Any]:
+        """Apply checked params (from the next frame on) and session fields; `SessionClosed` once it ended."""
+        session.ensure_open()
+        truncated = (await self.scheduler.update(session, params) if params != session.params
+                     else self.scheduler.prompt_truncated(session))
+        session.ensure_open()  # it may have ended while the update waited for the worker
+        if "probe" in extras:
+            session.probe = extras["probe"]
+        return self._control_state(session, truncated)
+
+    def _control_state(self, session: Session, truncated: bool = False) -> dict[str, Any]:
         warnings = []
         if truncated:
             limit = self.scheduler.engine.parts.tokenizer.model_max_length
             warnings.append(f"prompt truncated to the tokenizer's limit of {limit} tokens")
         return {"session_id": session.id, "params": params_to_json(session.params), "probe": session.probe,
                 "warnings": warnings}
-
-    def _control_channel(self, session: Session, channel: RTCDataChannel) -> None:
-        def send(message: dict[str, Any]) -> None:
-            if channel.readyState == "open":
-                channel.send(json.dumps(message))
-
-        session.send_message = send
-
-        @channel.on("message")
-        def on_message(message: str | bytes) -> None:
-            session.spawn(self._control(session, message, send), "control")
-
-    async def _control(self, session: Session, message: str | bytes, send: Callable[[dict[str, Any]], None]) -> None:
-        from livediff.server.params import ParamError
-
-        request_id = None
-        try:
-            data = json.loads(message)
-            if not isinstance(data, dict):
-                raise ParamError(None, "a control message must be a JSON object")
-            if data.get("type") == "ping":  # clock sync: the client pairs its send/receive times with ours
-                send({"type": "pong", "client_ms": data.get("client_ms"), "server_ms": _ms(time.monotonic())})
-                return
-            request_id = data.pop("request_id", None)
-            ack = await self.apply_params(session, data)
-        except json.JSONDecodeError as exc:
-            send({"type": "error", "error": f"not JSON: {exc}", "request_id": request_id})
-            return
-        except ParamError as exc:
-            send({"type": "error", "error": exc.message, "field": exc.field, "request_id": request_id})
-            return
-        send({"type": "ack", "request_id": request_id, **ack})
