@@ -92,6 +92,8 @@ class SessionStats:
     dropped_out: int = 0
     sent: int = 0
     last_age_ms: float = 0.0
+    stats_dropped: int = 0
+    """`stats` messages not sent because the client's control channel was backed up."""
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -115,8 +117,6 @@ class Session:
     outbox: LatestSlot[FrameOut] = field(default_factory=LatestSlot)
     viewers: dict[str, Cleanup] = field(default_factory=dict)
     """WHEP viewers: id -> how to end the viewer."""
-    send_message: Callable[[dict[str, Any]], None] | None = None
-    """Sends JSON to the client's `control` data channel when it has one."""
     control: Any = None
     """The server's live control of this session (`livediff.server.control.Control`): its pending update."""
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -182,7 +182,6 @@ class Session:
         for cleanup in reversed(self._cleanups):
             await self._run_cleanup(getattr(cleanup, "__qualname__", repr(cleanup)), cleanup)
         self._cleanups.clear()
-        self.send_message = None
         self.closed_event.set()
 
     async def _run_cleanup(self, name: str, cleanup: Cleanup) -> None:

@@ -269,3 +269,37 @@ async def test_malformed_control_messages_get_an_error_and_change_nothing(tiny_p
         ack = await client.wait_message(lambda m: m.get("request_id") == "fits")
         assert ack["type"] == "ack"
         await client.close()
+
+
+BACKED_UP_BYTES = 16 * 1024
+"""The README's limit (`livediff.server.control.BACKED_UP_BYTES`)."""
+
+
+async def test_stats_are_dropped_and_counted_while_the_client_does_not_read(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64) as server:
+        client = await offer_client(http, server.url, CameraTrack(fps=30))
+        await client.wait_connected()
+        await open_channel(client)
+        await client.wait_message(lambda m: m["type"] == "stats")
+        session = server.service.scheduler.sessions[client.session_id]
+        (server_channel,) = server.service.resources[client.session_id].pc.sctp._data_channels.values()
+
+        async def deaf(data: bytes) -> None:
+            """The client's SCTP takes nothing in (a frozen tab, a congested downlink): no SACK goes back."""
+
+        client.pc.sctp._handle_data = deaf
+        sent_before = session.stats.sent
+        most_buffered = 0
+        for _ in range(100):  # 10 s at 30 fps: ~300 stats messages of ~270 bytes
+            await asyncio.sleep(0.1)
+            most_buffered = max(most_buffered, server_channel.bufferedAmount)
+        sent = session.stats.sent - sent_before
+        assert sent > 100, f"only {sent} frames sent while the channel was deaf"  # video keeps flowing
+        assert most_buffered <= BACKED_UP_BYTES + 1024, f"{most_buffered} bytes queued in the server's channel"
+        async with http.get(f"{server.url}/api/sessions/{client.session_id}") as response:
+            stats = (await response.json())["stats"]
+        assert stats["stats_dropped"] > 0 and stats["stats_dropped"] <= sent, stats
+        await client.close()
+        from livediff.server import control
+
+        assert control.BACKED_UP_BYTES == BACKED_UP_BYTES

@@ -20,6 +20,12 @@ The rule (the README says the same):
 
 `PATCH /api/sessions/{id}` joins the same queue, so it never waits behind a burst of data-channel
 messages: it answers once its own values applied (or were superseded by newer ones).
+
+The other way, the session sends a `stats` message for every frame it sends (`frame_sent`). A
+client that stops reading (a frozen tab, a congested downlink) leaves them in the channel's send
+queue, which has no limit in aiortc: while the channel holds more than `BACKED_UP_BYTES` unsent,
+stats are dropped and counted (`SessionStats.stats_dropped`) rather than queued. Answers are
+never dropped: there is at most one per message received, and the pending update bounds them.
 """
 
 from __future__ import annotations
@@ -36,9 +42,19 @@ from aiortc import RTCDataChannel
 
 from livediff.config import StreamParams
 from livediff.server.params import ParamError, parse_update
-from livediff.session import Session, SessionClosed
+from livediff.session import FrameOut, Session, SessionClosed
 
 log = logging.getLogger(__name__)
+
+STATS_DELAY_S = 0.008
+"""A frame's stats message leaves this long after the frame went to its encoder, once the frame's
+own packets are out (the encode takes 2-4 ms at 512x512): sent at once, the message's SCTP/DTLS
+work on both event loops delayed the frame it describes (`livediff bench --g2g` passthrough
+p50 13.0 ms with the message sent at once, 11.6-12.0 deferred, 10.0-11.6 with no message)."""
+
+BACKED_UP_BYTES = 16 * 1024
+"""Unsent bytes in the channel (`RTCDataChannel.bufferedAmount`) above which stats are dropped:
+about 2 s of stats at 30 fps (~270 bytes each). A channel that keeps up holds none of them."""
 
 MAX_WAITING = 32
 """Messages that set no field (e.g. `{}` or only a `request_id`) waiting for the next update; more are refused."""
@@ -50,6 +66,21 @@ Send = Callable[[dict[str, Any]], None]
 
 def _ms(t: float) -> float:
     return round(t * 1000.0, 3)
+
+
+def stats_message(out: FrameOut) -> dict[str, Any]:
+    """The `stats` message of a frame just handed to its encoder (times on this process's monotonic clock, ms)."""
+    return {
+        "type": "stats",
+        "frame_id": out.source.frame_id,  # None unless the session probes
+        "received_ms": _ms(out.source.received),
+        "scheduled_ms": _ms(out.scheduled),
+        "finished_ms": _ms(out.finished),
+        "sent_ms": _ms(time.monotonic()),
+        "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
+        "batch_size": out.batch_size,
+        "skipped": out.skipped,
+    }
 
 
 def fields_of(data: Mapping[str, Any]) -> frozenset[str]:
@@ -139,6 +170,8 @@ class Control:
     _pending: dict[str, Any] = field(default_factory=dict)
     _waiters: list[_Waiter] = field(default_factory=list)
     _runner: asyncio.Task[None] | None = None
+    channel: RTCDataChannel | None = None
+    """The client's `control` channel, once it opened one (WHIP publishers have none)."""
     updates: int = 0
     """Updates applied (each one merged every message that arrived while the one before ran)."""
 
@@ -156,8 +189,22 @@ class Control:
             if channel.readyState == "open":
                 channel.send(json.dumps(message))
 
-        self.session.send_message = send
+        self.channel = channel
         channel.on("message", lambda raw: self.on_message(raw, send))
+
+    def frame_sent(self, out: FrameOut) -> None:
+        """Send `out`'s stats message `STATS_DELAY_S` from now, unless the channel is backed up then."""
+        if self.channel is not None:
+            asyncio.get_running_loop().call_later(STATS_DELAY_S, self._send_stats, stats_message(out))
+
+    def _send_stats(self, message: dict[str, Any]) -> None:
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return
+        if channel.bufferedAmount > BACKED_UP_BYTES:
+            self.session.stats.stats_dropped += 1
+            return
+        channel.send(json.dumps(message))
 
     def on_message(self, raw: str | bytes, send: Send) -> None:
         """Handle one data-channel message; every answer goes through `send`."""

@@ -39,17 +39,6 @@ FEATURES = ("probe", "passthrough")
 """Session params beyond the engine's own that the pages may use: probe ids, transport-only runs."""
 
 
-STATS_DELAY_S = 0.008
-"""A frame's stats message leaves this long after the frame went to its encoder, once the frame's
-own packets are out (the encode takes 2-4 ms at 512x512): sent at once, the message's SCTP/DTLS
-work on both event loops delayed the frame it describes (`livediff bench --g2g` passthrough
-p50 13.0 ms with the message sent at once, 11.6-12.0 deferred, 10.0-11.6 with no message)."""
-
-
-def _ms(t: float) -> float:
-    return round(t * 1000.0, 3)
-
-
 class Service:
     def __init__(self, engine_settings: EngineSettings, settings: ServerSettings,
                  parts: ModelParts | None = None, default_params: StreamParams | None = None) -> None:
@@ -171,19 +160,8 @@ class Service:
             age = self.metrics.on_sent(out)
             session.stats.sent += 1
             session.stats.last_age_ms = round(age * 1000.0, 3)
-            if session.send_message is not None:  # frame_id is None unless the session probes
-                stats = {
-                    "type": "stats",
-                    "frame_id": out.source.frame_id,
-                    "received_ms": _ms(out.source.received),
-                    "scheduled_ms": _ms(out.scheduled),
-                    "finished_ms": _ms(out.finished),
-                    "sent_ms": _ms(time.monotonic()),
-                    "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
-                    "batch_size": out.batch_size,
-                    "skipped": out.skipped,
-                }
-                asyncio.get_running_loop().call_later(STATS_DELAY_S, session.send_message, stats)
+            if session.control is not None:
+                session.control.frame_sent(out)
 
         return on_sent
 
