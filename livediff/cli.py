@@ -186,6 +186,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token", default=_env("token", ""), help="require Authorization: Bearer TOKEN on the API")
     group.add_argument("--max-sessions", type=_int_range(1, 1024), default=int(_env("max_sessions", d.max_sessions)))
     group.add_argument("--max-viewers", type=_int_range(0, 1024), default=int(_env("max_viewers", d.max_viewers)))
+    group.add_argument("--max-connecting", type=_int_range(1, 1024),
+                       default=int(_env("max_connecting", d.max_connecting)),
+                       help="peers not connected yet (sessions; viewers per session); when full, the oldest gives way")
     group.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", d.max_body_bytes)))
     group.add_argument("--ice-servers", default=_env("ice_servers", ""),
                        help="comma-separated stun:/turn: urls for the server's peers and WHIP Link headers")
@@ -217,7 +220,8 @@ def server_settings(args: argparse.Namespace) -> Any:
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
     return ServerSettings(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes, ice_servers=split(args.ice_servers),
+        max_viewers=args.max_viewers, max_connecting=args.max_connecting, max_body_bytes=args.max_body_bytes,
+        ice_servers=split(args.ice_servers),
         turn_username=args.turn_username, turn_credential=args.turn_credential,
         video_codecs=split(args.video_codecs), bitrate=args.bitrate, keyframe_interval_s=args.keyframe_interval,
         marker_completion=args.marker_completion, fresh_frames=args.fresh_frames, ice_loopback=args.ice_loopback,

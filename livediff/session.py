@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from livediff.admission import Admission
 from livediff.config import StreamParams
 from livediff.transport.slot import LatestSlot
 
@@ -117,6 +118,8 @@ class Session:
     outbox: LatestSlot[FrameOut] = field(default_factory=LatestSlot)
     viewers: dict[str, Cleanup] = field(default_factory=dict)
     """WHEP viewers: id -> how to end the viewer."""
+    viewer_slots: Admission | None = None
+    """The viewers' live and connecting slots (made by the server with its limits)."""
     control: Any = None
     """The server's live control of this session (`livediff.server.control.Control`): its pending update."""
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)

@@ -42,16 +42,21 @@ async def answer(pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
 
 
 def watch(pc: RTCPeerConnection, owner: Session, end: Callable[[], Awaitable[None]], connect_timeout_s: float,
-          background: Background, what: str) -> asyncio.Task[Any]:
+          background: Background, what: str, on_connected: Callable[[], bool] | None = None) -> asyncio.Task[Any]:
     """End the peer (`end()`) when it fails or closes, or has not connected `connect_timeout_s` from now.
 
-    The watchdog is a task of `owner` (cancelled when the session closes); `end` runs in the
-    background, so that it may close `owner` itself. Returns the watchdog task.
+    `on_connected` runs when the peer connects and says whether it may stay (it took a live slot,
+    `livediff.admission`); when it may not, the peer is ended. The watchdog is a task of `owner`
+    (cancelled when the session closes); `end` runs in the background, so that it may close
+    `owner` itself. Returns the watchdog task.
     """
 
     @pc.on("connectionstatechange")
     def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
+        if pc.connectionState == "connected" and on_connected is not None and not on_connected():
+            log.info("%s: connected, but no slot was left for it (or a newer offer took it): ended", what)
+            background(end())
+        elif pc.connectionState in ("failed", "closed"):
             background(end())
 
     async def watchdog() -> None:

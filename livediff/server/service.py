@@ -17,6 +17,7 @@ import av
 import torch
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCSessionDescription
 
+from livediff.admission import AdmissionError
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler
@@ -48,7 +49,9 @@ class Service:
         self.parts = parts
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out, observer=self.metrics,
-                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
+                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames,
+                                   max_connecting=settings.max_connecting)
+        self.metrics.sessions.set_function(lambda: len(self.scheduler.sessions))
         self.outputs: dict[str, SessionOutput] = {}
         self.resources: dict[str, Resource] = {}
         self.viewers = Viewers(settings, self.metrics, self.resources, self.outputs, self._background)
@@ -121,7 +124,6 @@ class Service:
 
     async def close_session(self, session: Session) -> None:
         await self.scheduler.close_session(session)
-        self.metrics.sessions.set(len(self.scheduler.sessions))
 
     # -- frames (on the worker thread; passthrough frames sent as they came on the loop) ---------
 
@@ -186,8 +188,7 @@ class Service:
         """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
         self.require_ready()
         check_offer(offer.sdp)
-        session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
-        self.metrics.sessions.set(len(self.scheduler.sessions))
+        session = await self.scheduler.open_session(params, kind=kind, probe=probe_on, connecting=True)
         session.control = Control(session, self._apply_update, self.settings.max_body_bytes,
                                   lambda: self._control_state(session))
         try:
@@ -199,7 +200,7 @@ class Service:
             transceiver = pc.addTransceiver(output.subscribe(), direction="sendrecv")
             prefer_codecs(transceiver, self.settings.video_codecs)
             watch(pc, session, lambda: self.close_session(session), self.settings.connect_timeout_s,
-                  self._background, f"session {session.id}")
+                  self._background, f"session {session.id}", on_connected=lambda: self.scheduler.connected(session))
 
             @pc.on("track")
             def on_track(track: MediaStreamTrack) -> None:
@@ -214,14 +215,19 @@ class Service:
                     session.control.attach(channel)
 
             await answer(pc, offer)
-            session.ensure_open()  # shutdown may have ended it while the answer was made
+            session.ensure_open()  # it may have ended while the answer was made
             if transceiver.currentDirection in ("sendrecv", "sendonly"):
                 session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                           self.settings.keyframe_interval_s), "tune")
             log.info("session %s (%s): video %s, %s", session.id, kind, negotiated_codec(transceiver),
                      transceiver.currentDirection)
         except BaseException:
+            ended = session.closed  # by someone else: a newer offer took its connecting slot, or shutdown
             await self.close_session(session)
+            if ended:
+                raise AdmissionError("the session ended before its answer was ready (newer offers took "
+                                     "its connecting slot, or the server is stopping)",
+                                     self.settings.max_sessions) from None
             raise
         resource = Resource(pc=pc, session=session, etag=new_etag())
         self.resources[session.id] = resource

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiortc import RTCSessionDescription
 
+from livediff.admission import Admission, AdmissionError
 from livediff.config import ServerSettings
 from livediff.server.metrics import Metrics
 from livediff.server.peers import Background, Resource, answer, watch
@@ -28,7 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class Viewers:
-    """Adds and ends the WHEP viewers of every session (each viewer's state stays in its own closure)."""
+    """Adds and ends the WHEP viewers of every session (each viewer's state stays in its own closure).
+
+    Per session, connected viewers take live slots (`max_viewers`) and viewers that have not
+    connected yet take connecting ones (`max_connecting`, the oldest giving way to a newer offer):
+    `livediff.admission`.
+    """
 
     def __init__(self, settings: ServerSettings, metrics: Metrics, resources: dict[str, Resource],
                  outputs: Mapping[str, SessionOutput], background: Background) -> None:
@@ -38,20 +44,30 @@ class Viewers:
         self.outputs = outputs
         self.background = background
 
+    def _slots(self, session: Session) -> Admission:
+        if session.viewer_slots is None:
+            session.viewer_slots = Admission(self.settings.max_viewers, self.settings.max_connecting,
+                                             f"viewers of session {session.id}")
+        return session.viewer_slots
+
     async def add(self, session: Session, offer: RTCSessionDescription) -> Resource:
         """A viewer of `session`'s output for `offer`; the answer is `resource.pc.localDescription`.
 
-        Raises `SdpError` (bad offer), `OverflowError` (the session's viewer limit) or
-        `SessionClosed` (the session ended, before or while the answer was made).
+        Raises `SdpError` (bad offer), `AdmissionError` (the session's viewers are all connected
+        and at its limit, or newer offers took this one's slot) or `SessionClosed` (the session
+        ended, before or while the answer was made).
         """
         check_offer(offer.sdp)
         session.ensure_open()
-        if len(session.viewers) >= self.settings.max_viewers:
-            raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
         output = self.outputs.get(session.id)
         if output is None:  # its output went with its cleanups: the session is ending
             raise SessionClosed(session.id)
+        slots = self._slots(session)
         viewer_id = uuid.uuid4().hex[:12]
+        evicted = slots.admit(viewer_id)
+        if evicted is not None:
+            log.info("viewer %s/%s: not connected, and a newer offer needed its slot: ended", session.id, evicted)
+            self.background(self.end(session, evicted))
         key = f"{session.id}/{viewer_id}"
         pc = create_peer(self.settings)
         track = output.subscribe()
@@ -63,6 +79,7 @@ class Viewers:
         async def end() -> None:
             if session.viewers.pop(viewer_id, None) is None:
                 return
+            slots.release(viewer_id)
             self.resources.pop(key, None)
             for task in tasks:
                 task.cancel()
@@ -76,13 +93,20 @@ class Viewers:
         try:
             await answer(pc, offer)
             session.ensure_open()  # it may have ended while the answer was made
+            if viewer_id not in session.viewers:
+                raise AdmissionError(f"newer offers took this viewer's slot before its answer was ready "
+                                     f"(at most {slots.max_connecting} viewers connecting)", slots.max_connecting)
             tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                                    self.settings.keyframe_interval_s), "viewer-tune"))
             tasks.append(watch(pc, session, end, self.settings.connect_timeout_s, self.background,
-                               f"viewer {key}"))
-        except BaseException:
+                               f"viewer {key}", on_connected=lambda: slots.connected(viewer_id)))
+        except BaseException as exc:
+            evicted_meanwhile = viewer_id not in session.viewers
             await end()
             session.ensure_open()  # a session that ended meanwhile is the answer, not what it broke
+            if evicted_meanwhile and not isinstance(exc, AdmissionError):
+                raise AdmissionError("newer offers took this viewer's slot before its answer was ready",
+                                     slots.max_connecting) from None
             raise
         self.resources[key] = resource
         return resource

@@ -20,10 +20,7 @@ from livediff.transport.whip import SDP_TYPE
 async def _view(request: web.Request, sdp: str, session: Session) -> web.Response:
     svc = service(request)
     svc.require_ready()
-    try:
-        resource = await svc.viewers.add(session, RTCSessionDescription(sdp=sdp, type="offer"))
-    except OverflowError as exc:
-        raise ApiError(503, str(exc), headers={"Retry-After": "10"}) from None
+    resource = await svc.viewers.add(session, RTCSessionDescription(sdp=sdp, type="offer"))
     return created(resource, f"/whep/{session.id}/{resource.viewer_id}", svc)
 
 
