@@ -85,7 +85,7 @@ def stats_message(out: FrameOut) -> dict[str, Any]:
 
 def fields_of(data: Mapping[str, Any]) -> frozenset[str]:
     """The fields a message sets, `blend` split into `blend.prompt` and `blend.weight`."""
-    names = set()
+    names: set[str] = set()
     for name, value in data.items():
         if name == "blend" and isinstance(value, Mapping):
             names.update(f"blend.{key}" for key in value)
