@@ -130,8 +130,12 @@ def cmd_g2g(args: argparse.Namespace) -> int:
     for key in keys:
         if key not in known:
             raise ConfigError(f"--cases: {key!r} is not one of {', '.join(known)}")
+    try:
+        viewers = tuple(int(n) for n in args.viewers.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--viewers: {args.viewers!r} is not a comma-separated list of counts") from None
     plan = G2GPlan(duration_s=args.duration, fps=args.fps, codec=args.codec, params=stream_params(args),
-                   cases=[known[key] for key in keys])  # fmt: skip
+                   cases=[known[key] for key in keys], viewers=viewers)  # fmt: skip
     settings = engine_settings(args, backend=args.backend.split(",")[0].strip())  # the server runs one backend
     report = asyncio.run(run_g2g(settings, plan))
     print(json.dumps(report, indent=2) if args.json else format_g2g(report))
@@ -260,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     g2g.add_argument("--duration", type=float, default=10.0, help="seconds measured per case, after a 1.5 s warm-up")
     g2g.add_argument("--fps", type=_int_range(1, 120), default=30, help="camera frames per second")
     g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8")
+    g2g.add_argument("--viewers", default="0",
+                     help="WHEP viewers of each case's session, e.g. 0,16: each case runs once per count")
     g2g.add_argument("--cases", default="",
                      help="comma separated, default all: pass-both, pass-server, pass-stock, model-both, model-stock")
     bench.set_defaults(run=cmd_bench)

@@ -1,6 +1,7 @@
 """Attack a `livediff serve` process on purpose and print what it costs (issue 17's measurements).
 
     python scripts/abuse.py control   # 2000 prompt changes in 20 s; PATCH after a 500-message burst; RSS
+                                      # after each of 3 rounds of 10,000 prompts of 1.9 kB
     python scripts/abuse.py lockout   # abandoned offers vs a well-behaved client that retries every second
 
 Each part starts its own server (`--model tiny --size 256 --backend torch --ice-loopback`, the
@@ -169,24 +170,28 @@ async def control(cap_s: float) -> dict[str, Any]:
             }
             for c in clients:
                 await c.close()
-        # 3. 10,000 prompts of 1.9 kB as fast as the channel takes them: server RSS
+        # 3. rounds of 10,000 prompts of 1.9 kB as fast as the channel takes them: server RSS after each
         async with server() as (url, pid):
             clients = await camera_sessions(http, url)
             client = clients[0]
             assert client.channel is not None
             await asyncio.sleep(3)
-            before = rss_mb(pid)
+            rss = [rss_mb(pid)]
             filler = "a watercolor painting of a harbour at dawn, " * 44
-            for i in range(10_000):
-                client.channel.send(json.dumps({"prompt": f"{i} {filler}"[:1900], "request_id": i}))
-                if i % 200 == 199:
-                    await asyncio.sleep(0.01)  # let the client's SCTP drain
-            while client.channel.bufferedAmount > 0:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(5)
-            after = rss_mb(pid)
-            report["rss_10000_prompts"] = {
-                "before_mb": round(before, 1), "after_mb": round(after, 1), "growth_mb": round(after - before, 1),
+            for round_ in range(3):
+                for i in range(10_000):
+                    request_id = round_ * 10_000 + i
+                    prompt = f"{request_id} {filler}"[:1900]
+                    client.channel.send(json.dumps({"prompt": prompt, "request_id": request_id}))
+                    if i % 200 == 199:
+                        await asyncio.sleep(0.01)  # let the client's SCTP drain
+                while client.channel.bufferedAmount > 0:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(5)
+                rss.append(rss_mb(pid))
+            report["rss_3x10000_prompts"] = {
+                "rss_mb": [round(x, 1) for x in rss],
+                "growth_per_round_mb": [round(b - a, 1) for a, b in zip(rss, rss[1:])],
                 "answers_5s_after_sending": dict(answers(client)),
             }
             for c in clients:

@@ -28,9 +28,10 @@ from livediff.server.peers import Resource, answer, watch
 from livediff.server.viewers import Viewers
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
+from livediff.transport.fanout import Fanout
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
-from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
-from livediff.transport.tracks import SessionOutput, drain, pump
+from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs
+from livediff.transport.tracks import drain, pump
 from livediff.transport.whip import SdpFrag, check_offer, new_etag
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Service:
                                    pass_through=self._pass_through, fresh_frames=settings.fresh_frames,
                                    max_connecting=settings.max_connecting)
         self.metrics.sessions.set_function(lambda: len(self.scheduler.sessions))
-        self.outputs: dict[str, SessionOutput] = {}
+        self.outputs: dict[str, Fanout] = {}
         self.resources: dict[str, Resource] = {}
         self.viewers = Viewers(settings, self.metrics, self.resources, self.outputs, self._background)
         self.ready = False
@@ -194,10 +195,11 @@ class Service:
         try:
             pc = create_peer(self.settings)
             session.on_close(pc.close)
-            output = SessionOutput(session.outbox, self._on_sent(session))
+            output = Fanout(session.outbox, self._on_sent(session), self.settings.bitrate,
+                            self.settings.keyframe_interval_s)
             self.outputs[session.id] = output
             session.on_close(self._forget_output(session.id))
-            transceiver = pc.addTransceiver(output.subscribe(), direction="sendrecv")
+            transceiver = pc.addTransceiver("video", direction="sendrecv")
             prefer_codecs(transceiver, self.settings.video_codecs)
             watch(pc, session, lambda: self.close_session(session), self.settings.connect_timeout_s,
                   self._background, f"session {session.id}", on_connected=lambda: self.scheduler.connected(session))
@@ -216,10 +218,10 @@ class Service:
 
             await answer(pc, offer)
             session.ensure_open()  # it may have ended while the answer was made
-            if transceiver.currentDirection in ("sendrecv", "sendonly"):
-                session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
-                                          self.settings.keyframe_interval_s), "tune")
-            log.info("session %s (%s): video %s, %s", session.id, kind, negotiated_codec(transceiver),
+            codec = negotiated_codec(transceiver)
+            if codec is not None and transceiver.currentDirection in ("sendrecv", "sendonly"):
+                output.subscribe(transceiver.sender, codec)  # the output back to the publisher
+            log.info("session %s (%s): video %s, %s", session.id, kind, codec.name if codec else None,
                      transceiver.currentDirection)
         except BaseException:
             ended = session.closed  # by someone else: a newer offer took its connecting slot, or shutdown

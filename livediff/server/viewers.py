@@ -1,6 +1,6 @@
 """WHEP viewers of the sessions' outputs: admission, their peers, and how each one ends.
 
-A viewer is a send-only peer fed by its session's `SessionOutput`. It is listed in
+A viewer is a send-only peer fed by its session's `Fanout` (encoded once for all). It is listed in
 `Session.viewers` (how to end it) and in the service's resources (its URL) until it ends: by
 `DELETE`, by its peer failing or closing, by its connect deadline, or with its session. Whatever
 waits on the way (the SDP answer), a session that ended meanwhile gets no viewer: `SessionClosed`.
@@ -21,9 +21,9 @@ from livediff.config import ServerSettings
 from livediff.server.metrics import Metrics
 from livediff.server.peers import Background, Resource, answer, watch
 from livediff.session import Session, SessionClosed
-from livediff.transport.peer import create_peer, prefer_codecs, tune_sender
-from livediff.transport.tracks import SessionOutput
-from livediff.transport.whip import check_offer, new_etag
+from livediff.transport.fanout import EncodedTrack, Fanout
+from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs
+from livediff.transport.whip import SdpError, check_offer, new_etag
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Viewers:
     """
 
     def __init__(self, settings: ServerSettings, metrics: Metrics, resources: dict[str, Resource],
-                 outputs: Mapping[str, SessionOutput], background: Background) -> None:
+                 outputs: Mapping[str, Fanout], background: Background) -> None:
         self.settings = settings
         self.metrics = metrics
         self.resources = resources
@@ -70,11 +70,11 @@ class Viewers:
             self.background(self.end(session, evicted))
         key = f"{session.id}/{viewer_id}"
         pc = create_peer(self.settings)
-        track = output.subscribe()
-        transceiver = pc.addTransceiver(track, direction="sendonly")
+        transceiver = pc.addTransceiver("video", direction="sendonly")
         prefer_codecs(transceiver, self.settings.video_codecs)
         resource = Resource(pc=pc, session=session, etag=new_etag(), viewer_id=viewer_id)
         tasks: list[asyncio.Task[Any]] = []
+        tracks: list[EncodedTrack] = []
 
         async def end() -> None:
             if session.viewers.pop(viewer_id, None) is None:
@@ -84,7 +84,8 @@ class Viewers:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            track.stop()
+            for track in tracks:
+                track.stop()
             await pc.close()
             self.metrics.viewers.dec()
 
@@ -96,8 +97,10 @@ class Viewers:
             if viewer_id not in session.viewers:
                 raise AdmissionError(f"newer offers took this viewer's slot before its answer was ready "
                                      f"(at most {slots.max_connecting} viewers connecting)", slots.max_connecting)
-            tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
-                                                   self.settings.keyframe_interval_s), "viewer-tune"))
+            codec = negotiated_codec(transceiver)
+            if codec is None:
+                raise SdpError("the offer's video has no codec in common with the server")
+            tracks.append(output.subscribe(transceiver.sender, codec))
             tasks.append(watch(pc, session, end, self.settings.connect_timeout_s, self.background,
                                f"viewer {key}", on_connected=lambda: slots.connected(viewer_id)))
         except BaseException as exc:

@@ -1,8 +1,8 @@
 """WHEP egress: POST /whep/{id} (or /whep: the newest session) -> a viewer of that session's output.
 
-Viewers subscribe to the session's output through its own relay (buffered=False: each keeps
-only the newest frame). aiortc encodes per sender, so each viewer costs one encode. The session
-is looked up again once the offer has arrived: one that ended meanwhile is a 404.
+Viewers get the session's output encoded once per codec and shared (`livediff.transport.fanout`):
+a viewer costs packetization and encryption, not an encode. The session is looked up again once
+the offer has arrived: one that ended meanwhile is a 404.
 """
 
 from __future__ import annotations
