@@ -261,7 +261,12 @@ async def test_malformed_control_messages_get_an_error_and_change_nothing(tiny_p
         assert len(errors) == len(cases), errors
         for (message, expected), answer in zip(cases, errors):  # the channel is ordered
             assert answer["type"] == "error" and expected in answer["error"], (message[:20], answer)
-        assert session.params == before and not session.probe
+        # a text message (payload protocol 51) whose bytes are not UTF-8: no browser sends one, a
+        # hand-made client can (aiortc's own send, minus the encoding); it used to end the session
+        await client.pc.sctp._send(client.channel.id, 51, bytes([0x7B, 0x22, 0xC3, 0x28, 0xFF]))
+        error = await client.wait_message(lambda m: m.get("type") == "error" and "UTF-8" in m["error"])
+        assert "not UTF-8" in error["error"]
+        assert session.params == before and not session.probe and not session.closed
         count = len(client.received.times)  # type: ignore[union-attr]
         await client.received.wait_for(count + 5)  # type: ignore[union-attr]
         fits = json.dumps({"prompt": "é" * 1000, "request_id": "fits"}, ensure_ascii=False)  # 2000+ bytes

@@ -43,6 +43,7 @@ from aiortc import RTCDataChannel
 from livediff.config import StreamParams
 from livediff.server.params import ParamError, parse_update
 from livediff.session import FrameOut, Session, SessionClosed
+from livediff.transport.sctp_text import InvalidText
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class ControlMessageError(ValueError):
 
 def decode_message(raw: str | bytes, max_bytes: int) -> dict[str, Any]:
     """A data-channel message as a JSON object, or `ControlMessageError` saying what is wrong with it."""
+    if isinstance(raw, InvalidText):
+        raise ControlMessageError(f"a text message that is not UTF-8 ({len(raw)} bytes)")
     if isinstance(raw, bytes):
         raise ControlMessageError(f"binary messages are not accepted ({len(raw)} bytes): send JSON as text")
     size = len(raw.encode("utf-8", errors="surrogatepass"))

@@ -31,6 +31,7 @@ from livediff.transport import probe
 from livediff.transport.fanout import Fanout
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs
+from livediff.transport.sctp_text import tolerate_invalid_text
 from livediff.transport.tracks import drain, pump
 from livediff.transport.whip import SdpFrag, check_offer, new_etag
 
@@ -218,6 +219,8 @@ class Service:
 
             await answer(pc, offer)
             session.ensure_open()  # it may have ended while the answer was made
+            if pc.sctp is not None:  # a control message that is not UTF-8 must not end the session
+                tolerate_invalid_text(pc.sctp)
             codec = negotiated_codec(transceiver)
             if codec is not None and transceiver.currentDirection in ("sendrecv", "sendonly"):
                 output.subscribe(transceiver.sender, codec)  # the output back to the publisher
