@@ -23,10 +23,12 @@ adds to the model; the p50s of the two differ from it when the model's speed wan
 `drift_outside_model_ms` is its drift, so a model whose speed wanders (a busy CPU) is not mistaken
 for frames piling up.
 With `viewers` (e.g. 0,16; or 0,16,0,16 to take turns), each case runs once per count, with that
-many WHEP viewers of the session's output (aiortc clients in this process, which receive and
-decode as the publisher does):
+many WHEP viewers of the session's output (aiortc clients that receive and decode, in a process
+of their own at the lowest CPU priority, so that on this one machine their decoding does not pass
+for the server's cost):
 `output_fps` is the rate of output frames the publisher got back in the window, `viewer_fps` the
-viewers' mean, so the cost of viewers to the publisher shows as the drop of `output_fps`.
+viewers' mean, so the cost of viewers to the publisher shows as the drop of `output_fps`; every
+case also reports `server_cpu`, the server process's CPU seconds per second in the window.
 The server's stats messages split the round trip into `uplink_ms` (camera to the server's decoded
 frame), `server_ms` (decoded frame to the server's encoder: inbox, engine, outbox) and
 `downlink_ms` (to the client's decoded frame): both processes read the machine's one monotonic
@@ -36,6 +38,7 @@ clock (`time.monotonic()`), so their times subtract.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -162,8 +165,8 @@ class _Probe:
 
 @asynccontextmanager
 async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings: ServerSettings,
-                  ready_timeout_s: float = SERVER_READY_S) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """`livediff serve` in its own process on 127.0.0.1; yields its URL and what /readyz says it runs."""
+                  ready_timeout_s: float = SERVER_READY_S) -> AsyncIterator[tuple[str, dict[str, Any], int]]:
+    """`livediff serve` in its own process on 127.0.0.1; yields its URL, what /readyz says it runs, and its pid."""
     port = free_port()
     backend = "torch.compile" if engine.compile else engine.backend
     argv = [
@@ -180,7 +183,7 @@ async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings:
         process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=asyncio.subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            yield url, await _wait_ready(http, url, process, output, ready_timeout_s)
+            yield url, await _wait_ready(http, url, process, output, ready_timeout_s), process.pid
         finally:
             if process.returncode is None:
                 process.terminate()  # SIGTERM: the server closes its peers and exits
@@ -211,6 +214,16 @@ async def _wait_ready(http: aiohttp.ClientSession, url: str, process: asyncio.su
         await asyncio.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process `pid` has used so far, from /proc; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def _session_params(case: G2GCase, params: StreamParams) -> dict[str, Any]:
     if not case.model:
         return {"probe": True, "passthrough": True}
@@ -228,7 +241,10 @@ class _Run:
     server_stats: dict[str, Any]
     start: float
     end: float
-    viewers: list[Received] = field(default_factory=list)
+    viewer_frames: list[int] = field(default_factory=list)
+    """Frames each viewer got in the window."""
+    server_cpu: float | None = None
+    """The server process's CPU seconds per second in the window (1.0: one core busy)."""
 
     def window(self) -> list[int]:
         """Ids of the frames the camera sent inside the window, in order."""
@@ -253,15 +269,72 @@ async def _view(http: aiohttp.ClientSession, url: str, session_id: str, codec: s
     return client, received
 
 
+async def _viewers_main(url: str, session_id: str, count: int, codec: str) -> None:
+    """The viewers' process: connect `count` viewers, say "ready", read "START END" (monotonic seconds)
+    from stdin, then print how many frames each viewer got between them (a JSON list) and end."""
+    os.nice(19)  # viewers take what the server and the publisher leave of this machine
+    with loopback_candidates():
+        async with aiohttp.ClientSession() as http:
+            viewers = [await _view(http, url, session_id, codec) for _ in range(count)]
+            print("ready", flush=True)
+            line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            start, end = (float(x) for x in line.split())
+            await asyncio.sleep(max(0.0, end - time.monotonic()) + 0.5)
+            print(json.dumps([sum(start <= t < end for t in got.times) for _, got in viewers]), flush=True)
+            for client, _ in viewers:
+                await client.close()
+
+
+class _Viewers:
+    """`count` WHEP viewers in a process of their own (`_viewers_main`), at the lowest CPU priority.
+
+    On the bench's machine they would otherwise take CPU from the server: the publisher's frame
+    rate would show the viewers' decoding, not what the server pays for them. They still receive
+    and decode every frame they can, like an OBS browser source on another machine.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, url: str, session_id: str, count: int, codec: str) -> _Viewers:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "livediff.g2g", url, session_id, str(count), codec,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), FIRST_FRAME_S + count * 5)
+        if line.strip() != b"ready":
+            process.kill()
+            raise LivediffError(f"the viewers' process did not start: {line.decode(errors='replace')!r}")
+        return cls(process)
+
+    async def frames(self, start: float, end: float) -> list[int]:
+        """Frames each viewer got between `start` and `end` (monotonic seconds; returns after `end`)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{start} {end}\n".encode())
+        await self.process.stdin.drain()
+        line = await asyncio.wait_for(self.process.stdout.readline(), end - time.monotonic() + 30)
+        return [int(n) for n in json.loads(line)]
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
 async def _run_case(http: aiohttp.ClientSession, url: str, case: G2GCase, plan: G2GPlan,
-                    width: int, height: int, scene: Sequence[np.ndarray], viewers: int = 0) -> _Run:
+                    width: int, height: int, scene: Sequence[np.ndarray], viewers: int = 0,
+                    server_pid: int | None = None) -> _Run:
     """One session: connect, warm up from the first frame back, measure `plan.duration_s`, catch up."""
     camera = CameraTrack(width, height, plan.fps, paint_probe=True, scene=scene)
     seen = _Probe()
     client = await offer_client(http, url, camera, params=_session_params(case, plan.params), codec=plan.codec,
                                 received=Received(keep=0, on_frame=seen.on_frame),
                                 marker_completion=case.client_marker)  # fmt: skip
-    watchers: list[Client] = []
+    watchers: _Viewers | None = None
     try:
         await client.wait_connected()
         deadline = time.monotonic() + FIRST_FRAME_S
@@ -269,14 +342,19 @@ async def _run_case(http: aiohttp.ClientSession, url: str, case: G2GCase, plan: 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{case.key}: no frame id came back in {FIRST_FRAME_S:g} s")
             await asyncio.sleep(0.05)
-        received = []
-        for _ in range(viewers):
-            watcher, got = await _view(http, url, client.session_id, plan.codec)
-            watchers.append(watcher)
-            received.append(got)
+        if viewers:
+            watchers = await _Viewers.start(url, client.session_id, viewers, plan.codec)
         start = time.monotonic() + plan.warmup_s
-        run = _Run(camera, seen, client.messages, {}, start, start + plan.duration_s, received)
+        run = _Run(camera, seen, client.messages, {}, start, start + plan.duration_s)
+        counted = asyncio.ensure_future(watchers.frames(run.start, run.end)) if watchers else None
+        await asyncio.sleep(run.start - time.monotonic())
+        cpu_start = cpu_seconds(server_pid) if server_pid is not None else None
         await asyncio.sleep(run.end - time.monotonic())
+        cpu_end = cpu_seconds(server_pid) if server_pid is not None else None
+        if counted is not None:
+            run.viewer_frames = await counted
+        if cpu_start is not None and cpu_end is not None:
+            run.server_cpu = round((cpu_end - cpu_start) / plan.duration_s, 3)
         last = max(run.window(), default=-1)
         caught_up = time.monotonic() + CATCH_UP_S
         while max(seen.arrivals) <= last and time.monotonic() < caught_up:  # ids come back in order
@@ -284,8 +362,8 @@ async def _run_case(http: aiohttp.ClientSession, url: str, case: G2GCase, plan: 
         async with http.get(f"{url}/api/sessions/{client.session_id}") as response:
             run.server_stats = (await response.json())["stats"]
     finally:
-        for watcher in watchers:
-            await watcher.close()
+        if watchers is not None:
+            await watchers.close()
         await client.close()
     return run
 
@@ -305,10 +383,10 @@ def _case_report(case: G2GCase, run: _Run) -> dict[str, Any]:
         "case": case.key,
         "label": case.label,
         **{k: v for k, v in asdict(case).items() if k != "key"},
-        "viewers": len(run.viewers),
+        "viewers": len(run.viewer_frames),
         "output_fps": round(in_window(run.seen.received) / seconds, 2),
-        "viewer_fps": (round(float(np.mean([in_window(v.times) for v in run.viewers]) / seconds), 2)
-                       if run.viewers else None),
+        "server_cpu": run.server_cpu,
+        "viewer_fps": round(float(np.mean(run.viewer_frames)) / seconds, 2) if run.viewer_frames else None,
         "g2g_ms": summary(g2g),
         "drift_ms": drift(g2g),
         "drift_outside_model_ms": drift(outside_model),
@@ -343,13 +421,13 @@ async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings 
     with loopback_candidates():  # the client's peers; the server gathers loopback by --ice-loopback
         async with aiohttp.ClientSession() as http:
             for marker in dict.fromkeys(case.server_marker for case in plan.cases):
-                async with _server(http, engine, settings.replace(marker_completion=marker)) as (url, described):
+                async with _server(http, engine, settings.replace(marker_completion=marker)) as (url, described, pid):
                     for case in (c for c in plan.cases if c.server_marker == marker):
                         for turn, viewers in enumerate(plan.viewers):
                             log.info("g2g: %s, %d viewers (%.0f s)", case.label, viewers,
                                      plan.warmup_s + plan.duration_s)
                             run = await _run_case(http, url, case, plan, engine.width, engine.height, scene,
-                                                  viewers)
+                                                  viewers, pid)
                             results[case.key, turn, viewers] = _case_report(case, run)
     return {
         "size": f"{engine.width}x{engine.height}",
@@ -378,7 +456,7 @@ def format_g2g(report: dict[str, Any]) -> str:
         f"{'case':<34}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'drift':>7}"
         f"{'sent':>6}{'back':>6}{'miss':>6}{'recv':>6}{'unread':>7}{'srv drop':>9}"
         f"{'up p50':>8}{'server p50':>11}{'down p50':>9}{'model p50':>10}"
-        f"{'viewers':>8}{'out fps':>8}{'view fps':>9}",
+        f"{'viewers':>8}{'out fps':>8}{'view fps':>9}{'srv cpu':>8}",
     ]
     for case in report["cases"]:
         g, n, server = case["g2g_ms"], case["frames"], case["server"]
@@ -390,9 +468,10 @@ def format_g2g(report: dict[str, Any]) -> str:
             f"{n['unread']:>7}{server['dropped_in'] + server['dropped_out']:>9}{case['uplink_ms']['p50']:>8.1f}"
             f"{case['server_ms']['p50']:>11.1f}{case['downlink_ms']['p50']:>9.1f}{model}"
             f"{case['viewers']:>8}{case['output_fps']:>8.1f}{view_fps}"
+            f"{case['server_cpu'] if case['server_cpu'] is not None else '-':>8}"
         )
     lines.append("(ms; drift: p50 of the last quarter minus the first; srv drop: the server's latest-only slots, "
-                 "whole session)")
+                 "whole session; srv cpu: the server process's CPU seconds per second)")
     for case in report["cases"]:
         if case["model_ms"]:
             over = case["g2g_ms"]["p50"] - case["model_ms"]["p50"]
@@ -400,3 +479,7 @@ def format_g2g(report: dict[str, Any]) -> str:
                          f"glass-to-glass less that frame's model time p50 {case['outside_model_ms']['p50']:.1f} ms; "
                          f"drift outside the model {case['drift_outside_model_ms']:.1f} ms")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the viewers' process of `_Viewers`
+    asyncio.run(_viewers_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))

@@ -63,5 +63,6 @@ def test_g2g_with_viewers_reports_the_publishers_and_the_viewers_frame_rates(cap
     assert alone["viewer_fps"] is None and watched["viewer_fps"] > 0.5 * 30, watched
     for case in (alone, watched):  # passthrough: every camera frame comes back to the publisher
         assert case["output_fps"] > 0.7 * 30, case
+        assert 0 < case["server_cpu"] < 2.5, case  # the server process's CPU seconds per second (2 cores here)
     assert main(["bench", "--g2g", "--viewers", "two"]) == 2
     assert "--viewers" in capsys.readouterr().err
