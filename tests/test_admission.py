@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 
 import aiohttp
 import pytest
 from aiortc import RTCSessionDescription
 
 from tests.server_fixtures import CameraTrack, new_peer, offer_client, running_server, whip_publish
+from tests.test_server_lifecycle import referrer_chain, wait_unreachable
 
 
 def test_connecting_slots_give_way_oldest_first_and_live_slots_are_never_taken() -> None:
@@ -149,8 +151,13 @@ async def test_the_oldest_offer_that_never_connected_gives_way(tiny_parts, http)
         for _ in range(3):
             assert await abandoned(http, server.url, "/whip") == 201
             ids.append(next(i for i in sessions if i not in ids))
+            if len(ids) == 1:
+                evicted = weakref.ref(sessions[ids[0]])
         deadline = time.monotonic() + 5
         while ids[0] in sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert list(sessions) == ids[1:]
         assert not any(key.startswith(ids[0]) for key in server.service.resources)
+        assert evicted() is not None and evicted().closed  # type: ignore[union-attr]
+        alive = await wait_unreachable({"evicted": evicted})
+        assert not alive, referrer_chain(evicted())
