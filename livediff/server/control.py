@@ -26,8 +26,9 @@ its times, the probe ids of the frames the session dropped on purpose since the 
 (`livediff.server.drops`) and its live temporal quality (`livediff.server.quality`). A
 client that stops reading (a frozen tab, a congested downlink) leaves them in the channel's send
 queue, which has no limit in aiortc: while the channel holds more than `BACKED_UP_BYTES` unsent,
-stats are dropped and counted (`SessionStats.stats_dropped`) rather than queued. Answers are
-never dropped: there is at most one per message received, and the pending update bounds them.
+stats are dropped and counted (`SessionStats.stats_dropped`) rather than queued; the dropped ids
+a message carried go with the next one sent. Answers are never dropped: there is at most one
+per message received, and the pending update bounds them.
 """
 
 from __future__ import annotations
@@ -223,6 +224,7 @@ class Control:
             return
         if channel.bufferedAmount > BACKED_UP_BYTES:
             self.session.stats.stats_dropped += 1
+            self.drops.restore(message["dropped"])  # the next message sent carries them
             return
         channel.send(json.dumps(message))
 
