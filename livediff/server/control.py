@@ -7,7 +7,8 @@ The rule (the README says the same):
    set was overwritten by a newer message before it could apply (`by`: that message's
    `request_id`); `{"type": "error", "error", "field"?}` when it is not a JSON object of valid
    params: binary, not UTF-8, longer than the limit (`ServerSettings.max_body_bytes`, the same as
-   a request body), not JSON, not an object, an unknown field or a value out of range. A
+   a request body), not JSON, not an object, an unknown field, a value out of range or one the
+   engine cannot serve (`temporal.bank` without the feature bank). A
    `{"type": "ping"}` is answered with a `pong` at once.
 2. One update at a time, newest values first. While an update runs (it waits for the engine's
    worker thread, behind at most one engine step), the messages that arrive are merged field by
@@ -66,6 +67,8 @@ MAX_WAITING = 32
 
 Apply = Callable[[Session, StreamParams, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Applies checked params and session fields to a session; returns the ack's body (params, warnings)."""
+Check = Callable[[StreamParams], None]
+"""Raises `ParamError` when the engine cannot serve params that parse (e.g. `temporal.bank` without the bank)."""
 Send = Callable[[dict[str, Any]], None]
 
 
@@ -181,6 +184,8 @@ class Control:
     max_bytes: int
     describe: Callable[[], dict[str, Any]]
     """The session's current control state (the ack's body without the update), for superseded PATCHes."""
+    check: Check | None = None
+    """What the engine cannot serve is refused with the message, before it merges with others."""
     _pending: dict[str, Any] = field(default_factory=dict)
     _waiters: list[_Waiter] = field(default_factory=list)
     _runner: asyncio.Task[None] | None = None
@@ -261,7 +266,9 @@ class Control:
     def _submit(self, data: dict[str, Any], waiter: _Waiter) -> None:
         self.session.ensure_open()
         merged = merge(self._pending, data)
-        parse_update(self.session.params, merged)  # a bad message is refused now, never merged
+        params, _ = parse_update(self.session.params, merged)  # a bad message is refused now, never merged
+        if self.check is not None:
+            self.check(params)
         if not waiter.fields and sum(not w.fields for w in self._waiters) >= MAX_WAITING:
             raise ParamError(None, f"{MAX_WAITING} messages without changes are already waiting for an answer")
         if self._runner is None:

@@ -208,7 +208,7 @@ class Service:
         except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
             raise refusal(exc) from None
         session.control = Control(session, self._apply_update, self.settings.max_body_bytes,
-                                  lambda: self._control_state(session))
+                                  lambda: self._control_state(session), self._check_params)
         try:
             pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
@@ -310,6 +310,13 @@ class Service:
         if "probe" in extras:
             session.probe = extras["probe"]
         return self._control_state(session, truncated)
+
+    def _check_params(self, params: StreamParams) -> None:
+        """`ParamError` naming the field when the engine cannot serve `params` (see `Control.check`)."""
+        try:
+            self.scheduler.engine.check_params(params)
+        except ConfigError as exc:
+            raise refusal(exc) from None
 
     def _control_state(self, session: Session, truncated: bool = False) -> dict[str, Any]:
         warnings = []
