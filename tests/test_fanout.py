@@ -75,3 +75,29 @@ async def test_a_late_viewer_starts_on_a_keyframe_at_once(tiny_parts, http) -> N
         assert all(frame.shape == (64, 64, 3) for frame in frames)
         await viewer.close()
         await publisher.close()
+
+
+async def test_the_shared_encoder_keeps_the_configured_bitrate_and_keyframe_interval(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    # 300 kbit/s is below aiortc's VP8 default (500 kbit/s) and above its floor (250): an encoder
+    # that ignored --bitrate would stay at 500; receiver estimates may only lower it, to the floor.
+    # A keyframe every 0.2 s, not the default 1 s.
+    async with running_server(tiny_parts, size=64, bitrate=300_000, keyframe_interval_s=0.2) as server:
+        publisher = await whip_publish(http, server.url, CameraTrack(fps=30), sendrecv=True, audio=False)
+        viewer = await whep_view(http, server.url, publisher.session_id, codec="VP8")
+        try:
+            for client in (publisher, viewer):
+                await client.wait_connected()
+                await client.received.wait_for(10)  # type: ignore[union-attr]
+            output = server.service.outputs[publisher.session_id]
+            assert 250_000 <= output.encoders["video/vp8"].target_bitrate <= 300_000
+            assert output.encoders["video/h264"].target_bitrate == 500_000  # aiortc H.264 floor (default: 1M)
+            keyframes, encoded = output.keyframes, output.encoded
+            await asyncio.sleep(3)
+            keyframes, encoded = output.keyframes - keyframes, output.encoded - encoded
+            assert encoded > 40, f"only {encoded} encodes in 3 s"
+            # two codecs, ~15 periodic keyframes each in 3 s; a keyframe every 1 s would give ~6 in all, and
+            # the PLIs a loaded machine may add come at most every 0.5 s per codec (fanout.KEYFRAME_GAP_S)
+            assert keyframes >= 18, f"{keyframes} keyframes in {encoded} encodes over 3 s"
+        finally:
+            await viewer.close()
+            await publisher.close()
