@@ -132,6 +132,24 @@ async def viewer_never_connected_deleted(http: aiohttp.ClientSession, server: Ru
     return [client]
 
 
+async def demo_with_viewer_ended_by_operator(http: aiohttp.ClientSession, server: Running, keep: Keep) -> list[Client]:
+    """The demo page (control channel, probe ids, sampled quality) with a WHEP viewer, ended by
+    `DELETE /api/sessions/{id}`."""
+    client = await offer_client(http, server.url, CameraTrack(fps=30, paint_probe=True), params={"probe": True})
+    keep(client.session_id)
+    await client.wait_connected()
+    viewer = await whep_view(http, server.url, client.session_id)
+    await viewer.wait_connected()
+    await viewer.received.wait_for(3)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while not [m for m in client.messages if m.get("type") == "stats" and m.get("quality")]:
+        assert time.monotonic() < deadline, "no stats message with a quality sample"
+        await asyncio.sleep(0.1)
+    async with http.delete(f"{server.url}/api/sessions/{client.session_id}") as response:
+        assert response.status == 200, await response.text()
+    return [client, viewer]
+
+
 async def post_abandoned_viewer(http: aiohttp.ClientSession, url: str, session_id: str) -> str:
     pc = new_peer()
     pc.addTransceiver("video", direction="recvonly")
@@ -151,6 +169,7 @@ ENDINGS: dict[str, Ending] = {
     "send-only without viewers, DELETE": sendonly_no_viewer_deleted,
     "send-only with a viewer, DELETE": sendonly_with_viewer_deleted,
     "send-only with a viewer that never connected, DELETE": viewer_never_connected_deleted,
+    "demo page with a viewer, DELETE /api/sessions": demo_with_viewer_ended_by_operator,
 }
 
 
