@@ -28,7 +28,6 @@ sends real packets through real senders.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,12 +40,7 @@ from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import VIDEO_TIME_BASE
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from livediff.transport.marker_jitterbuffer import (
-    TESTED_AIORTC_RANGE,
-    AiortcInternalsError,
-    _aiortc_version,
-    _version_tuple,
-)
+from livediff.transport.aiortc_guard import AiortcInternalsError, moved, warn_if_untested
 
 _SENDER_ENCODER_ATTR = "_RTCRtpSender__encoder"
 ANNEX_B_START = b"\x00\x00\x00\x01"
@@ -54,21 +48,12 @@ H264_IDR, H264_SPS = 5, 7
 
 
 def _fail(what: str) -> AiortcInternalsError:
-    low, high = (".".join(map(str, v)) for v in TESTED_AIORTC_RANGE)
-    return AiortcInternalsError(
-        f"aiortc {_aiortc_version()}: {what}. livediff.transport.encoded_sender relies on private aiortc "
-        f"internals and was tested with aiortc >={low},<{high}; re-check aiortc/rtcrtpsender.py and "
-        "aiortc/codecs/{vpx,h264}.py."
-    )
+    return moved("encoded_sender", what, "aiortc/rtcrtpsender.py and aiortc/codecs/{vpx,h264}.py")
 
 
 def check_aiortc_internals() -> None:
     """Raise `AiortcInternalsError` if what this module relies on moved (see the module docstring)."""
-    version = _version_tuple(_aiortc_version())
-    low, high = TESTED_AIORTC_RANGE
-    if not low <= version < high:
-        warnings.warn(f"aiortc {_aiortc_version()} is outside the range tested for encoded_sender "
-                      f"{TESTED_AIORTC_RANGE}", RuntimeWarning, stacklevel=2)
+    warn_if_untested("encoded_sender")
     next_frame = inspect.getsource(RTCRtpSender._next_encoded_frame)
     for needle, what in (("self.__encoder.pack(", "packs non-frame data with self.__encoder.pack()"),
                          ("if self.__encoder is None", "creates its encoder only when it has none"),

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 
-from livediff.transport.marker_jitterbuffer import AiortcInternalsError, _aiortc_version
+from livediff.transport.aiortc_guard import moved
 
 _RECEIVE = "_data_channel_receive"
 
@@ -36,11 +36,11 @@ def check_aiortc_internals() -> None:
     """Raise `AiortcInternalsError` if aiortc no longer decodes text messages where this module expects."""
     method = getattr(RTCSctpTransport, _RECEIVE, None)
     if method is None or list(inspect.signature(method).parameters) != ["self", "stream_id", "pp_id", "data"]:
-        raise AiortcInternalsError(f"aiortc {_aiortc_version()}: RTCSctpTransport.{_RECEIVE}(stream_id, pp_id, "
-                                   "data) moved; re-check livediff/transport/sctp_text.py")
+        raise moved("sctp_text", f"RTCSctpTransport.{_RECEIVE}(stream_id, pp_id, data) moved",
+                    "aiortc/rtcsctptransport.py")
     if f"self.{_RECEIVE}(" not in inspect.getsource(RTCSctpTransport._receive) or WEBRTC_STRING != 51:
-        raise AiortcInternalsError(f"aiortc {_aiortc_version()}: RTCSctpTransport._receive no longer hands "
-                                   f"messages to {_RECEIVE}; re-check livediff/transport/sctp_text.py")
+        raise moved("sctp_text", f"RTCSctpTransport._receive no longer hands messages to {_RECEIVE}",
+                    "aiortc/rtcsctptransport.py")
 
 
 def tolerate_invalid_text(sctp: RTCSctpTransport) -> None:
