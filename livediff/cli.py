@@ -220,8 +220,12 @@ def cmd_g2g(args: argparse.Namespace) -> int:
     if args.cluster and any(not known[key].server_marker for key in keys):
         raise ConfigError("--cluster runs the servers with marker completion on: choose --cases among "
                           + ", ".join(c.key for c in CASES if c.server_marker))
+    try:
+        viewers = tuple(int(n) for n in args.viewers.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--viewers: {args.viewers!r} is not a comma-separated list of counts") from None
     plan = G2GPlan(duration_s=args.duration, fps=args.fps, codec=args.codec, params=stream_params(args),
-                   cases=[known[key] for key in keys])  # fmt: skip
+                   cases=[known[key] for key in keys], viewers=viewers)  # fmt: skip
     settings = engine_settings(args, backend=args.backend.split(",")[0].strip())  # the server runs one backend
     if args.cluster:
         from livediff.cluster.bench import format_cluster_bench, run_cluster_bench
@@ -286,9 +290,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="publishing sessions at once; beyond it /offer and /whip answer 503 with Retry-After")
     group.add_argument("--max-viewers", type=_int_range(0, 1024), default=_env("max_viewers", d.max_viewers),
                        help="WHEP viewers per session")
+    group.add_argument("--max-connecting", type=_int_range(1, 1024), default=_env("max_connecting", d.max_connecting),
+                       help="peers not connected yet (sessions; viewers per session); when full, the oldest gives way")
     group.add_argument("--max-body-bytes", type=_int_range(1024, 16 * 1024 * 1024),
                        default=_env("max_body_bytes", d.max_body_bytes),
-                       help="largest request body (SDP, JSON); larger ones get 413")
+                       help="largest request body (SDP, JSON: larger ones get 413) and data-channel control "
+                       "message (larger ones get an error message)")
     group.add_argument("--tls", choices=["self-signed"], default=_env("tls", None),
                        help="serve https with a certificate made for this machine's names (kept in --state-dir)")
     group.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None),
@@ -382,7 +389,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--tls: {args.tls!r} is not self-signed (bring a certificate with --tls-cert, --tls-key)")
     return ServerSettings(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes,
+        max_viewers=args.max_viewers, max_connecting=args.max_connecting, max_body_bytes=args.max_body_bytes,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_self_signed=args.tls == "self-signed",
         state_dir=args.state_dir, cors_origins=split(args.cors_origins), ice_servers=split(args.ice_servers),
         turn_username=args.turn_username, turn_credential=args.turn_credential, turn_secret=args.turn_secret,
@@ -527,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds measured per case, after a 1.5 s warm-up")
     g2g.add_argument("--fps", type=_int_range(1, 120), default=30, help="camera frames per second")
     g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8", help="the camera's codec")
+    g2g.add_argument("--viewers", default="0",
+                     help="WHEP viewers of each case's session, e.g. 0,16: each case runs once per count")
     g2g.add_argument("--cases", default="all",
                      help="all, or comma separated: pass-both, pass-server, pass-stock, model-both, model-stock")
     g2g.add_argument("--cluster", type=_int_range(0, 64), default=0, metavar="N",

@@ -203,6 +203,10 @@ class ServerSettings:
     """Publishing sessions at once; beyond it POST /offer and /whip answer 503 with Retry-After."""
     max_viewers: int = 16
     """WHEP viewers per session."""
+    max_connecting: int = 8
+    """Peers that have not connected yet: sessions (on top of `max_sessions`) and viewers per session (on
+    top of `max_viewers`). When they are all taken, a new offer takes the oldest one's slot and that peer
+    is ended, so offers whose answers are never applied cannot keep real clients out (livediff/admission.py)."""
     max_body_bytes: int = 64 * 1024
     """Largest request body (SDP, JSON); larger ones get 413."""
     tls_cert: Path | None = None
@@ -242,8 +246,9 @@ class ServerSettings:
     fresh_frames: bool = True
     """When the model is slower than the cameras, wait a moment for fresher frames rather than run
     stale ones (less glass-to-glass latency, a little lower output frame rate; see the scheduler)."""
-    connect_timeout_s: float = 30.0
-    """A peer that has not connected this long after its answer is reaped."""
+    connect_timeout_s: float = 10.0
+    """A peer that has not connected this long after its answer is reaped (ICE and DTLS take well under
+    a second on a LAN and a few seconds through TURN; a slot that has not connected should cost little)."""
     ice_loopback: bool = False
     """ICE gathers 127.0.0.1 only: for measurements with every peer on this machine (`bench --g2g`)."""
     session_id_prefix: str = ""
@@ -261,6 +266,8 @@ class ServerSettings:
             raise ConfigError(f"max_sessions must be in 1..1024, got {self.max_sessions}")
         if not 0 <= self.max_viewers <= 1024:
             raise ConfigError(f"max_viewers must be in 0..1024, got {self.max_viewers}")
+        if not 1 <= self.max_connecting <= 1024:
+            raise ConfigError(f"max_connecting must be in 1..1024, got {self.max_connecting}")
         if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ConfigError(f"max_body_bytes must be in 1024..16777216, got {self.max_body_bytes}")
         codecs = tuple(c.upper() for c in self.video_codecs)

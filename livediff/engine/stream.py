@@ -215,6 +215,11 @@ class StreamEngine:
         if len(params.timesteps) != len(old.timesteps):
             stream.coefs.clear()
 
+    def check_params(self, params: StreamParams) -> None:
+        """Raise `ConfigError` (naming the field) when this engine cannot serve `params`, as
+        `open_stream` and `update` would: `temporal_bank` without the feature bank."""
+        self._check_temporal(params)
+
     def _check_temporal(self, params: StreamParams) -> None:
         if params.temporal_bank and self.bank_feature is None:
             raise ConfigError(
