@@ -30,7 +30,7 @@ import numpy as np
 from aiortc import RTCSessionDescription
 
 from livediff.synthetic import SyntheticCamera
-from livediff.transport.client import CameraTrack, Client, new_peer, offer_client
+from livediff.transport.client import CameraTrack, Client, abandoned_offer, new_peer, offer_client
 from livediff.transport.loopback import free_port, loopback_candidates
 
 SIZE = 256
@@ -199,23 +199,6 @@ async def control(cap_s: float) -> dict[str, Any]:
     return report
 
 
-async def abandoned_offer(http: aiohttp.ClientSession, url: str, path: str, direction: str) -> int:
-    """POST an offer and never apply the answer; the status."""
-    pc = new_peer()
-    if direction == "recvonly":
-        pc.addTransceiver("video", direction="recvonly")
-    else:
-        pc.addTransceiver(CameraTrack(), direction="sendrecv")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    if path == "/offer":
-        async with http.post(url + path, json={"sdp": sdp, "type": "offer"}) as response:
-            return response.status
-    async with http.post(url + path, data=sdp, headers={"Content-Type": "application/sdp"}) as response:
-        return response.status
-
-
 async def retry_until_admitted(http: aiohttp.ClientSession, url: str) -> tuple[float, list[str]]:
     """A real client (the demo page's offer) that retries every second until it connects; seconds to
     connect and the Retry-After values it was given."""
@@ -271,14 +254,14 @@ async def lockout() -> dict[str, Any]:
     async with aiohttp.ClientSession() as http:
         for abandoned in (4, 16):
             async with server() as (url, _):
-                statuses = [await abandoned_offer(http, url, "/offer", "sendrecv") for _ in range(abandoned)]
+                statuses = [await abandoned_offer(http, url, "/offer") for _ in range(abandoned)]
                 waited, retry_after = await retry_until_admitted(http, url)
                 report[f"sessions_after_{abandoned}_abandoned_offers"] = {
                     "abandoned_statuses": dict(Counter(statuses)), "client_wait_s": round(waited, 1),
                     "retry_after_seen": sorted(set(retry_after)), "refusals": len(retry_after)}
         async with server() as (url, _):
             publisher = (await camera_sessions(http, url, 1))[0]
-            statuses = [await abandoned_offer(http, url, f"/whep/{publisher.session_id}", "recvonly")
+            statuses = [await abandoned_offer(http, url, f"/whep/{publisher.session_id}")
                         for _ in range(16)]
             waited, retry_after = await viewer_until_admitted(http, url, publisher.session_id)
             report["viewers_after_16_abandoned_whep_offers"] = {

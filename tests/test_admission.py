@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiortc import RTCSessionDescription
 
+from livediff.transport.client import abandoned_offer
 from tests.server_fixtures import CameraTrack, new_peer, offer_client, running_server, whip_publish
 from tests.test_server_lifecycle import referrer_chain, wait_unreachable
 
@@ -34,23 +35,6 @@ def test_connecting_slots_give_way_oldest_first_and_live_slots_are_never_taken()
     slots.release("e")
     slots.release("nobody")  # a no-op
     assert slots.live == 1 and slots.connecting == 0
-
-
-async def abandoned(http: aiohttp.ClientSession, url: str, path: str) -> int:
-    """POST an offer whose answer is never applied; its status."""
-    pc = new_peer()
-    if path.startswith("/whep"):
-        pc.addTransceiver("video", direction="recvonly")
-    else:
-        pc.addTransceiver(CameraTrack(), direction="sendrecv")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    if path == "/offer":
-        async with http.post(url + path, json={"sdp": sdp, "type": "offer"}) as response:
-            return response.status
-    async with http.post(url + path, data=sdp, headers={"Content-Type": "application/sdp"}) as response:
-        return response.status
 
 
 async def until_connected(http: aiohttp.ClientSession, url: str, path: str, give_up_s: float) -> float:
@@ -92,7 +76,7 @@ async def test_abandoned_offers_do_not_keep_a_real_client_out(tiny_parts, http) 
     async with running_server(tiny_parts, size=64) as server:  # the default limits: 4 sessions, 16 viewers
         settings = server.service.settings
         for burst in (4, 16):  # as many as the session limit, and more than the connecting budget
-            statuses = [await abandoned(http, server.url, "/offer") for _ in range(burst)]
+            statuses = [await abandoned_offer(http, server.url, "/offer") for _ in range(burst)]
             assert set(statuses) == {200}, statuses
             waited = await until_connected(http, server.url, "/offer", give_up_s=5)
             assert waited < 5
@@ -100,7 +84,7 @@ async def test_abandoned_offers_do_not_keep_a_real_client_out(tiny_parts, http) 
         # viewers: as many offers that never connect as a session's viewer limit
         publisher = await whip_publish(http, server.url, CameraTrack(fps=30))
         await publisher.wait_connected()
-        statuses = [await abandoned(http, server.url, f"/whep/{publisher.session_id}") for _ in range(16)]
+        statuses = [await abandoned_offer(http, server.url, f"/whep/{publisher.session_id}") for _ in range(16)]
         assert set(statuses) == {201}, statuses
         waited = await until_connected(http, server.url, f"/whep/{publisher.session_id}", give_up_s=5)
         assert waited < 5
@@ -149,7 +133,7 @@ async def test_the_oldest_offer_that_never_connected_gives_way(tiny_parts, http)
         sessions = server.service.scheduler.sessions
         ids = []
         for _ in range(3):
-            assert await abandoned(http, server.url, "/whip") == 201
+            assert await abandoned_offer(http, server.url, "/whip") == 201
             ids.append(next(i for i in sessions if i not in ids))
             if len(ids) == 1:
                 evicted = weakref.ref(sessions[ids[0]])

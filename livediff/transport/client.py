@@ -249,3 +249,22 @@ async def offer_client(http: aiohttp.ClientSession, url: str, camera: CameraTrac
     client.session_id = answer["session_id"]
     await client.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
     return client
+
+
+async def abandoned_offer(http: aiohttp.ClientSession, url: str, path: str) -> int:
+    """POST an offer and never apply its answer: a client that went away, or one holding connecting
+    slots on purpose (what admission must survive). `path`: `/offer` (the demo page's JSON), `/whip`,
+    or `/whep/{id}` (a recvonly offer). -> the HTTP status."""
+    pc = new_peer()
+    if path.startswith("/whep"):
+        pc.addTransceiver("video", direction="recvonly")
+    else:
+        pc.addTransceiver(CameraTrack(), direction="sendrecv")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    if path == "/offer":
+        async with http.post(url + path, json={"sdp": sdp, "type": "offer"}) as response:
+            return response.status
+    async with http.post(url + path, data=sdp, headers={"Content-Type": "application/sdp"}) as response:
+        return response.status
