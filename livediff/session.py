@@ -182,4 +182,5 @@ def params_to_json(params: StreamParams) -> dict[str, Any]:
     motion = data.pop("motion_strength")
     data["temporal"] = {"bank": data.pop("temporal_bank"), "weight": data.pop("temporal_weight"),
                         "motion_strength": list(motion) if motion is not None else None}
+    data["controlnet"] = [dict(control.__dict__) for control in params.controlnet]
     return data
