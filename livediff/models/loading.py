@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import diffusers
 import torch
@@ -15,6 +17,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
+
+if TYPE_CHECKING:
+    from livediff.models.controlnet import ControlNetParts
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,12 @@ class ModelParts:
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
     vae_ref: str
+    controlnet: ControlNetParts | None = None
+    """Set on the copy of the parts that builds a ControlNet's graph (`with_controlnet`), else None."""
+
+    def with_controlnet(self, controlnet: ControlNetParts) -> ModelParts:
+        """These parts with `controlnet`: what the backends export and key the `controlnet` component from."""
+        return dataclasses.replace(self, controlnet=controlnet)
 
     @property
     def device(self) -> torch.device:
