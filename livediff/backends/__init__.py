@@ -6,15 +6,17 @@ import importlib.util
 import logging
 from typing import TYPE_CHECKING
 
-from livediff.backends.base import Backend
+from livediff.backends.base import Backend, Runner
 
 if TYPE_CHECKING:
     import torch
 
+    from livediff.backends.onnx_backend import Progress
     from livediff.config import EngineSettings
     from livediff.models import ModelParts
+    from livediff.models.controlnet import ControlNetParts
 
-__all__ = ["Backend", "create_backend", "resolve_backend"]
+__all__ = ["Backend", "create_backend", "create_controlnet", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +54,42 @@ def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:
 
         return TensorRTBackend(settings, parts)
     raise ValueError(f"unknown backend {settings.backend!r}")
+
+
+def create_controlnet(settings: EngineSettings, parts: ModelParts, controlnet: ControlNetParts,
+                      progress: Progress | None = None) -> Runner:  # fmt: skip
+    """`controlnet` as `settings.backend` runs it beside `parts`' UNet.
+
+    The runner takes (latents (N, C, h, w), timesteps (N,) float32, embeds (N, tokens, dim),
+    control_image (N, 3, H, W) in [0, 1], scale (N,) float32) and returns (N, total) residuals in
+    the engine's dtype (`livediff.backends.control_residuals`). On the compiled backends its graph
+    is exported (and compiled) into the engine cache and checked against torch the first time:
+    seconds to minutes, so callers keep it off the frame path.
+    """
+    from livediff.backends.cache import CONTROLNET
+
+    report = progress or log.info
+    if settings.backend == "torch":
+        from livediff.backends.torch_backend import controlnet_module
+
+        return controlnet_module(parts, controlnet, compile=settings.compile)
+    with_controlnet = parts.with_controlnet(controlnet)
+    runner: Runner
+    if settings.backend == "onnx":
+        from livediff.backends.onnx_backend import OrtRunner, ensure_for_ort
+
+        runner = OrtRunner(ensure_for_ort(settings, with_controlnet, CONTROLNET, report).path, parts.device)
+    elif settings.backend == "openvino":
+        from livediff.backends.openvino_backend import OvRunner, ensure_blob, require_openvino, run_precision
+
+        ov = require_openvino(parts.device)
+        path = ensure_blob(settings, with_controlnet, CONTROLNET, report).path
+        runner = OvRunner.load(ov, path, run_precision(ov, parts.dtype))
+    elif settings.backend == "tensorrt":
+        from livediff.backends.tensorrt_backend import TrtRunner, ensure_engine
+
+        runner = TrtRunner(ensure_engine(settings, with_controlnet, CONTROLNET, report).path, parts.device)
+    else:
+        raise ValueError(f"unknown backend {settings.backend!r}")
+    dtype = parts.dtype
+    return lambda *tensors: runner(*tensors).to(dtype)  # a float32 graph serves a bfloat16 engine on the CPU
