@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,12 +172,17 @@ def run_rounds(lanes: list[Lane], plan: BenchPlan) -> None:
                 lane.run(index, record=index >= plan.warmup)
 
 
-def run_streams(engine: StreamEngine, plan: BenchPlan, count: int) -> dict[str, Any]:
-    """N streams each sending `plan.frames` frames: one batched step per round versus N single-frame steps."""
+def run_streams(engine: StreamEngine, plan: BenchPlan, count: int,
+                params: Sequence[StreamParams] | None = None) -> dict[str, Any]:  # fmt: skip
+    """N streams each sending `plan.frames` frames: one batched step per round versus N single-frame steps.
+
+    Stream i runs `params[i]` (default: `plan.params`), its seed + i.
+    """
     frames = [torch.from_numpy(f) for f in _camera_frames(engine.settings, plan.rounds)]
     report: dict[str, Any] = {"streams": count}
+    own = list(params) if params is not None else [plan.params] * count
     for mode in ("batched", "sequential"):
-        streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(count)]
+        streams = [engine.open_stream(p.replace(seed=p.seed + i)) for i, p in enumerate(own)]
         latency_ms: list[float] = []
         total_s = 0.0
         for index, frame in enumerate(frames):

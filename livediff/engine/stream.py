@@ -4,12 +4,16 @@ One step, for frames of one or many streams:
 
 1. passthrough streams get their input back (transport measurements); the similarity filter
    (host): frames that barely changed reuse their stream's last output
-2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
+2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype;
+   the control images of streams with ControlNets (`livediff.engine.preprocessors`: Canny edges,
+   depth, the previous output), each kind once for all streams that use it, each a stage of its own
 3. VAE encode -> latents
 4. noise each latent to its stream's first timestep with the stream's fixed noise
 5. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps); streams with
    a feature bank bring their earlier frames' attention keys and values to each UNet call and keep
-   this frame's (`livediff.engine.temporal`)
+   this frame's (`livediff.engine.temporal`); before each UNet call, each ControlNet in use runs
+   on the rows of the streams that use it at that step and their residuals go into the same UNet
+   call, zeros for rows without (`livediff.engine.control`; stage `controlnet`)
 6. VAE decode
 7. postprocess: back to uint8 HWC and one device-to-host copy
 
@@ -20,18 +24,24 @@ is prepared when the params change, never per frame. Per-stream state lives in `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from livediff.backends import Backend, create_backend, resolve_backend
+from livediff.backends.control_residuals import RESIDUALS
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
-from livediff.config import EngineSettings, StreamParams
+from livediff.config import ControlParams, EngineSettings, StreamParams
+from livediff.engine import preprocessors
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
+from livediff.engine.control import ControlModels, ControlRow, Key, residuals
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
@@ -81,6 +91,9 @@ class Stream:
     """Motion-aware strength: the strength of the latest frame (None: `params.strength` applies)."""
     coefs: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     """Motion-aware strength: (5, steps) schedule coefficients per timestep set met so far."""
+    control_image: torch.Tensor | None = None
+    """(3, H, W) in [0, 1]: the control image of the stream's first ControlNet at its latest frame
+    (None while none has run); a new tensor every frame, never written in place."""
     frames: int = 0
     skipped: int = 0
 
@@ -99,6 +112,10 @@ class StepResult:
     """Milliseconds per stage for the whole batch (empty when no frame ran the networks)."""
 
 
+Controls = list[tuple[ControlParams, torch.Tensor]]
+"""A frame's ControlNets that can run now, each with its (3, H, W) control image."""
+
+
 @dataclass
 class _Batch:
     """The per-stream tensors of one denoising pass, stacked along the batch."""
@@ -113,6 +130,10 @@ class _Batch:
     """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
     banks: list[FeatureBank | None] = field(default_factory=list)
     """Each frame's feature bank (None: the stream has none)."""
+    controls: list[Controls] = field(default_factory=list)
+    """Each frame's ControlNets with their control images (empty: none)."""
+    clock: StageClock | None = None
+    """The step's clock, which times the ControlNets' runs as a stage of their own."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -122,7 +143,8 @@ class _Batch:
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
                       repeat(self.uncond), repeat(self.guidance),
-                      [bank for bank in self.banks for _ in range(times)])  # fmt: skip
+                      [bank for bank in self.banks for _ in range(times)],
+                      [controls for controls in self.controls for _ in range(times)], self.clock)  # fmt: skip
 
 
 class StreamEngine:
@@ -150,6 +172,10 @@ class StreamEngine:
         extras = getattr(self.backend, "extras", NO_EXTRAS)
         self.bank_feature = next((f for f in extras.features if isinstance(f, TemporalBank)), None)
         """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
+        self.controls = ControlModels(settings, self.parts)
+        """The ControlNets streams may name (`controlnets`) and the depth estimator, loaded on first use."""
+        self._network_threads = torch.get_num_threads()
+        """torch's threads for the depth network, whatever the backend leaves to the step's own small ops."""
         channels = self.parts.unet.config.in_channels
         self.latent_shape = (channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
         self.frame_shape = (settings.height, settings.width, 3)
@@ -167,8 +193,10 @@ class StreamEngine:
     # -- streams ---------------------------------------------------------------------------------
 
     def open_stream(self, params: StreamParams | None = None) -> Stream:
+        """A new stream with `params`; the ControlNets it names start loading if they are not (see
+        `control_loads`). `ConfigError` naming the field for a param this engine cannot serve."""
         params = params or StreamParams()
-        self._check_temporal(params)
+        self._check(params)
         return Stream(
             conditioning=self._condition(params),
             noise=self._noise(params),
@@ -183,7 +211,7 @@ class StreamEngine:
         The feature bank follows `bank_rule`: kept across prompt, blend, strength and weight
         changes, dropped when the seed, the step count, guidance on/off or the bank size change.
         """
-        self._check_temporal(params)
+        self._check(params)
         old = stream.params
         stream.conditioning = self._condition(params)
         if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
@@ -203,12 +231,21 @@ class StreamEngine:
         if len(params.timesteps) != len(old.timesteps):
             stream.coefs.clear()
 
-    def _check_temporal(self, params: StreamParams) -> None:
+    def control_loads(self, params: StreamParams) -> dict[Key, Future[Any]]:
+        """The loads `params`' ControlNets (and the depth estimator) wait for, by key; empty when all
+        are ready. Starts any not started: they run off the frame path, and until one is done the
+        stream's frames run without it."""
+        return self.controls.request(params.controlnet)
+
+    def _check(self, params: StreamParams) -> None:
+        """`ConfigError` naming the field for what this engine cannot serve; starts the ControlNets' loads."""
         if params.temporal_bank and self.bank_feature is None:
             raise ConfigError(
                 f"temporal_bank needs an engine started with the feature bank (feature_bank, `--feature-bank`); "
                 f"the {self.backend.name} backend here runs without it"
             )
+        self.controls.check(params.controlnet)
+        self.controls.request(params.controlnet)
 
     def _bank(self, params: StreamParams) -> FeatureBank | None:
         if not params.temporal_bank or self.bank_feature is None:
@@ -282,18 +319,20 @@ class StreamEngine:
                 self._follow_motion(stream, image)
         pixels = self._preprocess(images)
         clock.mark("preprocess")
+        controls = self._control_images(streams, images, pixels, clock)
         latents = self.backend.encode(pixels)
         clock.mark("encode")
         groups: dict[int, list[int]] = {}
         for i, stream in enumerate(streams):
             groups.setdefault(len(stream.params.timesteps), []).append(i)
         if len(groups) == 1:
-            denoised = self._denoise_group(streams, latents)
+            denoised = self._denoise_group(streams, latents, controls, clock)
         else:  # streams with different step counts: one pass per count
             denoised = torch.empty_like(latents)
             for members in groups.values():
                 index = torch.tensor(members, device=self.device)
-                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index])
+                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index],
+                                                      [controls[i] for i in members], clock)  # fmt: skip
         clock.mark("unet")
         decoded = self.backend.decode(denoised)
         clock.mark("decode")
@@ -311,6 +350,36 @@ class StreamEngine:
         if self.backend.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
+
+    def _control_images(self, streams: list[Stream], images: list[torch.Tensor], pixels: torch.Tensor,
+                        clock: StageClock) -> list[Controls]:  # fmt: skip
+        """Each stream's ControlNets that can run now (loaded), with their control images: each kind
+        of image made once for all the streams that use it, timed as a stage named after it."""
+        wanted = [[c for c in stream.params.controlnet if self.controls.ready(c)] for stream in streams]
+        users: dict[str, list[int]] = {}
+        for i, controls in enumerate(wanted):
+            for control in controls:
+                if i not in users.setdefault(control.preprocessor, []):
+                    users[control.preprocessor].append(i)
+        made: dict[tuple[int, str], torch.Tensor] = {}
+        for kind, members in users.items():
+            if kind == "canny":
+                out = preprocessors.canny([images[i] for i in members], self.device, self.dtype)
+            elif kind == "depth":
+                depth = self.controls.depth()
+                assert depth is not None  # `ready` saw it loaded
+                with torch_threads(self._network_threads):
+                    out = preprocessors.depth(pixels[members], depth)
+            else:  # previous: the stream's last output (its input until it has one)
+                previous = [streams[i].last_output for i in members]
+                out = preprocessors.upload([images[i] if p is None else p for i, p in zip(members, previous)],
+                                           self.device, self.dtype)  # fmt: skip
+            clock.mark(kind)
+            made.update(((i, kind), image) for i, image in zip(members, out))
+        result = [[(c, made[i, c.preprocessor]) for c in controls] for i, controls in enumerate(wanted)]
+        for stream, controls in zip(streams, result):
+            stream.control_image = controls[0][1] if controls else None
+        return result
 
     def _follow_motion(self, stream: Stream, image: torch.Tensor) -> None:
         """Motion-aware strength: this frame's strength from the smoothed motion (see `MotionEstimate`)."""
@@ -334,19 +403,23 @@ class StreamEngine:
 
     # -- denoising -------------------------------------------------------------------------------
 
-    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, controls: list[Controls],
+                       clock: StageClock) -> torch.Tensor:  # fmt: skip
         """Denoise the latents of streams that share a step count."""
+        batch = self._gather(streams, controls, clock)
         if self.settings.stream_batch and len(streams[0].params.timesteps) > 1:
-            return self._denoise_stream_batch(streams, x0)
-        return self._denoise(streams, x0)
+            return self._denoise_stream_batch(streams, x0, batch)
+        return self._denoise(streams, x0, batch)
 
-    def _gather(self, streams: list[Stream]) -> _Batch:
+    def _gather(self, streams: list[Stream], controls: list[Controls], clock: StageClock) -> _Batch:
         conds = [s.conditioning for s in streams]
         batch = _Batch(
             coefs=torch.stack([self._coefs(s) for s in streams]),
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
             banks=[s.bank for s in streams],
+            controls=controls,
+            clock=clock,
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
@@ -358,12 +431,15 @@ class StreamEngine:
 
         `steps` is each row's denoising step index: with `batch.banks`, the slot of the row's bank.
         """
+        controls = self._control_rows(batch, steps)
         if batch.uncond is None or batch.guidance is None:
-            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0))
+            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0), controls,
+                              batch.clock)  # fmt: skip
         rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
         both = self._unet(
-            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows
-        )
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows,
+            controls + controls, batch.clock,
+        )  # fmt: skip
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
 
@@ -373,20 +449,36 @@ class StreamEngine:
             return [None] * len(steps)
         return [None if bank is None else BankRow(bank, (step, branch)) for bank, step in zip(batch.banks, steps)]
 
-    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-              rows: list[BankRow | None]) -> torch.Tensor:  # fmt: skip
-        """One UNet call: the plain graph when no row has a bank, else the bank graph (keeping new features)."""
-        if self.bank_feature is None or all(row is None for row in rows):
+    @staticmethod
+    def _control_rows(batch: _Batch, steps: Sequence[int]) -> list[list[ControlRow]]:
+        """Each row's ControlNets active at its denoising step (`ControlParams.active`)."""
+        count = batch.coefs.shape[-1]
+        return [[ControlRow(c.name, c.scale, image) for c, image in controls if c.active(step, count)]
+                for controls, step in zip(batch.controls, steps)]  # fmt: skip
+
+    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: list[BankRow | None],
+              controls: list[list[ControlRow]], clock: StageClock | None) -> torch.Tensor:  # fmt: skip
+        """One UNet call: the plain graph when no row has a bank or a ControlNet, else the graph with
+        extra inputs (the ControlNets run first; the bank keeps this frame's features after)."""
+        values: dict[str, torch.Tensor] = {}
+        banked = self.bank_feature is not None and any(row is not None for row in rows)
+        if banked:
+            assert self.bank_feature is not None
+            values.update(gather(rows, self.bank_feature.layers, self.device, self.dtype))
+        if any(controls):
+            runners = {row.name: self.controls.runner(row.name) for row_controls in controls for row in row_controls}
+            with clock.part("controlnet") if clock is not None else contextlib.nullcontext():
+                values[RESIDUALS] = residuals(controls, x, timesteps, embeds, runners)  # type: ignore[arg-type]
+        if not values:
             return self.backend.unet(x, timesteps, embeds)
-        layers = self.bank_feature.layers
-        values = gather(rows, layers, self.device, self.dtype)
         prediction, outputs = self.backend.unet_with(x, timesteps, embeds, values)
-        store(rows, outputs, len(layers))
+        if banked:
+            assert self.bank_feature is not None
+            store(rows, outputs, len(self.bank_feature.layers))
         return prediction
 
-    def _denoise(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, streams: list[Stream], x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """All steps of each frame in turn: `steps` UNet calls of batch B."""
-        batch = self._gather(streams)
         coefs, noise = batch.coefs, batch.noise
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
@@ -397,13 +489,12 @@ class StreamEngine:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
         return denoised
 
-    def _denoise_stream_batch(self, streams: list[Stream], x0: torch.Tensor) -> torch.Tensor:
+    def _denoise_stream_batch(self, streams: list[Stream], x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """One UNet call of batch B * steps: this frame's first step beside the earlier frames' later steps.
 
         The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
         carries the latents in between.
         """
-        batch = self._gather(streams)
         coefs, noise = batch.coefs, batch.noise
         size, steps = coefs.shape[0], coefs.shape[-1]
         for i, stream in enumerate(streams):
