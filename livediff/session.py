@@ -112,6 +112,9 @@ class Session:
     """Sends JSON to the client's `control` data channel when it has one."""
     quality: Any = None
     """Live temporal quality figures (`livediff.server.quality.LiveQuality`), once sampled."""
+    controlnet_state: dict[str, str] = field(default_factory=dict)
+    """The session's ControlNets (and `depth model`) -> `loading`, `ready` or `failed`
+    (`livediff.server.controlnets.follow_loads`)."""
     param_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
@@ -172,6 +175,7 @@ class Session:
             "params": params_to_json(self.params),
             "stats": stats,
             "quality": self.quality.as_dict() if self.quality is not None else None,
+            "controlnet_state": dict(self.controlnet_state),
         }
 
 

@@ -1,10 +1,15 @@
-"""GET /api/sessions, GET|PATCH /api/sessions/{id}: state, stats and live params."""
+"""GET /api/sessions, GET|PATCH /api/sessions/{id}: state, stats and live params;
+GET /api/sessions/{id}/control.jpg: the session's control image."""
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 
 from livediff.server.common import find_session, read_json, service
+from livediff.server.controlnets import preview_jpeg
+from livediff.server.errors import ApiError
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -22,7 +27,18 @@ async def patch_session(request: web.Request) -> web.Response:
     return web.json_response(await service(request).apply_params(session, data))
 
 
+async def get_control_image(request: web.Request) -> web.Response:
+    """The session's latest control image as a small JPEG (encoded off the event loop); 404 while it has none."""
+    session = find_session(request)
+    image = getattr(session.stream, "control_image", None)
+    if image is None:
+        raise ApiError(404, f"session {session.id} has no control image (no ControlNet ran on its frames yet)")
+    data = await asyncio.get_running_loop().run_in_executor(None, preview_jpeg, image)
+    return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_patch("/api/sessions/{id}", patch_session)
+    app.router.add_get("/api/sessions/{id}/control.jpg", get_control_image)

@@ -22,10 +22,11 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessi
 from aiortc.contrib.media import MediaRelay
 from aiortc.exceptions import InvalidStateError, OperationError
 
-from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.config import PREPROCESSORS, EngineSettings, ServerSettings, StreamParams
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler, StepObservers
+from livediff.server.controlnets import follow_loads, tell_states
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
 from livediff.server.params import parse_update, refusal
@@ -131,6 +132,8 @@ class Service:
             "max_batch": self.engine_settings.max_batch,
             "max_sessions": self.settings.max_sessions,
             "features": list(FEATURES),
+            "controlnets": [name for name, _ in self.engine_settings.controlnets],
+            "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
         }
 
     def require_ready(self) -> None:
@@ -225,6 +228,7 @@ class Service:
             session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
         except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
             raise refusal(exc) from None
+        await follow_loads(self.scheduler, session)
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
             pc = create_peer(self.settings)
@@ -383,6 +387,8 @@ class Service:
                              else self.scheduler.prompt_truncated(session))
             except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
                 raise refusal(exc) from None
+            if "controlnet" in data:
+                await follow_loads(self.scheduler, session)
             if "probe" in extras:
                 session.probe = extras["probe"]
         warnings = []
@@ -390,7 +396,7 @@ class Service:
             limit = self.scheduler.engine.parts.tokenizer.model_max_length
             warnings.append(f"prompt truncated to the tokenizer's limit of {limit} tokens")
         return {"session_id": session.id, "params": params_to_json(session.params), "probe": session.probe,
-                "warnings": warnings}
+                "controlnet_state": dict(session.controlnet_state), "warnings": warnings}
 
     def _control_channel(self, session: Session, channel: RTCDataChannel) -> None:
         def send(message: dict[str, Any]) -> None:
@@ -398,6 +404,7 @@ class Service:
                 channel.send(json.dumps(message))
 
         session.send_message = send
+        tell_states(session)  # aiortc announces a channel the peer opened once it is open
 
         @channel.on("message")
         def on_message(message: str | bytes) -> None:
