@@ -107,8 +107,12 @@ class LiveServer:
         self._stop()
 
 
-def start_server(parts: Any, **settings: Any) -> LiveServer:
-    """Starts the app on a free port on a new thread; returns once /readyz says ready."""
+def start_server(parts: Any, controlnets: tuple[tuple[str, str], ...] = (), depth_model: str = "",
+                 **settings: Any) -> LiveServer:
+    """Starts the app on a free port on a new thread; returns once /readyz says ready.
+
+    `controlnets`, `depth_model`: the engine's (`EngineSettings`).
+    """
     from aiohttp import web
 
     from livediff.config import EngineSettings, ServerSettings
@@ -117,7 +121,8 @@ def start_server(parts: Any, **settings: Any) -> LiveServer:
     port = free_port()
     server_settings = ServerSettings(host="127.0.0.1", port=port, web_dir=WEB_DIR, **settings)
     engine = EngineSettings(
-        model="tiny", device="cpu", dtype="float32", height=ENGINE_SIZE, width=ENGINE_SIZE, max_batch=2
+        model="tiny", device="cpu", dtype="float32", height=ENGINE_SIZE, width=ENGINE_SIZE, max_batch=2,
+        controlnets=controlnets, depth_model=depth_model,
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()

@@ -171,6 +171,14 @@ def test_depth_maps_are_in_the_unit_range_and_follow_the_picture(tiny_depth: Dep
     assert (maps[0] - maps[1]).abs().mean().item() > 0.02
 
 
+def test_depth_runs_in_bfloat16_as_the_cpu_engines_do() -> None:
+    model = load_depth_model("tiny", dtype=torch.bfloat16)
+    frames = torch.stack([_square_frame()]).permute(0, 3, 1, 2).to(torch.bfloat16) / 127.5 - 1
+    with torch.inference_mode():
+        maps = preprocessors.depth(frames, model)
+    assert maps.dtype == torch.bfloat16 and maps.shape == (1, 3, SIZE, SIZE) and maps.max().item() == 1.0
+
+
 def test_a_depth_folder_needs_its_processor_config(tmp_path: Path) -> None:
     shutil.copytree(builtin_depth_dir("tiny"), tmp_path / "depth")
     assert load_depth_model(str(tmp_path / "depth")).revision.startswith("sha256-")

@@ -71,12 +71,13 @@ def depth(pixels: torch.Tensor, model: DepthParts) -> torch.Tensor:
     """
     height, width = pixels.shape[-2:]
     weights = next(model.model.parameters())
-    images = pixels.to(weights.dtype).add(1.0).mul_(0.5)  # [0, 1]
+    images = pixels.float().add(1.0).mul_(0.5)  # [0, 1], resized in float32 (no bfloat16 kernel on the CPU)
     images = F.interpolate(images, size=depth_input_size(height, width, model), mode="bilinear", antialias=True,
                            align_corners=False)  # fmt: skip
-    mean = torch.tensor(model.mean, device=images.device, dtype=images.dtype)[:, None, None]
-    std = torch.tensor(model.std, device=images.device, dtype=images.dtype)[:, None, None]
-    predicted = model.model(pixel_values=(images - mean) / std).predicted_depth  # (N, h, w)
+    mean = torch.tensor(model.mean, device=images.device)[:, None, None]
+    std = torch.tensor(model.std, device=images.device)[:, None, None]
+    normalised = ((images - mean) / std).to(weights.dtype)
+    predicted = model.model(pixel_values=normalised).predicted_depth  # (N, h, w)
     maps = F.interpolate(predicted.unsqueeze(1).float(), size=(height, width), mode="bilinear", align_corners=False)
     low = maps.amin(dim=(2, 3), keepdim=True)
     high = maps.amax(dim=(2, 3), keepdim=True)

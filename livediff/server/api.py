@@ -9,7 +9,6 @@ from aiohttp import web
 
 from livediff.server.common import find_session, read_json, service
 from livediff.server.controlnets import preview_jpeg
-from livediff.server.errors import ApiError
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -28,11 +27,12 @@ async def patch_session(request: web.Request) -> web.Response:
 
 
 async def get_control_image(request: web.Request) -> web.Response:
-    """The session's latest control image as a small JPEG (encoded off the event loop); 404 while it has none."""
+    """The session's latest control image as a small JPEG (encoded off the event loop); 204 (no body)
+    while it has none: no ControlNet on, or not yet run on its frames."""
     session = find_session(request)
     image = getattr(session.stream, "control_image", None)
     if image is None:
-        raise ApiError(404, f"session {session.id} has no control image (no ControlNet ran on its frames yet)")
+        return web.Response(status=204, headers={"Cache-Control": "no-store"})
     data = await asyncio.get_running_loop().run_in_executor(None, preview_jpeg, image)
     return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 

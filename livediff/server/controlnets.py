@@ -7,8 +7,8 @@
   `control` data channel when a load it waits for is done: `{"type": "controlnet", "name":
   "edges", "state": "ready"}` (`"failed"` with `"error"`).
 - `preview_jpeg` makes the session's latest control image (its first ControlNet's) into a small
-  JPEG, at most `PREVIEW_SIDE` pixels a side, for `GET /api/sessions/{id}/control.jpg`: what the
-  demo page shows beside the video.
+  JPEG, at most `PREVIEW_SIDE` pixels a side, for `GET /api/sessions/{id}/control.jpg` (204 while
+  there is none): what the demo page shows beside the video.
 """
 
 from __future__ import annotations
