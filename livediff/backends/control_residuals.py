@@ -40,7 +40,7 @@ class ControlResiduals:
 
     def __init__(self, layout: ResidualLayout) -> None:
         self.layout = layout
-        self.inputs = (TensorSpec(RESIDUALS, ("batch", layout.total)),)
+        self.inputs: tuple[TensorSpec, ...] = (TensorSpec(RESIDUALS, ("batch", layout.total)),)
 
     def install(self, unet: torch.nn.Module) -> None:
         """Nothing to install: diffusers' UNet takes the residuals as call arguments."""

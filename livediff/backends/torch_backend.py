@@ -55,5 +55,5 @@ def controlnet_module(parts: ModelParts, controlnet: ControlNetParts, compile: b
     """`controlnet` as the torch backend runs it (channels-last on CUDA, through `torch.compile` with `compile`)."""
     module = ControlNetResiduals(controlnet.model)
     if parts.device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return torch.compile(module, fullgraph=False, dynamic=False) if compile else module  # type: ignore[return-value]

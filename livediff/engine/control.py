@@ -20,7 +20,7 @@ residuals of one UNet call whose rows use different ControlNets, scales, or none
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +107,8 @@ class ControlModels:
             if kind == "controlnet":
                 controlnet = load_controlnet(self.sources[name], parts.unet, parts.device, parts.dtype)
                 runner = self._create(self.settings, parts, controlnet)
-                config = parts.unet.config
+                unet: Any = parts.unet
+                config = unet.config
                 latents = torch.zeros((1, config.in_channels, height // 8, width // 8), device=parts.device,
                                       dtype=parts.dtype)  # fmt: skip
                 embeds = torch.zeros((1, parts.tokenizer.model_max_length, config.cross_attention_dim),
@@ -131,6 +132,14 @@ class ControlModels:
     def runner(self, name: str) -> Runner | None:
         """ControlNet `name`'s runner once loaded, else None."""
         return self._result(("controlnet", name))  # type: ignore[no-any-return]
+
+    def runners(self, names: Iterable[str]) -> dict[str, Runner]:
+        """The runners of loaded ControlNets `names`, by name (`KeyError` for one not loaded)."""
+        found = {name: self.runner(name) for name in names}
+        missing = [name for name, runner in found.items() if runner is None]
+        if missing:
+            raise KeyError(f"ControlNets not loaded: {', '.join(missing)}")
+        return {name: runner for name, runner in found.items() if runner is not None}
 
     def depth(self) -> DepthParts | None:
         """The depth estimator once loaded, else None."""

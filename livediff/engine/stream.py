@@ -357,8 +357,8 @@ class StreamEngine:
         of image made once for all the streams that use it, timed as a stage named after it."""
         wanted = [[c for c in stream.params.controlnet if self.controls.ready(c)] for stream in streams]
         users: dict[str, list[int]] = {}
-        for i, controls in enumerate(wanted):
-            for control in controls:
+        for i, ready in enumerate(wanted):
+            for control in ready:
                 if i not in users.setdefault(control.preprocessor, []):
                     users[control.preprocessor].append(i)
         made: dict[tuple[int, str], torch.Tensor] = {}
@@ -376,9 +376,9 @@ class StreamEngine:
                                            self.device, self.dtype)  # fmt: skip
             clock.mark(kind)
             made.update(((i, kind), image) for i, image in zip(members, out))
-        result = [[(c, made[i, c.preprocessor]) for c in controls] for i, controls in enumerate(wanted)]
-        for stream, controls in zip(streams, result):
-            stream.control_image = controls[0][1] if controls else None
+        result = [[(c, made[i, c.preprocessor]) for c in ready] for i, ready in enumerate(wanted)]
+        for stream, imaged in zip(streams, result):
+            stream.control_image = imaged[0][1] if imaged else None
         return result
 
     def _follow_motion(self, stream: Stream, image: torch.Tensor) -> None:
@@ -466,9 +466,11 @@ class StreamEngine:
             assert self.bank_feature is not None
             values.update(gather(rows, self.bank_feature.layers, self.device, self.dtype))
         if any(controls):
-            runners = {row.name: self.controls.runner(row.name) for row_controls in controls for row in row_controls}
+            runners = self.controls.runners({row.name for row_controls in controls for row in row_controls})
             with clock.part("controlnet") if clock is not None else contextlib.nullcontext():
-                values[RESIDUALS] = residuals(controls, x, timesteps, embeds, runners)  # type: ignore[arg-type]
+                summed = residuals(controls, x, timesteps, embeds, runners)
+            assert summed is not None  # some row has a ControlNet
+            values[RESIDUALS] = summed
         if not values:
             return self.backend.unet(x, timesteps, embeds)
         prediction, outputs = self.backend.unet_with(x, timesteps, embeds, values)

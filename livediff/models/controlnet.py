@@ -153,7 +153,7 @@ def _locate(ref: str) -> tuple[Path, str]:
 
 
 @torch.no_grad()
-def _wake_zero_layers(controlnet: ControlNetModel) -> None:
+def _wake_zero_layers(controlnet: Any) -> None:
     """Random weights where an untrained ControlNet has zeros (its zero convolutions and the control
     image embedding's last layer): a ControlNet fresh from `__init__` changes nothing at all."""
     for layer in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
@@ -162,7 +162,7 @@ def _wake_zero_layers(controlnet: ControlNetModel) -> None:
 
 
 @torch.no_grad()
-def _calibrate_tiny(controlnet: ControlNetModel) -> None:
+def _calibrate_tiny(controlnet: Any) -> None:
     """Make the random tiny ControlNet respond to its control image about as a trained one does.
 
     The control image's embedding gets variance-preserving weights and no biases (from default init
@@ -196,14 +196,14 @@ def _architecture(unet: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tiny(folder: Path) -> None:
-    controlnet = ControlNetModel(**_architecture(TINY_UNET), conditioning_embedding_out_channels=(8, 16, 32, 32))
+    controlnet: Any = ControlNetModel(**_architecture(TINY_UNET), conditioning_embedding_out_channels=(8, 16, 32, 32))
     _wake_zero_layers(controlnet)
     _calibrate_tiny(controlnet)
     controlnet.save_pretrained(folder)
 
 
 def _sd_turbo_random(folder: Path) -> None:
-    controlnet = ControlNetModel(**_architecture(SD21_UNET))  # conditioning embedding (16, 32, 96, 256), as SD 2.1's
+    controlnet: Any = ControlNetModel(**_architecture(SD21_UNET))  # control embedding (16, 32, 96, 256) as SD 2.1's
     _wake_zero_layers(controlnet)
     controlnet.save_pretrained(folder)
 

@@ -95,10 +95,11 @@ def _locate(ref: str) -> tuple[Path, str]:
 def _tiny(folder: Path) -> None:
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
-    backbone = Dinov2Config(
+    shape: dict[str, Any] = dict(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=112,
         patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
     )  # fmt: skip
+    backbone = Dinov2Config(**shape)
     config = DepthAnythingConfig(
         backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=(8, 16, 32, 32),
         fusion_hidden_size=16, head_hidden_size=8, patch_size=14,
