@@ -28,6 +28,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     LIVEDIFF_WEB_DIR=/app/web
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8080/readyz || exit 1
+    CMD curl -fsSk https://127.0.0.1:8080/readyz || curl -fsS http://127.0.0.1:8080/readyz || exit 1
 ENTRYPOINT ["livediff"]
 CMD ["serve"]

@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: serve bench test screenshots setup clean
+.PHONY: serve bench test screenshots setup clean gpu-check gpu-wheels
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,13 @@ screenshots: setup
 	$(BIN)/python -m pytest -q tests/test_pages.py
 	cp test-artifacts/page-demo.png test-artifacts/page-latency.png test-artifacts/page-viewer.png web/screenshots/
 
+# The GPU check (README "GPU check"): a dry run on the CPU here; on a lent GPU, run through the device
+# tool with .gpu-wheels carried. No `setup` dependency: the device machine cannot install a venv.
+gpu-check:
+	bash scripts/gpu-check $(ARGS)
+
+gpu-wheels:
+	bash scripts/gpu-wheels
+
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache test-artifacts gpu-check-out .gpu-wheels

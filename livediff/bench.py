@@ -5,6 +5,10 @@ with `baseline="diffusers"`, the same model, size, steps and strength through di
 `AutoPipelineForImage2Image` called once per frame with PIL images in and out, in the engine's
 dtype unless `baseline_dtype` names another (the report says which).
 
+Each engine configuration after the first also reports how far its frames are from the first's
+(`parity`: the last frame of every stream, in levels of 255), and on CUDA every configuration its
+peak GPU memory (`peak_gpu_mb`).
+
 The configurations take turns of a few frames each (engine configurations and the baseline, the
 first of a turn changing each time): a busy spell of the host (other tenants, a frequency drop)
 then slows all of them alike instead of whichever happened to run at the time. Turns of one frame
@@ -16,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +67,38 @@ def _camera_frames(settings: EngineSettings, count: int, seed: int = 0) -> list[
     return list(SyntheticCamera(settings.height, settings.width, seed=seed).frames(count))
 
 
+class PeakMemory:
+    """The most GPU memory allocated while a lane runs, in MB; None off CUDA.
+
+    Counts everything live at the time, the weights the lanes share and other lanes' buffers included.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
+        self.peak = 0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device is None:
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+
+    def report(self) -> float | None:
+        return None if self.device is None else round(self.peak / 2**20, 1)
+
+
+def frame_parity(frames: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
+    """How far uint8 `frames` are from `reference`, in levels of 255: largest and mean absolute
+    difference, and the reference's own standard deviation (near 0: flat frames, a weak comparison)."""
+    diff = torch.cat([(a.int() - b.int()).abs().flatten() for a, b in zip(frames, reference)])
+    spread = torch.cat([b.flatten() for b in reference]).float().std()
+    return {"max_abs": int(diff.max()), "mean_abs": round(float(diff.float().mean()), 4),
+            "reference_std": round(float(spread), 2)}  # fmt: skip
+
+
 class Lane(Protocol):
     """One configuration under test: runs frame `index` of the camera when its turn comes."""
 
@@ -80,12 +117,17 @@ class EngineLane:
         self.streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(plan.batch)]
         self.stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
         self.step_ms: list[float] = []
+        self.memory = PeakMemory(engine.device)
+        self.last_outputs: list[torch.Tensor] = []
+        """The outputs of the last frame run, one per stream (for `frame_parity`)."""
 
     def run(self, index: int, record: bool) -> None:
         frame = self.frames[index]
-        started = time.perf_counter()
-        result = self.engine.step([(stream, frame) for stream in self.streams])
-        elapsed = (time.perf_counter() - started) * 1000.0
+        with self.memory.measure():
+            started = time.perf_counter()
+            result = self.engine.step([(stream, frame) for stream in self.streams])
+            elapsed = (time.perf_counter() - started) * 1000.0
+        self.last_outputs = result.outputs
         if record:
             self.step_ms.append(elapsed)
             for stage, ms in result.timings_ms.items():
@@ -101,6 +143,7 @@ class EngineLane:
             "step_ms": percentiles(self.step_ms),
             "ms_per_frame": round(sum(self.step_ms) / frames, 3),
             "fps": round(1000.0 * frames / sum(self.step_ms), 2),
+            "peak_gpu_mb": self.memory.report(),
         }
 
 
@@ -128,23 +171,25 @@ class DiffusersLane:
         self.inference_steps = max(plan.params.steps, math.ceil(plan.params.steps / plan.params.strength - 1e-6))
         self.frames = frames
         self.frame_ms: list[float] = []
+        self.memory = PeakMemory(parts.device)
 
     def run(self, index: int, record: bool) -> None:
         from PIL import Image
 
         image = Image.fromarray(self.frames[index])  # the camera's frame as the user's code receives it
         params = self.params
-        started = time.perf_counter()
-        output = self.pipe(
-            params.prompt,
-            image=image,
-            num_inference_steps=self.inference_steps,
-            strength=params.strength,
-            guidance_scale=params.guidance,
-            generator=torch.Generator().manual_seed(params.seed),
-            output_type="pil",
-        ).images[0]
-        np.asarray(output)  # the frame as bytes, as a video sink needs it
+        with self.memory.measure():
+            started = time.perf_counter()
+            output = self.pipe(
+                params.prompt,
+                image=image,
+                num_inference_steps=self.inference_steps,
+                strength=params.strength,
+                guidance_scale=params.guidance,
+                generator=torch.Generator().manual_seed(params.seed),
+                output_type="pil",
+            ).images[0]
+            np.asarray(output)  # the frame as bytes, as a video sink needs it
         if record:
             self.frame_ms.append((time.perf_counter() - started) * 1000.0)
 
@@ -156,6 +201,7 @@ class DiffusersLane:
             "frame_ms": percentiles(self.frame_ms),
             "ms_per_frame": round(sum(self.frame_ms) / len(self.frame_ms), 3),
             "fps": round(1000.0 * len(self.frame_ms) / sum(self.frame_ms), 2),
+            "peak_gpu_mb": self.memory.report(),
         }
 
 
@@ -176,7 +222,9 @@ def run_streams(engine: StreamEngine, plan: BenchPlan, count: int,
                 params: Sequence[StreamParams] | None = None) -> dict[str, Any]:  # fmt: skip
     """N streams each sending `plan.frames` frames: one batched step per round versus N single-frame steps.
 
-    Stream i runs `params[i]` (default: `plan.params`), its seed + i.
+    Stream i runs `params[i]` (default: `plan.params`), its seed + i. Per mode: aggregate fps, the
+    latency of every frame (arrival of the round to its output) and each stream's own p99
+    (`per_stream_p99_ms`, in stream order).
     """
     frames = [torch.from_numpy(f) for f in _camera_frames(engine.settings, plan.rounds)]
     report: dict[str, Any] = {"streams": count}
@@ -184,6 +232,7 @@ def run_streams(engine: StreamEngine, plan: BenchPlan, count: int,
     for mode in ("batched", "sequential"):
         streams = [engine.open_stream(p.replace(seed=p.seed + i)) for i, p in enumerate(own)]
         latency_ms: list[float] = []
+        per_stream_ms: list[list[float]] = [[] for _ in range(count)]
         total_s = 0.0
         for index, frame in enumerate(frames):
             started = time.perf_counter()
@@ -198,8 +247,14 @@ def run_streams(engine: StreamEngine, plan: BenchPlan, count: int,
             if index < plan.warmup:
                 continue
             latency_ms.extend((t - started) * 1000.0 for t in done)  # every frame arrived at `started`
+            for own, t in zip(per_stream_ms, done):
+                own.append((t - started) * 1000.0)
             total_s += done[-1] - started
-        report[mode] = {"fps": round(plan.frames * count / total_s, 2), "latency_ms": percentiles(latency_ms)}
+        report[mode] = {
+            "fps": round(plan.frames * count / total_s, 2),
+            "latency_ms": percentiles(latency_ms),
+            "per_stream_p99_ms": [percentiles(own)["p99"] for own in per_stream_ms],
+        }
     report["speedup"] = round(report["batched"]["fps"] / report["sequential"]["fps"], 2)
     return report
 
@@ -233,6 +288,10 @@ def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: Model
         "frames_per_turn": plan.turn,
         "runs": [lane.report() for lane in lanes if isinstance(lane, EngineLane)],
     }
+    first = lanes[0]
+    for lane, run in zip(lanes[1 : len(engines)], report["runs"][1:]):
+        assert isinstance(lane, EngineLane) and isinstance(first, EngineLane)
+        run["parity"] = {"vs": report["runs"][0]["backend"], **frame_parity(lane.last_outputs, first.last_outputs)}
     for count in plan.streams:
         report.setdefault("streams", []).append(run_streams(engine, plan, count))
     if baseline is not None:
@@ -269,6 +328,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"{run['stages_ms'][s]['p50']:>12.1f} /{run['stages_ms'][s]['p95']:>7.1f}" for s in STAGES
         )
         lines.append(f"{run['backend']:<14}{run['batch']:>6}{cells}{run['ms_per_frame']:>10.1f}{run['fps']:>8.1f}")
+    notes = [
+        f"{run['backend']}: frames {run['parity']['mean_abs']:.3f} levels from {run['parity']['vs']}'s on average, "
+        f"{run['parity']['max_abs']} at most" for run in report["runs"] if "parity" in run
+    ]  # fmt: skip
+    notes += [f"{run['backend']}: peak GPU memory {run['peak_gpu_mb']:.0f} MB"
+              for run in report["runs"] if run.get("peak_gpu_mb") is not None]  # fmt: skip
+    if notes:
+        lines += [""] + notes
     if "baseline" in report:
         base = report["baseline"]
         ratio = report["speedup"]
@@ -283,6 +350,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{streams['streams']} streams: batched {b['fps']:.1f} fps (p50 {b['latency_ms']['p50']:.1f} / "
             f"p99 {b['latency_ms']['p99']:.1f} ms), sequential {s['fps']:.1f} fps (p50 {s['latency_ms']['p50']:.1f} / "
-            f"p99 {s['latency_ms']['p99']:.1f} ms): {streams['speedup']:.2f}x"
+            f"p99 {s['latency_ms']['p99']:.1f} ms): {streams['speedup']:.2f}x; "
+            f"worst stream's p99 batched {max(b['per_stream_p99_ms']):.1f} ms"
         )
     return "\n".join(lines)

@@ -7,16 +7,17 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from livediff.config import BACKENDS, DTYPES, MAX_STEPS, EngineSettings, StreamParams
+from livediff.config import BACKENDS, DTYPES, LIVE_SIZE, MAX_STEPS, EngineSettings, StreamParams
 from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
-BACKEND_NAMES = ("auto", "torch", "torch.compile", "onnx", "openvino", "tensorrt")
+BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "onnx", "openvino", "tensorrt")
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 
@@ -25,30 +26,43 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get("LIVEDIFF_" + name.upper().replace("-", "_"), default)
 
 
-def _size(text: str) -> tuple[int, int]:
-    """`512` or `WIDTHxHEIGHT`, each a multiple of 8."""
+def _size(text: str) -> tuple[int, int] | str:
+    """`auto`, `512` or `WIDTHxHEIGHT`, each a multiple of 8; `auto` is resolved with the device."""
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         width, _, height = text.lower().partition("x")
         w, h = int(width), int(height or width)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use 512 or 640x480") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use auto, 512 or 640x480") from None
     for value in (w, h):
         if value < 64 or value % 8:
             raise argparse.ArgumentTypeError(f"{value} must be a multiple of 8 and at least 64")
     return w, h
 
 
-def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _number_range(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` within [low, high], else an error saying which and why."""
+
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range {low}..{high}")
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range {low:g}..{high:g}" if kind is float
+                                             else f"{value} is out of range {low}..{high}")
         return value
 
     return parse
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    return _number_range(int, low, high)
+
+
+def _float_range(low: float, high: float) -> Callable[[str], float]:
+    return _number_range(float, low, high)
 
 
 def _unit_interval(text: str) -> float:
@@ -65,36 +79,56 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (each flag also reads LIVEDIFF_<FLAG>)")
     group.add_argument("--model", default=_env("model", "auto"),
                        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder")
-    group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast, default), full, or a VAE id/folder")
+    group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast), full, or a VAE id/folder")
     group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
     group.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPES,
                        help="auto: float16 on CUDA, bfloat16 for openvino on a CPU with bf16 instructions, "
                        "else float32")
-    group.add_argument("--size", type=_size, default=_env("size", "512"), help="512 or WIDTHxHEIGHT, multiples of 8")
-    group.add_argument("--max-batch", type=_int_range(1, 64), default=int(_env("max_batch", 4)))
+    group.add_argument("--size", type=_size, default=_env("size", "auto"),
+                       help="frame size, 512 or WIDTHxHEIGHT (multiples of 8); auto: what the device runs live, "
+                       f"{LIVE_SIZE['cuda']} on CUDA, {LIVE_SIZE['cpu']} on a CPU")
+    group.add_argument("--max-batch", type=_int_range(1, 64), default=_env("max_batch", 4),
+                       help="most frames (one per session) in one engine step")
     group.add_argument("--stream-batch", action="store_true", default=_env("stream_batch", "") == "1",
                        help="denoise consecutive frames' steps in one UNet batch")
-    group.add_argument("--engines-dir", type=Path, default=Path(_env("engines_dir", "engines")))
+    group.add_argument("--engines-dir", type=Path, default=Path(_env("engines_dir", "engines")),
+                       help="the compiled-engine cache (ONNX files, OpenVINO blobs, TensorRT plans)")
     group.add_argument("--feature-bank", action=argparse.BooleanOptionalAction,
                        default=_env("feature_bank", "") in ("1", "true", "yes"),
                        help="make the temporal feature bank available to sessions (their `temporal` param); "
                        "compiled backends build a second UNet graph for it")
-    group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=int(_env("steps", 1)),
+    group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=_env("steps", 1),
                        help=f"denoising steps per frame, 1..{MAX_STEPS}")
-    group.add_argument("--strength", type=_unit_interval, default=float(_env("strength", 0.5)))
-    group.add_argument("--prompt", default=_env("prompt", StreamParams.prompt))
+    group.add_argument("--strength", type=_unit_interval, default=_env("strength", 0.5),
+                       help="how far each frame is noised before denoising, (0, 1]: 0.5 keeps the layout")
+    group.add_argument("--prompt", default=_env("prompt", StreamParams.prompt),
+                       help="the prompt new sessions start with")
 
 
 def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineSettings:
     """The engine flags as settings; `backend` is one of BACKEND_NAMES."""
     if backend not in BACKEND_NAMES:
         raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKEND_NAMES)}")
-    width, height = args.size if isinstance(args.size, tuple) else _size(args.size)
+    size = args.size if isinstance(args.size, tuple) else _size(str(args.size))
+    if not isinstance(size, tuple):  # auto
+        size = args.size = _live_size(args.device)  # resolved once: bench builds settings per backend
+    width, height = size
     return EngineSettings(
         model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
     )  # fmt: skip
+
+
+def _live_size(device_name: str) -> tuple[int, int]:
+    """`--size auto`: the size the device runs live (`LIVE_SIZE`), said in the log."""
+    from livediff.engine.device import resolve_device
+
+    device = resolve_device(device_name)
+    side = LIVE_SIZE["cuda" if device.type == "cuda" else "cpu"]
+    hint = "" if side >= LIVE_SIZE["cuda"] else f"; --size {LIVE_SIZE['cuda']} for the full size, at a lower frame rate"
+    log.info("--size auto picked %dx%d (device %s%s)", side, side, device, hint)
+    return side, side
 
 
 def stream_params(args: argparse.Namespace) -> StreamParams:
@@ -175,7 +209,8 @@ def cmd_g2g(args: argparse.Namespace) -> int:
 
     from livediff.g2g import CASES, G2GPlan, format_g2g, run_g2g
 
-    keys = [key.strip() for key in args.cases.split(",") if key.strip()] if args.cases else [c.key for c in CASES]
+    every = not args.cases or args.cases == "all"
+    keys = [c.key for c in CASES] if every else [key.strip() for key in args.cases.split(",") if key.strip()]
     known = {case.key: case for case in CASES}
     for key in keys:
         if key not in known:
@@ -231,21 +266,49 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
 
     d = ServerSettings()
     group = parser.add_argument_group("server (each flag also reads LIVEDIFF_<FLAG>)")
-    group.add_argument("--host", default=_env("host", d.host))
-    group.add_argument("--port", type=_int_range(0, 65535), default=int(_env("port", d.port)))
+    group.add_argument("--host", default=_env("host", d.host),
+                       help="address to listen on; 0.0.0.0 for other machines")
+    group.add_argument("--port", type=_int_range(0, 65535), default=_env("port", d.port),
+                       help="TCP port to listen on (0: any free port, in the URL printed when ready)")
     group.add_argument("--token", default=_env("token", ""), help="require Authorization: Bearer TOKEN on the API")
-    group.add_argument("--max-sessions", type=_int_range(1, 1024), default=int(_env("max_sessions", d.max_sessions)))
-    group.add_argument("--max-viewers", type=_int_range(0, 1024), default=int(_env("max_viewers", d.max_viewers)))
-    group.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", d.max_body_bytes)))
+    group.add_argument("--max-sessions", type=_int_range(1, 1024), default=_env("max_sessions", d.max_sessions),
+                       help="publishing sessions at once; beyond it /offer and /whip answer 503 with Retry-After")
+    group.add_argument("--max-viewers", type=_int_range(0, 1024), default=_env("max_viewers", d.max_viewers),
+                       help="WHEP viewers per session")
+    group.add_argument("--max-body-bytes", type=_int_range(1024, 16 * 1024 * 1024),
+                       default=_env("max_body_bytes", d.max_body_bytes),
+                       help="largest request body (SDP, JSON); larger ones get 413")
+    group.add_argument("--tls", choices=["self-signed"], default=_env("tls", None),
+                       help="serve https with a certificate made for this machine's names (kept in --state-dir)")
+    group.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None),
+                       help="serve https with this PEM certificate (chain); with --tls-key")
+    group.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="the PEM key of --tls-cert")
+    group.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
+                       help="where the self-signed certificate is kept (default ~/.local/state/livediff)")
+    group.add_argument("--cors-origins", default=_env("cors_origins", ""),
+                       help="comma-separated origins (https://app.example) whose pages may use the API, "
+                       "WHIP and WHEP, or *; none by default")
     group.add_argument("--ice-servers", default=_env("ice_servers", ""),
-                       help="comma-separated stun:/turn: urls for the server's peers and WHIP Link headers")
-    group.add_argument("--turn-username", default=_env("turn_username", ""))
-    group.add_argument("--turn-credential", default=_env("turn_credential", ""))
+                       help="comma-separated stun:/turn: urls for the server's peers, the pages and "
+                       "WHIP/WHEP Link headers")
+    group.add_argument("--turn-secret", default=_env("turn_secret", ""),
+                       help="the TURN server's shared secret (coturn static-auth-secret): each client gets "
+                       "a short-lived credential")
+    group.add_argument("--turn-ttl", type=_int_range(60, 7 * 86400), default=_env("turn_ttl", 86400),
+                       help="seconds a short-lived TURN credential stays valid")
+    group.add_argument("--turn-username", default=_env("turn_username", ""),
+                       help="static TURN username for every client (prefer --turn-secret)")
+    group.add_argument("--turn-credential", default=_env("turn_credential", ""),
+                       help="static TURN password for every client (prefer --turn-secret)")
+    group.add_argument("--nat-1to1", default=_env("nat_1to1", ""),
+                       help="public address(es) mapped 1:1 to this host (PUBLIC_IP or PRIVATE_IP=PUBLIC_IP, "
+                       "comma separated): advertised in the server's ICE candidates")
     group.add_argument("--video-codecs", default=_env("video_codecs", ",".join(d.video_codecs)),
                        help=f"codec preference, comma separated: {', '.join(VIDEO_CODECS)}")
-    group.add_argument("--bitrate", type=int, default=int(_env("bitrate", d.bitrate)), help="video bit/s")
-    group.add_argument("--keyframe-interval", type=float,
-                       default=float(_env("keyframe_interval", d.keyframe_interval_s)),
+    group.add_argument("--bitrate", type=_int_range(100_000, 50_000_000), default=_env("bitrate", d.bitrate),
+                       help="video bit/s")
+    group.add_argument("--keyframe-interval", type=_float_range(0.1, 60),
+                       default=_env("keyframe_interval", d.keyframe_interval_s),
                        help="seconds between forced keyframes")
     group.add_argument("--marker-completion", action=argparse.BooleanOptionalAction,
                        default=_env("marker_completion", "1") not in ("0", "false", "no"),
@@ -255,20 +318,28 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="when the model is slower than the camera, wait for fresher frames over stale ones")
     group.add_argument("--ice-loopback", action="store_true", default=_env("ice_loopback", "") == "1",
                        help="gather 127.0.0.1 ICE candidates only (every peer on this machine: measurements)")
-    group.add_argument("--connect-timeout", type=float, default=float(_env("connect_timeout", d.connect_timeout_s)))
-    group.add_argument("--cpu-threads", type=_int_range(0, 1024), default=int(_env("cpu_threads", 0)),
+    group.add_argument("--connect-timeout", type=_float_range(1, 600),
+                       default=_env("connect_timeout", d.connect_timeout_s),
+                       help="seconds a peer may take to connect after its answer before it is reaped")
+    group.add_argument("--cpu-threads", type=_int_range(0, 1024), default=_env("cpu_threads", 0),
                        help="torch threads on CPU; 0 = cores - 1 (one core left to the codecs)")
-    group.add_argument("--web-dir", type=Path, default=Path(_env("web_dir", str(d.web_dir))))
+    group.add_argument("--web-dir", type=Path, default=Path(_env("web_dir", str(d.web_dir))),
+                       help="the pages' folder (index.html, latency.html, view.html)")
 
 
 def server_settings(args: argparse.Namespace) -> Any:
     from livediff.config import ServerSettings
 
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
+    if args.tls not in (None, "", "self-signed"):  # from LIVEDIFF_TLS: argparse checks only the flag
+        raise ConfigError(f"--tls: {args.tls!r} is not self-signed (bring a certificate with --tls-cert, --tls-key)")
     return ServerSettings(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes, ice_servers=split(args.ice_servers),
-        turn_username=args.turn_username, turn_credential=args.turn_credential,
+        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_self_signed=args.tls == "self-signed",
+        state_dir=args.state_dir, cors_origins=split(args.cors_origins), ice_servers=split(args.ice_servers),
+        turn_username=args.turn_username, turn_credential=args.turn_credential, turn_secret=args.turn_secret,
+        turn_ttl_s=args.turn_ttl, nat_1to1=split(args.nat_1to1),
         video_codecs=split(args.video_codecs), bitrate=args.bitrate, keyframe_interval_s=args.keyframe_interval,
         marker_completion=args.marker_completion, fresh_frames=args.fresh_frames, ice_loopback=args.ice_loopback,
         connect_timeout_s=args.connect_timeout, cpu_threads=args.cpu_threads, web_dir=args.web_dir,
@@ -278,13 +349,93 @@ def server_settings(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from livediff.server.serve import serve
+    from livediff.server.listen import bind
+    from livediff.server.startup import print_loading
 
-    return asyncio.run(serve(engine_settings(args, backend=args.backend), server_settings(args), stream_params(args)))
+    sockets = bind(args.host, args.port)  # first: a busy port is said at once, before anything loads
+    print_loading()
+    try:
+        _quiet_libraries()
+        from livediff.server.serve import serve
+
+        settings = server_settings(args)
+        engine = engine_settings(args, backend=args.backend)
+        return asyncio.run(serve(engine, settings, stream_params(args), sockets=sockets, started=args.started))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+_SECRETS = ("token", "turn_credential", "turn_secret")
+"""Flags whose value --help must not print (it may come from the environment)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default: `on`/`off` for switches, `none` for an empty value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        default = action.default
+        if default in (None, ""):
+            shown: Any = "none"
+        elif isinstance(default, bool):
+            shown = "on" if default else "off"
+        elif action.dest in _SECRETS:
+            shown = "set, not shown"
+        else:
+            shown = default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming the flag and the fix, not a page of usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the command's parser, which knows the flags to suggest
+            self._commands().get(str(getattr(parsed, "command", "")), self).error(
+                "unrecognized arguments: " + " ".join(extras))
+        return parsed
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {self._explain(message)}\n")
+
+    def _explain(self, message: str) -> str:
+        if message.startswith("the following arguments are required: command"):
+            names = ", ".join(self._commands())
+            return f"name a command: {names} (`{self.prog} COMMAND --help` lists its flags)"
+        if message.startswith("unrecognized arguments: "):
+            return self._unrecognized(message.removeprefix("unrecognized arguments: ").split())
+        flag = message.removeprefix("argument ").partition(":")[0]
+        variable = "LIVEDIFF_" + flag.removeprefix("--").upper().replace("-", "_")
+        if message.startswith("argument --") and variable in os.environ:
+            message += f" ({variable} is {os.environ[variable]!r})"
+        return message
+
+    def _unrecognized(self, words: list[str]) -> str:
+        import difflib
+
+        known = [s for action in self._actions for s in action.option_strings]
+        flag = next((w.partition("=")[0] for w in words if w.startswith("-")), words[0])
+        close = difflib.get_close_matches(flag, known, n=2)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return f"unrecognized argument {flag} ({hint}`{self.prog} --help` lists the flags)"
+
+    def _commands(self) -> dict[str, _Parser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livediff", description="Real-time video-to-video diffusion.")
+    parser = _Parser(prog="livediff", description="Real-time video-to-video diffusion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -292,13 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(bench)
     bench.add_argument("--backend", default="torch",
                        help=f"one or more of {', '.join(BACKEND_NAMES)}, comma separated")
-    bench.add_argument("--frames", type=_int_range(1, 100_000), default=100)
-    bench.add_argument("--warmup", type=_int_range(0, 1000), default=5)
+    bench.add_argument("--frames", type=_int_range(1, 100_000), default=100, help="frames measured per configuration")
+    bench.add_argument("--warmup", type=_int_range(0, 1000), default=5, help="frames run before measuring")
     bench.add_argument("--batch", type=_int_range(1, 64), default=1, help="streams per engine step")
     bench.add_argument("--streams", default="", help="e.g. 1,2,4: batched versus sequential streams")
     bench.add_argument("--baseline", choices=["diffusers"], help="also time diffusers' img2img pipeline")
     bench.add_argument("--baseline-dtype", choices=[d for d in DTYPES if d != "auto"],
-                       help="the baseline's dtype (default: the engine's --dtype)")
+                       help="the baseline's dtype; none: the engine's --dtype")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     quality = bench.add_argument_group("temporal quality (--quality): warp error, flicker and SSIM beside ms/frame")
     quality.add_argument("--quality", action="store_true",
@@ -306,15 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "off) and each --temporal setting, on each --backend")
     quality.add_argument("--temporal", action="append", metavar="JSON",
                          help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
-                         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more (default: bank 1 and bank 2)')
+                         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}')
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
     g2g.add_argument("--g2g", action="store_true",
                      help="measure glass-to-glass latency (passthrough and model, marker completion on/off)")
-    g2g.add_argument("--duration", type=float, default=10.0, help="seconds measured per case, after a 1.5 s warm-up")
+    g2g.add_argument("--duration", type=_float_range(1, 3600), default=10.0,
+                     help="seconds measured per case, after a 1.5 s warm-up")
     g2g.add_argument("--fps", type=_int_range(1, 120), default=30, help="camera frames per second")
-    g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8")
-    g2g.add_argument("--cases", default="",
-                     help="comma separated, default all: pass-both, pass-server, pass-stock, model-both, model-stock")
+    g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8", help="the camera's codec")
+    g2g.add_argument("--cases", default="all",
+                     help="all, or comma separated: pass-both, pass-server, pass-stock, model-both, model-stock")
     bench.set_defaults(run=cmd_bench)
 
     build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")
@@ -336,15 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Elapsed(logging.Formatter):
+    """Log lines start with the seconds since the command started (how long a start-up step took)."""
+
+    def __init__(self, started: float) -> None:
+        super().__init__("%(message)s")
+        self.offset = started - time.monotonic() + time.time()  # `started` on the records' clock
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"[{record.created - self.offset:6.1f} s] {super().formatMessage(record)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     # livediff's own progress at INFO; other libraries' INFO chatter (the ONNX exporter's graph
     # rewrites, every ICE candidate pair) only with --verbose.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Elapsed(started))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler])
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    _quiet_libraries()
     try:
+        if args.run is not cmd_serve:  # serve binds its port first
+            _quiet_libraries()
         return int(args.run(args))
     except LivediffError as exc:
         print(f"livediff: error: {exc}", file=sys.stderr)

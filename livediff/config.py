@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "onnx", "openvino", "tensorrt")
+BACKENDS = ("auto", "torch", "cuda-graph", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 MAX_BANK_FRAMES = 4
@@ -26,6 +28,13 @@ PREPROCESSORS = ("canny", "depth", "previous")
 MAX_CONTROL_SCALE = 2.0
 """Largest ControlNet conditioning scale (diffusers' `controlnet_conditioning_scale`; 1 is as trained)."""
 CONTROLNET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
+LIVE_SIZE = {"cuda": 512, "cpu": 256}
+"""`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
+with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
+the model on one core, the built-in `tiny` model at 512x512 returns a few frames a second (about 9
+of a 30 fps camera on a quiet 2-core Zen 4, with OpenVINO in bf16), which does not feel live, and a
+256x256 frame costs 3.5-4 times less (the README's `bench --g2g` figures at both sizes). The
+library's `EngineSettings` keeps 512x512."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,8 @@ class EngineSettings:
     width: int = 512
     """Frame width in pixels; a multiple of 8."""
     backend: str = "torch"
-    """Runs the networks: `torch`, `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
+    """Runs the networks: `torch`, `cuda-graph` (torch's networks, each step's stages replayed from
+    CUDA graphs), `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
     (`openvino` on the CPU where installed, else `onnx`; `torch` on CUDA). The CLI's default is `auto`;
     here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False
@@ -265,10 +275,32 @@ class ServerSettings:
     """WHEP viewers per session."""
     max_body_bytes: int = 64 * 1024
     """Largest request body (SDP, JSON); larger ones get 413."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) for https; with `tls_key`. None serves plain http."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_self_signed: bool = False
+    """Serve https with a certificate made here for this machine's names, kept in `state_dir`."""
+    state_dir: Path | None = None
+    """What the server keeps between runs (the self-signed certificate); None: $LIVEDIFF_STATE_DIR,
+    else $XDG_STATE_HOME/livediff, else ~/.local/state/livediff."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (`https://app.example`) whose pages may call the API, WHIP and WHEP; `*` any; none by default."""
     ice_servers: tuple[str, ...] = ()
-    """STUN/TURN urls (stun:host:3478, turn:host:3478?transport=udp) for the server's peers and WHIP Link headers."""
+    """STUN/TURN urls (stun:host:3478, turn:host:3478?transport=udp) for the server's peers, the
+    pages and WHIP/WHEP Link headers."""
     turn_username: str = ""
+    """Static TURN username handed to every client (prefer `turn_secret`)."""
     turn_credential: str = ""
+    """Static TURN password handed to every client (prefer `turn_secret`)."""
+    turn_secret: str = ""
+    """Shared secret of the TURN server (coturn `static-auth-secret`): each client gets its own
+    short-lived credential (TURN REST scheme) instead of a static password."""
+    turn_ttl_s: int = 86400
+    """How long a short-lived TURN credential stays valid, in seconds."""
+    nat_1to1: tuple[str, ...] = ()
+    """Public addresses mapped 1:1 to this host's private ones (`PUBLIC` or `PRIVATE=PUBLIC`):
+    the server's host candidates advertise the public address (cloud VMs behind 1:1 NAT)."""
     video_codecs: tuple[str, ...] = VIDEO_CODECS
     """Codec preference, first wins where the offer carries it: H264 and/or VP8."""
     bitrate: int = 1_500_000
@@ -307,6 +339,18 @@ class ServerSettings:
         for url in self.ice_servers:
             if not url.startswith(("stun:", "turn:", "turns:")):
                 raise ConfigError(f"ice_servers entries must start with stun:, turn: or turns:, got {url!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_self_signed and self.tls_cert is not None:
+            raise ConfigError("tls_self_signed and tls_cert exclude each other: make a certificate or bring one")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"cors_origins entries must be * or http(s)://host[:port], got {origin!r}")
+        if self.turn_secret and self.turn_username:
+            raise ConfigError("turn_secret and turn_username exclude each other: short-lived or static credentials")
+        if not 60 <= self.turn_ttl_s <= 7 * 86400:
+            raise ConfigError(f"turn_ttl_s must be in 60..604800 seconds, got {self.turn_ttl_s}")
+        nat_1to1_map(self.nat_1to1)  # raises ConfigError naming the bad entry
         if not 100_000 <= self.bitrate <= 50_000_000:
             raise ConfigError(f"bitrate must be in 100000..50000000 bit/s, got {self.bitrate}")
         if not 0.1 <= self.keyframe_interval_s <= 60:
@@ -316,5 +360,34 @@ class ServerSettings:
         if not 1 <= self.connect_timeout_s <= 600:
             raise ConfigError(f"connect_timeout_s must be in [1, 600], got {self.connect_timeout_s}")
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None or self.tls_self_signed else "http"
+
     def replace(self, **changes: Any) -> ServerSettings:
         return dataclasses.replace(self, **changes)
+
+
+def nat_1to1_map(entries: Iterable[str]) -> dict[str, str]:
+    """NAT 1:1 entries as a private -> public address map.
+
+    An entry is `PUBLIC` (every private IPv4 host address maps to it: the usual single-interface
+    cloud VM), stored under the key `"*"`, or `PRIVATE=PUBLIC`. Raises ConfigError naming the
+    entry when an address is not an IP address or the two are of different families.
+    """
+    mapping: dict[str, str] = {}
+    for entry in entries:
+        private, sep, public = entry.strip().partition("=")
+        if not sep:
+            private, public = "*", private
+        try:
+            public_ip = ipaddress.ip_address(public)
+            private_ip = None if private == "*" else ipaddress.ip_address(private)
+        except ValueError:
+            raise ConfigError(f"nat_1to1: {entry!r} is not PUBLIC_IP or PRIVATE_IP=PUBLIC_IP") from None
+        if private_ip is None and public_ip.version != 4:
+            raise ConfigError(f"nat_1to1: {entry!r}: map an IPv6 address as PRIVATE=PUBLIC")
+        if private_ip is not None and private_ip.version != public_ip.version:
+            raise ConfigError(f"nat_1to1: {entry!r} maps between IPv4 and IPv6")
+        mapping[str(private_ip) if private_ip else "*"] = str(public_ip)
+    return mapping

@@ -133,6 +133,7 @@ class Scheduler:
         """Build the engine and run a warm-up inference on the worker thread, then start ticking."""
         self.engine = await self.run_on_worker(make_engine)
         if warmup_frames:
+            log.info("warming up: %d frames", warmup_frames)
             await self.run_on_worker(self.engine.warmup, warmup_frames)
         self.start()
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+try:  # imported here, at start-up, not by its plugin's end-of-run summary: pytest then rewrites its modules
+    import hypothesis  # noqa: F401  deep in a call stack, where CPython 3.11.7's ast.parse fails with SystemError
+except ImportError:  # (AST constructor recursion depth mismatch) and the run ends with a traceback
+    pass
 
 # No test may reach the hub: unknown ids must fail fast and clearly, not after network retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -43,3 +50,26 @@ async def http():  # type: ignore[no-untyped-def]
 
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After the run, what was skipped and why, and the command that installs what was missing.
+
+    A skip reason that names a package as `(apt-get install NAME)` adds NAME to that command;
+    without this, `make test` said only "18 skipped" when the browsers were missing.
+    """
+    reports = terminalreporter.stats.get("skipped", [])
+    if not reports:
+        return
+    reasons: Counter[str] = Counter()
+    for report in reports:
+        longrepr = report.longrepr
+        text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[text.removeprefix("Skipped: ")] += 1
+    terminalreporter.section("skipped: these tests did not run")
+    for reason, count in reasons.most_common():
+        terminalreporter.line(f"{count:4d} skipped: {reason}")
+    named = [m for reason in reasons for m in re.findall(r"apt-get install ([\w.+ -]+)\)", reason)]
+    packages = dict.fromkeys(p for m in named for p in m.split())
+    if packages:
+        terminalreporter.line(f"to run them: apt-get install {' '.join(packages)}", bold=True)

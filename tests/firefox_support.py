@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -42,8 +43,18 @@ PREFS: dict[str, Any] = {
     "browser.newtabpage.enabled": False,
 }
 
+USER_ICE_PREFS: dict[str, Any] = {
+    "media.peerconnection.ice.loopback": False,
+    "media.peerconnection.ice.obfuscate_host_addresses": True,
+}
+"""Firefox's own defaults for ICE, as users have them: no loopback candidates, host addresses
+hidden behind mDNS names (for pages without camera permission)."""
+
 
 def firefox_binary() -> str | None:
+    """Firefox ESR (or Firefox) on PATH, or the binary LIVEDIFF_FIREFOX names."""
+    if "LIVEDIFF_FIREFOX" in os.environ:
+        return shutil.which(os.environ["LIVEDIFF_FIREFOX"])
     return next((path for name in FIREFOX_NAMES if (path := shutil.which(name))), None)
 
 
@@ -61,12 +72,13 @@ def firefox_missing() -> str | None:
 class Firefox:
     """One headless Firefox with one Marionette session; `js` runs in the page, `page(name)` reads its globals."""
 
-    def __init__(self, width: int = 1360, height: int = 820) -> None:
+    def __init__(self, width: int = 1360, height: int = 820, prefs: dict[str, Any] | None = None,
+                 accept_insecure_certs: bool = False) -> None:
         from marionette_driver.marionette import Marionette
 
         self.profile = Path(tempfile.mkdtemp(prefix="livediff-firefox-"))
         port = free_port()
-        prefs = {**PREFS, "marionette.port": port}
+        prefs = {**PREFS, **(prefs or {}), "marionette.port": port}
         (self.profile / "user.js").write_text(
             "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items())
         )
@@ -80,7 +92,7 @@ class Firefox:
         try:
             self.client = Marionette(host="127.0.0.1", port=port)
             self.client.raise_for_port(60)
-            self.client.start_session()
+            self.client.start_session({"acceptInsecureCerts": True} if accept_insecure_certs else None)
             self.client.set_window_rect(width=width, height=height)
         except BaseException:
             self.close()
@@ -125,7 +137,7 @@ class Firefox:
         """Uncaught exceptions of the pages so far, and console.error calls of the current page."""
         self._log.flush()
         lines = self.log_path.read_text(errors="replace").splitlines()
-        uncaught = [line for line in lines if line.startswith("JavaScript error: http://127.0.0.1")]
+        uncaught = [line for line in lines if line.startswith(("JavaScript error: http://", "JavaScript error: https://"))]
         return uncaught + [f"console.error: {m}" for m in self.js("return page.__consoleErrors ?? []")]
 
     def close(self) -> None:

@@ -25,7 +25,8 @@ from livediff.transport.loopback import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO / "web"
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("LIVEDIFF_CHROMIUM", "/usr/bin/chromium"))
+"""Debian's Chromium; LIVEDIFF_CHROMIUM names another build."""
 ENGINE_SIZE = 128
 
 CHROMIUM_ARGS = [
@@ -107,10 +108,11 @@ class LiveServer:
         self._stop()
 
 
-def start_server(parts: Any, controlnets: tuple[tuple[str, str], ...] = (), depth_model: str = "",
-                 **settings: Any) -> LiveServer:
+def start_server(parts: Any, size: int = ENGINE_SIZE, controlnets: tuple[tuple[str, str], ...] = (),
+                 depth_model: str = "", **settings: Any) -> LiveServer:
     """Starts the app on a free port on a new thread; returns once /readyz says ready.
 
+    `size`: the engine's frame side in pixels (a larger one makes the tiny model slower than a camera);
     `controlnets`, `depth_model`: the engine's (`EngineSettings`).
     """
     from aiohttp import web
@@ -121,7 +123,7 @@ def start_server(parts: Any, controlnets: tuple[tuple[str, str], ...] = (), dept
     port = free_port()
     server_settings = ServerSettings(host="127.0.0.1", port=port, web_dir=WEB_DIR, **settings)
     engine = EngineSettings(
-        model="tiny", device="cpu", dtype="float32", height=ENGINE_SIZE, width=ENGINE_SIZE, max_batch=2,
+        model="tiny", device="cpu", dtype="float32", height=size, width=size, max_batch=2,
         controlnets=controlnets, depth_model=depth_model,
     )
     loop = asyncio.new_event_loop()

@@ -25,12 +25,14 @@ from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.server import create_app
 from livediff.server.common import SERVICE
 from livediff.server.service import Service
-from livediff.transport.client import FPS, CameraTrack, Client, new_peer, offer_client, prefer
+from livediff.transport.client import FPS, CameraTrack, Client, Received, new_peer, offer_client, prefer
 
 __all__ = [  # the client pieces are re-exported: the tests import everything from here
-    "FPS", "CameraTrack", "Client", "offer_client", "Running", "running_server", "strip_candidates",
-    "whip_publish", "whep_view", "mean_abs_diff", "metric_value",
+    "FPS", "CameraTrack", "Client", "offer_client", "Running", "running_server", "frames_back", "strip_candidates",
+    "whip_publish", "whep_view", "mean_abs_diff", "metric_value", "MDNS_HOST", "replay_gathered",
 ]
+
+MDNS_HOST = "1f0e4b6c-7d2a-4f1e-9c3b-6a5d4e3f2a1b.local"
 
 
 @dataclass
@@ -47,12 +49,14 @@ class Running:
 async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params: StreamParams | None = None,
                          feature_bank: bool = False, controlnets: tuple[tuple[str, str], ...] = (),
                          depth_model: str = "", **server: Any) -> AsyncIterator[Running]:
+    from livediff.server import tls
+
     engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch, feature_bank=feature_bank,
                             controlnets=controlnets, depth_model=depth_model)
-    settings = ServerSettings(**{"max_body_bytes": 32 * 1024, **server})
+    settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)
     test_server = TestServer(app, host="127.0.0.1", port=0)
-    await test_server.start_server()
+    await test_server.start_server(ssl=tls.context_for(settings))
     try:
         service = app[SERVICE]
         deadline = time.monotonic() + 60
@@ -65,10 +69,37 @@ async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params:
         await test_server.close()
 
 
+async def frames_back(client: Client, count: int = 3) -> Received:
+    """Once `client` is connected and `count` frames came back: what it received."""
+    await client.wait_connected()
+    assert client.received is not None
+    await client.received.wait_for(count)
+    return client.received
+
+
 def strip_candidates(sdp: str) -> str:
     """OBS >= 30.2 sends no candidates in its offer and does not trickle."""
     return "".join(line + "\r\n" for line in sdp.splitlines() if line and not line.startswith(("a=candidate:",
                                                                                           "a=end-of-candidates")))
+
+
+def replay_gathered(sdp: str, mode: str) -> str:
+    """An offer as browsers send it once gathering ended: `none` (no candidate at all) or `mdns`
+    (only `.local` host candidates, what Firefox sends by default), each media section closed by
+    `a=end-of-candidates` (RFC 8840 section 4.1)."""
+    sections: list[list[str]] = [[]]
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            sections.append([])
+        if line in ("", "a=end-of-candidates") or (line.startswith("a=candidate:") and mode != "mdns"):
+            continue
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            fields[4] = MDNS_HOST
+            line = " ".join(fields)
+        sections[-1].append(line)
+    lines = sections[0] + [line for media in sections[1:] for line in [*media, "a=end-of-candidates"]]
+    return "\r\n".join(lines) + "\r\n"
 
 
 async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrack | None = None,
@@ -97,7 +128,7 @@ async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrac
 
 
 async def whep_view(http: aiohttp.ClientSession, url: str, session_id: str | None = None,
-                    codec: str = "VP8") -> Client:
+                    codec: str = "VP8", headers: dict[str, str] | None = None) -> Client:
     client = Client(pc=new_peer())
     transceiver = client.pc.addTransceiver("video", direction="recvonly")
     prefer(transceiver, codec)
@@ -105,7 +136,7 @@ async def whep_view(http: aiohttp.ClientSession, url: str, session_id: str | Non
     await client.pc.setLocalDescription(await client.pc.createOffer())
     path = "/whep" + (f"/{session_id}" if session_id else "")
     async with http.post(url + path, data=client.pc.localDescription.sdp,
-                         headers={"Content-Type": "application/sdp"}) as response:
+                         headers={**(headers or {}), "Content-Type": "application/sdp"}) as response:
         text = await response.text()
         assert response.status == 201, text
         client.location = response.headers["Location"]

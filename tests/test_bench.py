@@ -120,3 +120,21 @@ def test_an_unknown_backend_is_named(argv: list[str], capsys) -> None:  # type: 
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--backend" in err and repr(argv[-1]) in err
+
+
+def test_bench_reports_parity_against_the_first_run_memory_and_each_streams_p99(capsys) -> None:
+    """Two runs of the same backend compute the same frames: parity 0, on frames that are not flat."""
+    argv = ["bench", "--model", "tiny", "--size", "64", "--frames", "2", "--warmup", "0", "--backend", "torch,torch",
+            "--batch", "2", "--streams", "3", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    first, second = report["runs"]
+    assert "parity" not in first
+    assert second["parity"]["vs"] == "torch" and second["parity"]["max_abs"] == 0
+    assert second["parity"]["mean_abs"] == 0 and second["parity"]["reference_std"] > 5
+    assert first["peak_gpu_mb"] is None  # no CUDA here
+    (streams,) = report["streams"]
+    batched, sequential = (streams[mode]["per_stream_p99_ms"] for mode in ("batched", "sequential"))
+    assert len(batched) == len(sequential) == 3 and min(batched + sequential) > 0
+    assert len(set(batched)) == 1  # one step serves every stream at once
+    assert sequential == sorted(sequential)  # one after another: a later stream always waits longer

@@ -27,11 +27,16 @@ def test_timesteps(params: dict, expected: tuple[int, ...]) -> None:
         ({"backend": "cuda-magic"}, "backend"),
         ({"max_batch": 0}, "max_batch"),
         ({"compile": True, "backend": "onnx"}, "compile"),
+        ({"compile": True, "backend": "cuda-graph"}, "compile"),
     ],
 )
 def test_engine_settings_name_the_bad_field(changes: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         EngineSettings(**changes)
+
+
+def test_cuda_graph_is_a_backend_setting() -> None:
+    assert EngineSettings(backend="cuda-graph").backend == "cuda-graph"  # whether CUDA is there is checked at start
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,8 @@ def test_unknown_hub_id_fails_with_a_message_naming_it_and_the_way_out() -> None
         load_model("someone/no-such-model")
     message = str(error.value)
     assert "someone/no-such-model" in message
-    assert "--model tiny" in message and "huggingface-cli download" in message
+    assert "--model tiny" in message and "`hf download someone/no-such-model`" in message
+    assert "HF_HUB_OFFLINE" in message  # the tests run offline: said, not "could not be downloaded"
 
 
 @pytest.mark.parametrize("ref", ["no-such-thing", "./missing/folder", "a/b/c"])

@@ -227,8 +227,10 @@ def test_latency_page_run_summary_and_downloads(server: LiveServer, page: Page, 
     assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["max_ms"] < 10_000
     assert summary["sent"] >= 40  # 10 s at 5 fps
     assert summary["received"] >= 0.8 * summary["sent"], summary
-    assert len(frames) == summary["received"]
+    assert len(frames) == summary["sent"]  # every frame sent, with what became of it
     assert len({f["id"] for f in frames}) == len(frames)
+    frames = [f for f in frames if f["outcome"] == "displayed"]
+    assert len(frames) == summary["received"]
     for frame in frames:
         assert frame["g2g_ms"] == pytest.approx(frame["displayed_ms"] - frame["sent_ms"])
         assert 0 < frame["g2g_ms"] < 10_000
@@ -254,11 +256,105 @@ def test_latency_page_run_summary_and_downloads(server: LiveServer, page: Page, 
     with p.expect_download() as download:
         p.click("#download-csv")
     rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
-    assert len(rows) == summary["received"] and rows[0]["run"] == "model"
+    assert len(rows) == summary["sent"] and rows[0]["run"] == "model"
+    assert sum(row["outcome"] == "displayed" for row in rows) == summary["received"]
 
     p.evaluate("document.getElementById('summary').scrollIntoView()")
     page.screenshot(artifacts_dir / "page-latency.png", full_page=True)
     assert page.errors == []
+
+
+def test_latency_page_runs_the_duration_the_url_asks_for(server: LiveServer, page: Page) -> None:
+    """`?duration=5` ran 30 s when only 10/30/60/120 were offered: any duration from 3 to 300 s is taken."""
+    p = page.page
+    p.goto(server.url + "/latency?duration=5&fps=5&resolution=320x240")
+    assert p.input_value("#duration") == "5" and p.is_hidden("#notice")
+    started = time.monotonic()
+    p.click("#run")
+    p.locator("#summary").wait_for(state="visible", timeout=60_000)
+    took = time.monotonic() - started
+    summary = p.evaluate("window.livediffLatency.results[0].summary()")
+    assert summary["duration_s"] == pytest.approx(5, abs=1), summary
+    assert took < 30, took  # 5 s measured, plus connecting, warm-up and 2 s for the last frames
+    assert page.errors == []
+
+
+def test_latency_page_names_the_url_parameters_it_cannot_take(server: LiveServer, page: Page,
+                                                               artifacts_dir: Path) -> None:
+    p = page.page
+    p.goto(server.url + "/latency?duration=1000&fps=7&resolution=640x480")
+    notice = p.locator("#notice[data-notice='params']")
+    notice.wait_for(timeout=10_000)
+    text = notice.text_content() or ""
+    assert "duration=1000 (takes 3 to 300 seconds)" in text, text
+    assert "fps=7 (takes 5, 10, 15, 24, 30, 60)" in text, text
+    assert "resolution" not in text  # taken
+    assert p.input_value("#duration") == "30" and p.input_value("#resolution") == "640x480"
+    page.screenshot(artifacts_dir / "page-latency-params.png")
+    # A duration typed out of range is named too, and no run starts.
+    p.fill("#duration", "2")
+    p.click("#run")
+    p.locator("#notice[data-notice='duration']").wait_for(timeout=5_000)
+    assert "3 to 300 seconds" in (p.text_content("#notice") or "")
+    assert p.text_content("#status") == "idle" and not p.is_disabled("#run")
+    assert page.errors == []
+
+
+def _dropped_in(server: LiveServer) -> float:
+    """The server's count of frames its sessions' inboxes replaced unread (/metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    (line,) = [line for line in text.splitlines() if line.startswith('livediff_frames_total{outcome="dropped_in"}')]
+    return float(line.split()[-1])
+
+
+def test_latency_page_tells_frames_the_server_dropped_from_frames_lost(
+    tiny_parts: Any, browser: Any, artifacts_dir: Path
+) -> None:
+    """The model slower than the camera: the inbox's drops are labelled as such, not as lost."""
+    slow = start_server(tiny_parts, size=256)  # the tiny model at 256x256 on one core: slower than 30 fps
+    page = Page(browser)
+    try:
+        p = page.page
+        before = _dropped_in(slow)
+        p.goto(slow.url + "/latency?duration=5&fps=30&resolution=320x240")
+        p.click("#run")
+        p.locator("#summary").wait_for(state="visible", timeout=90_000)
+        dropped_on_server = _dropped_in(slow) - before
+        with p.expect_download() as download:
+            p.click("#download-json")
+        (run,) = json.loads(Path(download.value.path()).read_text())["runs"]
+        summary, frames = run["summary"], run["frames"]
+        assert summary["dropped_by_server_inbox"] > 0, summary
+        assert summary["dropped_by_server"] == summary["dropped_by_server_inbox"] + summary["dropped_by_server_outbox"]
+        assert summary["sent"] == summary["received"] + summary["dropped_by_server"] + summary["lost_on_the_way"]
+        assert summary["lost_on_the_way"] == summary["lost_before_server"] + summary["lost_after_server"]
+        # The page counts only what the server named, inside the measured window.
+        assert summary["dropped_by_server_inbox"] <= dropped_on_server, (summary, dropped_on_server)
+        outcomes = {key: sum(f["outcome"] == key for f in frames) for key in
+                    ("displayed", "dropped_inbox", "dropped_outbox", "lost_before_server", "lost_after_server")}
+        assert len(frames) == summary["sent"] == sum(outcomes.values()), outcomes
+        assert outcomes["dropped_inbox"] == summary["dropped_by_server_inbox"]
+        assert outcomes["displayed"] == summary["received"]
+        # Said in the tiles and the table, in words.
+        assert p.text_content("#dropped") == str(summary["dropped_by_server"])
+        assert p.text_content("#lost") == str(summary["lost_on_the_way"])
+        table = p.text_content("#summary-table") or ""
+        assert "dropped by the server on purpose" in table and "model busy (latest-only inbox)" in table
+        assert "lost on the way" in table
+        assert "latest-only" in (p.text_content("#drops-note") or "")
+        with p.expect_download() as download:
+            p.click("#download-csv")
+        rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+        assert sum(row["outcome"] == "dropped_inbox" for row in rows) == summary["dropped_by_server_inbox"]
+        p.evaluate("document.getElementById('summary').scrollIntoView()")
+        page.screenshot(artifacts_dir / "page-latency-drops.png", full_page=True)
+        assert page.errors == []
+    finally:
+        page.context.close()
+        slow.stop()
 
 
 def test_latency_run_never_shows_a_frame_before_it_could_be(server: LiveServer, page: Page) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.server_fixtures import offer_client, running_server
+from tests.server_fixtures import frames_back, offer_client, running_server
 
 pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(120)]
 
@@ -16,9 +16,7 @@ async def test_bad_requests_and_auth_leave_the_live_session_running(tiny_parts, 
     async with running_server(tiny_parts, size=64, token=TOKEN, max_sessions=1) as server:
         url = server.url
         client = await offer_client(http, url, headers=AUTH)
-        await client.wait_connected()
-        assert client.received is not None
-        await client.received.wait_for(3)
+        received = await frames_back(client)
         cases = [
             # (method, path, kwargs, status, field)
             ("POST", "/offer", {"json": {"sdp": "v=0", "type": "offer"}}, 401, None),
@@ -60,8 +58,8 @@ async def test_bad_requests_and_auth_leave_the_live_session_running(tiny_parts, 
         async with http.get(url + "/metrics", headers=AUTH) as response:
             assert response.status == 200 and "livediff_frames_total" in await response.text()  # scrapeable
         # the live session kept running through all of it
-        count = len(client.received.times)
-        await client.received.wait_for(count + 3)
+        count = len(received.times)
+        await received.wait_for(count + 3)
         assert server.service.scheduler.sessions[client.session_id].state == "live"
         await client.close()
 

@@ -58,3 +58,26 @@ async def test_passthrough_sends_frames_of_the_engine_size_as_they_came(tiny_par
         assert (stats["batch_size"] == 0) is as_is, stats
         assert stats["received_ms"] <= stats["scheduled_ms"] <= stats["finished_ms"] <= stats["sent_ms"]
         await client.close()
+
+
+async def test_probe_stats_name_the_frames_the_server_dropped_on_purpose(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    """A camera faster than the model: the inbox's drops reach the client by id, apart from the frames sent."""
+    async with running_server(tiny_parts, size=256) as server:
+        camera = CameraTrack(width=256, height=256, paint_probe=True, fps=60)
+        client = await offer_client(http, server.url, camera, params={"probe": True})
+        await client.wait_connected()
+        await client.wait_message(lambda m: m["type"] == "stats" and len(client.messages) > 10, timeout=60)
+        session = server.service.scheduler.sessions[client.session_id]
+        stats = [m for m in client.messages if m["type"] == "stats"]
+        replaced = session.inbox.replaced
+        await client.close()
+    dropped = [i for m in stats for i in m["dropped"]["inbox"]]
+    sent_back = {m["frame_id"] for m in stats}
+    assert dropped, f"the model kept up with a 60 fps camera ({replaced} replaced): nothing to check"
+    assert len(set(dropped)) == len(dropped) and dropped == sorted(dropped)  # each once, oldest first
+    assert all(0 <= i < camera.index for i in dropped)  # ids the camera painted
+    assert not set(dropped) & sent_back  # a frame dropped at the inbox never reached the encoder
+    # Every drop the server counted up to its last stats message is named (ids are read from clean
+    # frames); a few more may have come after that message.
+    assert 0.8 * replaced - 10 <= len(dropped) <= replaced, (len(dropped), replaced)
+    assert all(m["dropped"]["outbox"] == [] or set(m["dropped"]["outbox"]) <= set(range(camera.index)) for m in stats)

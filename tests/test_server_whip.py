@@ -74,3 +74,45 @@ async def test_whip_sendrecv_gets_output_back(tiny_parts, http) -> None:  # type
         await publisher.received.wait_for(5, timeout=20)
         assert publisher.received.frames[-1].shape == (64, 64, 3)
         await publisher.close()
+
+
+async def test_ice_restart_is_422_and_the_session_goes_on(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    """RFC 9725 4.3.1/4.3.2: a PATCH with new ICE credentials (If-Match: *) is refused with 422, for
+    WHIP and WHEP resources alike, and the existing ICE session is kept (was 501)."""
+    async with running_server(tiny_parts, size=64) as server:
+        publisher = await whip_publish(http, server.url, sendrecv=True, audio=False)
+        await publisher.wait_connected()
+        viewer = await whep_view(http, server.url, publisher.session_id)
+        await viewer.wait_connected()
+        assert publisher.received is not None and viewer.received is not None
+        await viewer.received.wait_for(3, timeout=20)
+        ours = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in publisher.pc.localDescription.sdp.splitlines()
+                if line.startswith(("a=ice-ufrag:", "a=ice-pwd:"))}
+        restarts = [
+            "a=ice-ufrag:newU\r\na=ice-pwd:newpasswordnewpassword12\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+            "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n",
+            f"a=ice-ufrag:{ours['a=ice-ufrag']}\r\na=ice-pwd:anotherpasswordanother12\r\n",  # the password alone
+        ]
+        headers = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
+        for client in (publisher, viewer):
+            for frag in restarts:
+                async with http.patch(server.url + client.location, data=frag, headers=headers) as response:
+                    body = await response.json()
+                    assert response.status == 422, body
+                assert "ICE restart is not supported" in body["error"] and body["field"] in ("ice-ufrag", "ice-pwd")
+        # nothing was torn down: frames keep flowing both ways, trickle with the current credentials still works
+        session = server.service.scheduler.sessions[publisher.session_id]
+        counts = len(publisher.received.times), len(viewer.received.times), session.stats.frames_in
+        await asyncio.sleep(1.5)
+        assert len(publisher.received.times) > counts[0] and len(viewer.received.times) > counts[1]
+        assert session.stats.frames_in > counts[2] and session.state == "live"
+        assert publisher.pc.connectionState == "connected" and viewer.pc.connectionState == "connected"
+        trickle = (f"a=ice-ufrag:{ours['a=ice-ufrag']}\r\na=ice-pwd:{ours['a=ice-pwd']}\r\na=mid:0\r\n"
+                   "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n")
+        async with http.patch(server.url + publisher.location, data=trickle,
+                              headers={**headers, "If-Match": publisher.etag}) as response:
+            assert response.status == 204, await response.text()
+        async with http.delete(server.url + publisher.location) as response:  # ends the viewer too
+            assert response.status == 200
+        for client in (publisher, viewer):
+            await client.close()

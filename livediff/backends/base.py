@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from livediff.backends.unet_extras import NO_EXTRAS, UNetExtras
+
+R = TypeVar("R")
+
+
+class Stages(Protocol):
+    """Runs the stages of one engine step, in the order the step meets them.
+
+    `run(name, fn, *args)` returns `fn(*args)`, computed now (`EAGER`) or replayed from a recording
+    of the same stage (`livediff.backends.cuda_graph`). A recording's outputs are its own buffers:
+    valid until the next step, so the engine copies out whatever it keeps across steps.
+    """
+
+    def run(self, name: str, fn: Callable[..., R], *args: Any) -> R: ...
+
+
+class EagerStages:
+    """Every stage computed when it is asked for."""
+
+    def run(self, name: str, fn: Callable[..., R], *args: Any) -> R:
+        return fn(*args)
+
+
+EAGER = EagerStages()
 
 
 class Backend(Protocol):
@@ -46,6 +69,12 @@ class Backend(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, 4, H/8, W/8) latents -> (N, 3, H, W) images in [-1, 1]."""
+        ...
+
+    def stages(self, layout: Hashable | None) -> Stages:
+        """How the engine runs the stages of a step of `layout` (what fixes its shapes and its
+        order of work; None for a step that cannot be recorded): `EAGER` except where a backend
+        records whole stages (`cuda-graph`)."""
         ...
 
 
@@ -95,3 +124,6 @@ class CompiledBackend:
         prediction, *outputs = self._extras_unet(latents, timesteps, embeds, *feeds)
         names = [spec.name for spec in self.extras.outputs]
         return prediction.to(self.dtype), {name: out.to(self.dtype) for name, out in zip(names, outputs, strict=True)}
+
+    def stages(self, layout: Hashable | None) -> Stages:
+        return EAGER

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 
+from livediff.backends.base import EAGER, Stages
 from livediff.backends.control_residuals import ControlNetResiduals
 from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
 from livediff.backends.unet_extras import NO_EXTRAS, ExtrasUNet, UNetExtras
@@ -14,6 +15,8 @@ from livediff.models.controlnet import ControlNetParts
 
 
 class TorchBackend:
+    """The networks as torch modules: eager, or each wrapped in `torch.compile` (`compile=True`)."""
+
     def __init__(self, parts: ModelParts, compile: bool = False, extras: UNetExtras = NO_EXTRAS) -> None:
         """`extras`: the optional UNet inputs `unet_with` takes (their attention processors are
         installed on the model; its plain call stays exactly as it was)."""
@@ -49,6 +52,9 @@ class TorchBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._decode(latents)
+
+    def stages(self, layout: Hashable | None) -> Stages:
+        return EAGER
 
 
 def controlnet_module(parts: ModelParts, controlnet: ControlNetParts, compile: bool = False) -> torch.nn.Module:

@@ -81,7 +81,8 @@ class ControlModels:
                     raise ConfigError(f"{field}.preprocessor depth: the depth model could not be loaded: {error}")
 
     def request(self, controls: Sequence[ControlParams]) -> dict[Key, Future[Any]]:
-        """Start loading whatever `controls` need that is not loaded; the loads still running, by key."""
+        """Start loading whatever `controls` need that is not loaded; the loads not done well (still
+        running, or failed), by key."""
         wanted: list[Key] = [("controlnet", c.name) for c in controls]
         if any(c.preprocessor == "depth" for c in controls):
             wanted.append(DEPTH)
@@ -90,7 +91,7 @@ class ControlModels:
             future = self._loads.get(key)
             if future is None:
                 future = self._loads[key] = self._loader().submit(self._load, key)
-            if not future.done():
+            if not future.done() or future.exception() is not None:
                 running[key] = future
         return running
 

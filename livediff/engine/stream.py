@@ -4,36 +4,47 @@ One step, for frames of one or many streams:
 
 1. passthrough streams get their input back (transport measurements); the similarity filter
    (host): frames that barely changed reuse their stream's last output
-2. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype;
+2. motion-aware strength (host, streams that ask for it): the input's smoothed motion sets this
+   frame's strength, hence its timesteps (`livediff.engine.temporal.MotionEstimate`)
+3. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype;
    the control images of streams with ControlNets (`livediff.engine.preprocessors`: Canny edges,
    depth, the previous output), each kind once for all streams that use it, each a stage of its own
-3. VAE encode -> latents
-4. noise each latent to its stream's first timestep with the stream's fixed noise
-5. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps); streams with
+4. VAE encode -> latents
+5. noise each latent to its stream's first timestep with the stream's fixed noise
+6. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps); streams with
    a feature bank bring their earlier frames' attention keys and values to each UNet call and keep
    this frame's (`livediff.engine.temporal`); before each UNet call, each ControlNet in use runs
    on the rows of the streams that use it at that step and their residuals go into the same UNet
    call, zeros for rows without (`livediff.engine.control`; stage `controlnet`)
-6. VAE decode
-7. postprocess: back to uint8 HWC and one device-to-host copy
+7. VAE decode
+8. postprocess: back to uint8 HWC and one device-to-host copy
 
 Frames are uint8 RGB tensors of shape (H, W, 3) on the host, as decoded video frames come.
 Everything that depends only on a stream's params (embeddings, timesteps, coefficients, noise)
 is prepared when the params change, never per frame. Per-stream state lives in `Stream`.
+
+Steps 3-8 go through the backend's `stages(layout)`: computed there and then, or (`cuda-graph`)
+replayed from a recording of the same stage for steps of the same layout. Each stage is a
+function of tensors alone (per-stream tensors gathered beforehand into a `_Batch`), and what it
+returns is copied before it is kept across steps. A step with a stream that uses the feature bank,
+motion-aware strength or a ControlNet has no layout and always runs eagerly: the bank's UNet call
+picks its graph (plain or bank) and the size of its inputs per call and writes the banks during
+the step, motion-aware strength changes a stream's timesteps from frame to frame, and which
+ControlNets run on which rows (and whether they are loaded yet) changes with the streams' params.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from livediff.backends import Backend, create_backend, resolve_backend
+from livediff.backends import Backend, Stages, create_backend, resolve_backend
 from livediff.backends.control_residuals import RESIDUALS
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
@@ -128,12 +139,15 @@ class _Batch:
     uncond: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
     """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
-    banks: list[FeatureBank | None] = field(default_factory=list)
-    """Each frame's feature bank (None: the stream has none)."""
-    controls: list[Controls] = field(default_factory=list)
-    """Each frame's ControlNets with their control images (empty: none)."""
+    pending: tuple[torch.Tensor | None, ...] = ()
+    """Stream Batch only: each stream's `Stream.pending` (None on its first frame)."""
+    banks: tuple[FeatureBank | None, ...] = ()
+    """Each frame's feature bank (None: the stream has none); empty when no stream has one."""
+    controls: tuple[Controls, ...] = ()
+    """Each frame's ControlNets with their control images; empty when no stream has one."""
     clock: StageClock | None = None
-    """The step's clock, which times the ControlNets' runs as a stage of their own."""
+    """With `controls` only: the step's clock, which times the ControlNets' runs as a stage of
+    their own (such steps run eagerly; a recorded stage takes no clock)."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -142,9 +156,9 @@ class _Batch:
             return None if t is None else t.repeat_interleave(times, dim=0)
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
-                      repeat(self.uncond), repeat(self.guidance),
-                      [bank for bank in self.banks for _ in range(times)],
-                      [controls for controls in self.controls for _ in range(times)], self.clock)  # fmt: skip
+                      repeat(self.uncond), repeat(self.guidance), self.pending,
+                      tuple(bank for bank in self.banks for _ in range(times)),
+                      tuple(controls for controls in self.controls for _ in range(times)), self.clock)  # fmt: skip
 
 
 class StreamEngine:
@@ -232,9 +246,9 @@ class StreamEngine:
             stream.coefs.clear()
 
     def control_loads(self, params: StreamParams) -> dict[Key, Future[Any]]:
-        """The loads `params`' ControlNets (and the depth estimator) wait for, by key; empty when all
-        are ready. Starts any not started: they run off the frame path, and until one is done the
-        stream's frames run without it."""
+        """The loads `params`' ControlNets (and the depth estimator) wait for, or that failed, by key;
+        empty when all are ready. Starts any not started: they run off the frame path, and until one
+        is done the stream's frames run without it."""
         return self.controls.request(params.controlnet)
 
     def _check(self, params: StreamParams) -> None:
@@ -317,35 +331,57 @@ class StreamEngine:
         for stream, image in zip(streams, images):
             if stream.motion is not None:
                 self._follow_motion(stream, image)
-        pixels = self._preprocess(images)
+        stages = self.backend.stages(self._layout(streams))
+        pixels = stages.run("preprocess", self._preprocess, self._upload(images))
         clock.mark("preprocess")
         controls = self._control_images(streams, images, pixels, clock)
-        latents = self.backend.encode(pixels)
+        latents = stages.run("encode", self.backend.encode, pixels)
         clock.mark("encode")
         groups: dict[int, list[int]] = {}
         for i, stream in enumerate(streams):
             groups.setdefault(len(stream.params.timesteps), []).append(i)
         if len(groups) == 1:
-            denoised = self._denoise_group(streams, latents, controls, clock)
+            denoised = self._denoise_group(streams, latents, stages, controls, clock)
         else:  # streams with different step counts: one pass per count
             denoised = torch.empty_like(latents)
             for members in groups.values():
                 index = torch.tensor(members, device=self.device)
-                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index],
+                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index], stages,
                                                       [controls[i] for i in members], clock)  # fmt: skip
         clock.mark("unet")
-        decoded = self.backend.decode(denoised)
+        decoded = stages.run("decode", self.backend.decode, denoised)
         clock.mark("decode")
-        frames = self._postprocess(decoded)
+        # the step's one wait for the device; a copy even on the CPU, where a recorded stage's buffer is reused
+        frames = stages.run("postprocess", self._postprocess, decoded).to("cpu", copy=True)
         clock.mark("postprocess")
         return list(frames.unbind(0)), clock.durations_ms()
 
-    def _preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def _layout(self, streams: list[Stream]) -> Hashable | None:
+        """What fixes the shapes and the order of work of a step of `streams`: batch size, step
+        count, guidance, and under Stream Batch which streams start their pipeline. None (never
+        recorded) when the streams' step counts differ (that step gathers its groups by index), or
+        when a stream uses the feature bank, motion-aware strength or a ControlNet (see the module
+        docstring)."""
+        steps = {len(stream.params.timesteps) for stream in streams}
+        if len(steps) > 1 or any(
+            stream.bank is not None or stream.motion is not None or stream.params.controlnet for stream in streams
+        ):
+            return None
+        guided = any(stream.conditioning.uncond is not None for stream in streams)
+        starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
+        return (len(streams), steps.pop(), guided, starting)
+
+    def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, 3) uint8 frames on the device, in one host-to-device copy."""
         if self._staging_cpu is not None:  # CUDA: stack straight into pinned memory, copy asynchronously
             host = torch.stack(images, out=self._staging_cpu[: len(images)])
         else:
             host = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype)
+        return host.to(self.device, non_blocking=True)
+
+    def _preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1], the model dtype, channels-last where the backend wants it."""
+        pixels = frames.permute(0, 3, 1, 2).to(self.dtype)
         pixels = pixels.div_(127.5).sub_(1.0)
         if self.backend.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -398,28 +434,40 @@ class StreamEngine:
         return coefs
 
     def _postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, still on the device."""
         frames = decoded.clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
-        return frames.permute(0, 2, 3, 1).contiguous().cpu()
+        return frames.permute(0, 2, 3, 1).contiguous()
 
     # -- denoising -------------------------------------------------------------------------------
 
-    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, controls: list[Controls],
+    def _stream_batch(self, streams: list[Stream]) -> bool:
+        return self.settings.stream_batch and len(streams[0].params.timesteps) > 1
+
+    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, stages: Stages, controls: list[Controls],
                        clock: StageClock) -> torch.Tensor:  # fmt: skip
         """Denoise the latents of streams that share a step count."""
         batch = self._gather(streams, controls, clock)
-        if self.settings.stream_batch and len(streams[0].params.timesteps) > 1:
-            return self._denoise_stream_batch(streams, x0, batch)
-        return self._denoise(streams, x0, batch)
+        if not self._stream_batch(streams):
+            return stages.run("unet", self._denoise, x0, batch)
+        denoised, pending = stages.run("unet", self._denoise_stream_batch, x0, batch)
+        for stream, latents in zip(streams, pending):
+            stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
+        return denoised
 
     def _gather(self, streams: list[Stream], controls: list[Controls], clock: StageClock) -> _Batch:
+        """The per-stream tensors of a denoising pass, stacked (device copies; motion-aware strength
+        computes a timestep set's coefficients the first time the stream meets it), the banks and
+        the ControlNets with their control images."""
+        controlled = any(controls)
         conds = [s.conditioning for s in streams]
         batch = _Batch(
             coefs=torch.stack([self._coefs(s) for s in streams]),
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
-            banks=[s.bank for s in streams],
-            controls=controls,
-            clock=clock,
+            pending=tuple(s.pending for s in streams) if self._stream_batch(streams) else (),
+            banks=tuple(s.bank for s in streams) if any(s.bank is not None for s in streams) else (),
+            controls=tuple(controls) if controlled else (),
+            clock=clock if controlled else None,
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
@@ -445,13 +493,15 @@ class StreamEngine:
 
     @staticmethod
     def _bank_rows(batch: _Batch, steps: Sequence[int], branch: int) -> list[BankRow | None]:
-        if not any(batch.banks):
+        if not batch.banks:
             return [None] * len(steps)
         return [None if bank is None else BankRow(bank, (step, branch)) for bank, step in zip(batch.banks, steps)]
 
     @staticmethod
     def _control_rows(batch: _Batch, steps: Sequence[int]) -> list[list[ControlRow]]:
         """Each row's ControlNets active at its denoising step (`ControlParams.active`)."""
+        if not batch.controls:
+            return [[] for _ in steps]
         count = batch.coefs.shape[-1]
         return [[ControlRow(c.name, c.scale, image) for c, image in controls if c.active(step, count)]
                 for controls, step in zip(batch.controls, steps)]  # fmt: skip
@@ -479,41 +529,42 @@ class StreamEngine:
             store(rows, outputs, len(self.bank_feature.layers))
         return prediction
 
-    def _denoise(self, streams: list[Stream], x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    def _denoise(self, x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """All steps of each frame in turn: `steps` UNet calls of batch B."""
         coefs, noise = batch.coefs, batch.noise
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         for k in range(steps):
-            output = self._predict(x, coefs[:, T, k], batch, [k] * len(streams))
+            output = self._predict(x, coefs[:, T, k], batch, [k] * coefs.shape[0])
             denoised = self.schedule.predict_x0(x, output, coefs[:, :, k])
             if k + 1 < steps:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
         return denoised
 
-    def _denoise_stream_batch(self, streams: list[Stream], x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    def _denoise_stream_batch(self, x0: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call of batch B * steps: this frame's first step beside the earlier frames' later steps.
 
         The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
-        carries the latents in between.
+        carries the latents in between. Returns (B, C, h, w) outputs and (B, steps - 1, C, h, w)
+        next `pending`.
         """
         coefs, noise = batch.coefs, batch.noise
         size, steps = coefs.shape[0], coefs.shape[-1]
-        for i, stream in enumerate(streams):
-            if stream.pending is None:  # first frame: start the pipeline filled with this frame
+        pending = []
+        for i, latents in enumerate(batch.pending):
+            if latents is None:  # first frame: start the pipeline filled with this frame
                 later = coefs[i, :, 1:].T
-                stream.pending = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
+                latents = self.schedule.add_noise(x0[i].expand(steps - 1, -1, -1, -1), noise[i, 1:], later)
+            pending.append(latents)
         fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
-        x = torch.cat([fresh.unsqueeze(1), torch.stack([s.pending for s in streams])], dim=1).flatten(0, 1)
+        x = torch.cat([fresh.unsqueeze(1), torch.stack(pending)], dim=1).flatten(0, 1)
         flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5), frame-major
         output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps), list(range(steps)) * size)
         denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (size, steps))
         renoised = self.schedule.add_noise(
             denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
         ).unflatten(0, (size, steps - 1))
-        for i, stream in enumerate(streams):
-            stream.pending = renoised[i]
-        return denoised[:, -1]
+        return denoised[:, -1], renoised
 
     # -- convenience -----------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ def load_model(
     device = torch.device(device)
     ref = resolve_auto(ref, device)
     folder, revision = _locate(ref)
+    log.info("loading model %s (%s)", ref, revision)
     try:
         parts = ModelParts(
             ref=ref,
@@ -96,12 +97,12 @@ def load_model(
     return parts
 
 
-def _how_to_get(ref: str) -> str:
+def _how_to_get(ref: str, why: str) -> str:
+    """A one-line answer for a model that is not here: what was looked at, `why` it was not fetched, the way out."""
     return (
-        f"model {ref!r} is neither a built-in ({', '.join(BUILDERS)}), a local diffusers folder, "
-        "nor in the Hugging Face cache and it could not be downloaded. "
-        f"Fetch it on a machine with internet (`huggingface-cli download {ref}`) and point HF_HOME at that "
-        "cache, or run with `--model tiny` (built in, no download)."
+        f"model {ref!r} is not a built-in ({', '.join(BUILDERS)}), a local diffusers folder, nor in the "
+        f"Hugging Face cache, and {why}. Download it with `hf download {ref}` (on a machine with internet, "
+        "then point HF_HOME at that cache), or run with `--model tiny` (built in, no download)."
     )
 
 
@@ -115,7 +116,10 @@ def _locate(ref: str) -> tuple[Path, str]:
             raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/ inside)")
         return path, _fingerprint(path)
     if path.suffix or ref.count("/") != 1:
-        raise ModelLoadError(_how_to_get(ref))
+        raise ModelLoadError(
+            f"model {ref!r} is not a built-in ({', '.join(BUILDERS)}), an existing folder, nor a hub id "
+            "(owner/name, e.g. stabilityai/sd-turbo); run with `--model tiny` (built in, no download)"
+        )
     extensions = ("json", "txt", "safetensors")
     patterns = ["model_index.json"] + [f"{c}/*.{ext}" for c in (*_COMPONENTS, "vae") for ext in extensions]
     folder = _snapshot(ref, patterns)
@@ -124,20 +128,34 @@ def _locate(ref: str) -> tuple[Path, str]:
 
 def _snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
     """The local snapshot of a hub repository: from the cache, else downloaded once."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
     try:
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
-        except HFValidationError:
-            raise
-        except Exception:  # noqa: BLE001 - not in the cache, whatever the reason: try the hub
-            return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
     except HFValidationError as exc:
         raise ModelLoadError(f"{repo_id!r} is not a valid model id: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all answered the same way
-        raise ModelLoadError(f"{_how_to_get(repo_id)} ({type(exc).__name__})") from exc
+    except Exception:  # noqa: BLE001 - not in the cache, whatever the reason: try the hub
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(_how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked"))
+    log.info("%s is not in the Hugging Face cache: downloading it", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except GatedRepoError as exc:
+        why = "it is gated on the hub: accept its terms on huggingface.co, then `hf auth login`"
+        raise ModelLoadError(_how_to_get(repo_id, why)) from exc
+    except RepositoryNotFoundError as exc:
+        why = "the hub has no such model (or it is private: `hf auth login` first)"
+        raise ModelLoadError(_how_to_get(repo_id, why)) from exc
+    except Exception as exc:  # noqa: BLE001 - network, auth, disk: answered the same way, with the cause
+        why = f"it could not be downloaded ({type(exc).__name__}: {_first_line(exc)})"
+        raise ModelLoadError(_how_to_get(repo_id, why)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _fingerprint(folder: Path) -> str:

@@ -1,5 +1,5 @@
-"""GET /api/sessions, GET|PATCH /api/sessions/{id}: state, stats and live params;
-GET /api/sessions/{id}/control.jpg: the session's control image."""
+"""GET /api/sessions, GET|PATCH|DELETE /api/sessions/{id}: state, stats, live params, and ending a
+session; GET /api/sessions/{id}/control.jpg: the session's control image."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ async def patch_session(request: web.Request) -> web.Response:
     return web.json_response(await service(request).apply_params(session, data))
 
 
+async def delete_session(request: web.Request) -> web.Response:
+    """The operator's stop: ends the session's peer, its WHEP viewers and tasks, and frees its slot.
+
+    Any kind of session (demo page, WHIP); 404 when unknown or already ended. Answers the session
+    as it ended (`state` "closed", its final stats).
+    """
+    session = find_session(request)
+    await service(request).close_session(session)
+    return web.json_response(session.describe())
+
+
 async def get_control_image(request: web.Request) -> web.Response:
     """The session's latest control image as a small JPEG (encoded off the event loop); 204 (no body)
     while it has none: no ControlNet on, or not yet run on its frames."""
@@ -41,4 +52,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_patch("/api/sessions/{id}", patch_session)
+    app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_get("/api/sessions/{id}/control.jpg", get_control_image)

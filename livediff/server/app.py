@@ -13,9 +13,10 @@ from aiohttp import web
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.models import ModelParts
-from livediff.server import api, health, offer, whep, whip
+from livediff.server import api, health, ice, offer, whep, whip
 from livediff.server.auth import bearer_middleware
 from livediff.server.common import SERVICE
+from livediff.server.cors import cors_middleware
 from livediff.server.errors import ApiError, error_middleware
 from livediff.server.service import Service
 
@@ -36,12 +37,13 @@ def _page(web_dir: Path, name: str) -> web.Handler:
 def create_app(engine_settings: EngineSettings, settings: ServerSettings | None = None,
                parts: ModelParts | None = None, default_params: StreamParams | None = None) -> web.Application:
     settings = settings or ServerSettings()
-    middlewares = [error_middleware]
+    middlewares = [cors_middleware(settings.cors_origins)] if settings.cors_origins else []
+    middlewares.append(error_middleware)
     if settings.token:
         middlewares.append(bearer_middleware(settings.token))
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SERVICE] = Service(engine_settings, settings, parts, default_params)
-    for module in (offer, whip, whep, api, health):
+    for module in (offer, whip, whep, api, ice, health):
         module.add_routes(app)
     for route, name in PAGES.items():
         app.router.add_get(route, _page(settings.web_dir, name))

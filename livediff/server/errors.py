@@ -1,4 +1,5 @@
-"""JSON errors: every 4xx/5xx answer has a body `{"error": ..., "field"?: ...}`.
+"""JSON errors: every 4xx/5xx answer has a body `{"error": ..., "field"?: ...}`, plus what the
+error names: an offer's SDP line (`"line"`), the codecs offered and accepted.
 
 The middleware turns aiohttp's own HTTP errors (404, 405, 413 ...) into that shape and any
 unexpected exception into a JSON 500 for that request only: nothing else stops.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
 from livediff.scheduler import AdmissionError
 from livediff.server.params import ParamError
+from livediff.transport.offers import UnsupportedCodecs
 from livediff.transport.whip import SdpError
 
 log = logging.getLogger(__name__)
@@ -38,10 +41,11 @@ class ApiError(Exception):
 
 
 def json_error(status: int, message: str, field: str | None = None,
-               headers: Mapping[str, str] | None = None) -> web.Response:
-    body: dict[str, str] = {"error": message}
+               headers: Mapping[str, str] | None = None, **details: Any) -> web.Response:
+    body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
+    body.update({k: v for k, v in details.items() if v is not None})
     return web.Response(status=status, text=json.dumps(body), content_type="application/json",
                         headers=dict(headers or {}))
 
@@ -56,8 +60,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(503, f"not ready: {exc}", headers={"Retry-After": "5"})
     except AdmissionError as exc:
         return json_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+    except UnsupportedCodecs as exc:
+        return json_error(422, str(exc), kind=exc.kind, offered=exc.offered, accepted=exc.accepted)
     except SdpError as exc:
-        return json_error(400, f"malformed SDP: {exc}")
+        return json_error(400, f"malformed SDP: {exc}", line=exc.line)
     except ParamError as exc:
         return json_error(422, exc.message, exc.field)
     except web.HTTPException as exc:

@@ -21,8 +21,7 @@ async def post_offer(request: web.Request) -> web.Response:
     params, extras = parse_update(svc.default_params, data.get("params") or {})
     session, resource = await svc.publish(RTCSessionDescription(sdp=sdp, type="offer"), params, "offer",
                                           probe_on=extras.get("probe", False))
-    answer = resource.pc.localDescription
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+    return web.json_response({"sdp": resource.answer, "type": "answer", "session_id": session.id})
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,10 +1,19 @@
-"""`livediff serve`: run the app until SIGINT/SIGTERM, then close every peer and exit cleanly."""
+"""`livediff serve`: run the app until SIGINT/SIGTERM, then close every peer and exit cleanly.
+
+Start-up, in order: the port is bound and a `loading` line printed before anything loads
+(`server.listen`, `server.startup`; the CLI does both before importing torch), the app starts
+answering (/healthz at once, /readyz 503 while loading), the backends report each network they
+export or compile, and the URL is printed once the model is warmed up and ready.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+import socket
+import sys
+import time
 
 from aiohttp import web
 
@@ -13,47 +22,74 @@ from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.engine.device import resolve_device
 from livediff.errors import LivediffError
 from livediff.models import resolve_auto
+from livediff.server import tls
 from livediff.server.app import LOAD_TASK, create_app
 from livediff.server.common import SERVICE
+from livediff.server.listen import bind, bound_port
+from livediff.server.startup import print_loading, wait_loaded
 from livediff.transport.loopback import loopback_candidates
 
 
-async def serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams) -> int:
+async def serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams,
+                sockets: list[socket.socket] | None = None, started: float | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; 0 after a clean stop, 2 when the model cannot load (said once).
+
+    `sockets`: bound already (`server.listen.bind`), else bound here from `settings`.
+    `started`: the `time.monotonic()` the command started at, for the seconds-to-ready it prints.
+    """
+    started = time.monotonic() if started is None else started
+    if sockets is None:
+        sockets = bind(settings.host, settings.port)
+        print_loading()
     with loopback_candidates() if settings.ice_loopback else contextlib.nullcontext():
-        return await _serve(engine_settings, settings, params)
+        return await _serve(engine_settings, settings, params, sockets, started)
 
 
-async def _serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams) -> int:
+async def _serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams,
+                 sockets: list[socket.socket], started: float) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
     engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
+    settings, certificate = tls.prepare(settings)
+    ssl_context = tls.context_for(settings)
     app = create_app(engine_settings, settings, default_params=params)
     runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    await runner.setup()  # starts the model load in the background
+    for sock in sockets:
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+    if certificate is not None:
+        print(tls.explain(certificate), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    url = f"http://{settings.host}:{settings.port}/"
-    print(f"livediff: serving {url} — model {model}, backend {engine_settings.backend}, device {device}, "
-          f"size {engine_settings.width}x{engine_settings.height}", flush=True)
-    code = 0
+    code, loaded = 0, False
     try:
-        load = app[LOAD_TASK]
-        waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if load.done() and load.exception() is not None:
-            exc = load.exception()
-            print(f"livediff: error: model load failed: {exc}", flush=True)
-            code = 2 if isinstance(exc, LivediffError) else 1
-        else:
-            if load.done():
-                print(f"livediff: ready ({app[SERVICE].engine_settings.model} warmed up)", flush=True)
+        loaded = await wait_loaded(app[LOAD_TASK], stop, started)
+    except Exception as exc:  # noqa: BLE001 - said once, in one line, then a clean exit
+        said = exc if isinstance(exc, LivediffError) else f"loading failed: {exc!r}"
+        print(f"livediff: error: {said}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(exc, LivediffError) else 1
+    try:
+        if loaded:
+            print_ready(app[SERVICE].describe(), url(settings, bound_port(sockets)), time.monotonic() - started)
             await stop.wait()
-        waiter.cancel()
     finally:
-        print("livediff: shutting down: closing every peer", flush=True)
+        if code == 0:
+            print("livediff: shutting down: closing every peer", flush=True)
         await runner.cleanup()
     return code
+
+
+def url(settings: ServerSettings, port: int) -> str:
+    """The address to open the demo page at: https with a certificate, this machine's name for a
+    wildcard bind (0.0.0.0 is not an address a browser can open), IPv6 in brackets."""
+    host = socket.getfqdn() if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f"{settings.scheme}://{host}:{port}/"
+
+
+def print_ready(engine: dict[str, object], address: str, elapsed_s: float) -> None:
+    """The line once the model is warmed up: the URL, and what runs behind it."""
+    print(f"livediff: ready in {elapsed_s:.0f} s, open {address} (model {engine['model']}, backend "
+          f"{engine['backend']}, device {engine['device']}, {engine['dtype']}, size {engine['size']})", flush=True)

@@ -20,23 +20,26 @@ import av
 import torch
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
-from aiortc.exceptions import InvalidStateError, OperationError
 
-from livediff.config import PREPROCESSORS, EngineSettings, ServerSettings, StreamParams
+from livediff.config import PREPROCESSORS, EngineSettings, ServerSettings, StreamParams, nat_1to1_map
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler, StepObservers
 from livediff.server.controlnets import follow_loads, tell_states
+from livediff.server.drops import DropLog
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
 from livediff.server.params import parse_update, refusal
 from livediff.server.quality import QualitySampler
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
+from livediff.transport.candidates import accept_remote, announce, is_mdns
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
+from livediff.transport.ice_servers import IceServerConfig
+from livediff.transport.offers import negotiate, prepare_offer
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
 from livediff.transport.tracks import OutputTrack, drain, pump
-from livediff.transport.whip import SdpError, SdpFrag, check_offer, new_etag
+from livediff.transport.whip import SdpFrag, new_etag
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class Resource:
     pc: RTCPeerConnection
     session: Session
     etag: str
+    answer: str
+    """The SDP answer as sent: the server's candidates, as `announce` maps them."""
     viewer_id: str | None = None
 
 
@@ -73,6 +78,9 @@ class Service:
         self.default_params = default_params or StreamParams()
         self.settings = settings
         self.parts = parts
+        self.ice = IceServerConfig(settings.ice_servers, settings.turn_username, settings.turn_credential,
+                                   settings.turn_secret, settings.turn_ttl_s)
+        self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.quality = QualitySampler(observe=self.metrics.on_quality)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out,
@@ -104,7 +112,7 @@ class Service:
             await self.scheduler.load(make_engine)
         except Exception as exc:  # reported by /readyz and the CLI, never swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed: %s", self.load_error)
+            log.debug("model load failed: %s", self.load_error)  # the caller says it (once)
             raise
         self.ready = True
 
@@ -182,6 +190,8 @@ class Service:
         return array_to_frame(rgb, frame.pts, frame.time_base)
 
     def _on_sent(self, session: Session) -> Callable[[FrameOut], None]:
+        drops = DropLog(session)
+
         def on_sent(out: FrameOut) -> None:
             age = self.metrics.on_sent(out)
             session.stats.sent += 1
@@ -197,6 +207,7 @@ class Service:
                     "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
                     "batch_size": out.batch_size,
                     "skipped": out.skipped,
+                    "dropped": drops.take(),
                     "quality": session.quality.as_dict() if session.quality is not None else None,
                 }
                 asyncio.get_running_loop().call_later(STATS_DELAY_S, session.send_message, stats)
@@ -221,9 +232,9 @@ class Service:
 
     async def publish(self, offer: RTCSessionDescription, params: StreamParams, kind: str,
                       probe_on: bool = False) -> tuple[Session, Resource]:
-        """Admit a session for a publisher's offer; the answer is `resource.pc.localDescription`."""
+        """Admit a session for a publisher's offer; the answer is `resource.answer`."""
         self.require_ready()
-        check_offer(offer.sdp)
+        offer = prepare_offer(offer.sdp, self.settings.video_codecs)
         try:
             session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
         except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
@@ -231,7 +242,7 @@ class Service:
         await follow_loads(self.scheduler, session)
         self.metrics.sessions.set(len(self.scheduler.sessions))
         try:
-            pc = create_peer(self.settings)
+            pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
             output = OutputTrack(session.outbox, self._on_sent(session))
             self.outputs[session.id] = output
@@ -252,7 +263,7 @@ class Service:
                 if channel.label == "control":
                     self._control_channel(session, channel)
 
-            await self._answer(pc, offer)
+            answer = await self._answer(pc, offer)
             if transceiver.currentDirection in ("sendrecv", "sendonly"):
                 session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                           self.settings.keyframe_interval_s), "tune")
@@ -261,7 +272,7 @@ class Service:
         except BaseException:
             await self.close_session(session)
             raise
-        resource = Resource(pc=pc, session=session, etag=new_etag())
+        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=answer)
         self.resources[session.id] = resource
         session.on_close(self._forget_resource(session.id))
         return session, resource
@@ -280,12 +291,13 @@ class Service:
 
         return forget
 
-    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> None:
-        try:
-            await pc.setRemoteDescription(offer)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except (ValueError, AssertionError, KeyError, IndexError, OperationError, InvalidStateError) as exc:
-            raise SdpError(f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
+    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> str:
+        """Negotiate `offer` on `pc` (`transport.offers.negotiate`: whatever aiortc raises is a 400);
+        returns the answer SDP to send (see `transport.candidates`: the offer's end-of-candidates
+        and mDNS candidates are left out, the answer's host candidates carry the NAT 1:1 public
+        address)."""
+        await negotiate(pc, RTCSessionDescription(sdp=accept_remote(offer.sdp), type=offer.type))
+        return announce(pc.localDescription.sdp, self.nat_1to1)
 
     def _watch(self, pc: RTCPeerConnection, owner: Session, end: Callable[[], Any]) -> None:
         """Reap the peer when it fails, closes, or never connects within the ICE timeout."""
@@ -312,17 +324,16 @@ class Service:
 
     async def view(self, session: Session, offer: RTCSessionDescription) -> Resource:
         self.require_ready()
-        check_offer(offer.sdp)
+        offer = prepare_offer(offer.sdp, self.settings.video_codecs)
         if len(session.viewers) >= self.settings.max_viewers:
             raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
         output = self.outputs[session.id]
         viewer_id = uuid.uuid4().hex[:12]
-        pc = create_peer(self.settings)
+        pc = create_peer(self.ice, self.settings.marker_completion)
         proxy = self.relay.subscribe(output, buffered=False)
         transceiver = pc.addTransceiver(proxy, direction="sendonly")
         prefer_codecs(transceiver, self.settings.video_codecs)
         key = f"{session.id}/{viewer_id}"
-        resource = Resource(pc=pc, session=session, etag=new_etag(), viewer_id=viewer_id)
         tasks: list[asyncio.Task[Any]] = []
 
         async def end() -> None:
@@ -339,10 +350,11 @@ class Service:
         session.viewers[viewer_id] = end
         self.metrics.viewers.inc()
         try:
-            await self._answer(pc, offer)
+            answer = await self._answer(pc, offer)
         except BaseException:
             await end()
             raise
+        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=answer, viewer_id=viewer_id)
         tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
                                                self.settings.keyframe_interval_s), "viewer-tune"))
 
@@ -370,7 +382,11 @@ class Service:
     # -- trickle ---------------------------------------------------------------------------------
 
     async def trickle(self, resource: Resource, frag: SdpFrag) -> None:
+        """Add trickled candidates; mDNS ones are skipped and end-of-candidates is not passed on,
+        for the reasons `transport.candidates` gives for offers."""
         for candidate in frag.candidates:
+            if is_mdns(candidate.ip):
+                continue
             if candidate.sdpMid is None:
                 transceivers = resource.pc.getTransceivers()
                 candidate.sdpMid = transceivers[0].mid if transceivers else None

@@ -15,19 +15,15 @@ from livediff.server.common import read_text, service
 from livediff.server.errors import ApiError
 from livediff.server.params import parse_query, parse_update
 from livediff.server.service import Resource, Service
-from livediff.transport.whip import SDP_TYPE, SDPFRAG_TYPE, etag_matches, link_headers, parse_sdpfrag
-
-
-def ice_links(svc: Service) -> list[str]:
-    s = svc.settings
-    return link_headers(s.ice_servers, s.turn_username, s.turn_credential)
+from livediff.transport.whip import SDP_TYPE, SDPFRAG_TYPE, etag_matches, is_ice_restart, parse_sdpfrag
 
 
 def created(resource: Resource, location: str, svc: Service) -> web.Response:
-    response = web.Response(status=201, text=resource.pc.localDescription.sdp, content_type=SDP_TYPE)
+    """201 with the answer, the resource's URL and ETag, and the ICE servers (RFC 9725 4.2, 4.6)."""
+    response = web.Response(status=201, text=resource.answer, content_type=SDP_TYPE)
     response.headers["Location"] = location
     response.headers["ETag"] = resource.etag
-    for link in ice_links(svc):
+    for link in svc.ice.link_headers():
         response.headers.add("Link", link)
     return response
 
@@ -48,8 +44,20 @@ def find_resource(request: web.Request, key: str) -> Resource:
     return resource
 
 
+ICE_RESTART_REFUSED = (
+    "ICE restart is not supported: this resource takes trickled candidates but cannot restart ICE, so the "
+    "ice-ufrag/ice-pwd must stay those of the offer. The session and its ICE session go on; to move to a new "
+    "network, DELETE this resource and POST a new offer"
+)
+
+
 async def patch_resource(request: web.Request, resource: Resource) -> web.Response:
-    """Trickle ICE (RFC 8840 sdpfrag): If-Match is required; a stale ETag is 412."""
+    """Trickle ICE (RFC 8840 sdpfrag): If-Match is required (428 without); a stale ETag is 412.
+
+    ICE restarts (new ice-ufrag/ice-pwd) are answered 422 (RFC 9725 4.3.1: a session that supports
+    trickle ICE but not ICE restarts answers 422 to the PATCH it does not support; aiortc cannot
+    restart ICE), and the existing ICE session is kept (RFC 9725 4.3.2).
+    """
     if_match = request.headers.get("If-Match")
     if if_match is None:
         raise ApiError(428, "If-Match is required (the ETag of the resource)")
@@ -57,8 +65,8 @@ async def patch_resource(request: web.Request, resource: Resource) -> web.Respon
         raise ApiError(412, "If-Match does not match the resource's ETag (stale ICE session)")
     frag = parse_sdpfrag(await read_text(request, SDPFRAG_TYPE))
     remote = resource.pc.remoteDescription
-    if frag.ufrag is not None and remote is not None and f"a=ice-ufrag:{frag.ufrag}" not in remote.sdp:
-        raise ApiError(501, "ICE restart is not supported: start a new session")
+    if remote is not None and is_ice_restart(frag, remote.sdp):
+        raise ApiError(422, ICE_RESTART_REFUSED, "ice-ufrag" if frag.ufrag is not None else "ice-pwd")
     await service(request).trickle(resource, frag)
     return web.Response(status=204)
 
@@ -74,11 +82,16 @@ async def delete_whip(request: web.Request) -> web.Response:
 
 
 async def options_whip(request: web.Request) -> web.Response:
+    """WHIP/WHEP endpoint discovery. The ICE servers (`Link`) come along only when the server
+    needs no token: an OPTIONS request carries none, and TURN credentials are for clients that
+    may publish."""
+    svc = service(request)
     response = web.Response(status=204)
     response.headers["Accept-Post"] = SDP_TYPE
     response.headers["Allow"] = "OPTIONS, POST"
-    for link in ice_links(service(request)):
-        response.headers.add("Link", link)
+    if not svc.settings.token:
+        for link in svc.ice.link_headers():
+            response.headers.add("Link", link)
     return response
 
 

@@ -21,35 +21,27 @@ import logging
 
 from aiortc import (
     RTCConfiguration,
-    RTCIceServer,
     RTCPeerConnection,
     RTCRtpSender,
     RTCRtpTransceiver,
 )
 from aiortc.codecs import is_rtx
 
-from livediff.config import ServerSettings
+from livediff.transport import h264_profiles
+from livediff.transport.ice_servers import IceServerConfig
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
-def ice_servers(settings: ServerSettings) -> list[RTCIceServer]:
-    servers = []
-    for url in settings.ice_servers:
-        if url.startswith(("turn:", "turns:")):
-            servers.append(RTCIceServer(urls=url, username=settings.turn_username or None,
-                                        credential=settings.turn_credential or None))
-        else:
-            servers.append(RTCIceServer(urls=url))
-    return servers
-
-
-def create_peer(settings: ServerSettings) -> RTCPeerConnection:
-    """A peer with our ICE servers (none by default: no STUN look-up delays on a LAN) and, when
-    enabled, marker-bit frame completion on its video receivers."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(settings)))
-    if settings.marker_completion:
+def create_peer(ice: IceServerConfig, marker_completion: bool = True) -> RTCPeerConnection:
+    """A server-side peer with the configured STUN/TURN servers (none by default: no look-up
+    delays on a LAN, and never aiortc's own default STUN server), H.264 Main and High among the
+    codecs it receives (`h264_profiles`) and, with `marker_completion`, marker-bit frame
+    completion on its video receivers."""
+    h264_profiles.enable()  # idempotent
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=ice.for_peer()))
+    if marker_completion:
         from livediff.transport.marker_jitterbuffer import enable_for
 
         enable_for(pc)

@@ -22,6 +22,7 @@ class LatestSlot(Generic[T]):
 
     Used from the event loop thread only (not thread-safe), like asyncio's own primitives.
     `on_put` runs after each `put`, the item stored; it may take the item at once.
+    `on_drop` (settable later) receives each item replaced unread, before the new one is stored.
     """
 
     def __init__(self, on_put: Callable[[], None] | None = None) -> None:
@@ -29,6 +30,7 @@ class LatestSlot(Generic[T]):
         self._event = asyncio.Event()
         self._closed = False
         self._on_put = on_put
+        self.on_drop: Callable[[T], None] | None = None
         self.replaced = 0
         self.put_count = 0
 
@@ -49,6 +51,8 @@ class LatestSlot(Generic[T]):
             return False
         dropped = self._item is not None
         self.replaced += dropped
+        if dropped and self.on_drop is not None:
+            self.on_drop(self._item)  # type: ignore[arg-type]
         self.put_count += 1
         self._item = item
         self._event.set()

@@ -1,4 +1,7 @@
-"""WHIP/WHEP (RFC 9725) resource helpers: SDP checks, ETags, trickle-ice-sdpfrag, Link headers."""
+"""WHIP/WHEP (RFC 9725) resource helpers: SDP errors, ETags, trickle-ice-sdpfrag.
+
+Offers are checked in `livediff.transport.offers`.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +9,18 @@ import secrets
 from dataclasses import dataclass, field
 
 from aiortc import RTCIceCandidate
-from aiortc.sdp import SessionDescription, candidate_from_sdp
+from aiortc.sdp import candidate_from_sdp
 
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 
 
 class SdpError(ValueError):
-    """The SDP or sdpfrag is malformed; the message says why."""
+    """The SDP or sdpfrag is malformed; the message says why, `line` names the line or attribute."""
 
-
-def check_offer(sdp: str) -> None:
-    """Cheap structural checks before aiortc parses the offer, so garbage gets a clear reason."""
-    if not sdp.strip():
-        raise SdpError("empty SDP")
-    lines = [line.strip() for line in sdp.strip().splitlines()]
-    if not lines[0].startswith("v=0"):
-        raise SdpError("SDP must start with v=0")
-    if not any(line.startswith("m=video ") for line in lines):
-        raise SdpError("the offer has no video m-line")
-    if not any(line.startswith("a=fingerprint:") for line in lines):
-        raise SdpError("the offer has no DTLS fingerprint (a=fingerprint)")
-    if not any(line.startswith("a=ice-ufrag:") for line in lines):
-        raise SdpError("the offer has no ICE credentials (a=ice-ufrag)")
-    try:
-        SessionDescription.parse(sdp)
-    except (ValueError, AssertionError, KeyError, IndexError) as exc:
-        raise SdpError(f"cannot parse the SDP: {exc or type(exc).__name__}") from exc
+    def __init__(self, message: str, line: str | None = None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 def new_etag() -> str:
@@ -88,12 +76,11 @@ def parse_sdpfrag(text: str) -> SdpFrag:
     return frag
 
 
-def link_headers(urls: tuple[str, ...], username: str = "", credential: str = "") -> list[str]:
-    """`Link: <url>; rel="ice-server"` values (RFC 9725 4.6), with TURN credentials when set."""
-    links = []
-    for url in urls:
-        value = f'<{url}>; rel="ice-server"'
-        if url.startswith(("turn:", "turns:")) and username:
-            value += f'; username="{username}"; credential="{credential}"; credential-type="password"'
-        links.append(value)
-    return links
+def is_ice_restart(frag: SdpFrag, remote_sdp: str) -> bool:
+    """Whether a PATCH body asks for an ICE restart: it carries an `ice-ufrag` or `ice-pwd` other
+    than those of the remote description in force (RFC 8839 4.4.1.1.1: new credentials restart
+    ICE; RFC 9725 4.3.2: a WHIP client restarts ICE by PATCHing them)."""
+    ufrags = {line[len("a=ice-ufrag:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-ufrag:")}
+    pwds = {line[len("a=ice-pwd:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-pwd:")}
+    return (frag.ufrag is not None and frag.ufrag not in ufrags) or (frag.pwd is not None and frag.pwd not in pwds)
+

@@ -14,7 +14,7 @@ import {
 } from "./hud.js";
 import { cameraProblem, explainFailure, hideNotice, showNotice } from "./notice.js";
 import { PatternSource } from "./pattern.js";
-import { HttpError, endSession, getJSON, lowestPlayoutDelay, offer, serverInfo } from "./rtc.js";
+import { HttpError, createPeer, endSession, getJSON, iceFailure, lowestPlayoutDelay, offer, serverInfo } from "./rtc.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -130,12 +130,24 @@ async function start(kind) {
     return;
   }
   if (!stream || run !== state.run) return;
-  await connect(stream);
+  await connect(stream, run);
 }
 
-async function connect(stream) {
+async function connect(stream, run) {
   setStatus("connecting", "connecting");
-  const pc = new RTCPeerConnection();
+  let pc;
+  try {
+    pc = await createPeer(); // asks the server for its STUN/TURN servers
+  } catch (error) {
+    if (run !== state.run) return;
+    setButtons("idle");
+    failed(error, () => connectAgain());
+    return;
+  }
+  if (run !== state.run) {
+    pc.close();
+    return;
+  }
   state.pc = pc;
   state.stopping = false;
   pc.addTransceiver(stream.getVideoTracks()[0], { direction: "sendrecv", streams: [stream] });
@@ -190,7 +202,7 @@ function onConnectionState(pc) {
     hideNotice(ui.notice);
     clearTimeout(state.lostTimer);
   } else if (pc.connectionState === "failed") {
-    lost("the connection failed");
+    lost(iceFailure(pc) || "the connection failed");
   } else if (pc.connectionState === "disconnected") {
     clearTimeout(state.lostTimer);
     state.lostTimer = setTimeout(() => {

@@ -8,7 +8,7 @@ import { explainFailure, hideNotice, showNotice } from "./notice.js";
 import { PatternSource } from "./pattern.js";
 import { histogram, stackedBars, timeSeries } from "./plot.js";
 import { MAX_ID, paint, read, stripHeight } from "./probe.js";
-import { endSession, lowestPlayoutDelay, offer, preferCodec, serverInfo, videoCodecs } from "./rtc.js";
+import { createPeer, endSession, iceFailure, lowestPlayoutDelay, offer, preferCodec, serverInfo, videoCodecs } from "./rtc.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -35,10 +35,12 @@ const ui = {
   clockNote: $("clock-note"),
   summary: $("summary"),
   summaryTable: $("summary-table"),
+  dropsNote: $("drops-note"),
   downloadJson: $("download-json"),
   downloadCsv: $("download-csv"),
 };
 
+const DURATION_S = { min: 3, max: 300 }; // what a run takes, per path
 const WARMUP_TIMEOUT_MS = 20000;
 const GRACE_MS = 2000;
 const BREAKDOWN_FRAMES = 150;
@@ -51,10 +53,16 @@ function setStatus(name, text = name) {
   ui.status.textContent = text;
 }
 
+/** The duration in seconds `text` asks for, or null outside DURATION_S. */
+function parseDuration(text) {
+  const value = Number(text);
+  return text !== "" && Number.isFinite(value) && value >= DURATION_S.min && value <= DURATION_S.max ? value : null;
+}
+
 function settings() {
   const [width, height] = ui.resolution.value.split("x").map(Number);
   return {
-    duration_s: Number(ui.duration.value),
+    duration_s: parseDuration(ui.duration.value),
     width,
     height,
     fps: Number(ui.fps.value),
@@ -92,7 +100,7 @@ class ProbeSession {
     const track = stream.getVideoTracks()[0];
     track.contentHint = "motion";
 
-    this.pc = new RTCPeerConnection();
+    this.pc = await createPeer();
     const transceiver = this.pc.addTransceiver(track, { direction: "sendrecv", streams: [stream] });
     if (codec) preferCodec(transceiver, codec, { only: true });
     this.control = new ControlChannel(this.pc, {
@@ -103,7 +111,9 @@ class ProbeSession {
       if (event.track.kind === "video") ui.output.srcObject = new MediaStream([event.track]);
     });
     this.pc.addEventListener("connectionstatechange", () => {
-      if (this.pc && ["failed", "closed"].includes(this.pc.connectionState)) this.onLost?.("the connection failed");
+      if (this.pc && ["failed", "closed"].includes(this.pc.connectionState)) {
+        this.onLost?.(iceFailure(this.pc) || "the connection failed");
+      }
     });
     const params = { probe: true };
     if (this.run.label === "passthrough") params.passthrough = true;
@@ -268,6 +278,16 @@ async function measure(label, config, index, count) {
 
 async function runAll() {
   const config = settings();
+  if (config.duration_s == null) {
+    showNotice(ui.notice, {
+      name: "duration",
+      kind: "warn",
+      title: "Choose a duration from 3 to 300 seconds",
+      text: `${ui.duration.value || "An empty duration"} is not one: a run measures each path for 3 to 300 s.`,
+    });
+    ui.duration.focus();
+    return;
+  }
   const labels = config.mode === "compare" ? ["passthrough", "model"] : [config.mode];
   page.cancelled = false;
   page.results = [];
@@ -323,7 +343,8 @@ function render(run) {
   $("max").textContent = fmt(s.max_ms, 0);
   $("sent").textContent = String(s.sent);
   $("received").textContent = String(s.received);
-  $("lost").textContent = String(s.lost);
+  $("dropped").textContent = String(s.dropped_by_server ?? "—");
+  $("lost").textContent = String(s.lost_on_the_way);
   $("unreadable").textContent = String(s.unreadable);
 
   const frames = [...run.frames.values()];
@@ -370,8 +391,13 @@ const SUMMARY_ROWS = [
   ["max", "max_ms", "ms"],
   ["mean", "mean_ms", "ms"],
   ["frames sent", "sent"],
-  ["frames received", "received"],
-  ["lost", "lost"],
+  ["frames shown", "received"],
+  ["dropped by the server on purpose", "dropped_by_server"],
+  ["· model busy (latest-only inbox)", "dropped_by_server_inbox"],
+  ["· encoder busy (outbox)", "dropped_by_server_outbox"],
+  ["lost on the way", "lost_on_the_way"],
+  ["· before the server", "lost_before_server"],
+  ["· after the server", "lost_after_server"],
   ["unreadable ids", "unreadable"],
   ["display time from arrival", "stale_display_predictions"],
   ["read back", "read_back_ratio", "%"],
@@ -396,6 +422,12 @@ function showSummary(runs, config) {
     }
   }
   ui.summaryTable.replaceChildren(table);
+  ui.dropsNote.textContent = summaries.every((s) => s.dropped_by_server == null)
+    ? "This server does not say which frames it dropped on purpose: every frame that did not come back counts as lost."
+    : "Dropped by the server: the model (or the encoder) was still busy when newer frames came, and the server " +
+      "runs only the newest one (latest-only), so latency stays bounded; a lower frame rate or size drops fewer. " +
+      "Lost on the way: never came back for another reason (the browser's encoder skipped it, the network or a " +
+      "decoder lost it). Each frame's outcome is in the downloads.";
   ui.summary.hidden = false;
   ui.summary.dataset.runs = String(runs.length);
   ui.summary.scrollIntoView({ behavior: "smooth", block: "nearest" });
@@ -461,6 +493,7 @@ function offerModes(passthrough) {
 }
 
 offerModes(false);
+applyQuery(new URLSearchParams(location.search));
 if (!("requestVideoFrameCallback" in HTMLVideoElement.prototype)) {
   ui.run.disabled = true;
   showNotice(ui.notice, {
@@ -486,8 +519,27 @@ function loadServerInfo() {
 
 loadServerInfo();
 
-const query = new URLSearchParams(location.search);
-for (const key of ["duration", "resolution", "fps", "codec", "mode"]) {
-  const value = query.get(key);
-  if (value && [...ui[key].options].some((o) => o.value === value)) ui[key].value = value;
+/** URL parameters preset the form; one the form cannot take is named, with the values it takes. */
+function applyQuery(query) {
+  const ignored = [];
+  const duration = query.get("duration");
+  if (duration != null) {
+    if (parseDuration(duration) != null) ui.duration.value = String(parseDuration(duration));
+    else ignored.push(`duration=${duration} (takes ${DURATION_S.min} to ${DURATION_S.max} seconds)`);
+  }
+  for (const key of ["resolution", "fps", "codec", "mode"]) {
+    const value = query.get(key);
+    if (value == null) continue;
+    const options = [...ui[key].options];
+    if (options.some((o) => o.value === value)) ui[key].value = value;
+    else ignored.push(`${key}=${value} (takes ${options.map((o) => o.value || "empty").join(", ")})`);
+  }
+  if (!ignored.length) return;
+  showNotice(ui.notice, {
+    name: "params",
+    kind: "warn",
+    title: `The form did not take ${ignored.length === 1 ? "a URL parameter" : "some URL parameters"}`,
+    text: `${ignored.join("; ")}. A run uses what the form shows.`,
+  });
 }
+

@@ -10,6 +10,22 @@ export function percentile(sorted, p) {
   return sorted[low] + (sorted[high] - sorted[low]) * (rank - low);
 }
 
+/**
+ * What became of a sent frame, as the downloads name it (`outcome`) and the summary labels it.
+ * The server drops frames on purpose when the model (inbox) or the encoder (outbox) is slower than
+ * the camera: each hop keeps only the newest frame. Its `stats` messages name those frames; any
+ * other frame that never came back was lost on the way (the browser's encoder, the network, a
+ * decoder), before the server or after it.
+ */
+export const OUTCOMES = {
+  displayed: "shown",
+  dropped_inbox: "dropped by the server: model busy",
+  dropped_outbox: "dropped by the server: encoder busy",
+  lost_before_server: "lost on the way to the server",
+  lost_after_server: "lost on the way back",
+  not_shown: "not shown (the server does not say what it dropped)",
+};
+
 export class LatencyRun {
   constructor({ label = "model", settings = {} } = {}) {
     this.label = label;
@@ -17,6 +33,8 @@ export class LatencyRun {
     this.sentAt = new Map(); // id -> performance.now() when painted and captured
     this.frames = new Map(); // id -> the first display of that id
     this.server = new Map(); // id -> the server's stats message
+    this.droppedByServer = new Map(); // id -> "inbox" | "outbox": the server dropped it on purpose
+    this.serverNamesDrops = false; // its stats messages carry `dropped` (servers before it did not)
     this.unreadable = 0; // displayed frames whose id could not be read
     this.repeats = 0; // displays of an id already seen (the server repeated a frame)
     this.stalePredictions = 0; // vsync predictions earlier than the frame's arrival
@@ -77,7 +95,22 @@ export class LatencyRun {
   }
 
   serverStats(message) {
+    if (message.dropped) {
+      this.serverNamesDrops = true;
+      for (const slot of ["inbox", "outbox"]) {
+        for (const id of message.dropped[slot] ?? []) if (this.sentAt.has(id)) this.droppedByServer.set(id, slot);
+      }
+    }
     if (message.frame_id != null && this.sentAt.has(message.frame_id)) this.server.set(message.frame_id, message);
+  }
+
+  /** What became of sent frame `id`: a key of OUTCOMES. */
+  outcome(id) {
+    if (this.frames.has(id)) return "displayed";
+    const slot = this.droppedByServer.get(id);
+    if (slot) return `dropped_${slot}`;
+    if (!this.serverNamesDrops) return "not_shown";
+    return this.server.has(id) ? "lost_after_server" : "lost_before_server";
   }
 
   /** The server's clock from `ControlChannel.syncClock` ({offsetMs, roundTripMs}), or null. */
@@ -108,13 +141,18 @@ export class LatencyRun {
     return spans;
   }
 
-  /** Every received frame, oldest first, with its breakdown flattened into `<span>_ms` fields. */
+  /**
+   * Every sent frame, oldest first, with its `outcome` (a key of OUTCOMES); a shown frame also has
+   * its display times and its breakdown flattened into `<span>_ms` fields.
+   */
   rows() {
     const offset = this.clockOffset();
-    return [...this.frames.values()]
-      .sort((a, b) => a.sent_ms - b.sent_ms)
-      .map((frame) => {
-        const row = { ...frame };
+    return [...this.sentAt.entries()]
+      .sort((a, b) => a[1] - b[1])
+      .map(([id, sent]) => {
+        const frame = this.frames.get(id);
+        if (!frame) return { id, outcome: this.outcome(id), sent_ms: sent };
+        const row = { id, outcome: "displayed", ...frame };
         const s = this.server.get(frame.id);
         if (s) {
           row.server_batch_size = s.batch_size;
@@ -141,12 +179,22 @@ export class LatencyRun {
       counted += 1;
       for (const [name, ms] of spans) means.set(name, (means.get(name) ?? 0) + ms);
     }
+    const outcomes = Object.fromEntries(Object.keys(OUTCOMES).map((key) => [key, 0]));
+    for (const id of this.sentAt.keys()) outcomes[this.outcome(id)] += 1;
+    const named = this.serverNamesDrops;
     return {
       label: this.label,
       duration_s: this.started != null && this.ended != null ? (this.ended - this.started) / 1000 : null,
       sent,
       received,
-      lost: sent - received,
+      // Frames the server dropped on purpose (null: this server does not say which), and the rest
+      // of the frames that never came back, lost on the way.
+      dropped_by_server: named ? outcomes.dropped_inbox + outcomes.dropped_outbox : null,
+      dropped_by_server_inbox: named ? outcomes.dropped_inbox : null,
+      dropped_by_server_outbox: named ? outcomes.dropped_outbox : null,
+      lost_on_the_way: named ? outcomes.lost_before_server + outcomes.lost_after_server : sent - received,
+      lost_before_server: named ? outcomes.lost_before_server : null,
+      lost_after_server: named ? outcomes.lost_after_server : null,
       unreadable: this.unreadable,
       repeats: this.repeats,
       stale_display_predictions: this.stalePredictions,

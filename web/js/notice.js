@@ -75,7 +75,11 @@ export function cameraProblem(error) {
     case "TypeError":
       return {
         title: "This page cannot use the camera",
-        text: "Cameras need a secure origin (https:// or localhost). Use the built-in test pattern instead.",
+        text: window.isSecureContext
+          ? "This browser offers no camera to pages. Use the built-in test pattern instead."
+          : `Browsers give the camera only to https:// pages (or http://localhost), and this one is ${location.origin}. ` +
+            "Start the server with --tls self-signed (or your certificate: --tls-cert, --tls-key) and open its " +
+            "https:// address, or use the built-in test pattern.",
       };
     default:
       return { title: "The camera could not start", text: `${error?.message ?? error}. Use the built-in test pattern instead.` };

@@ -87,6 +87,45 @@ export async function patchJSON(url, data) {
   return (await request(url, { method: "PATCH", body: JSON.stringify(data), type: "application/json" })).json();
 }
 
+/**
+ * The RTCConfiguration for a peer connection to this server: its STUN/TURN servers
+ * (GET /api/ice-servers, with fresh short-lived TURN credentials when the server has a TURN
+ * secret). `?ice=relay` in the page URL sends everything through the TURN server
+ * (iceTransportPolicy "relay"), as a network that blocks direct UDP would.
+ */
+export async function rtcConfiguration() {
+  const { iceServers } = await getJSON("/api/ice-servers");
+  const config = { iceServers };
+  if (new URL(location.href).searchParams.get("ice") === "relay") config.iceTransportPolicy = "relay";
+  return config;
+}
+
+/**
+ * A new RTCPeerConnection with `rtcConfiguration()`. It records the STUN/TURN errors the browser
+ * reports (`icecandidateerror`) in `pc.iceErrors`, for `iceFailure(pc)` to explain a failure with.
+ */
+export async function createPeer() {
+  const config = await rtcConfiguration();
+  const pc = new RTCPeerConnection(config);
+  pc.relayOnly = config.iceTransportPolicy === "relay";
+  pc.iceErrors = [];
+  pc.addEventListener("icecandidateerror", (event) => {
+    // 701: the server could not be reached; 401/403/437/441...: the TURN server refused (RFC 8656 6.3, 8489 14.8).
+    if (event.url) pc.iceErrors.push({ url: event.url, code: event.errorCode, text: event.errorText });
+  });
+  return pc;
+}
+
+/** Why ICE could not work for `pc`, in a sentence (or "" when nothing is known). */
+export function iceFailure(pc) {
+  const refused = pc.iceErrors?.find((e) => e.code >= 400 && e.code < 700);
+  const unreachable = pc.iceErrors?.find((e) => e.code === 701);
+  if (refused) return `the TURN server ${refused.url} refused this page (${refused.code} ${refused.text})`;
+  if (pc.relayOnly && unreachable) return `the TURN server ${unreachable.url} could not be reached`;
+  if (pc.relayOnly) return "no relayed path to the server (relay only: check the server's TURN settings)";
+  return "";
+}
+
 /** Resolves once ICE gathering is complete (the server takes no trickled candidates) or after `ms`. */
 export function iceGathered(pc, ms = 2000) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
@@ -112,6 +151,7 @@ export function iceGathered(pc, ms = 2000) {
 export async function offer(pc, params = undefined) {
   await pc.setLocalDescription(await pc.createOffer());
   await iceGathered(pc);
+  requireCandidates(pc);
   const { sdp, type } = pc.localDescription;
   const response = await request("/offer", {
     method: "POST",
@@ -134,6 +174,7 @@ export async function offer(pc, params = undefined) {
 export async function whep(pc, endpoint) {
   await pc.setLocalDescription(await pc.createOffer());
   await iceGathered(pc);
+  requireCandidates(pc);
   const response = await request(endpoint, { method: "POST", body: pc.localDescription.sdp, type: "application/sdp" });
   const sdp = await response.text();
   const location = response.headers.get("Location");
@@ -144,6 +185,13 @@ export async function whep(pc, endpoint) {
   }
   await pc.setRemoteDescription({ type: "answer", sdp });
   return resource;
+}
+
+/** Throws when gathering found no candidate at all (relay only with a TURN server that refused or is
+ * unreachable): the server could never be reached, so no session is asked for. */
+function requireCandidates(pc) {
+  if (!pc.relayOnly || /^a=candidate:/m.test(pc.localDescription.sdp)) return;
+  throw new Error(`Cannot reach the server: ${iceFailure(pc)}.`);
 }
 
 /**

@@ -2,7 +2,7 @@
 // /view/latest follows the newest session; /view/{id} that session. URL options:
 // ?token=... (kept in localStorage), ?bg=transparent, ?fit=cover, ?quiet=1 (no status text).
 
-import { HttpError, endResource, getJSON, lowestPlayoutDelay, whep } from "./rtc.js";
+import { HttpError, createPeer, endResource, getJSON, lowestPlayoutDelay, whep } from "./rtc.js";
 
 const video = document.getElementById("video");
 const status = document.getElementById("status");
@@ -52,7 +52,7 @@ async function connect() {
     say(latest ? "waiting for a livediff session…" : `waiting for session ${target}…`);
     return false;
   }
-  const pc = new RTCPeerConnection();
+  const pc = await createPeer();
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addEventListener("track", (event) => {
     video.srcObject = new MediaStream([event.track]);

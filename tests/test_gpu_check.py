@@ -1,0 +1,159 @@
+"""scripts/gpu_check.py's own logic (the plan, reading outputs, the verdict), and what the device
+machine needs of the package: the engine, the backends and the bench import without aiortc or av.
+
+The whole script runs in CI as a dry run (`.ci/run`); these tests pin down what that run cannot
+show: the GPU plan and the verdict on GPU-shaped results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def kit() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cuda(kit) -> None:
+    gpu = {step.name: step for step in kit.plan(True, "python3", 512)}
+    assert list(gpu) == ["gpu-tests", "model", "bench-batch1", "bench-batch4", "streams", "bench-compile"]
+    b1 = " ".join(gpu["bench-batch1"].argv)
+    assert "--model sd-turbo-random --size 512 --steps 1" in b1 and "--backend torch,cuda-graph --batch 1" in b1
+    assert "--baseline diffusers" in b1 and "--baseline-dtype" not in b1  # the engine's float16
+    assert "--batch 4" in " ".join(gpu["bench-batch4"].argv)
+    assert "--backend cuda-graph --streams 1,4,8" in " ".join(gpu["streams"].argv)
+    assert "torch,torch.compile" in " ".join(gpu["bench-compile"].argv)
+    assert all(step.skip is None and step.note is None for step in gpu.values())
+    assert sum(step.limit_s for step in gpu.values()) > 420  # the budget, not the limits, bounds a run
+
+    dry = {step.name: step for step in kit.plan(False, "python3", 64)}
+    assert "--model tiny --size 64" in " ".join(dry["bench-batch1"].argv)
+    assert "cuda-graph" not in " ".join(dry["streams"].argv) and "needs CUDA" in dry["streams"].note
+    assert dry["bench-compile"].skip and "torch.compile" in dry["bench-compile"].skip
+
+
+def test_the_gpu_tests_step_runs_every_file_that_holds_gpu_tests(kit) -> None:
+    files = kit.gpu_test_files()
+    assert "tests/test_cuda.py" in files and "tests/test_backends.py" in files
+    assert "tests/test_gpu_check.py" not in files
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p",
+                                "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    marked = {line.split("::")[0] for line in collected.splitlines() if "::" in line}
+    assert marked == set(files)  # pytest's own view of where the gpu tests are
+
+
+def test_outputs_are_read_from_pytest_and_the_bench(kit) -> None:
+    assert kit.pytest_counts("....s\n12 passed, 3 skipped, 40 deselected in 41.20s\n") == {
+        "passed": 12, "skipped": 3, "deselected": 40}  # fmt: skip
+    assert kit.pytest_counts("F\n1 failed, 2 passed, 1 error in 3.00s") == {"failed": 1, "passed": 2, "errors": 1}
+    report = kit.bench_json('engine: model x\n{\n  "runs": []\n}\n')
+    assert report == {"runs": []}
+    with pytest.raises(ValueError):
+        kit.bench_json("Traceback (most recent call last):\n")
+
+
+def _bench(runs: list[dict[str, Any]], baseline_ms: float | None = None) -> dict[str, Any]:
+    report: dict[str, Any] = {"model": "sd-turbo-random (builtin-v1)", "size": "512x512", "dtype": "float16"}
+    report["runs"] = runs
+    if baseline_ms:
+        report["baseline"] = {"name": "diffusers", "dtype": "float16", "ms_per_frame": baseline_ms,
+                              "fps": 1e3 / baseline_ms}  # fmt: skip
+    return report
+
+
+def _run(backend: str, ms: float, batch: int = 1, parity: tuple[int, float] | None = None) -> dict[str, Any]:
+    run: dict[str, Any] = {"backend": backend, "batch": batch, "ms_per_frame": ms, "fps": round(1e3 / ms, 2)}
+    if parity:
+        run["parity"] = {"vs": "torch", "max_abs": parity[0], "mean_abs": parity[1]}
+    return run
+
+
+def _steps(fast_ms: float, parity: tuple[int, float], streams4_fps: float, failed_tests: int = 0) -> dict[str, Any]:
+    ok = lambda result: {"status": "ok", "result": result}  # noqa: E731
+    streams = {"streams": [{"streams": n, "batched": {"fps": f, "per_stream_p99_ms": [9.0] * n},
+                            "sequential": {"fps": f / 2}} for n, f in ((1, 150.0), (4, streams4_fps))]}  # fmt: skip
+    tests = {"passed": 11, "failed": failed_tests, "deselected": 40}
+    return {
+        "gpu-tests": {"status": "failed", "result": tests} if failed_tests else ok(tests),
+        "bench-batch1": ok(_bench([_run("torch", 10.0), _run("cuda-graph", fast_ms, parity=parity)], 400.0)),
+        "bench-batch4": ok(_bench([_run("torch", 5.0, 4), _run("cuda-graph", 4.0, 4, parity=parity)])),
+        "streams": ok(streams),
+    }
+
+
+def test_the_verdict_holds_the_numbers_against_the_targets(kit) -> None:
+    v = kit.verdict(_steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0))
+    assert v["targets"]["batch1_fps"] == {"value": 250.0, "target": 200.0, "met": True}
+    assert v["targets"]["streams4_fps"]["met"] is True
+    assert v["targets"]["speedup_vs_torch"] == {"value": 2.5, "target": 2.0, "met": True}
+    assert v["cuda_graph"]["speedup_vs_torch_batch4"] == 1.25 and v["cuda_graph"]["matches_torch"] is True
+    assert v["speedup_over_diffusers_baseline"] == {"torch": 40.0, "cuda-graph": 100.0}
+    assert v["auto_may_pick_cuda_graph"] is True
+
+    slow = kit.verdict(_steps(fast_ms=8.0, parity=(0, 0.0), streams4_fps=300.0))
+    assert slow["targets"]["batch1_fps"]["met"] is False and slow["targets"]["speedup_vs_torch"]["met"] is False
+    assert slow["auto_may_pick_cuda_graph"] is True  # faster than eager torch and matching: auto may pick it
+
+
+def test_auto_may_pick_cuda_graph_only_when_it_is_faster_and_matches(kit) -> None:
+    assert kit.verdict(_steps(fast_ms=4.0, parity=(9, 0.3), streams4_fps=450.0))["auto_may_pick_cuda_graph"] is False
+    assert kit.verdict(_steps(fast_ms=12.0, parity=(0, 0.0), streams4_fps=450.0))["auto_may_pick_cuda_graph"] is False
+    failing = _steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0, failed_tests=1)
+    assert kit.verdict(failing)["auto_may_pick_cuda_graph"] is False  # parity on sd-turbo-random alone is not enough
+    nothing = kit.verdict({"bench-batch1": {"status": "timeout"}})
+    assert nothing["auto_may_pick_cuda_graph"] is False and nothing["cuda_graph"]["matches_torch"] is None
+    assert all(t["met"] is None for t in nothing["targets"].values())
+    dry = kit.verdict(_steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0), gpu=False)
+    assert all(t["met"] is None for t in dry["targets"].values())
+
+
+def test_the_engine_backends_and_bench_import_without_aiortc_or_av() -> None:
+    """The device image has neither: what the GPU check runs must not need them."""
+    code = (
+        "import sys\n"
+        "for name in ('aiortc', 'av', 'aiohttp', 'openvino'): sys.modules[name] = None\n"
+        "import livediff.bench, livediff.engine, livediff.backends, livediff.cli\n"
+        "import livediff.backends.cuda_graph, livediff.backends.torch_backend, livediff.backends.onnx_backend\n"
+        "from livediff.cli import build_parser\n"
+        "build_parser().parse_args(['bench', '--backend', 'cuda-graph'])\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_summary_reads_a_gpu_report(kit) -> None:
+    steps = _steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0)
+    smi = {"gpus": [{"name": "NVIDIA H200", "driver_version": "580.159.04", "clocks.sm": "1980",
+                     "clocks.max.sm": "1980", "clocks.mem": "3201", "memory.used": "2000", "memory.total": "143771",
+                     "temperature.gpu": "40", "power.draw": "300.1"}]}  # fmt: skip
+    report = {
+        "mode": "gpu", "started": "2026-12-01T10:00:00+00:00", "commit": "abc123", "budget_s": 420.0,
+        "elapsed_s": 400.0, "environment": {"gpu": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0"},
+        "nvidia_smi": {"before": smi, "after": {"skipped": "nvidia-smi failed: x"}},
+        "steps": [{"name": name, "seconds": 1.0, **step} for name, step in steps.items()],
+        "verdict": kit.verdict(steps),
+    }  # fmt: skip
+    text = kit.summary(report)
+    assert "NVIDIA H200; torch 2.11.0 CUDA 13.0" in text
+    assert "bench-batch1 (sd-turbo-random (builtin-v1), 512x512, float16): torch 10.00 ms/frame" in text
+    assert "cuda-graph 4.00 ms/frame 250.0 fps (parity max 0, mean 0.0)" in text
+    assert "streams 4: batched 450.0 fps, worst stream p99 9.0 ms" in text
+    assert "target batch1_fps >= 200.0: met (250.0)" in text
+    assert "--backend auto may pick cuda-graph: yes" in text
+    assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
