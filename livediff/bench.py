@@ -228,9 +228,9 @@ def run_streams(engine: StreamEngine, plan: BenchPlan, count: int,
     """
     frames = [torch.from_numpy(f) for f in _camera_frames(engine.settings, plan.rounds)]
     report: dict[str, Any] = {"streams": count}
-    own = list(params) if params is not None else [plan.params] * count
+    per_stream = list(params) if params is not None else [plan.params] * count
     for mode in ("batched", "sequential"):
-        streams = [engine.open_stream(p.replace(seed=p.seed + i)) for i, p in enumerate(own)]
+        streams = [engine.open_stream(p.replace(seed=p.seed + i)) for i, p in enumerate(per_stream)]
         latency_ms: list[float] = []
         per_stream_ms: list[list[float]] = [[] for _ in range(count)]
         total_s = 0.0

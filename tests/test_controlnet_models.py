@@ -124,7 +124,8 @@ def test_a_controlnet_for_another_unet_is_refused_naming_both_shapes(tiny_parts:
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ("someone/no-such-controlnet", "someone/no-such-controlnet"),
+        ("someone/no-such-controlnet", "ControlNet 'someone/no-such-controlnet' is not a built-in (tiny, "
+         "sd-turbo-random), a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"),
         ("no-such-thing", "not a built-in (tiny, sd-turbo-random)"),
         ("a/b/c", "nor a hub id"),
     ],
@@ -177,6 +178,11 @@ def test_depth_runs_in_bfloat16_as_the_cpu_engines_do() -> None:
     with torch.inference_mode():
         maps = preprocessors.depth(frames, model)
     assert maps.dtype == torch.bfloat16 and maps.shape == (1, 3, SIZE, SIZE) and maps.max().item() == 1.0
+
+
+def test_an_unknown_depth_model_says_how_to_run_without_it() -> None:
+    with pytest.raises(ModelLoadError, match=r"depth model 'someone/no-depth' .* `--depth-model tiny`"):
+        load_depth_model("someone/no-depth")
 
 
 def test_a_depth_folder_needs_its_processor_config(tmp_path: Path) -> None:

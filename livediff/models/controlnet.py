@@ -28,7 +28,7 @@ from diffusers import ControlNetModel
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, SD21_UNET, SEED, TINY_UNET, build_once, cache_root, rescale_output
-from livediff.models.loading import _fingerprint, _snapshot
+from livediff.models.loading import HubKind, _fingerprint, _snapshot
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def _locate(ref: str) -> tuple[Path, str]:
             f"ControlNet {ref!r} is not a built-in ({', '.join(BUILDERS)}), an existing folder, nor a hub id "
             "(owner/name, e.g. thibaud/controlnet-sd21-canny-diffusers)"
         )
-    folder = _snapshot(ref, ["config.json", "*.safetensors"])
+    kind = HubKind("ControlNet", tuple(BUILDERS), "name the built-in one of the model (`--controlnet NAME=tiny`)")
+    folder = _snapshot(ref, ["config.json", "*.safetensors"], kind)
     return folder, folder.name  # the hub cache stores snapshots under their commit hash
 
 

@@ -23,7 +23,7 @@ import torch
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, SEED, build_once, cache_root, rescale_output
-from livediff.models.loading import _fingerprint, _snapshot
+from livediff.models.loading import HubKind, _fingerprint, _snapshot
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def _locate(ref: str) -> tuple[Path, str]:
             f"depth model {ref!r} is not a built-in ({', '.join(BUILTINS)}), an existing folder, nor a hub id "
             "(owner/name, e.g. depth-anything/Depth-Anything-V2-Small-hf)"
         )
-    folder = _snapshot(ref, ["*.json", "*.safetensors"])
+    kind = HubKind("depth model", BUILTINS, "run with `--depth-model tiny` (built in, random weights)")
+    folder = _snapshot(ref, ["*.json", "*.safetensors"], kind)
     return folder, folder.name
 
 
