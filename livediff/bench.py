@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -218,19 +218,16 @@ def run_rounds(lanes: list[Lane], plan: BenchPlan) -> None:
                 lane.run(index, record=index >= plan.warmup)
 
 
-def run_streams(engine: StreamEngine, plan: BenchPlan, count: int,
-                params: Sequence[StreamParams] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_streams(engine: StreamEngine, plan: BenchPlan, count: int) -> dict[str, Any]:
     """N streams each sending `plan.frames` frames: one batched step per round versus N single-frame steps.
 
-    Stream i runs `params[i]` (default: `plan.params`), its seed + i. Per mode: aggregate fps, the
-    latency of every frame (arrival of the round to its output) and each stream's own p99
-    (`per_stream_p99_ms`, in stream order).
+    Per mode: aggregate fps, the latency of every frame (arrival of the round to its output) and
+    each stream's own p99 (`per_stream_p99_ms`, in stream order).
     """
     frames = [torch.from_numpy(f) for f in _camera_frames(engine.settings, plan.rounds)]
     report: dict[str, Any] = {"streams": count}
-    per_stream = list(params) if params is not None else [plan.params] * count
     for mode in ("batched", "sequential"):
-        streams = [engine.open_stream(p.replace(seed=p.seed + i)) for i, p in enumerate(per_stream)]
+        streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(count)]
         latency_ms: list[float] = []
         per_stream_ms: list[list[float]] = [[] for _ in range(count)]
         total_s = 0.0

@@ -9,9 +9,13 @@ row gives every stage's p50/p95 (the preprocessor's and the ControlNet's among t
 fps and the ratio of its ms per frame to ControlNet off.
 
 With `plan.streams` (e.g. 2), N streams, stream i with the i-th ControlNet (round robin), run as
-one batched step per frame against N separate steps: what sharing a step buys streams that each
-use another ControlNet. The ControlNets named after the preprocessors are separate networks,
-each run on its own rows (loaded from the same source or not, the cost is that of two ControlNets).
+one batched step per frame against N separate steps, the two taking turns like the lanes above:
+what sharing a step buys streams that each use another ControlNet. The ControlNets named after
+the preprocessors are separate networks, each run on its own rows (loaded from the same source or
+not, the cost is that of two ControlNets).
+
+Both the mean and the median (p50) ms per frame are given, each with its ratio to ControlNet off:
+on a host shared with other work a few stalled frames move the mean, the median much less.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from livediff.bench import BenchPlan, percentiles, run_rounds, run_streams
+from livediff.bench import BenchPlan, percentiles, run_rounds
 from livediff.config import PREPROCESSORS, ControlParams, EngineSettings, StreamParams
 from livediff.engine import StreamEngine
 from livediff.errors import ConfigError
@@ -87,6 +91,34 @@ class ControlLane:
         }
 
 
+class MixedLane:
+    """N streams, each with its own params, stepped together (`batched`) or one step each."""
+
+    def __init__(self, engine: StreamEngine, params: list[StreamParams], batched: bool, plan: BenchPlan,
+                 frames: list[np.ndarray]) -> None:  # fmt: skip
+        self.engine = engine
+        self.batched = batched
+        self.frames = [torch.from_numpy(frame) for frame in frames]
+        self.streams = [engine.open_stream(p.replace(seed=p.seed + i)) for i, p in enumerate(params)]
+        self.frame_ms: list[float] = []
+        """Per camera frame: the time to turn all N streams' frames (ms)."""
+
+    def run(self, index: int, record: bool) -> None:
+        frame = self.frames[index]
+        started = time.perf_counter()
+        if self.batched:
+            self.engine.step([(stream, frame) for stream in self.streams])
+        else:
+            for stream in self.streams:
+                self.engine.step([(stream, frame)])
+        if record:
+            self.frame_ms.append((time.perf_counter() - started) * 1000.0)
+
+    def report(self) -> dict[str, Any]:
+        count = len(self.streams) * len(self.frame_ms)
+        return {"fps": round(1000.0 * count / sum(self.frame_ms), 2), "round_ms": percentiles(self.frame_ms)}
+
+
 def wait_for_controlnets(engine: StreamEngine, configs: list[ControlConfig]) -> None:
     """Load every ControlNet (and the depth model) the configurations use before timing anything."""
     for config in configs:
@@ -118,8 +150,10 @@ def run_controlnet_bench(settings_list: list[EngineSettings], plan: BenchPlan, s
     run_rounds(list(lanes), plan)
     rows = [lane.report() for lane in lanes]
     for engine_rows in (rows[i : i + len(configs)] for i in range(0, len(rows), len(configs))):
+        off = engine_rows[0]
         for row in engine_rows[1:]:
-            row["vs_off"] = round(row["ms_per_frame"] / engine_rows[0]["ms_per_frame"], 3)
+            row["vs_off"] = round(row["ms_per_frame"] / off["ms_per_frame"], 3)
+            row["vs_off_p50"] = round(row["step_ms"]["p50"] / off["step_ms"]["p50"], 3)
     report: dict[str, Any] = {
         "model": f"{parts.ref} ({parts.revision})",
         "controlnet": ", ".join(sorted({source for _, source in engine.settings.controlnets})),
@@ -134,9 +168,14 @@ def run_controlnet_bench(settings_list: list[EngineSettings], plan: BenchPlan, s
     }
     for count in streams:
         mixed = [configs[1 + i % len(preprocessors)].params for i in range(count)]
-        result = run_streams(engine, plan, count, params=mixed)
-        result["controlnets"] = [p.controlnet[0].name for p in mixed]
-        report.setdefault("streams", []).append(result)
+        together, apart = (MixedLane(engine, mixed, batched, plan, frames) for batched in (True, False))
+        run_rounds([together, apart], plan)
+        batched, sequential = together.report(), apart.report()
+        report.setdefault("streams", []).append({
+            "streams": count, "controlnets": [p.controlnet[0].name for p in mixed], "batched": batched,
+            "sequential": sequential, "speedup": round(batched["fps"] / sequential["fps"], 2),
+            "speedup_p50": round(sequential["round_ms"]["p50"] / batched["round_ms"]["p50"], 2),
+        })  # fmt: skip
     return report
 
 
@@ -151,22 +190,24 @@ def format_controlnet(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model']}  ControlNet {report['controlnet']}  device {report['device']}  "
         f"dtype {report['dtype']}  size {report['size']}  steps {report['steps']}  strength {report['strength']}",
-        "stages: p50 ms per step; (x) = ms per frame against ControlNet off on the same engine",
+        "stages: p50 ms per step; ms per frame, mean and p50, (x) against ControlNet off on the same engine",
         "",
-        f"{'backend':<16}{'controlnet':<12}" + "".join(f"{stage:>13}" for stage in stages)
-        + f"{'ms/frame':>18}{'fps':>8}",
+        f"{'backend':<16}{'controlnet':<12}" + "".join(f"{stage:>12}" for stage in stages)
+        + f"{'mean ms':>17}{'p50 ms':>17}{'fps':>8}",
     ]
     for row in report["runs"]:
         cells = "".join(
-            f"{row['stages_ms'][stage]['p50']:>13.1f}" if stage in row["stages_ms"] else f"{'-':>13}"
+            f"{row['stages_ms'][stage]['p50']:>12.1f}" if stage in row["stages_ms"] else f"{'-':>12}"
             for stage in stages
         )
-        cost = f"{row['ms_per_frame']:.1f}" + (f" ({row['vs_off']:.2f}x)" if "vs_off" in row else "")
-        lines.append(f"{row['backend']:<16}{row['config']:<12}{cells}{cost:>18}{row['fps']:>8.1f}")
+        mean = f"{row['ms_per_frame']:.1f}" + (f" ({row['vs_off']:.2f}x)" if "vs_off" in row else "")
+        median = f"{row['step_ms']['p50']:.1f}" + (f" ({row['vs_off_p50']:.2f}x)" if "vs_off_p50" in row else "")
+        lines.append(f"{row['backend']:<16}{row['config']:<12}{cells}{mean:>17}{median:>17}{row['fps']:>8.1f}")
     for streams in report.get("streams", []):
         b, s = streams["batched"], streams["sequential"]
         lines.append(
-            f"{streams['streams']} streams ({', '.join(streams['controlnets'])}): batched {b['fps']:.1f} fps, "
-            f"separate steps {s['fps']:.1f} fps: {streams['speedup']:.2f}x"
+            f"{streams['streams']} streams ({', '.join(streams['controlnets'])}): batched {b['fps']:.1f} fps "
+            f"(p50 {b['round_ms']['p50']:.1f} ms a round), separate steps {s['fps']:.1f} fps "
+            f"(p50 {s['round_ms']['p50']:.1f} ms): {streams['speedup']:.2f}x, {streams['speedup_p50']:.2f}x at p50"
         )
     return "\n".join(lines)

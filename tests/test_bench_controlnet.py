@@ -26,9 +26,11 @@ def test_controlnet_bench_reports_each_control_image_against_off(capsys) -> None
         assert all(math.isfinite(v["p50"]) and v["p50"] >= 0 for v in row["stages_ms"].values())
     for row in (canny, depth):
         assert row["vs_off"] == round(row["ms_per_frame"] / off["ms_per_frame"], 3)
+        assert row["vs_off_p50"] == round(row["step_ms"]["p50"] / off["step_ms"]["p50"], 3)
     (streams,) = report["streams"]
     assert streams["streams"] == 2 and streams["controlnets"] == ["canny", "depth"]
     assert streams["batched"]["fps"] > 0 and streams["sequential"]["fps"] > 0
+    assert streams["speedup"] == round(streams["batched"]["fps"] / streams["sequential"]["fps"], 2)
 
 
 def test_controlnet_bench_table_names_the_stages(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -38,6 +40,7 @@ def test_controlnet_bench_table_names_the_stages(capsys) -> None:  # type: ignor
     header = next(line for line in table.splitlines() if line.startswith("backend"))
     assert header.split()[:5] == ["backend", "controlnet", "preprocess", "previous", "encode"]
     assert "controlnet" in header.split()[5:] and "x)" in table and "ControlNet tiny" in table
+    assert header.split()[-5:] == ["mean", "ms", "p50", "ms", "fps"]
 
 
 def test_controlnet_flags_are_checked(capsys) -> None:  # type: ignore[no-untyped-def]
