@@ -28,7 +28,7 @@ SIZE = 64
 def settings(tmp_path_factory: pytest.TempPathFactory) -> EngineSettings:
     engines = tmp_path_factory.mktemp("engines")
     return EngineSettings(model="tiny", backend="onnx", height=SIZE, width=SIZE, engines_dir=engines,
-                          controlnets=(("edges", "tiny"),))  # fmt: skip
+                          controlnets=(("edges", "tiny"),), depth_model="tiny")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,14 @@ def test_build_engines_builds_the_residual_unet_and_the_controlnet_keyed_apart(
     built: tuple[list[Path], list[str]], settings: EngineSettings, tiny_parts: ModelParts, controlnet: ControlNetParts
 ) -> None:
     paths, messages = built
-    assert len(paths) == 5  # encoder, UNet, decoder, the UNet taking residuals, the ControlNet
+    assert len(paths) == 6  # encoder, UNet, decoder, the UNet taking residuals, the ControlNet, the depth estimator
     residual_unet, controlnet_graph = paths[3], paths[4]
+    assert paths[5].parent.name.startswith("depth-64x64-fp32-")
     assert residual_unet.parent.name.startswith("unet+control-v1-64x64-fp32-")
     assert controlnet_graph.parent.name.startswith("controlnet-64x64-fp32-")
     assert controlnet_graph.parent.parent.name == "tiny"  # the ControlNet's own name keys its folder
     text = "\n".join(messages)
-    for label in ("unet+control-v1", "controlnet"):
+    for label in ("unet+control-v1", "controlnet", "depth"):
         assert f"{label}: export matches torch on ONNX Runtime, max abs diff" in text
         assert f"{label}: fused graph matches torch on ONNX Runtime, max abs diff" in text
     key = onnx_key(settings, tiny_parts.with_controlnet(controlnet), "controlnet")
@@ -128,3 +129,17 @@ def test_openvino_runs_the_controlnet_and_the_residual_unet_as_torch_does(
         (expected,) = torch_module(tiny_parts, "unet", extras)(*inputs)
     (actual,) = OvRunner.load(require_openvino(tiny_parts.device), blob.path, "fp32").run(*inputs)
     assert (expected - actual).abs().max().item() < 1e-4
+
+
+def test_the_depth_estimator_runs_compiled_as_torch_does(built: tuple[list[Path], list[str]],
+                                                         tiny_parts: ModelParts) -> None:  # fmt: skip
+    from livediff.models.depth import load_depth_model
+
+    depth = load_depth_model("tiny")
+    parts = tiny_parts.with_depth(depth)
+    inputs = sample_inputs(parts, "depth", SIZE, SIZE, batch=3, dtype=torch.float32, seed=5)
+    assert inputs[0].shape == (3, 3, *depth.input_size(SIZE, SIZE))
+    with torch.inference_mode():
+        expected = torch_module(parts, "depth")(*inputs)
+    actual = OrtRunner(built[0][5], torch.device("cpu"))(*inputs)
+    assert expected.shape == actual.shape and (expected - actual).abs().max().item() < 1e-4

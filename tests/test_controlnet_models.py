@@ -13,6 +13,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from livediff.backends.control_residuals import ControlNetResiduals, ControlResiduals, flatten
+from livediff.backends.modules import DepthNetwork
 from livediff.engine import preprocessors
 from livediff.errors import ModelLoadError
 from livediff.models import ModelParts
@@ -162,11 +163,11 @@ def test_canny_marks_the_edges_of_a_square_and_nothing_else() -> None:
 
 def test_depth_maps_are_in_the_unit_range_and_follow_the_picture(tiny_depth: DepthParts) -> None:
     assert (builtin_depth_dir("tiny") / "preprocessor_config.json").is_file()
-    assert preprocessors.depth_input_size(256, 256, tiny_depth) == (112, 112)
-    assert preprocessors.depth_input_size(64, 96, tiny_depth) == (70, 98)  # never enlarged; multiples of 14
+    assert tiny_depth.input_size(256, 256) == (112, 112)
+    assert tiny_depth.input_size(64, 96) == (70, 98)  # never enlarged; multiples of 14
     frames = torch.stack([_square_frame(), _square_frame(at=24)]).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.inference_mode():
-        maps = preprocessors.depth(frames, tiny_depth)
+        maps = preprocessors.depth(frames, tiny_depth, DepthNetwork(tiny_depth.model))
     assert maps.shape == (2, 3, SIZE, SIZE)
     assert maps.min().item() == 0.0 and abs(maps.amax(dim=(1, 2, 3)) - 1).max().item() < 1e-5
     assert (maps[0] - maps[1]).abs().mean().item() > 0.02
@@ -176,7 +177,7 @@ def test_depth_runs_in_bfloat16_as_the_cpu_engines_do() -> None:
     model = load_depth_model("tiny", dtype=torch.bfloat16)
     frames = torch.stack([_square_frame()]).permute(0, 3, 1, 2).to(torch.bfloat16) / 127.5 - 1
     with torch.inference_mode():
-        maps = preprocessors.depth(frames, model)
+        maps = preprocessors.depth(frames, model, DepthNetwork(model.model))
     assert maps.dtype == torch.bfloat16 and maps.shape == (1, 3, SIZE, SIZE) and maps.max().item() == 1.0
 
 

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from livediff.config import EngineSettings
     from livediff.models import ModelParts
     from livediff.models.controlnet import ControlNetParts
+    from livediff.models.depth import DepthParts
 
-__all__ = ["EAGER", "Backend", "Stages", "create_backend", "create_controlnet", "resolve_backend"]
+__all__ = ["EAGER", "Backend", "Stages", "create_backend", "create_controlnet", "create_depth", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +85,44 @@ def create_controlnet(settings: EngineSettings, parts: ModelParts, controlnet: C
     """
     from livediff.backends.cache import CONTROLNET
 
-    report = progress or log.info
     if settings.backend in ("torch", "cuda-graph"):  # cuda-graph: steps with ControlNets run eagerly
         from livediff.backends.torch_backend import controlnet_module
 
         return controlnet_module(parts, controlnet, compile=settings.compile)
-    with_controlnet = parts.with_controlnet(controlnet)
+    return _compiled(settings, parts.with_controlnet(controlnet), CONTROLNET, progress)
+
+
+def create_depth(settings: EngineSettings, parts: ModelParts, depth: DepthParts,
+                 progress: Progress | None = None) -> Runner:  # fmt: skip
+    """The depth estimator `depth` as `settings.backend` runs it: (N, 3, h, w) normalised images at
+    `depth.input_size` of the engine's frames -> (N, h', w') depth in the engine's dtype. Built into
+    the engine cache and checked against torch on the compiled backends, as `create_controlnet`."""
+    from livediff.backends.cache import DEPTH
+
+    if settings.backend in ("torch", "cuda-graph"):
+        from livediff.backends.modules import DepthNetwork
+
+        return DepthNetwork(depth.model).eval()
+    return _compiled(settings, parts.with_depth(depth), DEPTH, progress)
+
+
+def _compiled(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress | None) -> Runner:
+    """`component` of `parts` on a compiled backend, from the engine cache (built and checked if missing)."""
+    report = progress or log.info
     runner: Runner
     if settings.backend == "onnx":
         from livediff.backends.onnx_backend import OrtRunner, ensure_for_ort
 
-        runner = OrtRunner(ensure_for_ort(settings, with_controlnet, CONTROLNET, report).path, parts.device)
+        runner = OrtRunner(ensure_for_ort(settings, parts, component, report).path, parts.device)
     elif settings.backend == "openvino":
         from livediff.backends.openvino_backend import OvRunner, ensure_blob, require_openvino, run_precision
 
         ov = require_openvino(parts.device)
-        path = ensure_blob(settings, with_controlnet, CONTROLNET, report).path
-        runner = OvRunner.load(ov, path, run_precision(ov, parts.dtype))
+        runner = OvRunner.load(ov, ensure_blob(settings, parts, component, report).path, run_precision(ov, parts.dtype))
     elif settings.backend == "tensorrt":
         from livediff.backends.tensorrt_backend import TrtRunner, ensure_engine
 
-        runner = TrtRunner(ensure_engine(settings, with_controlnet, CONTROLNET, report).path, parts.device)
+        runner = TrtRunner(ensure_engine(settings, parts, component, report).path, parts.device)
     else:
         raise ValueError(f"unknown backend {settings.backend!r}")
     dtype = parts.dtype

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from livediff.backends.cache import COMPONENTS, CONTROLNET, Artifact
+from livediff.backends.cache import COMPONENTS, CONTROLNET, DEPTH, Artifact
 from livediff.backends.onnx_backend import Progress, ensure_for_ort, require_onnxruntime
 from livediff.backends.unet_extras import NO_EXTRAS, UNetExtras, unet_extras
 from livediff.config import EngineSettings
@@ -25,7 +25,8 @@ def build_engines(settings: EngineSettings, parts: ModelParts, progress: Progres
     `progress` receives a line per stage, and for each network whether it was built or reused.
     Returns the artifacts' paths (ONNX files, OpenVINO blobs or TensorRT engines) in the order the frame
     meets them, then the UNet with extra inputs where the settings ask for one (`feature_bank`,
-    `controlnets`), then each ControlNet of `controlnets` (loaded here to be exported).
+    `controlnets`), then each ControlNet of `controlnets` and the `depth_model` (loaded here to be
+    exported).
     """
     ensure = _ensure(settings, parts)
     extras = unet_extras(settings, parts)
@@ -38,6 +39,11 @@ def build_engines(settings: EngineSettings, parts: ModelParts, progress: Progres
         for _, source in settings.controlnets:
             controlnet = load_controlnet(source, parts.unet, parts.device, parts.dtype)
             paths.append(ensure(settings, parts.with_controlnet(controlnet), CONTROLNET, progress, NO_EXTRAS).path)
+    if settings.depth_model:
+        from livediff.models.depth import load_depth_model
+
+        depth = load_depth_model(settings.depth_model, parts.device, parts.dtype)
+        paths.append(ensure(settings, parts.with_depth(depth), DEPTH, progress, NO_EXTRAS).path)
     return paths
 
 

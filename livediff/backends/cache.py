@@ -29,7 +29,9 @@ COMPONENTS = ("vae_encoder", "unet", "vae_decoder")
 """The three networks of the loop, in the order a frame meets them."""
 CONTROLNET = "controlnet"
 """A ControlNet (`livediff.backends.control_residuals.ControlNetResiduals`): built when a stream first names it."""
-KNOWN_COMPONENTS = (*COMPONENTS, CONTROLNET)
+DEPTH = "depth"
+"""The depth estimator of the `depth` control image (`livediff.backends.modules.DepthNetwork`): built on first use."""
+KNOWN_COMPONENTS = (*COMPONENTS, CONTROLNET, DEPTH)
 SIDECAR = "key.json"
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -39,7 +41,8 @@ class EngineKey:
     """Everything an artifact depends on; any change names a different artifact."""
 
     model: str
-    """The model as the user named it (hub id, local folder, built-in name); for a ControlNet, the ControlNet."""
+    """The model as the user named it (hub id, local folder, built-in name); for a ControlNet or a
+    depth estimator, that network."""
     revision: str
     """Hub commit, `builtin-vN`, or a local folder's fingerprint: new weights, new artifact."""
     component: str

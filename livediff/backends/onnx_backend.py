@@ -47,6 +47,7 @@ from livediff.backends.base import CompiledBackend
 from livediff.backends.cache import (
     COMPONENTS,
     CONTROLNET,
+    DEPTH,
     KNOWN_COMPONENTS,
     Artifact,
     EngineCache,
@@ -55,7 +56,7 @@ from livediff.backends.cache import (
     precision_tag,
 )
 from livediff.backends.control_residuals import RESIDUALS, ControlNetResiduals
-from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
+from livediff.backends.modules import DepthNetwork, UNet, VaeDecoder, VaeEncoder
 from livediff.backends.temporal_attention import EMPTY_SLOT
 from livediff.backends.unet_extras import (
     DYNAMIC_AXES,
@@ -81,8 +82,10 @@ INPUTS = {
     "unet": ("latents", "timesteps", "embeds"),
     "vae_decoder": ("latents",),
     CONTROLNET: ("latents", "timesteps", "embeds", "control_image", "control_scale"),
+    DEPTH: ("pixel_values",),
 }
-OUTPUTS = {"vae_encoder": "latents", "unet": "prediction", "vae_decoder": "images", CONTROLNET: RESIDUALS}
+OUTPUTS = {"vae_encoder": "latents", "unet": "prediction", "vae_decoder": "images", CONTROLNET: RESIDUALS,
+           DEPTH: "depth"}  # fmt: skip
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 """Largest max-abs difference from torch, relative to max(1, largest |output|).
 
@@ -106,7 +109,8 @@ class ParityError(LivediffError):
 
 def torch_module(parts: ModelParts, component: str, extras: UNetExtras = NO_EXTRAS) -> torch.nn.Module:
     """The network as the engine calls it; the UNet with `extras` returns (prediction, *extra outputs);
-    the `controlnet` is `parts.controlnet`'s (see `ModelParts.with_controlnet`)."""
+    the `controlnet` is `parts.controlnet`'s and the `depth` estimator `parts.depth`'s (see
+    `ModelParts.with_controlnet`, `with_depth`)."""
     if extras and component != "unet":
         raise ValueError(f"only the unet takes extra inputs, not the {component}")
     if component == "vae_encoder":
@@ -119,6 +123,10 @@ def torch_module(parts: ModelParts, component: str, extras: UNetExtras = NO_EXTR
         if parts.controlnet is None:
             raise ValueError("the controlnet component needs parts.with_controlnet(...)")
         return ControlNetResiduals(parts.controlnet.model).eval()
+    if component == DEPTH:
+        if parts.depth is None:
+            raise ValueError("the depth component needs parts.with_depth(...)")
+        return DepthNetwork(parts.depth.model).eval()
     raise ValueError(f"component must be one of {', '.join(KNOWN_COMPONENTS)}, got {component!r}")
 
 
@@ -147,7 +155,8 @@ def sample_inputs(
 
     With `extras`, their inputs follow, `bank` slots on the bank axis; float32 specs (logit biases)
     get a mix of weights and empty slots, so masking is part of every check. The `controlnet` gets a
-    control image in [0, 1] and a different conditioning scale per row (0 among them).
+    control image in [0, 1] and a different conditioning scale per row (0 among them); the `depth`
+    estimator normalised images at its input size for frames of `height` x `width`.
     """
     generator = torch.Generator().manual_seed(seed)
     latent = (height // 8, width // 8)
@@ -155,6 +164,9 @@ def sample_inputs(
     unet_config: Any = parts.unet.config  # type: ignore[attr-defined]
     if component == "vae_encoder":
         tensors: tuple[torch.Tensor, ...] = (torch.rand(batch, 3, height, width, generator=generator) * 2 - 1,)
+    elif component == DEPTH:
+        assert parts.depth is not None, "the depth component needs parts.with_depth(...)"
+        tensors = (torch.randn(batch, 3, *parts.depth.input_size(height, width), generator=generator),)
     elif component == "vae_decoder":
         tensors = (torch.randn(batch, vae_config.latent_channels, *latent, generator=generator),)
     else:
@@ -258,16 +270,20 @@ def check_parity(label: str, expected: torch.Tensor, actual: torch.Tensor, preci
 
 
 def component_model(parts: ModelParts, component: str) -> str:
-    """What the key names as the model: the ControlNet for the `controlnet`, else the model."""
+    """What the key names as the model: the ControlNet for the `controlnet`, the depth estimator for
+    `depth`, else the model."""
     if component == CONTROLNET:
         assert parts.controlnet is not None, "the controlnet component needs parts.with_controlnet(...)"
         return parts.controlnet.ref
+    if component == DEPTH:
+        assert parts.depth is not None, "the depth component needs parts.with_depth(...)"
+        return parts.depth.ref
     return parts.ref
 
 
 def component_revision(parts: ModelParts, component: str) -> str:
     """The model revision, plus the VAE choice for the VAE halves (`--vae` swaps them, not the UNet);
-    the ControlNet's revision for the `controlnet`.
+    the ControlNet's (the depth estimator's) revision for the `controlnet` (`depth`).
 
     A CPU export of a bfloat16 model is a float32 copy of bfloat16-rounded weights: not the
     float32 model's graph, so the weights' dtype is part of its revision.
@@ -275,6 +291,9 @@ def component_revision(parts: ModelParts, component: str) -> str:
     if component == CONTROLNET:
         assert parts.controlnet is not None, "the controlnet component needs parts.with_controlnet(...)"
         revision = parts.controlnet.revision
+    elif component == DEPTH:
+        assert parts.depth is not None, "the depth component needs parts.with_depth(...)"
+        revision = parts.depth.revision
     else:
         revision = parts.revision if component == "unet" else f"{parts.revision}+vae={parts.vae_ref}"
     if parts.dtype != export_dtype(parts):

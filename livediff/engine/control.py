@@ -5,7 +5,7 @@ residuals of one UNet call whose rows use different ControlNets, scales, or none
    was given (`EngineSettings.controlnets`, by name) and the depth estimator of the `depth`
    control image. Each is loaded the first time a stream names it, on a loader thread of its own
    (reading the weights, and on the compiled backends exporting, compiling and checking its
-   graph: seconds to minutes), never in an engine step; a stream's frames run without a
+   graph, the depth estimator's too: seconds to minutes), never in an engine step; a stream's frames run without a
    ControlNet that is still loading, and with it from the first step after it is ready. A load
    is a `Future`, which the server waits on to tell the client. Switching a stream between
    loaded ControlNets, scales or preprocessors costs nothing but the next frame.
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from livediff.backends import create_controlnet
+from livediff.backends import create_controlnet, create_depth
 from livediff.backends.base import Runner
 from livediff.config import ControlParams, EngineSettings
 from livediff.engine import preprocessors
@@ -52,6 +52,7 @@ class ControlModels:
 
     def __init__(self, settings: EngineSettings, parts: ModelParts,
                  create: Callable[..., Runner] = create_controlnet) -> None:  # fmt: skip
+        """`create` builds a loaded ControlNet's runner (`livediff.backends.create_controlnet`)."""
         self.settings = settings
         self.parts = parts
         self.sources = dict(settings.controlnets)
@@ -100,7 +101,7 @@ class ControlModels:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livediff-control-loader")
         return self._pool
 
-    def _load(self, key: Key) -> Runner | DepthParts:
+    def _load(self, key: Key) -> Runner | DepthNet:
         kind, name = key
         parts = self.parts
         height, width = self.settings.height, self.settings.width
@@ -120,9 +121,11 @@ class ControlModels:
                 log.info("ControlNet %s (%s) ready", name, self.sources[name])
                 return runner
             model = load_depth_model(self.settings.depth_model, parts.device, parts.dtype)
-            preprocessors.depth(torch.zeros((1, 3, height, width), device=parts.device, dtype=parts.dtype), model)
+            depth = DepthNet(model, create_depth(self.settings, parts, model))
+            preprocessors.depth(torch.zeros((1, 3, height, width), device=parts.device, dtype=parts.dtype),
+                                depth.model, depth.network)  # fmt: skip
             log.info("depth model %s ready", self.settings.depth_model)
-            return model
+            return depth
 
     def _result(self, key: Key) -> Any:
         future = self._loads.get(key)
@@ -142,7 +145,7 @@ class ControlModels:
             raise KeyError(f"ControlNets not loaded: {', '.join(missing)}")
         return {name: runner for name, runner in found.items() if runner is not None}
 
-    def depth(self) -> DepthParts | None:
+    def depth(self) -> DepthNet | None:
         """The depth estimator once loaded, else None."""
         return self._result(DEPTH)  # type: ignore[no-any-return]
 
@@ -172,6 +175,14 @@ class ControlModels:
         """Stop the loader thread (a load under way finishes first)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class DepthNet:
+    """The loaded depth estimator: its model (input size, normalisation) and its network as the backend runs it."""
+
+    model: DepthParts
+    network: Runner
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from livediff.backends.base import Runner
 from livediff.models.depth import DepthParts
 
 CANNY_LOW = 100
@@ -52,32 +53,19 @@ def canny(frames: Sequence[torch.Tensor], device: torch.device, dtype: torch.dty
     return upload(edges, device, dtype)
 
 
-def depth_input_size(height: int, width: int, model: DepthParts) -> tuple[int, int]:
-    """The depth network's input size for a frame: shorter side min(model size, frame's), aspect
-    kept, each side rounded to the nearest multiple of the model's (at least one)."""
-    side = min(model.size, height, width)
-    scale = side / min(height, width)
-
-    def fit(length: int) -> int:
-        return max(model.multiple, round(length * scale / model.multiple) * model.multiple)
-
-    return fit(height), fit(width)
-
-
-def depth(pixels: torch.Tensor, model: DepthParts) -> torch.Tensor:
+def depth(pixels: torch.Tensor, model: DepthParts, network: Runner) -> torch.Tensor:
     """(N, 3, H, W) frames in [-1, 1] on the device -> (N, 3, H, W) depth maps in [0, 1], same dtype.
 
-    One call of the depth network for the batch, in its own dtype.
+    `network` is `model`'s network as the engine's backend runs it (`livediff.backends.create_depth`):
+    (N, 3, h, w) normalised images in the engine's dtype -> (N, h', w') depth, one call for the batch.
     """
     height, width = pixels.shape[-2:]
-    weights = next(model.model.parameters())
     images = pixels.float().add(1.0).mul_(0.5)  # [0, 1], resized in float32 (no bfloat16 kernel on the CPU)
-    images = F.interpolate(images, size=depth_input_size(height, width, model), mode="bilinear", antialias=True,
+    images = F.interpolate(images, size=model.input_size(height, width), mode="bilinear", antialias=True,
                            align_corners=False)  # fmt: skip
     mean = torch.tensor(model.mean, device=images.device)[:, None, None]
     std = torch.tensor(model.std, device=images.device)[:, None, None]
-    normalised = ((images - mean) / std).to(weights.dtype)
-    predicted = model.model(pixel_values=normalised).predicted_depth  # (N, h, w)
+    predicted = network(((images - mean) / std).to(pixels.dtype))  # (N, h, w)
     maps = F.interpolate(predicted.unsqueeze(1).float(), size=(height, width), mode="bilinear", align_corners=False)
     low = maps.amin(dim=(2, 3), keepdim=True)
     high = maps.amax(dim=(2, 3), keepdim=True)

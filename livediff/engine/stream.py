@@ -404,8 +404,8 @@ class StreamEngine:
             elif kind == "depth":
                 depth = self.controls.depth()
                 assert depth is not None  # `ready` saw it loaded
-                with torch_threads(self._network_threads):
-                    out = preprocessors.depth(pixels[members], depth)
+                with torch_threads(self._network_threads):  # a torch depth network takes every thread
+                    out = preprocessors.depth(pixels[members], depth.model, depth.network)
             else:  # previous: the stream's last output (its input until it has one)
                 previous = [streams[i].last_output for i in members]
                 out = preprocessors.upload([images[i] if p is None else p for i, p in zip(members, previous)],

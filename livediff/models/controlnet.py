@@ -10,8 +10,9 @@ one that does not is refused at load time with both shapes named, never at the f
 Built-ins: `tiny` has the tiny model's UNet encoder (0.36 GFLOP at 256x256 against the tiny
 UNet's 0.65), its zero convolutions (and the control image's embedding, zero too in an untrained
 ControlNet) given random weights scaled so each residual is half as strong as the UNet feature it
-joins: a control image visibly steers the tiny model, so tests can tell it from none. `sd-turbo-random` has the architecture of the SD 2.1 /
-SD-Turbo ControlNets (for speed on a GPU without the weights).
+joins: a control image visibly steers the tiny model, so tests can tell it from none.
+`sd-turbo-random` has the architecture of the SD 2.1 / SD-Turbo ControlNets (for speed on a GPU
+without the weights).
 """
 
 from __future__ import annotations

@@ -47,6 +47,17 @@ class DepthParts:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The network's input size for a `height` x `width` frame: shorter side min(`size`, the
+        frame's), aspect kept, each side rounded to the nearest multiple of `multiple` (at least one)."""
+        side = min(self.size, height, width)
+        scale = side / min(height, width)
+
+        def fit(length: int) -> int:
+            return max(self.multiple, round(length * scale / self.multiple) * self.multiple)
+
+        return fit(height), fit(width)
+
 
 def load_depth_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DepthParts:
     """Load depth estimator `ref` (hub id, local folder or `tiny`); `ModelLoadError` naming it when it cannot."""

@@ -20,6 +20,7 @@ from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
 
 if TYPE_CHECKING:
     from livediff.models.controlnet import ControlNetParts
+    from livediff.models.depth import DepthParts
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,16 @@ class ModelParts:
     vae_ref: str
     controlnet: ControlNetParts | None = None
     """Set on the copy of the parts that builds a ControlNet's graph (`with_controlnet`), else None."""
+    depth: DepthParts | None = None
+    """Set on the copy of the parts that builds the depth estimator's graph (`with_depth`), else None."""
 
     def with_controlnet(self, controlnet: ControlNetParts) -> ModelParts:
         """These parts with `controlnet`: what the backends export and key the `controlnet` component from."""
         return dataclasses.replace(self, controlnet=controlnet)
+
+    def with_depth(self, depth: DepthParts) -> ModelParts:
+        """These parts with `depth`: what the backends export and key the `depth` component from."""
+        return dataclasses.replace(self, depth=depth)
 
     @property
     def device(self) -> torch.device:
