@@ -171,11 +171,6 @@ class ControlModels:
             return False
         return control.preprocessor != "depth" or self.depth() is not None
 
-    def close(self) -> None:
-        """Stop the loader thread (a load under way finishes first)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
 
 @dataclass(frozen=True)
 class DepthNet:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import Future
 from typing import Any
 
@@ -24,8 +23,6 @@ import torch
 from livediff.engine.control import Key
 from livediff.scheduler import Scheduler
 from livediff.session import Session
-
-log = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 160
 """Longest side of the control-image preview, in pixels."""
