@@ -11,7 +11,9 @@ RUN pip install --no-cache-dir --upgrade pip && pip install --no-cache-dir "$TOR
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY livediff ./livediff
-RUN pip install --no-cache-dir . nvidia-ml-py
+# EXTRAS=cluster adds Ray Serve for `livediff serve --cluster` and deploy/rayservice.yaml
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" nvidia-ml-py
 
 FROM ${CUDA_IMAGE} AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends python3.12 curl ca-certificates \

@@ -14,7 +14,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,openvino]'
+	$(BIN)/pip install --quiet -e '.[test,openvino,cluster]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -275,15 +275,30 @@ def cmd_g2g(args: argparse.Namespace) -> int:
 
     from livediff.g2g import CASES, G2GPlan, format_g2g, run_g2g
 
+    if args.cluster and args.cases == "all":
+        args.cases = "model-both,pass-both"  # each target's server runs one marker setting
     every = not args.cases or args.cases == "all"
     keys = [c.key for c in CASES] if every else [key.strip() for key in args.cases.split(",") if key.strip()]
     known = {case.key: case for case in CASES}
     for key in keys:
         if key not in known:
             raise ConfigError(f"--cases: {key!r} is not one of {', '.join(known)}")
+    if args.cluster and any(not known[key].server_marker for key in keys):
+        raise ConfigError("--cluster runs the servers with marker completion on: choose --cases among "
+                          + ", ".join(c.key for c in CASES if c.server_marker))
+    try:
+        viewers = tuple(int(n) for n in args.viewers.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--viewers: {args.viewers!r} is not a comma-separated list of counts") from None
     plan = G2GPlan(duration_s=args.duration, fps=args.fps, codec=args.codec, params=stream_params(args),
-                   cases=[known[key] for key in keys])  # fmt: skip
+                   cases=[known[key] for key in keys], viewers=viewers)  # fmt: skip
     settings = engine_settings(args, backend=args.backend.split(",")[0].strip())  # the server runs one backend
+    if args.cluster:
+        from livediff.cluster.bench import format_cluster_bench, run_cluster_bench
+
+        report = asyncio.run(run_cluster_bench(settings, plan, replicas=args.cluster))
+        print(json.dumps(report, indent=2) if args.json else format_cluster_bench(report))
+        return 0
     report = asyncio.run(run_g2g(settings, plan))
     print(json.dumps(report, indent=2) if args.json else format_g2g(report))
     return 0
@@ -341,9 +356,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="publishing sessions at once; beyond it /offer and /whip answer 503 with Retry-After")
     group.add_argument("--max-viewers", type=_int_range(0, 1024), default=_env("max_viewers", d.max_viewers),
                        help="WHEP viewers per session")
+    group.add_argument("--max-connecting", type=_int_range(1, 1024), default=_env("max_connecting", d.max_connecting),
+                       help="peers not connected yet (sessions; viewers per session); when full, the oldest gives way")
     group.add_argument("--max-body-bytes", type=_int_range(1024, 16 * 1024 * 1024),
                        default=_env("max_body_bytes", d.max_body_bytes),
-                       help="largest request body (SDP, JSON); larger ones get 413")
+                       help="largest request body (SDP, JSON: larger ones get 413) and data-channel control "
+                       "message (larger ones get an error message)")
     group.add_argument("--tls", choices=["self-signed"], default=_env("tls", None),
                        help="serve https with a certificate made for this machine's names (kept in --state-dir)")
     group.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None),
@@ -393,6 +411,42 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="the pages' folder (index.html, latency.html, view.html)")
 
 
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    from livediff.cluster.settings import LOCAL, ClusterSettings
+
+    d = ClusterSettings()
+    group = parser.add_argument_group("cluster (--cluster: one entry point, replicas on Ray Serve; "
+                                      "each flag also reads LIVEDIFF_<FLAG>)")
+    group.add_argument("--cluster", nargs="?", const=LOCAL, default=_env("cluster", None), metavar="ADDRESS",
+                       help="serve through Ray Serve: one engine replica per GPU behind this entry point; "
+                       "ADDRESS: local (a Ray started here; the default), auto (the cluster this machine "
+                       "belongs to, or $RAY_ADDRESS) or HOST:PORT of a Ray head")
+    group.add_argument("--min-replicas", type=_int_range(0, 4096), default=_env("min_replicas", d.min_replicas),
+                       help="replicas kept when no session runs")
+    group.add_argument("--max-replicas", type=_int_range(0, 4096), default=_env("max_replicas", d.max_replicas),
+                       help="most replicas; 0: one per GPU of the cluster (1 on a cluster without GPUs)")
+    group.add_argument("--target-sessions", type=_float_range(0, 1024),
+                       default=_env("target_sessions", d.target_sessions),
+                       help="sessions per replica above which a replica is added; 0: 3/4 of --max-sessions")
+    group.add_argument("--replica-gpus", type=_float_range(-1, 64), default=_env("replica_gpus", d.replica_gpus),
+                       help="GPUs per replica; -1: 1 on CUDA, else 0")
+    group.add_argument("--replica-cpus", type=_float_range(0.01, 1024), default=_env("replica_cpus", d.replica_cpus),
+                       help="CPU cores per replica (a CPU replica's torch threads)")
+    group.add_argument("--drain-timeout", type=_float_range(1, 7 * 86400),
+                       default=_env("drain_timeout", d.drain_timeout_s),
+                       help="seconds a replica being scaled down lets its sessions run before it ends them")
+
+
+def cluster_settings(args: argparse.Namespace) -> Any:
+    from livediff.cluster.settings import ClusterSettings
+
+    return ClusterSettings(
+        address=args.cluster, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        target_sessions=args.target_sessions, replica_gpus=args.replica_gpus, replica_cpus=args.replica_cpus,
+        drain_timeout_s=args.drain_timeout,
+    )  # fmt: skip
+
+
 def server_settings(args: argparse.Namespace) -> Any:
     from livediff.config import ServerSettings
 
@@ -401,7 +455,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--tls: {args.tls!r} is not self-signed (bring a certificate with --tls-cert, --tls-key)")
     return ServerSettings(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-        max_viewers=args.max_viewers, max_body_bytes=args.max_body_bytes,
+        max_viewers=args.max_viewers, max_connecting=args.max_connecting, max_body_bytes=args.max_body_bytes,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_self_signed=args.tls == "self-signed",
         state_dir=args.state_dir, cors_origins=split(args.cors_origins), ice_servers=split(args.ice_servers),
         turn_username=args.turn_username, turn_credential=args.turn_credential, turn_secret=args.turn_secret,
@@ -418,6 +472,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from livediff.server.listen import bind
     from livediff.server.startup import print_loading
 
+    if args.cluster:
+        return cmd_serve_cluster(args)
     sockets = bind(args.host, args.port)  # first: a busy port is said at once, before anything loads
     print_loading()
     try:
@@ -430,6 +486,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def cmd_serve_cluster(args: argparse.Namespace) -> int:
+    from livediff.server.listen import bind
+
+    cluster, server = cluster_settings(args), server_settings(args)  # bad flags are said before anything starts
+    for sock in bind(args.host, args.port):  # a busy port is said at once; Serve's proxy binds it later
+        sock.close()
+    _quiet_libraries()
+    from livediff.cluster.run import serve_cluster
+
+    return serve_cluster(engine_settings(args, backend=args.backend), server, stream_params(args), cluster,
+                         started=args.started)
 
 
 _SECRETS = ("token", "turn_credential", "turn_secret")
@@ -531,8 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds measured per case, after a 1.5 s warm-up")
     g2g.add_argument("--fps", type=_int_range(1, 120), default=30, help="camera frames per second")
     g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8", help="the camera's codec")
+    g2g.add_argument("--viewers", default="0",
+                     help="WHEP viewers of each case's session, e.g. 0,16: each case runs once per count")
     g2g.add_argument("--cases", default="all",
                      help="all, or comma separated: pass-both, pass-server, pass-stock, model-both, model-stock")
+    g2g.add_argument("--cluster", type=_int_range(0, 64), default=0, metavar="N",
+                     help="also through a local Ray Serve cluster of N replicas (livediff serve --cluster), "
+                     "after a single server, same run: session set-up, first frame, glass-to-glass, and "
+                     "8 sessions offered at once")
     bench.set_defaults(run=cmd_bench)
 
     build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")
@@ -547,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs the networks; auto: openvino (else onnx) on the CPU, torch on CUDA "
                        "(also LIVEDIFF_BACKEND)")
     add_server_flags(serve)
+    add_cluster_flags(serve)
     serve.set_defaults(run=cmd_serve)
 
     models = commands.add_parser("models", help="list the models livediff can run here")

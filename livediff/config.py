@@ -273,6 +273,10 @@ class ServerSettings:
     """Publishing sessions at once; beyond it POST /offer and /whip answer 503 with Retry-After."""
     max_viewers: int = 16
     """WHEP viewers per session."""
+    max_connecting: int = 8
+    """Peers that have not connected yet: sessions (on top of `max_sessions`) and viewers per session (on
+    top of `max_viewers`). When they are all taken, a new offer takes the oldest one's slot and that peer
+    is ended, so offers whose answers are never applied cannot keep real clients out (livediff/admission.py)."""
     max_body_bytes: int = 64 * 1024
     """Largest request body (SDP, JSON); larger ones get 413."""
     tls_cert: Path | None = None
@@ -312,10 +316,14 @@ class ServerSettings:
     fresh_frames: bool = True
     """When the model is slower than the cameras, wait a moment for fresher frames rather than run
     stale ones (less glass-to-glass latency, a little lower output frame rate; see the scheduler)."""
-    connect_timeout_s: float = 30.0
-    """A peer that has not connected this long after its answer is reaped."""
+    connect_timeout_s: float = 10.0
+    """A peer that has not connected this long after its answer is reaped (ICE and DTLS take well under
+    a second on a LAN and a few seconds through TURN; a slot that has not connected should cost little)."""
     ice_loopback: bool = False
     """ICE gathers 127.0.0.1 only: for measurements with every peer on this machine (`bench --g2g`)."""
+    session_id_prefix: str = ""
+    """Put before every session id; a cluster replica's route key (`livediff.cluster`), so that any
+    entry point finds the replica of a session from its id alone. Letters, digits and `-`, at most 32."""
     cpu_threads: int = 0
     """torch threads when the engine runs on the CPU; 0 leaves one core to the video codecs (cores - 1)."""
     web_dir: Path = Path(__file__).resolve().parent.parent / "web"
@@ -328,6 +336,8 @@ class ServerSettings:
             raise ConfigError(f"max_sessions must be in 1..1024, got {self.max_sessions}")
         if not 0 <= self.max_viewers <= 1024:
             raise ConfigError(f"max_viewers must be in 0..1024, got {self.max_viewers}")
+        if not 1 <= self.max_connecting <= 1024:
+            raise ConfigError(f"max_connecting must be in 1..1024, got {self.max_connecting}")
         if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ConfigError(f"max_body_bytes must be in 1024..16777216, got {self.max_body_bytes}")
         codecs = tuple(c.upper() for c in self.video_codecs)
@@ -355,6 +365,10 @@ class ServerSettings:
             raise ConfigError(f"bitrate must be in 100000..50000000 bit/s, got {self.bitrate}")
         if not 0.1 <= self.keyframe_interval_s <= 60:
             raise ConfigError(f"keyframe_interval_s must be in [0.1, 60], got {self.keyframe_interval_s}")
+        if len(self.session_id_prefix) > 32 or not all(c.isascii() and (c.isalnum() or c == "-")
+                                                        for c in self.session_id_prefix):
+            raise ConfigError(f"session_id_prefix must be at most 32 letters, digits or -, "
+                              f"got {self.session_id_prefix!r}")
         if not 0 <= self.cpu_threads <= 1024:
             raise ConfigError(f"cpu_threads must be in 0..1024, got {self.cpu_threads}")
         if not 1 <= self.connect_timeout_s <= 600:

@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from livediff.admission import Admission, AdmissionError
 from livediff.config import EngineSettings, StreamParams
 from livediff.session import FrameIn, FrameOut, Session
 
@@ -46,15 +47,6 @@ R = TypeVar("R")
 ConvertIn = Callable[[Session, FrameIn], torch.Tensor]
 ConvertOut = Callable[[Session, FrameIn, torch.Tensor], Any]
 PassThrough = Callable[[Session, FrameIn], Any | None]
-
-
-class AdmissionError(Exception):
-    """The server is at `max_sessions`; try again after `retry_after` seconds."""
-
-    def __init__(self, limit: int, retry_after: int = 5) -> None:
-        super().__init__(f"server is at its limit of {limit} sessions")
-        self.limit = limit
-        self.retry_after = retry_after
 
 
 class Engine(Protocol):
@@ -108,8 +100,14 @@ class Scheduler:
         thread_name: str = "livediff-worker",
         pass_through: PassThrough | None = None,
         fresh_frames: bool = True,
+        max_connecting: int | None = None,
+        id_prefix: str = "",
     ) -> None:
         self.max_sessions = max_sessions
+        self.admission = Admission(max_sessions, max_connecting or max_sessions, "sessions")
+        """Live slots (connected sessions) and connecting ones (see `livediff.admission`)."""
+        self.id_prefix = id_prefix
+        """Put before every session id (`ServerSettings.session_id_prefix`)."""
         self.convert_in = convert_in
         self.convert_out = convert_out
         self.pass_through = pass_through
@@ -118,7 +116,8 @@ class Scheduler:
         self.engine: Any = None
         self.sessions: dict[str, Session] = {}
         self.steps = 0
-        self._reserved = 0
+        self._opening: dict[str, Session] = {}
+        self._evicting: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -148,6 +147,7 @@ class Scheduler:
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             await self.close_session(session)
+        await asyncio.gather(*self._evicting, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -156,35 +156,66 @@ class Scheduler:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    async def open_session(self, params: StreamParams, kind: str = "offer", probe: bool = False) -> Session:
-        """Admit a session (or raise AdmissionError) and open its engine stream."""
-        if len(self.sessions) + self._reserved >= self.max_sessions:
-            raise AdmissionError(self.max_sessions)
-        self._reserved += 1
+    async def open_session(self, params: StreamParams, kind: str = "offer", probe: bool = False,
+                           connecting: bool = False) -> Session:
+        """Admit a session (or raise `AdmissionError`) and open its engine stream.
+
+        `connecting`: its client has yet to connect (a WebRTC peer): it holds a connecting slot
+        until `connected()`, and a newer session may take that slot (this one is then closed).
+        Otherwise it is connected at once (engine-only users, tests).
+        """
+        session = Session(params=params, kind=kind, probe=probe)
+        session.id = self.id_prefix + session.id
+        evicted = self.admission.admit(session.id)
+        if evicted is not None:
+            self._evict(evicted)
+        self._opening[session.id] = session
         try:
-            session = Session(params=params, kind=kind, probe=probe)
             session.inbox = type(session.inbox)(on_put=lambda: self._on_put(session))
             session.stream = await self.run_on_worker(self.engine.open_stream, params)
+            if session.closed or (not connecting and not self.admission.connected(session.id)):
+                raise AdmissionError(f"server is at its limit of {self.max_sessions} sessions: its slot was "
+                                     "taken while its stream opened", self.max_sessions)
+        except BaseException:
+            self.admission.release(session.id)
+            raise
         finally:
-            self._reserved -= 1
+            self._opening.pop(session.id, None)
         self.sessions[session.id] = session
         session.on_close(self._forget(session))
         return session
 
+    def connected(self, session: Session) -> bool:
+        """`session`'s client connected: True when it took a live slot; False when none was free or it
+        was evicted meanwhile (then close it)."""
+        return not session.closed and self.admission.connected(session.id)
+
+    def _evict(self, session_id: str) -> None:
+        """Close a session that never connected, whose connecting slot a newer session took."""
+        session = self.sessions.get(session_id) or self._opening.get(session_id)
+        if session is None:
+            return
+        log.info("session %s: not connected, and a newer offer needed its connecting slot: ended", session_id)
+        task = asyncio.ensure_future(self.close_session(session))
+        self._evicting.add(task)
+        task.add_done_callback(self._evicting.discard)
+
     def _forget(self, session: Session) -> Callable[[], Any]:
         async def forget() -> None:
             self.sessions.pop(session.id, None)
+            self.admission.release(session.id)
 
         return forget
 
     async def close_session(self, session: Session) -> None:
         await session.close()
         self.sessions.pop(session.id, None)
+        self.admission.release(session.id)
 
     async def update(self, session: Session, params: StreamParams) -> bool:
         """Apply `params` from the session's next frame on; True when a prompt was truncated.
 
-        Callers serialise updates of one session (`Session.param_lock`).
+        Callers serialise updates of one session (the server's `Control` runs one at a time).
         """
         await self.run_on_worker(self.engine.update, session.stream, params)
         session.params = params

@@ -1,13 +1,15 @@
 """One session: a camera in, a transformed stream out. Every piece of per-session state lives here.
 
 A session is created by the scheduler (admission, engine stream) and closed exactly once; closing
-runs its registered cleanups (peer connections, tasks) newest first. It knows nothing of WebRTC:
-the transport layer registers what it must tear down.
+runs its registered cleanups (peer connections, tasks) newest first, each one whatever the others
+do: a cleanup that raises is logged and the rest still run, so the one that frees the session's
+slot always does. It knows nothing of WebRTC: the transport layer registers what it must tear down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import statistics
 import time
@@ -18,12 +20,21 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from livediff.admission import Admission
 from livediff.config import StreamParams
 from livediff.transport.slot import LatestSlot
 
 log = logging.getLogger(__name__)
 
 Cleanup = Callable[[], Awaitable[None]]
+
+
+class SessionClosed(Exception):
+    """The session ended (or is ending): it takes no new task, cleanup, viewer or update (HTTP 404)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} has ended")
+        self.session_id = session_id
 
 
 @dataclass
@@ -85,6 +96,8 @@ class SessionStats:
     dropped_out: int = 0
     sent: int = 0
     last_age_ms: float = 0.0
+    stats_dropped: int = 0
+    """`stats` messages not sent because the client's control channel was backed up."""
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -108,27 +121,43 @@ class Session:
     outbox: LatestSlot[FrameOut] = field(default_factory=LatestSlot)
     viewers: dict[str, Cleanup] = field(default_factory=dict)
     """WHEP viewers: id -> how to end the viewer."""
-    send_message: Callable[[dict[str, Any]], None] | None = None
-    """Sends JSON to the client's `control` data channel when it has one."""
+    viewer_slots: Admission | None = None
+    """The viewers' live and connecting slots (made by the server with its limits)."""
+    control: Any = None
+    """The server's live control of this session (`livediff.server.control.Control`): its pending update."""
     quality: Any = None
     """Live temporal quality figures (`livediff.server.quality.LiveQuality`), once sampled."""
     controlnet_state: dict[str, str] = field(default_factory=dict)
     """The session's ControlNets (and `depth model`) -> `loading`, `ready` or `failed`
     (`livediff.server.controlnets.follow_loads`)."""
-    param_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _closing: asyncio.Task[None] | None = None
 
     @property
     def closed(self) -> bool:
         return self.state == "closed"
 
+    def ensure_open(self) -> None:
+        """Raise `SessionClosed` once the session is closing: call it again after every wait."""
+        if self.closed:
+            raise SessionClosed(self.id)
+
     def on_close(self, cleanup: Cleanup) -> None:
+        """Run `cleanup` when the session closes; `SessionClosed` if it already did (it would never run)."""
+        self.ensure_open()
         self._cleanups.append(cleanup)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        """Run `coro` for the life of the session; cancelled and awaited on close."""
+        """Run `coro` for the life of the session; cancelled and awaited on close.
+
+        A closing session starts nothing: `coro` is closed unstarted and `SessionClosed` raised.
+        """
+        if self.closed:
+            if inspect.iscoroutine(coro):
+                coro.close()
+            raise SessionClosed(self.id)
         task = asyncio.ensure_future(coro)
         task.set_name(f"{name}:{self.id}")
         self._tasks.add(task)
@@ -141,25 +170,37 @@ class Session:
             log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
 
     async def close(self) -> None:
-        """Idempotent: ends viewers, tasks and peers, then frees the slots."""
-        if self.closed:
-            return
-        self.state = "closed"
+        """Ends viewers, tasks and peers, then frees the slots; idempotent, every caller waits for the end.
+
+        Runs in a task of its own, so a caller that is cancelled meanwhile (a request whose client
+        went away, a session task that closes its own session) does not stop it halfway.
+        """
+        if self._closing is None:
+            self.state = "closed"
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self.inbox.close()
         self.outbox.close()
-        for end_viewer in list(self.viewers.values()):
-            await end_viewer()
+        for viewer_id, end_viewer in list(self.viewers.items()):
+            await self._run_cleanup(f"end of viewer {viewer_id}", end_viewer)
         self.viewers.clear()
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for cleanup in reversed(self._cleanups):
-            await cleanup()
+            await self._run_cleanup(getattr(cleanup, "__qualname__", repr(cleanup)), cleanup)
         self._cleanups.clear()
-        self.send_message = None
         self.closed_event.set()
+
+    async def _run_cleanup(self, name: str, cleanup: Cleanup) -> None:
+        """Run one cleanup; an error is logged, never raised: the next cleanup runs anyway."""
+        try:
+            await cleanup()
+        except Exception:
+            log.exception("session %s: cleanup %s failed (the other cleanups still run)", self.id, name)
 
     def describe(self) -> dict[str, Any]:
         stats = self.stats.as_dict()

@@ -25,8 +25,11 @@ as found on ONNX Runtime 1.32, huggingface_hub 2.4, OpenVINO 2026.4 with openvin
   be imported, so it is marked unimportable here (`sys.modules["openvino_telemetry"] = None`),
   unless the consent file holds `1` (the operator opted in) or it was imported already. The
   runtime itself (`openvino.Core`, all livediff calls) sends nothing.
-* **Ray** (the coming cluster layer; not a dependency yet): usage stats are on by default;
-  `RAY_USAGE_STATS_ENABLED=0` is set now so that a Ray started from livediff inherits it.
+* **Ray** (the cluster layer, `livediff[cluster]`): usage stats are on by default;
+  `RAY_USAGE_STATS_ENABLED=0` is set here, so a Ray started from livediff (`livediff serve
+  --cluster`, the tests' local clusters) and every worker process it starts inherit it (the
+  cluster test reads it in a replica's environment). A cluster started by `ray start` elsewhere
+  decides at its own start: the README and the RayService manifest set the variable there.
 
 Each variable is only set when absent: an operator who sets one (e.g. `ORT_DISABLE_TELEMETRY=0`)
 gets the vendor's behaviour, which is asking.

@@ -14,7 +14,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,6 +160,18 @@ def start_server(parts: Any, size: int = ENGINE_SIZE, controlnets: tuple[tuple[s
     server = LiveServer(f"http://127.0.0.1:{port}", loop, holder["app"], settings.get("token", ""), stop)
     wait_ready(server.url)
     return server
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Chromium (Playwright, Debian's binary, the fake camera), or a skip/failure saying why not."""
+    skip_without(chromium_missing())
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:

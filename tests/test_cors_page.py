@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.pages_support import CHROMIUM, CHROMIUM_ARGS, chromium_missing, skip_without, start_server
+from tests.pages_support import chromium, start_server
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -93,13 +93,8 @@ def app_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    skip_without(chromium_missing())
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_an_app_on_another_origin_publishes_and_plays(tiny_parts: Any, browser: Any, app_origin: str,

@@ -51,3 +51,18 @@ def test_g2g_reports_every_case_and_marker_completion_saves_frame_intervals(caps
 def test_g2g_refuses_unknown_cases_before_starting_anything(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["bench", "--g2g", "--cases", "pass-both,warp-speed"]) == 2
     assert "warp-speed" in capsys.readouterr().err
+
+
+def test_g2g_with_viewers_reports_the_publishers_and_the_viewers_frame_rates(capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(["bench", "--g2g", "--json", "--model", "tiny", "--size", "128", "--fps", "30", "--duration", "2",
+                 "--cases", "pass-both", "--viewers", "0,3"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    alone, watched = report["cases"]
+    assert (alone["viewers"], watched["viewers"]) == (0, 3)
+    assert alone["viewer_fps"] is None and watched["viewer_fps"] > 0.5 * 30, watched
+    for case in (alone, watched):  # passthrough: every camera frame comes back to the publisher
+        assert case["output_fps"] > 0.7 * 30, case
+        assert 0 < case["server_cpu"] < 2.5, case  # the server process's CPU seconds per second (2 cores here)
+    assert main(["bench", "--g2g", "--viewers", "two"]) == 2
+    assert "--viewers" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from livediff.synthetic import SyntheticCamera
 from livediff.transport import h264_profiles
-from livediff.transport.client import Client, new_peer
+from livediff.transport.client import CameraTrack, Client, new_peer, offer_client
 from livediff.transport.marker_jitterbuffer import AiortcInternalsError
 from tests.server_fixtures import running_server, strip_candidates
 
@@ -124,6 +124,65 @@ async def test_h264_main_and_high_streams_are_received(tiny_parts, http, caplog,
     assert camera.sps and camera.sps[0] == profile_idc, camera.sps.hex()
     reordered = any(later < earlier for earlier, later in zip(camera.pts, camera.pts[1:]))
     assert reordered == (b_frames > 0), camera.pts[:12]
+    assert not [r for r in caplog.records if "failed to decode" in r.getMessage()]
+
+
+def sps_profiles(data: bytes) -> list[tuple[int, int]]:
+    """(profile_idc, constraint flags) of every sequence parameter set in an Annex B access unit."""
+    found, start = [], 0
+    while (start := data.find(b"\x00\x00\x01", start)) != -1 and start + 5 < len(data):
+        if data[start + 3] & 0x1F == 7:
+            found.append((data[start + 4], data[start + 5]))
+        start += 3
+    return found
+
+
+async def test_h264_viewers_of_every_profile_share_one_encoding_they_all_decode(  # type: ignore[no-untyped-def]
+        tiny_parts, http, caplog, monkeypatch) -> None:
+    """WHEP viewers whose only codec is H.264 Constrained Baseline, Main or Constrained High: each is
+    answered with its own profile; the session's output is encoded once for all of them (one
+    Constrained Baseline encoder, a subset of Main and High) and each one decodes it."""
+    from aiortc.codecs.h264 import H264Decoder
+
+    caplog.set_level(logging.WARNING, logger="aiortc")
+    seen: list[tuple[int, int]] = []  # the SPSs the viewers' decoders got (the only H.264 decoders here)
+    decode = H264Decoder.decode
+
+    def recording(decoder, encoded_frame):  # type: ignore[no-untyped-def]
+        seen.extend(sps_profiles(encoded_frame.data))
+        return decode(decoder, encoded_frame)
+
+    monkeypatch.setattr(H264Decoder, "decode", recording)
+    async with running_server(tiny_parts, size=64) as server:
+        publisher = await offer_client(http, server.url, CameraTrack(fps=FPS), codec="VP8")
+        viewers = []
+        try:
+            await publisher.wait_connected()
+            for profile_level_id in ("42e01f", "4d001f", "640c1f"):
+                viewer = Client(pc=new_peer())
+                transceiver = viewer.pc.addTransceiver("video", direction="recvonly")
+                transceiver.setCodecPreferences(h264_capability(profile_level_id))
+                viewer.receive_video()
+                viewers.append(viewer)
+                await viewer.pc.setLocalDescription(await viewer.pc.createOffer())
+                async with http.post(f"{server.url}/whep/{publisher.session_id}", data=viewer.pc.localDescription.sdp,
+                                     headers={"Content-Type": "application/sdp"}) as response:
+                    answer = await response.text()
+                    assert response.status == 201, answer
+                assert re.findall(r"profile-level-id=(\w+)", answer) == [profile_level_id], answer
+                await viewer.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            for viewer in viewers:
+                await viewer.wait_connected()
+                assert viewer.received is not None
+                await viewer.received.wait_for(10)
+                assert all(frame.shape == (64, 64, 3) for frame in viewer.received.frames)
+            output = server.service.outputs[publisher.session_id]
+            assert sorted(output.encoders) == ["video/h264", "video/vp8"]  # one H.264 encoder for the three
+        finally:
+            for client in (*viewers, publisher):
+                await client.close()
+    # what they all got: Constrained Baseline (profile_idc 66, constraint_set1_flag 0x40)
+    assert seen and all(idc == 66 and flags & 0x40 for idc, flags in seen), seen
     assert not [r for r in caplog.records if "failed to decode" in r.getMessage()]
 
 

@@ -26,8 +26,8 @@ import pytest
 from livediff.server import tls
 from tests.firefox_support import USER_ICE_PREFS, Firefox, firefox_missing
 from tests.net import netns, services, topology
-from tests.net.clients import HostLoop, ProbeClock, https_session, wait
-from tests.pages_support import CHROMIUM, CHROMIUM_ARGS, chromium_missing, skip_without
+from tests.net.clients import HostLoop, ProbeClock, https_session
+from tests.pages_support import CHROMIUM, CHROMIUM_ARGS, chromium_missing, skip_without, wait_until
 from tests.server_fixtures import CameraTrack, Client, new_peer, prefer, replay_gathered, whep_view, whip_publish
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -216,17 +216,22 @@ def test_firefox_with_its_default_mdns_candidates(bed: Bed, artifacts_dir: Path)
         assert firefox.js("return window.isSecureContext") is True
         started = time.monotonic()
         firefox.click("#start-pattern")  # no camera permission: Firefox hides its addresses behind mDNS names
-        wait(lambda: firefox.js("return page.livediff.outputFrames") >= 1, 60, "Firefox's first output frame")
+        wait_until(lambda: firefox.js("return page.livediff.outputFrames") >= 1, 60, "Firefox's first output frame")
         first = time.monotonic() - started
-        wait(lambda: firefox.js("return page.livediff.outputFrames") >= 10, 30, "ten output frames")
+        wait_until(lambda: firefox.js("return page.livediff.outputFrames") >= 10, 30, "ten output frames")
         offer = firefox.js("return page.livediff.state.pc.localDescription.sdp")
         firefox.screenshot(artifacts_dir / "network-firefox-home.png")
-        report(f"firefox {firefox.version}, home LAN, mDNS host candidates only, server on the 1:1 NAT VM",
-               first_frame_s=first)
         candidates = [line for line in offer.splitlines() if line.startswith("a=candidate:")]
         assert candidates and all(".local " in line for line in candidates), candidates
         assert "a=end-of-candidates" in offer
         assert firefox.page_errors() == []
+        firefox.goto(bed.vm.url + LATENCY)  # the latency page's canvas source: no camera, mDNS names again
+        wait_until(lambda: firefox.js("return !document.getElementById('run').disabled"), 30, "the latency page")
+        firefox.click("#run")
+        summary = wait_until(lambda: firefox.js("return page.livediffLatency.results[0]?.summary() ?? null"), 60,
+                       "the latency run's summary")
+        report(f"firefox {firefox.version}, home LAN, mDNS host candidates only, server on the 1:1 NAT VM",
+               first_frame_s=first, g2g_p50_ms=summary["p50_ms"], received=f"{summary['received']}/{summary['sent']}")
     finally:
         firefox.close()
 
@@ -253,9 +258,9 @@ def test_obs_like_whip_publisher_and_a_whep_viewer_elsewhere(bed: Bed) -> None:
     publisher, (publisher_http, started) = home.call(publish())
     viewer, viewer_http = elsewhere.call(view(publisher.session_id))
     try:
-        wait(lambda: viewer.received is not None, 30, "the viewer's track")
+        wait_until(lambda: viewer.received is not None, 30, "the viewer's track")
         viewer.received.on_frame = clock.on_frame
-        wait(lambda: len(clock.g2g_ms) >= 30, 60, "30 probe ids back at the viewer")
+        wait_until(lambda: len(clock.g2g_ms) >= 30, 60, "30 probe ids back at the viewer")
         assert publisher.pc.connectionState == "connected" and viewer.pc.connectionState == "connected"
         report("OBS-like WHIP publisher (home LAN, H.264, no candidates) -> WHEP viewer (third host)",
                first_frame_s=(clock.first_at or 0) - started, g2g_p50_ms=clock.p50(), frames=len(clock.g2g_ms))
@@ -295,9 +300,9 @@ def test_replayed_offers_cut_short_by_end_of_candidates_connect(bed: Bed, mode: 
 
     client, http, started = home.call(connect())
     try:
-        wait(lambda: client.received is not None, 30, "the output track")
+        wait_until(lambda: client.received is not None, 30, "the output track")
         client.received.on_frame = clock.on_frame
-        wait(lambda: len(clock.g2g_ms) >= 20, 60, "20 probe ids back")
+        wait_until(lambda: len(clock.g2g_ms) >= 20, 60, "20 probe ids back")
         report(f"replayed offer ({mode} + end-of-candidates), home LAN", first_frame_s=(clock.first_at or 0) - started,
                g2g_p50_ms=clock.p50())
     finally:
@@ -322,9 +327,9 @@ def test_server_behind_1to1_nat_advertises_its_public_address(bed: Bed) -> None:
         answer = client.pc.remoteDescription.sdp
         hosts = [line.split()[4] for line in answer.splitlines() if line.startswith("a=candidate:")]
         assert topology.CLOUD_PUBLIC_IP in hosts and topology.VM_IP not in hosts, hosts
-        wait(lambda: client.received is not None, 30, "the output track")
+        wait_until(lambda: client.received is not None, 30, "the output track")
         client.received.on_frame = clock.on_frame
-        wait(lambda: len(clock.g2g_ms) >= 20, 60, "20 probe ids back")
+        wait_until(lambda: len(clock.g2g_ms) >= 20, 60, "20 probe ids back")
         report("cloud VM behind 1:1 NAT (--nat-1to1), publisher in home LAN", first_frame_s=(clock.first_at or 0)
                - started, g2g_p50_ms=clock.p50())
     finally:

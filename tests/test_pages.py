@@ -18,16 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.pages_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    LiveServer,
-    Publisher,
-    chromium_missing,
-    skip_without,
-    start_server,
-    wait_until,
-)
+from tests.pages_support import LiveServer, Publisher, chromium, start_server, wait_until
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -46,13 +37,8 @@ def server(tiny_parts: Any, browser: Any) -> Iterator[LiveServer]:  # the browse
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    skip_without(chromium_missing())
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 class Page:

@@ -81,3 +81,28 @@ async def test_probe_stats_name_the_frames_the_server_dropped_on_purpose(tiny_pa
     # frames); a few more may have come after that message.
     assert 0.8 * replaced - 10 <= len(dropped) <= replaced, (len(dropped), replaced)
     assert all(m["dropped"]["outbox"] == [] or set(m["dropped"]["outbox"]) <= set(range(camera.index)) for m in stats)
+
+
+def test_dropped_ids_of_a_stats_message_left_unsent_go_with_the_next_one() -> None:
+    """A stats message dropped while the control channel is backed up (`server.control`) gives its
+    dropped-frame ids back: the next message sent carries them, oldest first, so the latency page
+    still tells drops on purpose from frames lost on the way."""
+    from livediff.config import StreamParams
+    from livediff.server.drops import DropLog
+    from livediff.session import FrameIn, FrameOut, Session
+
+    session = Session(params=StreamParams(), probe=True)
+    drops = DropLog(session)
+
+    def out(frame_id: int) -> FrameOut:
+        return FrameOut(image=None, source=FrameIn(None, 0, None, 0.0, frame_id), scheduled=0.0, finished=0.0,
+                        stages_ms={}, batch_size=1)
+
+    for frame_id in (1, 2, 3):  # each put replaces the one before unread: 1 and 2 are dropped
+        session.outbox.put(out(frame_id))
+    unsent = drops.take()
+    assert unsent == {"inbox": [], "outbox": [1, 2]}
+    session.outbox.put(out(4))  # 3 is dropped after the message was built
+    drops.restore(unsent)
+    assert drops.take() == {"inbox": [], "outbox": [1, 2, 3]}
+    assert drops.take() == {"inbox": [], "outbox": []}

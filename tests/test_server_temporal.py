@@ -65,6 +65,14 @@ async def test_a_server_without_the_feature_bank_refuses_it_by_name(tiny_parts, 
         client.channel.send(json.dumps({"temporal": {"bank": 1}, "request_id": 3}))
         error = await client.wait_message(lambda m: m.get("request_id") == 3)
         assert error["type"] == "error" and error["field"] == "temporal.bank"
+        # sent together, the three would merge into one update (server.control): the one the engine
+        # cannot serve is refused alone, before it merges, and the others apply
+        for request_id, change in ((4, {"prompt": "a fox"}), (5, {"temporal": {"bank": 1}}), (6, {"strength": 0.3})):
+            client.channel.send(json.dumps({**change, "request_id": request_id}))
+        answers = [await client.wait_message(lambda m, i=i: m.get("request_id") == i) for i in (4, 5, 6)]  # type: ignore[misc]
+        assert [a["type"] for a in answers] == ["ack", "error", "ack"], answers
+        assert answers[1]["field"] == "temporal.bank"
+        assert answers[2]["params"]["prompt"] == "a fox" and answers[2]["params"]["strength"] == 0.3
         await client.close()
 
 

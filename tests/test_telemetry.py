@@ -27,8 +27,14 @@ ORT_DATABASE = Path(".cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db
 """Where ONNX Runtime (1.29+, Linux) queues its usage events, under HOME."""
 
 
+CI_MARKERS = ("CI", "TF_BUILD", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TRAVIS", "JENKINS_URL",
+              "CODEBUILD_BUILD_ID", "BUILDKITE", "TEAMCITY_VERSION", "APPVEYOR", "BITBUCKET_BUILD_NUMBER")
+"""Variables by which ONNX Runtime (1.32) recognises a CI machine and records nothing there: removed,
+so that these runs see what a user's machine does, not what a CI runner does."""
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and k not in CI_MARKERS}
     env.update(HOME=str(home), **extra)
     return env
 

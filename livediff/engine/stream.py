@@ -251,14 +251,20 @@ class StreamEngine:
         is done the stream's frames run without it."""
         return self.controls.request(params.controlnet)
 
-    def _check(self, params: StreamParams) -> None:
-        """`ConfigError` naming the field for what this engine cannot serve; starts the ControlNets' loads."""
+    def check_params(self, params: StreamParams) -> None:
+        """Raise `ConfigError` (naming the field) when this engine cannot serve `params`, as
+        `open_stream` and `update` would: `temporal_bank` without the feature bank, a ControlNet this
+        engine does not have or could not load, `depth` without a depth model. Starts no load."""
         if params.temporal_bank and self.bank_feature is None:
             raise ConfigError(
                 f"temporal_bank needs an engine started with the feature bank (feature_bank, `--feature-bank`); "
                 f"the {self.backend.name} backend here runs without it"
             )
         self.controls.check(params.controlnet)
+
+    def _check(self, params: StreamParams) -> None:
+        """`check_params`, then start the ControlNets' loads."""
+        self.check_params(params)
         self.controls.request(params.controlnet)
 
     def _bank(self, params: StreamParams) -> FeatureBank | None:

@@ -21,8 +21,9 @@ async def get_session(request: web.Request) -> web.Response:
 
 
 async def patch_session(request: web.Request) -> web.Response:
-    session = find_session(request)
+    find_session(request)
     data = await read_json(request)
+    session = find_session(request)  # again: a session that ended while the body arrived is a 404
     return web.json_response(await service(request).apply_params(session, data))
 
 

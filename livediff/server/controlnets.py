@@ -56,17 +56,16 @@ async def _announce(session: Session, name: str, future: Future[Any]) -> None:
         message.update(state="failed", error=str(exc))
     if name in session.controlnet_state:  # still one of the session's
         session.controlnet_state[name] = message["state"]
-    if session.send_message is not None:  # else `tell_states` says it when the channel opens
-        session.send_message(message)
+    if session.control is not None:  # a channel opened later hears it from `tell_states`
+        session.control.tell(message)
 
 
 def tell_states(session: Session) -> None:
     """On a new control channel: the loads of the session's that are done (those still loading are
     told when they are)."""
-    assert session.send_message is not None
     for name, state in session.controlnet_state.items():
         if state != "loading":
-            session.send_message({"type": "controlnet", "name": name, "state": state})
+            session.control.tell({"type": "controlnet", "name": name, "state": state})
 
 
 def preview_jpeg(image: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:

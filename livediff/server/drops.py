@@ -48,3 +48,9 @@ class DropLog:
         self.inbox.clear()
         self.outbox.clear()
         return taken
+
+    def restore(self, taken: dict[str, list[int]]) -> None:
+        """Put back what `take()` returned when its message was not sent (older than what came since;
+        beyond `MAX_PENDING` per slot the oldest go)."""
+        self.inbox = deque([*taken["inbox"], *self.inbox], maxlen=MAX_PENDING)
+        self.outbox = deque([*taken["outbox"], *self.outbox], maxlen=MAX_PENDING)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from livediff.scheduler import AdmissionError
 from livediff.server.params import ParamError
+from livediff.session import SessionClosed
 from livediff.transport.offers import UnsupportedCodecs
 from livediff.transport.whip import SdpError
 
@@ -62,6 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except UnsupportedCodecs as exc:
         return json_error(422, str(exc), kind=exc.kind, offered=exc.offered, accepted=exc.accepted)
+    except SessionClosed as exc:  # it ended while the request waited (its body, an answer, an update)
+        return json_error(404, str(exc))
     except SdpError as exc:
         return json_error(400, f"malformed SDP: {exc}", line=exc.line)
     except ParamError as exc:

@@ -7,68 +7,46 @@ and keeps the per-peer resources (ETag, peer connection, tasks) that WHIP/WHEP a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import av
 import torch
-from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaRelay
+from aiortc import MediaStreamTrack, RTCDataChannel, RTCSessionDescription
 
+from livediff.admission import AdmissionError
 from livediff.config import PREPROCESSORS, EngineSettings, ServerSettings, StreamParams, nat_1to1_map
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler, StepObservers
+from livediff.server.control import Control
 from livediff.server.controlnets import follow_loads, tell_states
-from livediff.server.drops import DropLog
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
-from livediff.server.params import parse_update, refusal
+from livediff.server.params import refusal
+from livediff.server.peers import Resource, answer, watch
 from livediff.server.quality import QualitySampler
+from livediff.server.viewers import Viewers
 from livediff.session import FrameIn, FrameOut, Session, params_to_json
 from livediff.transport import probe
-from livediff.transport.candidates import accept_remote, announce, is_mdns
+from livediff.transport.candidates import is_mdns
+from livediff.transport.fanout import Fanout
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
 from livediff.transport.ice_servers import IceServerConfig
-from livediff.transport.offers import negotiate, prepare_offer
-from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs, tune_sender
-from livediff.transport.tracks import OutputTrack, drain, pump
+from livediff.transport.offers import prepare_offer
+from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs
+from livediff.transport.sctp_text import tolerate_invalid_text
+from livediff.transport.tracks import drain, pump
 from livediff.transport.whip import SdpFrag, new_etag
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Resource:
-    """A WHIP session or WHEP viewer as addressed by its URL."""
-
-    pc: RTCPeerConnection
-    session: Session
-    etag: str
-    answer: str
-    """The SDP answer as sent: the server's candidates, as `announce` maps them."""
-    viewer_id: str | None = None
-
-
 FEATURES = ("probe", "passthrough")
 """Session params beyond the engine's own that the pages may use: probe ids, transport-only runs."""
-
-
-STATS_DELAY_S = 0.008
-"""A frame's stats message leaves this long after the frame went to its encoder, once the frame's
-own packets are out (the encode takes 2-4 ms at 512x512): sent at once, the message's SCTP/DTLS
-work on both event loops delayed the frame it describes (`livediff bench --g2g` passthrough
-p50 13.0 ms with the message sent at once, 11.6-12.0 deferred, 10.0-11.6 with no message)."""
-
-
-def _ms(t: float) -> float:
-    return round(t * 1000.0, 3)
 
 
 class Service:
@@ -85,10 +63,13 @@ class Service:
         self.quality = QualitySampler(observe=self.metrics.on_quality)
         self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out,
                                    observer=StepObservers(self.metrics, self.quality),
-                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames)
-        self.relay = MediaRelay()
-        self.outputs: dict[str, OutputTrack] = {}
+                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames,
+                                   max_connecting=settings.max_connecting, id_prefix=settings.session_id_prefix)
+        self.metrics.sessions.set_function(lambda: len(self.scheduler.sessions))
+        self.outputs: dict[str, Fanout] = {}
         self.resources: dict[str, Resource] = {}
+        self.viewers = Viewers(settings, self.ice, self.nat_1to1, self.metrics, self.resources, self.outputs,
+                               self._background)
         self.ready = False
         self.load_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -149,13 +130,18 @@ class Service:
             raise NotReady(self.load_error or "the model is loading")
 
     def _background(self, coro: Any) -> None:
+        """Run `coro` outside any request or session (e.g. closing a session from a peer's event); errors are logged."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def close_session(self, session: Session) -> None:
         await self.scheduler.close_session(session)
-        self.metrics.sessions.set(len(self.scheduler.sessions))
 
     # -- frames (on the worker thread; passthrough frames sent as they came on the loop) ---------
 
@@ -190,27 +176,12 @@ class Service:
         return array_to_frame(rgb, frame.pts, frame.time_base)
 
     def _on_sent(self, session: Session) -> Callable[[FrameOut], None]:
-        drops = DropLog(session)
-
         def on_sent(out: FrameOut) -> None:
             age = self.metrics.on_sent(out)
             session.stats.sent += 1
             session.stats.last_age_ms = round(age * 1000.0, 3)
-            if session.send_message is not None:  # frame_id is None unless the session probes
-                stats = {
-                    "type": "stats",
-                    "frame_id": out.source.frame_id,
-                    "received_ms": _ms(out.source.received),
-                    "scheduled_ms": _ms(out.scheduled),
-                    "finished_ms": _ms(out.finished),
-                    "sent_ms": _ms(time.monotonic()),
-                    "stages_ms": {k: round(v, 3) for k, v in out.stages_ms.items()},
-                    "batch_size": out.batch_size,
-                    "skipped": out.skipped,
-                    "dropped": drops.take(),
-                    "quality": session.quality.as_dict() if session.quality is not None else None,
-                }
-                asyncio.get_running_loop().call_later(STATS_DELAY_S, session.send_message, stats)
+            if session.control is not None:
+                session.control.frame_sent(out)
 
         return on_sent
 
@@ -236,20 +207,23 @@ class Service:
         self.require_ready()
         offer = prepare_offer(offer.sdp, self.settings.video_codecs)
         try:
-            session = await self.scheduler.open_session(params, kind=kind, probe=probe_on)
+            session = await self.scheduler.open_session(params, kind=kind, probe=probe_on, connecting=True)
         except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
             raise refusal(exc) from None
-        await follow_loads(self.scheduler, session)
-        self.metrics.sessions.set(len(self.scheduler.sessions))
+        session.control = Control(session, self._apply_update, self.settings.max_body_bytes,
+                                  lambda: self._control_state(session), self._check_params)
         try:
+            await follow_loads(self.scheduler, session)  # the ControlNets it names start loading
             pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
-            output = OutputTrack(session.outbox, self._on_sent(session))
+            output = Fanout(session.outbox, self._on_sent(session), self.settings.bitrate,
+                            self.settings.keyframe_interval_s)
             self.outputs[session.id] = output
             session.on_close(self._forget_output(session.id))
-            transceiver = pc.addTransceiver(self.relay.subscribe(output, buffered=False), direction="sendrecv")
+            transceiver = pc.addTransceiver("video", direction="sendrecv")
             prefer_codecs(transceiver, self.settings.video_codecs)
-            self._watch(pc, session, lambda: self.close_session(session))
+            watch(pc, session, lambda: self.close_session(session), self.settings.connect_timeout_s,
+                  self._background, f"session {session.id}", on_connected=lambda: self.scheduler.connected(session))
 
             @pc.on("track")
             def on_track(track: MediaStreamTrack) -> None:
@@ -261,18 +235,27 @@ class Service:
             @pc.on("datachannel")
             def on_datachannel(channel: RTCDataChannel) -> None:
                 if channel.label == "control":
-                    self._control_channel(session, channel)
+                    session.control.attach(channel)
+                    tell_states(session)  # aiortc announces a channel the peer opened once it is open
 
-            answer = await self._answer(pc, offer)
-            if transceiver.currentDirection in ("sendrecv", "sendonly"):
-                session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
-                                          self.settings.keyframe_interval_s), "tune")
-            log.info("session %s (%s): video %s, %s", session.id, kind, negotiated_codec(transceiver),
+            sdp = await answer(pc, offer, self.nat_1to1)
+            session.ensure_open()  # it may have ended while the answer was made
+            if pc.sctp is not None:  # a control message that is not UTF-8 must not end the session
+                tolerate_invalid_text(pc.sctp)
+            codec = negotiated_codec(transceiver)
+            if codec is not None and transceiver.currentDirection in ("sendrecv", "sendonly"):
+                output.subscribe(transceiver.sender, codec)  # the output back to the publisher
+            log.info("session %s (%s): video %s, %s", session.id, kind, codec.name if codec else None,
                      transceiver.currentDirection)
         except BaseException:
+            ended = session.closed  # by someone else: a newer offer took its connecting slot, or shutdown
             await self.close_session(session)
+            if ended:
+                raise AdmissionError("the session ended before its answer was ready (newer offers took "
+                                     "its connecting slot, an operator ended it, or the server is stopping)",
+                                     self.settings.max_sessions) from None
             raise
-        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=answer)
+        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=sdp)
         self.resources[session.id] = resource
         session.on_close(self._forget_resource(session.id))
         return session, resource
@@ -291,100 +274,21 @@ class Service:
 
         return forget
 
-    async def _answer(self, pc: RTCPeerConnection, offer: RTCSessionDescription) -> str:
-        """Negotiate `offer` on `pc` (`transport.offers.negotiate`: whatever aiortc raises is a 400);
-        returns the answer SDP to send (see `transport.candidates`: the offer's end-of-candidates
-        and mDNS candidates are left out, the answer's host candidates carry the NAT 1:1 public
-        address)."""
-        await negotiate(pc, RTCSessionDescription(sdp=accept_remote(offer.sdp), type=offer.type))
-        return announce(pc.localDescription.sdp, self.nat_1to1)
-
-    def _watch(self, pc: RTCPeerConnection, owner: Session, end: Callable[[], Any]) -> None:
-        """Reap the peer when it fails, closes, or never connects within the ICE timeout."""
-
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._background(end())
-
-        async def watchdog() -> None:
-            await asyncio.sleep(self.settings.connect_timeout_s)
-            if pc.connectionState != "connected":
-                log.info("session %s: peer did not connect in %.0f s, reaped", owner.id,
-                         self.settings.connect_timeout_s)
-                self._background(end())
-
-        owner.spawn(watchdog(), "connect-watchdog")
-
     # -- viewers (WHEP) --------------------------------------------------------------------------
 
     def newest_session(self) -> Session | None:
         live = [s for s in self.scheduler.sessions.values() if not s.closed]
         return max(live, key=lambda s: s.created, default=None)
 
-    async def view(self, session: Session, offer: RTCSessionDescription) -> Resource:
-        self.require_ready()
-        offer = prepare_offer(offer.sdp, self.settings.video_codecs)
-        if len(session.viewers) >= self.settings.max_viewers:
-            raise OverflowError(f"session {session.id} has its limit of {self.settings.max_viewers} viewers")
-        output = self.outputs[session.id]
-        viewer_id = uuid.uuid4().hex[:12]
-        pc = create_peer(self.ice, self.settings.marker_completion)
-        proxy = self.relay.subscribe(output, buffered=False)
-        transceiver = pc.addTransceiver(proxy, direction="sendonly")
-        prefer_codecs(transceiver, self.settings.video_codecs)
-        key = f"{session.id}/{viewer_id}"
-        tasks: list[asyncio.Task[Any]] = []
-
-        async def end() -> None:
-            if session.viewers.pop(viewer_id, None) is None:
-                return
-            self.resources.pop(key, None)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            proxy.stop()
-            await pc.close()
-            self.metrics.viewers.dec()
-
-        session.viewers[viewer_id] = end
-        self.metrics.viewers.inc()
-        try:
-            answer = await self._answer(pc, offer)
-        except BaseException:
-            await end()
-            raise
-        resource = Resource(pc=pc, session=session, etag=new_etag(), answer=answer, viewer_id=viewer_id)
-        tasks.append(session.spawn(tune_sender(transceiver.sender, self.settings.bitrate,
-                                               self.settings.keyframe_interval_s), "viewer-tune"))
-
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._background(end())
-
-        async def watchdog() -> None:
-            await asyncio.sleep(self.settings.connect_timeout_s)
-            if pc.connectionState != "connected":
-                self._background(end())
-
-        tasks.append(session.spawn(watchdog(), "viewer-watchdog"))
-        self.resources[key] = resource
-        return resource
-
-    async def end_viewer(self, session: Session, viewer_id: str) -> bool:
-        end = session.viewers.get(viewer_id)
-        if end is None:
-            return False
-        await end()
-        return True
-
     # -- trickle ---------------------------------------------------------------------------------
 
     async def trickle(self, resource: Resource, frag: SdpFrag) -> None:
-        """Add trickled candidates; mDNS ones are skipped and end-of-candidates is not passed on,
-        for the reasons `transport.candidates` gives for offers."""
+        """Add the fragment's candidates to the resource's peer; `SessionClosed` once its session ended.
+
+        mDNS candidates are skipped and end-of-candidates is not passed on, for the reasons
+        `transport.candidates` gives for offers."""
         for candidate in frag.candidates:
+            resource.session.ensure_open()
             if is_mdns(candidate.ip):
                 continue
             if candidate.sdpMid is None:
@@ -392,57 +296,40 @@ class Service:
                 candidate.sdpMid = transceivers[0].mid if transceivers else None
             await resource.pc.addIceCandidate(candidate)
 
-    # -- live control ----------------------------------------------------------------------------
+    # -- live control (the queue and the data channel: server/control.py) -------------------------
 
     async def apply_params(self, session: Session, data: dict[str, Any]) -> dict[str, Any]:
-        """Validate and apply a control message; the change takes effect from the next frame."""
-        async with session.param_lock:
-            params, extras = parse_update(session.params, data)
-            try:
-                truncated = (await self.scheduler.update(session, params) if params != session.params
-                             else self.scheduler.prompt_truncated(session))
-            except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
-                raise refusal(exc) from None
-            if "controlnet" in data:
-                await follow_loads(self.scheduler, session)
-            if "probe" in extras:
-                session.probe = extras["probe"]
+        """Apply a PATCH body in turn with the session's data-channel messages; the ack's body."""
+        session.ensure_open()
+        return await session.control.patch(data)  # type: ignore[no-any-return]
+
+    async def _apply_update(self, session: Session, params: StreamParams, extras: dict[str, Any]) -> dict[str, Any]:
+        """Apply checked params (from the next frame on) and session fields; `SessionClosed` once it ended."""
+        session.ensure_open()
+        old = session.params
+        try:
+            truncated = (await self.scheduler.update(session, params) if params != session.params
+                         else self.scheduler.prompt_truncated(session))
+        except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
+            raise refusal(exc) from None
+        session.ensure_open()  # it may have ended while the update waited for the worker
+        if params.controlnet != old.controlnet:
+            await follow_loads(self.scheduler, session)
+        if "probe" in extras:
+            session.probe = extras["probe"]
+        return self._control_state(session, truncated)
+
+    def _check_params(self, params: StreamParams) -> None:
+        """`ParamError` naming the field when the engine cannot serve `params` (see `Control.check`)."""
+        try:
+            self.scheduler.engine.check_params(params)
+        except ConfigError as exc:
+            raise refusal(exc) from None
+
+    def _control_state(self, session: Session, truncated: bool = False) -> dict[str, Any]:
         warnings = []
         if truncated:
             limit = self.scheduler.engine.parts.tokenizer.model_max_length
             warnings.append(f"prompt truncated to the tokenizer's limit of {limit} tokens")
         return {"session_id": session.id, "params": params_to_json(session.params), "probe": session.probe,
                 "controlnet_state": dict(session.controlnet_state), "warnings": warnings}
-
-    def _control_channel(self, session: Session, channel: RTCDataChannel) -> None:
-        def send(message: dict[str, Any]) -> None:
-            if channel.readyState == "open":
-                channel.send(json.dumps(message))
-
-        session.send_message = send
-        tell_states(session)  # aiortc announces a channel the peer opened once it is open
-
-        @channel.on("message")
-        def on_message(message: str | bytes) -> None:
-            session.spawn(self._control(session, message, send), "control")
-
-    async def _control(self, session: Session, message: str | bytes, send: Callable[[dict[str, Any]], None]) -> None:
-        from livediff.server.params import ParamError
-
-        request_id = None
-        try:
-            data = json.loads(message)
-            if not isinstance(data, dict):
-                raise ParamError(None, "a control message must be a JSON object")
-            if data.get("type") == "ping":  # clock sync: the client pairs its send/receive times with ours
-                send({"type": "pong", "client_ms": data.get("client_ms"), "server_ms": _ms(time.monotonic())})
-                return
-            request_id = data.pop("request_id", None)
-            ack = await self.apply_params(session, data)
-        except json.JSONDecodeError as exc:
-            send({"type": "error", "error": f"not JSON: {exc}", "request_id": request_id})
-            return
-        except ParamError as exc:
-            send({"type": "error", "error": exc.message, "field": exc.field, "request_id": request_id})
-            return
-        send({"type": "ack", "request_id": request_id, **ack})

@@ -1,7 +1,8 @@
 """WHEP egress: POST /whep/{id} (or /whep: the newest session) -> a viewer of that session's output.
 
-Viewers subscribe to the session's output through aiortc's MediaRelay (buffered=False: each keeps
-only the newest frame). aiortc encodes per sender, so each viewer costs one encode.
+Viewers get the session's output encoded once per codec and shared (`livediff.transport.fanout`):
+a viewer costs packetization and encryption, not an encode. The session is looked up again once
+the offer has arrived: one that ended meanwhile is a 404.
 """
 
 from __future__ import annotations
@@ -11,43 +12,42 @@ from aiortc import RTCSessionDescription
 
 from livediff.server.common import find_session, read_text, service
 from livediff.server.errors import ApiError
-from livediff.server.whip import created, find_resource, options_whip, patch_resource
+from livediff.server.whip import created, options_whip, patch_resource
 from livediff.session import Session
 from livediff.transport.whip import SDP_TYPE
 
 
-async def _view(request: web.Request, session: Session) -> web.Response:
+async def _view(request: web.Request, sdp: str, session: Session) -> web.Response:
     svc = service(request)
-    sdp = await read_text(request, SDP_TYPE)
-    try:
-        resource = await svc.view(session, RTCSessionDescription(sdp=sdp, type="offer"))
-    except OverflowError as exc:
-        raise ApiError(503, str(exc), headers={"Retry-After": "10"}) from None
+    svc.require_ready()
+    resource = await svc.viewers.add(session, RTCSessionDescription(sdp=sdp, type="offer"))
     return created(resource, f"/whep/{session.id}/{resource.viewer_id}", svc)
 
 
 async def post_whep(request: web.Request) -> web.Response:
-    return await _view(request, find_session(request))
+    find_session(request)
+    sdp = await read_text(request, SDP_TYPE)
+    return await _view(request, sdp, find_session(request))  # again: it may have ended while the body arrived
 
 
 async def post_whep_newest(request: web.Request) -> web.Response:
     service(request).require_ready()
+    sdp = await read_text(request, SDP_TYPE)
     session = service(request).newest_session()
     if session is None:
         raise ApiError(404, "no session is live")
-    return await _view(request, session)
+    return await _view(request, sdp, session)
 
 
 async def delete_viewer(request: web.Request) -> web.Response:
     session = find_session(request)
-    if not await service(request).end_viewer(session, request.match_info["viewer"]):
+    if not await service(request).viewers.end(session, request.match_info["viewer"]):
         raise ApiError(404, f"no viewer {request.match_info['viewer']!r} of session {session.id!r}")
     return web.Response(status=200)
 
 
 async def patch_viewer(request: web.Request) -> web.Response:
-    key = f"{request.match_info['id']}/{request.match_info['viewer']}"
-    return await patch_resource(request, find_resource(request, key))
+    return await patch_resource(request, f"{request.match_info['id']}/{request.match_info['viewer']}")
 
 
 def add_routes(app: web.Application) -> None:

@@ -14,7 +14,8 @@ from aiortc import RTCSessionDescription
 from livediff.server.common import read_text, service
 from livediff.server.errors import ApiError
 from livediff.server.params import parse_query, parse_update
-from livediff.server.service import Resource, Service
+from livediff.server.peers import Resource
+from livediff.server.service import Service
 from livediff.transport.whip import SDP_TYPE, SDPFRAG_TYPE, etag_matches, is_ice_restart, parse_sdpfrag
 
 
@@ -51,19 +52,24 @@ ICE_RESTART_REFUSED = (
 )
 
 
-async def patch_resource(request: web.Request, resource: Resource) -> web.Response:
-    """Trickle ICE (RFC 8840 sdpfrag): If-Match is required (428 without); a stale ETag is 412.
+async def patch_resource(request: web.Request, key: str) -> web.Response:
+    """Trickle ICE (RFC 8840 sdpfrag) on the resource `key`: If-Match is required (428 without); a
+    stale ETag is 412.
 
     ICE restarts (new ice-ufrag/ice-pwd) are answered 422 (RFC 9725 4.3.1: a session that supports
     trickle ICE but not ICE restarts answers 422 to the PATCH it does not support; aiortc cannot
-    restart ICE), and the existing ICE session is kept (RFC 9725 4.3.2).
+    restart ICE), and the existing ICE session is kept (RFC 9725 4.3.2). The resource is looked up
+    again once the body has arrived: one that ended meanwhile is a 404.
     """
+    find_resource(request, key)
     if_match = request.headers.get("If-Match")
     if if_match is None:
         raise ApiError(428, "If-Match is required (the ETag of the resource)")
+    text = await read_text(request, SDPFRAG_TYPE)
+    resource = find_resource(request, key)
     if not etag_matches(if_match, resource.etag):
         raise ApiError(412, "If-Match does not match the resource's ETag (stale ICE session)")
-    frag = parse_sdpfrag(await read_text(request, SDPFRAG_TYPE))
+    frag = parse_sdpfrag(text)
     remote = resource.pc.remoteDescription
     if remote is not None and is_ice_restart(frag, remote.sdp):
         raise ApiError(422, ICE_RESTART_REFUSED, "ice-ufrag" if frag.ufrag is not None else "ice-pwd")
@@ -72,7 +78,7 @@ async def patch_resource(request: web.Request, resource: Resource) -> web.Respon
 
 
 async def patch_whip(request: web.Request) -> web.Response:
-    return await patch_resource(request, find_resource(request, request.match_info["id"]))
+    return await patch_resource(request, request.match_info["id"])
 
 
 async def delete_whip(request: web.Request) -> web.Response:

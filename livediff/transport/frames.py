@@ -3,7 +3,7 @@
 Input frames of any size are scaled preserving their aspect ratio so that they cover the engine
 size, then centre-cropped (a 1280x720 camera into 512x512 keeps the middle 720x720 square).
 Output frames are sent at the engine size as yuv420p, converted once here rather than once per
-encoder (every WHEP viewer has its own encoder).
+encoder (one per codec, shared by every viewer).
 
 Each conversion keeps its own swscale context from frame to frame (one reformatter per thread and
 direction): `VideoFrame.reformat` sets one up for every frame, which at 512x512 cost more than

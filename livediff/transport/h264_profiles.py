@@ -27,24 +27,19 @@ decoder decodes (Constrained Baseline is a subset of Main and High, ITU-T H.264 
 The table is module state of aiortc, shared by every peer connection in the process, so
 :func:`enable` is idempotent and changes nothing else. :func:`check_aiortc_internals` verifies,
 before the change, that aiortc still keeps and matches codecs the way relied upon; it raises
-:class:`~livediff.transport.marker_jitterbuffer.AiortcInternalsError` naming what moved.
+:class:`~livediff.transport.aiortc_guard.AiortcInternalsError` naming what moved.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
-import warnings
 from typing import Any
 
 from aiortc import RTCRtpCodecParameters, rtcpeerconnection
 from aiortc import codecs as aiortc_codecs
 from aiortc.sdp import H264Profile, parse_h264_profile_level_id
 
-from livediff.transport.marker_jitterbuffer import AiortcInternalsError
-
-TESTED_AIORTC_RANGE = ((1, 14, 0), (1, 17, 0))
-"""aiortc versions this module is tested with, [min, max); the checks below are the real guard."""
+from livediff.transport.aiortc_guard import AiortcInternalsError, moved, warn_if_untested
 
 PROFILES = {
     "4d001f": H264Profile.PROFILE_MAIN,
@@ -64,28 +59,15 @@ PROFILE_NAMES = {
 
 
 def _fail(what: str) -> AiortcInternalsError:
-    low, high = (".".join(map(str, v)) for v in TESTED_AIORTC_RANGE)
-    return AiortcInternalsError(
-        f"aiortc {importlib.metadata.version('aiortc')}: {what}. livediff.transport.h264_profiles adds rows to "
-        f"aiortc's codec table and was tested with aiortc >={low},<{high}; re-check aiortc/codecs/__init__.py "
-        "and aiortc/rtcpeerconnection.py."
-    )
-
-
-def _version() -> tuple[int, ...]:
-    version = importlib.metadata.version("aiortc")
-    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:3])
+    return moved("h264_profiles", what, "aiortc/codecs/__init__.py and aiortc/rtcpeerconnection.py")
 
 
 def check_aiortc_internals() -> None:
     """Raise `AiortcInternalsError` unless aiortc keeps and matches video codecs as this module relies on.
 
-    Outside `TESTED_AIORTC_RANGE` a warning is issued first; these checks decide.
+    Outside `aiortc_guard.TESTED_AIORTC_RANGE` a warning is issued first; these checks decide.
     """
-    low, high = TESTED_AIORTC_RANGE
-    if not low <= _version() < high:
-        warnings.warn(f"aiortc {importlib.metadata.version('aiortc')} is outside the range "
-                      "livediff.transport.h264_profiles was tested with", stacklevel=2)
+    warn_if_untested("h264_profiles")
     table: Any = getattr(aiortc_codecs, "CODECS", None)
     video = table.get("video") if isinstance(table, dict) else None
     if not isinstance(video, list):

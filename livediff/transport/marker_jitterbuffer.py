@@ -69,9 +69,7 @@ moved if the private API relied upon is not there.
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +78,8 @@ from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_add
+
+from livediff.transport.aiortc_guard import TESTED_AIORTC_RANGE, AiortcInternalsError, moved, warn_if_untested
 
 __all__ = [
     "TESTED_AIORTC_RANGE",
@@ -90,16 +90,6 @@ __all__ = [
     "use_marker_completion",
 ]
 
-#: aiortc versions this module is tested against: [min, max).  The test suite
-#: passes on 1.14.0, 1.15.0 and 1.16.0 (jitterbuffer.py is identical in all
-#: three; the video buffer capacity is 128 before 1.16 and 512 in 1.16).
-#: Outside the range a warning is issued; the structural check in
-#: :func:`check_aiortc_internals` is what actually guards us.
-TESTED_AIORTC_RANGE: tuple[tuple[int, int, int], tuple[int, int, int]] = (
-    (1, 14, 0),
-    (1, 17, 0),
-)
-
 #: Private attribute of ``RTCRtpReceiver`` holding its jitter buffer.
 _RECEIVER_BUFFER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 _RECEIVER_KIND_ATTR = "_RTCRtpReceiver__kind"
@@ -108,33 +98,8 @@ _BUFFER_STATE_ATTRS = ("_capacity", "_origin", "_packets", "_prefetch", "_is_vid
 _BUFFER_METHODS = ("add", "_remove_frame", "remove", "smart_remove")
 
 
-class AiortcInternalsError(RuntimeError):
-    """aiortc's private jitter-buffer API is not what this module relies on."""
-
-
-def _aiortc_version() -> str:
-    try:
-        return importlib.metadata.version("aiortc")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) or "0"
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def _fail(what: str) -> AiortcInternalsError:
-    low, high = (".".join(map(str, v)) for v in TESTED_AIORTC_RANGE)
-    return AiortcInternalsError(
-        f"aiortc {_aiortc_version()}: {what}. "
-        f"livediff.transport.marker_jitterbuffer relies on private aiortc "
-        f"internals and was tested with aiortc >={low},<{high}; "
-        f"re-check aiortc/jitterbuffer.py and aiortc/rtcrtpreceiver.py."
-    )
+    return moved("marker_jitterbuffer", what, "aiortc/jitterbuffer.py and aiortc/rtcrtpreceiver.py")
 
 
 class MarkerJitterBuffer(JitterBuffer):
@@ -335,14 +300,7 @@ def check_aiortc_internals(receiver: object | None = None) -> None:
     that this receiver has that attribute holding a ``JitterBuffer``.  Warns
     (does not fail) if the aiortc version is outside ``TESTED_AIORTC_RANGE``.
     """
-    version = _version_tuple(_aiortc_version())
-    low, high = TESTED_AIORTC_RANGE
-    if not low <= version < high:
-        warnings.warn(
-            f"aiortc {_aiortc_version()} is outside the range tested for MarkerJitterBuffer {TESTED_AIORTC_RANGE}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_untested("MarkerJitterBuffer")
     _check_jitterbuffer_api()
     if receiver is None:
         return

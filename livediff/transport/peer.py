@@ -1,23 +1,17 @@
 """Peer connections as livediff makes them: ICE servers, codec preferences, encoder settings.
 
-Encoder choices (aiortc encodes each sender's frames itself, one encoder per sender):
-* codec: the first of `ServerSettings.video_codecs` (default H.264, then VP8) that the remote
+Encoder choices (every sender of a session's output is fed by its `Fanout`: one encoder per codec):
+* codec: the first of `ServerSettings.video_codecs` (default VP8, then H.264) that the remote
   offer carries. Set with `setCodecPreferences` on transceivers created *before*
   `setRemoteDescription`, which aiortc then matches to the offer's m-lines.
-* bitrate: `ServerSettings.bitrate` is written into the sender's encoder (`target_bitrate`) once
-  it exists (aiortc creates it on the first frame). aiortc clamps it (H.264 0.5-3 Mbit/s, VP8
-  0.25-1.5 Mbit/s) and a receiver's REMB feedback overrides it later (congestion control).
-* keyframes: every `keyframe_interval_s` the sender is asked for a keyframe; aiortc's own
-  encoders otherwise send one only at the start and on PLI/FIR (VP8 gop 3000, x264 default).
-  A new WHEP viewer gets its own encoder, whose first frame is a keyframe anyway.
-Both use aiortc private attributes (`_RTCRtpSender__encoder`, `_send_keyframe`); if a new
-aiortc moves them, a warning is logged once and the defaults stay.
+* bitrate: `ServerSettings.bitrate`, lowered to the lowest receiver estimate (REMB) among the
+  senders that share the encoder; aiortc's encoders clamp it (H.264 0.5-3 Mbit/s, VP8
+  0.25-1.5 Mbit/s).
+* keyframes: every `keyframe_interval_s`, on a receiver's PLI/FIR, and when a sender starts
+  (a new viewer starts on a keyframe); see `livediff.transport.fanout`.
 """
 
 from __future__ import annotations
-
-import asyncio
-import logging
 
 from aiortc import (
     RTCConfiguration,
@@ -26,12 +20,10 @@ from aiortc import (
     RTCRtpTransceiver,
 )
 from aiortc.codecs import is_rtx
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from livediff.transport import h264_profiles
 from livediff.transport.ice_servers import IceServerConfig
-
-log = logging.getLogger(__name__)
-_warned: set[str] = set()
 
 
 def create_peer(ice: IceServerConfig, marker_completion: bool = True) -> RTCPeerConnection:
@@ -56,39 +48,7 @@ def prefer_codecs(transceiver: RTCRtpTransceiver, names: tuple[str, ...]) -> Non
     transceiver.setCodecPreferences(ordered)
 
 
-def negotiated_codec(transceiver: RTCRtpTransceiver) -> str | None:
+def negotiated_codec(transceiver: RTCRtpTransceiver) -> RTCRtpCodecParameters | None:
+    """The transceiver's codec (the first negotiated one) once the answer is made; None before."""
     codecs = getattr(transceiver, "_codecs", None) or []
-    return codecs[0].mimeType.split("/")[-1] if codecs else None
-
-
-async def tune_sender(sender: RTCRtpSender, bitrate: int, keyframe_interval_s: float) -> None:
-    """Set the encoder's bitrate once it exists, then ask for a keyframe every interval. Runs until cancelled."""
-    tuned = False
-    poll_s = min(0.1, keyframe_interval_s)
-    waited = 0.0
-    while True:
-        await asyncio.sleep(poll_s)
-        waited += poll_s
-        if not tuned:
-            encoder = getattr(sender, "_RTCRtpSender__encoder", None)
-            if encoder is not None:
-                if hasattr(encoder, "target_bitrate"):
-                    encoder.target_bitrate = bitrate
-                tuned = True
-                poll_s = keyframe_interval_s
-            elif not hasattr(sender, "_RTCRtpSender__encoder"):
-                _warn_once("encoder", "aiortc's sender has no _RTCRtpSender__encoder: bitrate stays aiortc's default")
-                tuned = True
-                poll_s = keyframe_interval_s
-            continue
-        send_keyframe = getattr(sender, "_send_keyframe", None)
-        if send_keyframe is None:
-            _warn_once("keyframe", "aiortc's sender has no _send_keyframe: keyframes only on PLI")
-            return
-        send_keyframe()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
+    return codecs[0] if codecs else None

@@ -1,9 +1,6 @@
-"""Media tracks: the output track that reads a session's outbox, and the input pump.
+"""Received media: the pump that hands a remote track's frames on, and the drain for what we do not use.
 
-The output track returns each transformed frame with the input frame's pts and time base, so
-the sent frame rate follows the camera's. It is the source of a `MediaRelay` (buffered=False):
-the publisher's own peer and every WHEP viewer subscribe to it, and each subscriber keeps only
-the newest frame.
+(A session's output goes out through `livediff.transport.fanout`.)
 """
 
 from __future__ import annotations
@@ -11,38 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from livediff.transport.slot import LatestSlot, SlotClosed
-
 log = logging.getLogger(__name__)
-
-
-class OutputTrack(MediaStreamTrack):
-    """A video track whose frames come from a latest-only outbox of objects with an `.image` frame."""
-
-    kind = "video"
-
-    def __init__(self, outbox: LatestSlot[Any], on_send: Callable[[Any], None] | None = None) -> None:
-        super().__init__()
-        self._outbox = outbox
-        self._on_send = on_send
-
-    async def recv(self) -> av.VideoFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        try:
-            item = await self._outbox.get()
-        except SlotClosed:
-            self.stop()
-            raise MediaStreamError from None
-        if self._on_send is not None:
-            self._on_send(item)
-        return item.image
 
 
 async def pump(track: MediaStreamTrack, deliver: Callable[[av.VideoFrame], None]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,14 +75,3 @@ class ProbeClock:
     def p50(self) -> float:
         ordered = sorted(self.g2g_ms)
         return ordered[len(ordered) // 2] if ordered else float("nan")
-
-
-def wait(check: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")

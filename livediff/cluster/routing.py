@@ -1,0 +1,159 @@
+"""SessionRouter: which replica a signalling call goes to (a Ray Serve request router).
+
+Runs inside every process that holds a handle to the engine replicas (the gateway's). It reads
+the call's `route` keyword:
+
+* a route key (the request names a session): the replica with that key, and only it. When no
+  live replica has the key (its replica died, or is draining), any replica: it does not hold the
+  session either and answers 404, as the single server does for an unknown session;
+* none (a page, the ICE servers): any replica.
+
+A new session is sent to the replica `choose_replica` picks (the most free room), named in `route`: the
+gateway picks it from this router's view rather than letting the router rank replicas, because
+Serve's router moves to a lower rank whenever the best replica's queue-length probe is slow (on
+a busy machine: 3 of 4 sessions went to one replica), where a named replica is waited for.
+Free room comes from each replica's `record_routing_stats`, read every `stats_period_s`. Placing a
+burst of sessions on stats that old would put them all on one replica, so the router also counts
+the session-opening calls sent since a replica's stats were taken (`note_opened`).
+
+The gateway enumerates replicas (metrics, session lists, readiness) through `live_replicas`,
+this process's router's own view of what Serve routes to: no second registry of replicas.
+A replica Serve stops leaves that view at once but drains for as long as its sessions last
+(`EngineReplica.__del__`): the router keeps the address of the replicas that left it
+(`draining_replicas`, the newest `REMEMBERED`), where the gateway sends their sessions' requests
+directly. A replica that died there refuses the connection, and its sessions answer 404.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from collections import OrderedDict, defaultdict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+IN_FLIGHT_S = 0.5
+"""A session-opening call routed this long before a replica's stats were taken may be missing
+from them (still on its way): it is counted as well. Counting one twice only spreads a burst."""
+
+REMEMBERED = 64
+"""Replicas that left the routing view whose address is kept (draining ones, and dead ones until
+a request finds them gone)."""
+
+_ROUTERS: dict[str, SessionRouter] = {}
+"""This process's router per deployment (`app#deployment`), for `live_replicas`."""
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """A replica as the router sees it."""
+
+    key: str
+    sessions: int
+    """Its sessions, with the calls opening one, when its stats were taken."""
+    placing: int
+    """Session-opening calls routed to it since (they may be missing from `sessions`)."""
+    max_sessions: int
+    ready: bool
+    """Its engine is warm (Serve routes to a replica only once it is; False until its first stats)."""
+    started: float
+    url: str = ""
+    """Its app's address on its node."""
+    pid: int = 0
+    stats_age_s: float = 0.0
+
+    @property
+    def free(self) -> int:
+        """Sessions it can still take, by what the router knows."""
+        return max(0, self.max_sessions - self.sessions - self.placing)
+
+    def describe(self) -> dict[str, Any]:
+        return {"replica": self.key, "ready": self.ready, "sessions": self.sessions, "free": self.free,
+                "pid": self.pid, "stats_age_s": round(self.stats_age_s, 3)}
+
+
+def live_replicas(app_name: str, deployment: str) -> list[ReplicaView] | None:
+    """The replicas this process routes to; None before its first call made its router."""
+    router = _ROUTERS.get(f"{app_name}#{deployment}")
+    return None if router is None else [router.view(r) for r in router.curr_replicas.values()]
+
+
+def choose_replica(replicas: list[ReplicaView], exclude: tuple[str, ...] = ()) -> ReplicaView | None:
+    """The replica a new session goes to: the most free room (`max_sessions` less sessions and
+    sessions being placed), ties to the fewest sessions (more free batch slots). Replicas whose
+    first stats have not come are taken to be as large as the others, and empty. None when
+    every replica is in `exclude` (they answered 503) or there is none; a full replica may be
+    returned (it answers 503 itself, with its Retry-After)."""
+    largest = max((r.max_sessions for r in replicas), default=0) or 1
+    known = [r if r.max_sessions else dataclasses.replace(r, max_sessions=largest)
+             for r in replicas if r.key not in exclude]
+    return min(known, key=lambda r: (-r.free, r.sessions + r.placing, r.key), default=None)
+
+
+def note_opened(app_name: str, deployment: str, key: str) -> None:
+    """A session-opening call is being sent to replica `key` (see `IN_FLIGHT_S`)."""
+    router = _ROUTERS.get(f"{app_name}#{deployment}")
+    if router is not None:
+        router.opened(key)
+
+
+def draining_replicas(app_name: str, deployment: str) -> dict[str, ReplicaView]:
+    """Replicas that left the routing view (draining, or dead), by route key, as last seen."""
+    router = _ROUTERS.get(f"{app_name}#{deployment}")
+    return {} if router is None else dict(router.departed)
+
+
+def forget_replica(app_name: str, deployment: str, key: str) -> None:
+    """A departed replica that no longer answers (it ended)."""
+    router = _ROUTERS.get(f"{app_name}#{deployment}")
+    if router is not None:
+        router.departed.pop(key, None)
+
+
+class SessionRouter(RequestRouter):
+    """Each call to the replica its `route` names; to any when none does (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._opened: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=256))
+        self.departed: OrderedDict[str, ReplicaView] = OrderedDict()
+        # Serve may ship this class by value (with a copy of this module's globals): register in
+        # the module the gateway imported
+        registry = importlib.import_module(__name__)._ROUTERS
+        registry[f"{self._deployment_id.app_name}#{self._deployment_id.name}"] = self
+
+    def view(self, replica: RunningReplica) -> ReplicaView:
+        key = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        at = float(stats.get("at", 0.0))
+        recent = sum(1 for t in self._opened.get(key, ()) if t > at - IN_FLIGHT_S)
+        return ReplicaView(key, int(stats.get("sessions", 0)), recent, int(stats.get("max_sessions", 0)),
+                           bool(stats.get("ready", False)), float(stats.get("started", 0.0)),
+                           str(stats.get("url", "")), int(stats.get("pid", 0)),
+                           time.time() - at if at else 0.0)  # fmt: skip
+
+    def opened(self, key: str) -> None:
+        """A session-opening call is being sent to replica `key` (counted until its stats show it)."""
+        self._opened[key].append(time.time())
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's new set of replicas to route to; those that left it are remembered (module docstring)."""
+        staying = {r.replica_id for r in replicas}
+        for replica_id, replica in self.curr_replicas.items():
+            view = self.view(replica)
+            if replica_id not in staying and view.url:
+                self.departed[view.key] = view
+                while len(self.departed) > REMEMBERED:
+                    self.departed.popitem(last=False)
+        for replica in replicas:
+            self.departed.pop(replica.replica_id.unique_id, None)
+        super().update_replicas(replicas)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        route = pending_request.kwargs.get("route") if pending_request is not None else None
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == route]
+        return [pinned or candidate_replicas]

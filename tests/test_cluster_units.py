@@ -1,0 +1,183 @@
+"""The cluster layer's decisions without a cluster: routes in session ids, the autoscaling rule,
+the merged metrics, the flags. The end-to-end behaviour is in test_cluster.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tools import import_or_skip
+
+import_or_skip("ray.serve", "pip install 'livediff[cluster]'")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from livediff.cli import build_parser, cluster_settings, main  # noqa: E402
+from livediff.cluster.autoscale import desired_replicas  # noqa: E402
+from livediff.cluster.calls import HttpCall, end_to_end, route_key, session_route  # noqa: E402
+from livediff.cluster.metrics import merge  # noqa: E402
+from livediff.cluster.routing import ReplicaView  # noqa: E402
+from livediff.cluster.run import replica_shape  # noqa: E402
+from livediff.cluster.settings import ClusterSettings  # noqa: E402
+from livediff.config import EngineSettings, ServerSettings  # noqa: E402
+from livediff.errors import ConfigError  # noqa: E402
+from livediff.server.metrics import Metrics  # noqa: E402
+
+
+def test_session_paths_carry_their_replica() -> None:
+    assert route_key("abcd1234-0123456789ab") == "abcd1234"
+    assert route_key("0123456789ab") is None and route_key("-x") is None and route_key("abc-") is None
+    assert session_route("/whip/abcd1234-0123456789ab") == "abcd1234"
+    assert session_route("/whep/abcd1234-0123456789ab") == "abcd1234"
+    assert session_route("/whep/abcd1234-0123456789ab/viewer1") == "abcd1234"
+    assert session_route("/api/sessions/abcd1234-0123456789ab") == "abcd1234"
+    for path in ("/whip", "/whep", "/api/sessions", "/offer", "/view/abcd1234-0123456789ab", "/metrics"):
+        assert session_route(path) is None, path
+    assert HttpCall("POST", "/offer").opens_session and HttpCall("POST", "/whip").opens_session
+    assert not HttpCall("POST", "/whep").opens_session and not HttpCall("PATCH", "/whip/a-b").opens_session
+    assert end_to_end([("Host", "x"), ("Content-Length", "3"), ("ETag", '"1"'), ("connection", "close")]) == [
+        ("ETag", '"1"')]
+
+
+def test_server_settings_take_a_route_prefix_only_of_safe_characters() -> None:
+    assert ServerSettings(session_id_prefix="abcd1234-").session_id_prefix == "abcd1234-"
+    for bad in ("a/b", "a b", "x" * 33, "é"):
+        with pytest.raises(ConfigError, match="session_id_prefix"):
+            ServerSettings(session_id_prefix=bad)
+
+
+@pytest.mark.parametrize(("sessions", "current", "target", "expected"), [
+    ({"a": 0}, 1, 2, 0),                 # idle: none (Serve then applies min_replicas)
+    ({"a": 3}, 1, 2, 2),                 # 3 sessions > target 2: one more
+    ({"a": 2, "b": 3}, 2, 2, 3),
+    ({"a": 1, "b": 1}, 2, 2, 2),         # the target says 1, but each replica holds a session: hold
+    ({"a": 1, "b": 0}, 2, 2, 1),         # one is empty: down by one
+    ({"a": 0, "b": 0, "c": 2}, 3, 2, 1),  # two empty
+    ({"a": 1, "b": 0, "c": 1}, 3, 1, 2),  # 2 sessions on 3 replicas, target 1: only the empty one goes
+    ({"a": 1}, 2, 1, 1),                 # a replica still starting reports nothing: it holds no session
+])  # fmt: skip
+def test_scaling_down_only_by_empty_replicas(sessions: dict[str, float], current: int, target: float,
+                                             expected: int) -> None:
+    assert desired_replicas(sessions, current, target) == expected
+
+
+def test_one_scrape_labels_every_replica() -> None:
+    texts = {}
+    for key, sessions in (("aaaa", 2), ("bbbb", 1)):
+        metrics = Metrics()
+        metrics.sessions.set(sessions)
+        metrics.frames.labels("sent").inc(10 * sessions)
+        texts[key] = metrics.render().decode()
+    views = [ReplicaView("aaaa", 2, 0, 3, True, 0.0), ReplicaView("bbbb", 1, 1, 3, False, 0.0)]
+    families = {f.name: f for f in text_string_to_metric_families(merge(texts, views).decode())}
+    sessions = {s.labels["replica"]: s.value for s in families["livediff_sessions"].samples}
+    assert sessions == {"aaaa": 2.0, "bbbb": 1.0}
+    sent = {s.labels["replica"]: s.value for s in families["livediff_frames"].samples
+            if s.name == "livediff_frames_total" and s.labels["outcome"] == "sent"}
+    assert sent == {"aaaa": 20.0, "bbbb": 10.0}
+    free = {s.labels["replica"]: s.value for s in families["livediff_replica_free_slots"].samples}
+    assert free == {"aaaa": 1.0, "bbbb": 1.0}  # bbbb: 3 - 1 session - 1 being placed
+    assert {s.labels["replica"]: s.value for s in families["livediff_replica_ready"].samples} == {
+        "aaaa": 1.0, "bbbb": 0.0}
+    assert families["livediff_replicas"].samples[0].value == 2.0
+
+
+def test_replicas_follow_the_gpus() -> None:
+    cuda, cpu = EngineSettings(device="cuda"), EngineSettings(device="cpu")
+    assert replica_shape(ClusterSettings(), cuda, 8) == (8, 1.0)
+    assert replica_shape(ClusterSettings(), EngineSettings(device="auto"), 4) == (4, 1.0)
+    assert replica_shape(ClusterSettings(max_replicas=3), cuda, 8) == (3, 1.0)
+    assert replica_shape(ClusterSettings(replica_gpus=0.5), cuda, 2) == (4, 0.5)
+    assert replica_shape(ClusterSettings(), cpu, 0) == (1, 0.0)
+    assert replica_shape(ClusterSettings(max_replicas=6), cpu, 0) == (6, 0.0)
+    with pytest.raises(ConfigError, match="has 0 GPUs"):
+        replica_shape(ClusterSettings(), cuda, 0)
+
+
+def test_cluster_flags() -> None:
+    args = build_parser().parse_args(["serve", "--cluster", "--min-replicas", "2", "--max-replicas", "4",
+                                      "--target-sessions", "3", "--drain-timeout", "60"])
+    settings = cluster_settings(args)
+    assert (settings.address, settings.min_replicas, settings.max_replicas) == ("local", 2, 4)
+    assert settings.target(4) == 3 and settings.drain_timeout_s == 60
+    assert ClusterSettings().target(4) == 3 and ClusterSettings().target(1) == 1
+    assert cluster_settings(build_parser().parse_args(["serve", "--cluster", "auto"])).address == "auto"
+    assert build_parser().parse_args(["serve"]).cluster is None
+    with pytest.raises(ConfigError, match="below min_replicas"):
+        ClusterSettings(min_replicas=3, max_replicas=2)
+
+
+def test_cluster_flag_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--cluster", "--max-replicas", "-1"])
+    assert exit_info.value.code == 2
+    assert "--max-replicas" in capsys.readouterr().err
+    assert main(["serve", "--cluster", "--min-replicas", "3", "--max-replicas", "2"]) == 2
+    assert "below min_replicas" in capsys.readouterr().err
+
+
+async def test_a_draining_replicas_sessions_are_reached_at_its_own_address(
+        tiny_parts: object, loopback_ice: None, http: object) -> None:
+    """Serve routes nothing to a replica it stops; while that replica drains, the gateway reaches its
+    sessions at the address its last stats gave. Here the replica is a real single server, and the
+    router's view is as it stands once Serve dropped the replica (`SessionRouter.update_replicas`)."""
+    import json
+    from collections import OrderedDict
+
+    from livediff.cluster import routing
+    from livediff.cluster.gateway import ENGINE, Gateway
+    from tests.server_fixtures import frames_back, offer_client, running_server
+
+    class RouterView:  # what SessionRouter keeps: no replica routed to, one departed
+        curr_replicas: dict[str, object] = {}
+        departed: OrderedDict[str, ReplicaView] = OrderedDict()
+
+    gateway = Gateway(engines=None, app_name="drain-test", max_body_bytes=65536, call_timeout_s=5)
+    routing._ROUTERS[f"drain-test#{ENGINE}"] = RouterView()  # type: ignore[assignment]
+    try:
+        async with running_server(tiny_parts, session_id_prefix="abcd1234-") as server:
+            client = await offer_client(http, server.url)  # type: ignore[arg-type]
+            await frames_back(client, 3)
+            RouterView.departed["abcd1234"] = ReplicaView("abcd1234", 1, 0, 4, True, 0.0, url=server.url)
+            reply = await gateway.handle(HttpCall("GET", f"/api/sessions/{client.session_id}"))
+            assert reply.status == 200 and reply.replica == "abcd1234", reply
+            assert json.loads(reply.body)["id"] == client.session_id
+            reply = await gateway.handle(HttpCall("PATCH", f"/api/sessions/{client.session_id}",
+                                                  headers=[("Content-Type", "application/json")],
+                                                  body=b'{"prompt": "a charcoal sketch"}'))
+            assert reply.status == 200 and json.loads(reply.body)["params"]["prompt"] == "a charcoal sketch"
+            listing = await gateway.handle(HttpCall("GET", "/api/sessions"))
+            assert [(s["id"], s["replica"]) for s in json.loads(listing.body)["sessions"]] == [
+                (client.session_id, "abcd1234")]
+            await client.close()
+        # the replica has ended: its sessions answer 404, and it is forgotten
+        reply = await gateway.handle(HttpCall("GET", f"/api/sessions/{client.session_id}"))
+        assert reply.status == 404 and "error" in json.loads(reply.body)
+        assert routing.draining_replicas("drain-test", ENGINE) == {}
+    finally:
+        await gateway.close()
+        routing._ROUTERS.pop(f"drain-test#{ENGINE}", None)
+
+
+def test_new_sessions_go_to_the_most_free_room() -> None:
+    from livediff.cluster.routing import choose_replica
+
+    def view(key: str, sessions: int, placing: int = 0, max_sessions: int = 4) -> ReplicaView:
+        return ReplicaView(key, sessions, placing, max_sessions, True, 0.0)
+
+    assert choose_replica([view("a", 2), view("b", 1)]).key == "b"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1), view("b", 0, placing=2)]).key == "a"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1, max_sessions=2), view("b", 2, max_sessions=8)]).key == "b"  # type: ignore[union-attr]
+    # equal room: the one with fewer sessions (more free batch slots), then by key (stable)
+    assert choose_replica([view("a", 3, max_sessions=8), view("b", 0, max_sessions=5)]).key == "b"  # type: ignore[union-attr]
+    assert choose_replica([view("b", 1), view("a", 1)]).key == "a"  # type: ignore[union-attr]
+    # no stats yet: as large as the others, and empty
+    assert choose_replica([view("a", 1), view("b", 0, max_sessions=0)]).key == "b"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1), view("b", 0)], exclude=("b",)).key == "a"  # type: ignore[union-attr]
+    assert choose_replica([view("a", 1)], exclude=("a",)) is None and choose_replica([]) is None
+    # 8 sessions arriving at once on 2 replicas of 4, counting those being placed: 4 and 4
+    counts = {"a": 0, "b": 0}
+    for _ in range(8):
+        chosen = choose_replica([view(k, 0, placing=n) for k, n in counts.items()])
+        assert chosen is not None
+        counts[chosen.key] += 1
+    assert counts == {"a": 4, "b": 4}
