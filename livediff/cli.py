@@ -97,6 +97,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        default=_env("feature_bank", "") in ("1", "true", "yes"),
                        help="make the temporal feature bank available to sessions (their `temporal` param); "
                        "compiled backends build a second UNet graph for it")
+    group.add_argument("--controlnet", action="append", metavar="NAME[=SOURCE]",
+                       help="a ControlNet sessions may name (their `controlnet` param), loaded when first named; "
+                       "SOURCE: a hub id, a folder, or tiny / sd-turbo-random (built in, random weights), and "
+                       "with no SOURCE the model's built-in one; repeat or comma separate for more (also "
+                       "LIVEDIFF_CONTROLNET). bench: each NAME is a control image to time (canny, depth, previous)")
+    group.add_argument("--depth-model", default=_env("depth_model", ""),
+                       help="the depth estimator of the `depth` control image: a transformers depth-estimation "
+                       "hub id (depth-anything/Depth-Anything-V2-Small-hf), a folder, or tiny (built in, random)")
     group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=_env("steps", 1),
                        help=f"denoising steps per frame, 1..{MAX_STEPS}")
     group.add_argument("--strength", type=_unit_interval, default=_env("strength", 0.5),
@@ -117,7 +125,36 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
+        controlnets=controlnet_entries(args), depth_model=args.depth_model,
     )  # fmt: skip
+
+
+def controlnet_entries(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """--controlnet (or LIVEDIFF_CONTROLNET) as (name, source) pairs; a NAME alone takes the model's
+    built-in ControlNet (`tiny`, `sd-turbo-random`), which only the built-in models have."""
+    from livediff.models.controlnet import BUILDERS as BUILTIN_CONTROLNETS
+
+    texts = args.controlnet if args.controlnet else [_env("controlnet", "")]
+    entries = []
+    for item in (part.strip() for text in texts for part in text.split(",")):
+        if not item:
+            continue
+        name, _, source = item.partition("=")
+        if not source:
+            model = "tiny" if args.model == "auto" and _live_device(args.device) == "cpu" else args.model
+            if model not in BUILTIN_CONTROLNETS:
+                raise ConfigError(f"--controlnet: {item!r} names no source: give NAME=SOURCE (a hub id or a folder); "
+                                  f"only the built-in models ({', '.join(BUILTIN_CONTROLNETS)}) have a built-in "
+                                  "ControlNet")  # fmt: skip
+            source = model
+        entries.append((name.strip(), source.strip()))
+    return tuple(entries)
+
+
+def _live_device(device_name: str) -> str:
+    from livediff.engine.device import resolve_device
+
+    return resolve_device(device_name).type
 
 
 def _live_size(device_name: str) -> tuple[int, int]:
@@ -143,6 +180,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_g2g(args)
     if args.quality:
         return cmd_bench_quality(args)
+    if args.controlnet:
+        return cmd_bench_controlnet(args)
     if args.temporal:
         raise ConfigError("--temporal needs --quality")
     from livediff.bench import BenchPlan, format_report, run_bench
@@ -201,6 +240,33 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     plan = BenchPlan(frames=args.frames, warmup=args.warmup, batch=args.batch, params=configs[0].params)
     report = run_quality(settings, plan, configs)
     print(json.dumps(report, indent=2) if args.json else format_quality(report))
+    return 0
+
+
+def cmd_bench_controlnet(args: argparse.Namespace) -> int:
+    """`bench --controlnet canny,depth`: each control image's ControlNet against ControlNet off, per backend."""
+    from livediff.bench import BenchPlan
+    from livediff.bench_controlnet import format_controlnet, run_controlnet_bench
+    from livediff.config import PREPROCESSORS
+    from livediff.models.depth import BUILTINS as BUILTIN_DEPTH
+
+    if args.baseline or args.batch != 1:
+        raise ConfigError("--controlnet compares ControlNets on one engine; leave out --baseline and --batch")
+    entries = controlnet_entries(args)
+    for name, _ in entries:
+        if name not in PREPROCESSORS:
+            raise ConfigError(f"--controlnet: bench names control images ({', '.join(PREPROCESSORS)}), not {name!r}")
+    if "depth" in dict(entries) and not args.depth_model:
+        if args.model not in ("auto", "tiny", "sd-turbo-random"):
+            raise ConfigError("--depth-model: name the depth estimator for --controlnet depth (a hub id or a folder)")
+        args.depth_model = BUILTIN_DEPTH[0]
+    streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else ()
+    args.max_batch = max([args.max_batch, *streams])
+    names = [name.strip() for name in args.backend.split(",") if name.strip()]
+    settings = [engine_settings(args, backend=name) for name in names]
+    plan = BenchPlan(frames=args.frames, warmup=args.warmup, params=stream_params(args))
+    report = run_controlnet_bench(settings, plan, streams=streams)
+    print(json.dumps(report, indent=2) if args.json else format_controlnet(report))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,13 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 MAX_BANK_FRAMES = 4
 """Most earlier frames a stream's feature bank keeps (`StreamParams.temporal_bank`)."""
+MAX_CONTROLNETS = 4
+"""Most ControlNets one stream may apply at once (`StreamParams.controlnet`)."""
+PREPROCESSORS = ("canny", "depth", "previous")
+"""Control images: Canny edges of the frame, its depth map, or the stream's previous output frame."""
+MAX_CONTROL_SCALE = 2.0
+"""Largest ControlNet conditioning scale (diffusers' `controlnet_conditioning_scale`; 1 is as trained)."""
+CONTROLNET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 LIVE_SIZE = {"cuda": 512, "cpu": 256}
 """`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
 with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
@@ -62,6 +70,14 @@ class EngineSettings:
     """Make the temporal feature bank available to streams (`StreamParams.temporal_bank`): on the
     compiled backends a second UNet graph with the bank's inputs is exported and loaded beside the
     plain one (steps where no stream uses a bank keep running the plain graph)."""
+    controlnets: tuple[tuple[str, str], ...] = ()
+    """ControlNets that streams may name (`StreamParams.controlnet`): (name, source) pairs, the source
+    a hub id, a local folder or a built-in (`tiny`, `sd-turbo-random`). Each is loaded when a stream
+    first names it, off the frame path. With any, the compiled backends also export a UNet that
+    takes ControlNet residuals (the same graph as the feature bank's when both are on)."""
+    depth_model: str = ""
+    """The depth estimator of the `depth` control image: a transformers depth-estimation model (hub
+    id, folder, or the built-in `tiny`); empty: no `depth` preprocessor. Loaded on first use."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -78,9 +94,54 @@ class EngineSettings:
             raise ConfigError(f"cache_size must be at least 1, got {self.cache_size}")
         if self.compile and self.backend != "torch":
             raise ConfigError("compile applies to the torch backend only")
+        names = [name for name, _ in self.controlnets]
+        for name, source in self.controlnets:
+            if not isinstance(name, str) or not CONTROLNET_NAME.fullmatch(name):
+                raise ConfigError(f"controlnets: {name!r} is not a name (letters, digits, . _ / -, up to 100)")
+            if not source:
+                raise ConfigError(f"controlnets: {name!r} has no source (a hub id, a folder or a built-in)")
+            if names.count(name) > 1:
+                raise ConfigError(f"controlnets: {name!r} is named twice")
 
     def replace(self, **changes: Any) -> EngineSettings:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ControlParams:
+    """One ControlNet a stream applies: which, to what control image, how strongly, over which steps.
+
+    Errors name the field (`scale must be ...`); the live-params parser adds its place (`controlnet[0].scale`).
+    """
+
+    name: str
+    """One of the engine's ControlNets (`EngineSettings.controlnets`)."""
+    preprocessor: str = "canny"
+    """The control image, one of `PREPROCESSORS`: `canny` edges, `depth` (needs
+    `EngineSettings.depth_model`), or the stream's `previous` output frame (TemporalNet-style)."""
+    scale: float = 1.0
+    """Conditioning scale, 0 to `MAX_CONTROL_SCALE`: the residuals are multiplied by it (0: no effect)."""
+    start: float = 0.0
+    """Fraction of the denoising steps after which the ControlNet starts (diffusers'
+    `control_guidance_start`): step k of n runs it when start <= k/n and (k+1)/n <= end."""
+    end: float = 1.0
+    """Fraction of the denoising steps after which it stops (`control_guidance_end`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not CONTROLNET_NAME.fullmatch(self.name):
+            raise ConfigError(f"name must be a ControlNet's name, got {self.name!r}")
+        if self.preprocessor not in PREPROCESSORS:
+            raise ConfigError(f"preprocessor must be one of {', '.join(PREPROCESSORS)}, got {self.preprocessor!r}")
+        if not 0.0 <= self.scale <= MAX_CONTROL_SCALE:
+            raise ConfigError(f"scale must be in [0, {MAX_CONTROL_SCALE:g}], got {self.scale}")
+        if not 0.0 <= self.start < 1.0:
+            raise ConfigError(f"start must be in [0, 1), got {self.start}")
+        if not self.start < self.end <= 1.0:
+            raise ConfigError(f"end must be in (start, 1], got {self.end} with start {self.start}")
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether the ControlNet runs at denoising step `step` (0-based) of `steps`, as diffusers decides it."""
+        return self.start <= step / steps and (step + 1) / steps <= self.end
 
 
 @dataclass(frozen=True)
@@ -122,6 +183,9 @@ class StreamParams:
     """Motion-aware strength: (low, high) bounds, 0 < low <= high <= 1; the strength then follows a
     smoothed estimate of the camera's motion, `high` on a still scene and down to `low` as it moves
     fast (see `livediff.engine.temporal.MotionEstimate`), in place of `strength`. None: fixed strength."""
+    controlnet: tuple[ControlParams, ...] = ()
+    """ControlNets applied to this stream, 0 to `MAX_CONTROLNETS` (their residuals add up); each
+    names one of the engine's (see `ControlParams`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -161,6 +225,12 @@ class StreamParams:
             if self.t_index_list is not None:
                 raise ConfigError("motion_strength sets the timesteps from the strength; leave t_index_list empty")
             object.__setattr__(self, "motion_strength", (low, high))
+        controls = tuple(self.controlnet)
+        if len(controls) > MAX_CONTROLNETS:
+            raise ConfigError(f"controlnet takes at most {MAX_CONTROLNETS} entries, got {len(controls)}")
+        if any(not isinstance(c, ControlParams) for c in controls):
+            raise ConfigError("controlnet entries must be ControlParams")
+        object.__setattr__(self, "controlnet", controls)
 
     @property
     def timesteps(self) -> tuple[int, ...]:

@@ -127,6 +127,9 @@ class Session:
     """The server's live control of this session (`livediff.server.control.Control`): its pending update."""
     quality: Any = None
     """Live temporal quality figures (`livediff.server.quality.LiveQuality`), once sampled."""
+    controlnet_state: dict[str, str] = field(default_factory=dict)
+    """The session's ControlNets (and `depth model`) -> `loading`, `ready` or `failed`
+    (`livediff.server.controlnets.follow_loads`)."""
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -213,6 +216,7 @@ class Session:
             "params": params_to_json(self.params),
             "stats": stats,
             "quality": self.quality.as_dict() if self.quality is not None else None,
+            "controlnet_state": dict(self.controlnet_state),
         }
 
 
@@ -223,4 +227,5 @@ def params_to_json(params: StreamParams) -> dict[str, Any]:
     motion = data.pop("motion_strength")
     data["temporal"] = {"bank": data.pop("temporal_bank"), "weight": data.pop("temporal_weight"),
                         "motion_strength": list(motion) if motion is not None else None}
+    data["controlnet"] = [dict(control.__dict__) for control in params.controlnet]
     return data

@@ -47,10 +47,12 @@ class Running:
 
 @asynccontextmanager
 async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params: StreamParams | None = None,
-                         feature_bank: bool = False, **server: Any) -> AsyncIterator[Running]:
+                         feature_bank: bool = False, controlnets: tuple[tuple[str, str], ...] = (),
+                         depth_model: str = "", **server: Any) -> AsyncIterator[Running]:
     from livediff.server import tls
 
-    engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch, feature_bank=feature_bank)
+    engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch, feature_bank=feature_bank,
+                            controlnets=controlnets, depth_model=depth_model)
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)
     test_server = TestServer(app, host="127.0.0.1", port=0)

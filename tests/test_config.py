@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from livediff.config import EngineSettings, StreamParams
+from livediff.config import ControlParams, EngineSettings, StreamParams
 from livediff.errors import ConfigError
 
 
@@ -57,3 +57,51 @@ def test_cuda_graph_is_a_backend_setting() -> None:
 def test_stream_params_name_the_bad_field(changes: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         StreamParams(**changes)
+
+
+@pytest.mark.parametrize(
+    ("controlnets", "message"),
+    [
+        ((("bad name", "tiny"),), "not a name"),
+        ((("edges", ""),), "has no source"),
+        ((("edges", "tiny"), ("edges", "sd-turbo-random")), "named twice"),
+    ],
+)
+def test_engine_settings_check_the_controlnets(controlnets: tuple, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"controlnets: .*{message}"):
+        EngineSettings(controlnets=controlnets)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"name": "no spaces"}, "name"),
+        ({"preprocessor": "pose"}, "preprocessor"),
+        ({"scale": -0.1}, "scale"),
+        ({"scale": 2.5}, "scale"),
+        ({"start": 1.0}, "start"),
+        ({"start": 0.5, "end": 0.5}, "end"),
+    ],
+)
+def test_control_params_name_the_bad_field(changes: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{field} "):
+        ControlParams(**{"name": "edges", **changes})
+
+
+def test_a_stream_takes_at_most_four_controlnets() -> None:
+    four = tuple(ControlParams(name=f"c{i}") for i in range(4))
+    assert StreamParams(controlnet=list(four)).controlnet == four  # any sequence, kept as a tuple
+    with pytest.raises(ConfigError, match="controlnet takes at most 4"):
+        StreamParams(controlnet=(*four, ControlParams(name="c4")))
+
+
+@pytest.mark.parametrize(("start", "end", "active"), [(0.0, 1.0, [True, True, True, True]),
+                                                     (0.0, 0.5, [True, True, False, False]),
+                                                     (0.3, 1.0, [False, False, True, True]),
+                                                     (0.25, 0.75, [False, True, True, False])])  # fmt: skip
+def test_control_guidance_start_and_end_pick_steps_as_diffusers_does(start: float, end: float,
+                                                                     active: list[bool]) -> None:  # fmt: skip
+    control = ControlParams(name="edges", start=start, end=end)
+    assert [control.active(k, 4) for k in range(4)] == active
+    # diffusers: keep = 1 - float(i / n < start or (i + 1) / n > end)
+    assert active == [not (k / 4 < start or (k + 1) / 4 > end) for k in range(4)]

@@ -249,3 +249,24 @@ def test_cli_names_the_backend_off_cuda(capsys) -> None:
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("livediff: error: cuda-graph backend needs the engine on a CUDA GPU")
         assert "\n" not in err
+
+
+def test_steps_with_a_controlnet_run_eagerly_with_the_torch_backends_frames(tiny_parts, frames) -> None:
+    """Which ControlNets run on which rows (and whether they have loaded) changes with the streams'
+    params: such steps are never recorded; the steps without one still are."""
+    from livediff.config import ControlParams
+
+    eager, recorded, recorder = engines(tiny_parts, controlnets=(("edges", "tiny"),))
+    controlled = StreamParams(prompt="a red fox", seed=1, controlnet=(ControlParams("edges", scale=0.8),))
+    for engine in (eager, recorded):
+        for future in engine.control_loads(controlled).values():
+            future.result(timeout=120)
+    pairs = [(eager.open_stream(p), recorded.open_stream(p)) for p in (controlled, StreamParams(seed=3))]
+    for frame in frames[:3]:
+        expected = eager.step([(a, frame) for a, _ in pairs])
+        got = recorded.step([(b, frame) for _, b in pairs])
+        assert all(torch.equal(want, have) for want, have in zip(expected.outputs, got.outputs))
+        assert {"canny", "controlnet"} <= set(got.timings_ms)
+    assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+    run_both(eager, recorded, [StreamParams(seed=3), StreamParams(seed=4)], frames[:3])
+    assert recorder.recorded == len(STAGES)

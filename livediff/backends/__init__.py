@@ -7,15 +7,18 @@ import importlib.util
 import logging
 from typing import TYPE_CHECKING
 
-from livediff.backends.base import EAGER, Backend, Stages
+from livediff.backends.base import EAGER, Backend, Runner, Stages
 
 if TYPE_CHECKING:
     import torch
 
+    from livediff.backends.onnx_backend import Progress
     from livediff.config import EngineSettings
     from livediff.models import ModelParts
+    from livediff.models.controlnet import ControlNetParts
+    from livediff.models.depth import DepthParts
 
-__all__ = ["EAGER", "Backend", "Stages", "create_backend", "resolve_backend"]
+__all__ = ["EAGER", "Backend", "Stages", "create_backend", "create_controlnet", "create_depth", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +71,59 @@ def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:
 
         return TensorRTBackend(settings, parts)
     raise ValueError(f"unknown backend {settings.backend!r}")
+
+
+def create_controlnet(settings: EngineSettings, parts: ModelParts, controlnet: ControlNetParts,
+                      progress: Progress | None = None) -> Runner:  # fmt: skip
+    """`controlnet` as `settings.backend` runs it beside `parts`' UNet.
+
+    The runner takes (latents (N, C, h, w), timesteps (N,) float32, embeds (N, tokens, dim),
+    control_image (N, 3, H, W) in [0, 1], scale (N,) float32) and returns (N, total) residuals in
+    the engine's dtype (`livediff.backends.control_residuals`). On the compiled backends its graph
+    is exported (and compiled) into the engine cache and checked against torch the first time:
+    seconds to minutes, so callers keep it off the frame path.
+    """
+    from livediff.backends.cache import CONTROLNET
+
+    if settings.backend in ("torch", "cuda-graph"):  # cuda-graph: steps with ControlNets run eagerly
+        from livediff.backends.torch_backend import controlnet_module
+
+        return controlnet_module(parts, controlnet, compile=settings.compile)
+    return _compiled(settings, parts.with_controlnet(controlnet), CONTROLNET, progress)
+
+
+def create_depth(settings: EngineSettings, parts: ModelParts, depth: DepthParts,
+                 progress: Progress | None = None) -> Runner:  # fmt: skip
+    """The depth estimator `depth` as `settings.backend` runs it: (N, 3, h, w) normalised images at
+    `depth.input_size` of the engine's frames -> (N, h', w') depth in the engine's dtype. Built into
+    the engine cache and checked against torch on the compiled backends, as `create_controlnet`."""
+    from livediff.backends.cache import DEPTH
+
+    if settings.backend in ("torch", "cuda-graph"):
+        from livediff.backends.modules import DepthNetwork
+
+        return DepthNetwork(depth.model).eval()
+    return _compiled(settings, parts.with_depth(depth), DEPTH, progress)
+
+
+def _compiled(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress | None) -> Runner:
+    """`component` of `parts` on a compiled backend, from the engine cache (built and checked if missing)."""
+    report = progress or log.info
+    runner: Runner
+    if settings.backend == "onnx":
+        from livediff.backends.onnx_backend import OrtRunner, ensure_for_ort
+
+        runner = OrtRunner(ensure_for_ort(settings, parts, component, report).path, parts.device)
+    elif settings.backend == "openvino":
+        from livediff.backends.openvino_backend import OvRunner, ensure_blob, require_openvino, run_precision
+
+        ov = require_openvino(parts.device)
+        runner = OvRunner.load(ov, ensure_blob(settings, parts, component, report).path, run_precision(ov, parts.dtype))
+    elif settings.backend == "tensorrt":
+        from livediff.backends.tensorrt_backend import TrtRunner, ensure_engine
+
+        runner = TrtRunner(ensure_engine(settings, parts, component, report).path, parts.device)
+    else:
+        raise ValueError(f"unknown backend {settings.backend!r}")
+    dtype = parts.dtype
+    return lambda *tensors: runner(*tensors).to(dtype)  # a float32 graph serves a bfloat16 engine on the CPU

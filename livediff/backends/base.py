@@ -63,7 +63,8 @@ class Backend(Protocol):
     def unet_with(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                   values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         """The UNet with `extras`' inputs from `values` (by `TensorSpec.name`): the prediction and the
-        extras' outputs by name. Only when `extras` is not empty."""
+        extras' outputs by name. Only when `extras` is not empty. A feature whose inputs `values`
+        lacks is left out (fed its `neutral` inputs where the graph needs them all)."""
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,11 @@ class CompiledBackend:
                   values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         if self._extras_unet is None:
             raise RuntimeError(f"the {self.name} backend was built without extra UNet inputs")
+        missing = [f for f in self.extras.features if any(spec.name not in values for spec in f.inputs)]
+        if missing:  # the graph takes every feature's inputs: the unused ones get theirs that change nothing
+            values = dict(values)
+            for feature in missing:
+                values.update(feature.neutral(latents.shape[0], latents.device, self.dtype))
         feeds = [values[spec.name] for spec in self.extras.inputs]
         prediction, *outputs = self._extras_unet(latents, timesteps, embeds, *feeds)
         names = [spec.name for spec in self.extras.outputs]

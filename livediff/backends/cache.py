@@ -27,6 +27,11 @@ import torch
 
 COMPONENTS = ("vae_encoder", "unet", "vae_decoder")
 """The three networks of the loop, in the order a frame meets them."""
+CONTROLNET = "controlnet"
+"""A ControlNet (`livediff.backends.control_residuals.ControlNetResiduals`): built when a stream first names it."""
+DEPTH = "depth"
+"""The depth estimator of the `depth` control image (`livediff.backends.modules.DepthNetwork`): built on first use."""
+KNOWN_COMPONENTS = (*COMPONENTS, CONTROLNET, DEPTH)
 SIDECAR = "key.json"
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -36,11 +41,12 @@ class EngineKey:
     """Everything an artifact depends on; any change names a different artifact."""
 
     model: str
-    """The model as the user named it (hub id, local folder, built-in name)."""
+    """The model as the user named it (hub id, local folder, built-in name); for a ControlNet or a
+    depth estimator, that network."""
     revision: str
     """Hub commit, `builtin-vN`, or a local folder's fingerprint: new weights, new artifact."""
     component: str
-    """One of `COMPONENTS`."""
+    """One of `KNOWN_COMPONENTS`."""
     height: int
     width: int
     batch: str
@@ -56,8 +62,8 @@ class EngineKey:
     and then left out of the fields, so that plain artifacts keep the names they had before."""
 
     def __post_init__(self) -> None:
-        if self.component not in COMPONENTS:
-            raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {self.component!r}")
+        if self.component not in KNOWN_COMPONENTS:
+            raise ValueError(f"component must be one of {', '.join(KNOWN_COMPONENTS)}, got {self.component!r}")
         if self.extras and self.component != "unet":
             raise ValueError(f"only the unet takes extra inputs, not the {self.component}")
 

@@ -43,6 +43,17 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+class DepthNetwork(torch.nn.Module):
+    """A transformers depth-estimation model as a plain call: (N, 3, h, w) normalised images -> (N, h', w') depth."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).predicted_depth  # type: ignore[no-any-return]
+
+
 class UNet(torch.nn.Module):
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()

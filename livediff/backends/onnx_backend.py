@@ -44,8 +44,19 @@ import torch
 from onnxscript.rewriter import ort_fusions
 
 from livediff.backends.base import CompiledBackend
-from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag, precision_tag
-from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
+from livediff.backends.cache import (
+    COMPONENTS,
+    CONTROLNET,
+    DEPTH,
+    KNOWN_COMPONENTS,
+    Artifact,
+    EngineCache,
+    EngineKey,
+    device_tag,
+    precision_tag,
+)
+from livediff.backends.control_residuals import RESIDUALS, ControlNetResiduals
+from livediff.backends.modules import DepthNetwork, UNet, VaeDecoder, VaeEncoder
 from livediff.backends.temporal_attention import EMPTY_SLOT
 from livediff.backends.unet_extras import (
     DYNAMIC_AXES,
@@ -66,8 +77,15 @@ OPSET = 18
 EXPORTER = f"onnx-opset{OPSET}-torch{torch.__version__}-diffusers{diffusers.__version__}"
 ONNX_FILE = "model.onnx"
 ORT_FUSIONS = f"ort-fusions-onnxscript{onnxscript.__version__}"
-INPUTS = {"vae_encoder": ("images",), "unet": ("latents", "timesteps", "embeds"), "vae_decoder": ("latents",)}
-OUTPUTS = {"vae_encoder": "latents", "unet": "prediction", "vae_decoder": "images"}
+INPUTS = {
+    "vae_encoder": ("images",),
+    "unet": ("latents", "timesteps", "embeds"),
+    "vae_decoder": ("latents",),
+    CONTROLNET: ("latents", "timesteps", "embeds", "control_image", "control_scale"),
+    DEPTH: ("pixel_values",),
+}
+OUTPUTS = {"vae_encoder": "latents", "unet": "prediction", "vae_decoder": "images", CONTROLNET: RESIDUALS,
+           DEPTH: "depth"}  # fmt: skip
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 """Largest max-abs difference from torch, relative to max(1, largest |output|).
 
@@ -90,7 +108,9 @@ class ParityError(LivediffError):
 
 
 def torch_module(parts: ModelParts, component: str, extras: UNetExtras = NO_EXTRAS) -> torch.nn.Module:
-    """The network as the engine calls it; the UNet with `extras` returns (prediction, *extra outputs)."""
+    """The network as the engine calls it; the UNet with `extras` returns (prediction, *extra outputs);
+    the `controlnet` is `parts.controlnet`'s and the `depth` estimator `parts.depth`'s (see
+    `ModelParts.with_controlnet`, `with_depth`)."""
     if extras and component != "unet":
         raise ValueError(f"only the unet takes extra inputs, not the {component}")
     if component == "vae_encoder":
@@ -99,7 +119,15 @@ def torch_module(parts: ModelParts, component: str, extras: UNetExtras = NO_EXTR
         return (ExtrasUNet(parts.unet, extras) if extras else UNet(parts.unet)).eval()
     if component == "vae_decoder":
         return VaeDecoder(parts.vae).eval()
-    raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {component!r}")
+    if component == CONTROLNET:
+        if parts.controlnet is None:
+            raise ValueError("the controlnet component needs parts.with_controlnet(...)")
+        return ControlNetResiduals(parts.controlnet.model).eval()
+    if component == DEPTH:
+        if parts.depth is None:
+            raise ValueError("the depth component needs parts.with_depth(...)")
+        return DepthNetwork(parts.depth.model).eval()
+    raise ValueError(f"component must be one of {', '.join(KNOWN_COMPONENTS)}, got {component!r}")
 
 
 def export_dtype(parts: ModelParts) -> torch.dtype:
@@ -126,7 +154,9 @@ def sample_inputs(
     """Random inputs shaped as the engine calls the network (timesteps stay float32, as the engine passes them).
 
     With `extras`, their inputs follow, `bank` slots on the bank axis; float32 specs (logit biases)
-    get a mix of weights and empty slots, so masking is part of every check.
+    get a mix of weights and empty slots, so masking is part of every check. The `controlnet` gets a
+    control image in [0, 1] and a different conditioning scale per row (0 among them); the `depth`
+    estimator normalised images at its input size for frames of `height` x `width`.
     """
     generator = torch.Generator().manual_seed(seed)
     latent = (height // 8, width // 8)
@@ -134,6 +164,9 @@ def sample_inputs(
     unet_config: Any = parts.unet.config  # type: ignore[attr-defined]
     if component == "vae_encoder":
         tensors: tuple[torch.Tensor, ...] = (torch.rand(batch, 3, height, width, generator=generator) * 2 - 1,)
+    elif component == DEPTH:
+        assert parts.depth is not None, "the depth component needs parts.with_depth(...)"
+        tensors = (torch.randn(batch, 3, *parts.depth.input_size(height, width), generator=generator),)
     elif component == "vae_decoder":
         tensors = (torch.randn(batch, vae_config.latent_channels, *latent, generator=generator),)
     else:
@@ -143,6 +176,8 @@ def sample_inputs(
             torch.linspace(999.0, 1.0, batch),
             torch.randn(batch, tokens, unet_config.cross_attention_dim, generator=generator),
         )
+        if component == CONTROLNET:
+            tensors += (torch.rand(batch, 3, height, width, generator=generator), torch.linspace(0.0, 1.5, batch))
     tensors = tuple(t.to(parts.device, torch.float32 if t.dim() == 1 else dtype) for t in tensors)
     extra = tuple(_sample_extra(spec, batch, bank, generator).to(parts.device, torch.float32 if spec.float32 else dtype)
                   for spec in extras.inputs)  # fmt: skip
@@ -234,13 +269,33 @@ def check_parity(label: str, expected: torch.Tensor, actual: torch.Tensor, preci
 # -- the engine cache --------------------------------------------------------------------------------
 
 
+def component_model(parts: ModelParts, component: str) -> str:
+    """What the key names as the model: the ControlNet for the `controlnet`, the depth estimator for
+    `depth`, else the model."""
+    if component == CONTROLNET:
+        assert parts.controlnet is not None, "the controlnet component needs parts.with_controlnet(...)"
+        return parts.controlnet.ref
+    if component == DEPTH:
+        assert parts.depth is not None, "the depth component needs parts.with_depth(...)"
+        return parts.depth.ref
+    return parts.ref
+
+
 def component_revision(parts: ModelParts, component: str) -> str:
-    """The model revision, plus the VAE choice for the VAE halves (`--vae` swaps them, not the UNet).
+    """The model revision, plus the VAE choice for the VAE halves (`--vae` swaps them, not the UNet);
+    the ControlNet's (the depth estimator's) revision for the `controlnet` (`depth`).
 
     A CPU export of a bfloat16 model is a float32 copy of bfloat16-rounded weights: not the
     float32 model's graph, so the weights' dtype is part of its revision.
     """
-    revision = parts.revision if component == "unet" else f"{parts.revision}+vae={parts.vae_ref}"
+    if component == CONTROLNET:
+        assert parts.controlnet is not None, "the controlnet component needs parts.with_controlnet(...)"
+        revision = parts.controlnet.revision
+    elif component == DEPTH:
+        assert parts.depth is not None, "the depth component needs parts.with_depth(...)"
+        revision = parts.depth.revision
+    else:
+        revision = parts.revision if component == "unet" else f"{parts.revision}+vae={parts.vae_ref}"
     if parts.dtype != export_dtype(parts):
         revision += f"+weights={precision_tag(parts.dtype)}"
     return revision
@@ -248,7 +303,7 @@ def component_revision(parts: ModelParts, component: str) -> str:
 
 def onnx_key(settings: EngineSettings, parts: ModelParts, component: str, extras: UNetExtras = NO_EXTRAS) -> EngineKey:
     return EngineKey(
-        model=parts.ref,
+        model=component_model(parts, component),
         revision=component_revision(parts, component),
         component=component,
         height=settings.height,

@@ -241,6 +241,13 @@ class TemporalBank:
 
         return collect
 
+    def neutral(self, rows: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One empty slot per row: every row attends to its own frame alone."""
+        values = {"bank_bias": torch.full((rows, 1), EMPTY_SLOT, device=device)}
+        for i, layer in enumerate(self.layers):
+            values[f"bank_kv_{i}"] = torch.zeros((rows, 1, 2, layer.tokens, layer.channels), device=device, dtype=dtype)
+        return values
+
     def bytes_per_frame(self, dtype: torch.dtype) -> int:
         """Memory one frame of the bank takes, over all layers, for one denoising step."""
         return sum(layer.bytes_per_frame(dtype) for layer in self.layers)

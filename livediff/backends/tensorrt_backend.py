@@ -23,7 +23,15 @@ from typing import Any
 import torch
 
 from livediff.backends.base import CompiledBackend
-from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, device_tag, precision_tag
+from livediff.backends.cache import (
+    COMPONENTS,
+    CONTROLNET,
+    Artifact,
+    EngineCache,
+    EngineKey,
+    device_tag,
+    precision_tag,
+)
 from livediff.backends.onnx_backend import (
     EXPORTER,
     INPUTS,
@@ -31,6 +39,7 @@ from livediff.backends.onnx_backend import (
     Progress,
     artifact_label,
     check_outputs,
+    component_model,
     component_revision,
     ensure_onnx,
     export_dtype,
@@ -73,9 +82,10 @@ def _logger(trt: ModuleType) -> Any:
 
 
 def batch_profile(settings: EngineSettings, component: str) -> tuple[int, int, int]:
-    """(min, opt, max) batch: the VAE sees frames; the UNet frames x 2 (guidance) x steps (stream batch)."""
+    """(min, opt, max) batch: the VAE sees frames; the UNet (and a ControlNet) frames x 2 (guidance) x
+    steps (stream batch)."""
     frames = settings.max_batch
-    if component != "unet":
+    if component not in ("unet", CONTROLNET):
         return 1, frames, frames
     return 1, frames, frames * 2 * (MAX_STEPS if settings.stream_batch else 1)
 
@@ -116,7 +126,7 @@ def engine_key(settings: EngineSettings, parts: ModelParts, component: str, trt_
                extras: UNetExtras = NO_EXTRAS) -> EngineKey:  # fmt: skip
     low, opt, high = batch_profile(settings, component)
     return EngineKey(
-        model=parts.ref,
+        model=component_model(parts, component),
         revision=component_revision(parts, component),
         component=component,
         height=settings.height,

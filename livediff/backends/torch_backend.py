@@ -7,9 +7,11 @@ from collections.abc import Callable, Hashable, Mapping
 import torch
 
 from livediff.backends.base import EAGER, Stages
+from livediff.backends.control_residuals import ControlNetResiduals
 from livediff.backends.modules import UNet, VaeDecoder, VaeEncoder
 from livediff.backends.unet_extras import NO_EXTRAS, ExtrasUNet, UNetExtras
 from livediff.models import ModelParts
+from livediff.models.controlnet import ControlNetParts
 
 
 class TorchBackend:
@@ -53,3 +55,11 @@ class TorchBackend:
 
     def stages(self, layout: Hashable | None) -> Stages:
         return EAGER
+
+
+def controlnet_module(parts: ModelParts, controlnet: ControlNetParts, compile: bool = False) -> torch.nn.Module:
+    """`controlnet` as the torch backend runs it (channels-last on CUDA, through `torch.compile` with `compile`)."""
+    module = ControlNetResiduals(controlnet.model)
+    if parts.device.type == "cuda":
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return torch.compile(module, fullgraph=False, dynamic=False) if compile else module  # type: ignore[return-value]

@@ -2,7 +2,7 @@
 
 The plain UNet takes (latents, timesteps, embeds) and returns the prediction. A feature that
 needs more of it (the temporal feature bank: keys and values of earlier frames in, this frame's
-out; ControlNet residuals next) is a `UNetFeature`: it names its extra tensors with their shapes
+out; ControlNet residuals in) is a `UNetFeature`: it names its extra tensors with their shapes
 (`TensorSpec`) and knows how to hand them to diffusers' UNet call and collect what comes back.
 `UNetExtras` gathers the features one graph carries: the export takes its inputs after the plain
 three and returns its outputs after the prediction, in spec order; the engine cache keys the graph
@@ -69,6 +69,11 @@ class UNetFeature(Protocol):
         """Put this feature's inputs from `values` into the UNet call's keyword arguments."""
         ...
 
+    def neutral(self, rows: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Inputs for `rows` rows that leave the call as it is without this feature: what a graph
+        carrying several features is fed for one that no row of a call uses."""
+        ...
+
 
 @dataclass(frozen=True)
 class UNetExtras:
@@ -121,9 +126,11 @@ class ExtrasUNet(torch.nn.Module):
 
     def call(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
              values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """The same by name: the prediction and every feature's outputs by name."""
+        """The same by name: the prediction and the outputs by name of the features whose inputs
+        `values` holds (the others are left out of the call, as in a plain one)."""
         kwargs: dict[str, Any] = {}
-        collectors = [feature.bind(values, kwargs) for feature in self.extras.features]
+        collectors = [feature.bind(values, kwargs) for feature in self.extras.features
+                      if all(spec.name in values for spec in feature.inputs)]  # fmt: skip
         prediction = self.unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
         outputs: dict[str, torch.Tensor] = {}
         for collect in collectors:
@@ -132,10 +139,16 @@ class ExtrasUNet(torch.nn.Module):
 
 
 def unet_extras(settings: EngineSettings, parts: ModelParts) -> UNetExtras:
-    """The extra inputs `settings` asks the UNet to carry (the feature bank with `feature_bank`)."""
+    """The extra inputs `settings` asks the UNet to carry: the feature bank with `feature_bank`,
+    ControlNet residuals with `controlnets` (both in one graph when both are asked for)."""
     features: list[UNetFeature] = []
     if settings.feature_bank:
         from livediff.backends.temporal_attention import TemporalBank, bank_layers
 
         features.append(TemporalBank(bank_layers(parts.unet, settings.height, settings.width)))
+    if settings.controlnets:
+        from livediff.backends.control_residuals import ControlResiduals
+        from livediff.models.controlnet import residual_layout
+
+        features.append(ControlResiduals(residual_layout(parts.unet, settings.height, settings.width)))
     return UNetExtras(tuple(features))

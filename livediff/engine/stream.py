@@ -6,12 +6,16 @@ One step, for frames of one or many streams:
    (host): frames that barely changed reuse their stream's last output
 2. motion-aware strength (host, streams that ask for it): the input's smoothed motion sets this
    frame's strength, hence its timesteps (`livediff.engine.temporal.MotionEstimate`)
-3. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype
+3. preprocess: one host-to-device copy of the uint8 batch, then to [-1, 1] in the model dtype;
+   the control images of streams with ControlNets (`livediff.engine.preprocessors`: Canny edges,
+   depth, the previous output), each kind once for all streams that use it, each a stage of its own
 4. VAE encode -> latents
 5. noise each latent to its stream's first timestep with the stream's fixed noise
 6. few-step denoising (sequential steps, or Stream Batch: one UNet call for all steps); streams with
    a feature bank bring their earlier frames' attention keys and values to each UNet call and keep
-   this frame's (`livediff.engine.temporal`)
+   this frame's (`livediff.engine.temporal`); before each UNet call, each ControlNet in use runs
+   on the rows of the streams that use it at that step and their residuals go into the same UNet
+   call, zeros for rows without (`livediff.engine.control`; stage `controlnet`)
 7. VAE decode
 8. postprocess: back to uint8 HWC and one device-to-host copy
 
@@ -22,26 +26,33 @@ is prepared when the params change, never per frame. Per-stream state lives in `
 Steps 3-8 go through the backend's `stages(layout)`: computed there and then, or (`cuda-graph`)
 replayed from a recording of the same stage for steps of the same layout. Each stage is a
 function of tensors alone (per-stream tensors gathered beforehand into a `_Batch`), and what it
-returns is copied before it is kept across steps. A step with a stream that uses the feature bank
-or motion-aware strength has no layout and always runs eagerly: the bank's UNet call picks its
-graph (plain or bank) and the size of its inputs per call and writes the banks during the step,
-and motion-aware strength changes a stream's timesteps from frame to frame.
+returns is copied before it is kept across steps. A step with a stream that uses the feature bank,
+motion-aware strength or a ControlNet has no layout and always runs eagerly: the bank's UNet call
+picks its graph (plain or bank) and the size of its inputs per call and writes the banks during
+the step, motion-aware strength changes a stream's timesteps from frame to frame, and which
+ControlNets run on which rows (and whether they are loaded yet) changes with the streams' params.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from livediff.backends import Backend, Stages, create_backend, resolve_backend
+from livediff.backends.control_residuals import RESIDUALS
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
-from livediff.config import EngineSettings, StreamParams
+from livediff.config import ControlParams, EngineSettings, StreamParams
+from livediff.engine import preprocessors
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
+from livediff.engine.control import ControlModels, ControlRow, Key, residuals
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
@@ -91,6 +102,9 @@ class Stream:
     """Motion-aware strength: the strength of the latest frame (None: `params.strength` applies)."""
     coefs: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     """Motion-aware strength: (5, steps) schedule coefficients per timestep set met so far."""
+    control_image: torch.Tensor | None = None
+    """(3, H, W) in [0, 1]: the control image of the stream's first ControlNet at its latest frame
+    (None while none has run); a new tensor every frame, never written in place."""
     frames: int = 0
     skipped: int = 0
 
@@ -109,6 +123,10 @@ class StepResult:
     """Milliseconds per stage for the whole batch (empty when no frame ran the networks)."""
 
 
+Controls = list[tuple[ControlParams, torch.Tensor]]
+"""A frame's ControlNets that can run now, each with its (3, H, W) control image."""
+
+
 @dataclass
 class _Batch:
     """The per-stream tensors of one denoising pass, stacked along the batch."""
@@ -125,6 +143,11 @@ class _Batch:
     """Stream Batch only: each stream's `Stream.pending` (None on its first frame)."""
     banks: tuple[FeatureBank | None, ...] = ()
     """Each frame's feature bank (None: the stream has none); empty when no stream has one."""
+    controls: tuple[Controls, ...] = ()
+    """Each frame's ControlNets with their control images; empty when no stream has one."""
+    clock: StageClock | None = None
+    """With `controls` only: the step's clock, which times the ControlNets' runs as a stage of
+    their own (such steps run eagerly; a recorded stage takes no clock)."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -134,7 +157,8 @@ class _Batch:
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
                       repeat(self.uncond), repeat(self.guidance), self.pending,
-                      tuple(bank for bank in self.banks for _ in range(times)))  # fmt: skip
+                      tuple(bank for bank in self.banks for _ in range(times)),
+                      tuple(controls for controls in self.controls for _ in range(times)), self.clock)  # fmt: skip
 
 
 class StreamEngine:
@@ -162,6 +186,10 @@ class StreamEngine:
         extras = getattr(self.backend, "extras", NO_EXTRAS)
         self.bank_feature = next((f for f in extras.features if isinstance(f, TemporalBank)), None)
         """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
+        self.controls = ControlModels(settings, self.parts)
+        """The ControlNets streams may name (`controlnets`) and the depth estimator, loaded on first use."""
+        self._network_threads = torch.get_num_threads()
+        """torch's threads for the depth network, whatever the backend leaves to the step's own small ops."""
         channels = self.parts.unet.config.in_channels
         self.latent_shape = (channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
         self.frame_shape = (settings.height, settings.width, 3)
@@ -179,8 +207,10 @@ class StreamEngine:
     # -- streams ---------------------------------------------------------------------------------
 
     def open_stream(self, params: StreamParams | None = None) -> Stream:
+        """A new stream with `params`; the ControlNets it names start loading if they are not (see
+        `control_loads`). `ConfigError` naming the field for a param this engine cannot serve."""
         params = params or StreamParams()
-        self._check_temporal(params)
+        self._check(params)
         return Stream(
             conditioning=self._condition(params),
             noise=self._noise(params),
@@ -195,7 +225,7 @@ class StreamEngine:
         The feature bank follows `bank_rule`: kept across prompt, blend, strength and weight
         changes, dropped when the seed, the step count, guidance on/off or the bank size change.
         """
-        self._check_temporal(params)
+        self._check(params)
         old = stream.params
         stream.conditioning = self._condition(params)
         if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
@@ -215,17 +245,27 @@ class StreamEngine:
         if len(params.timesteps) != len(old.timesteps):
             stream.coefs.clear()
 
+    def control_loads(self, params: StreamParams) -> dict[Key, Future[Any]]:
+        """The loads `params`' ControlNets (and the depth estimator) wait for, or that failed, by key;
+        empty when all are ready. Starts any not started: they run off the frame path, and until one
+        is done the stream's frames run without it."""
+        return self.controls.request(params.controlnet)
+
     def check_params(self, params: StreamParams) -> None:
         """Raise `ConfigError` (naming the field) when this engine cannot serve `params`, as
-        `open_stream` and `update` would: `temporal_bank` without the feature bank."""
-        self._check_temporal(params)
-
-    def _check_temporal(self, params: StreamParams) -> None:
+        `open_stream` and `update` would: `temporal_bank` without the feature bank, a ControlNet this
+        engine does not have or could not load, `depth` without a depth model. Starts no load."""
         if params.temporal_bank and self.bank_feature is None:
             raise ConfigError(
                 f"temporal_bank needs an engine started with the feature bank (feature_bank, `--feature-bank`); "
                 f"the {self.backend.name} backend here runs without it"
             )
+        self.controls.check(params.controlnet)
+
+    def _check(self, params: StreamParams) -> None:
+        """`check_params`, then start the ControlNets' loads."""
+        self.check_params(params)
+        self.controls.request(params.controlnet)
 
     def _bank(self, params: StreamParams) -> FeatureBank | None:
         if not params.temporal_bank or self.bank_feature is None:
@@ -300,18 +340,20 @@ class StreamEngine:
         stages = self.backend.stages(self._layout(streams))
         pixels = stages.run("preprocess", self._preprocess, self._upload(images))
         clock.mark("preprocess")
+        controls = self._control_images(streams, images, pixels, clock)
         latents = stages.run("encode", self.backend.encode, pixels)
         clock.mark("encode")
         groups: dict[int, list[int]] = {}
         for i, stream in enumerate(streams):
             groups.setdefault(len(stream.params.timesteps), []).append(i)
         if len(groups) == 1:
-            denoised = self._denoise_group(streams, latents, stages)
+            denoised = self._denoise_group(streams, latents, stages, controls, clock)
         else:  # streams with different step counts: one pass per count
             denoised = torch.empty_like(latents)
             for members in groups.values():
                 index = torch.tensor(members, device=self.device)
-                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index], stages)
+                denoised[index] = self._denoise_group([streams[i] for i in members], latents[index], stages,
+                                                      [controls[i] for i in members], clock)  # fmt: skip
         clock.mark("unet")
         decoded = stages.run("decode", self.backend.decode, denoised)
         clock.mark("decode")
@@ -324,9 +366,12 @@ class StreamEngine:
         """What fixes the shapes and the order of work of a step of `streams`: batch size, step
         count, guidance, and under Stream Batch which streams start their pipeline. None (never
         recorded) when the streams' step counts differ (that step gathers its groups by index), or
-        when a stream uses the feature bank or motion-aware strength (see the module docstring)."""
+        when a stream uses the feature bank, motion-aware strength or a ControlNet (see the module
+        docstring)."""
         steps = {len(stream.params.timesteps) for stream in streams}
-        if len(steps) > 1 or any(stream.bank is not None or stream.motion is not None for stream in streams):
+        if len(steps) > 1 or any(
+            stream.bank is not None or stream.motion is not None or stream.params.controlnet for stream in streams
+        ):
             return None
         guided = any(stream.conditioning.uncond is not None for stream in streams)
         starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
@@ -347,6 +392,36 @@ class StreamEngine:
         if self.backend.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
+
+    def _control_images(self, streams: list[Stream], images: list[torch.Tensor], pixels: torch.Tensor,
+                        clock: StageClock) -> list[Controls]:  # fmt: skip
+        """Each stream's ControlNets that can run now (loaded), with their control images: each kind
+        of image made once for all the streams that use it, timed as a stage named after it."""
+        wanted = [[c for c in stream.params.controlnet if self.controls.ready(c)] for stream in streams]
+        users: dict[str, list[int]] = {}
+        for i, ready in enumerate(wanted):
+            for control in ready:
+                if i not in users.setdefault(control.preprocessor, []):
+                    users[control.preprocessor].append(i)
+        made: dict[tuple[int, str], torch.Tensor] = {}
+        for kind, members in users.items():
+            if kind == "canny":
+                out = preprocessors.canny([images[i] for i in members], self.device, self.dtype)
+            elif kind == "depth":
+                depth = self.controls.depth()
+                assert depth is not None  # `ready` saw it loaded
+                with torch_threads(self._network_threads):  # a torch depth network takes every thread
+                    out = preprocessors.depth(pixels[members], depth.model, depth.network)
+            else:  # previous: the stream's last output (its input until it has one)
+                previous = [streams[i].last_output for i in members]
+                out = preprocessors.upload([images[i] if p is None else p for i, p in zip(members, previous)],
+                                           self.device, self.dtype)  # fmt: skip
+            clock.mark(kind)
+            made.update(((i, kind), image) for i, image in zip(members, out))
+        result = [[(c, made[i, c.preprocessor]) for c in ready] for i, ready in enumerate(wanted)]
+        for stream, imaged in zip(streams, result):
+            stream.control_image = imaged[0][1] if imaged else None
+        return result
 
     def _follow_motion(self, stream: Stream, image: torch.Tensor) -> None:
         """Motion-aware strength: this frame's strength from the smoothed motion (see `MotionEstimate`)."""
@@ -374,9 +449,10 @@ class StreamEngine:
     def _stream_batch(self, streams: list[Stream]) -> bool:
         return self.settings.stream_batch and len(streams[0].params.timesteps) > 1
 
-    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, stages: Stages) -> torch.Tensor:
+    def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, stages: Stages, controls: list[Controls],
+                       clock: StageClock) -> torch.Tensor:  # fmt: skip
         """Denoise the latents of streams that share a step count."""
-        batch = self._gather(streams)
+        batch = self._gather(streams, controls, clock)
         if not self._stream_batch(streams):
             return stages.run("unet", self._denoise, x0, batch)
         denoised, pending = stages.run("unet", self._denoise_stream_batch, x0, batch)
@@ -384,9 +460,11 @@ class StreamEngine:
             stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
         return denoised
 
-    def _gather(self, streams: list[Stream]) -> _Batch:
+    def _gather(self, streams: list[Stream], controls: list[Controls], clock: StageClock) -> _Batch:
         """The per-stream tensors of a denoising pass, stacked (device copies; motion-aware strength
-        computes a timestep set's coefficients the first time the stream meets it), and the banks."""
+        computes a timestep set's coefficients the first time the stream meets it), the banks and
+        the ControlNets with their control images."""
+        controlled = any(controls)
         conds = [s.conditioning for s in streams]
         batch = _Batch(
             coefs=torch.stack([self._coefs(s) for s in streams]),
@@ -394,6 +472,8 @@ class StreamEngine:
             embeds=torch.cat([c.embeds for c in conds]),
             pending=tuple(s.pending for s in streams) if self._stream_batch(streams) else (),
             banks=tuple(s.bank for s in streams) if any(s.bank is not None for s in streams) else (),
+            controls=tuple(controls) if controlled else (),
+            clock=clock if controlled else None,
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
@@ -405,12 +485,15 @@ class StreamEngine:
 
         `steps` is each row's denoising step index: with `batch.banks`, the slot of the row's bank.
         """
+        controls = self._control_rows(batch, steps)
         if batch.uncond is None or batch.guidance is None:
-            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0))
+            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0), controls,
+                              batch.clock)  # fmt: skip
         rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
         both = self._unet(
-            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows
-        )
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows,
+            controls + controls, batch.clock,
+        )  # fmt: skip
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
 
@@ -420,15 +503,36 @@ class StreamEngine:
             return [None] * len(steps)
         return [None if bank is None else BankRow(bank, (step, branch)) for bank, step in zip(batch.banks, steps)]
 
-    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-              rows: list[BankRow | None]) -> torch.Tensor:  # fmt: skip
-        """One UNet call: the plain graph when no row has a bank, else the bank graph (keeping new features)."""
-        if self.bank_feature is None or all(row is None for row in rows):
+    @staticmethod
+    def _control_rows(batch: _Batch, steps: Sequence[int]) -> list[list[ControlRow]]:
+        """Each row's ControlNets active at its denoising step (`ControlParams.active`)."""
+        if not batch.controls:
+            return [[] for _ in steps]
+        count = batch.coefs.shape[-1]
+        return [[ControlRow(c.name, c.scale, image) for c, image in controls if c.active(step, count)]
+                for controls, step in zip(batch.controls, steps)]  # fmt: skip
+
+    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: list[BankRow | None],
+              controls: list[list[ControlRow]], clock: StageClock | None) -> torch.Tensor:  # fmt: skip
+        """One UNet call: the plain graph when no row has a bank or a ControlNet, else the graph with
+        extra inputs (the ControlNets run first; the bank keeps this frame's features after)."""
+        values: dict[str, torch.Tensor] = {}
+        banked = self.bank_feature is not None and any(row is not None for row in rows)
+        if banked:
+            assert self.bank_feature is not None
+            values.update(gather(rows, self.bank_feature.layers, self.device, self.dtype))
+        if any(controls):
+            runners = self.controls.runners({row.name for row_controls in controls for row in row_controls})
+            with clock.part("controlnet") if clock is not None else contextlib.nullcontext():
+                summed = residuals(controls, x, timesteps, embeds, runners)
+            assert summed is not None  # some row has a ControlNet
+            values[RESIDUALS] = summed
+        if not values:
             return self.backend.unet(x, timesteps, embeds)
-        layers = self.bank_feature.layers
-        values = gather(rows, layers, self.device, self.dtype)
         prediction, outputs = self.backend.unet_with(x, timesteps, embeds, values)
-        store(rows, outputs, len(layers))
+        if banked:
+            assert self.bank_feature is not None
+            store(rows, outputs, len(self.bank_feature.layers))
         return prediction
 
     def _denoise(self, x0: torch.Tensor, batch: _Batch) -> torch.Tensor:

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
@@ -23,6 +24,33 @@ BUILDER_VERSION = 1
 """Bump when a builder changes, so cached folders and compiled engines are rebuilt."""
 
 SEED = 0
+
+
+TINY_UNET: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
+"""The tiny model's UNet (also the architecture of the built-in `tiny` ControlNet)."""
+SD21_UNET: dict[str, Any] = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+)
+"""SD-Turbo's UNet, Stable Diffusion 2.1's (also the architecture of the `sd-turbo-random` ControlNet)."""
 
 
 def cache_root() -> Path:
@@ -71,8 +99,9 @@ def _write_tokenizer(folder: Path) -> None:
 
 
 @torch.no_grad()
-def _rescale_output(layer: torch.nn.Conv2d, run: Callable[[], None], mean: float, std: float) -> None:
-    """Set `layer`'s weight and bias so its output over `run()` has the given per-channel mean and std."""
+def rescale_output(layer: torch.nn.Conv2d, run: Callable[[], None], mean: float, std: float) -> None:
+    """Set `layer`'s weight and bias so its output over `run()` has the given per-channel mean and std
+    (how the built-in random models get the output scales of trained ones)."""
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, output: seen.append(output))
     run()
@@ -96,29 +125,17 @@ def _calibrate_tiny(unet: UNet2DConditionModel, vae: AutoencoderTiny, text_encod
     latents = torch.randn(4, 4, 8, 8)
     ids = torch.randint(0, text_encoder.config.vocab_size - 2, (4, 77))
     embeds = text_encoder(ids, return_dict=False)[0]
-    _rescale_output(vae.encoder.layers[-1], lambda: vae.encoder(images), mean=0.0, std=1.0)
-    _rescale_output(vae.decoder.layers[-1], lambda: vae.decoder(latents), mean=0.5, std=0.2)  # -> [-1, 1] as 2x-1
+    rescale_output(vae.encoder.layers[-1], lambda: vae.encoder(images), mean=0.0, std=1.0)
+    rescale_output(vae.decoder.layers[-1], lambda: vae.decoder(latents), mean=0.5, std=0.2)  # -> [-1, 1] as 2x-1
     for name, module in unet.named_modules():
         if name.endswith("attn2.to_out.0"):
             module.weight.mul_(8.0)
     timesteps = torch.full((4,), 500.0)
-    _rescale_output(unet.conv_out, lambda: unet(latents, timesteps, embeds), mean=0.0, std=1.0)
+    rescale_output(unet.conv_out, lambda: unet(latents, timesteps, embeds), mean=0.0, std=1.0)
 
 
 def _tiny(folder: Path) -> None:
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        use_linear_projection=True,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderTiny(
         encoder_block_out_channels=(16, 16, 16, 16),
         decoder_block_out_channels=(16, 16, 16, 16),
@@ -144,16 +161,7 @@ def _tiny(folder: Path) -> None:
 
 
 def _sd_turbo_random(folder: Path) -> None:
-    UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-    ).save_pretrained(folder / "unet")
+    UNet2DConditionModel(**SD21_UNET).save_pretrained(folder / "unet")
     AutoencoderTiny().save_pretrained(folder / "vae")
     text_config = CLIPTextConfig(
         vocab_size=49408,
@@ -173,32 +181,47 @@ BUILDERS: dict[str, Callable[[Path], None]] = {"tiny": _tiny, "sd-turbo-random":
 
 def builtin_dir(name: str) -> Path:
     """The folder of built-in model `name`, built on first use (atomically, so racing is safe)."""
-    folder = cache_root() / "models" / f"{name}-v{BUILDER_VERSION}"
-    if (folder / "model_index.json").exists():
+    return build_once(cache_root() / "models" / f"{name}-v{BUILDER_VERSION}", "model_index.json",
+                      lambda staging: _build_model(name, staging))  # fmt: skip
+
+
+def _build_model(name: str, staging: Path) -> None:
+    torch.manual_seed(SEED)
+    BUILDERS[name](staging)
+    _scheduler().save_pretrained(staging / "scheduler")
+    _write_tokenizer(staging / "tokenizer")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderTiny"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_once(folder: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """`folder`, built by `build(staging)` the first time (complete once `marker` exists in it).
+
+    The build writes into a private staging folder that is renamed into place, so a reader sees a
+    complete folder or none, and processes racing to build it keep the first that finished.
+    """
+    if (folder / marker).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        torch.manual_seed(SEED)
-        BUILDERS[name](staging)
-        _scheduler().save_pretrained(staging / "scheduler")
-        _write_tokenizer(staging / "tokenizer")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderTiny"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        }
-        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+        build(staging)
+        if not (staging / marker).exists():
+            raise RuntimeError(f"building {folder.name} wrote no {marker}")
         try:
             staging.rename(folder)
         except OSError:  # another process finished first
-            if not (folder / "model_index.json").exists():
+            if not (folder / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import diffusers
 import torch
@@ -15,6 +17,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
+
+if TYPE_CHECKING:
+    from livediff.models.controlnet import ControlNetParts
+    from livediff.models.depth import DepthParts
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,18 @@ class ModelParts:
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
     vae_ref: str
+    controlnet: ControlNetParts | None = None
+    """Set on the copy of the parts that builds a ControlNet's graph (`with_controlnet`), else None."""
+    depth: DepthParts | None = None
+    """Set on the copy of the parts that builds the depth estimator's graph (`with_depth`), else None."""
+
+    def with_controlnet(self, controlnet: ControlNetParts) -> ModelParts:
+        """These parts with `controlnet`: what the backends export and key the `controlnet` component from."""
+        return dataclasses.replace(self, controlnet=controlnet)
+
+    def with_depth(self, depth: DepthParts) -> ModelParts:
+        """These parts with `depth`: what the backends export and key the `depth` component from."""
+        return dataclasses.replace(self, depth=depth)
 
     @property
     def device(self) -> torch.device:
@@ -86,12 +104,25 @@ def load_model(
     return parts
 
 
-def _how_to_get(ref: str, why: str) -> str:
+@dataclass(frozen=True)
+class HubKind:
+    """What a hub id names, for the messages about it: its noun, its built-ins and the way out."""
+
+    noun: str
+    builtins: tuple[str, ...]
+    fallback: str
+    """How to run without it, e.g. "run with `--model tiny` (built in, no download)"."""
+
+
+MODEL = HubKind("model", tuple(BUILDERS), "run with `--model tiny` (built in, no download)")
+
+
+def _how_to_get(ref: str, why: str, kind: HubKind = MODEL) -> str:
     """A one-line answer for a model that is not here: what was looked at, `why` it was not fetched, the way out."""
     return (
-        f"model {ref!r} is not a built-in ({', '.join(BUILDERS)}), a local diffusers folder, nor in the "
+        f"{kind.noun} {ref!r} is not a built-in ({', '.join(kind.builtins)}), a local folder, nor in the "
         f"Hugging Face cache, and {why}. Download it with `hf download {ref}` (on a machine with internet, "
-        "then point HF_HOME at that cache), or run with `--model tiny` (built in, no download)."
+        f"then point HF_HOME at that cache), or {kind.fallback}."
     )
 
 
@@ -115,31 +146,32 @@ def _locate(ref: str) -> tuple[Path, str]:
     return folder, folder.name  # the hub cache stores snapshots under their commit hash
 
 
-def _snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
-    """The local snapshot of a hub repository: from the cache, else downloaded once."""
+def _snapshot(repo_id: str, allow_patterns: list[str] | None = None, kind: HubKind = MODEL) -> Path:
+    """The local snapshot of a hub repository: from the cache, else downloaded once; `ModelLoadError`
+    saying why not and what to do (in `kind`'s words) when it cannot be had."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
     except HFValidationError as exc:
-        raise ModelLoadError(f"{repo_id!r} is not a valid model id: {exc}") from exc
+        raise ModelLoadError(f"{repo_id!r} is not a valid {kind.noun} id: {exc}") from exc
     except Exception:  # noqa: BLE001 - not in the cache, whatever the reason: try the hub
         pass
     if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(_how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked"))
+        raise ModelLoadError(_how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked", kind))
     log.info("%s is not in the Hugging Face cache: downloading it", repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except GatedRepoError as exc:
         why = "it is gated on the hub: accept its terms on huggingface.co, then `hf auth login`"
-        raise ModelLoadError(_how_to_get(repo_id, why)) from exc
+        raise ModelLoadError(_how_to_get(repo_id, why, kind)) from exc
     except RepositoryNotFoundError as exc:
-        why = "the hub has no such model (or it is private: `hf auth login` first)"
-        raise ModelLoadError(_how_to_get(repo_id, why)) from exc
+        why = f"the hub has no such {kind.noun} (or it is private: `hf auth login` first)"
+        raise ModelLoadError(_how_to_get(repo_id, why, kind)) from exc
     except Exception as exc:  # noqa: BLE001 - network, auth, disk: answered the same way, with the cause
         why = f"it could not be downloaded ({type(exc).__name__}: {_first_line(exc)})"
-        raise ModelLoadError(_how_to_get(repo_id, why)) from exc
+        raise ModelLoadError(_how_to_get(repo_id, why, kind)) from exc
 
 
 def _first_line(exc: BaseException) -> str:

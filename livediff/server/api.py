@@ -1,10 +1,14 @@
-"""GET /api/sessions, GET|PATCH|DELETE /api/sessions/{id}: state, stats, live params, and ending a session."""
+"""GET /api/sessions, GET|PATCH|DELETE /api/sessions/{id}: state, stats, live params, and ending a
+session; GET /api/sessions/{id}/control.jpg: the session's control image."""
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 
 from livediff.server.common import find_session, read_json, service
+from livediff.server.controlnets import preview_jpeg
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -34,8 +38,20 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response(session.describe())
 
 
+async def get_control_image(request: web.Request) -> web.Response:
+    """The session's latest control image as a small JPEG (encoded off the event loop); 204 (no body)
+    while it has none: no ControlNet on, or not yet run on its frames."""
+    session = find_session(request)
+    image = getattr(session.stream, "control_image", None)
+    if image is None:
+        return web.Response(status=204, headers={"Cache-Control": "no-store"})
+    data = await asyncio.get_running_loop().run_in_executor(None, preview_jpeg, image)
+    return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_patch("/api/sessions/{id}", patch_session)
     app.router.add_delete("/api/sessions/{id}", delete_session)
+    app.router.add_get("/api/sessions/{id}/control.jpg", get_control_image)

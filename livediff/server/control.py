@@ -29,7 +29,9 @@ client that stops reading (a frozen tab, a congested downlink) leaves them in th
 queue, which has no limit in aiortc: while the channel holds more than `BACKED_UP_BYTES` unsent,
 stats are dropped and counted (`SessionStats.stats_dropped`) rather than queued; the dropped ids
 a message carried go with the next one sent. Answers are never dropped: there is at most one
-per message received, and the pending update bounds them.
+per message received, and the pending update bounds them. A ControlNet the session names that is
+still loading is told once its load ends (`{"type": "controlnet", "name", "state"}`,
+`livediff.server.controlnets`).
 """
 
 from __future__ import annotations
@@ -215,6 +217,14 @@ class Control:
 
         self.channel = channel
         channel.on("message", lambda raw: self.on_message(raw, send))
+
+    def tell(self, message: dict[str, Any]) -> None:
+        """Send a message of the session's own (not an answer: `controlnet` load states) when the
+        channel is open; without one it is not sent (`livediff.server.controlnets.tell_states`
+        repeats the states when a channel opens)."""
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(message))
 
     def frame_sent(self, out: FrameOut) -> None:
         """Send `out`'s stats message `STATS_DELAY_S` from now, unless the channel is backed up then."""

@@ -3,9 +3,10 @@ data channel, POST /offer's `params` and WHIP query strings.
 
 Fields: prompt, negative_prompt, strength, steps, t_index_list, seed, guidance,
 blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, passthrough, probe,
-temporal {"bank", "weight", "motion_strength": [low, high] or null}.
+temporal {"bank", "weight", "motion_strength": [low, high] or null},
+controlnet [{"name", "preprocessor", "scale", "start", "end"}, ...] (the whole list each time; [] or null: none).
 A wrong type, an unknown field or a value out of range is a `ParamError` naming the field (422),
-nested fields by their path (`temporal.bank`).
+nested fields by their path (`temporal.bank`, `controlnet[0].scale`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from livediff.config import StreamParams
+from livediff.config import ControlParams, StreamParams
 from livediff.errors import ConfigError
 
 MAX_PROMPT_CHARS = 2000
@@ -65,6 +66,35 @@ def _check_type(name: str, value: Any, kind: type) -> Any:
     raise ParamError(name, f"{name} must be a {kind.__name__}, got {type(value).__name__}")
 
 
+_CONTROL: dict[str, type] = {"name": str, "preprocessor": str, "scale": float, "start": float, "end": float}
+"""A `controlnet` entry's members and their types (`ControlParams`)."""
+
+
+def _parse_controlnet(value: Any) -> tuple[ControlParams, ...]:
+    """The `controlnet` list -> ControlParams, each error naming its entry's member (`controlnet[1].scale`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ParamError("controlnet", 'controlnet must be a list of objects {"name": str, "preprocessor": str, '
+                         '"scale": number, "start": number, "end": number}, or null')  # fmt: skip
+    controls = []
+    for i, entry in enumerate(value):
+        path = f"controlnet[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ParamError(path, f"{path} must be an object with a name")
+        unknown = sorted(set(entry) - set(_CONTROL))
+        if unknown:
+            raise ParamError(f"{path}.{unknown[0]}", f"unknown field {unknown[0]!r} in {path}")
+        if "name" not in entry:
+            raise ParamError(f"{path}.name", f"{path}.name is missing: which ControlNet")
+        members = {m: _check_type(f"{path}.{m}", entry[m], kind) for m, kind in _CONTROL.items() if m in entry}
+        try:
+            controls.append(ControlParams(**members))
+        except ConfigError as exc:
+            raise ParamError(f"{path}.{str(exc).split(' ', 1)[0]}", f"{path}.{exc}") from None
+    return tuple(controls)
+
+
 def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[StreamParams, dict[str, Any]]:
     """`current` with the changes in `data`, and the session fields (probe) found in `data`."""
     if not isinstance(data, Mapping):
@@ -90,6 +120,8 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
             for member, (field, kind) in members.items():
                 if member in value:
                     changes[field] = _check_type(f"{name}.{member}", value[member], kind)
+        elif name == "controlnet":
+            changes[name] = _parse_controlnet(value)
         elif name in SESSION_FIELDS:
             session[name] = _check_type(name, value, bool)
         else:
@@ -120,6 +152,8 @@ def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
                 data[name] = int(text)
             elif kind is float:
                 data[name] = float(text)
+            elif name == "controlnet":
+                data[name] = _controls_from_query(text)
             elif name in _PATHS:  # blend_prompt=...&temporal_bank=2: the object's members, flat
                 parent, member = _PATHS[name].split(".")
                 kind = _OBJECTS[parent][member][1]
@@ -130,6 +164,25 @@ def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
                 data.setdefault(parent, {})[member] = value
             else:
                 data[name] = text
+        except ParamError:
+            raise
         except ValueError:
             raise ParamError(name, f"{name}: {text!r} is not a {kind.__name__ if kind else 'number'}") from None
     return data
+
+
+def _controls_from_query(text: str) -> list[dict[str, Any]]:
+    """`controlnet=NAME[:PREPROCESSOR[:SCALE[:START[:END]]]]`, comma separated for several:
+    `canny:canny:0.8,depth:depth:0.5` -> [{"name": "canny", "preprocessor": "canny", "scale": 0.8}, ...]."""
+    entries = []
+    members = list(_CONTROL)
+    for item in (part.strip() for part in text.split(",")):
+        fields = item.split(":")
+        try:
+            if not item or len(fields) > len(members):
+                raise ValueError(item)
+            entries.append({m: f if _CONTROL[m] is str else float(f) for m, f in zip(members, fields)})
+        except ValueError:
+            raise ParamError("controlnet", f"controlnet: {item!r} is not NAME[:PREPROCESSOR[:SCALE[:START[:END]]]] "
+                             "(comma separated for several)") from None  # fmt: skip
+    return entries

@@ -18,11 +18,12 @@ import torch
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCSessionDescription
 
 from livediff.admission import AdmissionError
-from livediff.config import EngineSettings, ServerSettings, StreamParams, nat_1to1_map
+from livediff.config import PREPROCESSORS, EngineSettings, ServerSettings, StreamParams, nat_1to1_map
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler, StepObservers
 from livediff.server.control import Control
+from livediff.server.controlnets import follow_loads, tell_states
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
 from livediff.server.params import refusal
@@ -120,6 +121,8 @@ class Service:
             "max_batch": self.engine_settings.max_batch,
             "max_sessions": self.settings.max_sessions,
             "features": list(FEATURES),
+            "controlnets": [name for name, _ in self.engine_settings.controlnets],
+            "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
         }
 
     def require_ready(self) -> None:
@@ -210,6 +213,7 @@ class Service:
         session.control = Control(session, self._apply_update, self.settings.max_body_bytes,
                                   lambda: self._control_state(session), self._check_params)
         try:
+            await follow_loads(self.scheduler, session)  # the ControlNets it names start loading
             pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
             output = Fanout(session.outbox, self._on_sent(session), self.settings.bitrate,
@@ -232,6 +236,7 @@ class Service:
             def on_datachannel(channel: RTCDataChannel) -> None:
                 if channel.label == "control":
                     session.control.attach(channel)
+                    tell_states(session)  # aiortc announces a channel the peer opened once it is open
 
             sdp = await answer(pc, offer, self.nat_1to1)
             session.ensure_open()  # it may have ended while the answer was made
@@ -301,12 +306,15 @@ class Service:
     async def _apply_update(self, session: Session, params: StreamParams, extras: dict[str, Any]) -> dict[str, Any]:
         """Apply checked params (from the next frame on) and session fields; `SessionClosed` once it ended."""
         session.ensure_open()
+        old = session.params
         try:
             truncated = (await self.scheduler.update(session, params) if params != session.params
                          else self.scheduler.prompt_truncated(session))
         except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
             raise refusal(exc) from None
         session.ensure_open()  # it may have ended while the update waited for the worker
+        if params.controlnet != old.controlnet:
+            await follow_loads(self.scheduler, session)
         if "probe" in extras:
             session.probe = extras["probe"]
         return self._control_state(session, truncated)
@@ -324,4 +332,4 @@ class Service:
             limit = self.scheduler.engine.parts.tokenizer.model_max_length
             warnings.append(f"prompt truncated to the tokenizer's limit of {limit} tokens")
         return {"session_id": session.id, "params": params_to_json(session.params), "probe": session.probe,
-                "warnings": warnings}
+                "controlnet_state": dict(session.controlnet_state), "warnings": warnings}

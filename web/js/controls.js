@@ -1,10 +1,13 @@
 // The demo page's style controls: they hold the stream params and report each change once.
 // Text applies on Enter, on blur and after a short pause in typing; sliders while dragging (throttled).
 
+import { ControlNetPanel } from "./controlnet.js";
+
 const TYPING_DEBOUNCE_MS = 600;
 const SLIDER_THROTTLE_MS = 150;
 const MAX_SEED = 2 ** 31 - 1;
-const FIELD_NAMES = { similarity_filter: "similarity filter", blend: "blend", negative_prompt: "negative prompt" };
+const FIELD_NAMES = { similarity_filter: "similarity filter", blend: "blend", negative_prompt: "negative prompt",
+  controlnet: "ControlNet" };
 
 function debounce(fn, ms) {
   let timer = null;
@@ -58,6 +61,7 @@ export class Controls {
       similarity: $("similarity"),
       feedback: $("feedback"),
     };
+    this.controlnet = new ControlNetPanel(root, () => this._commit("controlnet"));
     this.sent = this.values();
     this._wire();
   }
@@ -73,6 +77,7 @@ export class Controls {
       seed: Math.min(MAX_SEED, Math.max(0, Math.floor(Number(e.seed.value) || 0))),
       blend: { prompt: e.blendPrompt.value.trim(), weight: Number(e.blendWeight.value) },
       similarity_filter: e.similarity.checked,
+      controlnet: this.controlnet.value(),
     };
   }
 
@@ -153,6 +158,7 @@ export class Controls {
   /** The server accepted a change. */
   acknowledged(ack, changes) {
     if (changes && "prompt" in changes) this.promptState("applied", "Applied");
+    if (changes && "controlnet" in changes) this.controlnet.acknowledged(ack);
     const warning = ack.warnings?.[0];
     const names = Object.keys(changes ?? {}).map((name) => FIELD_NAMES[name] ?? name);
     this.feedback(warning ? "error" : "applied", warning ?? `Applied: ${names.join(", ")}`);
@@ -161,6 +167,7 @@ export class Controls {
   /** The server refused a change: say which field and why. */
   rejected(message, changes) {
     if (changes && "prompt" in changes) this.promptState("error", message.error);
+    if (changes && "controlnet" in changes) this.controlnet.status(message.error, "error");
     this.feedback("error", message.field ? `${message.field}: ${message.error}` : message.error);
     // Resend it next time even if the value stays the same.
     for (const name of Object.keys(changes ?? {})) this.sent[name] = undefined;

@@ -32,6 +32,7 @@ const ui = {
 };
 
 const LOST_AFTER_MS = 4000;
+const CONTROL_STAGES = ["canny", "depth", "previous", "controlnet"];
 
 /** What the page is doing now; one at a time. */
 const state = {
@@ -155,6 +156,7 @@ async function connect(stream, run) {
     ack: (message, sent) => controls.acknowledged(message, sent),
     error: (message, sent) => controls.rejected(message, sent),
     stats: (message) => timings.add(message),
+    other: (message) => message.type === "controlnet" && controls.controlnet.loaded(message),
     close: () => lost("the control channel closed"),
   });
   pc.addEventListener("track", (event) => {
@@ -181,6 +183,7 @@ async function connect(stream, run) {
   state.sessionId = answer.session_id;
   state.playout = lowestPlayoutDelay(pc);
   ui.sessionLabel.textContent = `session ${answer.session_id}`;
+  controls.controlnet.follow(answer.session_id);
   setButtons("live");
   watchOutput();
   startHud(pc, timings);
@@ -240,6 +243,7 @@ async function disconnect({ keepSource = true, tellServer = true } = {}) {
   ui.outputPlaceholder.hidden = false;
   ui.hud.hidden = true;
   ui.sessionLabel.textContent = "";
+  controls.controlnet.follow(null);
   if (!keepSource) closeSource();
   setButtons("idle");
 }
@@ -318,6 +322,8 @@ function startHud(pc, timings) {
     const info = state.server;
     const model = info ? [info.model, info.backend, info.device].filter(Boolean).join(" · ") : "";
     if (timings.quality) items.push(["temporal", qualityText(timings.quality), null, "quality"]);
+    const control = controlText(timings);
+    if (control) items.push(["controlnet", control, null, "controlnet"]);
     items.push(["codec", [s.codecOut, s.codecIn].filter(Boolean).join(" → ") || "—"]);
     if (model) items.push(["model", model]);
     renderStats(ui.hud, items);
@@ -339,6 +345,13 @@ function startHud(pc, timings) {
   state.timers.push(setInterval(() => refresh().catch(() => {}), 1000));
   state.timers.push(setInterval(poll, 2000));
   poll();
+}
+
+/** The ControlNet's stages (its control image, then the network) from the server's timings, or null. */
+function controlText(timings) {
+  if (timings.empty) return null;
+  const spans = timings.mean().spans.filter(([name]) => CONTROL_STAGES.includes(name));
+  return spans.length ? spans.map(([name, ms]) => `${name} ${ms.toFixed(1)} ms`).join(" · ") : null;
 }
 
 function dropped(s, server) {
@@ -363,6 +376,7 @@ function loadServerInfo() {
   serverInfo()
     .then((info) => {
       state.server = info;
+      controls.controlnet.configure(info);
     })
     .catch(() => {
       /* not ready yet: /offer says so when the user starts, and connecting asks again */
