@@ -10,7 +10,11 @@ Steps, in order, each in its own process under its own time limit, all inside on
    turns, beside diffusers' `AutoPipelineForImage2Image` in the engine's float16;
 5. `bench-batch4`: the same two backends at batch 4 (four streams per step);
 6. `streams`: `--streams 1,4,8` on `cuda-graph`: aggregate fps, each stream's p99;
-7. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
+7. `controlnet`: `--controlnet canny,depth --streams 4` on `torch` (each control image against
+   ControlNet off at batch 1, and 4 streams with different ControlNets in one step against apart);
+8. `temporal`, `temporal-batch4`: `--quality` with feature banks of 1 and 2 frames against none,
+   batch 1 and 4 (warp error, static flicker, SSIM, ms per frame);
+9. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
 
 and `nvidia-smi`'s clocks and memory before the first step and after the last. The results go to
 `$OUT` (or `--out`): `gpu-check.json` (every step's result, the verdict), `gpu-check.txt` (the
@@ -132,6 +136,11 @@ def plan(gpu: bool, python: str, size: int) -> list[Step]:
                               "--warmup", str(warmup)], 150, bench_json, note=note),
         Step("streams", [*bench, "--backend", backends.split(",")[-1], "--streams", "1,4,8", "--frames", str(few),
                          "--warmup", str(warmup)], 180, bench_json, note=note),
+        Step("controlnet", [*bench, "--backend", "torch", "--controlnet", "canny,depth", "--streams", "4",
+                            "--frames", str(few), "--warmup", str(warmup)], 240, bench_json),
+        *(Step(name, [*bench, "--backend", "torch", "--quality", "--batch", batch, "--temporal", '{"bank": 1}',
+                      "--temporal", '{"bank": 2}', "--frames", str(few), "--warmup", str(warmup)], 180, bench_json)
+          for name, batch in (("temporal", "1"), ("temporal-batch4", "4"))),
         Step("bench-compile", [*bench, "--backend", "torch,torch.compile", "--batch", "1", "--frames", str(few),
                                "--warmup", str(warmup)], 300, bench_json,
              skip=None if gpu else "dry run: torch.compile takes minutes on 2 CPU cores"),
@@ -264,6 +273,24 @@ def verdict(steps: dict[str, dict[str, Any]], gpu: bool = True) -> dict[str, Any
     }
 
 
+def controlnet_line(result: dict[str, Any]) -> str:
+    """`bench --controlnet ... --streams N`'s JSON in one line: each control image against off, the batched streams."""
+    runs = [f"{r['config']} {r['ms_per_frame']:.2f} ms/frame"
+            + (f" ({r['vs_off_p50']}x off at p50)" if "vs_off_p50" in r else "") for r in result["runs"]]
+    streams = [f"{s['streams']} streams in one step {s['batched']['fps']:.1f} fps, apart {s['sequential']['fps']:.1f}"
+               for s in result.get("streams", [])]
+    return "controlnet: " + "; ".join(runs + streams)
+
+
+def quality_cell(q: dict[str, Any]) -> str:
+    """One `bench --quality` row: warp error, static flicker, SSIM, ms per frame, and the ratios to the baseline."""
+    cell = f"{q['config']} warp {q['warp_error']} flicker {q['flicker']} ssim {q['ssim']} {q['ms_per_frame']:.2f} ms"
+    if "vs_baseline" in q:
+        r = q["vs_baseline"]
+        cell += f" (x{r['warp_error']} warp, x{r['flicker']} flicker, x{r['ms_per_frame']} ms)"
+    return cell
+
+
 def summary(report: dict[str, Any]) -> str:
     """The few lines a closing note needs."""
     env, steps, v = report["environment"], {s["name"]: s for s in report["steps"]}, report["verdict"]
@@ -296,6 +323,13 @@ def summary(report: dict[str, Any]) -> str:
         worst = max(b["per_stream_p99_ms"])
         lines.append(f"streams {entry['streams']}: batched {b['fps']:.1f} fps, worst stream p99 {worst:.1f} ms; "
                      f"sequential {entry['sequential']['fps']:.1f} fps")  # fmt: skip
+    control = steps.get("controlnet", {}).get("result")
+    if isinstance(control, dict):
+        lines.append(controlnet_line(control))
+    for name in ("temporal", "temporal-batch4"):
+        quality = steps.get(name, {}).get("result")
+        if isinstance(quality, dict):
+            lines.append(f"{name}: " + "; ".join(map(quality_cell, quality["quality"])))
     for name, t in v["targets"].items():
         state = "not judged" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {name} >= {t['target']}: {state} ({t['value']})")

@@ -31,13 +31,17 @@ def kit() -> ModuleType:
 
 def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cuda(kit) -> None:
     gpu = {step.name: step for step in kit.plan(True, "python3", 512)}
-    assert list(gpu) == ["gpu-tests", "model", "bench-batch1", "bench-batch4", "streams", "bench-compile"]
+    assert list(gpu) == ["gpu-tests", "model", "bench-batch1", "bench-batch4", "streams", "controlnet", "temporal",
+                         "temporal-batch4", "bench-compile"]
     b1 = " ".join(gpu["bench-batch1"].argv)
     assert "--model sd-turbo-random --size 512 --steps 1" in b1 and "--backend torch,cuda-graph --batch 1" in b1
     assert "--baseline diffusers" in b1 and "--baseline-dtype" not in b1  # the engine's float16
     assert "--batch 4" in " ".join(gpu["bench-batch4"].argv)
     assert "--backend cuda-graph --streams 1,4,8" in " ".join(gpu["streams"].argv)
     assert "torch,torch.compile" in " ".join(gpu["bench-compile"].argv)
+    assert "--controlnet canny,depth --streams 4" in " ".join(gpu["controlnet"].argv)
+    assert "--quality --batch 1" in " ".join(gpu["temporal"].argv)
+    assert "--quality --batch 4" in " ".join(gpu["temporal-batch4"].argv)
     assert all(step.skip is None and step.note is None for step in gpu.values())
     assert sum(step.limit_s for step in gpu.values()) > 420  # the budget, not the limits, bounds a run
 
@@ -139,6 +143,14 @@ def test_the_engine_backends_and_bench_import_without_aiortc_or_av() -> None:
 
 def test_the_summary_reads_a_gpu_report(kit) -> None:
     steps = _steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0)
+    steps["controlnet"] = {"status": "ok", "result": {  # the shapes `bench --controlnet ... --streams 4` prints
+        "runs": [{"config": "off", "ms_per_frame": 10.0},
+                 {"config": "depth", "ms_per_frame": 13.5, "vs_off_p50": 1.31}],
+        "streams": [{"streams": 4, "batched": {"fps": 300.0}, "sequential": {"fps": 200.0}}]}}
+    steps["temporal"] = {"status": "ok", "result": {"quality": [  # and `bench --quality --temporal ...`
+        {"config": "off (baseline)", "warp_error": 9.1, "flicker": 2.5, "ssim": 0.8, "ms_per_frame": 10.0},
+        {"config": "bank=1", "warp_error": 6.2, "flicker": 1.5, "ssim": 0.79, "ms_per_frame": 11.0,
+         "vs_baseline": {"warp_error": 0.68, "flicker": 0.6, "ssim": 0.99, "ms_per_frame": 1.1}}]}}
     smi = {"gpus": [{"name": "NVIDIA H200", "driver_version": "580.159.04", "clocks.sm": "1980",
                      "clocks.max.sm": "1980", "clocks.mem": "3201", "memory.used": "2000", "memory.total": "143771",
                      "temperature.gpu": "40", "power.draw": "300.1"}]}  # fmt: skip
@@ -155,5 +167,9 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
     assert "cuda-graph 4.00 ms/frame 250.0 fps (parity max 0, mean 0.0)" in text
     assert "streams 4: batched 450.0 fps, worst stream p99 9.0 ms" in text
     assert "target batch1_fps >= 200.0: met (250.0)" in text
+    assert ("controlnet: off 10.00 ms/frame; depth 13.50 ms/frame (1.31x off at p50); 4 streams in one step "
+            "300.0 fps, apart 200.0") in text
+    assert ("temporal: off (baseline) warp 9.1 flicker 2.5 ssim 0.8 10.00 ms; bank=1 warp 6.2 flicker 1.5 ssim "
+            "0.79 11.00 ms (x0.68 warp, x0.6 flicker, x1.1 ms)") in text
     assert "--backend auto may pick cuda-graph: yes" in text
     assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
