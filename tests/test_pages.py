@@ -403,9 +403,18 @@ def test_viewer_page_plays_whip_session_and_follows_restarts(
         assert p.locator("#status").evaluate("e => getComputedStyle(e).opacity") == "0"
         page.screenshot(artifacts_dir / "page-viewer.png")
 
-        # OBS stops and starts streaming again: a new session; the viewer finds it by itself.
+        # OBS stops: within a poll or two the viewer says it is waiting, clears the last frame and
+        # does not claim to play while there is no session.
         publisher.delete()
         publisher.close()
+        status = lambda: p.text_content("#status") or ""  # noqa: E731
+        wait_until(lambda: status().startswith("waiting for a livediff session"), 6, "the viewer to see the end")
+        for _ in range(10):
+            assert status().startswith("waiting for a livediff session"), status()
+            time.sleep(0.3)
+        assert p.evaluate("document.getElementById('video').srcObject") is None
+
+        # ... and starts streaming again: a new session; the viewer finds it by itself.
         second = publisher.start()
         assert second != first
         wait_until(lambda: page.frames("window.livediffViewer.connects") >= 2, 30, "the viewer to reconnect")

@@ -72,29 +72,39 @@ async function connect() {
   return true;
 }
 
+/** The id of the session a WHEP resource URL (/whep/{session}/{viewer}) plays, or undefined. */
+function sessionOf(resource) {
+  return resource?.match(/\/whep\/([^/]+)\//)?.[1];
+}
+
 async function disconnect() {
   const { pc, resource } = viewer;
   viewer.pc = null;
   viewer.resource = null;
+  video.srcObject = null; // no last frame left on screen, and no late frame callback says "playing"
   pc?.close();
   // A viewer of a session that ended is gone with it; otherwise tell the server we left.
-  const sessionId = resource?.match(/\/whep\/([^/]+)\//)?.[1];
+  const sessionId = sessionOf(resource);
   if (sessionId && (await liveSessions().catch(() => [])).includes(sessionId)) await endResource(resource);
 }
 
-/** Whether the current connection is dead: failed, closed, or no new frame for a while. */
-function dead() {
+/** Whether the current connection is over: failed, closed, no new frame for a while, or its
+ * session is no longer among the server's live ones (the publisher stopped: the peer connection
+ * alone would take seconds to notice). */
+async function ended() {
   const pc = viewer.pc;
   if (!pc) return true;
   if (["failed", "closed"].includes(pc.connectionState)) return true;
-  return performance.now() - viewer.lastFrameAt > STALL_MS;
+  if (performance.now() - viewer.lastFrameAt > STALL_MS) return true;
+  const sessionId = sessionOf(viewer.resource);
+  return sessionId !== undefined && !(await liveSessions()).includes(sessionId);
 }
 
 async function loop() {
   for (;;) {
     let wait = RETRY_MS;
     try {
-      if (viewer.pc && dead()) {
+      if (viewer.pc && (await ended())) {
         say("the session ended — reconnecting…");
         await disconnect();
       }
@@ -115,15 +125,18 @@ async function loop() {
 }
 
 function onFrame() {
-  viewer.frames += 1;
-  viewer.lastFrameAt = performance.now();
-  say("playing", true);
+  if (viewer.pc) {
+    viewer.frames += 1;
+    viewer.lastFrameAt = performance.now();
+    say("playing", true);
+  }
   video.requestVideoFrameCallback(onFrame);
 }
 if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
   video.requestVideoFrameCallback(onFrame);
 } else {
   video.addEventListener("timeupdate", () => {
+    if (!viewer.pc) return;
     viewer.lastFrameAt = performance.now();
     say("playing", true);
   });
