@@ -351,7 +351,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="address to listen on; 0.0.0.0 for other machines")
     group.add_argument("--port", type=_int_range(0, 65535), default=_env("port", d.port),
                        help="TCP port to listen on (0: any free port, in the URL printed when ready)")
-    group.add_argument("--token", default=_env("token", ""), help="require Authorization: Bearer TOKEN on the API")
+    group.add_argument("--token", default=_env("token", ""),
+                       help="require Authorization: Bearer TOKEN on the signalling, API, viewer and metrics routes")
     group.add_argument("--max-sessions", type=_int_range(1, 1024), default=_env("max_sessions", d.max_sessions),
                        help="publishing sessions at once; beyond it /offer and /whip answer 503 with Retry-After")
     group.add_argument("--max-viewers", type=_int_range(0, 1024), default=_env("max_viewers", d.max_viewers),
@@ -368,7 +369,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="serve https with this PEM certificate (chain); with --tls-key")
     group.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="the PEM key of --tls-cert")
     group.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
-                       help="where the self-signed certificate is kept (default ~/.local/state/livediff)")
+                       help="folder of livediff's state, e.g. the self-signed certificate in its tls/ "
+                       "(none: ~/.local/state/livediff)")
     group.add_argument("--cors-origins", default=_env("cors_origins", ""),
                        help="comma-separated origins (https://app.example) whose pages may use the API, "
                        "WHIP and WHEP, or *; none by default")
@@ -517,6 +519,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             shown: Any = "none"
         elif isinstance(default, bool):
             shown = "on" if default else "off"
+        elif isinstance(default, float):
+            shown = f"{default:g}"  # 3600, not 3600.0
         elif action.dest in _SECRETS:
             shown = "set, not shown"
         else:
