@@ -152,6 +152,8 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.engine is not None:
+            self.engine.close()  # ControlNet loads still queued are dropped, not run after the end
         self._executor.shutdown(wait=True)
 
     # -- sessions --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,35 @@ def test_a_controlnet_that_fails_to_load_is_reported_and_then_refused(tiny_parts
     assert engine.controls.state(("controlnet", "broken")) == "failed"
     assert engine.step([(stream, torch.zeros(SIZE, SIZE, 3, dtype=torch.uint8))]).outputs[0].shape == (SIZE, SIZE, 3)
     with pytest.raises(ConfigError, match=r"controlnet\[0\]\.name 'broken' could not be loaded"):
-        engine.update(stream, edges(name="broken", scale=0.5))
+        engine.open_stream(edges(name="broken"))  # a new stream is told at once
+    other = engine.open_stream(StreamParams(seed=7))
+    with pytest.raises(ConfigError, match=r"controlnet\[0\]\.name 'broken' could not be loaded"):
+        engine.update(other, edges(name="broken"))  # and so is one that adds it
+    # the stream that named it before it failed (its client was told) still changes everything else
+    engine.update(stream, replace(edges(name="broken", scale=0.5), prompt="a charcoal drawing"))
+    assert engine.step([(stream, torch.zeros(SIZE, SIZE, 3, dtype=torch.uint8))]).outputs[0].shape == (SIZE, SIZE, 3)
+
+
+def test_loads_dropped_at_close_are_started_again_when_asked_for(tiny_parts: ModelParts) -> None:
+    gate = threading.Event()
+
+    def slow_create(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(timeout=60)
+        return create_controlnet(*args, **kwargs)
+
+    engine = StreamEngine(_settings(), tiny_parts)
+    engine.controls._create = slow_create
+    both = StreamParams(controlnet=(ControlParams("edges"), ControlParams("other")))
+    loads = engine.control_loads(both)  # one loader thread: "other" waits behind "edges"
+    engine.close()
+    assert loads[("controlnet", "other")].cancelled()
+    assert engine.controls.state(("controlnet", "other")) == "unloaded"
+    engine.check_params(both)  # a dropped load is no failure: nothing is refused for it
+    gate.set()
+    loads[("controlnet", "edges")].result(timeout=120)  # the load under way finished
+    for future in engine.control_loads(both).values():  # "other" starts again on a new loader thread
+        future.result(timeout=120)
+    assert engine.control_loads(both) == {} and engine.controls.state(("controlnet", "other")) == "ready"
 
 
 def test_the_steps_timings_name_the_preprocessors_and_the_controlnet(engine: StreamEngine,

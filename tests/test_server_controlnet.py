@@ -4,14 +4,18 @@ applied live; the session's control image."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import Future
 
 import cv2
 import numpy as np
 import pytest
 
 from livediff.config import ControlParams, StreamParams
+from livediff.server.controlnets import _announce
 from livediff.server.params import ParamError, parse_query, parse_update
+from livediff.session import Session
 from livediff.transport.client import SignallingError
 from tests.server_fixtures import CameraTrack, offer_client, running_server, whip_publish
 
@@ -133,3 +137,15 @@ async def test_a_whip_publisher_names_its_controlnet_in_the_query(tiny_parts, ht
         assert session.params.controlnet == (ControlParams("edges", "previous", 1.2),)
         assert session.controlnet_state["edges"] in ("loading", "ready")
         await client.close()
+
+
+async def test_a_session_that_ends_while_waiting_leaves_the_load_to_the_others() -> None:
+    """Ending a session cancels its tasks; a load it waited on (shared by every session naming that
+    ControlNet, maybe still queued) goes on."""
+    load: Future[object] = Future()  # a load queued behind another: not running yet
+    session = Session(params=StreamParams(controlnet=(ControlParams("edges"),)))
+    session.controlnet_state = {"edges": "loading"}
+    session.spawn(_announce(session, "edges", load), "controlnet-edges")
+    await asyncio.sleep(0.05)
+    await session.close()
+    assert not load.cancelled() and load.set_running_or_notify_cancel()

@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 ENGINE = "EngineReplica"
 """The engine replicas' deployment name."""
 RETRY_AFTER_S = 5
+"""Retry-After when no replica could take a request."""
 BOOTSTRAP_S = 2.0
 """A gateway process's first call (which makes its router) waits at most this long for a replica."""
-"""Retry-After when no replica could take a request."""
 
 
 def _json(status: int, data: dict[str, Any], retry_after: int | None = None) -> HttpReply:
@@ -128,14 +128,19 @@ class Gateway:
             return _json(503, {"error": "the replica ended while answering; try again"}, RETRY_AFTER_S)
 
     async def direct(self, replica: ReplicaView, call: HttpCall, pinned: bool) -> HttpReply:
-        """`call` to a replica Serve no longer routes to (it drains), at its app's own address."""
+        """`call` to a replica Serve no longer routes to (it drains), at its app's own address. One
+        that refuses the connection has ended (its sessions with it: 404); one that is only slow
+        keeps its sessions and is asked again next time (503 with Retry-After)."""
         try:
             return await replay(self._http(), replica.url, call, replica.key)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except aiohttp.ClientConnectorError:
             forget_replica(self.app_name, ENGINE, replica.key)  # it ended: ask Serve's replicas from now on
             if pinned:
                 return _json(404, {"error": f"no resource {call.path!r}: its replica ended"})
-            return HttpReply(502, [], b"", "")
+            return _json(503, {"error": "the replica ended; try again"}, RETRY_AFTER_S)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("draining replica %s did not answer %s %s: %s", replica.key, call.method, call.path, exc)
+            return _json(503, {"error": "the session's replica did not answer in time; try again"}, RETRY_AFTER_S)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

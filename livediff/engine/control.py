@@ -64,9 +64,16 @@ class ControlModels:
     def __bool__(self) -> bool:
         return bool(self.sources)
 
-    def check(self, controls: Sequence[ControlParams]) -> None:
-        """`ConfigError` naming the field (`controlnet[0].name`) for what this engine cannot serve."""
+    def check(self, controls: Sequence[ControlParams], current: Sequence[ControlParams] = ()) -> None:
+        """`ConfigError` naming the field (`controlnet[0].name`) for what this engine cannot serve.
+
+        Entries also in `current` (the stream's own, same name and control image) pass: a load of
+        theirs that failed was told to the client when it failed, and must not refuse every later
+        change of the stream's other params."""
+        kept = {(c.name, c.preprocessor) for c in current}
         for i, control in enumerate(controls):
+            if (control.name, control.preprocessor) in kept:
+                continue
             field = f"controlnet[{i}]"
             if control.name not in self.sources:
                 have = ", ".join(self.sources) or "none (start it with --controlnet NAME=SOURCE)"
@@ -90,11 +97,18 @@ class ControlModels:
         running = {}
         for key in dict.fromkeys(wanted):
             future = self._loads.get(key)
-            if future is None:
+            if future is None or future.cancelled():  # a cancelled load never ran (`close`): start it again
                 future = self._loads[key] = self._loader().submit(self._load, key)
             if not future.done() or future.exception() is not None:
                 running[key] = future
         return running
+
+    def close(self) -> None:
+        """Drop the loads still queued (a load under way finishes on its thread); a later request
+        starts them again on a new loader thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _loader(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -127,11 +141,15 @@ class ControlModels:
             log.info("depth model %s ready", self.settings.depth_model)
             return depth
 
-    def _result(self, key: Key) -> Any:
+    def _done(self, key: Key) -> Future[Any] | None:
+        """The load of `key` if it ran to an end (a result or an error); None while it is queued or
+        running, never asked for, or cancelled."""
         future = self._loads.get(key)
-        if future is None or not future.done() or future.exception() is not None:
-            return None
-        return future.result()
+        return None if future is None or not future.done() or future.cancelled() else future
+
+    def _result(self, key: Key) -> Any:
+        future = self._done(key)
+        return None if future is None or future.exception() is not None else future.result()
 
     def runner(self, name: str) -> Runner | None:
         """ControlNet `name`'s runner once loaded, else None."""
@@ -151,15 +169,13 @@ class ControlModels:
 
     def error(self, key: Key) -> str | None:
         """Why the load of `key` failed, or None."""
-        future = self._loads.get(key)
-        if future is None or not future.done() or future.exception() is None:
-            return None
-        return str(future.exception())
+        future = self._done(key)
+        return None if future is None or future.exception() is None else str(future.exception())
 
     def state(self, key: Key) -> str:
         """`ready`, `loading`, `failed` or `unloaded` (never asked for)."""
         future = self._loads.get(key)
-        if future is None:
+        if future is None or future.cancelled():
             return "unloaded"
         if not future.done():
             return "loading"

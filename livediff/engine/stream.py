@@ -225,7 +225,7 @@ class StreamEngine:
         The feature bank follows `bank_rule`: kept across prompt, blend, strength and weight
         changes, dropped when the seed, the step count, guidance on/off or the bank size change.
         """
-        self._check(params)
+        self._check(params, stream.params)
         old = stream.params
         stream.conditioning = self._condition(params)
         if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
@@ -251,21 +251,26 @@ class StreamEngine:
         is done the stream's frames run without it."""
         return self.controls.request(params.controlnet)
 
-    def check_params(self, params: StreamParams) -> None:
+    def check_params(self, params: StreamParams, current: StreamParams | None = None) -> None:
         """Raise `ConfigError` (naming the field) when this engine cannot serve `params`, as
         `open_stream` and `update` would: `temporal_bank` without the feature bank, a ControlNet this
-        engine does not have or could not load, `depth` without a depth model. Starts no load."""
+        engine does not have or could not load, `depth` without a depth model. `current`: the
+        stream's params now, whose ControlNets pass as they are (see `ControlModels.check`). Starts no load."""
         if params.temporal_bank and self.bank_feature is None:
             raise ConfigError(
                 f"temporal_bank needs an engine started with the feature bank (feature_bank, `--feature-bank`); "
                 f"the {self.backend.name} backend here runs without it"
             )
-        self.controls.check(params.controlnet)
+        self.controls.check(params.controlnet, current.controlnet if current else ())
 
-    def _check(self, params: StreamParams) -> None:
+    def _check(self, params: StreamParams, current: StreamParams | None = None) -> None:
         """`check_params`, then start the ControlNets' loads."""
-        self.check_params(params)
+        self.check_params(params, current)
         self.controls.request(params.controlnet)
+
+    def close(self) -> None:
+        """Drop the ControlNet loads still queued (at shutdown: none runs after the server ended)."""
+        self.controls.close()
 
     def _bank(self, params: StreamParams) -> FeatureBank | None:
         if not params.temporal_bank or self.bank_feature is None:

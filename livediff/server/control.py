@@ -69,8 +69,9 @@ MAX_WAITING = 32
 
 Apply = Callable[[Session, StreamParams, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Applies checked params and session fields to a session; returns the ack's body (params, warnings)."""
-Check = Callable[[StreamParams], None]
-"""Raises `ParamError` when the engine cannot serve params that parse (e.g. `temporal.bank` without the bank)."""
+Check = Callable[[StreamParams, StreamParams], None]
+"""(params, the session's params now) -> None; raises `ParamError` when the engine cannot serve
+params that parse (e.g. `temporal.bank` without the bank, a ControlNet it does not have)."""
 Send = Callable[[dict[str, Any]], None]
 
 
@@ -278,7 +279,7 @@ class Control:
         merged = merge(self._pending, data)
         params, _ = parse_update(self.session.params, merged)  # a bad message is refused now, never merged
         if self.check is not None:
-            self.check(params)
+            self.check(params, self.session.params)
         if not waiter.fields and sum(not w.fields for w in self._waiters) >= MAX_WAITING:
             raise ParamError(None, f"{MAX_WAITING} messages without changes are already waiting for an answer")
         if self._runner is None:

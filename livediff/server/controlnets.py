@@ -39,23 +39,28 @@ async def follow_loads(scheduler: Scheduler, session: Session) -> None:
     they started finishes (for as long as the session lives). Call after the params changed."""
     params = session.params
     loads = await scheduler.run_on_worker(scheduler.engine.control_loads, params)
+    followed = {name for name, state in session.controlnet_state.items() if state == "loading"}
     state = {control.name: "ready" for control in params.controlnet}
     if any(control.preprocessor == "depth" for control in params.controlnet):
         state["depth model"] = "ready"
-    state.update((label(key), "loading") for key in loads)
+    state.update((label(key), "failed" if future.done() else "loading") for key, future in loads.items())
     session.controlnet_state = state
     for key, future in loads.items():
-        session.spawn(_announce(session, label(key), future), f"controlnet-{label(key)}")
+        name = label(key)
+        if not future.done() and name not in followed:  # one announcement per load, however often params change
+            session.spawn(_announce(session, name, future), f"controlnet-{name}")
 
 
 async def _announce(session: Session, name: str, future: Future[Any]) -> None:
     message: dict[str, Any] = {"type": "controlnet", "name": name, "state": "ready"}
     try:
-        await asyncio.wrap_future(future)
+        # shielded: the session ending cancels this task, never the load other sessions may wait for
+        await asyncio.shield(asyncio.wrap_future(future))
     except Exception as exc:  # noqa: BLE001 - the load's own error, told to the client
         message.update(state="failed", error=str(exc))
-    if name in session.controlnet_state:  # still one of the session's
-        session.controlnet_state[name] = message["state"]
+    if name not in session.controlnet_state:  # no longer one of the session's: nothing to tell
+        return
+    session.controlnet_state[name] = message["state"]
     if session.control is not None:  # a channel opened later hears it from `tell_states`
         session.control.tell(message)
 

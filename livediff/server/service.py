@@ -319,10 +319,10 @@ class Service:
             session.probe = extras["probe"]
         return self._control_state(session, truncated)
 
-    def _check_params(self, params: StreamParams) -> None:
+    def _check_params(self, params: StreamParams, current: StreamParams) -> None:
         """`ParamError` naming the field when the engine cannot serve `params` (see `Control.check`)."""
         try:
-            self.scheduler.engine.check_params(params)
+            self.scheduler.engine.check_params(params, current)
         except ConfigError as exc:
             raise refusal(exc) from None
 

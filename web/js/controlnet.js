@@ -84,6 +84,9 @@ export class ControlNetPanel {
 
   /** A `{"type": "controlnet", name, state}` message: a ControlNet or the depth model loaded (or failed). */
   loaded(message) {
+    const e = this.el;
+    const awaited = e.name.value === message.name || (e.image.value === "depth" && message.name === "depth model");
+    if (!e.on.checked || !awaited) return; // a late word on a ControlNet the panel no longer uses
     if (message.state === "ready") this.status(`${message.name} ready`, "applied");
     else this.status(`${message.name} failed: ${message.error}`, "error");
   }

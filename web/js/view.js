@@ -28,7 +28,7 @@ if (options.get("bg") === "transparent") document.documentElement.classList.add(
 if (options.get("fit") === "cover") document.documentElement.classList.add("cover");
 if (options.has("quiet")) document.documentElement.classList.add("quiet");
 
-const viewer = { pc: null, resource: null, frames: 0, lastFrameAt: 0, connects: 0, playout: null };
+const viewer = { pc: null, resource: null, frames: 0, lastFrameAt: 0, connects: 0, playout: null, missing: 0 };
 window.livediffViewer = viewer; // read-only, for the curious and the tests
 
 function say(text, playing = false) {
@@ -59,6 +59,7 @@ async function connect() {
   });
   viewer.pc = pc;
   viewer.lastFrameAt = performance.now();
+  viewer.missing = 0;
   try {
     viewer.resource = await whep(pc, endpoint);
   } catch (error) {
@@ -89,15 +90,19 @@ async function disconnect() {
 }
 
 /** Whether the current connection is over: failed, closed, no new frame for a while, or its
- * session is no longer among the server's live ones (the publisher stopped: the peer connection
- * alone would take seconds to notice). */
+ * session missing from the server's live ones twice running (the publisher stopped: the peer
+ * connection alone would take seconds to notice; twice, so that one incomplete list, e.g. from a
+ * cluster replica that did not answer in time, ends nothing). A failed question keeps it playing. */
 async function ended() {
   const pc = viewer.pc;
   if (!pc) return true;
   if (["failed", "closed"].includes(pc.connectionState)) return true;
   if (performance.now() - viewer.lastFrameAt > STALL_MS) return true;
   const sessionId = sessionOf(viewer.resource);
-  return sessionId !== undefined && !(await liveSessions()).includes(sessionId);
+  const live = await liveSessions().catch(() => null);
+  if (live === null || sessionId === undefined) return false;
+  viewer.missing = live.includes(sessionId) ? 0 : viewer.missing + 1;
+  return viewer.missing >= 2;
 }
 
 async function loop() {
