@@ -108,14 +108,22 @@ class Lane(Protocol):
 
 
 class EngineLane:
-    """An engine configuration: `plan.batch` streams, one step per turn."""
+    """An engine configuration: `plan.batch` streams, one step per turn.
 
-    def __init__(self, engine: StreamEngine, plan: BenchPlan, frames: list[np.ndarray]) -> None:
+    `params`: the streams' params (default `plan.params`; stream i gets seed + i); `label`: the
+    configuration's name in the report (`config`), for benches that compare several on one engine.
+    """
+
+    def __init__(self, engine: StreamEngine, plan: BenchPlan, frames: list[np.ndarray],
+                 params: StreamParams | None = None, label: str | None = None) -> None:  # fmt: skip
         self.engine = engine
         self.plan = plan
+        self.label = label
         self.frames = [torch.from_numpy(frame) for frame in frames]
-        self.streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(plan.batch)]
-        self.stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        params = params or plan.params
+        self.streams = [engine.open_stream(params.replace(seed=params.seed + i)) for i in range(plan.batch)]
+        self.stage_ms: dict[str, list[float]] = {}
+        """Stage -> ms per recorded step, in the order the engine reports them (the pipeline's)."""
         self.step_ms: list[float] = []
         self.memory = PeakMemory(engine.device)
         self.last_outputs: list[torch.Tensor] = []
@@ -131,15 +139,17 @@ class EngineLane:
         if record:
             self.step_ms.append(elapsed)
             for stage, ms in result.timings_ms.items():
-                self.stage_ms[stage].append(ms)
+                self.stage_ms.setdefault(stage, []).append(ms)
 
     def report(self) -> dict[str, Any]:
         frames = len(self.step_ms) * self.plan.batch
+        stages = [*self.stage_ms, *(stage for stage in STAGES if stage not in self.stage_ms)]  # every one in the table
         return {
             "backend": self.engine.backend.name,
+            **({"config": self.label} if self.label is not None else {}),
             "batch": self.plan.batch,
             "frames": frames,
-            "stages_ms": {stage: percentiles(values) for stage, values in self.stage_ms.items()},
+            "stages_ms": {stage: percentiles(self.stage_ms.get(stage, [])) for stage in stages},
             "step_ms": percentiles(self.step_ms),
             "ms_per_frame": round(sum(self.step_ms) / frames, 3),
             "fps": round(1000.0 * frames / sum(self.step_ms), 2),

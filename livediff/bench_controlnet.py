@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from livediff.bench import BenchPlan, percentiles, run_rounds
+from livediff.bench import BenchPlan, EngineLane, percentiles, run_rounds
 from livediff.config import PREPROCESSORS, ControlParams, EngineSettings, StreamParams
 from livediff.engine import StreamEngine
 from livediff.errors import ConfigError
@@ -53,42 +53,6 @@ def control_configs(base: StreamParams, preprocessors: list[str], scale: float =
         control = ControlParams(name=name, preprocessor=name, scale=scale)
         configs.append(ControlConfig(name, base.replace(controlnet=(control,))))
     return configs
-
-
-class ControlLane:
-    """One configuration on one engine: `plan.batch` streams stepped together."""
-
-    def __init__(self, engine: StreamEngine, config: ControlConfig, plan: BenchPlan, frames: list[np.ndarray]) -> None:
-        self.engine = engine
-        self.config = config
-        self.plan = plan
-        self.frames = [torch.from_numpy(frame) for frame in frames]
-        params = config.params
-        self.streams = [engine.open_stream(params.replace(seed=params.seed + i)) for i in range(plan.batch)]
-        self.stage_ms: dict[str, list[float]] = {}
-        self.step_ms: list[float] = []
-
-    def run(self, index: int, record: bool) -> None:
-        started = time.perf_counter()
-        result = self.engine.step([(stream, self.frames[index]) for stream in self.streams])
-        elapsed = (time.perf_counter() - started) * 1000.0
-        if record:
-            self.step_ms.append(elapsed)
-            for stage, ms in result.timings_ms.items():
-                self.stage_ms.setdefault(stage, []).append(ms)
-
-    def report(self) -> dict[str, Any]:
-        frames = len(self.step_ms) * self.plan.batch
-        return {
-            "backend": self.engine.backend.name,
-            "config": self.config.label,
-            "batch": self.plan.batch,
-            "frames": frames,
-            "stages_ms": {stage: percentiles(values) for stage, values in self.stage_ms.items()},
-            "step_ms": percentiles(self.step_ms),
-            "ms_per_frame": round(sum(self.step_ms) / frames, 3),
-            "fps": round(1000.0 * frames / sum(self.step_ms), 2),
-        }
 
 
 class MixedLane:
@@ -146,7 +110,7 @@ def run_controlnet_bench(settings_list: list[EngineSettings], plan: BenchPlan, s
     assert parts is not None
     engine = engines[0]
     frames = SyntheticCamera(engine.settings.height, engine.settings.width).frames(plan.rounds)
-    lanes = [ControlLane(e, config, plan, frames) for e in engines for config in configs]
+    lanes = [EngineLane(e, plan, frames, config.params, config.label) for e in engines for config in configs]
     run_rounds(list(lanes), plan)
     rows = [lane.report() for lane in lanes]
     for engine_rows in (rows[i : i + len(configs)] for i in range(0, len(rows), len(configs))):
