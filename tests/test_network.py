@@ -102,6 +102,22 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         hosts.teardown()
 
 
+@pytest.fixture(autouse=True)
+def programs_on_failure(request: pytest.FixtureRequest, bed: Bed) -> Iterator[None]:
+    """When a test fails, print (into its report) whether each server and coturn still run, and
+    their last lines: a failure here is as often the network's or a server's as the client's."""
+    failed_before = request.session.testsfailed
+    started = len(bed.server.program.lines), len(bed.vm.program.lines), len(bed.coturn.lines)
+    yield
+    if request.session.testsfailed == failed_before:
+        return
+    for program, since in zip((bed.server.program, bed.vm.program, bed.coturn), started):
+        state = "running" if program.process.poll() is None else f"exited {program.process.returncode}"
+        lines = program.lines[since:]
+        print(f"--- {program.name} ({state}), its last lines of {len(lines)} during the test:")
+        print("\n".join(lines[-40:]))
+
+
 # -- browsers ------------------------------------------------------------------------------------
 
 
