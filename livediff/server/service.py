@@ -214,6 +214,7 @@ class Service:
                                   lambda: self._control_state(session), self._check_params)
         try:
             await follow_loads(self.scheduler, session)  # the ControlNets it names start loading
+            session.ensure_open()  # it may have given its slot away meanwhile: then no peer is made
             pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
             output = Fanout(session.outbox, self._on_sent(session), self.settings.bitrate,
