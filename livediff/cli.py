@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the WebRTC service (demo page, /offer, WHIP, WHEP, API)")
     add_engine_flags(serve)
     serve.add_argument("--backend", choices=BACKEND_NAMES, default=_env("backend", "auto"),
-                       help="runs the networks; auto: openvino (else onnx) on the CPU, torch on CUDA "
+                       help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA "
                        "(also LIVEDIFF_BACKEND)")
     add_server_flags(serve)
     add_cluster_flags(serve)

@@ -54,7 +54,7 @@ class EngineSettings:
     backend: str = "torch"
     """Runs the networks: `torch`, `cuda-graph` (torch's networks, each step's stages replayed from
     CUDA graphs), `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
-    (`openvino` on the CPU where installed, else `onnx`; `torch` on CUDA). The CLI's default is `auto`;
+    (`openvino` on the CPU where installed, else `onnx`; `cuda-graph` on CUDA). The CLI's default is `auto`;
     here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False
     """torch backend only: wrap the UNet and VAE in `torch.compile`."""

@@ -338,7 +338,7 @@ def summary(report: dict[str, Any]) -> str:
     lines.append(f"cuda-graph vs torch: {ratio(graph['speedup_vs_torch_batch1'])} at batch 1, "
                  f"{ratio(graph['speedup_vs_torch_batch4'])} at batch 4, matches: {graph['matches_torch']}, "
                  f"GPU tests passed: {v['gpu_tests_passed']}; "
-                 f"--backend auto may pick cuda-graph: {'yes' if v['auto_may_pick_cuda_graph'] else 'no'}")  # fmt: skip
+                 f"--backend auto's CUDA pick (cuda-graph) holds here: {'yes' if v['auto_may_pick_cuda_graph'] else 'NO'}")  # fmt: skip
     for when in ("before", "after"):
         smi = report["nvidia_smi"].get(when, {})
         if smi.get("gpus"):

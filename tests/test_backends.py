@@ -443,7 +443,7 @@ def test_auto_without_openvino_or_on_cuda(monkeypatch: pytest.MonkeyPatch) -> No
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("onnx", cpu) == "onnx" and resolve_backend("torch", cuda) == "torch"
-    assert resolve_backend("auto", cuda) == "torch"  # a TensorRT build takes minutes: only when asked
+    assert resolve_backend("auto", cuda) == "cuda-graph"  # a TensorRT build takes minutes: only when asked
     assert resolve_dtype("auto", cuda, "torch") == torch.float16
     assert resolve_dtype("auto", cpu, "onnx") == resolve_dtype("auto", cpu, "torch") == torch.float32
     assert resolve_dtype("bfloat16", cpu, "onnx") == torch.bfloat16

@@ -171,5 +171,5 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
             "300.0 fps, apart 200.0") in text
     assert ("temporal: off (baseline) warp 9.1 flicker 2.5 ssim 0.8 10.00 ms; bank=1 warp 6.2 flicker 1.5 ssim "
             "0.79 11.00 ms (x0.68 warp, x0.6 flicker, x1.1 ms)") in text
-    assert "--backend auto may pick cuda-graph: yes" in text
+    assert "--backend auto's CUDA pick (cuda-graph) holds here: yes" in text
     assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
