@@ -116,6 +116,8 @@ def programs_on_failure(request: pytest.FixtureRequest, bed: Bed) -> Iterator[No
         lines = program.lines[since:]
         print(f"--- {program.name} ({state}), its last lines of {len(lines)} during the test:")
         print("\n".join(lines[-40:]))
+        if program.process.poll() is None and program is not bed.coturn:
+            print(f"--- {program.name}: its threads\n{program.threads()}")
 
 
 # -- browsers ------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def run(ns: str, command: Sequence[str], check: bool = True) -> subprocess.Compl
 
 
 def popen(ns: str, command: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(["ip", "netns", "exec", ns, *command], text=True, **kwargs)  # type: ignore[call-overload]
+    return subprocess.Popen(["ip", "netns", "exec", ns, *command], text=True, errors="backslashreplace", **kwargs)  # type: ignore[call-overload]
 
 
 def names() -> list[str]:

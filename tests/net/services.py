@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,6 +35,24 @@ class Program:
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
+
+    def threads(self) -> str:
+        """Where each of the program's threads waits, from the kernel (`/proc/PID/task/*/wchan`),
+        and every thread's Python stack when py-spy is installed: what a failure report needs
+        when a running server stops answering."""
+        pid = self.process.pid
+        rows = []
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda t: int(t.name)):
+            try:
+                name = (task / "comm").read_text().strip()
+                wchan = (task / "wchan").read_text().strip() or "running"
+            except OSError:
+                continue
+            rows.append(f"  thread {task.name} {name}: {wchan}")
+        if shutil.which("py-spy"):
+            dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            rows.append(dump.stdout + dump.stderr)
+        return "\n".join(rows)
 
     def wait_for(self, text: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
