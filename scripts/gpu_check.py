@@ -337,8 +337,8 @@ def summary(report: dict[str, Any]) -> str:
     ratio = lambda x: "n/a" if x is None else f"{x}x"  # noqa: E731
     lines.append(f"cuda-graph vs torch: {ratio(graph['speedup_vs_torch_batch1'])} at batch 1, "
                  f"{ratio(graph['speedup_vs_torch_batch4'])} at batch 4, matches: {graph['matches_torch']}, "
-                 f"GPU tests passed: {v['gpu_tests_passed']}; "
-                 f"--backend auto's CUDA pick (cuda-graph) holds here: {'yes' if v['auto_may_pick_cuda_graph'] else 'NO'}")  # fmt: skip
+                 f"GPU tests passed: {v['gpu_tests_passed']}; --backend auto's CUDA pick (cuda-graph) holds here: "
+                 f"{'yes' if v['auto_may_pick_cuda_graph'] else 'NO'}")  # fmt: skip
     for when in ("before", "after"):
         smi = report["nvidia_smi"].get(when, {})
         if smi.get("gpus"):
