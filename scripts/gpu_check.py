@@ -14,7 +14,9 @@ Steps, in order, each in its own process under its own time limit, all inside on
    ControlNet off at batch 1, and 4 streams with different ControlNets in one step against apart);
 8. `temporal`, `temporal-batch4`: `--quality` with feature banks of 1 and 2 frames against none,
    batch 1 and 4 (warp error, static flicker, SSIM, ms per frame);
-9. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
+9. `g2g`: `livediff bench --g2g`: a real `livediff serve` app (`--backend auto`) and an aiortc
+   client over loopback, glass-to-glass for passthrough and the model, and each stage's share;
+10. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
 
 and `nvidia-smi`'s clocks and memory before the first step and after the last. The results go to
 `$OUT` (or `--out`): `gpu-check.json` (every step's result, the verdict), `gpu-check.txt` (the
@@ -141,6 +143,10 @@ def plan(gpu: bool, python: str, size: int) -> list[Step]:
         *(Step(name, [*bench, "--backend", "torch", "--quality", "--batch", batch, "--temporal", '{"bank": 1}',
                       "--temporal", '{"bank": 2}', "--frames", str(few), "--warmup", str(warmup)], 180, bench_json)
           for name, batch in (("temporal", "1"), ("temporal-batch4", "4"))),
+        Step("g2g", [python, "-m", "livediff.cli", "bench", "--g2g", "--model", model, "--size", str(size),
+                     "--backend", "auto" if gpu else "torch", "--cases", "pass-both,model-both",
+                     "--duration", "10" if gpu else "2", "--fps", "30", "--json"], 180, bench_json,
+             note=None if gpu else "dry run: torch (auto would export ONNX or OpenVINO networks on the CPU)"),
         Step("bench-compile", [*bench, "--backend", "torch,torch.compile", "--batch", "1", "--frames", str(few),
                                "--warmup", str(warmup)], 300, bench_json,
              skip=None if gpu else "dry run: torch.compile takes minutes on 2 CPU cores"),
@@ -291,6 +297,19 @@ def quality_cell(q: dict[str, Any]) -> str:
     return cell
 
 
+def g2g_line(result: dict[str, Any]) -> str:
+    """`bench --g2g`'s JSON in one line: each case's glass-to-glass p50/p99, output fps and model step."""
+    cells = []
+    for case in result["cases"]:
+        g2g = case["g2g_ms"]
+        cell = f"{case['label']} p50 {g2g['p50']:.1f} / p99 {g2g['p99']:.1f} ms, {case['output_fps']:.1f} fps out"
+        if case.get("model_ms"):
+            cell += f" (model step p50 {case['model_ms']['p50']:.1f} ms)"
+        cells.append(cell)
+    return (f"g2g ({result['model']}, backend {result['backend']}, {result['size']}, camera {result['fps']} fps "
+            f"{result['codec']}): " + "; ".join(cells))
+
+
 def summary(report: dict[str, Any]) -> str:
     """The few lines a closing note needs."""
     env, steps, v = report["environment"], {s["name"]: s for s in report["steps"]}, report["verdict"]
@@ -330,6 +349,9 @@ def summary(report: dict[str, Any]) -> str:
         quality = steps.get(name, {}).get("result")
         if isinstance(quality, dict):
             lines.append(f"{name}: " + "; ".join(map(quality_cell, quality["quality"])))
+    g2g = steps.get("g2g", {}).get("result")
+    if isinstance(g2g, dict):
+        lines.append(g2g_line(g2g))
     for name, t in v["targets"].items():
         state = "not judged" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {name} >= {t['target']}: {state} ({t['value']})")
@@ -370,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "gpu-check-out"),
                         help="where the JSON, summary and log go (default $OUT, else ./gpu-check-out)")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=500.0, help="seconds for all steps together")
     parser.add_argument("--dry-run", action="store_true", help="the CPU plan even where CUDA is available")
     parser.add_argument("--only", default="", help="comma-separated step names to run (the others are skipped)")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ def kit() -> ModuleType:
 def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cuda(kit) -> None:
     gpu = {step.name: step for step in kit.plan(True, "python3", 512)}
     assert list(gpu) == ["gpu-tests", "model", "bench-batch1", "bench-batch4", "streams", "controlnet", "temporal",
-                         "temporal-batch4", "bench-compile"]
+                         "temporal-batch4", "g2g", "bench-compile"]
     b1 = " ".join(gpu["bench-batch1"].argv)
     assert "--model sd-turbo-random --size 512 --steps 1" in b1 and "--backend torch,cuda-graph --batch 1" in b1
     assert "--baseline diffusers" in b1 and "--baseline-dtype" not in b1  # the engine's float16
@@ -42,13 +42,15 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
     assert "--controlnet canny,depth --streams 4" in " ".join(gpu["controlnet"].argv)
     assert "--quality --batch 1" in " ".join(gpu["temporal"].argv)
     assert "--quality --batch 4" in " ".join(gpu["temporal-batch4"].argv)
+    assert "--g2g --model sd-turbo-random --size 512 --backend auto" in " ".join(gpu["g2g"].argv)
     assert all(step.skip is None and step.note is None for step in gpu.values())
-    assert sum(step.limit_s for step in gpu.values()) > 420  # the budget, not the limits, bounds a run
+    assert sum(step.limit_s for step in gpu.values()) > 500  # the budget, not the limits, bounds a run
 
     dry = {step.name: step for step in kit.plan(False, "python3", 64)}
     assert "--model tiny --size 64" in " ".join(dry["bench-batch1"].argv)
     assert "cuda-graph" not in " ".join(dry["streams"].argv) and "needs CUDA" in dry["streams"].note
     assert dry["bench-compile"].skip and "torch.compile" in dry["bench-compile"].skip
+    assert "--backend torch" in " ".join(dry["g2g"].argv)
 
 
 def test_the_gpu_tests_step_runs_every_file_that_holds_gpu_tests(kit) -> None:
@@ -151,6 +153,12 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
         {"config": "off (baseline)", "warp_error": 9.1, "flicker": 2.5, "ssim": 0.8, "ms_per_frame": 10.0},
         {"config": "bank=1", "warp_error": 6.2, "flicker": 1.5, "ssim": 0.79, "ms_per_frame": 11.0,
          "vs_baseline": {"warp_error": 0.68, "flicker": 0.6, "ssim": 0.99, "ms_per_frame": 1.1}}]}}
+    steps["g2g"] = {"status": "ok", "result": {  # and `bench --g2g --json`
+        "model": "sd-turbo-random (builtin-v1)", "backend": "cuda-graph", "size": "512x512", "fps": 30, "codec": "VP8",
+        "cases": [{"label": "passthrough, marker both ends", "g2g_ms": {"p50": 8.04, "p99": 12.0}, "output_fps": 30.0,
+                   "model_ms": None},
+                  {"label": "model, marker both ends", "g2g_ms": {"p50": 21.0, "p99": 30.0}, "output_fps": 29.9,
+                   "model_ms": {"p50": 10.2}}]}}
     smi = {"gpus": [{"name": "NVIDIA H200", "driver_version": "580.159.04", "clocks.sm": "1980",
                      "clocks.max.sm": "1980", "clocks.mem": "3201", "memory.used": "2000", "memory.total": "143771",
                      "temperature.gpu": "40", "power.draw": "300.1"}]}  # fmt: skip
@@ -171,5 +179,8 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
             "300.0 fps, apart 200.0") in text
     assert ("temporal: off (baseline) warp 9.1 flicker 2.5 ssim 0.8 10.00 ms; bank=1 warp 6.2 flicker 1.5 ssim "
             "0.79 11.00 ms (x0.68 warp, x0.6 flicker, x1.1 ms)") in text
+    assert ("g2g (sd-turbo-random (builtin-v1), backend cuda-graph, 512x512, camera 30 fps VP8): passthrough, marker "
+            "both ends p50 8.0 / p99 12.0 ms, 30.0 fps out; model, marker both ends p50 21.0 / p99 30.0 ms, 29.9 fps "
+            "out (model step p50 10.2 ms)") in text
     assert "--backend auto's CUDA pick (cuda-graph) holds here: yes" in text
     assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
