@@ -375,8 +375,12 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def commit() -> str | None:
-    """This checkout's commit (`+dirty` with changes); on the device, where no .git travels, the one
-    `scripts/gpu-wheels` wrote beside the wheels."""
+    """The commit `scripts/gpu-wheels` stamped beside the wheels (run here just before each device
+    call: the device's copy of the checkout may carry a stale .git), else this checkout's
+    (`+dirty` with changes)."""
+    stamp = ROOT / ".gpu-wheels" / "COMMIT"
+    if stamp.exists():
+        return stamp.read_text().strip() or None
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()  # fmt: skip
@@ -384,8 +388,7 @@ def commit() -> str | None:
                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
         return head + ("+dirty" if dirty else "")
     except (subprocess.SubprocessError, OSError):
-        stamp = ROOT / ".gpu-wheels" / "COMMIT"
-        return stamp.read_text().strip() if stamp.exists() else None
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
