@@ -49,8 +49,9 @@ class Program:
             except OSError:
                 continue
             rows.append(f"  thread {task.name} {name}: {wchan}")
-        if shutil.which("py-spy"):
-            dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+        spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if spy:
+            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
             rows.append(dump.stdout + dump.stderr)
         return "\n".join(rows)
 
