@@ -356,11 +356,16 @@ def summary(report: dict[str, Any]) -> str:
         state = "not judged" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {name} >= {t['target']}: {state} ({t['value']})")
     graph = v["cuda_graph"]
+    tests_ran = steps.get("gpu-tests", {}).get("status") not in (None, "skipped")
+    if graph["speedup_vs_torch_batch1"] is None or not tests_ran:
+        holds = "not judged (gpu-tests or bench-batch1 did not run)"
+    else:
+        holds = "yes" if v["auto_may_pick_cuda_graph"] else "NO"
     ratio = lambda x: "n/a" if x is None else f"{x}x"  # noqa: E731
     lines.append(f"cuda-graph vs torch: {ratio(graph['speedup_vs_torch_batch1'])} at batch 1, "
                  f"{ratio(graph['speedup_vs_torch_batch4'])} at batch 4, matches: {graph['matches_torch']}, "
                  f"GPU tests passed: {v['gpu_tests_passed']}; --backend auto's CUDA pick (cuda-graph) holds here: "
-                 f"{'yes' if v['auto_may_pick_cuda_graph'] else 'NO'}")  # fmt: skip
+                 f"{holds}")  # fmt: skip
     for when in ("before", "after"):
         smi = report["nvidia_smi"].get(when, {})
         if smi.get("gpus"):
