@@ -115,7 +115,7 @@ def programs_on_failure(request: pytest.FixtureRequest, bed: Bed) -> Iterator[No
         state = "running" if program.process.poll() is None else f"exited {program.process.returncode}"
         lines = program.lines[since:]
         print(f"--- {program.name} ({state}), its last lines of {len(lines)} during the test:")
-        print("\n".join(lines[-40:]))
+        print("\n".join(lines[-150:]))  # a stalled loop's thread stacks run long
         if program.process.poll() is None and program is not bed.coturn:
             print(f"--- {program.name}: its threads\n{program.threads()}")
 

@@ -3,7 +3,8 @@
 Start-up, in order: the port is bound and a `loading` line printed before anything loads
 (`server.listen`, `server.startup`; the CLI does both before importing torch), the app starts
 answering (/healthz at once, /readyz 503 while loading), the backends report each network they
-export or compile, and the URL is printed once the model is warmed up and ready.
+export or compile, and the URL is printed once the model is warmed up and ready. From then on a
+loop blocked for 10 s writes every thread's stack to stderr (`server.stall`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from livediff.server import tls
 from livediff.server.app import LOAD_TASK, create_app
 from livediff.server.common import SERVICE
 from livediff.server.listen import bind, bound_port
+from livediff.server.stall import StallReporter
 from livediff.server.startup import print_loading, wait_loaded
 from livediff.transport.loopback import loopback_candidates
 
@@ -63,7 +65,7 @@ async def _serve(engine_settings: EngineSettings, settings: ServerSettings, para
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    code, loaded = 0, False
+    code, loaded, stall = 0, False, StallReporter()
     try:
         loaded = await wait_loaded(app[LOAD_TASK], stop, started)
     except Exception as exc:  # noqa: BLE001 - said once, in one line, then a clean exit
@@ -73,8 +75,10 @@ async def _serve(engine_settings: EngineSettings, settings: ServerSettings, para
     try:
         if loaded:
             print_ready(app[SERVICE].describe(), url(settings, bound_port(sockets)), time.monotonic() - started)
+            stall.start()  # from here on, a blocked loop writes every thread's stack to stderr
             await stop.wait()
     finally:
+        stall.stop()
         if code == 0:
             print("livediff: shutting down: closing every peer", flush=True)
         await runner.cleanup()
