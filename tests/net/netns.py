@@ -108,10 +108,23 @@ def remove(ns: str) -> None:
 
 
 def sweep(prefix: str = PREFIX) -> None:
-    """Remove every namespace a test bed left behind (any process id)."""
+    """Remove every namespace a test bed left behind: those of this process's id (a crashed earlier
+    run with the same id) and of ids no process has; a bed another running test process owns stays."""
     for ns in names():
-        if ns.startswith(prefix):
+        if ns.startswith(prefix) and not _owned_by_another_live_process(ns[len(prefix):].split("-")[0]):
             remove(ns)
+
+
+def _owned_by_another_live_process(tag_id: str) -> bool:
+    if not tag_id.isdigit() or int(tag_id) == os.getpid() % 100000:  # beds are tagged with the id mod 100000
+        return False
+    try:
+        os.kill(int(tag_id), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
