@@ -228,9 +228,17 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------------
 
+    def ready_sessions(self) -> list[Session]:
+        """The open sessions with a frame waiting: what the loop steps while there are any.
+
+        A closed session's frame never counts, even for the moment before its close empties its
+        inbox: the loop would see work that `pick` refuses and go round without ever awaiting.
+        """
+        return [s for s in self.sessions.values() if s.inbox.ready and not s.closed]
+
     def pick(self) -> list[_Pick]:
         """The newest frame of each ready session, oldest waiting first, up to max_batch."""
-        ready = [s for s in self.sessions.values() if s.inbox.ready and not s.closed]
+        ready = self.ready_sessions()
         ready.sort(key=lambda s: s.inbox.peek().received)  # type: ignore[union-attr]
         picks = []
         for session in ready[: self.max_batch]:
@@ -338,7 +346,7 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while any(s.inbox.ready for s in self.sessions.values()):
+            while self.ready_sessions():
                 try:
                     if self.fresh_frames:
                         await self._hold_for_fresher_frames()

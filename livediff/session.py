@@ -177,12 +177,12 @@ class Session:
         """
         if self._closing is None:
             self.state = "closed"
+            self.inbox.close()  # at once, with the state: no frame of a closed session is ever stepped or sent
+            self.outbox.close()
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        self.inbox.close()
-        self.outbox.close()
         for viewer_id, end_viewer in list(self.viewers.items()):
             await self._run_cleanup(f"end of viewer {viewer_id}", end_viewer)
         self.viewers.clear()

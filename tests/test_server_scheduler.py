@@ -105,6 +105,36 @@ async def test_admission_and_close(scheduler) -> None:  # type: ignore[no-untype
     await scheduler.open_session(StreamParams())
 
 
+async def test_a_closed_session_holding_a_frame_does_not_stop_the_event_loop(scheduler) -> None:  # type: ignore[no-untyped-def]
+    """A session marked closed while a frame still waits in its inbox (the instant between a close and
+    its inbox emptying, as when a peer leaves mid-step) once made the loop go round without awaiting:
+    the server's whole event loop stopped, its process running (issue 11's stalled TURN server)."""
+    session = await scheduler.open_session(StreamParams())
+    done, stuck = threading.Event(), []
+
+    def watchdog() -> None:  # off the loop: if the loop stops, note it and take the frame away so it goes on
+        if not done.wait(5):
+            stuck.append(True)
+            session.inbox.take_nowait()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    session.inbox.put(frame(1, time.monotonic()))  # wakes the loop
+    session.state = "closed"
+    await asyncio.sleep(0.3)  # the loop must let this run
+    done.set()
+    assert not stuck, "the scheduler's loop spun on a closed session's frame and blocked the event loop"
+    assert session.inbox.ready  # nothing stepped it: a closed session's frames are never picked
+
+
+async def test_closing_a_session_empties_its_mailboxes_at_once(scheduler) -> None:  # type: ignore[no-untyped-def]
+    session = await scheduler.open_session(StreamParams())
+    session.inbox.put(frame(1, time.monotonic()))
+    closing = asyncio.ensure_future(scheduler.close_session(session))
+    await asyncio.sleep(0)  # the close has started, its cleanups have not run
+    assert session.closed and not session.inbox.ready and session.inbox.closed and session.outbox.closed
+    await closing
+
+
 async def test_loop_processes_frames_as_they_arrive(scheduler) -> None:  # type: ignore[no-untyped-def]
     session = await scheduler.open_session(StreamParams())
     for i in range(3):
