@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +194,19 @@ def test_chromium_in_a_home_lan_uses_its_camera_over_https(bed: Bed, chromium: A
            received=f"{latency['received']}/{latency['sent']}")
 
 
+def test_chromium_relay_only_through_turn(bed: Bed, chromium: Any, artifacts_dir: Path) -> None:
+    allocations = sum("ALLOCATE" in line for line in bed.coturn.lines)
+    page, first = demo_page(chromium, bed.server.url + "/?ice=relay", source="#start-pattern")
+    pair = page.evaluate(SELECTED_PAIR)
+    page.context.close()
+    assert pair["local"] == "relay"
+    latency = latency_run(chromium, bed.server.url + LATENCY + "&ice=relay")
+    report("chromium, home LAN, relay only (coturn, short-lived credential)", first_frame_s=first,
+           path=f"{pair['local']}->{pair['remote']}", g2g_p50_ms=latency["p50_ms"],
+           received=f"{latency['received']}/{latency['sent']}")
+    assert sum("ALLOCATE" in line for line in bed.coturn.lines) > allocations, "coturn saw no allocation"
+
+
 def test_relay_with_a_wrong_turn_secret_says_so(bed: Bed, chromium: Any, artifacts_dir: Path) -> None:
     context = chromium.new_context()
     page = context.new_page()
@@ -342,35 +354,3 @@ def test_server_behind_1to1_nat_advertises_its_public_address(bed: Bed) -> None:
         home.call(client.close())
         home.call(http.close())
         home.close()
-
-
-@contextmanager
-def known_stall(program: services.Program) -> Iterator[None]:
-    """Issue 11's open bug: in 2 of 4 full CI runs (never in this module alone), the TURN-using
-    server's event loop stopped right after the relay-only session below closed. A failure that
-    comes with the server's own stall report (faulthandler's "Timeout (" thread dump,
-    `livediff.server.stall`) is reported as that known bug, with the stacks, instead of failing the
-    run; any other failure fails. The test runs last so that a stalled server costs no other test."""
-    since = len(program.lines)
-    try:
-        yield
-    except Exception:
-        lines = program.lines[since:]
-        if any(line.startswith("Timeout (") for line in lines):
-            pytest.xfail("known open bug (issue 11): the server's event loop stopped after a relay-only "
-                         "session; its report:\n" + "\n".join(lines[-150:]))
-        raise
-
-
-def test_chromium_relay_only_through_turn(bed: Bed, chromium: Any, artifacts_dir: Path) -> None:
-    allocations = sum("ALLOCATE" in line for line in bed.coturn.lines)
-    with known_stall(bed.server.program):
-        page, first = demo_page(chromium, bed.server.url + "/?ice=relay", source="#start-pattern")
-        pair = page.evaluate(SELECTED_PAIR)
-        page.context.close()
-        assert pair["local"] == "relay"
-        latency = latency_run(chromium, bed.server.url + LATENCY + "&ice=relay")
-    report("chromium, home LAN, relay only (coturn, short-lived credential)", first_frame_s=first,
-           path=f"{pair['local']}->{pair['remote']}", g2g_p50_ms=latency["p50_ms"],
-           received=f"{latency['received']}/{latency['sent']}")
-    assert sum("ALLOCATE" in line for line in bed.coturn.lines) > allocations, "coturn saw no allocation"
