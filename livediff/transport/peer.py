@@ -22,16 +22,18 @@ from aiortc import (
 from aiortc.codecs import is_rtx
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from livediff.transport import h264_profiles
+from livediff.transport import h264_profiles, sctp_params
 from livediff.transport.ice_servers import IceServerConfig
 
 
 def create_peer(ice: IceServerConfig, marker_completion: bool = True) -> RTCPeerConnection:
     """A server-side peer with the configured STUN/TURN servers (none by default: no look-up
     delays on a LAN, and never aiortc's own default STUN server), H.264 Main and High among the
-    codecs it receives (`h264_profiles`) and, with `marker_completion`, marker-bit frame
+    codecs it receives (`h264_profiles`), SCTP packets with malformed chunk parameters dropped
+    instead of looping forever (`sctp_params`) and, with `marker_completion`, marker-bit frame
     completion on its video receivers."""
     h264_profiles.enable()  # idempotent
+    sctp_params.reject_malformed_params()  # idempotent
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice.for_peer()))
     if marker_completion:
         from livediff.transport.marker_jitterbuffer import enable_for
