@@ -63,11 +63,11 @@ def compare(reference: StreamEngine, other: StreamEngine, params: list[StreamPar
             )
 
 
-def test_auto_runs_eager_torch_in_float16_channels_last() -> None:
+def test_auto_runs_cuda_graph_in_float16_channels_last() -> None:
     engine = StreamEngine(EngineSettings(model="tiny", height=SIZE, width=SIZE, backend="auto"))
     assert engine.device.type == "cuda" and engine.dtype == torch.float16
     assert resolve_dtype("auto", engine.device, "cuda-graph") == torch.float16
-    assert engine.backend.name == "torch" and engine.backend.channels_last
+    assert engine.backend.name == "cuda-graph" and engine.backend.channels_last
     weight = next(p for p in engine.parts.unet.parameters() if p.dim() == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last)
 
