@@ -62,5 +62,7 @@ def check_aiortc_internals() -> None:
 
 def reject_malformed_params() -> None:
     """Make aiortc's SCTP chunks parse their parameters with `decode_params_strictly` (idempotent)."""
+    if rtcsctptransport.decode_params is decode_params_strictly:
+        return
     check_aiortc_internals()
     rtcsctptransport.decode_params = decode_params_strictly  # type: ignore[assignment]
