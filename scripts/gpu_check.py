@@ -358,7 +358,7 @@ def summary(report: dict[str, Any]) -> str:
     graph = v["cuda_graph"]
     tests_ran = steps.get("gpu-tests", {}).get("status") not in (None, "skipped")
     if graph["speedup_vs_torch_batch1"] is None or not tests_ran:
-        holds = "not judged (gpu-tests or bench-batch1 did not run)"
+        holds = "not judged (this run measured no cuda-graph against torch, or ran no GPU test)"
     else:
         holds = "yes" if v["auto_may_pick_cuda_graph"] else "NO"
     ratio = lambda x: "n/a" if x is None else f"{x}x"  # noqa: E731
