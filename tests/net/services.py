@@ -51,8 +51,11 @@ class Program:
             rows.append(f"  thread {task.name} {name}: {wchan}")
         spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
         if spy:
-            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
-            rows.append(dump.stdout + dump.stderr)
+            try:
+                dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+                rows.append(dump.stdout + dump.stderr)
+            except subprocess.TimeoutExpired:
+                rows.append("py-spy dump: no answer in 30 s")
         return "\n".join(rows)
 
     def wait_for(self, text: str, timeout: float) -> str:
