@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import time
 from typing import Any
 
 import pytest
@@ -78,6 +77,4 @@ async def test_a_peer_sending_a_malformed_parameter_keeps_its_session_and_the_se
         assert ack["type"] == "ack"
         session = server.service.scheduler.sessions[client.session_id]
         assert not session.closed and session.params.prompt == "after"
-        started = time.monotonic()
         await client.close()
-        assert time.monotonic() - started < 10

@@ -29,18 +29,18 @@ async def serve_for(reporter: StallReporter, seconds: float, blocked_s: float = 
 def test_a_blocked_loop_writes_each_threads_stack_and_says_how_long(tmp_path: Path) -> None:
     out = tmp_path / "stderr"
     with out.open("w") as file:
-        asyncio.run(serve_for(StallReporter(after_s=0.4, file=file), 0.6, blocked_s=1.2))
+        asyncio.run(serve_for(StallReporter(after_s=1.0, file=file), 0.6, blocked_s=2.5))
     text = out.read_text()
-    assert "Timeout (0:00:00.4" in text
+    assert "Timeout (0:00:01)!" in text
     assert "block_the_loop_for" in text and "serve_for" in text  # where the loop was stuck
-    assert "livediff: the event loop was blocked for 1." in text
+    assert "livediff: the event loop was blocked for 2." in text
 
 
 def test_a_turning_loop_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "stderr"
     with out.open("w") as file:
-        asyncio.run(serve_for(StallReporter(after_s=0.4, file=file), 1.6))
-        time.sleep(0.6)  # past the last deadline: stop() cancelled the timer
+        asyncio.run(serve_for(StallReporter(after_s=1.0, file=file), 2.5))  # re-armed ten times
+        time.sleep(1.3)  # past the last deadline: stop() cancelled the timer
     assert out.read_text() == ""
 
 
