@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from livediff.config import ControlParams, StreamParams
-from livediff.server.controlnets import _announce
+from livediff.server.controlnets import _announce, follow_loads
 from livediff.server.params import ParamError, parse_query, parse_update
 from livediff.session import Session
 from livediff.transport.client import SignallingError
@@ -149,3 +149,28 @@ async def test_a_session_that_ends_while_waiting_leaves_the_load_to_the_others()
     await asyncio.sleep(0.05)
     await session.close()
     assert not load.cancelled() and load.set_running_or_notify_cancel()
+
+
+async def test_a_load_that_finishes_while_the_worker_answers_reads_ready() -> None:
+    """The engine says a load is under way; it ends before the event loop reads the answer. The
+    session's state reads the load as it is then (`ready`), never as `failed`."""
+    load: Future[object] = Future()
+    failed: Future[object] = Future()
+
+    class Engine:
+        def control_loads(self, params: StreamParams) -> dict[tuple[str, str], Future[object]]:
+            return {("controlnet", "edges"): load, ("preprocessor", "depth"): failed}
+
+    class FinishingWorker:  # the loader thread finishes both loads while the event loop waits on the worker
+        engine = Engine()
+
+        async def run_on_worker(self, fn, *args):  # type: ignore[no-untyped-def]
+            answer = fn(*args)
+            load.set_result(object())
+            failed.set_exception(OSError("no such file"))
+            return answer
+
+    session = Session(params=StreamParams(controlnet=(ControlParams("edges", "depth"),)))
+    await follow_loads(FinishingWorker(), session)  # type: ignore[arg-type]
+    assert session.controlnet_state == {"edges": "ready", "depth model": "failed"}
+    assert not session._tasks  # nothing left to announce: both are done

@@ -43,6 +43,13 @@ Key = tuple[str, str]
 DEPTH: Key = ("preprocessor", "depth")
 
 
+def load_state(future: Future[Any]) -> str:
+    """A started load's state, read now: `loading`, `ready`, or `failed` (it raised or was cancelled)."""
+    if not future.done():
+        return "loading"
+    return "failed" if future.cancelled() or future.exception() is not None else "ready"
+
+
 class ControlModels:
     """The engine's ControlNets by name and its depth estimator, each loaded once, on first request.
 
@@ -177,9 +184,7 @@ class ControlModels:
         future = self._loads.get(key)
         if future is None or future.cancelled():
             return "unloaded"
-        if not future.done():
-            return "loading"
-        return "failed" if future.exception() is not None else "ready"
+        return load_state(future)
 
     def ready(self, control: ControlParams) -> bool:
         """Whether `control` can run now: its ControlNet loaded and, for `depth`, the depth estimator."""

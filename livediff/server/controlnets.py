@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import torch
 
-from livediff.engine.control import Key
+from livediff.engine.control import Key, load_state
 from livediff.scheduler import Scheduler
 from livediff.session import Session
 
@@ -43,7 +43,8 @@ async def follow_loads(scheduler: Scheduler, session: Session) -> None:
     state = {control.name: "ready" for control in params.controlnet}
     if any(control.preprocessor == "depth" for control in params.controlnet):
         state["depth model"] = "ready"
-    state.update((label(key), "failed" if future.done() else "loading") for key, future in loads.items())
+    # read now, not when the worker answered: a load may have finished (or failed) since
+    state.update((label(key), load_state(future)) for key, future in loads.items())
     session.controlnet_state = state
     for key, future in loads.items():
         name = label(key)
