@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from livediff.config import StreamParams
 from tests.server_fixtures import mean_abs_diff, metric_value, running_server, whep_view, whip_publish
 
 pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(120)]
@@ -114,5 +115,22 @@ async def test_ice_restart_is_422_and_the_session_goes_on(tiny_parts, http) -> N
             assert response.status == 204, await response.text()
         async with http.delete(server.url + publisher.location) as response:  # ends the viewer too
             assert response.status == 200
+        for client in (publisher, viewer):
+            await client.close()
+
+
+async def test_post_whep_skips_a_session_still_answering(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    """`POST /whep` names no session: it watches the newest one with an output. A newer session
+    admitted but without its peer yet (its publisher's answer under way) is passed over, not
+    answered 404 as if the stream had ended."""
+    async with running_server(tiny_parts, size=64) as server:
+        publisher = await whip_publish(http, server.url)
+        await publisher.wait_connected()
+        newer = await server.service.scheduler.open_session(StreamParams(), kind="whip", connecting=True)
+        assert newer.created > server.service.scheduler.sessions[publisher.session_id].created
+        viewer = await whep_view(http, server.url)
+        assert viewer.location.startswith(f"/whep/{publisher.session_id}/")
+        await viewer.wait_connected()
+        await viewer.received.wait_for(2, timeout=20)  # type: ignore[union-attr]
         for client in (publisher, viewer):
             await client.close()

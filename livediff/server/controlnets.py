@@ -43,12 +43,14 @@ async def follow_loads(scheduler: Scheduler, session: Session) -> None:
     state = {control.name: "ready" for control in params.controlnet}
     if any(control.preprocessor == "depth" for control in params.controlnet):
         state["depth model"] = "ready"
-    # read now, not when the worker answered: a load may have finished (or failed) since
-    state.update((label(key), load_state(future)) for key, future in loads.items())
+    # Each load read once, now: not when the worker answered (it may have finished or failed
+    # since), and never twice (the loader thread may finish it between two reads).
+    now = {key: load_state(future) for key, future in loads.items()}
+    state.update((label(key), load) for key, load in now.items())
     session.controlnet_state = state
     for key, future in loads.items():
         name = label(key)
-        if not future.done() and name not in followed:  # one announcement per load, however often params change
+        if now[key] == "loading" and name not in followed:  # one announcement per load, however often params change
             session.spawn(_announce(session, name, future), f"controlnet-{name}")
 
 

@@ -278,8 +278,10 @@ class Service:
     # -- viewers (WHEP) --------------------------------------------------------------------------
 
     def newest_session(self) -> Session | None:
-        live = [s for s in self.scheduler.sessions.values() if not s.closed]
-        return max(live, key=lambda s: s.created, default=None)
+        """The newest open session whose output can be watched (`POST /whep`); a session still
+        making its answer has no output yet and is passed over."""
+        watchable = [s for s in self.scheduler.sessions.values() if not s.closed and s.id in self.outputs]
+        return max(watchable, key=lambda s: s.created, default=None)
 
     # -- trickle ---------------------------------------------------------------------------------
 
