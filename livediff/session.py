@@ -220,6 +220,13 @@ class Session:
         }
 
 
+def watch_rank(state: str, created: float) -> tuple[bool, float]:
+    """How `POST /whep` (no session named) ranks sessions to watch, highest first: live ones (media
+    flowing: a picture at once) before those still starting, then the newest (`created`, Unix
+    seconds). One rule for the server and for the cluster's gateway, which sees sessions as JSON."""
+    return state == "live", created
+
+
 def params_to_json(params: StreamParams) -> dict[str, Any]:
     data = dict(params.__dict__)
     data["t_index_list"] = list(params.t_index_list) if params.t_index_list is not None else None

@@ -119,18 +119,27 @@ async def test_ice_restart_is_422_and_the_session_goes_on(tiny_parts, http) -> N
             await client.close()
 
 
-async def test_post_whep_skips_a_session_still_answering(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
-    """`POST /whep` names no session: it watches the newest one with an output. A newer session
-    admitted but without its peer yet (its publisher's answer under way) is passed over, not
-    answered 404 as if the stream had ended."""
+async def test_post_whep_watches_the_newest_live_session(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    """`POST /whep` names no session: it watches the newest live one (`watch_rank`). A newer
+    session admitted but without its peer yet (its publisher's answer under way) is passed over,
+    not answered 404 as if the stream had ended."""
     async with running_server(tiny_parts, size=64) as server:
-        publisher = await whip_publish(http, server.url)
-        await publisher.wait_connected()
-        newer = await server.service.scheduler.open_session(StreamParams(), kind="whip", connecting=True)
-        assert newer.created > server.service.scheduler.sessions[publisher.session_id].created
+        first = await whip_publish(http, server.url)
+        await first.wait_connected()
+        second = await whip_publish(http, server.url)
+        await second.wait_connected()
+        sessions = server.service.scheduler.sessions
+        await asyncio.wait_for(_until(lambda: sessions[second.session_id].state == "live"), 20)
+        starting = await server.service.scheduler.open_session(StreamParams(), kind="whip", connecting=True)
+        assert starting.created > sessions[second.session_id].created > sessions[first.session_id].created
         viewer = await whep_view(http, server.url)
-        assert viewer.location.startswith(f"/whep/{publisher.session_id}/")
+        assert viewer.location.startswith(f"/whep/{second.session_id}/")
         await viewer.wait_connected()
         await viewer.received.wait_for(2, timeout=20)  # type: ignore[union-attr]
-        for client in (publisher, viewer):
+        for client in (first, second, viewer):
             await client.close()
+
+
+async def _until(check) -> None:  # type: ignore[no-untyped-def]
+    while not check():
+        await asyncio.sleep(0.05)

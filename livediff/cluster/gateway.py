@@ -8,7 +8,7 @@ replica's own app answered, so routes, auth, CORS, limits and errors are the sin
 * `POST /offer` and `POST /whip` go to the replica with the most free room; one that answers 503
   (full since its stats) is skipped and the next tried; all full: the last 503 and its Retry-After;
 * `GET /api/sessions` and `GET /metrics` ask every replica and merge (sessions gain `replica`,
-  samples a `replica` label); `POST /whep` (the newest session) asks every replica which is newest;
+  samples a `replica` label); `POST /whep` (the newest live session) asks every replica for its sessions;
 * `GET /readyz` says how many replicas are ready (200 when at least one is), `GET /healthz` that
   the gateway answers; anything else (pages, `/api/ice-servers`, OPTIONS) goes to any replica.
 
@@ -38,6 +38,7 @@ from livediff.cluster.routing import (
     live_replicas,
     note_opened,
 )
+from livediff.session import watch_rank
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Gateway:
         if call.path == "/metrics" and call.method == "GET":
             return await self.metrics(call)
         if call.path == "/whep" and call.method == "POST":
-            return await self.view_newest(call)
+            return await self.view_any(call)
         return await self.send(call)
 
     # -- calls ------------------------------------------------------------------------------------
@@ -210,13 +211,13 @@ class Gateway:
         text = metrics.merge({r.replica: r.body.decode() for r in replies}, await self.replicas())
         return HttpReply(200, [("Content-Type", metrics.CONTENT_TYPE)], text, "")
 
-    async def view_newest(self, call: HttpCall) -> HttpReply:
+    async def view_any(self, call: HttpCall) -> HttpReply:
         listing = await self.list_sessions(HttpCall("GET", "/api/sessions", headers=call.headers))
         if listing.status != 200:
             return listing
         live = [s for s in json.loads(listing.body)["sessions"] if s["state"] != "closed"]
         if not live:
             return _json(404, {"error": "no session is live"})
-        newest = max(live, key=lambda s: s["created"])
-        return await self.send(HttpCall(call.method, f"/whep/{newest['id']}", call.query, call.headers, call.body),
-                               route=newest["replica"], pinned=True)
+        chosen = max(live, key=lambda s: watch_rank(s["state"], s["created"]))
+        return await self.send(HttpCall(call.method, f"/whep/{chosen['id']}", call.query, call.headers, call.body),
+                               route=chosen["replica"], pinned=True)

@@ -30,7 +30,7 @@ from livediff.server.params import refusal
 from livediff.server.peers import Resource, answer, watch
 from livediff.server.quality import QualitySampler
 from livediff.server.viewers import Viewers
-from livediff.session import FrameIn, FrameOut, Session, params_to_json
+from livediff.session import FrameIn, FrameOut, Session, params_to_json, watch_rank
 from livediff.transport import probe
 from livediff.transport.candidates import is_mdns
 from livediff.transport.fanout import Fanout
@@ -277,11 +277,11 @@ class Service:
 
     # -- viewers (WHEP) --------------------------------------------------------------------------
 
-    def newest_session(self) -> Session | None:
-        """The newest open session whose output can be watched (`POST /whep`); a session still
-        making its answer has no output yet and is passed over."""
+    def session_to_watch(self) -> Session | None:
+        """The session `POST /whep` watches: the first by `watch_rank` of those with an output (one
+        still making its answer has none yet), or None."""
         watchable = [s for s in self.scheduler.sessions.values() if not s.closed and s.id in self.outputs]
-        return max(watchable, key=lambda s: s.created, default=None)
+        return max(watchable, key=lambda s: watch_rank(s.state, s.created), default=None)
 
     # -- trickle ---------------------------------------------------------------------------------
 

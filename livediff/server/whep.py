@@ -1,4 +1,5 @@
-"""WHEP egress: POST /whep/{id} (or /whep: the newest session) -> a viewer of that session's output.
+"""WHEP egress: POST /whep/{id} (or /whep: the newest live session, `livediff.session.watch_rank`) ->
+a viewer of that session's output.
 
 Viewers get the session's output encoded once per codec and shared (`livediff.transport.fanout`):
 a viewer costs packetization and encryption, not an encode. The session is looked up again once
@@ -30,10 +31,10 @@ async def post_whep(request: web.Request) -> web.Response:
     return await _view(request, sdp, find_session(request))  # again: it may have ended while the body arrived
 
 
-async def post_whep_newest(request: web.Request) -> web.Response:
+async def post_whep_any(request: web.Request) -> web.Response:
     service(request).require_ready()
     sdp = await read_text(request, SDP_TYPE)
-    session = service(request).newest_session()
+    session = service(request).session_to_watch()
     if session is None:
         raise ApiError(404, "no session is live")
     return await _view(request, sdp, session)
@@ -51,7 +52,7 @@ async def patch_viewer(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/whep", post_whep_newest)
+    app.router.add_post("/whep", post_whep_any)
     app.router.add_route("OPTIONS", "/whep", options_whip)
     app.router.add_post("/whep/{id}", post_whep)
     app.router.add_route("OPTIONS", "/whep/{id}", options_whip)
