@@ -152,6 +152,11 @@ async def test_sessions_placed_kept_and_failed_over(cluster: Deployed, http: aio
     assert listing[watched]["viewers"] == 1 and listing[watched]["params"]["prompt"] == "a charcoal sketch"
     async with http.delete(url + viewer.location) as response:
         assert response.status == 200, await response.text()
+    # a viewer naming no session watches the newest live one, wherever it runs (the WHIP publisher's)
+    any_viewer = await whep_view(http, url)
+    assert any_viewer.location.startswith(f"/whep/{publisher.session_id}/"), any_viewer.location
+    await frames_back(any_viewer, 3)
+    await any_viewer.close()
     async with http.delete(url + publisher.location) as response:
         assert response.status == 200, await response.text()
     assert publisher.session_id not in await sessions_by_replica(http, url)
