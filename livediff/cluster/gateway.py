@@ -215,9 +215,9 @@ class Gateway:
         listing = await self.list_sessions(HttpCall("GET", "/api/sessions", headers=call.headers))
         if listing.status != 200:
             return listing
-        live = [s for s in json.loads(listing.body)["sessions"] if s["state"] != "closed"]
-        if not live:
+        open_sessions = [s for s in json.loads(listing.body)["sessions"] if s["state"] != "closed"]
+        if not open_sessions:
             return _json(404, {"error": "no session is live"})
-        chosen = max(live, key=lambda s: watch_rank(s["state"], s["created"]))
+        chosen = max(open_sessions, key=lambda s: watch_rank(s["state"], s["created"]))
         return await self.send(HttpCall(call.method, f"/whep/{chosen['id']}", call.query, call.headers, call.body),
                                route=chosen["replica"], pinned=True)
