@@ -140,6 +140,16 @@ async def test_post_whep_watches_the_newest_live_session(tiny_parts, http) -> No
             await client.close()
 
 
+async def test_post_whep_with_nothing_live_is_404(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
+    """No session, or only one still making its answer: 404 with a JSON body, not "session has ended"."""
+    async with running_server(tiny_parts, size=64) as server:
+        for _ in range(2):
+            offer = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+            async with http.post(server.url + "/whep", data=offer, headers={"Content-Type": "application/sdp"}) as r:
+                assert r.status == 404 and (await r.json()) == {"error": "no session is live"}
+            await server.service.scheduler.open_session(StreamParams(), kind="whip", connecting=True)
+
+
 async def _until(check) -> None:  # type: ignore[no-untyped-def]
     while not check():
         await asyncio.sleep(0.05)
