@@ -34,6 +34,8 @@ async def test_offers_aiortc_cannot_take_get_400_naming_the_line(tiny_parts, htt
     rtx = next(line for line in offer.splitlines() if re.fullmatch(r"a=rtpmap:\d+ rtx/90000", line))
     payload_type = rtx.split(":")[1].split()[0]
     apt = next(line for line in offer.splitlines() if line.startswith(f"a=fmtp:{payload_type} apt="))
+    h264_fmtp = next(line for line in offer.splitlines()
+                     if line.startswith("a=fmtp:") and "packetization-mode=1" in line)
     cases = [
         # (the offer, the line or attribute the answer must name, words of the reason)
         (without(offer, "a=setup:actpass"), "a=setup", "no a=setup attribute"),  # was 500 (AttributeError)
@@ -41,6 +43,11 @@ async def test_offers_aiortc_cannot_take_get_400_naming_the_line(tiny_parts, htt
         (offer.replace("a=setup:actpass", "a=setup:actpas"), "a=setup:actpas", "cannot parse line"),
         (without(offer, "a=rtcp-mux"), "a=rtcp-mux", "no a=rtcp-mux"),
         (offer.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 7"), "a=group:BUNDLE 0 7", "names 7"),
+        # was 500 (TypeError in aiortc's int(None)): an H.264 mode with no value, found by test_offer_fuzz
+        (offer.replace(h264_fmtp, h264_fmtp.replace("packetization-mode=1", "packetization-mode"), 1),
+         h264_fmtp.split()[0], "packetization-mode is None"),
+        (offer.replace(h264_fmtp, h264_fmtp.replace("packetization-mode=1", "packetization-mode=7"), 1),
+         h264_fmtp.split()[0], "packetization-mode is '7'"),
     ]
     async with running_server(tiny_parts, size=64) as server:
         for sdp, line, reason in cases:

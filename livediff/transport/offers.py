@@ -160,6 +160,11 @@ def _check_media(index: int, media: MediaDescription) -> None:
                        line="a=rtcp-mux")
     if media.kind == "application" and media.profile != "DTLS/SCTP" and media.sctp_port is None:
         raise SdpError(f"{where} has no a=sctp-port (RFC 8841)", line="a=sctp-port")
+    for codec in media.rtp.codecs:  # aiortc compares H.264 modes with int(), which takes no None
+        mode = codec.parameters.get("packetization-mode", "0")
+        if codec.mimeType.lower() == "video/h264" and str(mode) not in ("0", "1", "2"):
+            raise SdpError(f"{where}: payload type {codec.payloadType}'s packetization-mode is {mode!r}; it is 0, "
+                           "1 or 2 (RFC 6184 8.1)", line=f"a=fmtp:{codec.payloadType}")
 
 
 def accepted_codecs(kind: str, names: tuple[str, ...]) -> list[RTCRtpCodecParameters]:
