@@ -35,11 +35,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-IN_FLIGHT_S = 2.0
+IN_FLIGHT_S = 0.5
 """A session-opening call routed this long before a replica's stats were taken may be missing
-from them (still on its way): it is counted as well. Counting one twice only spreads a burst.
-0.5 s was too short on a loaded 2-core CI machine, where making an answer took longer: four
-sessions opened one after another went 3/1 to two replicas in one CI run of seven."""
+from them (still on its way): it is counted as well. Counting one twice only spreads a burst."""
 
 REMEMBERED = 64
 """Replicas that left the routing view whose address is kept (draining ones, and dead ones until
