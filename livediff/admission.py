@@ -60,8 +60,10 @@ class Admission:
         Raises `AdmissionError` when every live slot holds a connected peer.
         """
         if len(self._live) >= self.max_live:
-            raise AdmissionError(f"at the limit of {self.max_live} connected {self.what}; "
-                                 "a slot frees when one of them ends", self.max_live)
+            raise AdmissionError(
+                f"at the limit of {self.max_live} connected {self.what}; a slot frees when one of them ends",
+                self.max_live,
+            )
         evicted = None
         if len(self._connecting) >= self.max_connecting:
             evicted, _ = self._connecting.popitem(last=False)

@@ -331,9 +331,7 @@ def format_report(report: dict[str, Any]) -> str:
         + f"{'ms/frame':>10}{'fps':>8}",
     ]
     for run in report["runs"]:
-        cells = "".join(
-            f"{run['stages_ms'][s]['p50']:>12.1f} /{run['stages_ms'][s]['p95']:>7.1f}" for s in STAGES
-        )
+        cells = "".join(f"{run['stages_ms'][s]['p50']:>12.1f} /{run['stages_ms'][s]['p95']:>7.1f}" for s in STAGES)
         lines.append(f"{run['backend']:<14}{run['batch']:>6}{cells}{run['ms_per_frame']:>10.1f}{run['fps']:>8.1f}")
     notes = [
         f"{run['backend']}: frames {run['parity']['mean_abs']:.3f} levels from {run['parity']['vs']}'s on average, "

@@ -156,7 +156,8 @@ def format_controlnet(report: dict[str, Any]) -> str:
         f"dtype {report['dtype']}  size {report['size']}  steps {report['steps']}  strength {report['strength']}",
         "stages: p50 ms per step; ms per frame, mean and p50, (x) against ControlNet off on the same engine",
         "",
-        f"{'backend':<16}{'controlnet':<12}" + "".join(f"{stage:>12}" for stage in stages)
+        f"{'backend':<16}{'controlnet':<12}"
+        + "".join(f"{stage:>12}" for stage in stages)
         + f"{'mean ms':>17}{'p50 ms':>17}{'fps':>8}",
     ]
     for row in report["runs"]:

@@ -50,8 +50,11 @@ def _number_range(kind: type[int] | type[float], low: float, high: float) -> Cal
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range {low:g}..{high:g}" if kind is float
-                                             else f"{value} is out of range {low}..{high}")
+            raise argparse.ArgumentTypeError(
+                f"{value:g} is out of range {low:g}..{high:g}"
+                if kind is float
+                else f"{value} is out of range {low}..{high}"
+            )
         return value
 
     return parse
@@ -77,40 +80,81 @@ def _unit_interval(text: str) -> float:
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (each flag also reads LIVEDIFF_<FLAG>)")
-    group.add_argument("--model", default=_env("model", "auto"),
-                       help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder")
+    group.add_argument(
+        "--model",
+        default=_env("model", "auto"),
+        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder",
+    )
     group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast), full, or a VAE id/folder")
     group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
-    group.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPES,
-                       help="auto: float16 on CUDA, bfloat16 for openvino on a CPU with bf16 instructions, "
-                       "else float32")
-    group.add_argument("--size", type=_size, default=_env("size", "auto"),
-                       help="frame size, 512 or WIDTHxHEIGHT (multiples of 8); auto: what the device runs live, "
-                       f"{LIVE_SIZE['cuda']} on CUDA, {LIVE_SIZE['cpu']} on a CPU")
-    group.add_argument("--max-batch", type=_int_range(1, 64), default=_env("max_batch", 4),
-                       help="most frames (one per session) in one engine step")
-    group.add_argument("--stream-batch", action="store_true", default=_env("stream_batch", "") == "1",
-                       help="denoise consecutive frames' steps in one UNet batch")
-    group.add_argument("--engines-dir", type=Path, default=Path(_env("engines_dir", "engines")),
-                       help="the compiled-engine cache (ONNX files, OpenVINO blobs, TensorRT plans)")
-    group.add_argument("--feature-bank", action=argparse.BooleanOptionalAction,
-                       default=_env("feature_bank", "") in ("1", "true", "yes"),
-                       help="make the temporal feature bank available to sessions (their `temporal` param); "
-                       "compiled backends build a second UNet graph for it")
-    group.add_argument("--controlnet", action="append", metavar="NAME[=SOURCE]",
-                       help="a ControlNet sessions may name (their `controlnet` param), loaded when first named; "
-                       "SOURCE: a hub id, a folder, or tiny / sd-turbo-random (built in, random weights), and "
-                       "with no SOURCE the model's built-in one; repeat or comma separate for more (also "
-                       "LIVEDIFF_CONTROLNET). bench: each NAME is a control image to time (canny, depth, previous)")
-    group.add_argument("--depth-model", default=_env("depth_model", ""),
-                       help="the depth estimator of the `depth` control image: a transformers depth-estimation "
-                       "hub id (depth-anything/Depth-Anything-V2-Small-hf), a folder, or tiny (built in, random)")
-    group.add_argument("--steps", type=_int_range(1, MAX_STEPS), default=_env("steps", 1),
-                       help=f"denoising steps per frame, 1..{MAX_STEPS}")
-    group.add_argument("--strength", type=_unit_interval, default=_env("strength", 0.5),
-                       help="how far each frame is noised before denoising, (0, 1]: 0.5 keeps the layout")
-    group.add_argument("--prompt", default=_env("prompt", StreamParams.prompt),
-                       help="the prompt new sessions start with")
+    group.add_argument(
+        "--dtype",
+        default=_env("dtype", "auto"),
+        choices=DTYPES,
+        help="auto: float16 on CUDA, bfloat16 for openvino on a CPU with bf16 instructions, else float32",
+    )
+    group.add_argument(
+        "--size",
+        type=_size,
+        default=_env("size", "auto"),
+        help="frame size, 512 or WIDTHxHEIGHT (multiples of 8); auto: what the device runs live, "
+        f"{LIVE_SIZE['cuda']} on CUDA, {LIVE_SIZE['cpu']} on a CPU",
+    )
+    group.add_argument(
+        "--max-batch",
+        type=_int_range(1, 64),
+        default=_env("max_batch", 4),
+        help="most frames (one per session) in one engine step",
+    )
+    group.add_argument(
+        "--stream-batch",
+        action="store_true",
+        default=_env("stream_batch", "") == "1",
+        help="denoise consecutive frames' steps in one UNet batch",
+    )
+    group.add_argument(
+        "--engines-dir",
+        type=Path,
+        default=Path(_env("engines_dir", "engines")),
+        help="the compiled-engine cache (ONNX files, OpenVINO blobs, TensorRT plans)",
+    )
+    group.add_argument(
+        "--feature-bank",
+        action=argparse.BooleanOptionalAction,
+        default=_env("feature_bank", "") in ("1", "true", "yes"),
+        help="make the temporal feature bank available to sessions (their `temporal` param); "
+        "compiled backends build a second UNet graph for it",
+    )
+    group.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="NAME[=SOURCE]",
+        help="a ControlNet sessions may name (their `controlnet` param), loaded when first named; "
+        "SOURCE: a hub id, a folder, or tiny / sd-turbo-random (built in, random weights), and "
+        "with no SOURCE the model's built-in one; repeat or comma separate for more (also "
+        "LIVEDIFF_CONTROLNET). bench: each NAME is a control image to time (canny, depth, previous)",
+    )
+    group.add_argument(
+        "--depth-model",
+        default=_env("depth_model", ""),
+        help="the depth estimator of the `depth` control image: a transformers depth-estimation "
+        "hub id (depth-anything/Depth-Anything-V2-Small-hf), a folder, or tiny (built in, random)",
+    )
+    group.add_argument(
+        "--steps",
+        type=_int_range(1, MAX_STEPS),
+        default=_env("steps", 1),
+        help=f"denoising steps per frame, 1..{MAX_STEPS}",
+    )
+    group.add_argument(
+        "--strength",
+        type=_unit_interval,
+        default=_env("strength", 0.5),
+        help="how far each frame is noised before denoising, (0, 1]: 0.5 keeps the layout",
+    )
+    group.add_argument(
+        "--prompt", default=_env("prompt", StreamParams.prompt), help="the prompt new sessions start with"
+    )
 
 
 def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineSettings:
@@ -284,8 +328,10 @@ def cmd_g2g(args: argparse.Namespace) -> int:
         if key not in known:
             raise ConfigError(f"--cases: {key!r} is not one of {', '.join(known)}")
     if args.cluster and any(not known[key].server_marker for key in keys):
-        raise ConfigError("--cluster runs the servers with marker completion on: choose --cases among "
-                          + ", ".join(c.key for c in CASES if c.server_marker))
+        raise ConfigError(
+            "--cluster runs the servers with marker completion on: choose --cases among "
+            + ", ".join(c.key for c in CASES if c.server_marker)
+        )
     try:
         viewers = tuple(int(n) for n in args.viewers.split(",") if n.strip())
     except ValueError:
@@ -347,96 +393,205 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
 
     d = ServerSettings()
     group = parser.add_argument_group("server (each flag also reads LIVEDIFF_<FLAG>)")
-    group.add_argument("--host", default=_env("host", d.host),
-                       help="address to listen on; 0.0.0.0 for other machines")
-    group.add_argument("--port", type=_int_range(0, 65535), default=_env("port", d.port),
-                       help="TCP port to listen on (0: any free port, in the URL printed when ready)")
-    group.add_argument("--token", default=_env("token", ""),
-                       help="require Authorization: Bearer TOKEN on the signalling, API, viewer and metrics routes")
-    group.add_argument("--max-sessions", type=_int_range(1, 1024), default=_env("max_sessions", d.max_sessions),
-                       help="publishing sessions at once; beyond it /offer and /whip answer 503 with Retry-After")
-    group.add_argument("--max-viewers", type=_int_range(0, 1024), default=_env("max_viewers", d.max_viewers),
-                       help="WHEP viewers per session")
-    group.add_argument("--max-connecting", type=_int_range(1, 1024), default=_env("max_connecting", d.max_connecting),
-                       help="peers not connected yet (sessions; viewers per session); when full, the oldest gives way")
-    group.add_argument("--max-body-bytes", type=_int_range(1024, 16 * 1024 * 1024),
-                       default=_env("max_body_bytes", d.max_body_bytes),
-                       help="largest request body (SDP, JSON: larger ones get 413) and data-channel control "
-                       "message (larger ones get an error message)")
-    group.add_argument("--tls", choices=["self-signed"], default=_env("tls", None),
-                       help="serve https with a certificate made for this machine's names (kept in --state-dir)")
-    group.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None),
-                       help="serve https with this PEM certificate (chain); with --tls-key")
+    group.add_argument("--host", default=_env("host", d.host), help="address to listen on; 0.0.0.0 for other machines")
+    group.add_argument(
+        "--port",
+        type=_int_range(0, 65535),
+        default=_env("port", d.port),
+        help="TCP port to listen on (0: any free port, in the URL printed when ready)",
+    )
+    group.add_argument(
+        "--token",
+        default=_env("token", ""),
+        help="require Authorization: Bearer TOKEN on the signalling, API, viewer and metrics routes",
+    )
+    group.add_argument(
+        "--max-sessions",
+        type=_int_range(1, 1024),
+        default=_env("max_sessions", d.max_sessions),
+        help="publishing sessions at once; beyond it /offer and /whip answer 503 with Retry-After",
+    )
+    group.add_argument(
+        "--max-viewers",
+        type=_int_range(0, 1024),
+        default=_env("max_viewers", d.max_viewers),
+        help="WHEP viewers per session",
+    )
+    group.add_argument(
+        "--max-connecting",
+        type=_int_range(1, 1024),
+        default=_env("max_connecting", d.max_connecting),
+        help="peers not connected yet (sessions; viewers per session); when full, the oldest gives way",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=_int_range(1024, 16 * 1024 * 1024),
+        default=_env("max_body_bytes", d.max_body_bytes),
+        help="largest request body (SDP, JSON: larger ones get 413) and data-channel control "
+        "message (larger ones get an error message)",
+    )
+    group.add_argument(
+        "--tls",
+        choices=["self-signed"],
+        default=_env("tls", None),
+        help="serve https with a certificate made for this machine's names (kept in --state-dir)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("tls_cert", None),
+        help="serve https with this PEM certificate (chain); with --tls-key",
+    )
     group.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="the PEM key of --tls-cert")
-    group.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
-                       help="folder of livediff's state, e.g. the self-signed certificate in its tls/ "
-                       "(none: ~/.local/state/livediff)")
-    group.add_argument("--cors-origins", default=_env("cors_origins", ""),
-                       help="comma-separated origins (https://app.example) whose pages may use the API, "
-                       "WHIP and WHEP, or *; none by default")
-    group.add_argument("--ice-servers", default=_env("ice_servers", ""),
-                       help="comma-separated stun:/turn: urls for the server's peers, the pages and "
-                       "WHIP/WHEP Link headers")
-    group.add_argument("--turn-secret", default=_env("turn_secret", ""),
-                       help="the TURN server's shared secret (coturn static-auth-secret): each client gets "
-                       "a short-lived credential")
-    group.add_argument("--turn-ttl", type=_int_range(60, 7 * 86400), default=_env("turn_ttl", 86400),
-                       help="seconds a short-lived TURN credential stays valid")
-    group.add_argument("--turn-username", default=_env("turn_username", ""),
-                       help="static TURN username for every client (prefer --turn-secret)")
-    group.add_argument("--turn-credential", default=_env("turn_credential", ""),
-                       help="static TURN password for every client (prefer --turn-secret)")
-    group.add_argument("--nat-1to1", default=_env("nat_1to1", ""),
-                       help="public address(es) mapped 1:1 to this host (PUBLIC_IP or PRIVATE_IP=PUBLIC_IP, "
-                       "comma separated): advertised in the server's ICE candidates")
-    group.add_argument("--video-codecs", default=_env("video_codecs", ",".join(d.video_codecs)),
-                       help=f"codec preference, comma separated: {', '.join(VIDEO_CODECS)}")
-    group.add_argument("--bitrate", type=_int_range(100_000, 50_000_000), default=_env("bitrate", d.bitrate),
-                       help="video bit/s")
-    group.add_argument("--keyframe-interval", type=_float_range(0.1, 60),
-                       default=_env("keyframe_interval", d.keyframe_interval_s),
-                       help="seconds between forced keyframes")
-    group.add_argument("--marker-completion", action=argparse.BooleanOptionalAction,
-                       default=_env("marker_completion", "1") not in ("0", "false", "no"),
-                       help="complete received video frames on the RTP marker bit")
-    group.add_argument("--fresh-frames", action=argparse.BooleanOptionalAction,
-                       default=_env("fresh_frames", "1") not in ("0", "false", "no"),
-                       help="when the model is slower than the camera, wait for fresher frames over stale ones")
-    group.add_argument("--ice-loopback", action="store_true", default=_env("ice_loopback", "") == "1",
-                       help="gather 127.0.0.1 ICE candidates only (every peer on this machine: measurements)")
-    group.add_argument("--connect-timeout", type=_float_range(1, 600),
-                       default=_env("connect_timeout", d.connect_timeout_s),
-                       help="seconds a peer may take to connect after its answer before it is reaped")
-    group.add_argument("--cpu-threads", type=_int_range(0, 1024), default=_env("cpu_threads", 0),
-                       help="torch threads on CPU; 0 = cores - 1 (one core left to the codecs)")
-    group.add_argument("--web-dir", type=Path, default=Path(_env("web_dir", str(d.web_dir))),
-                       help="the pages' folder (index.html, latency.html, view.html)")
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_env("state_dir", None),
+        help="folder of livediff's state, e.g. the self-signed certificate in its tls/ (none: ~/.local/state/livediff)",
+    )
+    group.add_argument(
+        "--cors-origins",
+        default=_env("cors_origins", ""),
+        help="comma-separated origins (https://app.example) whose pages may use the API, "
+        "WHIP and WHEP, or *; none by default",
+    )
+    group.add_argument(
+        "--ice-servers",
+        default=_env("ice_servers", ""),
+        help="comma-separated stun:/turn: urls for the server's peers, the pages and WHIP/WHEP Link headers",
+    )
+    group.add_argument(
+        "--turn-secret",
+        default=_env("turn_secret", ""),
+        help="the TURN server's shared secret (coturn static-auth-secret): each client gets a short-lived credential",
+    )
+    group.add_argument(
+        "--turn-ttl",
+        type=_int_range(60, 7 * 86400),
+        default=_env("turn_ttl", 86400),
+        help="seconds a short-lived TURN credential stays valid",
+    )
+    group.add_argument(
+        "--turn-username",
+        default=_env("turn_username", ""),
+        help="static TURN username for every client (prefer --turn-secret)",
+    )
+    group.add_argument(
+        "--turn-credential",
+        default=_env("turn_credential", ""),
+        help="static TURN password for every client (prefer --turn-secret)",
+    )
+    group.add_argument(
+        "--nat-1to1",
+        default=_env("nat_1to1", ""),
+        help="public address(es) mapped 1:1 to this host (PUBLIC_IP or PRIVATE_IP=PUBLIC_IP, "
+        "comma separated): advertised in the server's ICE candidates",
+    )
+    group.add_argument(
+        "--video-codecs",
+        default=_env("video_codecs", ",".join(d.video_codecs)),
+        help=f"codec preference, comma separated: {', '.join(VIDEO_CODECS)}",
+    )
+    group.add_argument(
+        "--bitrate", type=_int_range(100_000, 50_000_000), default=_env("bitrate", d.bitrate), help="video bit/s"
+    )
+    group.add_argument(
+        "--keyframe-interval",
+        type=_float_range(0.1, 60),
+        default=_env("keyframe_interval", d.keyframe_interval_s),
+        help="seconds between forced keyframes",
+    )
+    group.add_argument(
+        "--marker-completion",
+        action=argparse.BooleanOptionalAction,
+        default=_env("marker_completion", "1") not in ("0", "false", "no"),
+        help="complete received video frames on the RTP marker bit",
+    )
+    group.add_argument(
+        "--fresh-frames",
+        action=argparse.BooleanOptionalAction,
+        default=_env("fresh_frames", "1") not in ("0", "false", "no"),
+        help="when the model is slower than the camera, wait for fresher frames over stale ones",
+    )
+    group.add_argument(
+        "--ice-loopback",
+        action="store_true",
+        default=_env("ice_loopback", "") == "1",
+        help="gather 127.0.0.1 ICE candidates only (every peer on this machine: measurements)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=_float_range(1, 600),
+        default=_env("connect_timeout", d.connect_timeout_s),
+        help="seconds a peer may take to connect after its answer before it is reaped",
+    )
+    group.add_argument(
+        "--cpu-threads",
+        type=_int_range(0, 1024),
+        default=_env("cpu_threads", 0),
+        help="torch threads on CPU; 0 = cores - 1 (one core left to the codecs)",
+    )
+    group.add_argument(
+        "--web-dir",
+        type=Path,
+        default=Path(_env("web_dir", str(d.web_dir))),
+        help="the pages' folder (index.html, latency.html, view.html)",
+    )
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     from livediff.cluster.settings import LOCAL, ClusterSettings
 
     d = ClusterSettings()
-    group = parser.add_argument_group("cluster (--cluster: one entry point, replicas on Ray Serve; "
-                                      "each flag also reads LIVEDIFF_<FLAG>)")
-    group.add_argument("--cluster", nargs="?", const=LOCAL, default=_env("cluster", None), metavar="ADDRESS",
-                       help="serve through Ray Serve: one engine replica per GPU behind this entry point; "
-                       "ADDRESS: local (a Ray started here; the default), auto (the cluster this machine "
-                       "belongs to, or $RAY_ADDRESS) or HOST:PORT of a Ray head")
-    group.add_argument("--min-replicas", type=_int_range(0, 4096), default=_env("min_replicas", d.min_replicas),
-                       help="replicas kept when no session runs")
-    group.add_argument("--max-replicas", type=_int_range(0, 4096), default=_env("max_replicas", d.max_replicas),
-                       help="most replicas; 0: one per GPU of the cluster (1 on a cluster without GPUs)")
-    group.add_argument("--target-sessions", type=_float_range(0, 1024),
-                       default=_env("target_sessions", d.target_sessions),
-                       help="sessions per replica above which a replica is added; 0: 3/4 of --max-sessions")
-    group.add_argument("--replica-gpus", type=_float_range(-1, 64), default=_env("replica_gpus", d.replica_gpus),
-                       help="GPUs per replica; -1: 1 on CUDA, else 0")
-    group.add_argument("--replica-cpus", type=_float_range(0.01, 1024), default=_env("replica_cpus", d.replica_cpus),
-                       help="CPU cores per replica (a CPU replica's torch threads)")
-    group.add_argument("--drain-timeout", type=_float_range(1, 7 * 86400),
-                       default=_env("drain_timeout", d.drain_timeout_s),
-                       help="seconds a replica being scaled down lets its sessions run before it ends them")
+    group = parser.add_argument_group(
+        "cluster (--cluster: one entry point, replicas on Ray Serve; each flag also reads LIVEDIFF_<FLAG>)"
+    )
+    group.add_argument(
+        "--cluster",
+        nargs="?",
+        const=LOCAL,
+        default=_env("cluster", None),
+        metavar="ADDRESS",
+        help="serve through Ray Serve: one engine replica per GPU behind this entry point; "
+        "ADDRESS: local (a Ray started here; the default), auto (the cluster this machine "
+        "belongs to, or $RAY_ADDRESS) or HOST:PORT of a Ray head",
+    )
+    group.add_argument(
+        "--min-replicas",
+        type=_int_range(0, 4096),
+        default=_env("min_replicas", d.min_replicas),
+        help="replicas kept when no session runs",
+    )
+    group.add_argument(
+        "--max-replicas",
+        type=_int_range(0, 4096),
+        default=_env("max_replicas", d.max_replicas),
+        help="most replicas; 0: one per GPU of the cluster (1 on a cluster without GPUs)",
+    )
+    group.add_argument(
+        "--target-sessions",
+        type=_float_range(0, 1024),
+        default=_env("target_sessions", d.target_sessions),
+        help="sessions per replica above which a replica is added; 0: 3/4 of --max-sessions",
+    )
+    group.add_argument(
+        "--replica-gpus",
+        type=_float_range(-1, 64),
+        default=_env("replica_gpus", d.replica_gpus),
+        help="GPUs per replica; -1: 1 on CUDA, else 0",
+    )
+    group.add_argument(
+        "--replica-cpus",
+        type=_float_range(0.01, 1024),
+        default=_env("replica_cpus", d.replica_cpus),
+        help="CPU cores per replica (a CPU replica's torch threads)",
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=_float_range(1, 7 * 86400),
+        default=_env("drain_timeout", d.drain_timeout_s),
+        help="seconds a replica being scaled down lets its sessions run before it ends them",
+    )
 
 
 def cluster_settings(args: argparse.Namespace) -> Any:
@@ -499,8 +654,9 @@ def cmd_serve_cluster(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from livediff.cluster.run import serve_cluster
 
-    return serve_cluster(engine_settings(args, backend=args.backend), server, stream_params(args), cluster,
-                         started=args.started)
+    return serve_cluster(
+        engine_settings(args, backend=args.backend), server, stream_params(args), cluster, started=args.started
+    )
 
 
 _SECRETS = ("token", "turn_credential", "turn_secret")
@@ -539,7 +695,8 @@ class _Parser(argparse.ArgumentParser):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:  # said by the command's parser, which knows the flags to suggest
             self._commands().get(str(getattr(parsed, "command", "")), self).error(
-                "unrecognized arguments: " + " ".join(extras))
+                "unrecognized arguments: " + " ".join(extras)
+            )
         return parsed
 
     def error(self, message: str) -> Any:  # type: ignore[override]
@@ -580,51 +737,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure the engine on synthetic camera frames")
     add_engine_flags(bench)
-    bench.add_argument("--backend", default="torch",
-                       help=f"one or more of {', '.join(BACKEND_NAMES)}, comma separated")
+    bench.add_argument("--backend", default="torch", help=f"one or more of {', '.join(BACKEND_NAMES)}, comma separated")
     bench.add_argument("--frames", type=_int_range(1, 100_000), default=100, help="frames measured per configuration")
     bench.add_argument("--warmup", type=_int_range(0, 1000), default=5, help="frames run before measuring")
     bench.add_argument("--batch", type=_int_range(1, 64), default=1, help="streams per engine step")
     bench.add_argument("--streams", default="", help="e.g. 1,2,4: batched versus sequential streams")
     bench.add_argument("--baseline", choices=["diffusers"], help="also time diffusers' img2img pipeline")
-    bench.add_argument("--baseline-dtype", choices=[d for d in DTYPES if d != "auto"],
-                       help="the baseline's dtype; none: the engine's --dtype")
+    bench.add_argument(
+        "--baseline-dtype",
+        choices=[d for d in DTYPES if d != "auto"],
+        help="the baseline's dtype; none: the engine's --dtype",
+    )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     quality = bench.add_argument_group("temporal quality (--quality): warp error, flicker and SSIM beside ms/frame")
-    quality.add_argument("--quality", action="store_true",
-                         help="run a camera with moving and still regions through the baseline (temporal features "
-                         "off) and each --temporal setting, on each --backend")
-    quality.add_argument("--temporal", action="append", metavar="JSON",
-                         help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
-                         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}')
+    quality.add_argument(
+        "--quality",
+        action="store_true",
+        help="run a camera with moving and still regions through the baseline (temporal features "
+        "off) and each --temporal setting, on each --backend",
+    )
+    quality.add_argument(
+        "--temporal",
+        action="append",
+        metavar="JSON",
+        help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
+        '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}',
+    )
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
-    g2g.add_argument("--g2g", action="store_true",
-                     help="measure glass-to-glass latency (passthrough and model, marker completion on/off)")
-    g2g.add_argument("--duration", type=_float_range(1, 3600), default=10.0,
-                     help="seconds measured per case, after a 1.5 s warm-up")
+    g2g.add_argument(
+        "--g2g",
+        action="store_true",
+        help="measure glass-to-glass latency (passthrough and model, marker completion on/off)",
+    )
+    g2g.add_argument(
+        "--duration", type=_float_range(1, 3600), default=10.0, help="seconds measured per case, after a 1.5 s warm-up"
+    )
     g2g.add_argument("--fps", type=_int_range(1, 120), default=30, help="camera frames per second")
     g2g.add_argument("--codec", type=str.upper, choices=["VP8", "H264"], default="VP8", help="the camera's codec")
-    g2g.add_argument("--viewers", default="0",
-                     help="WHEP viewers of each case's session, e.g. 0,16: each case runs once per count")
-    g2g.add_argument("--cases", default="all",
-                     help="all, or comma separated: pass-both, pass-server, pass-stock, model-both, model-stock")
-    g2g.add_argument("--cluster", type=_int_range(0, 64), default=0, metavar="N",
-                     help="also through a local Ray Serve cluster of N replicas (livediff serve --cluster), "
-                     "after a single server, same run: session set-up, first frame, glass-to-glass, and "
-                     "8 sessions offered at once")
+    g2g.add_argument(
+        "--viewers", default="0", help="WHEP viewers of each case's session, e.g. 0,16: each case runs once per count"
+    )
+    g2g.add_argument(
+        "--cases",
+        default="all",
+        help="all, or comma separated: pass-both, pass-server, pass-stock, model-both, model-stock",
+    )
+    g2g.add_argument(
+        "--cluster",
+        type=_int_range(0, 64),
+        default=0,
+        metavar="N",
+        help="also through a local Ray Serve cluster of N replicas (livediff serve --cluster), "
+        "after a single server, same run: session set-up, first frame, glass-to-glass, and "
+        "8 sessions offered at once",
+    )
     bench.set_defaults(run=cmd_bench)
 
     build = commands.add_parser("build-engines", help="export/compile the networks into the engine cache")
     add_engine_flags(build)
-    build.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"], default=_env("backend", "auto"),
-                       help="what to build for; auto: what `serve --backend auto` runs (also LIVEDIFF_BACKEND)")
+    build.add_argument(
+        "--backend",
+        choices=[b for b in BACKENDS if b != "torch"],
+        default=_env("backend", "auto"),
+        help="what to build for; auto: what `serve --backend auto` runs (also LIVEDIFF_BACKEND)",
+    )
     build.set_defaults(run=cmd_build_engines)
 
     serve = commands.add_parser("serve", help="run the WebRTC service (demo page, /offer, WHIP, WHEP, API)")
     add_engine_flags(serve)
-    serve.add_argument("--backend", choices=BACKEND_NAMES, default=_env("backend", "auto"),
-                       help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA "
-                       "(also LIVEDIFF_BACKEND)")
+    serve.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        default=_env("backend", "auto"),
+        help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND)",
+    )
     add_server_flags(serve)
     add_cluster_flags(serve)
     serve.set_defaults(run=cmd_serve)

@@ -252,7 +252,6 @@ class StreamParams:
         return dataclasses.replace(self, **changes)
 
 
-
 VIDEO_CODECS = ("VP8", "H264")
 """The codecs the server sends and receives, in its default order of preference. VP8 first: at
 512x512 aiortc's VP8 encoder takes about half the time of its H.264 one (4 vs 9 ms a frame here),
@@ -365,10 +364,12 @@ class ServerSettings:
             raise ConfigError(f"bitrate must be in 100000..50000000 bit/s, got {self.bitrate}")
         if not 0.1 <= self.keyframe_interval_s <= 60:
             raise ConfigError(f"keyframe_interval_s must be in [0.1, 60], got {self.keyframe_interval_s}")
-        if len(self.session_id_prefix) > 32 or not all(c.isascii() and (c.isalnum() or c == "-")
-                                                        for c in self.session_id_prefix):
-            raise ConfigError(f"session_id_prefix must be at most 32 letters, digits or -, "
-                              f"got {self.session_id_prefix!r}")
+        if len(self.session_id_prefix) > 32 or not all(
+            c.isascii() and (c.isalnum() or c == "-") for c in self.session_id_prefix
+        ):
+            raise ConfigError(
+                f"session_id_prefix must be at most 32 letters, digits or -, got {self.session_id_prefix!r}"
+            )
         if not 0 <= self.cpu_threads <= 1024:
             raise ConfigError(f"cpu_threads must be in 0..1024, got {self.cpu_threads}")
         if not 1 <= self.connect_timeout_s <= 600:

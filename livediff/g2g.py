@@ -164,8 +164,12 @@ class _Probe:
 
 
 @asynccontextmanager
-async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings: ServerSettings,
-                  ready_timeout_s: float = SERVER_READY_S) -> AsyncIterator[tuple[str, dict[str, Any], int]]:
+async def _server(
+    http: aiohttp.ClientSession,
+    engine: EngineSettings,
+    settings: ServerSettings,
+    ready_timeout_s: float = SERVER_READY_S,
+) -> AsyncIterator[tuple[str, dict[str, Any], int]]:
     """`livediff serve` in its own process on 127.0.0.1; yields its URL, what /readyz says it runs, and its pid."""
     port = free_port()
     backend = "torch.compile" if engine.compile else engine.backend
@@ -194,8 +198,9 @@ async def _server(http: aiohttp.ClientSession, engine: EngineSettings, settings:
                     await process.wait()
 
 
-async def _wait_ready(http: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process,
-                      output: Any, timeout_s: float) -> dict[str, Any]:
+async def _wait_ready(
+    http: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process, output: Any, timeout_s: float
+) -> dict[str, Any]:
     """The server's engine description once /readyz answers 200; a clear error if it dies or hangs."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -258,8 +263,9 @@ async def _view(http: aiohttp.ClientSession, url: str, session_id: str, codec: s
     received = Received(keep=0)
     client.receive_video(received)
     await client.pc.setLocalDescription(await client.pc.createOffer())
-    async with http.post(f"{url}/whep/{session_id}", data=client.pc.localDescription.sdp,
-                         headers={"Content-Type": "application/sdp"}) as response:
+    async with http.post(
+        f"{url}/whep/{session_id}", data=client.pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+    ) as response:
         answer = await response.text()
         if response.status != 201:
             await client.close()
@@ -299,8 +305,16 @@ class _Viewers:
     @classmethod
     async def start(cls, url: str, session_id: str, count: int, codec: str) -> _Viewers:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "livediff.g2g", url, session_id, str(count), codec,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "livediff.g2g",
+            url,
+            session_id,
+            str(count),
+            codec,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), FIRST_FRAME_S + count * 5)
         if line.strip() != b"ready":
@@ -325,9 +339,17 @@ class _Viewers:
                 await self.process.wait()
 
 
-async def _run_case(http: aiohttp.ClientSession, url: str, case: G2GCase, plan: G2GPlan,
-                    width: int, height: int, scene: Sequence[np.ndarray], viewers: int = 0,
-                    server_pid: int | None = None) -> _Run:
+async def _run_case(
+    http: aiohttp.ClientSession,
+    url: str,
+    case: G2GCase,
+    plan: G2GPlan,
+    width: int,
+    height: int,
+    scene: Sequence[np.ndarray],
+    viewers: int = 0,
+    server_pid: int | None = None,
+) -> _Run:
     """One session: connect, warm up from the first frame back, measure `plan.duration_s`, catch up."""
     camera = CameraTrack(width, height, plan.fps, paint_probe=True, scene=scene)
     seen = _Probe()
@@ -400,8 +422,9 @@ def _case_report(case: G2GCase, run: _Run) -> dict[str, Any]:
         # server and client read the machine's monotonic clock: the round trip splits into three legs
         "uplink_ms": summary([m["received_ms"] - sent_at[m["frame_id"]] * 1000.0 for m in stats]),
         "server_ms": summary([m["sent_ms"] - m["received_ms"] for m in stats]),
-        "downlink_ms": summary([(arrivals[m["frame_id"]] * 1000.0 - m["sent_ms"]) for m in stats
-                                if m["frame_id"] in arrivals]),
+        "downlink_ms": summary(
+            [(arrivals[m["frame_id"]] * 1000.0 - m["sent_ms"]) for m in stats if m["frame_id"] in arrivals]
+        ),
         "model_ms": summary([sum(m["stages_ms"].values()) for m in stats if m["stages_ms"]]) if case.model else None,
         "outside_model_ms": summary(outside_model) if case.model else None,
         "server": run.server_stats,
@@ -424,10 +447,12 @@ async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings 
                 async with _server(http, engine, settings.replace(marker_completion=marker)) as (url, described, pid):
                     for case in (c for c in plan.cases if c.server_marker == marker):
                         for turn, viewers in enumerate(plan.viewers):
-                            log.info("g2g: %s, %d viewers (%.0f s)", case.label, viewers,
-                                     plan.warmup_s + plan.duration_s)
-                            run = await _run_case(http, url, case, plan, engine.width, engine.height, scene,
-                                                  viewers, pid)
+                            log.info(
+                                "g2g: %s, %d viewers (%.0f s)", case.label, viewers, plan.warmup_s + plan.duration_s
+                            )
+                            run = await _run_case(
+                                http, url, case, plan, engine.width, engine.height, scene, viewers, pid
+                            )
                             results[case.key, turn, viewers] = _case_report(case, run)
     return {
         "size": f"{engine.width}x{engine.height}",
@@ -438,10 +463,11 @@ async def run_g2g(engine: EngineSettings, plan: G2GPlan, server: ServerSettings 
         "backend": described["backend"],
         "device": described["device"],
         "server_threads": described["threads"],
-        "load_average": {"before": [round(x, 2) for x in load_before],
-                         "after": [round(x, 2) for x in os.getloadavg()]},  # fmt: skip
-        "cases": [results[case.key, turn, viewers] for case in plan.cases
-                  for turn, viewers in enumerate(plan.viewers)],
+        "load_average": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()],
+        },  # fmt: skip
+        "cases": [results[case.key, turn, viewers] for case in plan.cases for turn, viewers in enumerate(plan.viewers)],
     }
 
 
@@ -470,14 +496,18 @@ def format_g2g(report: dict[str, Any]) -> str:
             f"{case['viewers']:>8}{case['output_fps']:>8.1f}{view_fps}"
             f"{case['server_cpu'] if case['server_cpu'] is not None else '-':>8}"
         )
-    lines.append("(ms; drift: p50 of the last quarter minus the first; srv drop: the server's latest-only slots, "
-                 "whole session; srv cpu: the server process's CPU seconds per second)")
+    lines.append(
+        "(ms; drift: p50 of the last quarter minus the first; srv drop: the server's latest-only slots, "
+        "whole session; srv cpu: the server process's CPU seconds per second)"
+    )
     for case in report["cases"]:
         if case["model_ms"]:
             over = case["g2g_ms"]["p50"] - case["model_ms"]["p50"]
-            lines.append(f"{case['label']}: glass-to-glass p50 is the model's p50 + {over:.1f} ms; per frame, "
-                         f"glass-to-glass less that frame's model time p50 {case['outside_model_ms']['p50']:.1f} ms; "
-                         f"drift outside the model {case['drift_outside_model_ms']:.1f} ms")
+            lines.append(
+                f"{case['label']}: glass-to-glass p50 is the model's p50 + {over:.1f} ms; per frame, "
+                f"glass-to-glass less that frame's model time p50 {case['outside_model_ms']['p50']:.1f} ms; "
+                f"drift outside the model {case['drift_outside_model_ms']:.1f} ms"
+            )
     return "\n".join(lines)
 
 

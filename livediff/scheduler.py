@@ -158,8 +158,9 @@ class Scheduler:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    async def open_session(self, params: StreamParams, kind: str = "offer", probe: bool = False,
-                           connecting: bool = False) -> Session:
+    async def open_session(
+        self, params: StreamParams, kind: str = "offer", probe: bool = False, connecting: bool = False
+    ) -> Session:
         """Admit a session (or raise `AdmissionError`) and open its engine stream.
 
         `connecting`: its client has yet to connect (a WebRTC peer): it holds a connecting slot
@@ -176,8 +177,11 @@ class Scheduler:
             session.inbox = type(session.inbox)(on_put=lambda: self._on_put(session))
             session.stream = await self.run_on_worker(self.engine.open_stream, params)
             if session.closed or (not connecting and not self.admission.connected(session.id)):
-                raise AdmissionError(f"server is at its limit of {self.max_sessions} sessions: its slot was "
-                                     "taken while its stream opened", self.max_sessions)
+                raise AdmissionError(
+                    f"server is at its limit of {self.max_sessions} sessions: its slot was "
+                    "taken while its stream opened",
+                    self.max_sessions,
+                )
         except BaseException:
             self.admission.release(session.id)
             raise

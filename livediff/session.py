@@ -232,7 +232,10 @@ def params_to_json(params: StreamParams) -> dict[str, Any]:
     data["t_index_list"] = list(params.t_index_list) if params.t_index_list is not None else None
     data["blend"] = {"prompt": data.pop("blend_prompt"), "weight": data.pop("blend_weight")}
     motion = data.pop("motion_strength")
-    data["temporal"] = {"bank": data.pop("temporal_bank"), "weight": data.pop("temporal_weight"),
-                        "motion_strength": list(motion) if motion is not None else None}
+    data["temporal"] = {
+        "bank": data.pop("temporal_bank"),
+        "weight": data.pop("temporal_weight"),
+        "motion_strength": list(motion) if motion is not None else None,
+    }
     data["controlnet"] = [dict(control.__dict__) for control in params.controlnet]
     return data

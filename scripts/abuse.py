@@ -40,8 +40,24 @@ SIZE = 256
 async def server(*flags: str) -> AsyncIterator[tuple[str, int]]:
     """`livediff serve` on 127.0.0.1 (tiny, 256, torch); yields its URL and process id once ready."""
     port = free_port()
-    argv = [sys.executable, "-m", "livediff.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--model", "tiny", "--size", str(SIZE), "--backend", "torch", "--ice-loopback", *flags]
+    argv = [
+        sys.executable,
+        "-m",
+        "livediff.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        "tiny",
+        "--size",
+        str(SIZE),
+        "--backend",
+        "torch",
+        "--ice-loopback",
+        *flags,
+    ]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -156,15 +172,20 @@ async def control(cap_s: float) -> dict[str, Any]:
             await send_paced(client, burst, 5.0)
             start = time.monotonic()
             try:
-                async with http.patch(f"{url}/api/sessions/{client.session_id}", json={"strength": 0.95},
-                                      timeout=aiohttp.ClientTimeout(total=cap_s)) as response:
+                async with http.patch(
+                    f"{url}/api/sessions/{client.session_id}",
+                    json={"strength": 0.95},
+                    timeout=aiohttp.ClientTimeout(total=cap_s),
+                ) as response:
                     status = response.status
                     body = await response.json()
                 waited: float | None = time.monotonic() - start
             except asyncio.TimeoutError:
                 status, body, waited = 0, {}, None
             report["patch_after_500_burst"] = {
-                "status": status, "wait_s": None if waited is None else round(waited, 2), "cap_s": cap_s,
+                "status": status,
+                "wait_s": None if waited is None else round(waited, 2),
+                "cap_s": cap_s,
                 "strength": body.get("params", {}).get("strength"),
                 "answers_to_burst_by_then": dict(answers(client)),
             }
@@ -232,8 +253,9 @@ async def viewer_until_admitted(http: aiohttp.ClientSession, url: str, session_i
         pc = new_peer()
         pc.addTransceiver("video", direction="recvonly")
         await pc.setLocalDescription(await pc.createOffer())
-        async with http.post(f"{url}/whep/{session_id}", data=pc.localDescription.sdp,
-                             headers={"Content-Type": "application/sdp"}) as response:
+        async with http.post(
+            f"{url}/whep/{session_id}", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+        ) as response:
             text = await response.text()
             if response.status == 503:
                 retry_after.append(response.headers.get("Retry-After", "-"))
@@ -257,16 +279,21 @@ async def lockout() -> dict[str, Any]:
                 statuses = [await abandoned_offer(http, url, "/offer") for _ in range(abandoned)]
                 waited, retry_after = await retry_until_admitted(http, url)
                 report[f"sessions_after_{abandoned}_abandoned_offers"] = {
-                    "abandoned_statuses": dict(Counter(statuses)), "client_wait_s": round(waited, 1),
-                    "retry_after_seen": sorted(set(retry_after)), "refusals": len(retry_after)}
+                    "abandoned_statuses": dict(Counter(statuses)),
+                    "client_wait_s": round(waited, 1),
+                    "retry_after_seen": sorted(set(retry_after)),
+                    "refusals": len(retry_after),
+                }
         async with server() as (url, _):
             publisher = (await camera_sessions(http, url, 1))[0]
-            statuses = [await abandoned_offer(http, url, f"/whep/{publisher.session_id}")
-                        for _ in range(16)]
+            statuses = [await abandoned_offer(http, url, f"/whep/{publisher.session_id}") for _ in range(16)]
             waited, retry_after = await viewer_until_admitted(http, url, publisher.session_id)
             report["viewers_after_16_abandoned_whep_offers"] = {
-                "abandoned_statuses": dict(Counter(statuses)), "viewer_wait_s": round(waited, 1),
-                "retry_after_seen": sorted(set(retry_after)), "refusals": len(retry_after)}
+                "abandoned_statuses": dict(Counter(statuses)),
+                "viewer_wait_s": round(waited, 1),
+                "retry_after_seen": sorted(set(retry_after)),
+                "refusals": len(retry_after),
+            }
             await publisher.close()
     return report
 

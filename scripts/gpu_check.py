@@ -267,9 +267,13 @@ def verdict(steps: dict[str, dict[str, Any]], gpu: bool = True) -> dict[str, Any
     }
     faster = speedup1 is not None and speedup1 > 1.0 and (speedup4 is None or speedup4 > 1.0)
     return {
-        "cuda_graph": {"speedup_vs_torch_batch1": speedup1, "speedup_vs_torch_batch4": speedup4,
-                       "parity_vs_torch": parity, "matches_torch": matches if parity else None,
-                       "match_rule_levels": MATCH},  # fmt: skip
+        "cuda_graph": {
+            "speedup_vs_torch_batch1": speedup1,
+            "speedup_vs_torch_batch4": speedup4,
+            "parity_vs_torch": parity,
+            "matches_torch": matches if parity else None,
+            "match_rule_levels": MATCH,
+        },  # fmt: skip
         "gpu_tests_passed": tests_passed,
         "auto_may_pick_cuda_graph": bool(faster and matches and tests_passed),
         "targets": targets,
@@ -281,10 +285,15 @@ def verdict(steps: dict[str, dict[str, Any]], gpu: bool = True) -> dict[str, Any
 
 def controlnet_line(result: dict[str, Any]) -> str:
     """`bench --controlnet ... --streams N`'s JSON in one line: each control image against off, the batched streams."""
-    runs = [f"{r['config']} {r['ms_per_frame']:.2f} ms/frame"
-            + (f" ({r['vs_off_p50']}x off at p50)" if "vs_off_p50" in r else "") for r in result["runs"]]
-    streams = [f"{s['streams']} streams in one step {s['batched']['fps']:.1f} fps, apart {s['sequential']['fps']:.1f}"
-               for s in result.get("streams", [])]
+    runs = [
+        f"{r['config']} {r['ms_per_frame']:.2f} ms/frame"
+        + (f" ({r['vs_off_p50']}x off at p50)" if "vs_off_p50" in r else "")
+        for r in result["runs"]
+    ]
+    streams = [
+        f"{s['streams']} streams in one step {s['batched']['fps']:.1f} fps, apart {s['sequential']['fps']:.1f}"
+        for s in result.get("streams", [])
+    ]
     return "controlnet: " + "; ".join(runs + streams)
 
 
@@ -306,8 +315,10 @@ def g2g_line(result: dict[str, Any]) -> str:
         if case.get("model_ms"):
             cell += f" (model step p50 {case['model_ms']['p50']:.1f} ms)"
         cells.append(cell)
-    return (f"g2g ({result['model']}, backend {result['backend']}, {result['size']}, camera {result['fps']} fps "
-            f"{result['codec']}): " + "; ".join(cells))
+    return (
+        f"g2g ({result['model']}, backend {result['backend']}, {result['size']}, camera {result['fps']} fps "
+        f"{result['codec']}): " + "; ".join(cells)
+    )
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -398,8 +409,12 @@ def commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "gpu-check-out"),
-                        help="where the JSON, summary and log go (default $OUT, else ./gpu-check-out)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or ROOT / "gpu-check-out"),
+        help="where the JSON, summary and log go (default $OUT, else ./gpu-check-out)",
+    )
     parser.add_argument("--budget", type=float, default=500.0, help="seconds for all steps together")
     parser.add_argument("--dry-run", action="store_true", help="the CPU plan even where CUDA is available")
     parser.add_argument("--only", default="", help="comma-separated step names to run (the others are skipped)")

@@ -72,8 +72,13 @@ def firefox_missing() -> str | None:
 class Firefox:
     """One headless Firefox with one Marionette session; `js` runs in the page, `page(name)` reads its globals."""
 
-    def __init__(self, width: int = 1360, height: int = 820, prefs: dict[str, Any] | None = None,
-                 accept_insecure_certs: bool = False) -> None:
+    def __init__(
+        self,
+        width: int = 1360,
+        height: int = 820,
+        prefs: dict[str, Any] | None = None,
+        accept_insecure_certs: bool = False,
+    ) -> None:
         from marionette_driver.marionette import Marionette
 
         self.profile = Path(tempfile.mkdtemp(prefix="livediff-firefox-"))
@@ -137,7 +142,9 @@ class Firefox:
         """Uncaught exceptions of the pages so far, and console.error calls of the current page."""
         self._log.flush()
         lines = self.log_path.read_text(errors="replace").splitlines()
-        uncaught = [line for line in lines if line.startswith(("JavaScript error: http://", "JavaScript error: https://"))]
+        uncaught = [
+            line for line in lines if line.startswith(("JavaScript error: http://", "JavaScript error: https://"))
+        ]
         return uncaught + [f"console.error: {m}" for m in self.js("return page.__consoleErrors ?? []")]
 
     def close(self) -> None:
@@ -155,4 +162,3 @@ class Firefox:
             self.process.wait(5)
         self._log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
-

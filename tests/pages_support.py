@@ -109,8 +109,13 @@ class LiveServer:
         self._stop()
 
 
-def start_server(parts: Any, size: int = ENGINE_SIZE, controlnets: tuple[tuple[str, str], ...] = (),
-                 depth_model: str = "", **settings: Any) -> LiveServer:
+def start_server(
+    parts: Any,
+    size: int = ENGINE_SIZE,
+    controlnets: tuple[tuple[str, str], ...] = (),
+    depth_model: str = "",
+    **settings: Any,
+) -> LiveServer:
     """Starts the app on a free port on a new thread; returns once /readyz says ready.
 
     `size`: the engine's frame side in pixels (a larger one makes the tiny model slower than a camera);
@@ -124,8 +129,14 @@ def start_server(parts: Any, size: int = ENGINE_SIZE, controlnets: tuple[tuple[s
     port = free_port()
     server_settings = ServerSettings(host="127.0.0.1", port=port, web_dir=WEB_DIR, **settings)
     engine = EngineSettings(
-        model="tiny", device="cpu", dtype="float32", height=size, width=size, max_batch=2,
-        controlnets=controlnets, depth_model=depth_model,
+        model="tiny",
+        device="cpu",
+        dtype="float32",
+        height=size,
+        width=size,
+        max_batch=2,
+        controlnets=controlnets,
+        depth_model=depth_model,
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()

@@ -28,8 +28,20 @@ from livediff.server.service import Service
 from livediff.transport.client import FPS, CameraTrack, Client, Received, new_peer, offer_client, prefer
 
 __all__ = [  # the client pieces are re-exported: the tests import everything from here
-    "FPS", "CameraTrack", "Client", "offer_client", "Running", "running_server", "frames_back", "strip_candidates",
-    "whip_publish", "whep_view", "mean_abs_diff", "metric_value", "MDNS_HOST", "replay_gathered",
+    "FPS",
+    "CameraTrack",
+    "Client",
+    "offer_client",
+    "Running",
+    "running_server",
+    "frames_back",
+    "strip_candidates",
+    "whip_publish",
+    "whep_view",
+    "mean_abs_diff",
+    "metric_value",
+    "MDNS_HOST",
+    "replay_gathered",
 ]
 
 MDNS_HOST = "1f0e4b6c-7d2a-4f1e-9c3b-6a5d4e3f2a1b.local"
@@ -46,13 +58,27 @@ class Running:
 
 
 @asynccontextmanager
-async def running_server(parts: Any, size: int = 64, max_batch: int = 4, params: StreamParams | None = None,
-                         feature_bank: bool = False, controlnets: tuple[tuple[str, str], ...] = (),
-                         depth_model: str = "", **server: Any) -> AsyncIterator[Running]:
+async def running_server(
+    parts: Any,
+    size: int = 64,
+    max_batch: int = 4,
+    params: StreamParams | None = None,
+    feature_bank: bool = False,
+    controlnets: tuple[tuple[str, str], ...] = (),
+    depth_model: str = "",
+    **server: Any,
+) -> AsyncIterator[Running]:
     from livediff.server import tls
 
-    engine = EngineSettings(model="tiny", height=size, width=size, max_batch=max_batch, feature_bank=feature_bank,
-                            controlnets=controlnets, depth_model=depth_model)
+    engine = EngineSettings(
+        model="tiny",
+        height=size,
+        width=size,
+        max_batch=max_batch,
+        feature_bank=feature_bank,
+        controlnets=controlnets,
+        depth_model=depth_model,
+    )
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)
     test_server = TestServer(app, host="127.0.0.1", port=0)
@@ -79,8 +105,11 @@ async def frames_back(client: Client, count: int = 3) -> Received:
 
 def strip_candidates(sdp: str) -> str:
     """OBS >= 30.2 sends no candidates in its offer and does not trickle."""
-    return "".join(line + "\r\n" for line in sdp.splitlines() if line and not line.startswith(("a=candidate:",
-                                                                                          "a=end-of-candidates")))
+    return "".join(
+        line + "\r\n"
+        for line in sdp.splitlines()
+        if line and not line.startswith(("a=candidate:", "a=end-of-candidates"))
+    )
 
 
 def replay_gathered(sdp: str, mode: str) -> str:
@@ -102,8 +131,14 @@ def replay_gathered(sdp: str, mode: str) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrack | None = None,
-                       sendrecv: bool = False, query: str = "", audio: bool = True) -> Client:
+async def whip_publish(
+    http: aiohttp.ClientSession,
+    url: str,
+    camera: CameraTrack | None = None,
+    sendrecv: bool = False,
+    query: str = "",
+    audio: bool = True,
+) -> Client:
     """An OBS-like publisher: H.264 (+ Opus) sendonly, no candidates in the offer, no trickle."""
     from aiortc.mediastreams import AudioStreamTrack
 
@@ -115,8 +150,11 @@ async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrac
         client.pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
     client.receive_video()
     await client.pc.setLocalDescription(await client.pc.createOffer())
-    async with http.post(url + "/whip" + query, data=strip_candidates(client.pc.localDescription.sdp),
-                         headers={"Content-Type": "application/sdp"}) as response:
+    async with http.post(
+        url + "/whip" + query,
+        data=strip_candidates(client.pc.localDescription.sdp),
+        headers={"Content-Type": "application/sdp"},
+    ) as response:
         text = await response.text()
         assert response.status == 201, text
         client.location = response.headers["Location"]
@@ -127,16 +165,22 @@ async def whip_publish(http: aiohttp.ClientSession, url: str, camera: CameraTrac
     return client
 
 
-async def whep_view(http: aiohttp.ClientSession, url: str, session_id: str | None = None,
-                    codec: str = "VP8", headers: dict[str, str] | None = None) -> Client:
+async def whep_view(
+    http: aiohttp.ClientSession,
+    url: str,
+    session_id: str | None = None,
+    codec: str = "VP8",
+    headers: dict[str, str] | None = None,
+) -> Client:
     client = Client(pc=new_peer())
     transceiver = client.pc.addTransceiver("video", direction="recvonly")
     prefer(transceiver, codec)
     client.receive_video()
     await client.pc.setLocalDescription(await client.pc.createOffer())
     path = "/whep" + (f"/{session_id}" if session_id else "")
-    async with http.post(url + path, data=client.pc.localDescription.sdp,
-                         headers={**(headers or {}), "Content-Type": "application/sdp"}) as response:
+    async with http.post(
+        url + path, data=client.pc.localDescription.sdp, headers={**(headers or {}), "Content-Type": "application/sdp"}
+    ) as response:
         text = await response.text()
         assert response.status == 201, text
         client.location = response.headers["Location"]
@@ -149,8 +193,9 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-async def metric_value(http: aiohttp.ClientSession, url: str, name: str,
-                       headers: dict[str, str] | None = None) -> float:
+async def metric_value(
+    http: aiohttp.ClientSession, url: str, name: str, headers: dict[str, str] | None = None
+) -> float:
     """The value of one sample line of /metrics (`name` includes the labels as printed)."""
     async with http.get(url + "/metrics", headers=headers) as response:
         text = await response.text()

@@ -103,8 +103,9 @@ async def test_connected_sessions_keep_their_slots_and_the_limit_holds(tiny_part
         second_pc = new_peer()
         second_pc.addTransceiver(CameraTrack(fps=30), direction="sendrecv")
         await second_pc.setLocalDescription(await second_pc.createOffer())
-        async with http.post(server.url + "/offer", json={"sdp": second_pc.localDescription.sdp,
-                                                          "type": "offer"}) as response:
+        async with http.post(
+            server.url + "/offer", json={"sdp": second_pc.localDescription.sdp, "type": "offer"}
+        ) as response:
             assert response.status == 200
             second_answer = await response.json()
         await first.wait_connected()
@@ -114,8 +115,9 @@ async def test_connected_sessions_keep_their_slots_and_the_limit_holds(tiny_part
             await asyncio.sleep(0.1)
         assert list(sessions) == [first.session_id]
         # the live limit: a third offer is refused while the first is connected
-        async with http.post(server.url + "/offer", json={"sdp": second_pc.localDescription.sdp,
-                                                          "type": "offer"}) as response:
+        async with http.post(
+            server.url + "/offer", json={"sdp": second_pc.localDescription.sdp, "type": "offer"}
+        ) as response:
             body = await response.json()
             assert response.status == 503 and int(response.headers["Retry-After"]) > 0
             assert "connected sessions" in body["error"]

@@ -55,8 +55,19 @@ def test_controlnet_flags_are_checked(capsys) -> None:  # type: ignore[no-untype
 def test_serve_flags_name_controlnets_and_the_depth_model(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from livediff.cli import build_parser, engine_settings
 
-    argv = ["serve", "--model", "tiny", "--size", "64", "--controlnet", "edges",
-            "--controlnet", "depth=thibaud/controlnet-sd21-depth-diffusers,pose=./my-pose", "--depth-model", "tiny"]
+    argv = [
+        "serve",
+        "--model",
+        "tiny",
+        "--size",
+        "64",
+        "--controlnet",
+        "edges",
+        "--controlnet",
+        "depth=thibaud/controlnet-sd21-depth-diffusers,pose=./my-pose",
+        "--depth-model",
+        "tiny",
+    ]
     settings = engine_settings(build_parser().parse_args(argv))  # fmt: skip
     assert settings.controlnets == (("edges", "tiny"), ("depth", "thibaud/controlnet-sd21-depth-diffusers"),
                                     ("pose", "./my-pose"))  # fmt: skip

@@ -9,8 +9,23 @@ from livediff.cli import main
 
 
 def test_quality_bench_reports_every_config_against_its_baseline(capsys) -> None:  # type: ignore[no-untyped-def]
-    argv = ["bench", "--quality", "--model", "tiny", "--size", "64", "--frames", "4", "--warmup", "1",
-            "--temporal", '{"bank": 2, "weight": 2}', "--temporal", '{"motion_strength": [0.3, 0.5]}', "--json"]
+    argv = [
+        "bench",
+        "--quality",
+        "--model",
+        "tiny",
+        "--size",
+        "64",
+        "--frames",
+        "4",
+        "--warmup",
+        "1",
+        "--temporal",
+        '{"bank": 2, "weight": 2}',
+        "--temporal",
+        '{"motion_strength": [0.3, 0.5]}',
+        "--json",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     rows = report["quality"]

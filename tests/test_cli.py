@@ -25,8 +25,14 @@ COMMANDS = ("serve", "bench", "build-engines")
 def livediff(*argv: str, merged: bool = False) -> subprocess.Popen[str]:
     """`livediff ARGV` in its own process, offline like every test; stderr apart, or `merged` into stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "livediff.cli", *argv], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merged else subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "livediff.cli", *argv],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+    )
 
 
 def help_entries(command: str, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
@@ -125,10 +131,12 @@ def test_the_default_size_is_what_the_cpu_runs_live(command: str, caplog: pytest
     assert "--size auto picked 256x256 (device cpu; --size 512 for the full size" in caplog.text
 
 
-@pytest.mark.parametrize(("argv", "env", "size"), [(["--size", "512"], {}, (512, 512)),
-                                                   ([], {"LIVEDIFF_SIZE": "320x240"}, (320, 240))])
-def test_another_size_is_one_flag_away(argv: list[str], env: dict[str, str], size: tuple[int, int],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("argv", "env", "size"), [(["--size", "512"], {}, (512, 512)), ([], {"LIVEDIFF_SIZE": "320x240"}, (320, 240))]
+)
+def test_another_size_is_one_flag_away(
+    argv: list[str], env: dict[str, str], size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = engine_settings(build_parser().parse_args(["serve", *argv]), backend="onnx")
@@ -162,8 +170,10 @@ def test_a_busy_port_is_named_at_once_before_anything_loads(busy_port: int) -> N
     assert out == ""  # not even the `loading` line: nothing was loaded
 
 
-@pytest.mark.parametrize(("host", "says"), [("10.254.254.254", "is not an address of this machine"),
-                                            ("no-such-host.invalid", "the name does not resolve")])
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [("10.254.254.254", "is not an address of this machine"), ("no-such-host.invalid", "the name does not resolve")],
+)
 def test_a_host_that_cannot_be_listened_on_is_named(host: str, says: str) -> None:
     process = livediff("serve", "--host", host, "--port", "0")
     out, err = process.communicate(timeout=120)
@@ -184,8 +194,20 @@ def test_an_unknown_model_is_said_once_with_the_command_that_fetches_it() -> Non
 
 def test_the_first_start_shows_each_build_step_and_prints_the_url_once_ready(tmp_path: Path) -> None:
     """Built from nothing (a fresh engines folder): the URL comes last and answers when it comes."""
-    process = livediff("serve", "--model", "tiny", "--size", "64", "--host", "127.0.0.1", "--port", "0",
-                       "--engines-dir", str(tmp_path / "engines"), merged=True)
+    process = livediff(
+        "serve",
+        "--model",
+        "tiny",
+        "--size",
+        "64",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--engines-dir",
+        str(tmp_path / "engines"),
+        merged=True,
+    )
     lines: list[str] = []
     try:
         assert process.stdout is not None
@@ -204,8 +226,11 @@ def test_the_first_start_shows_each_build_step_and_prints_the_url_once_ready(tmp
         process.wait(30)
     text = "\n".join(lines)
     assert lines[0].startswith("livediff: loading; the URL follows once the model is ready"), text
-    assert re.search(r"^livediff: ready in \d+ s, open http://127\.0\.0\.1:\d+/ \(model tiny, backend \S+, device "
-                     r"cpu, \w+, size 64x64\)$", lines[-1]), text
+    assert re.search(
+        r"^livediff: ready in \d+ s, open http://127\.0\.0\.1:\d+/ \(model tiny, backend \S+, device "
+        r"cpu, \w+, size 64x64\)$",
+        lines[-1],
+    ), text
     step = re.compile(r"^\[ *\d+\.\d s\] (?:exporting|compiling) (vae_encoder|unet|vae_decoder)")
     built = {match.group(1) for line in lines if (match := step.match(line))}
     assert built == {"vae_encoder", "unet", "vae_decoder"}, text

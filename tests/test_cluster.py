@@ -139,8 +139,11 @@ async def test_sessions_placed_kept_and_failed_over(cluster: Deployed, http: aio
     whip_replica = listing[publisher.session_id]["replica"]
     assert publisher.session_id.startswith(whip_replica + "-")
     candidate = "a=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n"
-    async with http.patch(url + publisher.location, data=candidate,
-                          headers={"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": publisher.etag}) as r:
+    async with http.patch(
+        url + publisher.location,
+        data=candidate,
+        headers={"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": publisher.etag},
+    ) as r:
         assert r.status == 204, await r.text()  # any other replica would not know the resource: 404
     watched = clients[0].session_id
     async with http.patch(f"{url}/api/sessions/{watched}", json={"prompt": "a charcoal sketch"}) as response:
@@ -168,8 +171,11 @@ async def test_sessions_placed_kept_and_failed_over(cluster: Deployed, http: aio
     async def scraped() -> list[str]:
         async with http.get(url + "/metrics") as response:
             lines = (await response.text()).splitlines()
-        wanted = [f'{name}{{replica="{key}"}} 2.0' for key in set(replica_of.values())
-                  for name in ("livediff_sessions", "livediff_replica_sessions")]
+        wanted = [
+            f'{name}{{replica="{key}"}} 2.0'
+            for key in set(replica_of.values())
+            for name in ("livediff_sessions", "livediff_replica_sessions")
+        ]
         return lines if all(line in lines for line in wanted) and "livediff_replicas 2.0" in lines else []
 
     await eventually(scraped, 10, "both replicas' sessions in one scrape")
@@ -193,6 +199,7 @@ async def test_sessions_placed_kept_and_failed_over(cluster: Deployed, http: aio
     gone = [c for c in clients if replica_of[c.session_id] == killed]
     kept = [c for c in clients if replica_of[c.session_id] != killed]
     for client in gone:
+
         async def answers_404(client: Client = client) -> bool:
             return (await get(http, f"{url}/api/sessions/{client.session_id}"))[0] == 404
 
@@ -235,8 +242,7 @@ async def test_autoscaling_on_sessions(cluster: Deployed, http: aiohttp.ClientSe
     async def replicas(count: int) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
             status, body = await get(http, url + "/readyz")
-            return bool(status == 200 and body["replicas"]["total"] == count
-                        and body["replicas"]["ready"] == count)
+            return bool(status == 200 and body["replicas"]["total"] == count and body["replicas"]["ready"] == count)
 
         return check
 

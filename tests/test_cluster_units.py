@@ -35,7 +35,8 @@ def test_session_paths_carry_their_replica() -> None:
     assert HttpCall("POST", "/offer").opens_session and HttpCall("POST", "/whip").opens_session
     assert not HttpCall("POST", "/whep").opens_session and not HttpCall("PATCH", "/whip/a-b").opens_session
     assert end_to_end([("Host", "x"), ("Content-Length", "3"), ("ETag", '"1"'), ("connection", "close")]) == [
-        ("ETag", '"1"')]
+        ("ETag", '"1"')
+    ]
 
 
 def test_server_settings_take_a_route_prefix_only_of_safe_characters() -> None:
@@ -55,8 +56,9 @@ def test_server_settings_take_a_route_prefix_only_of_safe_characters() -> None:
     ({"a": 1, "b": 0, "c": 1}, 3, 1, 2),  # 2 sessions on 3 replicas, target 1: only the empty one goes
     ({"a": 1}, 2, 1, 1),                 # a replica still starting reports nothing: it holds no session
 ])  # fmt: skip
-def test_scaling_down_only_by_empty_replicas(sessions: dict[str, float], current: int, target: float,
-                                             expected: int) -> None:
+def test_scaling_down_only_by_empty_replicas(
+    sessions: dict[str, float], current: int, target: float, expected: int
+) -> None:
     assert desired_replicas(sessions, current, target) == expected
 
 
@@ -71,13 +73,18 @@ def test_one_scrape_labels_every_replica() -> None:
     families = {f.name: f for f in text_string_to_metric_families(merge(texts, views).decode())}
     sessions = {s.labels["replica"]: s.value for s in families["livediff_sessions"].samples}
     assert sessions == {"aaaa": 2.0, "bbbb": 1.0}
-    sent = {s.labels["replica"]: s.value for s in families["livediff_frames"].samples
-            if s.name == "livediff_frames_total" and s.labels["outcome"] == "sent"}
+    sent = {
+        s.labels["replica"]: s.value
+        for s in families["livediff_frames"].samples
+        if s.name == "livediff_frames_total" and s.labels["outcome"] == "sent"
+    }
     assert sent == {"aaaa": 20.0, "bbbb": 10.0}
     free = {s.labels["replica"]: s.value for s in families["livediff_replica_free_slots"].samples}
     assert free == {"aaaa": 1.0, "bbbb": 1.0}  # bbbb: 3 - 1 session - 1 being placed
     assert {s.labels["replica"]: s.value for s in families["livediff_replica_ready"].samples} == {
-        "aaaa": 1.0, "bbbb": 0.0}
+        "aaaa": 1.0,
+        "bbbb": 0.0,
+    }
     assert families["livediff_replicas"].samples[0].value == 2.0
 
 
@@ -94,8 +101,20 @@ def test_replicas_follow_the_gpus() -> None:
 
 
 def test_cluster_flags() -> None:
-    args = build_parser().parse_args(["serve", "--cluster", "--min-replicas", "2", "--max-replicas", "4",
-                                      "--target-sessions", "3", "--drain-timeout", "60"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--cluster",
+            "--min-replicas",
+            "2",
+            "--max-replicas",
+            "4",
+            "--target-sessions",
+            "3",
+            "--drain-timeout",
+            "60",
+        ]
+    )
     settings = cluster_settings(args)
     assert (settings.address, settings.min_replicas, settings.max_replicas) == ("local", 2, 4)
     assert settings.target(4) == 3 and settings.drain_timeout_s == 60
@@ -116,7 +135,8 @@ def test_cluster_flag_errors_are_one_line(capsys: pytest.CaptureFixture[str]) ->
 
 
 async def test_a_draining_replicas_sessions_are_reached_at_its_own_address(
-        tiny_parts: object, loopback_ice: None, http: object) -> None:
+    tiny_parts: object, loopback_ice: None, http: object
+) -> None:
     """Serve routes nothing to a replica it stops; while that replica drains, the gateway reaches its
     sessions at the address its last stats gave. Here the replica is a real single server, and the
     router's view is as it stands once Serve dropped the replica (`SessionRouter.update_replicas`)."""
@@ -141,13 +161,19 @@ async def test_a_draining_replicas_sessions_are_reached_at_its_own_address(
             reply = await gateway.handle(HttpCall("GET", f"/api/sessions/{client.session_id}"))
             assert reply.status == 200 and reply.replica == "abcd1234", reply
             assert json.loads(reply.body)["id"] == client.session_id
-            reply = await gateway.handle(HttpCall("PATCH", f"/api/sessions/{client.session_id}",
-                                                  headers=[("Content-Type", "application/json")],
-                                                  body=b'{"prompt": "a charcoal sketch"}'))
+            reply = await gateway.handle(
+                HttpCall(
+                    "PATCH",
+                    f"/api/sessions/{client.session_id}",
+                    headers=[("Content-Type", "application/json")],
+                    body=b'{"prompt": "a charcoal sketch"}',
+                )
+            )
             assert reply.status == 200 and json.loads(reply.body)["params"]["prompt"] == "a charcoal sketch"
             listing = await gateway.handle(HttpCall("GET", "/api/sessions"))
             assert [(s["id"], s["replica"]) for s in json.loads(listing.body)["sessions"]] == [
-                (client.session_id, "abcd1234")]
+                (client.session_id, "abcd1234")
+            ]
             await client.close()
         # the replica has ended: its sessions answer 404, and it is forgotten
         reply = await gateway.handle(HttpCall("GET", f"/api/sessions/{client.session_id}"))

@@ -80,8 +80,11 @@ def test_the_exported_residual_unet_matches_torch(
     graph: str, built: tuple[list[Path], list[str]], settings: EngineSettings, tiny_parts: ModelParts
 ) -> None:
     extras = unet_extras(settings, tiny_parts)
-    path = built[0][3] if graph == "fused" else onnx_backend.ensure_onnx(
-        settings, tiny_parts, "unet", lambda _: None, extras=extras).path
+    path = (
+        built[0][3]
+        if graph == "fused"
+        else onnx_backend.ensure_onnx(settings, tiny_parts, "unet", lambda _: None, extras=extras).path
+    )
     inputs = sample_inputs(tiny_parts, "unet", SIZE, SIZE, batch=5, dtype=torch.float32, seed=7, extras=extras)
     with torch.inference_mode():
         (expected,) = torch_module(tiny_parts, "unet", extras)(*inputs)
@@ -96,8 +99,11 @@ def test_the_exported_controlnet_matches_torch(graph: str, built: tuple[list[Pat
                                                settings: EngineSettings, tiny_parts: ModelParts,
                                                controlnet: ControlNetParts) -> None:  # fmt: skip
     parts = tiny_parts.with_controlnet(controlnet)
-    path = built[0][4] if graph == "fused" else onnx_backend.ensure_onnx(
-        settings, parts, "controlnet", lambda _: None).path
+    path = (
+        built[0][4]
+        if graph == "fused"
+        else onnx_backend.ensure_onnx(settings, parts, "controlnet", lambda _: None).path
+    )
     inputs = sample_inputs(parts, "controlnet", SIZE, SIZE, batch=5, dtype=torch.float32, seed=9)
     with torch.inference_mode():
         expected = torch_module(parts, "controlnet")(*inputs)

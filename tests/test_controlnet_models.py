@@ -125,8 +125,11 @@ def test_a_controlnet_for_another_unet_is_refused_naming_both_shapes(tiny_parts:
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ("someone/no-such-controlnet", "ControlNet 'someone/no-such-controlnet' is not a built-in (tiny, "
-         "sd-turbo-random), a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"),
+        (
+            "someone/no-such-controlnet",
+            "ControlNet 'someone/no-such-controlnet' is not a built-in (tiny, "
+            "sd-turbo-random), a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE is set",
+        ),
         ("no-such-thing", "not a built-in (tiny, sd-turbo-random)"),
         ("a/b/c", "nor a hub id"),
     ],

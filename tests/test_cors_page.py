@@ -97,8 +97,9 @@ def browser() -> Iterator[Any]:
         yield launched
 
 
-def test_an_app_on_another_origin_publishes_and_plays(tiny_parts: Any, browser: Any, app_origin: str,
-                                                       artifacts_dir: Path) -> None:
+def test_an_app_on_another_origin_publishes_and_plays(
+    tiny_parts: Any, browser: Any, app_origin: str, artifacts_dir: Path
+) -> None:
     server = start_server(tiny_parts, token=TOKEN, cors_origins=(app_origin,), ice_servers=("stun:127.0.0.1:9",))
     try:
         page = browser.new_page()

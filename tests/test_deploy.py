@@ -36,8 +36,10 @@ def test_alert_rules_load_and_fire_on_their_conditions() -> None:
 
 def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     # promtool parses PromQL in rule files: each panel query becomes a recording rule
-    rules = [{"record": f"livediff:panel_query_{i}", "expr": expr.replace("$__rate_interval", "2m")}
-             for i, expr in enumerate(dashboard_queries())]
+    rules = [
+        {"record": f"livediff:panel_query_{i}", "expr": expr.replace("$__rate_interval", "2m")}
+        for i, expr in enumerate(dashboard_queries())
+    ]
     (tmp_path / "queries.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     assert f"SUCCESS: {len(rules)} rules found" in promtool("check", "rules", "queries.yml", cwd=tmp_path)
 
@@ -65,8 +67,12 @@ def test_the_metrics_named_are_the_ones_livediff_exports() -> None:
     text = merge({"r1": Metrics().render().decode()}, [ReplicaView("r1", 0, 0, 4, True, 0.0)]).decode()
     families = list(text_string_to_metric_families(text))
     exported = {s.name for family in families for s in family.samples}
-    exported |= {family.name + suffix for family in families if family.type == "histogram"  # labelled ones
-                 for suffix in ("_bucket", "_sum", "_count")}  # have no samples before the first observation
+    exported |= {
+        family.name + suffix
+        for family in families
+        if family.type == "histogram"  # labelled ones
+        for suffix in ("_bucket", "_sum", "_count")
+    }  # have no samples before the first observation
     exported |= {"livediff_gpu_utilization_ratio"}  # CUDA only (server/metrics.py `_gpu_metrics`)
     rules = (DEPLOY / "alerts.yml").read_text()
     named = set(re.findall(r"\blivediff_[a-z_]+\b", rules + " ".join(dashboard_queries())))

@@ -97,4 +97,3 @@ async def test_a_fed_sender_reports_remb_and_keyframe_requests() -> None:
         feed_packets(sender, codec, bitrates.append, lambda: None)
     await offerer.close()
     await answerer.close()
-

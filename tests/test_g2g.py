@@ -54,8 +54,25 @@ def test_g2g_refuses_unknown_cases_before_starting_anything(capsys) -> None:  # 
 
 
 def test_g2g_with_viewers_reports_the_publishers_and_the_viewers_frame_rates(capsys) -> None:  # type: ignore[no-untyped-def]
-    code = main(["bench", "--g2g", "--json", "--model", "tiny", "--size", "128", "--fps", "30", "--duration", "2",
-                 "--cases", "pass-both", "--viewers", "0,3"])
+    code = main(
+        [
+            "bench",
+            "--g2g",
+            "--json",
+            "--model",
+            "tiny",
+            "--size",
+            "128",
+            "--fps",
+            "30",
+            "--duration",
+            "2",
+            "--cases",
+            "pass-both",
+            "--viewers",
+            "0,3",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     alone, watched = report["cases"]

@@ -31,8 +31,18 @@ def kit() -> ModuleType:
 
 def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cuda(kit) -> None:
     gpu = {step.name: step for step in kit.plan(True, "python3", 512)}
-    assert list(gpu) == ["gpu-tests", "model", "bench-batch1", "bench-batch4", "streams", "controlnet", "temporal",
-                         "temporal-batch4", "g2g", "bench-compile"]
+    assert list(gpu) == [
+        "gpu-tests",
+        "model",
+        "bench-batch1",
+        "bench-batch4",
+        "streams",
+        "controlnet",
+        "temporal",
+        "temporal-batch4",
+        "g2g",
+        "bench-compile",
+    ]
     b1 = " ".join(gpu["bench-batch1"].argv)
     assert "--model sd-turbo-random --size 512 --steps 1" in b1 and "--backend torch,cuda-graph --batch 1" in b1
     assert "--baseline diffusers" in b1 and "--baseline-dtype" not in b1  # the engine's float16
@@ -57,8 +67,13 @@ def test_the_gpu_tests_step_runs_every_file_that_holds_gpu_tests(kit) -> None:
     files = kit.gpu_test_files()
     assert "tests/test_cuda.py" in files and "tests/test_backends.py" in files
     assert "tests/test_gpu_check.py" not in files
-    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p",
-                                "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     marked = {line.split("::")[0] for line in collected.splitlines() if "::" in line}
     assert marked == set(files)  # pytest's own view of where the gpu tests are
 
@@ -145,20 +160,56 @@ def test_the_engine_backends_and_bench_import_without_aiortc_or_av() -> None:
 
 def test_the_summary_reads_a_gpu_report(kit) -> None:
     steps = _steps(fast_ms=4.0, parity=(0, 0.0), streams4_fps=450.0)
-    steps["controlnet"] = {"status": "ok", "result": {  # the shapes `bench --controlnet ... --streams 4` prints
-        "runs": [{"config": "off", "ms_per_frame": 10.0},
-                 {"config": "depth", "ms_per_frame": 13.5, "vs_off_p50": 1.31}],
-        "streams": [{"streams": 4, "batched": {"fps": 300.0}, "sequential": {"fps": 200.0}}]}}
-    steps["temporal"] = {"status": "ok", "result": {"quality": [  # and `bench --quality --temporal ...`
-        {"config": "off (baseline)", "warp_error": 9.1, "flicker": 2.5, "ssim": 0.8, "ms_per_frame": 10.0},
-        {"config": "bank=1", "warp_error": 6.2, "flicker": 1.5, "ssim": 0.79, "ms_per_frame": 11.0,
-         "vs_baseline": {"warp_error": 0.68, "flicker": 0.6, "ssim": 0.99, "ms_per_frame": 1.1}}]}}
-    steps["g2g"] = {"status": "ok", "result": {  # and `bench --g2g --json`
-        "model": "sd-turbo-random (builtin-v1)", "backend": "cuda-graph", "size": "512x512", "fps": 30, "codec": "VP8",
-        "cases": [{"label": "passthrough, marker both ends", "g2g_ms": {"p50": 8.04, "p99": 12.0}, "output_fps": 30.0,
-                   "model_ms": None},
-                  {"label": "model, marker both ends", "g2g_ms": {"p50": 21.0, "p99": 30.0}, "output_fps": 29.9,
-                   "model_ms": {"p50": 10.2}}]}}
+    steps["controlnet"] = {
+        "status": "ok",
+        "result": {  # the shapes `bench --controlnet ... --streams 4` prints
+            "runs": [
+                {"config": "off", "ms_per_frame": 10.0},
+                {"config": "depth", "ms_per_frame": 13.5, "vs_off_p50": 1.31},
+            ],
+            "streams": [{"streams": 4, "batched": {"fps": 300.0}, "sequential": {"fps": 200.0}}],
+        },
+    }
+    steps["temporal"] = {
+        "status": "ok",
+        "result": {
+            "quality": [  # and `bench --quality --temporal ...`
+                {"config": "off (baseline)", "warp_error": 9.1, "flicker": 2.5, "ssim": 0.8, "ms_per_frame": 10.0},
+                {
+                    "config": "bank=1",
+                    "warp_error": 6.2,
+                    "flicker": 1.5,
+                    "ssim": 0.79,
+                    "ms_per_frame": 11.0,
+                    "vs_baseline": {"warp_error": 0.68, "flicker": 0.6, "ssim": 0.99, "ms_per_frame": 1.1},
+                },
+            ]
+        },
+    }
+    steps["g2g"] = {
+        "status": "ok",
+        "result": {  # and `bench --g2g --json`
+            "model": "sd-turbo-random (builtin-v1)",
+            "backend": "cuda-graph",
+            "size": "512x512",
+            "fps": 30,
+            "codec": "VP8",
+            "cases": [
+                {
+                    "label": "passthrough, marker both ends",
+                    "g2g_ms": {"p50": 8.04, "p99": 12.0},
+                    "output_fps": 30.0,
+                    "model_ms": None,
+                },
+                {
+                    "label": "model, marker both ends",
+                    "g2g_ms": {"p50": 21.0, "p99": 30.0},
+                    "output_fps": 29.9,
+                    "model_ms": {"p50": 10.2},
+                },
+            ],
+        },
+    }
     smi = {"gpus": [{"name": "NVIDIA H200", "driver_version": "580.159.04", "clocks.sm": "1980",
                      "clocks.max.sm": "1980", "clocks.mem": "3201", "memory.used": "2000", "memory.total": "143771",
                      "temperature.gpu": "40", "power.draw": "300.1"}]}  # fmt: skip
@@ -175,13 +226,19 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
     assert "cuda-graph 4.00 ms/frame 250.0 fps (parity max 0, mean 0.0)" in text
     assert "streams 4: batched 450.0 fps, worst stream p99 9.0 ms" in text
     assert "target batch1_fps >= 200.0: met (250.0)" in text
-    assert ("controlnet: off 10.00 ms/frame; depth 13.50 ms/frame (1.31x off at p50); 4 streams in one step "
-            "300.0 fps, apart 200.0") in text
-    assert ("temporal: off (baseline) warp 9.1 flicker 2.5 ssim 0.8 10.00 ms; bank=1 warp 6.2 flicker 1.5 ssim "
-            "0.79 11.00 ms (x0.68 warp, x0.6 flicker, x1.1 ms)") in text
-    assert ("g2g (sd-turbo-random (builtin-v1), backend cuda-graph, 512x512, camera 30 fps VP8): passthrough, marker "
-            "both ends p50 8.0 / p99 12.0 ms, 30.0 fps out; model, marker both ends p50 21.0 / p99 30.0 ms, 29.9 fps "
-            "out (model step p50 10.2 ms)") in text
+    assert (
+        "controlnet: off 10.00 ms/frame; depth 13.50 ms/frame (1.31x off at p50); 4 streams in one step "
+        "300.0 fps, apart 200.0"
+    ) in text
+    assert (
+        "temporal: off (baseline) warp 9.1 flicker 2.5 ssim 0.8 10.00 ms; bank=1 warp 6.2 flicker 1.5 ssim "
+        "0.79 11.00 ms (x0.68 warp, x0.6 flicker, x1.1 ms)"
+    ) in text
+    assert (
+        "g2g (sd-turbo-random (builtin-v1), backend cuda-graph, 512x512, camera 30 fps VP8): passthrough, marker "
+        "both ends p50 8.0 / p99 12.0 ms, 30.0 fps out; model, marker both ends p50 21.0 / p99 30.0 ms, 29.9 fps "
+        "out (model step p50 10.2 ms)"
+    ) in text
     assert "--backend auto's CUDA pick (cuda-graph) holds here: yes" in text
     only_g2g = {"g2g": steps["g2g"]}  # `--only model,g2g`: no bench, no GPU tests, so no judgement either way
     partial = {**report, "steps": [{"name": "g2g", "seconds": 1.0, **steps["g2g"]}], "verdict": kit.verdict(only_g2g)}

@@ -56,15 +56,14 @@ class EncodedCamera(MediaStreamTrack):
             raise MediaStreamError
         while not self.queue:
             await asyncio.sleep(1 / FPS)
-            frame = av.VideoFrame.from_ndarray(self.camera.frame(self.index), format="rgb24").reformat(
-                format="yuv420p")
+            frame = av.VideoFrame.from_ndarray(self.camera.frame(self.index), format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = self.index * CLOCK // FPS, self.codec.time_base
             self.index += 1
             self.queue += self.codec.encode(frame)
         packet = self.queue.pop(0)
         data = bytes(packet)
         if not self.sps and b"\x00\x00\x01\x67" in data:
-            self.sps = data[data.index(b"\x00\x00\x01\x67") + 4:][:3]
+            self.sps = data[data.index(b"\x00\x00\x01\x67") + 4 :][:3]
         assert packet.pts is not None
         self.pts.append(packet.pts)
         return packet
@@ -73,8 +72,11 @@ class EncodedCamera(MediaStreamTrack):
 def h264_capability(profile_level_id: str) -> list[RTCRtpCodecCapability]:
     """The H.264 row of that profile-level-id, to offer it alone (`setCodecPreferences`)."""
     h264_profiles.enable()
-    return [c for c in RTCRtpSender.getCapabilities("video").codecs
-            if c.mimeType == "video/H264" and c.parameters.get("profile-level-id") == profile_level_id]
+    return [
+        c
+        for c in RTCRtpSender.getCapabilities("video").codecs
+        if c.mimeType == "video/H264" and c.parameters.get("profile-level-id") == profile_level_id
+    ]
 
 
 async def publish(http: aiohttp.ClientSession, url: str, camera: EncodedCamera, profile_level_id: str) -> Client:
@@ -96,13 +98,23 @@ async def publish(http: aiohttp.ClientSession, url: str, camera: EncodedCamera, 
     return client
 
 
-@pytest.mark.parametrize(("profile_level_id", "profile", "b_frames", "profile_idc"), [
-    ("4d001f", "Main", 0, 77),
-    ("640c1f", "High", 0, 100),  # what browsers offer as High (Constrained High: no B-frames)
-    ("64001f", "High", 2, 100),  # what ffmpeg -profile:v high sends: B-frames
-])
-async def test_h264_main_and_high_streams_are_received(tiny_parts, http, caplog, profile_level_id, profile,  # type: ignore[no-untyped-def]
-                                                       b_frames, profile_idc) -> None:
+@pytest.mark.parametrize(
+    ("profile_level_id", "profile", "b_frames", "profile_idc"),
+    [
+        ("4d001f", "Main", 0, 77),
+        ("640c1f", "High", 0, 100),  # what browsers offer as High (Constrained High: no B-frames)
+        ("64001f", "High", 2, 100),  # what ffmpeg -profile:v high sends: B-frames
+    ],
+)
+async def test_h264_main_and_high_streams_are_received(
+    tiny_parts,
+    http,
+    caplog,
+    profile_level_id,
+    profile,  # type: ignore[no-untyped-def]
+    b_frames,
+    profile_idc,
+) -> None:
     caplog.set_level(logging.WARNING, logger="aiortc")
     async with running_server(tiny_parts, size=64) as server:
         camera = EncodedCamera(profile, b_frames)
@@ -138,7 +150,8 @@ def sps_profiles(data: bytes) -> list[tuple[int, int]]:
 
 
 async def test_h264_viewers_of_every_profile_share_one_encoding_they_all_decode(  # type: ignore[no-untyped-def]
-        tiny_parts, http, caplog, monkeypatch) -> None:
+    tiny_parts, http, caplog, monkeypatch
+) -> None:
     """WHEP viewers whose only codec is H.264 Constrained Baseline, Main or Constrained High: each is
     answered with its own profile; the session's output is encoded once for all of them (one
     Constrained Baseline encoder, a subset of Main and High) and each one decodes it."""
@@ -165,8 +178,11 @@ async def test_h264_viewers_of_every_profile_share_one_encoding_they_all_decode(
                 viewer.receive_video()
                 viewers.append(viewer)
                 await viewer.pc.setLocalDescription(await viewer.pc.createOffer())
-                async with http.post(f"{server.url}/whep/{publisher.session_id}", data=viewer.pc.localDescription.sdp,
-                                     headers={"Content-Type": "application/sdp"}) as response:
+                async with http.post(
+                    f"{server.url}/whep/{publisher.session_id}",
+                    data=viewer.pc.localDescription.sdp,
+                    headers={"Content-Type": "application/sdp"},
+                ) as response:
                     answer = await response.text()
                     assert response.status == 201, answer
                 assert re.findall(r"profile-level-id=(\w+)", answer) == [profile_level_id], answer
@@ -201,8 +217,10 @@ async def test_offers_of_codecs_livediff_cannot_receive_get_422_naming_them(tiny
         for expected, (rtpmap, fmtp) in cases.items():
             sdp = re.sub(r"a=rtpmap:(\d+) H264/90000", rf"a=rtpmap:\1 {rtpmap}", offer)
             sdp = re.sub(r"a=fmtp:(\d+) level-asymmetry[^\r\n]*", rf"a=fmtp:\1 {fmtp}", sdp)
-            for route, kwargs in (("/whip", {"data": sdp, "headers": {"Content-Type": "application/sdp"}}),
-                                  ("/offer", {"json": {"sdp": sdp, "type": "offer"}})):
+            for route, kwargs in (
+                ("/whip", {"data": sdp, "headers": {"Content-Type": "application/sdp"}}),
+                ("/offer", {"json": {"sdp": sdp, "type": "offer"}}),
+            ):
                 async with http.post(server.url + route, **kwargs) as response:
                     body = await response.json()
                     assert response.status == 422, body
@@ -225,8 +243,14 @@ def test_aiortc_internals_check_fails_loudly(monkeypatch: pytest.MonkeyPatch) ->
     h264_profiles.enable()  # idempotent
     assert len(aiortc_codecs.CODECS["video"]) == rows
     # aiortc negotiates a Main-only offer with the Main row, at the offer's payload type
-    remote = [RTCRtpCodecParameters(mimeType="video/H264", clockRate=CLOCK, payloadType=120,
-                                    parameters={"packetization-mode": 1, "profile-level-id": "4d0032"})]
+    remote = [
+        RTCRtpCodecParameters(
+            mimeType="video/H264",
+            clockRate=CLOCK,
+            payloadType=120,
+            parameters={"packetization-mode": 1, "profile-level-id": "4d0032"},
+        )
+    ]
     common = rtcpeerconnection.find_common_codecs(aiortc_codecs.CODECS["video"], remote)
     assert [(c.payloadType, c.parameters["profile-level-id"]) for c in common] == [(120, "4d001f")]
 
@@ -236,8 +260,9 @@ def test_aiortc_internals_check_fails_loudly(monkeypatch: pytest.MonkeyPatch) ->
         with pytest.raises(AiortcInternalsError, match=f"aiortc {version}: .*no longer negotiates"):
             h264_profiles.check_aiortc_internals()
     with monkeypatch.context() as patch:
-        patch.setattr(aiortc_codecs, "CODECS", {"video": [c for c in aiortc_codecs.CODECS["video"]
-                                                          if c.mimeType != "video/H264"]})
+        patch.setattr(
+            aiortc_codecs, "CODECS", {"video": [c for c in aiortc_codecs.CODECS["video"] if c.mimeType != "video/H264"]}
+        )
         patch.setattr(rtcpeerconnection, "CODECS", aiortc_codecs.CODECS)
         with pytest.raises(AiortcInternalsError, match="no H.264 row"):
             h264_profiles.check_aiortc_internals()

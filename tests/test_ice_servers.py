@@ -18,8 +18,12 @@ def test_rest_credential_matches_openssl() -> None:
     """username `expiry:user`, password base64(HMAC-SHA1(secret, username)), checked against openssl."""
     credential = rest_credential("north-wind", ttl_s=3600, now=1_700_000_000, user="alice")
     assert credential.username == "1700003600:alice" and credential.expires == 1_700_003_600
-    digest = subprocess.run(["openssl", "dgst", "-sha1", "-hmac", "north-wind", "-binary"],
-                            input=credential.username.encode(), capture_output=True, check=True).stdout
+    digest = subprocess.run(
+        ["openssl", "dgst", "-sha1", "-hmac", "north-wind", "-binary"],
+        input=credential.username.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
     assert credential.password == base64.b64encode(digest).decode()
     assert rest_credential("north-wind", 3600).username != rest_credential("north-wind", 3600).username
 
@@ -65,8 +69,11 @@ async def test_pages_whip_and_options_get_the_ice_servers(tiny_parts, http) -> N
 async def test_cors_preflight_and_exposed_headers(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
     app_origin = "https://app.example"
     async with running_server(tiny_parts, size=64, cors_origins=(app_origin,), token="t") as server:
-        preflight = {"Origin": app_origin, "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization,content-type"}
+        preflight = {
+            "Origin": app_origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
         async with http.options(server.url + "/whip", headers=preflight) as response:
             assert response.status == 204  # no token needed for a preflight
             assert response.headers["Access-Control-Allow-Origin"] == app_origin
@@ -79,7 +86,8 @@ async def test_cors_preflight_and_exposed_headers(tiny_parts, http) -> None:  # 
             assert response.status == 401  # errors are readable by the page too
             assert response.headers["Access-Control-Allow-Origin"] == app_origin
             assert {"Location", "ETag", "Link", "Accept-Patch"} <= {
-                h.strip() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
+                h.strip() for h in response.headers["Access-Control-Expose-Headers"].split(",")
+            }
         async with http.options(server.url + "/whip") as response:  # WHIP's own OPTIONS still answers
             assert response.headers["Accept-Post"] == "application/sdp"
     async with running_server(tiny_parts, size=64) as server:  # none by default

@@ -132,8 +132,9 @@ def chromium(bed: Bed) -> Iterator[Any]:
     pins = ",".join(s.certificate.spki_sha256 for s in (bed.server, bed.misconfigured))
     with netns.entered(bed.topology.home):  # the driver and the browser it starts live in the home LAN
         playwright = sync_playwright().start()
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=[*BROWSER_ARGS, f"--ignore-certificate-errors-spki-list={pins}"])
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=[*BROWSER_ARGS, f"--ignore-certificate-errors-spki-list={pins}"]
+        )
     yield browser
     browser.close()
     playwright.stop()
@@ -189,9 +190,13 @@ def test_chromium_in_a_home_lan_uses_its_camera_over_https(bed: Bed, chromium: A
     page.context.close()
     assert pair["local"] != "relay"  # direct: the server's host candidate through the home NAT
     latency = latency_run(chromium, bed.server.url + LATENCY)
-    report("chromium, home LAN behind NAT, camera, https", first_frame_s=first,
-           path=f"{pair['local']}->{pair['remote']}", g2g_p50_ms=latency["p50_ms"],
-           received=f"{latency['received']}/{latency['sent']}")
+    report(
+        "chromium, home LAN behind NAT, camera, https",
+        first_frame_s=first,
+        path=f"{pair['local']}->{pair['remote']}",
+        g2g_p50_ms=latency["p50_ms"],
+        received=f"{latency['received']}/{latency['sent']}",
+    )
 
 
 def test_chromium_relay_only_through_turn(bed: Bed, chromium: Any, artifacts_dir: Path) -> None:
@@ -201,9 +206,13 @@ def test_chromium_relay_only_through_turn(bed: Bed, chromium: Any, artifacts_dir
     page.context.close()
     assert pair["local"] == "relay"
     latency = latency_run(chromium, bed.server.url + LATENCY + "&ice=relay")
-    report("chromium, home LAN, relay only (coturn, short-lived credential)", first_frame_s=first,
-           path=f"{pair['local']}->{pair['remote']}", g2g_p50_ms=latency["p50_ms"],
-           received=f"{latency['received']}/{latency['sent']}")
+    report(
+        "chromium, home LAN, relay only (coturn, short-lived credential)",
+        first_frame_s=first,
+        path=f"{pair['local']}->{pair['remote']}",
+        g2g_p50_ms=latency["p50_ms"],
+        received=f"{latency['received']}/{latency['sent']}",
+    )
     assert sum("ALLOCATE" in line for line in bed.coturn.lines) > allocations, "coturn saw no allocation"
 
 
@@ -246,10 +255,17 @@ def test_firefox_with_its_default_mdns_candidates(bed: Bed, artifacts_dir: Path)
         firefox.goto(bed.vm.url + LATENCY)  # the latency page's canvas source: no camera, mDNS names again
         wait_until(lambda: firefox.js("return !document.getElementById('run').disabled"), 30, "the latency page")
         firefox.click("#run")
-        summary = wait_until(lambda: firefox.js("return page.livediffLatency.results[0]?.summary() ?? null"), 60,
-                       "the latency run's summary")
-        report(f"firefox {firefox.version}, home LAN, mDNS host candidates only, server on the 1:1 NAT VM",
-               first_frame_s=first, g2g_p50_ms=summary["p50_ms"], received=f"{summary['received']}/{summary['sent']}")
+        summary = wait_until(
+            lambda: firefox.js("return page.livediffLatency.results[0]?.summary() ?? null"),
+            60,
+            "the latency run's summary",
+        )
+        report(
+            f"firefox {firefox.version}, home LAN, mDNS host candidates only, server on the 1:1 NAT VM",
+            first_frame_s=first,
+            g2g_p50_ms=summary["p50_ms"],
+            received=f"{summary['received']}/{summary['sent']}",
+        )
     finally:
         firefox.close()
 
@@ -280,8 +296,12 @@ def test_obs_like_whip_publisher_and_a_whep_viewer_elsewhere(bed: Bed) -> None:
         viewer.received.on_frame = clock.on_frame
         wait_until(lambda: len(clock.g2g_ms) >= 30, 60, "30 probe ids back at the viewer")
         assert publisher.pc.connectionState == "connected" and viewer.pc.connectionState == "connected"
-        report("OBS-like WHIP publisher (home LAN, H.264, no candidates) -> WHEP viewer (third host)",
-               first_frame_s=(clock.first_at or 0) - started, g2g_p50_ms=clock.p50(), frames=len(clock.g2g_ms))
+        report(
+            "OBS-like WHIP publisher (home LAN, H.264, no candidates) -> WHEP viewer (third host)",
+            first_frame_s=(clock.first_at or 0) - started,
+            g2g_p50_ms=clock.p50(),
+            frames=len(clock.g2g_ms),
+        )
     finally:
         home.call(publisher.close())
         elsewhere.call(viewer.close())
@@ -321,8 +341,11 @@ def test_replayed_offers_cut_short_by_end_of_candidates_connect(bed: Bed, mode: 
         wait_until(lambda: client.received is not None, 30, "the output track")
         client.received.on_frame = clock.on_frame
         wait_until(lambda: len(clock.g2g_ms) >= 20, 60, "20 probe ids back")
-        report(f"replayed offer ({mode} + end-of-candidates), home LAN", first_frame_s=(clock.first_at or 0) - started,
-               g2g_p50_ms=clock.p50())
+        report(
+            f"replayed offer ({mode} + end-of-candidates), home LAN",
+            first_frame_s=(clock.first_at or 0) - started,
+            g2g_p50_ms=clock.p50(),
+        )
     finally:
         home.call(client.close())
         home.call(http.close())
@@ -348,8 +371,11 @@ def test_server_behind_1to1_nat_advertises_its_public_address(bed: Bed) -> None:
         wait_until(lambda: client.received is not None, 30, "the output track")
         client.received.on_frame = clock.on_frame
         wait_until(lambda: len(clock.g2g_ms) >= 20, 60, "20 probe ids back")
-        report("cloud VM behind 1:1 NAT (--nat-1to1), publisher in home LAN", first_frame_s=(clock.first_at or 0)
-               - started, g2g_p50_ms=clock.p50())
+        report(
+            "cloud VM behind 1:1 NAT (--nat-1to1), publisher in home LAN",
+            first_frame_s=(clock.first_at or 0) - started,
+            g2g_p50_ms=clock.p50(),
+        )
     finally:
         home.call(client.close())
         home.call(http.close())

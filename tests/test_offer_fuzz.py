@@ -43,8 +43,9 @@ EXAMPLES = 520
 NUMBER = re.compile(r"-?\d+")
 PAYLOAD_LINE = re.compile(r"^(m=(audio|video) |a=(rtpmap|fmtp|rtcp-fb):)|apt=")
 GARBAGE = st.text(max_size=40)
-HUGE = st.builds(lambda char, n: char * n, st.sampled_from(["9", "a", " ", ":", "/", ";", "é"]),
-                 st.integers(1_000, 60_000))
+HUGE = st.builds(
+    lambda char, n: char * n, st.sampled_from(["9", "a", " ", ":", "/", ";", "é"]), st.integers(1_000, 60_000)
+)
 
 
 async def aiortc_offers() -> dict[str, str]:
@@ -75,13 +76,13 @@ def mutation(lines: list[str]) -> st.SearchStrategy[list[str]]:
     index = st.integers(0, len(lines) - 1)
 
     def drop(i: int) -> list[str]:
-        return lines[:i] + lines[i + 1:]
+        return lines[:i] + lines[i + 1 :]
 
     def duplicate(i: int, j: int) -> list[str]:
         return lines[:j] + [lines[i]] + lines[j:]
 
     def truncate(i: int, cut: int) -> list[str]:
-        return lines[:i] + [lines[i][: cut % (len(lines[i]) + 1)]] + lines[i + 1:]
+        return lines[:i] + [lines[i][: cut % (len(lines[i]) + 1)]] + lines[i + 1 :]
 
     def swap(i: int, j: int) -> list[str]:
         copy = list(lines)
@@ -95,8 +96,8 @@ def mutation(lines: list[str]) -> st.SearchStrategy[list[str]]:
         if not spots:
             return lines
         spot = spots[which % len(spots)]
-        line = lines[k][: spot.start()] + str(number) + lines[k][spot.end():]
-        return lines[:k] + [line] + lines[k + 1:]
+        line = lines[k][: spot.start()] + str(number) + lines[k][spot.end() :]
+        return lines[:k] + [line] + lines[k + 1 :]
 
     def revalue(i: int, value: str) -> list[str]:
         line = lines[i]
@@ -106,7 +107,7 @@ def mutation(lines: list[str]) -> st.SearchStrategy[list[str]]:
             if at > 0:
                 cut = at
                 break
-        return lines[:i] + [line[: cut + 1] + value] + lines[i + 1:]
+        return lines[:i] + [line[: cut + 1] + value] + lines[i + 1 :]
 
     def insert(i: int, line: str) -> list[str]:
         return lines[:i] + [line] + lines[i:]
@@ -116,8 +117,12 @@ def mutation(lines: list[str]) -> st.SearchStrategy[list[str]]:
         st.builds(duplicate, index, index),
         st.builds(truncate, index, st.integers(0, 200)),
         st.builds(swap, index, index),
-        st.builds(renumber, index, st.integers(0, 10), st.one_of(st.integers(-3, 300), st.sampled_from([96, 97, 98,
-                                                                                                      127, 128]))),
+        st.builds(
+            renumber,
+            index,
+            st.integers(0, 10),
+            st.one_of(st.integers(-3, 300), st.sampled_from([96, 97, 98, 127, 128])),
+        ),
         st.builds(revalue, index, st.one_of(GARBAGE, HUGE)),
         st.builds(insert, index, st.one_of(GARBAGE, st.builds("a={}:{}".format, GARBAGE, GARBAGE))),
     )
@@ -166,9 +171,13 @@ async def test_mutated_offers_never_get_a_5xx(tiny_parts, http, capsys) -> None:
     async with running_server(tiny_parts, size=64, max_sessions=8, max_body_bytes=1 << 20) as server:
         loop = asyncio.get_running_loop()
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                         HealthCheck.large_base_example])
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+        )
         @given(mutated_offers(seeds))
         def offer_is_answered_below_500(example: tuple[str, str]) -> None:
             name, sdp = example
@@ -186,8 +195,10 @@ async def test_mutated_offers_never_get_a_5xx(tiny_parts, http, capsys) -> None:
             offers = sum(tally.values())
             errors = sum(n for status, n in tally.items() if status >= 500)
             with capsys.disabled():
-                print(f"\noffer fuzz: {offers} offers posted (POST /whip and POST /offer), {errors} answered 5xx; "
-                      f"statuses {dict(sorted(tally.items()))}; seeds {dict(sorted(seeds_used.items()))}")
+                print(
+                    f"\noffer fuzz: {offers} offers posted (POST /whip and POST /offer), {errors} answered 5xx; "
+                    f"statuses {dict(sorted(tally.items()))}; seeds {dict(sorted(seeds_used.items()))}"
+                )
         assert offers >= 1000 and errors == 0
 
         # nothing left behind, and the server still serves a real session

@@ -34,8 +34,9 @@ async def test_offers_aiortc_cannot_take_get_400_naming_the_line(tiny_parts, htt
     rtx = next(line for line in offer.splitlines() if re.fullmatch(r"a=rtpmap:\d+ rtx/90000", line))
     payload_type = rtx.split(":")[1].split()[0]
     apt = next(line for line in offer.splitlines() if line.startswith(f"a=fmtp:{payload_type} apt="))
-    h264_fmtp = next(line for line in offer.splitlines()
-                     if line.startswith("a=fmtp:") and "packetization-mode=1" in line)
+    h264_fmtp = next(
+        line for line in offer.splitlines() if line.startswith("a=fmtp:") and "packetization-mode=1" in line
+    )
     cases = [
         # (the offer, the line or attribute the answer must name, words of the reason)
         (without(offer, "a=setup:actpass"), "a=setup", "no a=setup attribute"),  # was 500 (AttributeError)
@@ -44,15 +45,23 @@ async def test_offers_aiortc_cannot_take_get_400_naming_the_line(tiny_parts, htt
         (without(offer, "a=rtcp-mux"), "a=rtcp-mux", "no a=rtcp-mux"),
         (offer.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 7"), "a=group:BUNDLE 0 7", "names 7"),
         # was 500 (TypeError in aiortc's int(None)): an H.264 mode with no value, found by test_offer_fuzz
-        (offer.replace(h264_fmtp, h264_fmtp.replace("packetization-mode=1", "packetization-mode"), 1),
-         h264_fmtp.split()[0], "packetization-mode is None"),
-        (offer.replace(h264_fmtp, h264_fmtp.replace("packetization-mode=1", "packetization-mode=7"), 1),
-         h264_fmtp.split()[0], "packetization-mode is '7'"),
+        (
+            offer.replace(h264_fmtp, h264_fmtp.replace("packetization-mode=1", "packetization-mode"), 1),
+            h264_fmtp.split()[0],
+            "packetization-mode is None",
+        ),
+        (
+            offer.replace(h264_fmtp, h264_fmtp.replace("packetization-mode=1", "packetization-mode=7"), 1),
+            h264_fmtp.split()[0],
+            "packetization-mode is '7'",
+        ),
     ]
     async with running_server(tiny_parts, size=64) as server:
         for sdp, line, reason in cases:
-            for route, kwargs in (("/whip", {"data": sdp, "headers": {"Content-Type": "application/sdp"}}),
-                                  ("/offer", {"json": {"sdp": sdp, "type": "offer"}})):
+            for route, kwargs in (
+                ("/whip", {"data": sdp, "headers": {"Content-Type": "application/sdp"}}),
+                ("/offer", {"json": {"sdp": sdp, "type": "offer"}}),
+            ):
                 async with http.post(server.url + route, **kwargs) as response:
                     body = await response.json()
                     assert response.status == 400, (route, line, body)
@@ -76,7 +85,7 @@ async def test_check_offer_names_the_line_aiortc_chokes_on() -> None:
     offer = await demo_offer()
     lines = offer.splitlines()
     index = next(i for i, line in enumerate(lines) if line.startswith("a=extmap:"))
-    broken = "\r\n".join(lines[:index] + ["a=extmap:x"] + lines[index + 1:]) + "\r\n"
+    broken = "\r\n".join(lines[:index] + ["a=extmap:x"] + lines[index + 1 :]) + "\r\n"
     with pytest.raises(SdpError, match=rf"cannot parse line {index + 1} 'a=extmap:x': ValueError") as info:
         check_offer(broken)
     assert info.value.line == "a=extmap:x"
@@ -92,7 +101,14 @@ def test_with_directions_writes_out_the_default() -> None:
 
     sdp = "v=0\r\na=sendonly\r\nm=video 9 X 96\r\na=mid:0\r\nm=audio 9 X 111\r\na=recvonly\r\n"
     assert with_directions(sdp).splitlines() == [
-        "v=0", "a=sendonly", "m=video 9 X 96", "a=mid:0", "a=sendonly", "m=audio 9 X 111", "a=recvonly"]
+        "v=0",
+        "a=sendonly",
+        "m=video 9 X 96",
+        "a=mid:0",
+        "a=sendonly",
+        "m=audio 9 X 111",
+        "a=recvonly",
+    ]
     assert "a=sendrecv" in with_directions("v=0\r\nm=video 9 X 96\r\n")
     complete = "v=0\r\nm=video 9 X 96\r\na=inactive\r\n"
     assert with_directions(complete) is complete

@@ -265,8 +265,9 @@ def test_latency_page_runs_the_duration_the_url_asks_for(server: LiveServer, pag
     assert page.errors == []
 
 
-def test_latency_page_names_the_url_parameters_it_cannot_take(server: LiveServer, page: Page,
-                                                               artifacts_dir: Path) -> None:
+def test_latency_page_names_the_url_parameters_it_cannot_take(
+    server: LiveServer, page: Page, artifacts_dir: Path
+) -> None:
     p = page.page
     p.goto(server.url + "/latency?duration=1000&fps=7&resolution=640x480")
     notice = p.locator("#notice[data-notice='params']")
@@ -319,8 +320,10 @@ def test_latency_page_tells_frames_the_server_dropped_from_frames_lost(
         assert summary["lost_on_the_way"] == summary["lost_before_server"] + summary["lost_after_server"]
         # The page counts only what the server named, inside the measured window.
         assert summary["dropped_by_server_inbox"] <= dropped_on_server, (summary, dropped_on_server)
-        outcomes = {key: sum(f["outcome"] == key for f in frames) for key in
-                    ("displayed", "dropped_inbox", "dropped_outbox", "lost_before_server", "lost_after_server")}
+        outcomes = {
+            key: sum(f["outcome"] == key for f in frames)
+            for key in ("displayed", "dropped_inbox", "dropped_outbox", "lost_before_server", "lost_after_server")
+        }
         assert len(frames) == summary["sent"] == sum(outcomes.values()), outcomes
         assert outcomes["dropped_inbox"] == summary["dropped_by_server_inbox"]
         assert outcomes["displayed"] == summary["received"]

@@ -25,7 +25,9 @@ def server(tiny_parts: Any, browser: Any) -> Iterator[LiveServer]:  # noqa: F811
 
 
 def test_the_controlnet_section_turns_it_on_switches_and_shows_the_control_image(
-    server: LiveServer, page: Page, artifacts_dir: Path  # noqa: F811
+    server: LiveServer,
+    page: Page,  # noqa: F811 - the fixture imported above
+    artifacts_dir: Path,
 ) -> None:
     p = page.page
     p.goto(server.url + "/")
@@ -42,10 +44,22 @@ def test_the_controlnet_section_turns_it_on_switches_and_shows_the_control_image
 
     # On: the first ControlNet with its own kind of image (edges has none: Canny, the first)
     p.check("#controlnet-on")
-    wait_until(lambda: server.api("GET", url)["params"]["controlnet"] == [
-        {"name": "edges", "preprocessor": "canny", "scale": 1.0, "start": 0.0, "end": 1.0}], 10, "ControlNet on")
-    wait_until(lambda: "ready" in (p.text_content("#controlnet-state") or "")
-               or (p.text_content("#controlnet-state") or "") == "Applied", 60, "the page to say it is ready")
+    wait_until(
+        lambda: (
+            server.api("GET", url)["params"]["controlnet"]
+            == [{"name": "edges", "preprocessor": "canny", "scale": 1.0, "start": 0.0, "end": 1.0}]
+        ),
+        10,
+        "ControlNet on",
+    )
+    wait_until(
+        lambda: (
+            "ready" in (p.text_content("#controlnet-state") or "")
+            or (p.text_content("#controlnet-state") or "") == "Applied"
+        ),
+        60,
+        "the page to say it is ready",
+    )
     wait_until(lambda: p.evaluate("document.querySelector('#controlnet-preview').naturalWidth") > 0, 20,
                "the control image view")  # fmt: skip
     assert p.is_visible("#controlnet-preview")
@@ -61,8 +75,14 @@ def test_the_controlnet_section_turns_it_on_switches_and_shows_the_control_image
 
     # Another ControlNet: named after the depth image, it takes that image; the depth model loads and says so
     p.select_option("#controlnet-name", "depth")
-    wait_until(lambda: server.api("GET", url)["params"]["controlnet"] == [
-        {"name": "depth", "preprocessor": "depth", "scale": 0.5, "start": 0.0, "end": 1.0}], 10, "the switch")
+    wait_until(
+        lambda: (
+            server.api("GET", url)["params"]["controlnet"]
+            == [{"name": "depth", "preprocessor": "depth", "scale": 0.5, "start": 0.0, "end": 1.0}]
+        ),
+        10,
+        "the switch",
+    )
     wait_until(lambda: server.api("GET", url)["controlnet_state"] == {"depth": "ready", "depth model": "ready"}, 60,
                "the depth ControlNet and model to load")  # fmt: skip
     wait_until(lambda: "depth" in (chip.text_content() or ""), 20, "the depth stage in the HUD")

@@ -39,8 +39,11 @@ def test_the_installed_aiortc_still_walks_a_zero_length_parameter_forever(monkey
         sctp_params.AIORTC_DECODE_PARAMS(ZERO_LENGTH_PARAM)  # 4 bytes, read 1000 times over
 
 
-@pytest.mark.parametrize("body", [ZERO_LENGTH_PARAM, struct.pack("!HH", 1, 3), struct.pack("!HHI", 1, 12, 7)],
-                         ids=["length 0", "length 3", "length past the chunk"])
+@pytest.mark.parametrize(
+    "body",
+    [ZERO_LENGTH_PARAM, struct.pack("!HH", 1, 3), struct.pack("!HHI", 1, 12, 7)],
+    ids=["length 0", "length 3", "length past the chunk"],
+)
 def test_a_malformed_parameter_is_a_value_error(body: bytes) -> None:
     with pytest.raises(ValueError, match="SCTP parameter 1 has an invalid length"):
         sctp_params.decode_params_strictly(body)

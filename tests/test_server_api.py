@@ -24,8 +24,9 @@ async def test_delete_session_ends_peer_viewers_and_frees_the_slot(tiny_parts, h
         session = server.service.scheduler.sessions[client.session_id]
         assert len(session.viewers) == 1
         # the slot is taken: a second publisher is refused
-        async with http.post(url + "/offer", json={"sdp": client.pc.localDescription.sdp, "type": "offer"},
-                             headers=AUTH) as response:
+        async with http.post(
+            url + "/offer", json={"sdp": client.pc.localDescription.sdp, "type": "offer"}, headers=AUTH
+        ) as response:
             assert response.status == 503, await response.text()
 
         path = f"/api/sessions/{client.session_id}"

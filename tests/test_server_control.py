@@ -57,16 +57,19 @@ async def test_two_sessions_batched_with_their_own_prompts(tiny_parts, http) -> 
     async with running_server(tiny_parts, size=64) as server:
         still = (128, 128, 128)
         first = await offer_client(http, server.url, CameraTrack(solid=still), params={"prompt": "a", "strength": 1.0})
-        second = await offer_client(http, server.url, CameraTrack(solid=still),
-                                    params={"prompt": "zebra stripes everywhere", "strength": 1.0})
+        second = await offer_client(
+            http, server.url, CameraTrack(solid=still), params={"prompt": "zebra stripes everywhere", "strength": 1.0}
+        )
         await asyncio.gather(first.wait_connected(), second.wait_connected())
         await asyncio.gather(first.received.wait_for(8), second.received.wait_for(8))  # type: ignore[union-attr]
         # A fast model serves each frame as it comes (nothing waits to fill a batch); frames of both
         # sessions meet in one step when they arrive while the worker is busy. Keep the worker busy
         # for half a second, as a slow model step would: both inboxes fill and the next step takes both.
         await server.service.scheduler.run_on_worker(time.sleep, 0.5)
-        await asyncio.gather(first.received.wait_for(len(first.received.times) + 2),  # type: ignore[union-attr]
-                             second.received.wait_for(len(second.received.times) + 2))  # type: ignore[union-attr]
+        await asyncio.gather(
+            first.received.wait_for(len(first.received.times) + 2),  # type: ignore[union-attr]
+            second.received.wait_for(len(second.received.times) + 2),
+        )  # type: ignore[union-attr]
         batch_count = await metric_value(http, server.url, "livediff_batch_size_count")
         singles = await metric_value(http, server.url, 'livediff_batch_size_bucket{le="1.0"}')
         assert singles < batch_count, f"no step of {batch_count:g} had 2 frames"
@@ -86,9 +89,15 @@ async def test_two_sessions_batched_with_their_own_prompts(tiny_parts, http) -> 
             assert response.status == 200, body
             assert body["warnings"] and "truncated" in body["warnings"][0]
             assert body["params"]["blend"] == {"prompt": "b", "weight": 0.5}
-        for bad, field in (({"strength": 0}, "strength"), ({"steps": 9}, "steps"), ({"seed": "x"}, "seed"),
-                           ({"nope": 1}, "nope"), ({"t_index_list": [1, 500]}, "t_index_list"),
-                           ({"blend": {"weight": 2}}, "blend.weight"), ({"guidance": 50}, "guidance")):
+        for bad, field in (
+            ({"strength": 0}, "strength"),
+            ({"steps": 9}, "steps"),
+            ({"seed": "x"}, "seed"),
+            ({"nope": 1}, "nope"),
+            ({"t_index_list": [1, 500]}, "t_index_list"),
+            ({"blend": {"weight": 2}}, "blend.weight"),
+            ({"guidance": 50}, "guidance"),
+        ):
             async with http.patch(url, json=bad) as response:
                 body = await response.json()
                 assert response.status == 422 and body["field"] == field, (bad, body)
@@ -192,7 +201,8 @@ async def test_a_burst_of_control_messages_is_merged_and_every_message_answered(
 
 
 async def test_newest_values_apply_within_two_updates_and_patch_does_not_wait_behind_a_burst(  # type: ignore[no-untyped-def]
-        tiny_parts, http) -> None:
+    tiny_parts, http
+) -> None:
     async with running_server(tiny_parts, size=64) as server:
         client = await offer_client(http, server.url, CameraTrack(fps=30))
         await client.wait_connected()

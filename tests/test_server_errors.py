@@ -23,14 +23,40 @@ async def test_bad_requests_and_auth_leave_the_live_session_running(tiny_parts, 
             ("GET", "/api/sessions", {"headers": {"Authorization": "Bearer wrong"}}, 401, None),
             ("POST", "/whip", {"data": "v=0\r\n", "headers": {**AUTH, "Content-Type": "application/sdp"}}, 400, None),
             ("POST", "/whip", {"data": "garbage", "headers": {**AUTH, "Content-Type": "text/plain"}}, 415, None),
-            ("POST", "/offer", {"data": "x" * 40000, "headers": {**AUTH, "Content-Type": "application/json"}},
-             413, None),
-            ("POST", "/offer", {"data": "{not json", "headers": {**AUTH, "Content-Type": "application/json"}},
-             400, None),
-            ("POST", "/offer", {"json": {"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=fingerprint:x\r\n",
-                                         "type": "offer"}, "headers": AUTH}, 400, None),
-            ("POST", "/offer", {"json": {"sdp": client.pc.localDescription.sdp, "type": "offer",
-                                         "params": {"strength": 3}}, "headers": AUTH}, 422, "strength"),
+            (
+                "POST",
+                "/offer",
+                {"data": "x" * 40000, "headers": {**AUTH, "Content-Type": "application/json"}},
+                413,
+                None,
+            ),
+            (
+                "POST",
+                "/offer",
+                {"data": "{not json", "headers": {**AUTH, "Content-Type": "application/json"}},
+                400,
+                None,
+            ),
+            (
+                "POST",
+                "/offer",
+                {
+                    "json": {"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=fingerprint:x\r\n", "type": "offer"},
+                    "headers": AUTH,
+                },
+                400,
+                None,
+            ),
+            (
+                "POST",
+                "/offer",
+                {
+                    "json": {"sdp": client.pc.localDescription.sdp, "type": "offer", "params": {"strength": 3}},
+                    "headers": AUTH,
+                },
+                422,
+                "strength",
+            ),
             ("GET", "/api/sessions/nope", {"headers": AUTH}, 404, None),
             ("PATCH", f"/api/sessions/{client.session_id}", {"json": {"steps": 0}, "headers": AUTH}, 422, "steps"),
             ("DELETE", "/whip/nope", {"headers": AUTH}, 404, None),
@@ -47,8 +73,9 @@ async def test_bad_requests_and_auth_leave_the_live_session_running(tiny_parts, 
                 if status == 401:
                     assert response.headers["WWW-Authenticate"].startswith("Bearer")
         # a good offer beyond --max-sessions: 503 with Retry-After and a JSON body
-        async with http.post(url + "/offer", json={"sdp": client.pc.localDescription.sdp, "type": "offer"},
-                             headers=AUTH) as response:
+        async with http.post(
+            url + "/offer", json={"sdp": client.pc.localDescription.sdp, "type": "offer"}, headers=AUTH
+        ) as response:
             assert response.status == 503 and "Retry-After" in response.headers
             assert "limit" in (await response.json())["error"]
         # public routes stay public

@@ -64,8 +64,9 @@ async def post_abandoned(http: aiohttp.ClientSession, url: str, path: str = "/wh
     pc = new_peer()
     pc.addTransceiver(CameraTrack(), direction="sendonly")
     await pc.setLocalDescription(await pc.createOffer())
-    async with http.post(url + path, data=strip_candidates(pc.localDescription.sdp),
-                         headers={"Content-Type": "application/sdp"}) as response:
+    async with http.post(
+        url + path, data=strip_candidates(pc.localDescription.sdp), headers={"Content-Type": "application/sdp"}
+    ) as response:
         assert response.status == 201, await response.text()
         location = response.headers["Location"]
     await pc.close()
@@ -154,8 +155,9 @@ async def post_abandoned_viewer(http: aiohttp.ClientSession, url: str, session_i
     pc = new_peer()
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
-    async with http.post(f"{url}/whep/{session_id}", data=pc.localDescription.sdp,
-                         headers={"Content-Type": "application/sdp"}) as response:
+    async with http.post(
+        f"{url}/whep/{session_id}", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+    ) as response:
         assert response.status == 201, await response.text()
         location = response.headers["Location"]
     await pc.close()
@@ -181,6 +183,7 @@ async def test_every_closed_session_becomes_unreachable(tiny_parts, http) -> Non
         refs: dict[str, weakref.ref[Session]] = {}
         clients: list[Client] = []
         for name, end in ENDINGS.items():
+
             def keep(session_id: str, name: str = name) -> None:
                 refs[name] = weakref.ref(sessions[session_id])
 
@@ -225,13 +228,19 @@ class HeldRequest:
         self.reader, self.writer, self.rest = reader, writer, rest
 
     @classmethod
-    async def start(cls, url: str, method: str, path: str, body: bytes, content_type: str,
-                    headers: dict[str, str] | None = None) -> HeldRequest:
+    async def start(
+        cls, url: str, method: str, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> HeldRequest:
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}", "Connection: close",
-                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        ]
         half = len(body) // 2
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:half])
         await writer.drain()
@@ -253,12 +262,14 @@ def trickle_fragment(client: Client) -> bytes:
     """An RFC 8840 fragment with one more candidate for the client's own ICE session (no restart)."""
     sdp = client.pc.localDescription.sdp
     ice = [line for line in sdp.splitlines() if line.startswith(("a=ice-ufrag:", "a=ice-pwd:"))][:2]
-    return "\r\n".join([*ice, "m=video 9 UDP/TLS/RTP/SAVPF 0", "a=mid:0",
-                         "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", ""]).encode()
+    return "\r\n".join(
+        [*ice, "m=video 9 UDP/TLS/RTP/SAVPF 0", "a=mid:0", "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", ""]
+    ).encode()
 
 
 async def test_requests_whose_session_ends_while_the_body_arrives_get_404(  # type: ignore[no-untyped-def]
-        tiny_parts, http, caplog) -> None:
+    tiny_parts, http, caplog
+) -> None:
     async with running_server(tiny_parts, size=64, max_sessions=4) as server:
         publisher = await whip_publish(http, server.url, CameraTrack(fps=30))
         await publisher.wait_connected()
@@ -268,13 +279,24 @@ async def test_requests_whose_session_ends_while_the_body_arrives_get_404(  # ty
         viewer_pc.addTransceiver("video", direction="recvonly")
         await viewer_pc.setLocalDescription(await viewer_pc.createOffer())
         held = {
-            "WHEP offer": await HeldRequest.start(server.url, "POST", f"/whep/{session.id}",
-                                                  viewer_pc.localDescription.sdp.encode(), "application/sdp"),
-            "PATCH params": await HeldRequest.start(server.url, "PATCH", f"/api/sessions/{session.id}",
-                                                    json.dumps({"prompt": "after the end"}).encode(),
-                                                    "application/json"),
-            "trickle": await HeldRequest.start(server.url, "PATCH", publisher.location, trickle_fragment(publisher),
-                                               "application/trickle-ice-sdpfrag", {"If-Match": publisher.etag}),
+            "WHEP offer": await HeldRequest.start(
+                server.url, "POST", f"/whep/{session.id}", viewer_pc.localDescription.sdp.encode(), "application/sdp"
+            ),
+            "PATCH params": await HeldRequest.start(
+                server.url,
+                "PATCH",
+                f"/api/sessions/{session.id}",
+                json.dumps({"prompt": "after the end"}).encode(),
+                "application/json",
+            ),
+            "trickle": await HeldRequest.start(
+                server.url,
+                "PATCH",
+                publisher.location,
+                trickle_fragment(publisher),
+                "application/trickle-ice-sdpfrag",
+                {"If-Match": publisher.etag},
+            ),
         }
         await delete(http, server.url, publisher.location)
         answers = {name: await request.finish() for name, request in held.items()}
@@ -312,8 +334,10 @@ async def test_viewers_racing_the_end_of_their_session_leave_nothing(tiny_parts,
             await pc.setLocalDescription(await pc.createOffer())
 
             offer = pc.localDescription.sdp
-            status, _ = await asyncio.gather(post_viewer(http, f"{server.url}/whep/{session.id}", offer),
-                                             delete_later(http, server.url + publisher.location, round_ * 0.01))
+            status, _ = await asyncio.gather(
+                post_viewer(http, f"{server.url}/whep/{session.id}", offer),
+                delete_later(http, server.url + publisher.location, round_ * 0.01),
+            )
             statuses.append(status)
             await pc.close()
             await publisher.close()

@@ -41,8 +41,7 @@ async def test_probe_ids_come_back_with_stats(tiny_parts, http) -> None:  # type
 
 
 @pytest.mark.parametrize("camera_size, as_is", [((128, 128), True), ((160, 128), False)])
-async def test_passthrough_sends_frames_of_the_engine_size_as_they_came(tiny_parts, http, camera_size,
-                                                                        as_is) -> None:  # type: ignore[no-untyped-def]
+async def test_passthrough_sends_frames_of_the_engine_size_as_they_came(tiny_parts, http, camera_size, as_is) -> None:  # type: ignore[no-untyped-def]
     """Engine-size frames skip the worker (no engine step, no conversion); others are converted there."""
     async with running_server(tiny_parts, size=128) as server:
         camera = CameraTrack(*camera_size, paint_probe=True, fps=10)
@@ -95,8 +94,14 @@ def test_dropped_ids_of_a_stats_message_left_unsent_go_with_the_next_one() -> No
     drops = DropLog(session)
 
     def out(frame_id: int) -> FrameOut:
-        return FrameOut(image=None, source=FrameIn(None, 0, None, 0.0, frame_id), scheduled=0.0, finished=0.0,
-                        stages_ms={}, batch_size=1)
+        return FrameOut(
+            image=None,
+            source=FrameIn(None, 0, None, 0.0, frame_id),
+            scheduled=0.0,
+            finished=0.0,
+            stages_ms={},
+            batch_size=1,
+        )
 
     for frame_id in (1, 2, 3):  # each put replaces the one before unread: 1 and 2 are dropped
         session.outbox.put(out(frame_id))

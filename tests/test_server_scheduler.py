@@ -211,8 +211,9 @@ def test_fresher_frames_are_awaited_only_when_every_waiting_frame_is_stale() -> 
 
 async def test_a_stale_frame_waits_for_the_next_one_and_no_longer(tiny_parts) -> None:  # type: ignore[no-untyped-def]
     sched = Scheduler(max_sessions=2)
-    await sched.load(lambda: StreamEngine(EngineSettings(model="tiny", height=64, width=64), tiny_parts),
-                     warmup_frames=0)
+    await sched.load(
+        lambda: StreamEngine(EngineSettings(model="tiny", height=64, width=64), tiny_parts), warmup_frames=0
+    )
     sched._task.cancel()  # drive the hold by hand
     try:
         session = await sched.open_session(StreamParams())

@@ -39,14 +39,16 @@ async def test_whip_publish_whep_view_delete(tiny_parts, http) -> None:  # type:
         # stale If-Match is 412, missing If-Match 428, right one 204
         frag = "a=ice-ufrag:zzzz\r\na=ice-pwd:zzzzzzzzzzzzzzzzzzzzzzzz\r\n"
         headers = {"Content-Type": "application/trickle-ice-sdpfrag"}
-        async with http.patch(server.url + publisher.location, data=frag,
-                              headers={**headers, "If-Match": '"stale"'}) as response:
+        async with http.patch(
+            server.url + publisher.location, data=frag, headers={**headers, "If-Match": '"stale"'}
+        ) as response:
             assert response.status == 412 and "error" in await response.json()
         async with http.patch(server.url + publisher.location, data=frag, headers=headers) as response:
             assert response.status == 428
         candidate = "a=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n"
-        async with http.patch(server.url + publisher.location, data=candidate,
-                              headers={**headers, "If-Match": publisher.etag}) as response:
+        async with http.patch(
+            server.url + publisher.location, data=candidate, headers={**headers, "If-Match": publisher.etag}
+        ) as response:
             assert response.status == 204, await response.text()
         # DELETE ends the session (and its viewers); a second DELETE is 404
         async with http.delete(server.url + publisher.location) as response:
@@ -87,8 +89,11 @@ async def test_ice_restart_is_422_and_the_session_goes_on(tiny_parts, http) -> N
         await viewer.wait_connected()
         assert publisher.received is not None and viewer.received is not None
         await viewer.received.wait_for(3, timeout=20)
-        ours = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in publisher.pc.localDescription.sdp.splitlines()
-                if line.startswith(("a=ice-ufrag:", "a=ice-pwd:"))}
+        ours = {
+            line.split(":", 1)[0]: line.split(":", 1)[1]
+            for line in publisher.pc.localDescription.sdp.splitlines()
+            if line.startswith(("a=ice-ufrag:", "a=ice-pwd:"))
+        }
         restarts = [
             "a=ice-ufrag:newU\r\na=ice-pwd:newpasswordnewpassword12\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
             "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n",
@@ -108,10 +113,13 @@ async def test_ice_restart_is_422_and_the_session_goes_on(tiny_parts, http) -> N
         assert len(publisher.received.times) > counts[0] and len(viewer.received.times) > counts[1]
         assert session.stats.frames_in > counts[2] and session.state == "live"
         assert publisher.pc.connectionState == "connected" and viewer.pc.connectionState == "connected"
-        trickle = (f"a=ice-ufrag:{ours['a=ice-ufrag']}\r\na=ice-pwd:{ours['a=ice-pwd']}\r\na=mid:0\r\n"
-                   "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n")
-        async with http.patch(server.url + publisher.location, data=trickle,
-                              headers={**headers, "If-Match": publisher.etag}) as response:
+        trickle = (
+            f"a=ice-ufrag:{ours['a=ice-ufrag']}\r\na=ice-pwd:{ours['a=ice-pwd']}\r\na=mid:0\r\n"
+            "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n"
+        )
+        async with http.patch(
+            server.url + publisher.location, data=trickle, headers={**headers, "If-Match": publisher.etag}
+        ) as response:
             assert response.status == 204, await response.text()
         async with http.delete(server.url + publisher.location) as response:  # ends the viewer too
             assert response.status == 200

@@ -20,7 +20,7 @@ def test_a_run_without_browsers_ends_with_the_skip_reasons_and_the_install_comma
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     out = run.stdout
     assert run.returncode == 0 and "2 skipped" in out, out
-    summary = out[out.index("skipped: these tests did not run"):]
+    summary = out[out.index("skipped: these tests did not run") :]
     assert f"1 skipped: {tmp_path / 'chromium'} is not installed (apt-get install chromium)" in summary, out
     assert "1 skipped: Firefox is not installed (apt-get install firefox-esr)" in summary, out
     assert "to run them: apt-get install chromium firefox-esr" in summary, out

@@ -211,8 +211,10 @@ def test_motion_aware_strength_follows_the_scene(plain_engine) -> None:
     assert seen == sorted(seen, reverse=True) and seen[-1] is not None and seen[-1] < 0.45  # smoothed, falling
     plain_engine.update(stream, params.replace(motion_strength=None, strength=0.5))
     assert stream.strength is None and stream.motion is None
-    assert torch.equal(plain_engine.step([(stream, still)]).outputs[0],
-                       plain_engine.step([(plain_engine.open_stream(StreamParams(seed=5)), still)]).outputs[0])
+    assert torch.equal(
+        plain_engine.step([(stream, still)]).outputs[0],
+        plain_engine.step([(plain_engine.open_stream(StreamParams(seed=5)), still)]).outputs[0],
+    )
 
 
 def test_motion_strength_bounds_are_validated() -> None:

@@ -64,8 +64,11 @@ def test_the_bank_graph_is_built_checked_and_keyed_apart(
 def test_the_exported_bank_unet_matches_torch(graph: str, built: tuple[list[Path], list[str]],
                                               settings: EngineSettings, tiny_parts: ModelParts) -> None:  # fmt: skip
     extras = unet_extras(settings, tiny_parts)
-    path = built[0][-1] if graph == "fused" else onnx_backend.ensure_onnx(
-        settings, tiny_parts, "unet", lambda _: None, extras=extras).path
+    path = (
+        built[0][-1]
+        if graph == "fused"
+        else onnx_backend.ensure_onnx(settings, tiny_parts, "unet", lambda _: None, extras=extras).path
+    )
     # batch 5 with 4 bank slots: neither the export's sample (2, 2) nor the build's check (3, 3)
     inputs = sample_inputs(tiny_parts, "unet", SIZE, SIZE, batch=5, dtype=torch.float32, seed=7, extras=extras, bank=4)
     with torch.inference_mode():

@@ -97,8 +97,24 @@ async def test_whip_and_whep_over_https(tiny_parts, tmp_path: Path) -> None:  # 
 @pytest.mark.timeout(120)
 def test_serve_tls_self_signed_prints_the_https_url_and_the_fingerprint(tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "livediff.cli", "serve", "--model", "tiny", "--backend", "torch", "--size", "64",
-               "--port", str(port), "--tls", "self-signed", "--state-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "livediff.cli",
+        "serve",
+        "--model",
+        "tiny",
+        "--backend",
+        "torch",
+        "--size",
+        "64",
+        "--port",
+        str(port),
+        "--tls",
+        "self-signed",
+        "--state-dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []

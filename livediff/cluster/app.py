@@ -47,11 +47,19 @@ def _autoscaling(cluster: ClusterSettings, max_sessions: int, max_replicas: int)
     )  # fmt: skip
 
 
-def build(engine: EngineSettings, server: ServerSettings, params: StreamParams, cluster: ClusterSettings,
-          max_replicas: int, replica_gpus: float) -> serve.Application:
+def build(
+    engine: EngineSettings,
+    server: ServerSettings,
+    params: StreamParams,
+    cluster: ClusterSettings,
+    max_replicas: int,
+    replica_gpus: float,
+) -> serve.Application:
     """The application for `max_replicas` (resolved: >= 1) replicas reserving `replica_gpus` each."""
-    router = RequestRouterConfig(request_router_class="livediff.cluster.routing:SessionRouter",  # type: ignore[arg-type]
-                                 request_routing_stats_period_s=cluster.stats_period_s)  # type: ignore[arg-type]
+    router = RequestRouterConfig(
+        request_router_class="livediff.cluster.routing:SessionRouter",  # type: ignore[arg-type]
+        request_routing_stats_period_s=cluster.stats_period_s,
+    )  # type: ignore[arg-type]
     replicas = serve.deployment(
         name=ENGINE,
         autoscaling_config=autoscaling(cluster, server.max_sessions, max_replicas),
@@ -67,8 +75,12 @@ def build(engine: EngineSettings, server: ServerSettings, params: StreamParams, 
     server = server.replace(cpu_threads=server.cpu_threads or max(1, int(cluster.replica_cpus)))
     # replicas run in Ray's worker folders: a relative engine cache would be built anew in each
     engine = engine.replace(engines_dir=engine.engines_dir.resolve())
-    return gateway.bind(replicas.bind(engine, server, params, cluster.drain_timeout_s), cluster.app_name,
-                        server.max_body_bytes, cluster.call_timeout_s)
+    return gateway.bind(
+        replicas.bind(engine, server, params, cluster.drain_timeout_s),
+        cluster.app_name,
+        server.max_body_bytes,
+        cluster.call_timeout_s,
+    )
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -12,8 +12,20 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-                        "proxy-authorization", "proxy-authenticate", "host", "content-length"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "host",
+        "content-length",
+    }
+)
 """Headers that describe one HTTP hop (RFC 9110 section 7.6.1), not the request: never passed on."""
 
 SESSION_PATHS = re.compile(r"^/(?:whip|whep|api/sessions)/(?P<id>[^/]+)(?:/[^/]+)?$")
@@ -74,7 +86,8 @@ def end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 async def replay(http: aiohttp.ClientSession, base_url: str, call: HttpCall, replica: str) -> HttpReply:
     """`call` sent to the app at `base_url` (a replica's own server); raises aiohttp's errors."""
-    async with http.request(call.method, base_url + call.target, headers=end_to_end(call.headers), data=call.body,
-                            allow_redirects=False) as response:
+    async with http.request(
+        call.method, base_url + call.target, headers=end_to_end(call.headers), data=call.body, allow_redirects=False
+    ) as response:
         body = await response.read()
         return HttpReply(response.status, end_to_end(list(response.headers.items())), body, replica)

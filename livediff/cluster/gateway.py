@@ -108,8 +108,9 @@ class Gateway:
 
     # -- calls ------------------------------------------------------------------------------------
 
-    async def send(self, call: HttpCall, route: str | None = None, pinned: bool = False,
-                   timeout_s: float | None = None) -> HttpReply:
+    async def send(
+        self, call: HttpCall, route: str | None = None, pinned: bool = False, timeout_s: float | None = None
+    ) -> HttpReply:
         """One call to a replica. A replica that dies under it: 404 for a session's request (the
         session ended with its replica), else 503 with Retry-After; so is no answer in `timeout_s`
         (default `call_timeout_s`: Serve holds a call while no replica is up)."""
@@ -145,8 +146,9 @@ class Gateway:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(auto_decompress=False,
-                                                  timeout=aiohttp.ClientTimeout(total=self.call_timeout_s))
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=self.call_timeout_s)
+            )
         return self._session
 
     async def close(self) -> None:
@@ -219,5 +221,8 @@ class Gateway:
         if not open_sessions:
             return _json(404, {"error": "no session is live"})
         chosen = max(open_sessions, key=lambda s: watch_rank(s["state"], s["created"]))
-        return await self.send(HttpCall(call.method, f"/whep/{chosen['id']}", call.query, call.headers, call.body),
-                               route=chosen["replica"], pinned=True)
+        return await self.send(
+            HttpCall(call.method, f"/whep/{chosen['id']}", call.query, call.headers, call.body),
+            route=chosen["replica"],
+            pinned=True,
+        )

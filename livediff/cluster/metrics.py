@@ -28,15 +28,18 @@ class _Merged(Collector):
             for family in text_string_to_metric_families(text):
                 merged = families.get(family.name)
                 if merged is None:
-                    merged = families[family.name] = Metric(family.name, family.documentation, family.type,
-                                                            family.unit)
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
                 merged.samples.extend(Sample(s.name, {**s.labels, LABEL: key}, s.value, s.timestamp, s.exemplar)
                                       for s in family.samples)  # fmt: skip
         yield from families.values()
-        sessions = GaugeMetricFamily("livediff_replica_sessions", "Sessions per replica, as the entry point "
-                                     "places by (with sessions being opened)", labels=[LABEL])
-        free = GaugeMetricFamily("livediff_replica_free_slots", "max_sessions less sessions, per replica",
-                                 labels=[LABEL])
+        sessions = GaugeMetricFamily(
+            "livediff_replica_sessions",
+            "Sessions per replica, as the entry point places by (with sessions being opened)",
+            labels=[LABEL],
+        )
+        free = GaugeMetricFamily(
+            "livediff_replica_free_slots", "max_sessions less sessions, per replica", labels=[LABEL]
+        )
         ready = GaugeMetricFamily("livediff_replica_ready", "1 when the replica's engine is warm", labels=[LABEL])
         for replica in self.replicas:
             sessions.add_metric([replica.key], replica.sessions)

@@ -41,8 +41,13 @@ NAT_1TO1_ENV = "LIVEDIFF_NAT_1TO1"
 class EngineReplica:
     """Serve deployment class (bound in `livediff.cluster.app`): engine + scheduler + transport."""
 
-    async def __init__(self, engine: EngineSettings, server: ServerSettings,  # type: ignore[misc]
-                       params: StreamParams, drain_timeout_s: float) -> None:
+    async def __init__(
+        self,
+        engine: EngineSettings,
+        server: ServerSettings,  # type: ignore[misc]
+        params: StreamParams,
+        drain_timeout_s: float,
+    ) -> None:
         import ray
         from ray import serve
 
@@ -70,8 +75,9 @@ class EngineReplica:
         if nat:  # each node has its own public address; a flag would give every node one
             server = server.replace(nat_1to1=tuple(nat))
         device = resolve_device(engine.device)
-        engine = engine.replace(model=resolve_auto(engine.model, device),
-                                backend=resolve_backend(engine.backend, device))
+        engine = engine.replace(
+            model=resolve_auto(engine.model, device), backend=resolve_backend(engine.backend, device)
+        )
         # plain http inside the cluster: TLS, if any, ends at the entry point
         server = server.replace(port=0, session_id_prefix=f"{self.key}-", tls_cert=None,
                                 tls_key=None, tls_self_signed=False)  # fmt: skip

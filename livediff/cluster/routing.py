@@ -71,8 +71,14 @@ class ReplicaView:
         return max(0, self.max_sessions - self.sessions - self.placing)
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.key, "ready": self.ready, "sessions": self.sessions, "free": self.free,
-                "pid": self.pid, "stats_age_s": round(self.stats_age_s, 3)}
+        return {
+            "replica": self.key,
+            "ready": self.ready,
+            "sessions": self.sessions,
+            "free": self.free,
+            "pid": self.pid,
+            "stats_age_s": round(self.stats_age_s, 3),
+        }
 
 
 def live_replicas(app_name: str, deployment: str) -> list[ReplicaView] | None:
@@ -88,8 +94,9 @@ def choose_replica(replicas: list[ReplicaView], exclude: tuple[str, ...] = ()) -
     every replica is in `exclude` (they answered 503) or there is none; a full replica may be
     returned (it answers 503 itself, with its Retry-After)."""
     largest = max((r.max_sessions for r in replicas), default=0) or 1
-    known = [r if r.max_sessions else dataclasses.replace(r, max_sessions=largest)
-             for r in replicas if r.key not in exclude]
+    known = [
+        r if r.max_sessions else dataclasses.replace(r, max_sessions=largest) for r in replicas if r.key not in exclude
+    ]
     return min(known, key=lambda r: (-r.free, r.sessions + r.placing, r.key), default=None)
 
 
@@ -152,8 +159,9 @@ class SessionRouter(RequestRouter):
             self.departed.pop(replica.replica_id.unique_id, None)
         super().update_replicas(replicas)
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         route = pending_request.kwargs.get("route") if pending_request is not None else None
         pinned = [r for r in candidate_replicas if r.replica_id.unique_id == route]
         return [pinned or candidate_replicas]

@@ -34,8 +34,10 @@ def replica_shape(cluster: ClusterSettings, engine: EngineSettings, cluster_gpus
     wants_cuda = engine.device.startswith("cuda") or (engine.device == "auto" and cluster_gpus > 0)
     gpus = cluster.replica_gpus if cluster.replica_gpus >= 0 else (1.0 if wants_cuda else 0.0)
     if engine.device.startswith("cuda") and gpus and cluster_gpus < gpus:
-        raise ConfigError(f"--device {engine.device}: the Ray cluster has {cluster_gpus:g} GPUs, a replica needs "
-                          f"{gpus:g} (--replica-gpus); use --device cpu for CPU replicas")
+        raise ConfigError(
+            f"--device {engine.device}: the Ray cluster has {cluster_gpus:g} GPUs, a replica needs "
+            f"{gpus:g} (--replica-gpus); use --device cpu for CPU replicas"
+        )
     most = cluster.max_replicas or (int(cluster_gpus // gpus) if gpus else 1)
     return max(most, 1, cluster.min_replicas), gpus
 
@@ -49,8 +51,13 @@ def start_ray(cluster: ClusterSettings) -> None:
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def deploy(engine: EngineSettings, server: ServerSettings, params: StreamParams, cluster: ClusterSettings,
-           proxy_location: str = "EveryNode") -> int:
+def deploy(
+    engine: EngineSettings,
+    server: ServerSettings,
+    params: StreamParams,
+    cluster: ClusterSettings,
+    proxy_location: str = "EveryNode",
+) -> int:
     """Start Serve's HTTP proxy on `server.host`/`server.port` and deploy the application (returns once
     every replica's engine is warm). Ray must be initialised. -> the most replicas it may scale to."""
     import ray
@@ -95,8 +102,13 @@ async def _describe(url: str) -> dict[str, Any]:
             await asyncio.sleep(READY_POLL_S)
 
 
-def serve_cluster(engine: EngineSettings, server: ServerSettings, params: StreamParams, cluster: ClusterSettings,
-                  started: float | None = None) -> int:
+def serve_cluster(
+    engine: EngineSettings,
+    server: ServerSettings,
+    params: StreamParams,
+    cluster: ClusterSettings,
+    started: float | None = None,
+) -> int:
     """Run until SIGINT/SIGTERM; 0 after a clean stop."""
     import ray
     from ray import serve
@@ -106,21 +118,28 @@ def serve_cluster(engine: EngineSettings, server: ServerSettings, params: Stream
 
     started = time.monotonic() if started is None else started
     server, certificate = tls.prepare(server)
-    print(f"livediff: starting Ray Serve ({'a local Ray' if cluster.address == LOCAL else cluster.address}); "
-          "the URL follows once a replica is ready", flush=True)
+    print(
+        f"livediff: starting Ray Serve ({'a local Ray' if cluster.address == LOCAL else cluster.address}); "
+        "the URL follows once a replica is ready",
+        flush=True,
+    )
     start_ray(cluster)
     address = url(server, server.port).rstrip("/")
     try:
         most = deploy(engine, server, params, cluster, "HeadOnly" if cluster.address == LOCAL else "EveryNode")
         if certificate is not None:
             print(tls.explain(certificate), flush=True)
-        ready = asyncio.run(_describe(address.replace(server.host, "127.0.0.1") if server.host in ("0.0.0.0", "")
-                                      else address))
+        ready = asyncio.run(
+            _describe(address.replace(server.host, "127.0.0.1") if server.host in ("0.0.0.0", "") else address)
+        )
         print_ready(ready["engine"], address + "/", time.monotonic() - started)
         count = ready["replicas"]["ready"]
-        print(f"livediff: {count} engine replica{'s' if count != 1 else ''} ready; Ray Serve keeps between "
-              f"{cluster.min_replicas} and {most}, adding one above {cluster.target(server.max_sessions):g} sessions "
-              "per replica", flush=True)
+        print(
+            f"livediff: {count} engine replica{'s' if count != 1 else ''} ready; Ray Serve keeps between "
+            f"{cluster.min_replicas} and {most}, adding one above {cluster.target(server.max_sessions):g} sessions "
+            "per replica",
+            flush=True,
+        )
         stop = _wait_for_signal()
         print(f"livediff: shutting down ({stop}): ending every session", flush=True)
         local = address.replace(server.host, "127.0.0.1") if server.host in ("0.0.0.0", "") else address

@@ -602,7 +602,10 @@ def bank_rule(old: StreamParams, new: StreamParams) -> str:
     UNet rows), or the bank size changes.
     """
     if (new.seed, len(new.timesteps), new.guidance > 1.0, new.temporal_bank) != (
-        old.seed, len(old.timesteps), old.guidance > 1.0, old.temporal_bank
+        old.seed,
+        len(old.timesteps),
+        old.guidance > 1.0,
+        old.temporal_bank,
     ):
         return "drop"
     return "keep"

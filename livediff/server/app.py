@@ -34,8 +34,12 @@ def _page(web_dir: Path, name: str) -> web.Handler:
     return handler
 
 
-def create_app(engine_settings: EngineSettings, settings: ServerSettings | None = None,
-               parts: ModelParts | None = None, default_params: StreamParams | None = None) -> web.Application:
+def create_app(
+    engine_settings: EngineSettings,
+    settings: ServerSettings | None = None,
+    parts: ModelParts | None = None,
+    default_params: StreamParams | None = None,
+) -> web.Application:
     settings = settings or ServerSettings()
     middlewares = [cors_middleware(settings.cors_origins)] if settings.cors_origins else []
     middlewares.append(error_middleware)

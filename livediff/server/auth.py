@@ -32,8 +32,9 @@ def bearer_middleware(token: str) -> Callable[[web.Request, Handler], object]:
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
-            return json_error(401, "missing or wrong bearer token",
-                              headers={"WWW-Authenticate": 'Bearer realm="livediff"'})
+            return json_error(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="livediff"'}
+            )
         return await handler(request)
 
     return middleware

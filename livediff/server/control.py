@@ -165,8 +165,13 @@ class _Waiter:
         if self.send is not None:
             self.send({"type": "superseded", "request_id": self.request_id, "by": by})
         elif self.future is not None and not self.future.done():
-            self.future.set_result({**state, "superseded_by": by,
-                                    "warnings": ["a newer update overwrote every field of this one before it applied"]})
+            self.future.set_result(
+                {
+                    **state,
+                    "superseded_by": by,
+                    "warnings": ["a newer update overwrote every field of this one before it applied"],
+                }
+            )
 
     def failed(self, exc: Exception) -> None:
         if self.send is not None:

@@ -32,8 +32,9 @@ class NotReady(Exception):
 class ApiError(Exception):
     """Raise in a handler to answer `status` with a JSON error body."""
 
-    def __init__(self, status: int, message: str, field: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -41,14 +42,16 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
-def json_error(status: int, message: str, field: str | None = None,
-               headers: Mapping[str, str] | None = None, **details: Any) -> web.Response:
+def json_error(
+    status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None, **details: Any
+) -> web.Response:
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
     body.update({k: v for k, v in details.items() if v is not None})
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                        headers=dict(headers or {}))
+    return web.Response(
+        status=status, text=json.dumps(body), content_type="application/json", headers=dict(headers or {})
+    )
 
 
 @web.middleware
@@ -73,8 +76,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
-        return json_error(exc.status, exc.reason if exc.text is None or exc.text.startswith(str(exc.status))
-                          else exc.text, headers=headers)
+        return json_error(
+            exc.status,
+            exc.reason if exc.text is None or exc.text.startswith(str(exc.status)) else exc.text,
+            headers=headers,
+        )
     except Exception:  # a bug in one request must not take the server down: log it, answer 500
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(500, "internal server error")

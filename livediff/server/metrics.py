@@ -55,11 +55,20 @@ class Metrics:
     def __init__(self, engine: Callable[[], Any] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.stage = Histogram("livediff_stage_seconds", "Per-stage latency (queue: received to scheduled; "
-                               "engine stages per batch; worker: scheduled to output ready)", ["stage"],
-                               buckets=LATENCY_BUCKETS, registry=r)
-        self.frame_age = Histogram("livediff_frame_age_seconds", "Input frame received -> output handed to the encoder",
-                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram(
+            "livediff_stage_seconds",
+            "Per-stage latency (queue: received to scheduled; "
+            "engine stages per batch; worker: scheduled to output ready)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.frame_age = Histogram(
+            "livediff_frame_age_seconds",
+            "Input frame received -> output handed to the encoder",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.frames = Counter("livediff_frames", "Frames by outcome", ["outcome"], registry=r)
         self.batch_size = Histogram("livediff_batch_size", "Frames per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.sessions = Gauge("livediff_sessions", "Active publishing sessions", registry=r)

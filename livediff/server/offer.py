@@ -19,8 +19,9 @@ async def post_offer(request: web.Request) -> web.Response:
     if kind != "offer":
         raise ApiError(400, 'type must be "offer"', "type")
     params, extras = parse_update(svc.default_params, data.get("params") or {})
-    session, resource = await svc.publish(RTCSessionDescription(sdp=sdp, type="offer"), params, "offer",
-                                          probe_on=extras.get("probe", False))
+    session, resource = await svc.publish(
+        RTCSessionDescription(sdp=sdp, type="offer"), params, "offer", probe_on=extras.get("probe", False)
+    )
     return web.json_response({"sdp": resource.answer, "type": "answer", "session_id": session.id})
 
 

@@ -35,8 +35,11 @@ SESSION_FIELDS = ("probe",)
 """Fields that belong to the session, not to the engine stream."""
 _OBJECTS: dict[str, dict[str, tuple[str, type]]] = {
     "blend": {"prompt": ("blend_prompt", str), "weight": ("blend_weight", float)},
-    "temporal": {"bank": ("temporal_bank", int), "weight": ("temporal_weight", float),
-                 "motion_strength": ("motion_strength", tuple)},
+    "temporal": {
+        "bank": ("temporal_bank", int),
+        "weight": ("temporal_weight", float),
+        "motion_strength": ("motion_strength", tuple),
+    },
 }
 """JSON objects -> their members: (StreamParams field, type)."""
 _PATHS = {field: f"{name}.{member}" for name, members in _OBJECTS.items() for member, (field, _) in members.items()}
@@ -107,8 +110,9 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
             if isinstance(changes[name], str) and len(changes[name]) > MAX_PROMPT_CHARS:
                 raise ParamError(name, f"{name} is longer than {MAX_PROMPT_CHARS} characters")
         elif name == "t_index_list":
-            if value is not None and (not isinstance(value, list) or
-                                      any(not isinstance(t, int) or isinstance(t, bool) for t in value)):
+            if value is not None and (
+                not isinstance(value, list) or any(not isinstance(t, int) or isinstance(t, bool) for t in value)
+            ):
                 raise ParamError(name, "t_index_list must be a list of integers or null")
             changes[name] = tuple(value) if value is not None else None
         elif name in _OBJECTS:

@@ -46,8 +46,15 @@ async def answer(pc: RTCPeerConnection, offer: RTCSessionDescription, nat_1to1: 
     return announce(pc.localDescription.sdp, nat_1to1)
 
 
-def watch(pc: RTCPeerConnection, owner: Session, end: Callable[[], Awaitable[None]], connect_timeout_s: float,
-          background: Background, what: str, on_connected: Callable[[], bool] | None = None) -> asyncio.Task[Any]:
+def watch(
+    pc: RTCPeerConnection,
+    owner: Session,
+    end: Callable[[], Awaitable[None]],
+    connect_timeout_s: float,
+    background: Background,
+    what: str,
+    on_connected: Callable[[], bool] | None = None,
+) -> asyncio.Task[Any]:
     """End the peer (`end()`) when it fails or closes, or has not connected `connect_timeout_s` from now.
 
     `on_connected` runs when the peer connects and says whether it may stay (it took a live slot,

@@ -32,8 +32,13 @@ from livediff.server.startup import print_loading, wait_loaded
 from livediff.transport.loopback import loopback_candidates
 
 
-async def serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams,
-                sockets: list[socket.socket] | None = None, started: float | None = None) -> int:
+async def serve(
+    engine_settings: EngineSettings,
+    settings: ServerSettings,
+    params: StreamParams,
+    sockets: list[socket.socket] | None = None,
+    started: float | None = None,
+) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean stop, 2 when the model cannot load (said once).
 
     `sockets`: bound already (`server.listen.bind`), else bound here from `settings`.
@@ -47,8 +52,13 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings, param
         return await _serve(engine_settings, settings, params, sockets, started)
 
 
-async def _serve(engine_settings: EngineSettings, settings: ServerSettings, params: StreamParams,
-                 sockets: list[socket.socket], started: float) -> int:
+async def _serve(
+    engine_settings: EngineSettings,
+    settings: ServerSettings,
+    params: StreamParams,
+    sockets: list[socket.socket],
+    started: float,
+) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
     engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
@@ -95,5 +105,8 @@ def url(settings: ServerSettings, port: int) -> str:
 
 def print_ready(engine: dict[str, object], address: str, elapsed_s: float) -> None:
     """The line once the model is warmed up: the URL, and what runs behind it."""
-    print(f"livediff: ready in {elapsed_s:.0f} s, open {address} (model {engine['model']}, backend "
-          f"{engine['backend']}, device {engine['device']}, {engine['dtype']}, size {engine['size']})", flush=True)
+    print(
+        f"livediff: ready in {elapsed_s:.0f} s, open {address} (model {engine['model']}, backend "
+        f"{engine['backend']}, device {engine['device']}, {engine['dtype']}, size {engine['size']})",
+        flush=True,
+    )

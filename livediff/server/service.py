@@ -50,26 +50,43 @@ FEATURES = ("probe", "passthrough")
 
 
 class Service:
-    def __init__(self, engine_settings: EngineSettings, settings: ServerSettings,
-                 parts: ModelParts | None = None, default_params: StreamParams | None = None) -> None:
+    def __init__(
+        self,
+        engine_settings: EngineSettings,
+        settings: ServerSettings,
+        parts: ModelParts | None = None,
+        default_params: StreamParams | None = None,
+    ) -> None:
         self.engine_settings = engine_settings
         self.default_params = default_params or StreamParams()
         self.settings = settings
         self.parts = parts
-        self.ice = IceServerConfig(settings.ice_servers, settings.turn_username, settings.turn_credential,
-                                   settings.turn_secret, settings.turn_ttl_s)
+        self.ice = IceServerConfig(
+            settings.ice_servers,
+            settings.turn_username,
+            settings.turn_credential,
+            settings.turn_secret,
+            settings.turn_ttl_s,
+        )
         self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
         self.quality = QualitySampler(observe=self.metrics.on_quality)
-        self.scheduler = Scheduler(settings.max_sessions, self._convert_in, self._convert_out,
-                                   observer=StepObservers(self.metrics, self.quality),
-                                   pass_through=self._pass_through, fresh_frames=settings.fresh_frames,
-                                   max_connecting=settings.max_connecting, id_prefix=settings.session_id_prefix)
+        self.scheduler = Scheduler(
+            settings.max_sessions,
+            self._convert_in,
+            self._convert_out,
+            observer=StepObservers(self.metrics, self.quality),
+            pass_through=self._pass_through,
+            fresh_frames=settings.fresh_frames,
+            max_connecting=settings.max_connecting,
+            id_prefix=settings.session_id_prefix,
+        )
         self.metrics.sessions.set_function(lambda: len(self.scheduler.sessions))
         self.outputs: dict[str, Fanout] = {}
         self.resources: dict[str, Resource] = {}
-        self.viewers = Viewers(settings, self.ice, self.nat_1to1, self.metrics, self.resources, self.outputs,
-                               self._background)
+        self.viewers = Viewers(
+            settings, self.ice, self.nat_1to1, self.metrics, self.resources, self.outputs, self._background
+        )
         self.ready = False
         self.load_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -201,8 +218,9 @@ class Service:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    async def publish(self, offer: RTCSessionDescription, params: StreamParams, kind: str,
-                      probe_on: bool = False) -> tuple[Session, Resource]:
+    async def publish(
+        self, offer: RTCSessionDescription, params: StreamParams, kind: str, probe_on: bool = False
+    ) -> tuple[Session, Resource]:
         """Admit a session for a publisher's offer; the answer is `resource.answer`."""
         self.require_ready()
         offer = prepare_offer(offer.sdp, self.settings.video_codecs)
@@ -210,21 +228,34 @@ class Service:
             session = await self.scheduler.open_session(params, kind=kind, probe=probe_on, connecting=True)
         except ConfigError as exc:  # a param this engine cannot serve (temporal.bank without the feature bank)
             raise refusal(exc) from None
-        session.control = Control(session, self._apply_update, self.settings.max_body_bytes,
-                                  lambda: self._control_state(session), self._check_params)
+        session.control = Control(
+            session,
+            self._apply_update,
+            self.settings.max_body_bytes,
+            lambda: self._control_state(session),
+            self._check_params,
+        )
         try:
             await follow_loads(self.scheduler, session)  # the ControlNets it names start loading
             session.ensure_open()  # it may have given its slot away meanwhile: then no peer is made
             pc = create_peer(self.ice, self.settings.marker_completion)
             session.on_close(pc.close)
-            output = Fanout(session.outbox, self._on_sent(session), self.settings.bitrate,
-                            self.settings.keyframe_interval_s)
+            output = Fanout(
+                session.outbox, self._on_sent(session), self.settings.bitrate, self.settings.keyframe_interval_s
+            )
             self.outputs[session.id] = output
             session.on_close(self._forget_output(session.id))
             transceiver = pc.addTransceiver("video", direction="sendrecv")
             prefer_codecs(transceiver, self.settings.video_codecs)
-            watch(pc, session, lambda: self.close_session(session), self.settings.connect_timeout_s,
-                  self._background, f"session {session.id}", on_connected=lambda: self.scheduler.connected(session))
+            watch(
+                pc,
+                session,
+                lambda: self.close_session(session),
+                self.settings.connect_timeout_s,
+                self._background,
+                f"session {session.id}",
+                on_connected=lambda: self.scheduler.connected(session),
+            )
 
             @pc.on("track")
             def on_track(track: MediaStreamTrack) -> None:
@@ -246,15 +277,22 @@ class Service:
             codec = negotiated_codec(transceiver)
             if codec is not None and transceiver.currentDirection in ("sendrecv", "sendonly"):
                 output.subscribe(transceiver.sender, codec)  # the output back to the publisher
-            log.info("session %s (%s): video %s, %s", session.id, kind, codec.name if codec else None,
-                     transceiver.currentDirection)
+            log.info(
+                "session %s (%s): video %s, %s",
+                session.id,
+                kind,
+                codec.name if codec else None,
+                transceiver.currentDirection,
+            )
         except BaseException:
             ended = session.closed  # by someone else: a newer offer took its connecting slot, or shutdown
             await self.close_session(session)
             if ended:
-                raise AdmissionError("the session ended before its answer was ready (newer offers took "
-                                     "its connecting slot, an operator ended it, or the server is stopping)",
-                                     self.settings.max_sessions) from None
+                raise AdmissionError(
+                    "the session ended before its answer was ready (newer offers took "
+                    "its connecting slot, an operator ended it, or the server is stopping)",
+                    self.settings.max_sessions,
+                ) from None
             raise
         resource = Resource(pc=pc, session=session, etag=new_etag(), answer=sdp)
         self.resources[session.id] = resource
@@ -311,8 +349,11 @@ class Service:
         session.ensure_open()
         old = session.params
         try:
-            truncated = (await self.scheduler.update(session, params) if params != session.params
-                         else self.scheduler.prompt_truncated(session))
+            truncated = (
+                await self.scheduler.update(session, params)
+                if params != session.params
+                else self.scheduler.prompt_truncated(session)
+            )
         except ConfigError as exc:  # a param this engine cannot serve: the session keeps its params
             raise refusal(exc) from None
         session.ensure_open()  # it may have ended while the update waited for the worker
@@ -334,5 +375,10 @@ class Service:
         if truncated:
             limit = self.scheduler.engine.parts.tokenizer.model_max_length
             warnings.append(f"prompt truncated to the tokenizer's limit of {limit} tokens")
-        return {"session_id": session.id, "params": params_to_json(session.params), "probe": session.probe,
-                "controlnet_state": dict(session.controlnet_state), "warnings": warnings}
+        return {
+            "session_id": session.id,
+            "params": params_to_json(session.params),
+            "probe": session.probe,
+            "controlnet_state": dict(session.controlnet_state),
+            "warnings": warnings,
+        }

@@ -51,8 +51,12 @@ class StallReporter:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._last is not None and now - self._last > self.after_s:
-            print(f"livediff: the event loop was blocked for {now - self._last:.1f} s (the stacks above, under "
-                  f"'Timeout', show where)", file=self.file, flush=True)
+            print(
+                f"livediff: the event loop was blocked for {now - self._last:.1f} s (the stacks above, under "
+                f"'Timeout', show where)",
+                file=self.file,
+                flush=True,
+            )
         self._last = now
         faulthandler.dump_traceback_later(self.after_s, repeat=False, file=self.file, exit=False)
         self._handle = loop.call_later(self.after_s / 4, self._rearm)

@@ -21,8 +21,9 @@ alone took 16 s at 512x512 on 2 cores)."""
 
 def print_loading() -> None:
     """The first line of `livediff serve`, printed as soon as its port is bound."""
-    print("livediff: loading; the URL follows once the model is ready (a first start also builds its engines)",
-          flush=True)
+    print(
+        "livediff: loading; the URL follows once the model is ready (a first start also builds its engines)", flush=True
+    )
 
 
 class LastLine(logging.Handler):
@@ -39,8 +40,9 @@ class LastLine(logging.Handler):
             self.at = time.monotonic()
 
 
-async def wait_loaded(load: asyncio.Task[None], stop: asyncio.Event, started: float,
-                      remind_every_s: float = REMIND_EVERY_S) -> bool:
+async def wait_loaded(
+    load: asyncio.Task[None], stop: asyncio.Event, started: float, remind_every_s: float = REMIND_EVERY_S
+) -> bool:
     """Wait for `load`: True once it is done, False when `stop` is set first; raises its exception.
 
     `started` is the `time.monotonic()` the command started at. Every `remind_every_s` without a
@@ -54,8 +56,9 @@ async def wait_loaded(load: asyncio.Task[None], stop: asyncio.Event, started: fl
     try:
         while not load.done():
             due = max(last.at, reminded) + remind_every_s
-            await asyncio.wait([load, stopped], timeout=max(0.0, due - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [load, stopped], timeout=max(0.0, due - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
             if load.done():
                 break
             if stopped.done():

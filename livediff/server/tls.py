@@ -80,8 +80,10 @@ def explain(certificate: Certificate) -> str:
         origin = "made now" if certificate.created else "kept"
         lines[0] += f" (self-signed, {origin}; valid for {', '.join(certificate.names)})"
         lines.append(f"livediff:   SHA-256 fingerprint {certificate.fingerprint}")
-        lines.append("livediff:   browsers warn once: check that the fingerprint they show is this one and "
-                     "accept it, or trust the file (see README, 'GPU server, browser on a laptop')")
+        lines.append(
+            "livediff:   browsers warn once: check that the fingerprint they show is this one and "
+            "accept it, or trust the file (see README, 'GPU server, browser on a laptop')"
+        )
     return "\n".join(lines)
 
 
@@ -153,14 +155,26 @@ def self_signed(state_dir: Path, dns: list[str], ips: list[IpAddress]) -> Certif
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption())
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(key_bytes)
@@ -176,8 +190,9 @@ def describe(cert_path: Path, key_path: Path) -> Certificate:
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = tuple(san.get_values_for_type(x509.DNSName)) + tuple(str(ip) for ip in
-                                                                     san.get_values_for_type(x509.IPAddress))
+        names = tuple(san.get_values_for_type(x509.DNSName)) + tuple(
+            str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+        )
     except x509.ExtensionNotFound:
         names = ()
     return Certificate(
@@ -217,7 +232,8 @@ def _covers(cert: x509.Certificate, dns: list[str], ips: list[IpAddress]) -> boo
     except x509.ExtensionNotFound:
         return False
     return set(dns) <= set(san.get_values_for_type(x509.DNSName)) and set(ips) <= set(
-        san.get_values_for_type(x509.IPAddress))
+        san.get_values_for_type(x509.IPAddress)
+    )
 
 
 def _valid_for(cert: x509.Certificate, days: int) -> bool:

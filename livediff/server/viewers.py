@@ -38,8 +38,16 @@ class Viewers:
     `livediff.admission`.
     """
 
-    def __init__(self, settings: ServerSettings, ice: IceServerConfig, nat_1to1: Mapping[str, str], metrics: Metrics,
-                 resources: dict[str, Resource], outputs: Mapping[str, Fanout], background: Background) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        ice: IceServerConfig,
+        nat_1to1: Mapping[str, str],
+        metrics: Metrics,
+        resources: dict[str, Resource],
+        outputs: Mapping[str, Fanout],
+        background: Background,
+    ) -> None:
         self.settings = settings
         self.ice = ice
         """The STUN/TURN servers of every peer (the publishers' too)."""
@@ -52,8 +60,9 @@ class Viewers:
 
     def _slots(self, session: Session) -> Admission:
         if session.viewer_slots is None:
-            session.viewer_slots = Admission(self.settings.max_viewers, self.settings.max_connecting,
-                                             f"viewers of session {session.id}")
+            session.viewer_slots = Admission(
+                self.settings.max_viewers, self.settings.max_connecting, f"viewers of session {session.id}"
+            )
         return session.viewer_slots
 
     async def add(self, session: Session, offer: RTCSessionDescription) -> Resource:
@@ -101,21 +110,34 @@ class Viewers:
             sdp = await answer(pc, offer, self.nat_1to1)
             session.ensure_open()  # it may have ended while the answer was made
             if viewer_id not in session.viewers:
-                raise AdmissionError(f"newer offers took this viewer's slot before its answer was ready "
-                                     f"(at most {slots.max_connecting} viewers connecting)", slots.max_connecting)
+                raise AdmissionError(
+                    f"newer offers took this viewer's slot before its answer was ready "
+                    f"(at most {slots.max_connecting} viewers connecting)",
+                    slots.max_connecting,
+                )
             codec = negotiated_codec(transceiver)
             if codec is None:
                 raise SdpError("the offer's video has no codec in common with the server")
             tracks.append(output.subscribe(transceiver.sender, codec))
-            tasks.append(watch(pc, session, end, self.settings.connect_timeout_s, self.background,
-                               f"viewer {key}", on_connected=lambda: slots.connected(viewer_id)))
+            tasks.append(
+                watch(
+                    pc,
+                    session,
+                    end,
+                    self.settings.connect_timeout_s,
+                    self.background,
+                    f"viewer {key}",
+                    on_connected=lambda: slots.connected(viewer_id),
+                )
+            )
         except BaseException as exc:
             evicted_meanwhile = viewer_id not in session.viewers
             await end()
             session.ensure_open()  # a session that ended meanwhile is the answer, not what it broke
             if evicted_meanwhile and not isinstance(exc, AdmissionError):
-                raise AdmissionError("newer offers took this viewer's slot before its answer was ready",
-                                     slots.max_connecting) from None
+                raise AdmissionError(
+                    "newer offers took this viewer's slot before its answer was ready", slots.max_connecting
+                ) from None
             raise
         resource = Resource(pc=pc, session=session, etag=new_etag(), answer=sdp, viewer_id=viewer_id)
         self.resources[key] = resource

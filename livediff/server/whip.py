@@ -33,8 +33,9 @@ async def post_whip(request: web.Request) -> web.Response:
     svc = service(request)
     sdp = await read_text(request, SDP_TYPE)
     params, extras = parse_update(svc.default_params, parse_query(request.query))
-    session, resource = await svc.publish(RTCSessionDescription(sdp=sdp, type="offer"), params, "whip",
-                                          probe_on=extras.get("probe", False))
+    session, resource = await svc.publish(
+        RTCSessionDescription(sdp=sdp, type="offer"), params, "whip", probe_on=extras.get("probe", False)
+    )
     return created(resource, f"/whip/{session.id}", svc)
 
 

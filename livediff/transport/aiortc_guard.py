@@ -40,13 +40,18 @@ def warn_if_untested(patch: str) -> None:
     """Warn (once per call site) when the installed aiortc is outside TESTED_AIORTC_RANGE."""
     low, high = TESTED_AIORTC_RANGE
     if not low <= version_tuple(aiortc_version()) < high:
-        warnings.warn(f"aiortc {aiortc_version()} is outside the range tested for {patch} {TESTED_AIORTC_RANGE}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"aiortc {aiortc_version()} is outside the range tested for {patch} {TESTED_AIORTC_RANGE}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def moved(patch: str, what: str, sources: str) -> AiortcInternalsError:
     """The error for `patch` (a livediff module) when `what` no longer holds; `sources`: the aiortc
     files to re-read."""
     low, high = (".".join(map(str, v)) for v in TESTED_AIORTC_RANGE)
-    return AiortcInternalsError(f"aiortc {aiortc_version()}: {what}. livediff.transport.{patch} relies on private "
-                                f"aiortc internals and was tested with aiortc >={low},<{high}; re-check {sources}.")
+    return AiortcInternalsError(
+        f"aiortc {aiortc_version()}: {what}. livediff.transport.{patch} relies on private "
+        f"aiortc internals and was tested with aiortc >={low},<{high}; re-check {sources}."
+    )

@@ -65,9 +65,16 @@ class CameraTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, width: int = 96, height: int = 80, fps: float = FPS, paint_probe: bool = False,
-                 seed: int = 0, solid: tuple[int, int, int] | None = None,
-                 scene: Sequence[np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        width: int = 96,
+        height: int = 80,
+        fps: float = FPS,
+        paint_probe: bool = False,
+        seed: int = 0,
+        solid: tuple[int, int, int] | None = None,
+        scene: Sequence[np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.camera = SyntheticCamera(height, width, seed=seed)
         self.height = height
@@ -218,10 +225,16 @@ class Client:
                 self.received = collect(track, received)
 
 
-async def offer_client(http: aiohttp.ClientSession, url: str, camera: CameraTrack | None = None,
-                       params: dict[str, Any] | None = None, codec: str = "VP8",
-                       headers: dict[str, str] | None = None, received: Received | None = None,
-                       marker_completion: bool = False) -> Client:
+async def offer_client(
+    http: aiohttp.ClientSession,
+    url: str,
+    camera: CameraTrack | None = None,
+    params: dict[str, Any] | None = None,
+    codec: str = "VP8",
+    headers: dict[str, str] | None = None,
+    received: Received | None = None,
+    marker_completion: bool = False,
+) -> Client:
     """The demo page: sendrecv video + a `control` data channel, via POST /offer.
 
     Control answers and stats messages are appended to `Client.messages`.

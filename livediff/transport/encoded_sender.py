@@ -55,15 +55,19 @@ def check_aiortc_internals() -> None:
     """Raise `AiortcInternalsError` if what this module relies on moved (see the module docstring)."""
     warn_if_untested("encoded_sender")
     next_frame = inspect.getsource(RTCRtpSender._next_encoded_frame)
-    for needle, what in (("self.__encoder.pack(", "packs non-frame data with self.__encoder.pack()"),
-                         ("if self.__encoder is None", "creates its encoder only when it has none"),
-                         ("isinstance(data, Frame)", "tells frames from packets")):
+    for needle, what in (
+        ("self.__encoder.pack(", "packs non-frame data with self.__encoder.pack()"),
+        ("if self.__encoder is None", "creates its encoder only when it has none"),
+        ("isinstance(data, Frame)", "tells frames from packets"),
+    ):
         if needle not in next_frame:
             raise _fail(f"RTCRtpSender._next_encoded_frame no longer {what}")
     rtcp = inspect.getsource(RTCRtpSender._handle_rtcp_packet)
     if "self._send_keyframe()" not in rtcp or "self.__encoder.target_bitrate = bitrate" not in rtcp:
-        raise _fail("RTCRtpSender._handle_rtcp_packet no longer calls self._send_keyframe() on PLI/FIR "
-                    "and writes REMB into self.__encoder.target_bitrate")
+        raise _fail(
+            "RTCRtpSender._handle_rtcp_packet no longer calls self._send_keyframe() on PLI/FIR "
+            "and writes REMB into self.__encoder.target_bitrate"
+        )
     for cls, params in ((Vp8Encoder, ["buffer", "picture_id"]), (H264Encoder, ["packages"])):
         packetize = inspect.getattr_static(cls, "_packetize", None)
         if not isinstance(packetize, classmethod) or list(inspect.signature(cls._packetize).parameters) != params:
@@ -160,8 +164,12 @@ class _Packer(Encoder):
         self._on_bitrate(bitrate)
 
 
-def feed_packets(sender: RTCRtpSender, codec: RTCRtpCodecParameters, on_bitrate: Callable[[int], None],
-                 on_keyframe_request: Callable[[], None]) -> None:
+def feed_packets(
+    sender: RTCRtpSender,
+    codec: RTCRtpCodecParameters,
+    on_bitrate: Callable[[int], None],
+    on_keyframe_request: Callable[[], None],
+) -> None:
     """Make `sender` take encoded frames (its track returns `av.Packet`s of `codec`).
 
     Call before the sender starts (it starts once the peer connects). `on_bitrate` gets the

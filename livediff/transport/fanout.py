@@ -113,8 +113,9 @@ class EncodedTrack(MediaStreamTrack):
 class Fanout:
     """A session's output (its outbox of frames with an `.image`), encoded once per codec for every track."""
 
-    def __init__(self, outbox: LatestSlot[Any], on_send: Callable[[Any], None] | None, bitrate: int,
-                 keyframe_interval_s: float) -> None:
+    def __init__(
+        self, outbox: LatestSlot[Any], on_send: Callable[[Any], None] | None, bitrate: int, keyframe_interval_s: float
+    ) -> None:
         self._outbox = outbox
         self._on_send = on_send
         self.bitrate = bitrate
@@ -164,8 +165,9 @@ class Fanout:
 
     def request_keyframe(self, codec: str) -> None:
         """A keyframe with `codec` soon: the next frame, or `KEYFRAME_GAP_S` after the last keyframe."""
-        self._keyframe_due[codec] = min(self._keyframe_due.get(codec, 0.0),
-                                        self._last_keyframe.get(codec, -KEYFRAME_GAP_S) + KEYFRAME_GAP_S)
+        self._keyframe_due[codec] = min(
+            self._keyframe_due.get(codec, 0.0), self._last_keyframe.get(codec, -KEYFRAME_GAP_S) + KEYFRAME_GAP_S
+        )
 
     def stop(self) -> None:
         """End every track and the reader."""

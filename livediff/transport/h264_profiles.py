@@ -89,8 +89,10 @@ def check_aiortc_internals() -> None:
 
 
 def _h264_row(rows: list[RTCRtpCodecParameters]) -> RTCRtpCodecParameters | None:
-    return next((c for c in rows if c.mimeType.lower() == "video/h264"
-                 and str(c.parameters.get("packetization-mode")) == "1"), None)
+    return next(
+        (c for c in rows if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"),
+        None,
+    )
 
 
 def _row(base: RTCRtpCodecParameters, level_id: str, payload_type: int) -> RTCRtpCodecParameters:

@@ -109,8 +109,10 @@ class IceServerConfig:
         for url in self.urls:
             value = f'<{url}>; rel="ice-server"'
             if url.startswith(TURN_SCHEMES) and credential is not None:
-                value += (f'; username="{credential.username}"; credential="{credential.password}"'
-                          '; credential-type="password"')
+                value += (
+                    f'; username="{credential.username}"; credential="{credential.password}"'
+                    '; credential-type="password"'
+                )
             links.append(value)
         return links
 

@@ -50,8 +50,10 @@ class UnsupportedCodecs(ValueError):
     """
 
     def __init__(self, kind: str, offered: list[str], accepted: list[str]) -> None:
-        super().__init__(f"no {kind} codec in common: the offer has {', '.join(offered) or 'none'}; "
-                         f"livediff takes {', '.join(accepted)}")
+        super().__init__(
+            f"no {kind} codec in common: the offer has {', '.join(offered) or 'none'}; "
+            f"livediff takes {', '.join(accepted)}"
+        )
         self.kind = kind
         self.offered = offered
         self.accepted = accepted
@@ -90,8 +92,7 @@ def _check_mids(description: SessionDescription) -> None:
         missing = [str(item) for item in group.items if str(item) not in counts]
         if group.semantic == "BUNDLE" and missing:
             line = _shown(f"a=group:BUNDLE {' '.join(map(str, group.items))}")
-            raise SdpError(f"{line!r} names {_shown(', '.join(missing))}, which no m-line has as its a=mid",
-                           line=line)
+            raise SdpError(f"{line!r} names {_shown(', '.join(missing))}, which no m-line has as its a=mid", line=line)
 
 
 def _check_fmtp(lines: list[str]) -> None:
@@ -108,8 +109,11 @@ def _check_fmtp(lines: list[str]) -> None:
         for line in section:
             match = _FMTP.match(line)
             if match and match.group(1) not in mapped:
-                raise SdpError(f"{_shown(line)!r} describes payload type {_shown(match.group(1))}, which has no "
-                               "a=rtpmap line in its m-section", line=_shown(line))
+                raise SdpError(
+                    f"{_shown(line)!r} describes payload type {_shown(match.group(1))}, which has no "
+                    "a=rtpmap line in its m-section",
+                    line=_shown(line),
+                )
 
 
 def _parse(sdp: str) -> SessionDescription:
@@ -150,21 +154,27 @@ def _where(index: int, media: MediaDescription) -> str:
 def _check_media(index: int, media: MediaDescription) -> None:
     where = _where(index, media)
     if not media.ice or not media.ice.usernameFragment or not media.ice.password:
-        raise SdpError(f"{where} has no ICE credentials: a=ice-ufrag and a=ice-pwd are needed, at session or "
-                       "media level", line="a=ice-ufrag")
+        raise SdpError(
+            f"{where} has no ICE credentials: a=ice-ufrag and a=ice-pwd are needed, at session or media level",
+            line="a=ice-ufrag",
+        )
     if media.dtls is None:
-        raise SdpError(f"{where} has no a=setup attribute (the DTLS role); an offer carries a=setup:actpass "
-                       "(RFC 8842)", line="a=setup")
+        raise SdpError(
+            f"{where} has no a=setup attribute (the DTLS role); an offer carries a=setup:actpass (RFC 8842)",
+            line="a=setup",
+        )
     if media.kind in ("audio", "video") and not media.rtcp_mux:
-        raise SdpError(f"{where} has no a=rtcp-mux: WebRTC multiplexes RTP and RTCP (RFC 8834 4.5)",
-                       line="a=rtcp-mux")
+        raise SdpError(f"{where} has no a=rtcp-mux: WebRTC multiplexes RTP and RTCP (RFC 8834 4.5)", line="a=rtcp-mux")
     if media.kind == "application" and media.profile != "DTLS/SCTP" and media.sctp_port is None:
         raise SdpError(f"{where} has no a=sctp-port (RFC 8841)", line="a=sctp-port")
     for codec in media.rtp.codecs:  # aiortc compares H.264 modes with int(), which takes no None
         mode = codec.parameters.get("packetization-mode", "0")
         if codec.mimeType.lower() == "video/h264" and str(mode) not in ("0", "1", "2"):
-            raise SdpError(f"{where}: payload type {codec.payloadType}'s packetization-mode is {mode!r}; it is 0, "
-                           "1 or 2 (RFC 6184 8.1)", line=f"a=fmtp:{codec.payloadType}")
+            raise SdpError(
+                f"{where}: payload type {codec.payloadType}'s packetization-mode is {mode!r}; it is 0, "
+                "1 or 2 (RFC 6184 8.1)",
+                line=f"a=fmtp:{codec.payloadType}",
+            )
 
 
 def accepted_codecs(kind: str, names: tuple[str, ...]) -> list[RTCRtpCodecParameters]:
@@ -186,8 +196,9 @@ def check_codecs(description: SessionDescription, video_codecs: tuple[str, ...])
         if rtcpeerconnection.find_common_codecs(accepted, media.rtp.codecs):
             continue
         offered = [describe(c) for c in media.rtp.codecs if not aiortc_codecs.is_rtx(c)]
-        raise UnsupportedCodecs(media.kind, list(dict.fromkeys(offered)),
-                                list(dict.fromkeys(describe(c) for c in accepted)))
+        raise UnsupportedCodecs(
+            media.kind, list(dict.fromkeys(offered)), list(dict.fromkeys(describe(c) for c in accepted))
+        )
 
 
 def describe(codec: RTCRtpCodecParameters) -> str:

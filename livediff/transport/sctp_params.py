@@ -53,11 +53,15 @@ def check_aiortc_internals() -> None:
     if not callable(getattr(rtcsctptransport, "decode_params", None)) or not all(
         "decode_params(" in inspect.getsource(caller) for caller in callers
     ):
-        raise moved("sctp_params", "chunks no longer parse their parameters with decode_params",
-                    "aiortc/rtcsctptransport.py")
+        raise moved(
+            "sctp_params", "chunks no longer parse their parameters with decode_params", "aiortc/rtcsctptransport.py"
+        )
     if "except ValueError" not in inspect.getsource(rtcsctptransport.RTCSctpTransport._handle_data):
-        raise moved("sctp_params", "RTCSctpTransport._handle_data no longer drops packets that fail to parse",
-                    "aiortc/rtcsctptransport.py")
+        raise moved(
+            "sctp_params",
+            "RTCSctpTransport._handle_data no longer drops packets that fail to parse",
+            "aiortc/rtcsctptransport.py",
+        )
 
 
 def reject_malformed_params() -> None:

@@ -36,11 +36,15 @@ def check_aiortc_internals() -> None:
     """Raise `AiortcInternalsError` if aiortc no longer decodes text messages where this module expects."""
     method = getattr(RTCSctpTransport, _RECEIVE, None)
     if method is None or list(inspect.signature(method).parameters) != ["self", "stream_id", "pp_id", "data"]:
-        raise moved("sctp_text", f"RTCSctpTransport.{_RECEIVE}(stream_id, pp_id, data) moved",
-                    "aiortc/rtcsctptransport.py")
+        raise moved(
+            "sctp_text", f"RTCSctpTransport.{_RECEIVE}(stream_id, pp_id, data) moved", "aiortc/rtcsctptransport.py"
+        )
     if f"self.{_RECEIVE}(" not in inspect.getsource(RTCSctpTransport._receive) or WEBRTC_STRING != 51:
-        raise moved("sctp_text", f"RTCSctpTransport._receive no longer hands messages to {_RECEIVE}",
-                    "aiortc/rtcsctptransport.py")
+        raise moved(
+            "sctp_text",
+            f"RTCSctpTransport._receive no longer hands messages to {_RECEIVE}",
+            "aiortc/rtcsctptransport.py",
+        )
 
 
 def tolerate_invalid_text(sctp: RTCSctpTransport) -> None:

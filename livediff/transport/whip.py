@@ -56,16 +56,16 @@ def parse_sdpfrag(text: str) -> SdpFrag:
             media_seen += 1
             index = media_seen
         elif line.startswith("a=mid:"):
-            mid = line[len("a=mid:"):]
+            mid = line[len("a=mid:") :]
         elif line.startswith("a=ice-ufrag:"):
-            frag.ufrag = line[len("a=ice-ufrag:"):]
+            frag.ufrag = line[len("a=ice-ufrag:") :]
         elif line.startswith("a=ice-pwd:"):
-            frag.pwd = line[len("a=ice-pwd:"):]
+            frag.pwd = line[len("a=ice-pwd:") :]
         elif line == "a=end-of-candidates":
             frag.end_of_candidates = True
         elif line.startswith("a=candidate:"):
             try:
-                candidate = candidate_from_sdp(line[len("a=candidate:"):])
+                candidate = candidate_from_sdp(line[len("a=candidate:") :])
             except (AssertionError, ValueError, IndexError) as exc:
                 raise SdpError(f"bad candidate line {line!r}") from exc
             candidate.sdpMid = mid
@@ -80,7 +80,8 @@ def is_ice_restart(frag: SdpFrag, remote_sdp: str) -> bool:
     """Whether a PATCH body asks for an ICE restart: it carries an `ice-ufrag` or `ice-pwd` other
     than those of the remote description in force (RFC 8839 4.4.1.1.1: new credentials restart
     ICE; RFC 9725 4.3.2: a WHIP client restarts ICE by PATCHing them)."""
-    ufrags = {line[len("a=ice-ufrag:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-ufrag:")}
-    pwds = {line[len("a=ice-pwd:"):].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-pwd:")}
+    ufrags = {
+        line[len("a=ice-ufrag:") :].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-ufrag:")
+    }
+    pwds = {line[len("a=ice-pwd:") :].strip() for line in remote_sdp.splitlines() if line.startswith("a=ice-pwd:")}
     return (frag.ufrag is not None and frag.ufrag not in ufrags) or (frag.pwd is not None and frag.pwd not in pwds)
-

@@ -86,8 +86,9 @@ def route(ns: str, destination: str, via: str) -> None:
 
 def nft(ns: str, ruleset: str) -> None:
     """Load an nftables ruleset (text) into `ns`."""
-    result = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise RuntimeError(f"nft in {ns} failed: {result.stderr.strip()}\n{ruleset}")
 
@@ -111,7 +112,7 @@ def sweep(prefix: str = PREFIX) -> None:
     """Remove every namespace a test bed left behind: those of this process's id (a crashed earlier
     run with the same id) and of ids no process has; a bed another running test process owns stays."""
     for ns in names():
-        if ns.startswith(prefix) and not _owned_by_another_live_process(ns[len(prefix):].split("-")[0]):
+        if ns.startswith(prefix) and not _owned_by_another_live_process(ns[len(prefix) :].split("-")[0]):
             remove(ns)
 
 

@@ -80,17 +80,36 @@ class Program:
 
 
 def start(ns: str, name: str, command: list[str], env: dict[str, str] | None = None) -> Program:
-    process = netns.popen(ns, command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env={**os.environ, **(env or {})})
+    process = netns.popen(
+        ns, command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     return Program(name, process)
 
 
 def start_livediff(ns: str, host: str, port: int, state_dir: Path, *flags: str) -> Program:
     """`livediff serve` (tiny model, torch backend, 128x128, https with its self-signed
     certificate kept in `state_dir`) bound to `host` in `ns`; wait for its "ready" line."""
-    command = [sys.executable, "-m", "livediff.cli", "serve", "--model", "tiny", "--backend", "torch",
-               "--size", "128", "--host", host, "--port", str(port), "--tls", "self-signed",
-               "--state-dir", str(state_dir), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "livediff.cli",
+        "serve",
+        "--model",
+        "tiny",
+        "--backend",
+        "torch",
+        "--size",
+        "128",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--tls",
+        "self-signed",
+        "--state-dir",
+        str(state_dir),
+        *flags,
+    ]
     return start(ns, f"livediff@{ns}:{port}", command, env={"HF_HUB_OFFLINE": "1"})
 
 
