@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: serve bench test screenshots setup clean gpu-check gpu-wheels
+.PHONY: serve bench test lint screenshots setup clean gpu-check gpu-wheels
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,openvino,cluster]'
+	$(BIN)/pip install --quiet -e '.[test,openvino,cluster,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,7 +26,13 @@ bench: setup
 	$(BIN)/livediff bench $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=20 $(ARGS)
+
+# What CI checks before the tests: lint, formatting (ruff, line length 120) and types (mypy, 0 errors).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy livediff
 
 # The README's page screenshots, as the browser tests take them (needs Chromium).
 screenshots: setup

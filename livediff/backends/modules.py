@@ -9,13 +9,13 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
 
-def _scale_and_shift(vae: torch.nn.Module) -> tuple[float, float]:
-    config = vae.config  # type: ignore[attr-defined]
+def _scale_and_shift(vae: AutoencoderKL | AutoencoderTiny) -> tuple[float, float]:
+    config = vae.config
     return float(config.get("scaling_factor", 1.0) or 1.0), float(config.get("shift_factor", 0.0) or 0.0)
 
 
 class VaeEncoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: AutoencoderKL | AutoencoderTiny) -> None:
         super().__init__()
         self.vae = vae
         self.scale, self.shift = _scale_and_shift(vae)
@@ -31,7 +31,7 @@ class VaeEncoder(torch.nn.Module):
 
 
 class VaeDecoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: AutoencoderKL | AutoencoderTiny) -> None:
         super().__init__()
         self.vae = vae
         self.scale, self.shift = _scale_and_shift(vae)

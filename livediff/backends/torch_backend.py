@@ -29,7 +29,7 @@ class TorchBackend:
         self.channels_last = parts.device.type == "cuda"
         if self.channels_last:
             for module in modules:
-                module.to(memory_format=torch.channels_last)
+                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit it
         if compile:
             modules = [torch.compile(m, fullgraph=False, dynamic=False) for m in modules]  # type: ignore[misc]
         self._encode, self._unet, self._decode = modules

@@ -58,8 +58,9 @@ def build(
     """The application for `max_replicas` (resolved: >= 1) replicas reserving `replica_gpus` each."""
     router = RequestRouterConfig(
         request_router_class="livediff.cluster.routing:SessionRouter",  # type: ignore[arg-type]
-        request_routing_stats_period_s=cluster.stats_period_s,
-    )  # type: ignore[arg-type]
+        # Ray Serve 2.60's stubs type it as a dict; the config takes seconds (a float)
+        request_routing_stats_period_s=cluster.stats_period_s,  # type: ignore[arg-type]
+    )
     replicas = serve.deployment(
         name=ENGINE,
         autoscaling_config=autoscaling(cluster, server.max_sessions, max_replicas),

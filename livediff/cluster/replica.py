@@ -41,10 +41,10 @@ NAT_1TO1_ENV = "LIVEDIFF_NAT_1TO1"
 class EngineReplica:
     """Serve deployment class (bound in `livediff.cluster.app`): engine + scheduler + transport."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
         self,
         engine: EngineSettings,
-        server: ServerSettings,  # type: ignore[misc]
+        server: ServerSettings,
         params: StreamParams,
         drain_timeout_s: float,
     ) -> None:

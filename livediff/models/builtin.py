@@ -109,6 +109,7 @@ def rescale_output(layer: torch.nn.Conv2d, run: Callable[[], None], mean: float,
     out = torch.cat(seen).transpose(0, 1).flatten(1)  # (channels, values)
     scale = std / out.std(dim=1).clamp_min(1e-6)
     layer.weight.mul_(scale[:, None, None, None])
+    assert layer.bias is not None, "rescale_output needs a layer with a bias"
     layer.bias.copy_((layer.bias - out.mean(dim=1)) * scale + mean)
 
 

@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.models import ModelParts
@@ -24,7 +25,7 @@ LOAD_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("load_task", asyncio.Task
 PAGES = {"/": "index.html", "/latency": "latency.html"}
 
 
-def _page(web_dir: Path, name: str) -> web.Handler:
+def _page(web_dir: Path, name: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         path = web_dir / name
         if not path.is_file():
@@ -41,7 +42,7 @@ def create_app(
     default_params: StreamParams | None = None,
 ) -> web.Application:
     settings = settings or ServerSettings()
-    middlewares = [cors_middleware(settings.cors_origins)] if settings.cors_origins else []
+    middlewares: list[Middleware] = [cors_middleware(settings.cors_origins)] if settings.cors_origins else []
     middlewares.append(error_middleware)
     if settings.token:
         middlewares.append(bearer_middleware(settings.token))

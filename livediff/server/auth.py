@@ -6,9 +6,9 @@ Pages and health probes stay public.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from livediff.server.errors import Handler, json_error
 
@@ -23,7 +23,7 @@ def is_public(request: web.Request) -> bool:
     return path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES)
 
 
-def bearer_middleware(token: str) -> Callable[[web.Request, Handler], object]:
+def bearer_middleware(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware

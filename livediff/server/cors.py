@@ -20,9 +20,8 @@ endpoints do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from livediff.server.errors import Handler, json_error
 
@@ -32,7 +31,7 @@ EXPOSE_HEADERS = "Location, ETag, Link, Accept-Patch, Accept-Post, Retry-After"
 MAX_AGE_S = 600
 
 
-def cors_middleware(origins: tuple[str, ...]) -> Callable[[web.Request, Handler], object]:
+def cors_middleware(origins: tuple[str, ...]) -> Middleware:
     """Answers preflights from `origins` (or any, with `*`) and marks their responses readable."""
     any_origin = "*" in origins
     allowed = set(origins)

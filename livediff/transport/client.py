@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import av
@@ -126,7 +126,7 @@ class Received:
 
     frames: list[np.ndarray] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    pts: list[int] = field(default_factory=list)
+    pts: list[int | None] = field(default_factory=list)  # None: a frame that came without one
     task: asyncio.Task[None] | None = None
     keep: int = 400
     on_frame: FrameHook | None = None
@@ -146,7 +146,7 @@ def collect(track: MediaStreamTrack, received: Received | None = None) -> Receiv
     async def run() -> None:
         while True:
             try:
-                frame = await track.recv()
+                frame = cast(av.VideoFrame, await track.recv())  # a remote video track's decoded frames
             except MediaStreamError:
                 return
             now = time.monotonic()

@@ -41,7 +41,7 @@ def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[i
 def frame_to_tensor(frame: av.VideoFrame, width: int, height: int) -> torch.Tensor:
     """A decoded frame as an (height, width, 3) uint8 RGB tensor: scaled to cover, centre-cropped."""
     scaled_w, scaled_h = cover_size(frame.width, frame.height, width, height)
-    rgb = _reformatter("in").reformat(frame, width=scaled_w, height=scaled_h, format="rgb24").to_ndarray()
+    rgb: np.ndarray = _reformatter("in").reformat(frame, width=scaled_w, height=scaled_h, format="rgb24").to_ndarray()
     top, left = (scaled_h - height) // 2, (scaled_w - width) // 2
     if (scaled_w, scaled_h) != (width, height):
         rgb = np.ascontiguousarray(rgb[top : top + height, left : left + width])
@@ -53,7 +53,7 @@ def luma(frame: av.VideoFrame) -> np.ndarray:
     if frame.format.name not in ("yuv420p", "yuvj420p", "nv12", "gray"):
         frame = frame.reformat(format="yuv420p")
     plane = frame.planes[0]
-    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
     return rows[:, : plane.width]
 
 

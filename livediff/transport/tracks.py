@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import av
 from aiortc import MediaStreamTrack
@@ -24,7 +25,8 @@ async def pump(track: MediaStreamTrack, deliver: Callable[[av.VideoFrame], None]
     """
     while True:
         try:
-            frame = await track.recv()
+            # aiortc types recv() as any frame or packet; a remote track yields decoded frames
+            frame = cast(av.VideoFrame, await track.recv())
         except MediaStreamError:
             return
         deliver(frame)
