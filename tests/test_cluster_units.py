@@ -207,3 +207,47 @@ def test_new_sessions_go_to_the_most_free_room() -> None:
         assert chosen is not None
         counts[chosen.key] += 1
     assert counts == {"a": 4, "b": 4}
+
+
+def test_an_opening_call_counts_until_stats_taken_after_its_answer() -> None:
+    """The router's view of a replica counts a session-opening call in `placing` until a stats snapshot
+    taken after the call's answer: a snapshot taken while the call was still on its way (here the
+    answer took 3 s, as on a loaded machine) must not make the replica look empty (CI split four
+    sessions 3/1 when a 0.5 s window forgot such calls)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from livediff.cluster.routing import OpeningCalls, SessionRouter
+
+    router = SessionRouter.__new__(SessionRouter)  # its view alone: no Serve controller behind it
+    router._opened = defaultdict(OpeningCalls)
+
+    def replica(sessions: int, at: float) -> SimpleNamespace:
+        stats = {"at": at, "sessions": sessions, "max_sessions": 4, "ready": True}
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id="a"), routing_stats=stats)
+
+    calls = router._opened["a"]
+    first = calls.sent(100.0)
+    assert router.view(replica(0, at=99.0)).placing == 1  # stats older than the call
+    assert router.view(replica(0, at=101.0)).placing == 1  # taken while on its way: may miss it
+    calls.answered(first, now=103.0, opened=True)
+    assert router.view(replica(0, at=102.5)).placing == 1  # taken before the answer: may still miss it
+    view = router.view(replica(1, at=104.0))  # taken after the answer: it shows the session
+    assert (view.sessions, view.placing, view.free) == (1, 0, 3)
+    assert router.view(replica(1, at=102.0)).placing == 0  # and it is forgotten for good
+
+    refused = calls.sent(105.0)
+    second = calls.sent(105.1)
+    calls.answered(refused, now=105.5, opened=False)  # a 503 made no session: it stops counting
+    assert router.view(replica(1, at=104.0)).placing == 1
+    calls.answered(second, now=106.0, opened=True)
+    assert router.view(replica(2, at=106.5)).placing == 0
+
+
+def test_opening_calls_are_bounded() -> None:
+    from livediff.cluster.routing import OpeningCalls
+
+    calls = OpeningCalls()
+    for i in range(OpeningCalls.LIMIT + 10):
+        calls.sent(float(i))
+    assert calls.missing_from(0.0) == OpeningCalls.LIMIT

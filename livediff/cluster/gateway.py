@@ -36,6 +36,7 @@ from livediff.cluster.routing import (
     draining_replicas,
     forget_replica,
     live_replicas,
+    note_answered,
     note_opened,
 )
 from livediff.session import watch_rank
@@ -178,8 +179,13 @@ class Gateway:
         refused: list[str] = []
         reply = _json(503, {"error": "no replica is ready"}, RETRY_AFTER_S)
         while (chosen := choose_replica(await self.replicas(), tuple(refused))) is not None:
-            note_opened(self.app_name, ENGINE, chosen.key)
-            reply = await self.send(call, route=chosen.key)
+            opening = note_opened(self.app_name, ENGINE, chosen.key)
+            opened = True  # until an answer says otherwise (a call that failed may still have made one)
+            try:
+                reply = await self.send(call, route=chosen.key)
+                opened = reply.status < 300
+            finally:
+                note_answered(self.app_name, ENGINE, chosen.key, opening, opened)
             if reply.status != 503 or not reply.replica or reply.replica in refused:
                 return reply
             refused.append(reply.replica)

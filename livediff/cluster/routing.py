@@ -14,7 +14,8 @@ Serve's router moves to a lower rank whenever the best replica's queue-length pr
 a busy machine: 3 of 4 sessions went to one replica), where a named replica is waited for.
 Free room comes from each replica's `record_routing_stats`, read every `stats_period_s`. Placing a
 burst of sessions on stats that old would put them all on one replica, so the router also counts
-the session-opening calls sent since a replica's stats were taken (`note_opened`).
+each session-opening call until a snapshot of its replica's stats taken after the call's answer
+(`note_opened`, `note_answered`, `OpeningCalls`): only such a snapshot surely shows the session.
 
 The gateway enumerates replicas (metrics, session lists, readiness) through `live_replicas`,
 this process's router's own view of what Serve routes to: no second registry of replicas.
@@ -29,15 +30,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
-
-IN_FLIGHT_S = 0.5
-"""A session-opening call routed this long before a replica's stats were taken may be missing
-from them (still on its way): it is counted as well. Counting one twice only spreads a burst."""
 
 REMEMBERED = 64
 """Replicas that left the routing view whose address is kept (draining ones, and dead ones until
@@ -55,7 +52,7 @@ class ReplicaView:
     sessions: int
     """Its sessions, with the calls opening one, when its stats were taken."""
     placing: int
-    """Session-opening calls routed to it since (they may be missing from `sessions`)."""
+    """Session-opening calls routed to it that `sessions` may miss (see `OpeningCalls`)."""
     max_sessions: int
     ready: bool
     """Its engine is warm (Serve routes to a replica only once it is; False until its first stats)."""
@@ -100,11 +97,62 @@ def choose_replica(replicas: list[ReplicaView], exclude: tuple[str, ...] = ()) -
     return min(known, key=lambda r: (-r.free, r.sessions + r.placing, r.key), default=None)
 
 
-def note_opened(app_name: str, deployment: str, key: str) -> None:
-    """A session-opening call is being sent to replica `key` (see `IN_FLIGHT_S`)."""
+@dataclass
+class OpeningCall:
+    """A session-opening call sent to a replica (times from `time.time()`, as the replicas' stats)."""
+
+    sent: float
+    answered: float | None = None
+    """When its answer came back; None while it is on its way."""
+
+
+class OpeningCalls:
+    """The session-opening calls sent to one replica that its stats may not show yet.
+
+    A call is counted from when it is sent until a stats snapshot taken after its answer came back:
+    a snapshot taken earlier may have been taken before the replica even received it, however long
+    the answer took (an answer can take seconds on a loaded machine; a fixed window of 0.5 s let a
+    slow one drop out of the count and sent the next session to the same replica). While a call is
+    on its way a snapshot may count it too (as one being opened): counting it twice for that long
+    only spreads a burst. A call answered without a session (a refusal, an error) stops counting.
+    """
+
+    LIMIT = 256
+    """Calls kept at most (the oldest are forgotten: a replica that never sends stats again)."""
+
+    def __init__(self) -> None:
+        self._calls: list[OpeningCall] = []
+
+    def sent(self, now: float) -> OpeningCall:
+        call = OpeningCall(now)
+        self._calls = [*self._calls[-(self.LIMIT - 1) :], call]
+        return call
+
+    def answered(self, call: OpeningCall, now: float, opened: bool) -> None:
+        """`call`'s answer came back at `now`; `opened`: it made a session."""
+        if opened:
+            call.answered = now
+        elif call in self._calls:
+            self._calls.remove(call)
+
+    def missing_from(self, stats_at: float) -> int:
+        """Calls that stats taken at `stats_at` may not show; forgets those it surely shows."""
+        self._calls = [c for c in self._calls if c.answered is None or c.answered >= stats_at]
+        return len(self._calls)
+
+
+def note_opened(app_name: str, deployment: str, key: str) -> OpeningCall | None:
+    """A session-opening call is being sent to replica `key` (counted as `OpeningCalls` says); hand
+    what this returns to `note_answered` when its answer comes."""
     router = _ROUTERS.get(f"{app_name}#{deployment}")
-    if router is not None:
-        router.opened(key)
+    return None if router is None else router.opened(key)
+
+
+def note_answered(app_name: str, deployment: str, key: str, call: OpeningCall | None, opened: bool) -> None:
+    """The answer to `call` (from `note_opened`) came back; `opened`: it made a session."""
+    router = _ROUTERS.get(f"{app_name}#{deployment}")
+    if router is not None and call is not None:
+        router.answered(key, call, opened)
 
 
 def draining_replicas(app_name: str, deployment: str) -> dict[str, ReplicaView]:
@@ -125,7 +173,7 @@ class SessionRouter(RequestRouter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._opened: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=256))
+        self._opened: defaultdict[str, OpeningCalls] = defaultdict(OpeningCalls)
         self.departed: OrderedDict[str, ReplicaView] = OrderedDict()
         # Serve may ship this class by value (with a copy of this module's globals): register in
         # the module the gateway imported
@@ -136,15 +184,19 @@ class SessionRouter(RequestRouter):
         key = replica.replica_id.unique_id
         stats = replica.routing_stats or {}
         at = float(stats.get("at", 0.0))
-        recent = sum(1 for t in self._opened.get(key, ()) if t > at - IN_FLIGHT_S)
-        return ReplicaView(key, int(stats.get("sessions", 0)), recent, int(stats.get("max_sessions", 0)),
+        placing = self._opened[key].missing_from(at) if key in self._opened else 0
+        return ReplicaView(key, int(stats.get("sessions", 0)), placing, int(stats.get("max_sessions", 0)),
                            bool(stats.get("ready", False)), float(stats.get("started", 0.0)),
                            str(stats.get("url", "")), int(stats.get("pid", 0)),
                            time.time() - at if at else 0.0)  # fmt: skip
 
-    def opened(self, key: str) -> None:
+    def opened(self, key: str) -> OpeningCall:
         """A session-opening call is being sent to replica `key` (counted until its stats show it)."""
-        self._opened[key].append(time.time())
+        return self._opened[key].sent(time.time())
+
+    def answered(self, key: str, call: OpeningCall, opened: bool) -> None:
+        """`call`'s answer came back from replica `key`; `opened`: it made a session."""
+        self._opened[key].answered(call, time.time(), opened)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new set of replicas to route to; those that left it are remembered (module docstring)."""
