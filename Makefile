@@ -34,12 +34,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy livediff
 
-# The README's page screenshots, as the browser tests take them (needs Chromium).
+# The page screenshots of README.md and docs/pages-and-obs.md, as the browser tests take them (needs Chromium).
 screenshots: setup
 	$(BIN)/python -m pytest -q tests/test_pages.py
 	cp test-artifacts/page-demo.png test-artifacts/page-latency.png test-artifacts/page-viewer.png web/screenshots/
 
-# The GPU check (README "GPU check"): a dry run on the CPU here; on a lent GPU, run through the device
+# The GPU check (docs/gpu-check.md): a dry run on the CPU here; on a lent GPU, run through the device
 # tool with .gpu-wheels carried. No `setup` dependency: the device machine cannot install a venv.
 gpu-check:
 	bash scripts/gpu-check $(ARGS)

@@ -33,8 +33,8 @@ LIVE_SIZE = {"cuda": 512, "cpu": 256}
 with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
 the model on one core, the built-in `tiny` model at 512x512 returns a few frames a second (about 9
 of a 30 fps camera on a quiet 2-core Zen 4, with OpenVINO in bf16), which does not feel live, and a
-256x256 frame costs 3.5-4 times less (the README's `bench --g2g` figures at both sizes). The
-library's `EngineSettings` keeps 512x512."""
+256x256 frame costs 3.5-4 times less (the `bench --g2g` figures at both sizes in
+docs/benchmarks.md#why---size-auto-is-256x256-on-a-cpu). The library's `EngineSettings` keeps 512x512."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ as found on ONNX Runtime 1.32, huggingface_hub 2.4, OpenVINO 2026.4 with openvin
   `RAY_USAGE_STATS_ENABLED=0` is set here, so a Ray started from livediff (`livediff serve
   --cluster`, the tests' local clusters) and every worker process it starts inherit it (the
   cluster test reads it in a replica's environment). A cluster started by `ray start` elsewhere
-  decides at its own start: the README and the RayService manifest set the variable there.
+  decides at its own start: docs/scaling-out.md#no-phoning-home and the RayService manifest set the variable there.
 
 Each variable is only set when absent: an operator who sets one (e.g. `ORT_DISABLE_TELEMETRY=0`)
 gets the vendor's behaviour, which is asking.

@@ -1,4 +1,4 @@
-"""The GPU check (`scripts/gpu-check`, README "GPU check"): what a session lent a GPU measures, in one call.
+"""The GPU check (`scripts/gpu-check`, docs/gpu-check.md): what a session lent a GPU measures, in one call.
 
 Steps, in order, each in its own process under its own time limit, all inside one budget
 (`--budget`, seconds); a step the remaining budget cannot hold is skipped, and so said:

@@ -287,7 +287,7 @@ async def test_malformed_control_messages_get_an_error_and_change_nothing(tiny_p
 
 
 BACKED_UP_BYTES = 16 * 1024
-"""The README's limit (`livediff.server.control.BACKED_UP_BYTES`)."""
+"""The documented limit (docs/api.md#stats-and-clock-messages; `livediff.server.control.BACKED_UP_BYTES`)."""
 
 
 async def test_stats_are_dropped_and_counted_while_the_client_does_not_read(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]

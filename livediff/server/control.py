@@ -1,6 +1,6 @@
 """Live control of one session: the `control` data channel and `PATCH /api/sessions/{id}`.
 
-The rule (the README says the same):
+The rule (docs/api.md#live-control says the same):
 
 1. Every message gets one answer. `{"type": "ack", ...}` once its change has been applied (with
    the session's params then); `{"type": "superseded", "request_id", "by"}` when every field it

@@ -82,7 +82,7 @@ def explain(certificate: Certificate) -> str:
         lines.append(f"livediff:   SHA-256 fingerprint {certificate.fingerprint}")
         lines.append(
             "livediff:   browsers warn once: check that the fingerprint they show is this one and "
-            "accept it, or trust the file (see README, 'GPU server, browser on a laptop')"
+            "accept it, or trust the file (see docs/deployment.md#gpu-server-browser-on-a-laptop)"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ from the session's outbox (latest-only) while at least one track is being read, 
 for each codec some reading track uses (off the event loop, like aiortc's own encoders), and
 hands the same encoded frame to each of those tracks. A viewer thus costs packetization and
 encryption, not an encode: 16 viewers cost the publisher's output frame rate next to nothing
-where 16 encoders halved it (README, "Viewers").
+where 16 encoders halved it (docs/benchmarks.md#viewers).
 
 Encoded frames depend on the ones before them, so a track cannot keep only the newest one:
 
