@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +93,17 @@ async def running_server(
         yield Running(str(test_server.make_url("")).rstrip("/"), app)
     finally:
         await test_server.close()
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Awaits `check()` becoming truthy (polled every `interval` s), its value; fails naming `what`
+    after `timeout` s. For conditions only: a timeout here is a generous bound, never a measurement."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return value
 
 
 async def frames_back(client: Client, count: int = 3) -> Received:

@@ -139,7 +139,8 @@ def test_demo_page_stop_while_connecting_leaves_nothing_behind(
     p.goto(server.url + "/")
     p.click("#start-pattern")
     p.click("#stop")
-    time.sleep(3)  # the offer (ICE gathering, then POST /offer) completes after the stop
+    # the start goes on after the stop (ICE gathering, then POST /offer), then ends what it set up
+    p.evaluate("() => window.livediff.state.starting")
     wait_until(lambda: not session_ids(server), 10, "no session left on the server")
     assert p.text_content("#status") == "stopped"
     assert p.is_hidden("#notice")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from tests.server_fixtures import (
     metric_value,
     offer_client,
     running_server,
+    until,
 )
 
 pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(120)]
@@ -209,22 +211,31 @@ async def test_newest_values_apply_within_two_updates_and_patch_does_not_wait_be
         await open_channel(client)
         session = server.service.scheduler.sessions[client.session_id]
         updates = count_updates(server)
-        # The worker is busy for 3 s (a slow engine step): the first message's update waits for
-        # it, and every message that comes meanwhile is merged into the one pending update.
-        busy = asyncio.ensure_future(server.service.scheduler.run_on_worker(time.sleep, 3.0))
-        await asyncio.sleep(0.05)
-        client.channel.send(json.dumps({"strength": 0.3, "request_id": "first"}))
-        for i in range(100):
-            client.channel.send(json.dumps({"prompt": f"burst {i}", "request_id": i}))
-        client.channel.send(json.dumps({"blend": {"prompt": "a blend"}, "request_id": "blend prompt"}))
-        client.channel.send(json.dumps({"blend": {"weight": 0.25}, "request_id": "blend weight"}))
-        deadline = time.monotonic() + 2.0
-        while len(answers(client)) < 99 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(answers(client)) >= 99, f"{len(answers(client))} of 99 superseded answers while the update waited"
-        assert not busy.done(), "the worker was free before the burst was in: the test proves nothing"
-        n_before = len(updates)
-        async with http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"steps": 2}) as response:
+        # The worker is held (a slow engine step) until the test lets it go: the first message's
+        # update waits for it, and every message that comes meanwhile is merged into the one
+        # pending update. Events, not durations: a loaded machine only makes it all slower.
+        holding, release = threading.Event(), threading.Event()
+
+        def hold_worker() -> None:
+            holding.set()
+            release.wait(120)
+
+        busy = asyncio.ensure_future(server.service.scheduler.run_on_worker(hold_worker))
+        try:
+            await until(holding.is_set, 30, "the worker to be held")
+            client.channel.send(json.dumps({"strength": 0.3, "request_id": "first"}))
+            for i in range(100):
+                client.channel.send(json.dumps({"prompt": f"burst {i}", "request_id": i}))
+            client.channel.send(json.dumps({"blend": {"prompt": "a blend"}, "request_id": "blend prompt"}))
+            client.channel.send(json.dumps({"blend": {"weight": 0.25}, "request_id": "blend weight"}))
+            await until(lambda: len(answers(client)) >= 99, 60, "99 superseded answers while the update waited")
+            n_before = len(updates)
+            patch = asyncio.ensure_future(
+                http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"steps": 2})
+            )
+        finally:
+            release.set()
+        async with await patch as response:
             body = await response.json()
             assert response.status == 200, body
         applied_with_patch = len(updates) - n_before
@@ -233,9 +244,7 @@ async def test_newest_values_apply_within_two_updates_and_patch_does_not_wait_be
         assert body["params"]["blend"] == {"prompt": "a blend", "weight": 0.25}
         # the first message's update (waiting for the worker) and one more, holding everything else
         assert applied_with_patch <= 2, f"PATCH waited for {applied_with_patch} engine updates"
-        deadline = time.monotonic() + 10
-        while len(answers(client)) < 103 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(answers(client)) >= 103, 60, "an answer to every message")
         got = {m["request_id"]: m for m in answers(client)}
         assert got["first"]["type"] == "ack" and got["first"]["params"]["strength"] == 0.3
         assert all(got[key]["type"] == "ack" for key in (99, "blend prompt", "blend weight"))

@@ -12,7 +12,7 @@ import torch
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine import StreamEngine
 from livediff.scheduler import AdmissionError, Scheduler
-from livediff.session import FrameIn, FrameOut, Session
+from livediff.session import CameraRhythm, FrameIn, FrameOut, Session
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -210,6 +210,8 @@ def test_fresher_frames_are_awaited_only_when_every_waiting_frame_is_stale() -> 
 
 
 async def test_a_stale_frame_waits_for_the_next_one_and_no_longer(tiny_parts) -> None:  # type: ignore[no-untyped-def]
+    """Every wait here ends on an event or on the hold's own due time, never on the test's timing: a
+    loaded machine can make any step slow without changing what is asserted."""
     sched = Scheduler(max_sessions=2)
     await sched.load(
         lambda: StreamEngine(EngineSettings(model="tiny", height=64, width=64), tiny_parts), warmup_frames=0
@@ -217,20 +219,35 @@ async def test_a_stale_frame_waits_for_the_next_one_and_no_longer(tiny_parts) ->
     sched._task.cancel()  # drive the hold by hand
     try:
         session = await sched.open_session(StreamParams())
-        interval = 0.2
+        # a camera with a 4 s interval whose last frame is already 60% of an interval old
+        interval = 4.0
         start = time.monotonic()
-        for k in range(6):  # a 5 fps camera whose last frame is already 60% of an interval old
+        for k in range(6):
             session.inbox.put(frame(k, start - (5 - k) * interval - 0.6 * interval))
+        last = session.rhythm.last
+        assert last is not None and session.rhythm.interval == pytest.approx(interval)
+        # the rule: wait until that camera's next frame is due, plus a tenth of an interval
+        now = last + 0.6 * interval
+        assert sched.fresher_frames_due_in(now) == pytest.approx(0.5 * interval)
+        assert sched.fresher_frames_due_in(last + 1.2 * interval) is None  # past due: step now
+        assert sched.fresher_frames_due_in(last + 0.4 * interval) is None  # fresh enough: step now
         hold = asyncio.ensure_future(sched._hold_for_fresher_frames())
-        await asyncio.sleep(0.02)
+        for _ in range(5):  # let the hold start waiting (its due time is about 2 s away)
+            await asyncio.sleep(0)
         assert not hold.done()
         session.inbox.put(frame(99, time.monotonic()))  # the next frame: the hold ends at once
-        await asyncio.wait_for(hold, 0.05)
+        await asyncio.wait_for(hold, 10.0)
         assert int(session.inbox.peek().image[0, 0, 0]) == 99
-        # the camera stalls: the hold gives up at the due time plus a tenth of an interval
-        session.inbox.put(frame(100, time.monotonic() - 0.6 * interval))
+        # the camera stalls: the hold gives up at the due time, not before (a short interval now)
+        short = 0.2
+        session.rhythm = CameraRhythm()
+        begin = time.monotonic()
+        for k in range(5):
+            session.inbox.put(frame(200 + k, begin - (4 - k) * short - 0.6 * short))
         started = time.monotonic()
-        await asyncio.wait_for(sched._hold_for_fresher_frames(), 1.0)
-        assert 0.3 * interval < time.monotonic() - started < 0.8 * interval
+        due = sched.fresher_frames_due_in(started)  # the due time is absolute: last + 1.1 intervals
+        assert due is not None
+        await asyncio.wait_for(sched._hold_for_fresher_frames(), 10.0)  # it ends by itself: no frame came
+        assert time.monotonic() - started >= due - 0.001
     finally:
         await sched.close()

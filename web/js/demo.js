@@ -48,6 +48,7 @@ const state = {
   server: null, // {model, backend, device, ...} when the server says
   outputFrames: 0,
   run: 0, // bumped by every start and stop: a start that was overtaken drops what it made
+  starting: null, // the latest start's promise (see start)
 };
 // For tests and the curious: the live numbers, read-only.
 window.livediff = { state, get outputFrames() { return state.outputFrames; } };
@@ -101,7 +102,14 @@ function closeSource() {
 
 // -- the session ---------------------------------------------------------------------------
 
-async function start(kind) {
+/** Starts a session from `kind` ("camera" or "pattern"); `state.starting` is the latest start's
+ * promise, settled once that start is live, failed or overtaken and has ended what it set up. */
+function start(kind) {
+  state.starting = begin(kind);
+  return state.starting;
+}
+
+async function begin(kind) {
   const run = ++state.run;
   cancelRetry();
   await disconnect();
