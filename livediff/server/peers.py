@@ -66,7 +66,7 @@ def watch(
     @pc.on("connectionstatechange")
     def on_state() -> None:
         if pc.connectionState == "connected" and on_connected is not None and not on_connected():
-            log.info("%s: connected, but no slot was left for it (or a newer offer took it): ended", what)
+            log.info("%s: connected after a newer offer took its slot (past its grace): ended", what)
             background(end())
         elif pc.connectionState in ("failed", "closed"):
             background(end())

@@ -272,6 +272,7 @@ class Service:
 
             sdp = await answer(pc, offer, self.nat_1to1)
             session.ensure_open()  # it may have ended while the answer was made
+            self.scheduler.answered(session)  # its connect grace starts (livediff.admission)
             if pc.sctp is not None:  # a control message that is not UTF-8 must not end the session
                 tolerate_invalid_text(pc.sctp)
             codec = negotiated_codec(transceiver)

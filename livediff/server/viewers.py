@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 class Viewers:
     """Adds and ends the WHEP viewers of every session (each viewer's state stays in its own closure).
 
-    Per session, connected viewers take live slots (`max_viewers`) and viewers that have not
-    connected yet take connecting ones (`max_connecting`, the oldest giving way to a newer offer):
-    `livediff.admission`.
+    Per session, at most `max_viewers` viewers hold slots, connected or not (at most
+    `max_connecting` not yet); one that has not connected within its grace after its answer gives
+    its slot to a newer offer: `livediff.admission`.
     """
 
     def __init__(
@@ -82,7 +82,12 @@ class Viewers:
         viewer_id = uuid.uuid4().hex[:12]
         evicted = slots.admit(viewer_id)
         if evicted is not None:
-            log.info("viewer %s/%s: not connected, and a newer offer needed its slot: ended", session.id, evicted)
+            log.info(
+                "viewer %s/%s: not connected %g s after its answer, a newer offer took its slot: ended",
+                session.id,
+                evicted,
+                slots.grace_s,
+            )
             self.background(self.end(session, evicted))
         key = f"{session.id}/{viewer_id}"
         pc = create_peer(self.ice, self.settings.marker_completion)
@@ -111,10 +116,9 @@ class Viewers:
             session.ensure_open()  # it may have ended while the answer was made
             if viewer_id not in session.viewers:
                 raise AdmissionError(
-                    f"newer offers took this viewer's slot before its answer was ready "
-                    f"(at most {slots.max_connecting} viewers connecting)",
-                    slots.max_connecting,
+                    "a newer offer took this viewer's slot before its answer was ready", slots.max_live
                 )
+            slots.answered(viewer_id)  # its connect grace starts (livediff.admission)
             codec = negotiated_codec(transceiver)
             if codec is None:
                 raise SdpError("the offer's video has no codec in common with the server")
@@ -136,7 +140,7 @@ class Viewers:
             session.ensure_open()  # a session that ended meanwhile is the answer, not what it broke
             if evicted_meanwhile and not isinstance(exc, AdmissionError):
                 raise AdmissionError(
-                    "newer offers took this viewer's slot before its answer was ready", slots.max_connecting
+                    "a newer offer took this viewer's slot before its answer was ready", slots.max_live
                 ) from None
             raise
         resource = Resource(pc=pc, session=session, etag=new_etag(), answer=sdp, viewer_id=viewer_id)
