@@ -207,7 +207,7 @@ class Scheduler:
         if session is None:
             return
         log.info(
-            "session %s: not connected %g s after its answer, a newer offer took its slot: ended",
+            "session %s ended: not connected %g s after its answer, a newer offer took its slot",
             session_id,
             self.admission.grace_s,
         )

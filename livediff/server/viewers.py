@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 from aiortc import RTCSessionDescription
 
@@ -28,6 +28,10 @@ from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs
 from livediff.transport.whip import SdpError, new_etag
 
 log = logging.getLogger(__name__)
+
+EndViewer = Callable[[str], Awaitable[None]]
+"""Ends one viewer, logging `cause` once (`Session.viewers` holds these, called with no cause on the
+session's own end)."""
 
 
 class Viewers:
@@ -88,7 +92,7 @@ class Viewers:
                 evicted,
                 slots.grace_s,
             )
-            self.background(self.end(session, evicted))
+            self.background(self.end(session, evicted, "not connected in its grace, a newer offer took its slot"))
         key = f"{session.id}/{viewer_id}"
         pc = create_peer(self.ice, self.settings.marker_completion)
         transceiver = pc.addTransceiver("video", direction="sendonly")
@@ -96,9 +100,10 @@ class Viewers:
         tasks: list[asyncio.Task[Any]] = []
         tracks: list[EncodedTrack] = []
 
-        async def end() -> None:
+        async def end(cause: str = "its session ended") -> None:
             if session.viewers.pop(viewer_id, None) is None:
                 return
+            log.info("viewer %s ended: %s", key, cause)
             slots.release(viewer_id)
             self.resources.pop(key, None)
             for task in tasks:
@@ -136,7 +141,7 @@ class Viewers:
             )
         except BaseException as exc:
             evicted_meanwhile = viewer_id not in session.viewers
-            await end()
+            await end(f"no answer: {type(exc).__name__}: {exc}"[:200])
             session.ensure_open()  # a session that ended meanwhile is the answer, not what it broke
             if evicted_meanwhile and not isinstance(exc, AdmissionError):
                 raise AdmissionError(
@@ -147,10 +152,10 @@ class Viewers:
         self.resources[key] = resource
         return resource
 
-    async def end(self, session: Session, viewer_id: str) -> bool:
-        """End one viewer; False when `session` has no such viewer."""
+    async def end(self, session: Session, viewer_id: str, cause: str = "client DELETE") -> bool:
+        """End one viewer (logged once with `cause`); False when `session` has no such viewer."""
         end = session.viewers.get(viewer_id)
         if end is None:
             return False
-        await end()
+        await cast(EndViewer, end)(cause)  # what `add` put there takes the cause (Session.close calls it without)
         return True
