@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from livediff.admission import CONNECT_GRACE_S
 from livediff.config import BACKENDS, DTYPES, LIVE_SIZE, MAX_STEPS, EngineSettings, StreamParams
 from livediff.errors import ConfigError, LivediffError
 
@@ -415,13 +416,14 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--max-viewers",
         type=_int_range(0, 1024),
         default=_env("max_viewers", d.max_viewers),
-        help="WHEP viewers per session",
+        help="WHEP viewers per session; beyond it /whep answers 503 with Retry-After",
     )
     group.add_argument(
         "--max-connecting",
         type=_int_range(1, 1024),
         default=_env("max_connecting", d.max_connecting),
-        help="peers not connected yet (sessions; viewers per session); when full, the oldest gives way",
+        help=f"peers not connected yet at once, within the limits above; one not connected {CONNECT_GRACE_S:g} s "
+        "after its answer gives its slot to a newer offer",
     )
     group.add_argument(
         "--max-body-bytes",

@@ -271,11 +271,12 @@ class ServerSettings:
     max_sessions: int = 4
     """Publishing sessions at once; beyond it POST /offer and /whip answer 503 with Retry-After."""
     max_viewers: int = 16
-    """WHEP viewers per session."""
+    """WHEP viewers per session; beyond it POST /whep answers 503 with Retry-After."""
     max_connecting: int = 8
-    """Peers that have not connected yet: sessions (on top of `max_sessions`) and viewers per session (on
-    top of `max_viewers`). When they are all taken, a new offer takes the oldest one's slot and that peer
-    is ended, so offers whose answers are never applied cannot keep real clients out (livediff/admission.py)."""
+    """Peers that have not connected yet, at once, within `max_sessions` (and within `max_viewers` per
+    session). Every 201 holds a slot; one whose peer has not connected a few seconds after its answer
+    (`livediff.admission.CONNECT_GRACE_S`) gives it to the next offer and is ended, so offers whose
+    answers are never applied cannot keep real clients out (livediff/admission.py)."""
     max_body_bytes: int = 64 * 1024
     """Largest request body (SDP, JSON); larger ones get 413."""
     tls_cert: Path | None = None

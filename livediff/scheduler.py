@@ -163,8 +163,9 @@ class Scheduler:
     ) -> Session:
         """Admit a session (or raise `AdmissionError`) and open its engine stream.
 
-        `connecting`: its client has yet to connect (a WebRTC peer): it holds a connecting slot
-        until `connected()`, and a newer session may take that slot (this one is then closed).
+        `connecting`: its client has yet to connect (a WebRTC peer): once its answer is out
+        (`answered()`), a newer session may take its slot if it has not connected within the
+        admission's grace (this one is then closed).
         Otherwise it is connected at once (engine-only users, tests).
         """
         session = Session(params=params, kind=kind, probe=probe)
@@ -196,12 +197,20 @@ class Scheduler:
         was evicted meanwhile (then close it)."""
         return not session.closed and self.admission.connected(session.id)
 
+    def answered(self, session: Session) -> None:
+        """`session`'s answer went out: the grace in which its slot waits for it starts now."""
+        self.admission.answered(session.id)
+
     def _evict(self, session_id: str) -> None:
-        """Close a session that never connected, whose connecting slot a newer session took."""
+        """Close a session that had not connected in its grace, whose slot a newer offer took."""
         session = self.sessions.get(session_id) or self._opening.get(session_id)
         if session is None:
             return
-        log.info("session %s: not connected, and a newer offer needed its connecting slot: ended", session_id)
+        log.info(
+            "session %s ended: not connected %g s after its answer, a newer offer took its slot",
+            session_id,
+            self.admission.grace_s,
+        )
         task = asyncio.ensure_future(self.close_session(session))
         self._evicting.add(task)
         task.add_done_callback(self._evicting.discard)

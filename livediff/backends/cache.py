@@ -9,21 +9,42 @@ Layout under `settings.engines_dir`, one readable folder per model and one folde
 An artifact is a folder, not a file, because an ONNX graph and its external weights must appear
 together: the folder is built under a temporary name and renamed into place, so a reader sees a
 complete artifact or none, and two processes building the same key never corrupt each other.
+
+Faults end cleanly:
+
+* a build killed mid-way (SIGKILL, a crash) leaves its staging folder `.<artifact>-XXXX`; each
+  records its builder (`.owner`: pid and host), and the first build of a process sweeps those
+  whose builder is gone (and those with no owner, older than `STALE_STAGING_S`);
+* `files.json` records the size of the built file: a file that no longer has it (truncated by a
+  full disk or a copy stopped half way) is rebuilt, with a warning naming it; a folder whose
+  `key.json` does not match its key is named with the command that clears it;
+* a write that fails for space (ENOSPC, EDQUOT) names the file, the folder and `--engines-dir`;
+* `stop_builds()` (SIGTERM while a server starts) makes the next build raise `BuildStopped`: the
+  network being built finishes, the artifacts that finished stay, nothing else starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from livediff.errors import LivediffError
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("vae_encoder", "unet", "vae_decoder")
 """The three networks of the loop, in the order a frame meets them."""
@@ -33,6 +54,68 @@ DEPTH = "depth"
 """The depth estimator of the `depth` control image (`livediff.backends.modules.DepthNetwork`): built on first use."""
 KNOWN_COMPONENTS = (*COMPONENTS, CONTROLNET, DEPTH)
 SIDECAR = "key.json"
+FILES = "files.json"
+"""Beside `key.json`: the built file's size in bytes, `{filename: size}` (checked on every lookup)."""
+OWNER = ".owner"
+"""In a staging folder: `{"pid": ..., "host": ...}` of the process building it."""
+STALE_STAGING_S = 3600.0
+"""A staging folder with no owner record, untouched this long, is from a build that died."""
+FLAG = "--engines-dir"
+
+swept_roots: set[Path] = set()
+"""Engine folders swept of dead builds' staging folders by this process (once each)."""
+_stopping = threading.Event()
+
+
+class BuildStopped(LivediffError):
+    """A build was not started because the process is stopping (`stop_builds`)."""
+
+
+def stop_builds() -> None:
+    """From now on, `get_or_build` builds nothing (the build running now finishes): for SIGTERM."""
+    _stopping.set()
+
+
+def resume_builds() -> None:
+    """Undo `stop_builds` (tests; a process that stops does not resume)."""
+    _stopping.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_staging(root: Path) -> list[Path]:
+    """Remove the staging folders under `root` (`<model>/.<artifact>-XXXX`) whose builder is gone: a
+    process of this host that no longer runs, or no owner record and untouched `STALE_STAGING_S`.
+    Returns the folders removed."""
+    removed = []
+    host = os.uname().nodename
+    for folder in root.glob("*/.*-*"):
+        if not folder.is_dir():
+            continue
+        try:
+            owner = json.loads((folder / OWNER).read_text())
+            dead = owner.get("host") == host and not _alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):  # no owner record (or a torn one)
+            try:
+                dead = time.time() - folder.stat().st_mtime > STALE_STAGING_S
+            except OSError:
+                continue
+        if dead:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d staging folder(s) of builds that died: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -129,11 +212,31 @@ class EngineCache:
         path = folder / filename
         if not path.is_file():
             return None
-        stored = json.loads((folder / SIDECAR).read_text())
+        try:
+            stored = json.loads((folder / SIDECAR).read_text())
+        except (OSError, ValueError):
+            stored = None
         if stored != key.fields():
-            raise RuntimeError(
-                f"engine cache entry {folder} does not match its key (a hash collision or an edited folder); delete it"
+            raise LivediffError(
+                f"engine cache entry {folder} does not match its key (a hash collision, or an edited or "
+                f"damaged folder under {FLAG} {self.root}); clear it with: rm -rf {folder}"
             )
+        try:
+            sizes = json.loads((folder / FILES).read_text())
+        except (OSError, ValueError):  # built before sizes were recorded
+            return path
+        size = path.stat().st_size
+        if isinstance(sizes, dict) and sizes.get(filename) not in (None, size):
+            log.warning(
+                "engine %s is %d bytes, %s when built (truncated or damaged): rebuilding it (%s %s)",
+                path,
+                size,
+                sizes.get(filename),
+                FLAG,
+                self.root,
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
         return path
 
     def get_or_build(self, key: EngineKey, filename: str, build: Callable[[Path], None]) -> Artifact:
@@ -145,14 +248,31 @@ class EngineCache:
         found = self.lookup(key, filename)
         if found is not None:
             return Artifact(found, built=False)
+        if _stopping.is_set():
+            raise BuildStopped(f"stopping: {key.name} was not built")
+        root = self.root.resolve()
+        if root not in swept_roots:
+            swept_roots.add(root)
+            sweep_staging(root)
         folder = self.folder(key)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key.name}-", dir=folder.parent))
         try:
-            build(staging / filename)
-            if not (staging / filename).is_file():
-                raise RuntimeError(f"building {key.name} wrote no {filename}")
-            (staging / SIDECAR).write_text(json.dumps(key.fields(), indent=2, sort_keys=True) + "\n")
+            try:
+                (staging / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+                build(staging / filename)
+                if not (staging / filename).is_file():
+                    raise RuntimeError(f"building {key.name} wrote no {filename}")
+                (staging / SIDECAR).write_text(json.dumps(key.fields(), indent=2, sort_keys=True) + "\n")
+                (staging / FILES).write_text(json.dumps({filename: (staging / filename).stat().st_size}) + "\n")
+                (staging / OWNER).unlink()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise LivediffError(
+                    f"no space left on the device writing {filename} of {key.name} in {folder.parent} "
+                    f"({FLAG} {self.root}): free space there, or point {FLAG} at a disk with room"
+                ) from exc
             try:
                 staging.rename(folder)
             except OSError:  # another process committed the same key first: keep theirs

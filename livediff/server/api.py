@@ -34,7 +34,7 @@ async def delete_session(request: web.Request) -> web.Response:
     as it ended (`state` "closed", its final stats).
     """
     session = find_session(request)
-    await service(request).close_session(session)
+    await service(request).close_session(session, "operator DELETE /api/sessions")
     return web.json_response(session.describe())
 
 

@@ -18,6 +18,15 @@ def service(request: web.Request) -> Service:
     return request.app[SERVICE]
 
 
+def client_gone(request: web.Request) -> bool:
+    """Whether the client closed or reset its connection (e.g. while its answer was being made)."""
+    return request.transport is None or request.transport.is_closing()
+
+
+GONE = "the client went away before its answer"
+"""The cause logged for a session or viewer made for a client that closed its connection meanwhile."""
+
+
 def require_type(request: web.Request, *types: str) -> None:
     if request.content_type not in types:
         raise ApiError(415, f"Content-Type must be {' or '.join(types)}, got {request.content_type or 'none'!r}")

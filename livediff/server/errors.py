@@ -72,6 +72,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(400, f"malformed SDP: {exc}", line=exc.line)
     except ParamError as exc:
         return json_error(422, exc.message, exc.field)
+    except ConnectionResetError as exc:  # the client reset or closed its connection mid-request: not our error
+        log.info("%s %s: the client went away (%s)", request.method, request.path, exc)
+        return json_error(400, "the client went away")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
-from livediff.server.common import read_json, service
+from livediff.server.common import GONE, client_gone, read_json, service
 from livediff.server.errors import ApiError
 from livediff.server.params import parse_update
 
@@ -22,6 +22,8 @@ async def post_offer(request: web.Request) -> web.Response:
     session, resource = await svc.publish(
         RTCSessionDescription(sdp=sdp, type="offer"), params, "offer", probe_on=extras.get("probe", False)
     )
+    if client_gone(request):  # nobody will apply the answer: end it now, not at the connect deadline
+        await svc.close_session(session, f"POST /offer: {GONE}")
     return web.json_response({"sdp": resource.answer, "type": "answer", "session_id": session.id})
 
 

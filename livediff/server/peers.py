@@ -49,13 +49,13 @@ async def answer(pc: RTCPeerConnection, offer: RTCSessionDescription, nat_1to1: 
 def watch(
     pc: RTCPeerConnection,
     owner: Session,
-    end: Callable[[], Awaitable[None]],
+    end: Callable[[str], Awaitable[None]],
     connect_timeout_s: float,
     background: Background,
     what: str,
     on_connected: Callable[[], bool] | None = None,
 ) -> asyncio.Task[Any]:
-    """End the peer (`end()`) when it fails or closes, or has not connected `connect_timeout_s` from now.
+    """End the peer (`end(cause)`) when it fails or closes, or has not connected `connect_timeout_s` from now.
 
     `on_connected` runs when the peer connects and says whether it may stay (it took a live slot,
     `livediff.admission`); when it may not, the peer is ended. The watchdog is a task of `owner`
@@ -66,15 +66,15 @@ def watch(
     @pc.on("connectionstatechange")
     def on_state() -> None:
         if pc.connectionState == "connected" and on_connected is not None and not on_connected():
-            log.info("%s: connected, but no slot was left for it (or a newer offer took it): ended", what)
-            background(end())
-        elif pc.connectionState in ("failed", "closed"):
-            background(end())
+            background(end("connected after a newer offer took its slot (past its grace)"))
+        elif pc.connectionState == "failed":
+            background(end("peer connection failed (ICE consent lost, or ICE/DTLS failed)"))
+        elif pc.connectionState == "closed":
+            background(end("peer connection closed"))
 
     async def watchdog() -> None:
         await asyncio.sleep(connect_timeout_s)
         if pc.connectionState != "connected":
-            log.info("%s: peer did not connect in %.0f s, reaped", what, connect_timeout_s)
-            background(end())
+            background(end(f"did not connect in {connect_timeout_s:g} s (--connect-timeout)"))
 
     return owner.spawn(watchdog(), "connect-watchdog")

@@ -19,6 +19,7 @@ import time
 from aiohttp import web
 
 from livediff.backends import resolve_backend
+from livediff.backends.cache import stop_builds
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.engine.device import resolve_device
 from livediff.errors import LivediffError
@@ -78,6 +79,8 @@ async def _serve(
     code, loaded, stall = 0, False, StallReporter()
     try:
         loaded = await wait_loaded(app[LOAD_TASK], stop, started)
+        if not loaded:  # stopped while loading: the network being built finishes, no other starts
+            stop_builds()
     except Exception as exc:  # noqa: BLE001 - said once, in one line, then a clean exit
         said = exc if isinstance(exc, LivediffError) else f"loading failed: {exc!r}"
         print(f"livediff: error: {said}", file=sys.stderr, flush=True)

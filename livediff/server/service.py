@@ -117,7 +117,7 @@ class Service:
     async def close(self) -> None:
         """Close every peer and session (SIGTERM, app shutdown)."""
         for session in list(self.scheduler.sessions.values()):
-            await self.close_session(session)
+            await self.close_session(session, "server shutting down")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -157,7 +157,19 @@ class Service:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
-    async def close_session(self, session: Session) -> None:
+    async def close_session(self, session: Session, cause: str = "ended") -> None:
+        """End `session` (idempotent); the first end is logged once, as `session <id> ended: <cause>`
+        (the causes: docs/robustness.md)."""
+        if not session.closed:
+            stats = session.stats
+            log.info(
+                "session %s ended: %s (%.0f s, %d frames in, %d sent)",
+                session.id,
+                cause,
+                time.time() - session.created,
+                stats.frames_in,
+                stats.sent,
+            )
         await self.scheduler.close_session(session)
 
     # -- frames (on the worker thread; passthrough frames sent as they came on the loop) ---------
@@ -250,7 +262,7 @@ class Service:
             watch(
                 pc,
                 session,
-                lambda: self.close_session(session),
+                lambda cause: self.close_session(session, cause),
                 self.settings.connect_timeout_s,
                 self._background,
                 f"session {session.id}",
@@ -272,6 +284,7 @@ class Service:
 
             sdp = await answer(pc, offer, self.nat_1to1)
             session.ensure_open()  # it may have ended while the answer was made
+            self.scheduler.answered(session)  # its connect grace starts (livediff.admission)
             if pc.sctp is not None:  # a control message that is not UTF-8 must not end the session
                 tolerate_invalid_text(pc.sctp)
             codec = negotiated_codec(transceiver)
@@ -284,9 +297,9 @@ class Service:
                 codec.name if codec else None,
                 transceiver.currentDirection,
             )
-        except BaseException:
+        except BaseException as exc:
             ended = session.closed  # by someone else: a newer offer took its connecting slot, or shutdown
-            await self.close_session(session)
+            await self.close_session(session, f"no answer: {type(exc).__name__}: {exc}"[:200])
             if ended:
                 raise AdmissionError(
                     "the session ended before its answer was ready (newer offers took "

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 from aiortc import RTCSessionDescription
 
@@ -29,13 +29,17 @@ from livediff.transport.whip import SdpError, new_etag
 
 log = logging.getLogger(__name__)
 
+EndViewer = Callable[[str], Awaitable[None]]
+"""Ends one viewer, logging `cause` once (`Session.viewers` holds these, called with no cause on the
+session's own end)."""
+
 
 class Viewers:
     """Adds and ends the WHEP viewers of every session (each viewer's state stays in its own closure).
 
-    Per session, connected viewers take live slots (`max_viewers`) and viewers that have not
-    connected yet take connecting ones (`max_connecting`, the oldest giving way to a newer offer):
-    `livediff.admission`.
+    Per session, at most `max_viewers` viewers hold slots, connected or not (at most
+    `max_connecting` not yet); one that has not connected within its grace after its answer gives
+    its slot to a newer offer: `livediff.admission`.
     """
 
     def __init__(
@@ -82,8 +86,13 @@ class Viewers:
         viewer_id = uuid.uuid4().hex[:12]
         evicted = slots.admit(viewer_id)
         if evicted is not None:
-            log.info("viewer %s/%s: not connected, and a newer offer needed its slot: ended", session.id, evicted)
-            self.background(self.end(session, evicted))
+            log.info(
+                "viewer %s/%s: not connected %g s after its answer, a newer offer took its slot: ended",
+                session.id,
+                evicted,
+                slots.grace_s,
+            )
+            self.background(self.end(session, evicted, "not connected in its grace, a newer offer took its slot"))
         key = f"{session.id}/{viewer_id}"
         pc = create_peer(self.ice, self.settings.marker_completion)
         transceiver = pc.addTransceiver("video", direction="sendonly")
@@ -91,9 +100,10 @@ class Viewers:
         tasks: list[asyncio.Task[Any]] = []
         tracks: list[EncodedTrack] = []
 
-        async def end() -> None:
+        async def end(cause: str = "its session ended") -> None:
             if session.viewers.pop(viewer_id, None) is None:
                 return
+            log.info("viewer %s ended: %s", key, cause)
             slots.release(viewer_id)
             self.resources.pop(key, None)
             for task in tasks:
@@ -111,10 +121,9 @@ class Viewers:
             session.ensure_open()  # it may have ended while the answer was made
             if viewer_id not in session.viewers:
                 raise AdmissionError(
-                    f"newer offers took this viewer's slot before its answer was ready "
-                    f"(at most {slots.max_connecting} viewers connecting)",
-                    slots.max_connecting,
+                    "a newer offer took this viewer's slot before its answer was ready", slots.max_live
                 )
+            slots.answered(viewer_id)  # its connect grace starts (livediff.admission)
             codec = negotiated_codec(transceiver)
             if codec is None:
                 raise SdpError("the offer's video has no codec in common with the server")
@@ -132,21 +141,21 @@ class Viewers:
             )
         except BaseException as exc:
             evicted_meanwhile = viewer_id not in session.viewers
-            await end()
+            await end(f"no answer: {type(exc).__name__}: {exc}"[:200])
             session.ensure_open()  # a session that ended meanwhile is the answer, not what it broke
             if evicted_meanwhile and not isinstance(exc, AdmissionError):
                 raise AdmissionError(
-                    "newer offers took this viewer's slot before its answer was ready", slots.max_connecting
+                    "a newer offer took this viewer's slot before its answer was ready", slots.max_live
                 ) from None
             raise
         resource = Resource(pc=pc, session=session, etag=new_etag(), answer=sdp, viewer_id=viewer_id)
         self.resources[key] = resource
         return resource
 
-    async def end(self, session: Session, viewer_id: str) -> bool:
-        """End one viewer; False when `session` has no such viewer."""
+    async def end(self, session: Session, viewer_id: str, cause: str = "client DELETE") -> bool:
+        """End one viewer (logged once with `cause`); False when `session` has no such viewer."""
         end = session.viewers.get(viewer_id)
         if end is None:
             return False
-        await end()
+        await cast(EndViewer, end)(cause)  # what `add` put there takes the cause (Session.close calls it without)
         return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
-from livediff.server.common import find_session, read_text, service
+from livediff.server.common import GONE, client_gone, find_session, read_text, service
 from livediff.server.errors import ApiError
 from livediff.server.whip import created, options_whip, patch_resource
 from livediff.session import Session
@@ -22,6 +22,8 @@ async def _view(request: web.Request, sdp: str, session: Session) -> web.Respons
     svc = service(request)
     svc.require_ready()
     resource = await svc.viewers.add(session, RTCSessionDescription(sdp=sdp, type="offer"))
+    if client_gone(request) and resource.viewer_id is not None:
+        await svc.viewers.end(session, resource.viewer_id, f"POST {request.path}: {GONE}")
     return created(resource, f"/whep/{session.id}/{resource.viewer_id}", svc)
 
 

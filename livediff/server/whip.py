@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
-from livediff.server.common import read_text, service
+from livediff.server.common import GONE, client_gone, read_text, service
 from livediff.server.errors import ApiError
 from livediff.server.params import parse_query, parse_update
 from livediff.server.peers import Resource
@@ -36,6 +36,8 @@ async def post_whip(request: web.Request) -> web.Response:
     session, resource = await svc.publish(
         RTCSessionDescription(sdp=sdp, type="offer"), params, "whip", probe_on=extras.get("probe", False)
     )
+    if client_gone(request):  # nobody will apply the answer: end it now, not at the connect deadline
+        await svc.close_session(session, f"POST /whip: {GONE}")
     return created(resource, f"/whip/{session.id}", svc)
 
 
@@ -84,7 +86,7 @@ async def patch_whip(request: web.Request) -> web.Response:
 
 async def delete_whip(request: web.Request) -> web.Response:
     resource = find_resource(request, request.match_info["id"])
-    await service(request).close_session(resource.session)
+    await service(request).close_session(resource.session, f"client DELETE {request.path}")
     return web.Response(status=200)
 
 

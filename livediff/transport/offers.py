@@ -20,6 +20,11 @@ the client's fault, so an offer goes through these steps, each ending in a clear
    offered and the codecs accepted.
 3. `with_directions`: an m-section without a direction attribute gets RFC 3264's default
    written out (aiortc does not assume it). `prepare_offer` runs steps 1-3.
+0. `check_media_count`, before anything parses the offer: at most `MAX_MEDIA_SECTIONS` m-lines
+   (livediff takes one video, one audio, one data channel); more -> `SdpError` (400) naming the
+   limit. aiortc's negotiation costs grow with the square of the m-lines (a 400-m-line offer
+   held the event loop for about a minute), so they are counted first, in one pass.
+   Then `sdp_grammar.normalize` rewrites valid lines aiortc's parser mis-reads.
 4. `negotiate`: set the offer, create and set the answer; anything aiortc still raises is an
    `SdpError` (400) naming aiortc's exception.
 """
@@ -34,7 +39,7 @@ from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCSessionDescripti
 from aiortc import codecs as aiortc_codecs
 from aiortc.sdp import MediaDescription, SessionDescription
 
-from livediff.transport import h264_profiles
+from livediff.transport import h264_profiles, sdp_grammar
 from livediff.transport.whip import SdpError
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,22 @@ class UnsupportedCodecs(ValueError):
         self.kind = kind
         self.offered = offered
         self.accepted = accepted
+
+
+MAX_MEDIA_SECTIONS = 3
+"""m-lines an offer may have: livediff takes one video, one audio (dropped) and one data channel
+(what browsers, OBS and WHIP/WHEP clients send, bundled or not)."""
+
+
+def check_media_count(sdp: str) -> None:
+    """`SdpError` (400) naming `MAX_MEDIA_SECTIONS` when `sdp` has more m-lines; one pass, no parse."""
+    count = sum(1 for line in sdp.splitlines() if line.startswith("m="))
+    if count > MAX_MEDIA_SECTIONS:
+        raise SdpError(
+            f"the offer has {count} m-lines; livediff takes at most {MAX_MEDIA_SECTIONS} "
+            "(one video, one audio, one data channel)",
+            line=f"m-line {MAX_MEDIA_SECTIONS + 1}",
+        )
 
 
 def check_offer(sdp: str) -> SessionDescription:
@@ -233,8 +254,13 @@ def with_directions(sdp: str) -> str:
 
 
 def prepare_offer(sdp: str, video_codecs: tuple[str, ...]) -> RTCSessionDescription:
-    """The offer to hand aiortc: checked (`check_offer`, `check_codecs`, raising `SdpError` or
-    `UnsupportedCodecs`), with RFC 3264's default directions written out (`with_directions`)."""
+    """The offer to hand aiortc: at most `MAX_MEDIA_SECTIONS` m-lines, the valid lines aiortc
+    mis-reads rewritten (`sdp_grammar.normalize`), checked (`check_offer`, `check_codecs`, raising
+    `SdpError` or `UnsupportedCodecs`), with RFC 3264's default directions written out
+    (`with_directions`)."""
+    check_media_count(sdp)
+    sdp_grammar.check_aiortc_parses()
+    sdp = sdp_grammar.normalize(sdp)
     check_codecs(check_offer(sdp), video_codecs)
     return RTCSessionDescription(sdp=with_directions(sdp), type="offer")
 
