@@ -130,7 +130,6 @@ class Viewers:
                     end,
                     self.settings.connect_timeout_s,
                     self.background,
-                    f"viewer {key}",
                     on_connected=lambda: slots.connected(viewer_id),
                 )
             )
