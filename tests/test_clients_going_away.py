@@ -17,7 +17,15 @@ from urllib.parse import urlsplit
 import pytest
 
 from livediff.transport.client import abandoned_offer
-from tests.server_fixtures import CameraTrack, Running, frames_back, offer_client, running_server, whip_publish
+from tests.server_fixtures import (
+    CameraTrack,
+    Running,
+    frames_back,
+    offer_client,
+    running_server,
+    whep_view,
+    whip_publish,
+)
 
 pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(180)]
 
@@ -138,6 +146,11 @@ async def test_every_session_end_is_logged_once_with_its_cause(tiny_parts, http,
         # an operator's DELETE
         client = await offer_client(http, server.url)
         await frames_back(client)
+        viewer = await whep_view(http, server.url, client.session_id)  # a viewer ended by its client
+        await viewer.wait_connected()
+        async with http.delete(server.url + viewer.location) as response:
+            assert response.status == 200
+        await viewer.close()
         async with http.delete(server.url + f"/api/sessions/{client.session_id}") as response:
             assert response.status == 200
         # the client closing its peer (what a lost consent also ends in, sooner or later)
@@ -163,6 +176,9 @@ async def test_every_session_end_is_logged_once_with_its_cause(tiny_parts, http,
             reaped: "did not connect",
             last.session_id: "server shutting down",
         }
+        viewer_key = viewer.location.removeprefix("/whep/")
+        viewer_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"viewer {viewer_key} ")]
+        assert viewer_lines == [f"viewer {viewer_key} ended: client DELETE"], viewer_lines
         for session_id, cause in expected.items():
             lines = ends(caplog, session_id)
             assert len(lines) == 1 and cause in lines[0], (session_id, cause, lines)

@@ -169,3 +169,28 @@ def test_sigterm_during_the_first_build_stops_at_the_next_network(tmp_path: Path
     assert not staging, (staging, text)
     assert "vae_decoder" not in built and "unet" not in built, (built, text)  # stopped after the first network
     assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_damaged_engine_is_named_with_the_command_that_clears_it(tmp_path: Path, runtime: str) -> None:
+    """A committed artifact whose bytes are damaged (same size, so not caught as truncated): loading
+    it on the real runtime fails with the file, --engines-dir and the `rm -rf` that clears it."""
+    import torch
+
+    pytest.importorskip(runtime)
+    filename = "model.onnx" if runtime == "onnxruntime" else "model.blob"
+    artifact = EngineCache(tmp_path).get_or_build(KEY, filename, write("not an engine at all, just bytes"))
+    with pytest.raises(LivediffError) as error:
+        if runtime == "onnxruntime":
+            from livediff.backends.onnx_backend import OrtRunner
+
+            OrtRunner(artifact.path, torch.device("cpu"))
+        else:
+            import openvino
+
+            from livediff.backends.openvino_backend import OvRunner
+
+            OvRunner.load(openvino, artifact.path, "fp32")
+    message = str(error.value)
+    assert str(artifact.path) in message and f"rm -rf {artifact.path.parent}" in message
+    assert "--engines-dir" in message

@@ -197,6 +197,21 @@ def device_tag(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
+def damaged(path: Path, exc: BaseException) -> BaseException:
+    """What to raise when a runtime cannot load the artifact file `path`: for a committed artifact
+    (a folder with `key.json`), a `LivediffError` naming the file, `--engines-dir` and the `rm -rf`
+    that clears it (it is then rebuilt at the next start); else `exc` itself (a build's own file)."""
+    folder = path.parent
+    if not (folder / SIDECAR).is_file():
+        return exc
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return LivediffError(
+        f"cannot load the engine {path} ({reason}): it is damaged, or was built by another runtime "
+        f"version; clear it with: rm -rf {folder} (under {FLAG} {folder.parent.parent}), and it is "
+        "rebuilt at the next start"
+    )
+
+
 class EngineCache:
     """Artifacts in `root`, looked up by key; each is built once and reused after."""
 

@@ -52,6 +52,7 @@ from livediff.backends.cache import (
     Artifact,
     EngineCache,
     EngineKey,
+    damaged,
     device_tag,
     precision_tag,
 )
@@ -454,7 +455,10 @@ class OrtRunner:
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         else:
             providers = [("CPUExecutionProvider", {})]
-        self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
+        except Exception as exc:  # a damaged file: name it and the command that clears it
+            raise damaged(path, exc) from exc
         wanted, active = providers[0][0], self.session.get_providers()
         if active[0] != wanted:  # ORT logs and carries on on the CPU when the CUDA libraries fail to load
             raise BackendUnavailable(f"onnxruntime could not start {wanted} (active: {active}); see its log above")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from livediff.backends.base import CompiledBackend
-from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey
+from livediff.backends.cache import COMPONENTS, Artifact, EngineCache, EngineKey, damaged
 from livediff.backends.onnx_backend import (
     EXPORTER,
     NO_EXTRAS,
@@ -113,7 +113,10 @@ class OvRunner:
 
     @classmethod
     def load(cls, ov: ModuleType, path: Path, precision: str) -> OvRunner:
-        compiled = _core(ov).import_model(path.read_bytes(), "CPU", cpu_config(precision))
+        try:
+            compiled = _core(ov).import_model(path.read_bytes(), "CPU", cpu_config(precision))
+        except Exception as exc:  # a damaged blob: name it and the command that clears it
+            raise damaged(path, exc) from exc
         loaded = compiled.get_property("INFERENCE_PRECISION_HINT")
         if loaded != getattr(ov.Type, _HINTS[precision]):
             raise RuntimeError(f"OpenVINO loaded {path} to run in {loaded}, not {precision}; delete it")

@@ -29,6 +29,7 @@ from livediff.backends.cache import (
     Artifact,
     EngineCache,
     EngineKey,
+    damaged,
     device_tag,
     precision_tag,
 )
@@ -176,7 +177,8 @@ class TrtRunner:
         with torch.cuda.device(device):
             self.engine = trt.Runtime(_logger(trt)).deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
-                raise RuntimeError(f"TensorRT could not load {path} (another TensorRT version or GPU?); delete it")
+                failed = RuntimeError("TensorRT could not deserialize it (another TensorRT version or GPU?)")
+                raise damaged(path, failed)
             self.context = self.engine.create_execution_context()
         dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -52,7 +52,6 @@ def watch(
     end: Callable[[str], Awaitable[None]],
     connect_timeout_s: float,
     background: Background,
-    what: str,
     on_connected: Callable[[], bool] | None = None,
 ) -> asyncio.Task[Any]:
     """End the peer (`end(cause)`) when it fails or closes, or has not connected `connect_timeout_s` from now.

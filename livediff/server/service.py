@@ -265,7 +265,6 @@ class Service:
                 lambda cause: self.close_session(session, cause),
                 self.settings.connect_timeout_s,
                 self._background,
-                f"session {session.id}",
                 on_connected=lambda: self.scheduler.connected(session),
             )
 

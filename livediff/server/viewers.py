@@ -86,13 +86,8 @@ class Viewers:
         viewer_id = uuid.uuid4().hex[:12]
         evicted = slots.admit(viewer_id)
         if evicted is not None:
-            log.info(
-                "viewer %s/%s: not connected %g s after its answer, a newer offer took its slot: ended",
-                session.id,
-                evicted,
-                slots.grace_s,
-            )
-            self.background(self.end(session, evicted, "not connected in its grace, a newer offer took its slot"))
+            cause = f"not connected {slots.grace_s:g} s after its answer, a newer offer took its slot"
+            self.background(self.end(session, evicted, cause))
         key = f"{session.id}/{viewer_id}"
         pc = create_peer(self.ice, self.settings.marker_completion)
         transceiver = pc.addTransceiver("video", direction="sendonly")
@@ -135,7 +130,6 @@ class Viewers:
                     end,
                     self.settings.connect_timeout_s,
                     self.background,
-                    f"viewer {key}",
                     on_connected=lambda: slots.connected(viewer_id),
                 )
             )
