@@ -83,7 +83,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=_env("model", "auto"),
-        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder",
+        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder; causal video "
+        "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id (docs/video-models.md)",
     )
     group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast), full, or a VAE id/folder")
     group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
@@ -809,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKEND_NAMES,
         default=_env("backend", "auto"),
-        help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND)",
+        help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND); "
+        "video models (tiny-video, wan-*) run on torch: auto picks it, the exported CPU backends are not for them",
     )
     add_server_flags(serve)
     add_cluster_flags(serve)

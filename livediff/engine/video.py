@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -72,6 +74,47 @@ class VideoSettings:
             raise ConfigError(f"position_limit must exceed sink + window + 2, got {self.position_limit}")
 
 
+@dataclass(frozen=True)
+class EagerTorch:
+    """What runs a video model's networks: torch eager (the exported CPU backends do not take this kind)."""
+
+    name: str = "torch"
+
+
+def resolve_video_backend(name: str) -> str:
+    """`auto` and `torch` run a video model with torch eager; another backend is a `ConfigError`
+    naming the flag (the exported backends, ONNX Runtime, OpenVINO and TensorRT, do not take it)."""
+    if name not in ("auto", "torch"):
+        raise ConfigError(f"backend {name} does not run video models: use --backend torch (or auto)")
+    return "torch"
+
+
+class PromptStates:
+    """Text encoder states by prompt, least recently used dropped past `size`, with hit counts."""
+
+    def __init__(self, encode: Callable[[str], torch.Tensor], size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        self._encode, self.size, self.device, self.dtype = encode, size, device, dtype
+        self._states: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, prompt: str) -> torch.Tensor:
+        """(1, text tokens, text_dim) states of `prompt`."""
+        states = self._states.get(prompt)
+        if states is None:
+            self.misses += 1
+            with torch.inference_mode():
+                states = self._encode(prompt).to(self.device, self.dtype)
+            self._states[prompt] = states
+            while len(self._states) > self.size:
+                self._states.popitem(last=False)
+        else:
+            self.hits += 1
+        self._states.move_to_end(prompt)
+        return states
+
+
 @dataclass
 class VideoStream:
     """Everything one stream carries between chunks. Created by `VideoEngine.open_stream`."""
@@ -106,12 +149,13 @@ class VideoEngine:
 
     chunked = True
     """The scheduler feeds this engine whole chunks (`VideoStream.frames_needed` frames)."""
+    chunk_frames = (FIRST_CHUNK_FRAMES, CHUNK_FRAMES)
+    """Camera frames of a stream's first chunk (and the first after a reset), and of every other."""
 
     def __init__(self, settings: EngineSettings, parts: VideoParts | None = None,
                  video: VideoSettings | None = None) -> None:  # fmt: skip
         self.device = resolve_device(settings.device)
-        if settings.backend not in ("torch", "auto"):
-            raise ConfigError(f"backend {settings.backend} does not run video models: use --backend torch (or auto)")
+        resolve_video_backend(settings.backend)
         unit = SPACE_SCALE * 2  # the autoencoder's 8x, then the transformer's 2x2 patches
         for name in ("height", "width"):
             value = getattr(settings, name)
@@ -132,7 +176,8 @@ class VideoEngine:
         self.model = parts.transformer
         self.latent_size = (settings.height // SPACE_SCALE, settings.width // SPACE_SCALE)
         self.tokens_per_frame = self.model.tokens_per_frame(*self.latent_size)
-        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.conditioning = PromptStates(parts.encode_prompt, settings.cache_size, self.device, self.dtype)
+        self.backend = EagerTorch()
         self.frame_shape = (settings.height, settings.width, 3)
         log.info("video engine: model %s (%s), %s %s, %dx%d, cache %d sink + %d window latent frames",
                  parts.ref, parts.revision, self.device, self.dtype, settings.width, settings.height,
@@ -144,13 +189,13 @@ class VideoEngine:
         """`ConfigError` naming the field for what a video model cannot do: ControlNets, the feature
         bank, motion-aware strength, classifier-free guidance, the similarity filter."""
         if params.controlnet:
-            raise ConfigError("controlnet: a video model has no ControlNet")
+            raise ConfigError("controlnet is not available: a video model has no ControlNet")
         if params.temporal_bank:
-            raise ConfigError("temporal_bank: a video model carries its past in its KV cache, it has no feature bank")
+            raise ConfigError("temporal_bank is not available: a video model keeps its past in its KV cache")
         if params.motion_strength is not None:
             raise ConfigError("motion_strength is not available for video models")
         if params.guidance > 1.0:
-            raise ConfigError("guidance: a video model here runs without classifier-free guidance (<= 1)")
+            raise ConfigError("guidance must be <= 1: video models run without classifier-free guidance")
         if params.similarity_filter:
             raise ConfigError("similarity_filter is not available for video models")
 
@@ -185,24 +230,17 @@ class VideoEngine:
         stream.tae.reset()
         stream.generator = torch.Generator().manual_seed(stream.params.seed)
 
+    def control_loads(self, params: StreamParams) -> dict[str, Any]:
+        """No ControlNet loads ever wait (a video model has none; `check_params` refuses them)."""
+        return {}
+
     def close(self) -> None:
         """Nothing queued to drop (the protocol's `close`)."""
 
-    def _text(self, prompt: str) -> torch.Tensor:
-        states = self._prompts.get(prompt)
-        if states is None:
-            with torch.inference_mode():
-                states = self.parts.encode_prompt(prompt).to(self.device, self.dtype)
-            self._prompts[prompt] = states
-            while len(self._prompts) > self.settings.cache_size:
-                self._prompts.popitem(last=False)
-        self._prompts.move_to_end(prompt)
-        return states
-
     def _cross(self, params: StreamParams) -> CrossKV:
-        states = self._text(params.prompt)
+        states = self.conditioning.get(params.prompt)
         if params.blend_prompt and params.blend_weight > 0:
-            states = torch.lerp(states, self._text(params.blend_prompt), params.blend_weight)
+            states = torch.lerp(states, self.conditioning.get(params.blend_prompt), params.blend_weight)
         with torch.inference_mode():
             return self.model.cross_kv(states)
 

@@ -102,7 +102,9 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
         autoencoder = build_autoencoder(TAEHV_SHAPE)
         log.warning("video model %s: the TAEHV-shaped autoencoder runs at random weights", ref)
     for module in (transformer, autoencoder, text):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)
+        if dtype != torch.float32:  # diffusers then warns that it would keep a few modules in float32
+            module.to(dtype)
     return VideoParts(ref, revision, CausalWan(transformer), autoencoder, encode)
 
 
