@@ -47,7 +47,7 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
     cuda = engine.device.type == "cuda"
     frames = [torch.from_numpy(f) for f in SyntheticCamera(settings.height, settings.width).frames(16)]
     engine.warmup(1)
-    results = []
+    results: list[dict[str, Any]] = []
     for count in plan.streams:
         if cuda:
             torch.cuda.synchronize(engine.device)
@@ -83,7 +83,7 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
             "memory_per_stream_mib": round(per_stream / 2**20, 2),
         })  # fmt: skip
         del streams
-    one = next((r["fps"] for r in results if r["streams"] == 1), None)
+    one: float | None = next((float(r["fps"]) for r in results if r["streams"] == 1), None)
     for r in results:
         r["fps_vs_1_stream"] = round(r["fps"] / one, 2) if one else None
     return {
