@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from livediff.models.video import load_video_model
-from tests.server_fixtures import frames_back, metric_value, offer_client, running_server
+from tests.server_fixtures import frames_back, metric_value, offer_client, running_server, whep_view, whip_publish
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_ice")]
 
@@ -71,3 +71,21 @@ async def test_reset_on_an_image_server_is_422_naming_reset(tiny_parts, http) ->
             assert response.status == 422 and body["field"] == "reset", body
         finally:
             await client.close()
+
+
+async def test_a_whip_publisher_and_a_whep_viewer_work_with_a_video_model(video_parts, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(video_parts, size=64, model="tiny-video") as server:
+        publisher = await whip_publish(http, server.url, query="?prompt=a%20red%20fox&steps=2")
+        viewer = None
+        try:
+            await publisher.wait_connected()
+            viewer = await whep_view(http, server.url, publisher.session_id)
+            await viewer.wait_connected()
+            assert viewer.received is not None
+            await viewer.received.wait_for(9, timeout=60)  # two chunks or more, through the viewer
+            assert viewer.received.frames[-1].shape == (64, 64, 3)
+            assert server.service.scheduler.sessions[publisher.session_id].stats.processed >= 9
+        finally:
+            if viewer is not None:
+                await viewer.close()
+            await publisher.close()
