@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,7 @@ from livediff.models.tae import TINY_SHAPE, TaeState, build_autoencoder
 from livediff.models.video import is_video_model, load_video_model
 from livediff.models.wan import TINY_VIDEO, WAN_1_3B, CausalWan, Row, build_transformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: on a loaded 2-core machine two threads spin against each other (tens of times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_chunk_with_no_cache_is_diffusers_wan_forward() -> None:
