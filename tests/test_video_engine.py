@@ -202,7 +202,6 @@ def test_a_closed_stream_frees_its_cache(parts) -> None:
         (StreamParams(controlnet=(ControlParams(name="canny"),)), "controlnet"),
         (StreamParams(temporal_bank=2), "temporal_bank"),
         (StreamParams(guidance=3.0), "guidance"),
-        (StreamParams(motion_strength=(0.3, 0.6)), "motion_strength"),
         (StreamParams(similarity_filter=True), "similarity_filter"),
     ],
 )
@@ -227,3 +226,18 @@ def test_a_frame_size_the_model_cannot_take_is_a_config_error(parts) -> None:
         VideoEngine(EngineSettings(model="tiny-video", height=72, width=64), parts)
     with pytest.raises(ConfigError, match="backend"):
         VideoEngine(EngineSettings(model="tiny-video", height=64, width=64, backend="onnx"), parts)
+
+
+def test_motion_aware_noise_gives_a_moving_camera_less_noise(parts) -> None:
+    """With `motion_strength`, a still camera's chunks run at the high strength, a moving camera's lower."""
+    engine = engine_of(parts)
+    still = [[torch.full((SIZE, SIZE, 3), 100, dtype=torch.uint8)] * n for n in (5, 4, 4, 4)]
+    moving = camera(4, seed=8)  # random frames: as much motion as there is
+    params = StreamParams(motion_strength=(0.3, 0.9))
+    streams = [engine.open_stream(params), engine.open_stream(params)]
+    for a, b in zip(still, moving):
+        engine.step([(streams[0], a), (streams[1], b)])
+    assert streams[0].strength == pytest.approx(0.9) and streams[1].strength == pytest.approx(0.3)
+    assert streams[0].timesteps[0] > streams[1].timesteps[0]
+    engine.update(streams[1], StreamParams())
+    assert streams[1].strength is None and streams[1].timesteps == StreamParams().timesteps

@@ -7,7 +7,10 @@ the stream's past in its KV cache. One step, for one chunk of each of any number
 2. encode: the streaming autoencoder turns each chunk (4 frames; a stream's first chunk 5) into
    latent frames (1; the first chunk 2), with each stream's own memories (`TaeState`)
 3. noise: each stream's latents go to its first timestep, x = (1 - sigma) x0 + sigma * noise, with
-   the stream's own noise generator (seeded by `seed`)
+   the stream's own noise generator (seeded by `seed`); with motion-aware noise
+   (`motion_strength`) the chunk's strength, hence its first timestep, follows the camera's smoothed
+   motion: less noise the more the input moves (StreamDiffusionV2's motion-aware noise controller,
+   with the image engine's estimate, `livediff.engine.temporal.MotionEstimate`)
 4. transformer: denoising steps of a flow-matching schedule (Wan's shifted sigmas,
    sigma' = shift * s / (1 + (shift - 1) s), s = t / 1000; the few-step rule of CausVid and
    Self-Forcing: predict the clean latents x0 = x - sigma * flow, then noise them afresh to the
@@ -38,6 +41,7 @@ from livediff.config import EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.device import resolve_device
 from livediff.engine.kv_cache import KVCache
+from livediff.engine.temporal import MotionEstimate
 from livediff.errors import ConfigError
 from livediff.models.tae import SPACE_SCALE, TaeState
 from livediff.models.video import VideoParts, load_video_model
@@ -126,8 +130,19 @@ class VideoStream:
     tae: TaeState
     generator: torch.Generator
     """The stream's noise (host generator, seeded by `params.seed`: the same run gives the same video)."""
+    motion: MotionEstimate | None = None
+    """Motion-aware noise: the smoothed motion of the input, when `params.motion_strength` is set."""
+    strength: float | None = None
+    """Motion-aware noise: the latest chunk's strength (None: `params.strength` applies)."""
     chunks: int = 0
     frames: int = 0
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The next chunk's denoising timesteps: the params', or those of the motion-aware strength."""
+        if self.strength is None:
+            return self.params.timesteps
+        return self.params.timesteps_at(self.strength)
 
     @property
     def frames_needed(self) -> int:
@@ -187,13 +202,11 @@ class VideoEngine:
 
     def check_params(self, params: StreamParams, current: StreamParams | None = None) -> None:
         """`ConfigError` naming the field for what a video model cannot do: ControlNets, the feature
-        bank, motion-aware strength, classifier-free guidance, the similarity filter."""
+        bank, classifier-free guidance, the similarity filter."""
         if params.controlnet:
             raise ConfigError("controlnet is not available: a video model has no ControlNet")
         if params.temporal_bank:
             raise ConfigError("temporal_bank is not available: a video model keeps its past in its KV cache")
-        if params.motion_strength is not None:
-            raise ConfigError("motion_strength is not available for video models")
         if params.guidance > 1.0:
             raise ConfigError("guidance must be <= 1: video models run without classifier-free guidance")
         if params.similarity_filter:
@@ -207,7 +220,8 @@ class VideoEngine:
         cache = KVCache(model.layers, self.tokens_per_frame, model.heads, model.head_dim, self.video.sink,
                         self.video.window, self.video.position_limit, self.device, self.dtype)  # fmt: skip
         generator = torch.Generator().manual_seed(params.seed)
-        return VideoStream(params, self._cross(params), cache, TaeState(), generator)
+        motion = MotionEstimate() if params.motion_strength else None
+        return VideoStream(params, self._cross(params), cache, TaeState(), generator, motion)
 
     def update(self, stream: VideoStream, params: StreamParams) -> None:
         """New params from the next chunk on: a new prompt's keys and values, a new seed's noise."""
@@ -221,6 +235,10 @@ class VideoEngine:
             stream.cross = self._cross(params)
         if params.seed != old.seed:
             stream.generator = torch.Generator().manual_seed(params.seed)
+        if params.motion_strength is None:
+            stream.motion, stream.strength = None, None
+        elif stream.motion is None:
+            stream.motion = MotionEstimate()
 
     def reset(self, stream: VideoStream) -> None:
         """Forget the stream's past (a scene cut): empty cache and autoencoder memories; the next
@@ -261,6 +279,11 @@ class VideoEngine:
                 raise ValueError(f"a chunk of this stream takes {stream.frames_needed} frames, got {len(frames)}")
             if any(tuple(f.shape) != self.frame_shape for f in frames):
                 raise ValueError(f"frames must be {self.frame_shape} uint8")
+        for stream, frames in batch:  # motion-aware noise: this chunk's strength from the input's motion
+            if stream.motion is not None and stream.params.motion_strength is not None:
+                for frame in frames:
+                    stream.motion.observe(frame)
+                stream.strength = stream.motion.strength(*stream.params.motion_strength)
         clock = StageClock(self.device)
         outputs: list[list[torch.Tensor]] = [[] for _ in batch]
         groups: dict[int, list[int]] = {}
@@ -286,7 +309,7 @@ class VideoEngine:
         clock.mark("encode")
         latent_frames = x0.shape[2]
         positions = [s.cache.reserve(latent_frames, self.model.rope) for s in streams]
-        timesteps = [s.params.timesteps for s in streams]
+        timesteps = [s.timesteps for s in streams]
         noise = [self._noise(s, x0.shape[1:]) for s in streams]
         sigmas = [[self.sigma(t) for t in ts] for ts in timesteps]
         x = torch.stack([(1 - sig[0]) * x0[b] + sig[0] * noise[b] for b, sig in enumerate(sigmas)])
