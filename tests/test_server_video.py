@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -54,6 +55,14 @@ async def test_a_client_publishes_to_a_tiny_video_server_and_gets_frames_back(vi
                     body = await response.json()
                     assert response.status == 422 and body["field"] == field, (bad, body)
             await received.wait_for(len(received.times) + 4, timeout=60)
+            # the data channel carries the same controls: a reset, and a field a video model has not
+            client.channel.send(json.dumps({"reset": True, "prompt": "a city at night", "request_id": 1}))
+            ack = await client.wait_message(lambda m: m.get("request_id") == 1, timeout=60)
+            assert ack["type"] == "ack" and ack["params"]["prompt"] == "a city at night", ack
+            client.channel.send(json.dumps({"guidance": 4.0, "request_id": 2}))
+            error = await client.wait_message(lambda m: m.get("request_id") == 2, timeout=60)
+            assert error["type"] == "error" and error["field"] == "guidance", error
+            await received.wait_for(len(received.times) + 5, timeout=60)
             for stage in ("encode", "transformer", "decode", "chunk_wait"):
                 name = f'livediff_stage_seconds_count{{stage="{stage}"}}'
                 assert await metric_value(http, server.url, name) > 0, stage
