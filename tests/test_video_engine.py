@@ -241,3 +241,21 @@ def test_motion_aware_noise_gives_a_moving_camera_less_noise(parts) -> None:
     assert streams[0].timesteps[0] > streams[1].timesteps[0]
     engine.update(streams[1], StreamParams())
     assert streams[1].strength is None and streams[1].timesteps == StreamParams().timesteps
+
+
+def test_auto_runs_a_video_model_on_torch_and_the_exported_backends_are_refused() -> None:
+    from livediff.engine.video import resolve_video_backend
+
+    assert resolve_video_backend("auto") == "torch" and resolve_video_backend("torch") == "torch"
+    for name in ("onnx", "openvino", "tensorrt", "cuda-graph"):
+        with pytest.raises(ConfigError, match=f"backend {name} does not run video models"):
+            resolve_video_backend(name)
+
+
+def test_serve_help_says_the_exported_backends_are_not_for_video_models(capsys) -> None:
+    from livediff.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "tiny-video" in help_text and "the exported CPU backends are not for them" in help_text
