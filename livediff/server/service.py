@@ -215,8 +215,10 @@ class Service:
             if session.state == "new":
                 session.state = "live"
             received.inc()
-            if session.inbox.put(FrameIn(frame, frame.pts, frame.time_base, time.monotonic())):
-                dropped.inc()
+            before = session.inbox.replaced  # a chunked engine may drop a whole stale chunk on this put
+            session.inbox.put(FrameIn(frame, frame.pts, frame.time_base, time.monotonic()))
+            if session.inbox.replaced > before:
+                dropped.inc(session.inbox.replaced - before)
 
         return deliver
 
