@@ -84,7 +84,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=_env("model", "auto"),
-        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder",
+        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder; causal video "
+        "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id (docs/video-models.md)",
     )
     group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast), full, or a VAE id/folder")
     group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
@@ -223,6 +224,10 @@ def stream_params(args: argparse.Namespace) -> StreamParams:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.g2g:
         return cmd_g2g(args)
+    from livediff.models.video import is_video_model
+
+    if is_video_model(args.model):
+        return cmd_bench_video(args)
     if args.quality:
         return cmd_bench_quality(args)
     if args.controlnet:
@@ -243,6 +248,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = run_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_bench_video(args: argparse.Namespace) -> int:
+    """`bench --model tiny-video` (a causal video model): ms per chunk and frame by stage, fps, first
+    chunk latency and memory per stream, for each --streams count (`livediff.bench_video`)."""
+    from livediff.bench_video import VideoBenchPlan, format_video_report, run_video_bench
+
+    for flag, value in (("--baseline", args.baseline), ("--quality", args.quality), ("--controlnet", args.controlnet)):
+        if value:
+            raise ConfigError(f"{flag} is for image models; a video model's bench takes --streams, --frames, --steps")
+    if args.backend not in ("torch", "auto"):
+        raise ConfigError(f"--backend: video models run on torch, got {args.backend!r}")
+    streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else (args.batch,)
+    args.max_batch = max([args.max_batch, *streams])
+    plan = VideoBenchPlan(chunks=max(1, args.frames // 4), warmup=max(1, args.warmup // 4), streams=streams,
+                          params=stream_params(args))  # fmt: skip
+    settings = engine_settings(args, backend="torch")
+    if settings.width % 16 or settings.height % 16:
+        raise ConfigError(f"--size must be a multiple of 16 for a video model, got {settings.width}x{settings.height}")
+    report = run_video_bench(settings, plan)
+    print(json.dumps(report, indent=2) if args.json else format_video_report(report))
     return 0
 
 
@@ -811,7 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKEND_NAMES,
         default=_env("backend", "auto"),
-        help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND)",
+        help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND); "
+        "video models (tiny-video, wan-*) run on torch: auto picks it, the exported CPU backends are not for them",
     )
     add_server_flags(serve)
     add_cluster_flags(serve)

@@ -23,6 +23,12 @@ Passthrough sessions (`StreamParams.passthrough`, transport measurements) need n
 outbox the moment it arrives, so it never waits behind a model step nor takes a place in a
 batch. Frames it cannot send as they are (another size than the engine's) take the worker path,
 where the engine returns its input.
+
+A chunked engine (a causal video model, `chunked = True`) takes frames a chunk at a time: each
+arriving frame moves from the inbox into the session's `ChunkInbox` (the chunk cadence: a complete
+chunk waits for a step, a newer complete chunk drops a waiting one whole, counted as inbox drops),
+each tick runs the complete chunks of up to `max_batch` sessions as one engine step, and each
+chunk's output frames go to the outbox through the session's `ChunkPacer`, at the input's rhythm.
 """
 
 from __future__ import annotations
@@ -38,8 +44,11 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from livediff.admission import Admission, AdmissionError
+from livediff.chunks import ChunkInbox
 from livediff.config import EngineSettings, StreamParams
+from livediff.errors import ConfigError
 from livediff.session import FrameIn, FrameOut, Session
+from livediff.transport.pacing import ChunkPacer
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +150,11 @@ class Scheduler:
             self._task = asyncio.create_task(self._loop(), name="livediff-scheduler")
 
     @property
+    def chunked(self) -> bool:
+        """Whether the engine takes whole chunks (a causal video engine) rather than single frames."""
+        return bool(getattr(self.engine, "chunked", False))
+
+    @property
     def max_batch(self) -> int:
         return int(self.engine.settings.max_batch)
 
@@ -190,7 +204,37 @@ class Scheduler:
             self._opening.pop(session.id, None)
         self.sessions[session.id] = session
         session.on_close(self._forget(session))
+        if self.chunked:
+            self._start_chunks(session)
         return session
+
+    def _start_chunks(self, session: Session) -> None:
+        """The session's chunk inbox and output pacer (a chunked engine)."""
+
+        def dropped(chunk: list[FrameIn]) -> None:
+            session.inbox.replaced += len(chunk)  # counted as the latest-frame slot counts its drops
+            if session.inbox.on_drop is not None:
+                for frame in chunk:
+                    session.inbox.on_drop(frame)
+
+        def put(out: FrameOut) -> None:
+            if not session.closed:
+                session.outbox.put(out)
+
+        first, size = self.engine.chunk_frames
+        session.chunks = ChunkInbox(first, size, on_drop=dropped)
+        session.pacer = ChunkPacer(put)
+        session.spawn(session.pacer.run(), "pacer")
+
+    async def reset(self, session: Session) -> None:
+        """Start `session` over from its next frame (a scene cut): what it collected is dropped and,
+        with a chunked engine, its caches are emptied. `ConfigError` when the engine keeps no past."""
+        reset = getattr(self.engine, "reset", None)
+        if reset is None:
+            raise ConfigError("reset applies to video models (their caches); this engine keeps no past")
+        if session.chunks is not None:
+            session.chunks.reset()
+        await self.run_on_worker(reset, session.stream)
 
     def connected(self, session: Session) -> bool:
         """`session`'s client connected: True when it took a live slot; False when none was free or it
@@ -237,7 +281,7 @@ class Scheduler:
         return self.prompt_truncated(session)
 
     def prompt_truncated(self, session: Session) -> bool:
-        return bool(getattr(session.stream.conditioning, "truncated", False))
+        return bool(getattr(getattr(session.stream, "conditioning", None), "truncated", False))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -247,7 +291,11 @@ class Scheduler:
         A closed session's frame never counts, even for the moment before its close empties its
         inbox: the loop would see work that `pick` refuses and go round without ever awaiting.
         """
-        return [s for s in self.sessions.values() if s.inbox.ready and not s.closed]
+        return [
+            s
+            for s in self.sessions.values()
+            if (s.inbox.ready or (s.chunks is not None and s.chunks.ready)) and not s.closed
+        ]
 
     def pick(self) -> list[_Pick]:
         """The newest frame of each ready session, oldest waiting first, up to max_batch."""
@@ -265,8 +313,13 @@ class Scheduler:
         frame = session.inbox.peek()
         if frame is not None:
             session.rhythm.observe(frame.received)
-        if not (session.params.passthrough and self._forward(session)):
-            self._wake.set()
+        if session.params.passthrough and self._forward(session):
+            return
+        if session.chunks is not None:  # the chunk cadence: the frame joins the chunk being collected
+            taken = session.inbox.take_nowait()
+            if taken is not None:
+                session.chunks.put(taken)
+        self._wake.set()
 
     def _forward(self, session: Session) -> bool:
         """Send the inbox's passthrough frame as it came, if `pass_through` takes it; True when sent."""
@@ -284,6 +337,8 @@ class Scheduler:
 
     async def tick(self) -> list[tuple[Session, FrameOut]]:
         """One batch: pick, run on the worker thread, hand outputs to the outboxes."""
+        if self.chunked:
+            return await self._tick_chunks()
         picks = self.pick()
         if not picks:
             return []
@@ -326,6 +381,52 @@ class Scheduler:
                 )
             )
         return outputs
+
+    async def _tick_chunks(self) -> list[tuple[Session, FrameOut]]:
+        """One step of a chunked engine: the complete chunks of up to `max_batch` sessions (oldest
+        first), their output frames handed to each session's pacer."""
+        ready = [s for s in self.ready_sessions() if s.chunks is not None and s.chunks.ready]
+        ready.sort(key=lambda s: s.chunks.peek()[0].received)
+        picks = [(s, s.chunks.take()) for s in ready[: self.max_batch]]
+        if not picks:
+            return []
+        scheduled = time.monotonic()
+        outputs = await self.run_on_worker(self._work_chunks, picks, scheduled)
+        self.steps += 1
+        delivered = []
+        for (session, chunk), outs in zip(picks, outputs):
+            if session.closed or not outs:
+                continue
+            session.stats.processed += len(outs)
+            session.pacer.play([(frame.received - chunk[0].received, out) for frame, out in zip(chunk, outs)])
+            delivered += [(session, out) for out in outs]
+        if self.observer is not None and delivered:
+            self.observer.on_step(delivered)
+        return delivered
+
+    def _work_chunks(self, picks: list[tuple[Session, list[FrameIn]]], scheduled: float) -> list[list[FrameOut]]:
+        """On the worker thread: convert each chunk's frames, one engine step, convert back. A chunk
+        whose length the stream does not take (it cannot happen by the inbox's rule) is dropped, said."""
+        valid = [(s, chunk) for s, chunk in picks if len(chunk) == s.stream.frames_needed]
+        for session, chunk in picks:
+            if len(chunk) != session.stream.frames_needed:
+                log.warning("session %s: a chunk of %d frames dropped (the stream takes %d)", session.id,
+                            len(chunk), session.stream.frames_needed)  # fmt: skip
+        if not valid:
+            return [[] for _ in picks]
+        images = [[self.convert_in(s, frame) for frame in chunk] for s, chunk in valid]
+        result = self.engine.step([(s.stream, chunk_images) for (s, _), chunk_images in zip(valid, images)])
+        finished = time.monotonic()
+        done: dict[int, list[FrameOut]] = {}
+        for (session, chunk), inputs, outs in zip(valid, images, result.outputs):
+            stages = dict(result.timings_ms)
+            stages["chunk_wait"] = (scheduled - chunk[-1].received) * 1000.0
+            done[id(chunk)] = [
+                FrameOut(image=self.convert_out(session, frame, image), source=frame, scheduled=scheduled,
+                         finished=finished, stages_ms=stages, batch_size=len(valid), frames=(image_in, image))
+                for frame, image_in, image in zip(chunk, inputs, outs)
+            ]  # fmt: skip
+        return [done.get(id(chunk), []) for _, chunk in picks]
 
     def fresher_frames_due_in(self, now: float) -> float | None:
         """Seconds to wait for fresher frames before the next step, or None to step now.

@@ -119,6 +119,10 @@ class Session:
     rhythm: CameraRhythm = field(default_factory=CameraRhythm)
     inbox: LatestSlot[FrameIn] = field(default_factory=LatestSlot)
     outbox: LatestSlot[FrameOut] = field(default_factory=LatestSlot)
+    chunks: Any = None
+    """With a chunked (video) engine: the `livediff.chunks.ChunkInbox` collecting the next chunk."""
+    pacer: Any = None
+    """With a chunked engine: the `livediff.transport.pacing.ChunkPacer` playing chunks out to the outbox."""
     viewers: dict[str, Cleanup] = field(default_factory=dict)
     """WHEP viewers: id -> how to end the viewer."""
     viewer_slots: Admission | None = None

@@ -16,7 +16,11 @@ Steps, in order, each in its own process under its own time limit, all inside on
    batch 1 and 4 (warp error, static flicker, SSIM, ms per frame);
 9. `g2g`: `livediff bench --g2g`: a real `livediff serve` app (`--backend auto`) and an aiortc
    client over loopback, glass-to-glass for passthrough and the model, and each stage's share;
-10. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
+10. `video`, `video-480p`: `livediff bench --model wan-1.3b-random` (a causal video model, Wan 2.1
+   1.3B's architecture at random weights, bf16): 512x512 at 1 step with 1, 2 and 4 streams per step,
+   and 832x480 at 2 steps with 1 and 2 (ms per chunk and frame by stage, fps, first chunk latency,
+   memory per added stream; docs/video-models.md);
+11. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
 
 and `nvidia-smi`'s clocks and memory before the first step and after the last. The results go to
 `$OUT` (or `--out`): `gpu-check.json` (every step's result, the verdict), `gpu-check.txt` (the
@@ -147,10 +151,34 @@ def plan(gpu: bool, python: str, size: int) -> list[Step]:
                      "--backend", "auto" if gpu else "torch", "--cases", "pass-both,model-both",
                      "--duration", "10" if gpu else "2", "--fps", "30", "--json"], 180, bench_json,
              note=None if gpu else "dry run: torch (auto would export ONNX or OpenVINO networks on the CPU)"),
+        *video_steps(gpu, python),
         Step("bench-compile", [*bench, "--backend", "torch,torch.compile", "--batch", "1", "--frames", str(few),
                                "--warmup", str(warmup)], 300, bench_json,
              skip=None if gpu else "dry run: torch.compile takes minutes on 2 CPU cores"),
     ]  # fmt: skip
+
+
+def video_steps(gpu: bool, python: str) -> list[Step]:
+    """The video model's bench (`bench --model wan-1.3b-random`); a dry run: `tiny-video` at 64x64, 2 chunks."""
+    model, frames, warmup = ("wan-1.3b-random", "40", "8") if gpu else ("tiny-video", "8", "4")
+    bench = [python, "-m", "livediff.cli", "bench", "--model", model, "--backend", "torch", "--json",
+             "--frames", frames, "--warmup", warmup]  # fmt: skip
+    note = None if gpu else "dry run: tiny-video at 64x64 (wan-1.3b-random needs a GPU's memory and time)"
+    sizes = (("512", "1", "1,2,4"), ("832x480", "2", "1,2")) if gpu else (("64", "1", "1,2"), ("64", "2", "1"))
+    return [
+        Step(name, [*bench, "--size", size, "--steps", steps, "--streams", streams], 240, bench_json, note=note)
+        for name, (size, steps, streams) in zip(("video", "video-480p"), sizes)
+    ]
+
+
+def video_line(name: str, result: dict[str, Any]) -> str:
+    """One line of a `video` step: fps, ms per frame, first chunk and memory per stream count."""
+    cells = [f"{r['streams']} stream(s) {r['fps']:.1f} fps ({r['fps_vs_1_stream']}x one), {r['ms_per_frame']:.1f} "
+             f"ms/frame, first chunk {r['first_chunk_ms']:.0f} ms, {r['memory_per_stream_mib']:.1f} MiB/stream"
+             for r in result["results"]]  # fmt: skip
+    return f"{name} ({result['model']}, {result['size']}, {result['dtype']}, {result['steps']} step(s)): " + "; ".join(
+        cells
+    )
 
 
 def run_step(step: Step, limit_s: float, log: Any, env: dict[str, str]) -> dict[str, Any]:
@@ -363,6 +391,10 @@ def summary(report: dict[str, Any]) -> str:
     g2g = steps.get("g2g", {}).get("result")
     if isinstance(g2g, dict):
         lines.append(g2g_line(g2g))
+    for name in ("video", "video-480p"):
+        video = steps.get(name, {}).get("result")
+        if isinstance(video, dict):
+            lines.append(video_line(name, video))
     for name, t in v["targets"].items():
         state = "not judged" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {name} >= {t['target']}: {state} ({t['value']})")

@@ -73,3 +73,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     packages = dict.fromkeys(p for m in named for p in m.split())
     if packages:
         terminalreporter.line(f"to run them: apt-get install {' '.join(packages)}", bold=True)
+
+
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: on a loaded 2-core machine two threads spin against each other
+    (the video model's small convolutions ran tens of times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

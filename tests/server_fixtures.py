@@ -66,12 +66,13 @@ async def running_server(
     feature_bank: bool = False,
     controlnets: tuple[tuple[str, str], ...] = (),
     depth_model: str = "",
+    model: str = "tiny",
     **server: Any,
 ) -> AsyncIterator[Running]:
     from livediff.server import tls
 
     engine = EngineSettings(
-        model="tiny",
+        model=model,
         height=size,
         width=size,
         max_batch=max_batch,

@@ -41,6 +41,8 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
         "temporal",
         "temporal-batch4",
         "g2g",
+        "video",
+        "video-480p",
         "bench-compile",
     ]
     b1 = " ".join(gpu["bench-batch1"].argv)
@@ -53,6 +55,9 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
     assert "--quality --batch 1" in " ".join(gpu["temporal"].argv)
     assert "--quality --batch 4" in " ".join(gpu["temporal-batch4"].argv)
     assert "--g2g --model sd-turbo-random --size 512 --backend auto" in " ".join(gpu["g2g"].argv)
+    video = " ".join(gpu["video"].argv)
+    assert "--model wan-1.3b-random" in video and "--size 512 --steps 1 --streams 1,2,4" in video
+    assert "--size 832x480 --steps 2" in " ".join(gpu["video-480p"].argv)
     assert all(step.skip is None and step.note is None for step in gpu.values())
     assert sum(step.limit_s for step in gpu.values()) > 500  # the budget, not the limits, bounds a run
 
@@ -61,6 +66,7 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
     assert "cuda-graph" not in " ".join(dry["streams"].argv) and "needs CUDA" in dry["streams"].note
     assert dry["bench-compile"].skip and "torch.compile" in dry["bench-compile"].skip
     assert "--backend torch" in " ".join(dry["g2g"].argv)
+    assert "--model tiny-video" in " ".join(dry["video"].argv) and dry["video"].skip is None
 
 
 def test_the_gpu_tests_step_runs_every_file_that_holds_gpu_tests(kit) -> None:

@@ -31,7 +31,7 @@ _TYPES: dict[str, type] = {
     "max_skip_frames": int,
     "passthrough": bool,
 }
-SESSION_FIELDS = ("probe",)
+SESSION_FIELDS = ("probe", "reset")
 """Fields that belong to the session, not to the engine stream."""
 _OBJECTS: dict[str, dict[str, tuple[str, type]]] = {
     "blend": {"prompt": ("blend_prompt", str), "weight": ("blend_weight", float)},

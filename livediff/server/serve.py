@@ -22,8 +22,10 @@ from livediff.backends import resolve_backend
 from livediff.backends.cache import stop_builds
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.engine.device import resolve_device
+from livediff.engine.video import resolve_video_backend
 from livediff.errors import LivediffError
 from livediff.models import resolve_auto
+from livediff.models.video import is_video_model
 from livediff.server import tls
 from livediff.server.app import LOAD_TASK, create_app
 from livediff.server.common import SERVICE
@@ -62,7 +64,10 @@ async def _serve(
 ) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
-    engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
+    if is_video_model(model):  # a causal video model runs on torch eager (the exported backends do not take it)
+        engine_settings = engine_settings.replace(model=model, backend=resolve_video_backend(engine_settings.backend))
+    else:
+        engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
     settings, certificate = tls.prepare(settings)
     ssl_context = tls.context_for(settings)
     app = create_app(engine_settings, settings, default_params=params)

@@ -26,7 +26,7 @@ from livediff.server.control import Control
 from livediff.server.controlnets import follow_loads, tell_states
 from livediff.server.errors import NotReady
 from livediff.server.metrics import Metrics
-from livediff.server.params import refusal
+from livediff.server.params import ParamError, refusal
 from livediff.server.peers import Resource, answer, watch
 from livediff.server.quality import QualitySampler
 from livediff.server.viewers import Viewers
@@ -97,13 +97,17 @@ class Service:
         """Build the engine and run one warm-up inference on the worker thread; then ready."""
         from livediff.engine import StreamEngine
         from livediff.engine.device import resolve_device
+        from livediff.engine.video import VideoEngine
+        from livediff.models.video import VideoParts, is_video_model
 
-        def make_engine() -> StreamEngine:
+        def make_engine() -> StreamEngine | VideoEngine:
             if resolve_device(self.engine_settings.device).type == "cpu":
                 # torch's spinning OpenMP threads starve the codec threads (and each other) when
                 # oversubscribed: measured on 2 cores, 2 threads gave 1.3 s stalls, 1 thread none.
                 threads = self.settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
                 torch.set_num_threads(threads)
+            if is_video_model(self.engine_settings.model):  # the second kind: a causal video model
+                return VideoEngine(self.engine_settings, self.parts if isinstance(self.parts, VideoParts) else None)
             return StreamEngine(self.engine_settings, self.parts)
 
         try:
@@ -223,8 +227,10 @@ class Service:
             if session.state == "new":
                 session.state = "live"
             received.inc()
-            if session.inbox.put(FrameIn(frame, frame.pts, frame.time_base, time.monotonic())):
-                dropped.inc()
+            before = session.inbox.replaced  # a chunked engine may drop a whole stale chunk on this put
+            session.inbox.put(FrameIn(frame, frame.pts, frame.time_base, time.monotonic()))
+            if session.inbox.replaced > before:
+                dropped.inc(session.inbox.replaced - before)
 
         return deliver
 
@@ -373,6 +379,11 @@ class Service:
             await follow_loads(self.scheduler, session)
         if "probe" in extras:
             session.probe = extras["probe"]
+        if extras.get("reset"):
+            try:
+                await self.scheduler.reset(session)
+            except ConfigError as exc:
+                raise ParamError("reset", str(exc)) from None
         return self._control_state(session, truncated)
 
     def _check_params(self, params: StreamParams, current: StreamParams) -> None:

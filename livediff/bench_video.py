@@ -1,0 +1,118 @@
+"""`livediff bench --model tiny-video` (or `wan-1.3b-random`): the video engine on a synthetic camera.
+
+For each stream count N of `--streams` (1 when none is given), N streams run their chunks in one
+engine step each time, as the scheduler runs them: a first chunk (5 frames), `warmup` chunks, then
+`chunks` measured chunks of 4 frames. Reported per N: milliseconds per step (a chunk of every
+stream) and per output frame, each stage's milliseconds per step (encode, transformer, decode, ...),
+aggregate and per-stream frames per second, the first chunk's latency (from a complete first chunk
+to its frames), and the memory a stream adds (its KV cache and autoencoder memories on the CPU;
+CUDA's allocated memory on a GPU). The ratio of each N's aggregate fps to one stream's (measured in
+the same run) says what batching streams in one transformer call buys.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from livediff.config import EngineSettings, StreamParams
+from livediff.engine.video import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine, VideoStream
+from livediff.synthetic import SyntheticCamera
+
+
+@dataclass(frozen=True)
+class VideoBenchPlan:
+    chunks: int = 10
+    """Chunks measured per stream count (each of 4 frames per stream)."""
+    warmup: int = 2
+    """Chunks run after the first and before measuring."""
+    streams: tuple[int, ...] = (1,)
+    params: StreamParams = StreamParams()
+
+
+def _stream_bytes(engine: VideoEngine, stream: VideoStream) -> int:
+    tensors = [stream.cache.keys, stream.cache.values, *stream.cross.keys, *stream.cross.values]
+    tensors += [t for t in (*stream.tae.encoder, *stream.tae.decoder) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str, Any]:
+    """Build the engine and measure each stream count of `plan`; the report as a dict."""
+    engine = VideoEngine(settings)
+    cuda = engine.device.type == "cuda"
+    frames = [torch.from_numpy(f) for f in SyntheticCamera(settings.height, settings.width).frames(16)]
+    engine.warmup(1)
+    results: list[dict[str, Any]] = []
+    for count in plan.streams:
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+            before = torch.cuda.memory_allocated(engine.device)
+        streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(count)]
+        start = time.perf_counter()
+        engine.step([(s, frames[:FIRST_CHUNK_FRAMES]) for s in streams])
+        first_ms = (time.perf_counter() - start) * 1000.0
+        per_stream = (
+            (torch.cuda.memory_allocated(engine.device) - before) / count
+            if cuda
+            else statistics.mean(_stream_bytes(engine, s) for s in streams)
+        )
+        walls, stages = [], []
+        for index in range(plan.warmup + plan.chunks):
+            chunk = [frames[(index * CHUNK_FRAMES + k) % len(frames)] for k in range(CHUNK_FRAMES)]
+            start = time.perf_counter()
+            result = engine.step([(s, chunk) for s in streams])
+            wall = (time.perf_counter() - start) * 1000.0
+            if index >= plan.warmup:
+                walls.append(wall)
+                stages.append(result.timings_ms)
+        step_ms = statistics.median(walls)
+        fps = count * CHUNK_FRAMES * 1000.0 / step_ms
+        results.append({
+            "streams": count,
+            "ms_per_step": round(step_ms, 2),
+            "ms_per_frame": round(step_ms / (count * CHUNK_FRAMES), 3),
+            "stages_ms": {k: round(statistics.median(s[k] for s in stages), 2) for k in stages[0]},
+            "fps": round(fps, 2),
+            "fps_per_stream": round(fps / count, 2),
+            "first_chunk_ms": round(first_ms, 1),
+            "memory_per_stream_mib": round(per_stream / 2**20, 2),
+        })  # fmt: skip
+        del streams
+    one: float | None = next((float(r["fps"]) for r in results if r["streams"] == 1), None)
+    for r in results:
+        r["fps_vs_1_stream"] = round(r["fps"] / one, 2) if one else None
+    return {
+        "model": engine.parts.ref,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "size": f"{settings.width}x{settings.height}",
+        "steps": plan.params.steps,
+        "cache": {"sink": engine.video.sink, "window": engine.video.window},
+        "chunks": plan.chunks,
+        "results": results,
+    }
+
+
+def format_video_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"video bench: {report['model']} {report['size']} on {report['device']} ({report['dtype']}, "
+        f"{report['threads']} threads), {report['steps']} step(s), cache {report['cache']['sink']} sink + "
+        f"{report['cache']['window']} window latent frames, median of {report['chunks']} chunks",
+        f"{'streams':>7} {'ms/step':>9} {'ms/frame':>9} {'fps':>8} {'fps/str':>8} {'vs 1':>6} {'first ms':>9} "
+        f"{'MiB/str':>8}  stages ms/step",
+    ]
+    for r in report["results"]:
+        stages = ", ".join(f"{k} {v:g}" for k, v in r["stages_ms"].items())
+        lines.append(
+            f"{r['streams']:>7} {r['ms_per_step']:>9.1f} {r['ms_per_frame']:>9.2f} {r['fps']:>8.1f} "
+            f"{r['fps_per_stream']:>8.1f} {r['fps_vs_1_stream'] or 0:>6.2f} {r['first_chunk_ms']:>9.0f} "
+            f"{r['memory_per_stream_mib']:>8.2f}  {stages}"
+        )
+    return "\n".join(lines)

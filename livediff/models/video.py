@@ -1,0 +1,154 @@
+"""Causal video models: the built-ins (`tiny-video`, `wan-1.3b-random`) and real causal Wan checkpoints.
+
+A video model is a causal Wan transformer (`livediff.models.wan`), an autoencoder that turns chunks
+of camera frames into latent frames and back, and a text encoder that turns a prompt into the
+transformer's text states. The built-ins are made in code at random weights: `tiny-video` small
+enough for a CPU, `wan-1.3b-random` Wan 2.1 1.3B's architecture with a text encoder stand-in of
+UMT5-XXL's output shape (512 tokens x 4096), for speed runs with no download.
+
+Real checkpoints: a local folder or a hub id laid out as diffusers' Wan 2.1 T2V repositories
+(`transformer/` a `WanTransformer3DModel` with causal weights, such as StreamDiffusionV2's
+1.3B causal weights converted to diffusers' layout, `text_encoder/` UMT5, `tokenizer/`; the
+autoencoder is the built-in TAEHV-shaped one, or `vae/` Wan's VAE once its streaming form exists).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from livediff.errors import ModelLoadError
+from livediff.models.tae import TAEHV_SHAPE, TINY_SHAPE, TinyVideoAutoencoder, build_autoencoder
+from livediff.models.wan import TINY_VIDEO, WAN_1_3B, CausalWan, build_transformer
+
+log = logging.getLogger(__name__)
+
+VIDEO_BUILTINS = ("tiny-video", "wan-1.3b-random")
+"""Built-in causal video models (random weights, no download)."""
+VIDEO_BUILDER_VERSION = 1
+
+
+class ByteTextEncoder(nn.Module):
+    """A text encoder stand-in: a prompt's UTF-8 bytes looked up in a random table, zero-padded to
+    `tokens` (Wan pads its UMT5 states with zeros to 512 tokens). Gives the real encoder's output
+    shape, and different prompts different states, without its weights."""
+
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.table = nn.Embedding(256, dim)
+
+    def forward(self, prompt: str) -> torch.Tensor:
+        """(1, tokens, dim) for `prompt` (truncated to `tokens` bytes)."""
+        ids = list(prompt.encode("utf-8"))[: self.tokens]
+        out = torch.zeros((1, self.tokens, self.table.embedding_dim), device=self.table.weight.device,
+                          dtype=self.table.weight.dtype)  # fmt: skip
+        if ids:
+            out[0, : len(ids)] = self.table(torch.tensor(ids, device=self.table.weight.device))
+        return out
+
+
+@dataclass
+class VideoParts:
+    """What the video engine needs of a model, on its device and in its dtype."""
+
+    ref: str
+    revision: str
+    transformer: CausalWan
+    autoencoder: TinyVideoAutoencoder
+    encode_prompt: Callable[[str], torch.Tensor]
+    """prompt -> (1, text tokens, text_dim) text states."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+
+def is_video_model(ref: str) -> bool:
+    """Whether `ref` names a causal video model: a built-in, or a folder whose transformer is Wan's."""
+    if ref in VIDEO_BUILTINS:
+        return True
+    config = Path(ref).expanduser() / "transformer" / "config.json"
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "WanTransformer3DModel"
+    except (OSError, ValueError):
+        return False
+
+
+def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VideoParts:
+    """Load `ref`: `tiny-video`, `wan-1.3b-random`, or a diffusers-layout causal Wan folder or hub id.
+
+    `ModelLoadError` naming the file and what was expected when a folder has another layout."""
+    device = torch.device(device)
+    if ref in VIDEO_BUILTINS:
+        tiny = ref == "tiny-video"
+        transformer: Any = build_transformer(TINY_VIDEO if tiny else WAN_1_3B)
+        autoencoder = build_autoencoder(TINY_SHAPE if tiny else TAEHV_SHAPE)
+        config = TINY_VIDEO if tiny else WAN_1_3B
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            text: nn.Module = ByteTextEncoder(16 if tiny else 512, config["text_dim"])
+        revision = f"builtin-v{VIDEO_BUILDER_VERSION}"
+        encode: Callable[[str], torch.Tensor] = text
+    else:
+        transformer, text, encode, revision = _load_folder(ref, dtype)
+        autoencoder = build_autoencoder(TAEHV_SHAPE)
+        log.warning("video model %s: the TAEHV-shaped autoencoder runs at random weights", ref)
+    for module in (transformer, autoencoder, text):
+        module.to(device).eval().requires_grad_(False)
+        if dtype != torch.float32:  # diffusers then warns that it would keep a few modules in float32
+            module.to(dtype)
+    return VideoParts(ref, revision, CausalWan(transformer), autoencoder, encode)
+
+
+def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable[[str], torch.Tensor], str]:
+    from diffusers import WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from livediff.models.loading import HubKind, _fingerprint, _snapshot
+
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        folder, revision = path, _fingerprint(path)
+    elif path.suffix or ref.count("/") != 1:
+        raise ModelLoadError(
+            f"video model {ref!r} is not a built-in ({', '.join(VIDEO_BUILTINS)}), an existing folder, nor a hub "
+            "id (owner/name); run with `--model tiny-video` (built in, no download)"
+        )
+    else:
+        kind = HubKind("video model", VIDEO_BUILTINS, "run with `--model tiny-video` (built in, no download)")
+        extensions = ("json", "safetensors", "model", "txt")
+        patterns = [f"{c}/*.{e}" for c in ("transformer", "text_encoder", "tokenizer") for e in extensions]
+        folder = _snapshot(ref, patterns, kind)
+        revision = folder.name
+    config = folder / "transformer" / "config.json"
+    try:
+        found = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config}: expected a WanTransformer3DModel config ({exc})") from exc
+    if found != "WanTransformer3DModel":
+        raise ModelLoadError(f"{config}: expected _class_name WanTransformer3DModel (a causal Wan 2.1), got {found!r}")
+    try:
+        transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text = UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"video model {ref!r} at {folder} could not be loaded: {exc}") from exc
+    if int(transformer.config.patch_size[0]) != 1:
+        raise ModelLoadError(f"{config}: expected patch_size (1, 2, 2), got {transformer.config.patch_size}")
+
+    def encode(prompt: str, max_tokens: int = 512) -> torch.Tensor:
+        """UMT5 states of `prompt`, zeroed past its tokens and padded to 512 (Wan's text pipeline)."""
+        ids = tokenizer([prompt], padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
+        mask = ids.attention_mask.to(text.device)
+        states = text(ids.input_ids.to(text.device), mask).last_hidden_state
+        return states * mask[..., None].to(states.dtype)
+
+    return transformer, text, encode, revision

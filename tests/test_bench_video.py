@@ -1,0 +1,42 @@
+"""`livediff bench --model tiny-video`: stages, fps, first chunk latency, memory per stream; bad flags named."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from livediff.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_video_bench_reports_stages_fps_latency_and_memory_per_stream_count(capsys) -> None:
+    code = main(["bench", "--model", "tiny-video", "--size", "64", "--frames", "8", "--warmup", "4",
+                 "--streams", "1,2", "--steps", "2", "--json"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "tiny-video" and report["size"] == "64x64" and report["steps"] == 2
+    assert [r["streams"] for r in report["results"]] == [1, 2]
+    for result in report["results"]:
+        assert set(result["stages_ms"]) == {"preprocess", "encode", "transformer", "decode", "postprocess"}
+        assert all(math.isfinite(ms) and ms >= 0 for ms in result["stages_ms"].values())
+        assert result["fps"] > 0 and result["first_chunk_ms"] > 0 and result["memory_per_stream_mib"] > 0
+        assert result["ms_per_frame"] == pytest.approx(result["ms_per_step"] / (4 * result["streams"]), rel=0.01)
+    assert report["results"][0]["fps_vs_1_stream"] == 1.0
+
+
+def test_the_table_names_the_stages(capsys) -> None:
+    assert main(["bench", "--model", "tiny-video", "--size", "64", "--frames", "4", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "video bench: tiny-video 64x64" in out and "transformer" in out and "first ms" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [(["--baseline", "diffusers"], "--baseline"), (["--backend", "onnx"], "--backend"), (["--size", "72"], "--size")],
+)
+def test_what_a_video_bench_cannot_do_is_named(argv: list[str], flag: str, capsys) -> None:
+    assert main(["bench", "--model", "tiny-video", *argv]) == 2
+    assert flag in capsys.readouterr().err
