@@ -1,5 +1,6 @@
 """A real aiortc publisher (VP8, H.264; 320x240) to the real server over loopback, one RTP packet lost
-together with its retransmission: the session's input must go on within a couple of seconds.
+together with its retransmission: the session's input must go on within a couple of seconds. And a
+WHEP viewer that loses a packet for good gets a keyframe, which costs the other viewers one keyframe.
 
 The packet is dropped in the publisher's own transport (`LossyUplink`): the sender builds it, and it
 never reaches the socket; so does the retransmission the server's NACK asks for. Before
@@ -18,7 +19,8 @@ import pytest
 from aiortc import RTCRtpSender
 from aiortc.rtp import is_rtcp
 
-from tests.server_fixtures import CameraTrack, metric_value, offer_client, running_server
+from livediff.transport.fanout import BITRATE_HOLD_S
+from tests.server_fixtures import CameraTrack, metric_value, offer_client, running_server, whep_view, whip_publish
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
 
@@ -132,3 +134,79 @@ async def test_a_lost_packet_and_its_retransmission_do_not_freeze_the_input(
             assert await metric_value(http, server.url, "livediff_rtcp_nacks_sent_total") >= 2
         finally:
             await client.close()
+
+
+class LossyDownlink:
+    """Drops what a viewer's ICE transport receives, before SRTP (as a network loses it): the
+    `drop_at`-th SRTP media packet from now and every retransmission of it (no RTX negotiated:
+    the same sequence number again; an SRTP header is not encrypted, RFC 3711 3.1)."""
+
+    def __init__(self, dtls: Any, drop_at: int) -> None:
+        self.drop_at = drop_at
+        self.received = 0
+        self.dropped_seq: int | None = None
+        self.dropped_at: float | None = None
+        self.dropped = 0
+        self._ice = dtls.transport
+        self._recv = self._ice._recv
+        self._ice._recv = self._lossy_recv
+
+    async def _lossy_recv(self) -> bytes:
+        while True:
+            data: bytes = await self._recv()
+            if not (len(data) >= 12 and 127 < data[0] < 192 and not is_rtcp(data)):
+                return data
+            seq = struct.unpack("!H", data[2:4])[0]
+            if seq == self.dropped_seq:
+                self.dropped += 1
+                continue
+            self.received += 1
+            if self.received == self.drop_at:
+                self.dropped_seq, self.dropped_at, self.dropped = seq, time.monotonic(), 1
+                continue
+            return data
+
+
+async def test_a_lossy_viewer_gets_a_keyframe_that_costs_the_others_one(tiny_parts: Any, http: Any) -> None:
+    async with running_server(tiny_parts, size=64, keyframe_interval_s=60) as server:  # no periodic keyframe
+        publisher = await whip_publish(http, server.url, CameraTrack(fps=15), sendrecv=False, audio=False)
+        clean = await whep_view(http, server.url, publisher.session_id, codec="VP8")
+        lossy = await whep_view(http, server.url, publisher.session_id, codec="VP8", marker_completion=True)
+        try:
+            for client in (clean, lossy):
+                await client.wait_connected()
+                await client.received.wait_for(10)  # type: ignore[union-attr]
+            output = server.service.outputs[publisher.session_id]
+            downlink = LossyDownlink(lossy.pc.getTransceivers()[0].receiver.transport, drop_at=15)
+            keyframes, requests = output.keyframes, output.keyframe_requests
+            assert lossy.received is not None and clean.received is not None
+            deadline = time.monotonic() + 25
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                at = downlink.dropped_at
+                if at is not None and sum(t > at for t in lossy.received.times) >= 30:
+                    break
+            at = downlink.dropped_at
+            assert at is not None, "the viewer received too few packets"
+            times = [at, *[t for t in lossy.received.times if t > at]]
+            gap = max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else float("inf")
+            keyframes, requests = output.keyframes - keyframes, output.keyframe_requests - requests
+            track = next(t for t in output.tracks if t.keyframe_requests)
+            print(f"\nlossy viewer: longest gap {gap * 1000:.0f} ms, packet dropped {downlink.dropped} times; "
+                  f"server: {requests} keyframe requests, {keyframes} keyframes, "
+                  f"{track.nacked_packets} NACKed")  # fmt: skip
+            assert sum(t > at for t in lossy.received.times) >= 30, "the lossy viewer's picture stopped"
+            assert gap < RESUME_BOUND_S, f"the lossy viewer froze {gap:.1f} s"
+            assert downlink.dropped >= 2 and track.nacked_packets >= 1  # NACKed, retransmitted, dropped again
+            # it asked (PLI, maybe repeated) and the shared encoder made one keyframe for everyone; the
+            # only others are those of a bitrate change (aiortc's encoder rebuilds on one), at most one
+            # per BITRATE_HOLD_S
+            window = time.monotonic() - at
+            assert requests >= 1 and 1 <= keyframes <= 2 + int(window / BITRATE_HOLD_S), (requests, keyframes)
+            assert (
+                await metric_value(http, server.url, 'livediff_output_receiver_feedback_total{kind="keyframe_request"}')
+                >= requests
+            )
+        finally:
+            for client in (clean, lossy, publisher):
+                await client.close()

@@ -108,9 +108,22 @@ class Metrics:
             "ssim": Histogram("livediff_quality_ssim", "SSIM of sampled output frames against their input, at 128 px",
                               buckets=SSIM_BUCKETS, registry=r),
         }  # fmt: skip
+        self.receiver_feedback = Counter(
+            "livediff_output_receiver_feedback",
+            "RTCP feedback on the output from its receivers (publishers and viewers): "
+            "keyframe_request (PLI or FIR), nack (packets asked for again)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("keyframe_request", "nack"):
+            self.receiver_feedback.labels(kind)
         for outcome in ("received", "processed", "skipped", "dropped_in", "dropped_out", "sent"):
             self.frames.labels(outcome)
         r.register(_EngineCollector(engine))
+
+    def on_receiver_feedback(self, kind: str) -> None:
+        """One PLI/FIR ("keyframe_request") or NACKed packet ("nack") from a receiver of an output."""
+        self.receiver_feedback.labels(kind).inc()
 
     def watch_loss(self, totals: LossStats) -> None:
         """Export `totals` (the publishers' loss-recovery counters) at every scrape."""

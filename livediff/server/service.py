@@ -247,7 +247,11 @@ class Service:
             session.loss = lambda: loss_stats_of(pc).as_dict()
             session.on_close(pc.close)
             output = Fanout(
-                session.outbox, self._on_sent(session), self.settings.bitrate, self.settings.keyframe_interval_s
+                session.outbox,
+                self._on_sent(session),
+                self.settings.bitrate,
+                self.settings.keyframe_interval_s,
+                self.metrics.on_receiver_feedback,
             )
             self.outputs[session.id] = output
             session.on_close(self._forget_output(session.id))
