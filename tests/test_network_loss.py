@@ -42,6 +42,9 @@ from tests.pages_support import wait_until
 from tests.server_fixtures import CameraTrack, Client, new_peer, prefer
 
 SECONDS = float(os.environ.get("LIVEDIFF_LOSS_SECONDS", "15"))
+STOCK = os.environ.get("LIVEDIFF_LOSS_STOCK") == "1"
+"""The baseline for the figures: aiortc's own receivers, no loss recovery, on the server
+(`--no-marker-completion`) and the laptop. The generous bounds are not asserted then."""
 PORT = 8443
 pytestmark = [pytest.mark.timeout(int(120 + 8 * (SECONDS + 4)))]
 
@@ -79,7 +82,8 @@ def loss_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossBed]:
     program: services.Program | None = None
     try:
         state = tmp_path_factory.mktemp("loss") / "server"
-        program = services.start_livediff(hosts.server, topology.SERVER_IP, PORT, state)
+        flags = ("--no-marker-completion",) if STOCK else ()
+        program = services.start_livediff(hosts.server, topology.SERVER_IP, PORT, state, *flags)
         program.wait_for("livediff: ready", timeout=150)
         certificate = tls.describe(state / "tls" / "cert.pem", state / "tls" / "key.pem")
         yield LossBed(hosts, program, f"https://{topology.SERVER_IP}:{PORT}", certificate)
@@ -92,7 +96,7 @@ def loss_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossBed]:
 async def _publish(url: str, cert: Any, camera: CameraTrack, codec: str) -> tuple[Client, Any]:
     """A WHIP publisher (sendrecv: it gets the output back) with loss recovery on its receiver."""
     http = https_session(cert)
-    client = Client(pc=new_peer(marker_completion=True), camera=camera)
+    client = Client(pc=new_peer(marker_completion=not STOCK), camera=camera)
     prefer(client.pc.addTransceiver(camera, direction="sendrecv"), codec)
     client.receive_video()
     await client.pc.setLocalDescription(await client.pc.createOffer())
@@ -165,7 +169,7 @@ def test_output_goes_on_through_random_and_burst_loss(loss_bed: LossBed, codec: 
             results.append(result)
             clean = results[0]["frames_back"]
             print(
-                f"\n[loss] {codec} {result['case']} over {SECONDS:.0f} s: longest freeze "
+                f"\n[loss{' stock' if STOCK else ''}] {codec} {result['case']} over {SECONDS:.0f} s: longest freeze "
                 f"{result['longest_freeze_ms']:.0f} ms, frames back {result['frames_back']:.1%} "
                 f"(vs clean {result['frames_back'] / max(clean, 1e-9):.1%}), g2g p50 {result['g2g_p50_ms']:.0f} ms, "
                 f"router dropped {result['dropped']}, server {result['server']}, client {result['client']}",
@@ -173,10 +177,12 @@ def test_output_goes_on_through_random_and_burst_loss(loss_bed: LossBed, codec: 
             )
             time.sleep(2)  # the next case starts on a clean stream
         clean = results[0]["frames_back"]
+        assert all(r["dropped"] > 0 for r in results[1:]), results  # the rules did drop packets
+        if STOCK:
+            return
         for result in results:
             assert result["longest_freeze_ms"] < 5000, result
             assert result["frames_back"] >= 0.5 * clean, (result, clean)
-        assert all(r["dropped"] > 0 for r in results[1:]), results  # the rules did drop packets
     finally:
         loss_bed.hosts.set_loss()
         home.call(client.close())
