@@ -38,8 +38,9 @@ from livediff.server import tls
 from livediff.transport import loss_recovery
 from tests.net import netns, services, topology
 from tests.net.clients import HostLoop, ProbeClock, https_session
-from tests.pages_support import wait_until
+from tests.pages_support import CHROMIUM, chromium_missing, skip_without, wait_until
 from tests.server_fixtures import CameraTrack, Client, new_peer, prefer
+from tests.test_network import BROWSER_ARGS, latency_run
 
 SECONDS = float(os.environ.get("LIVEDIFF_LOSS_SECONDS", "15"))
 STOCK = os.environ.get("LIVEDIFF_LOSS_STOCK") == "1"
@@ -188,3 +189,59 @@ def test_output_goes_on_through_random_and_burst_loss(loss_bed: LossBed, codec: 
         home.call(client.close())
         home.call(http.close())
         home.close()
+
+
+@pytest.fixture(scope="module")
+def chromium(loss_bed: LossBed) -> Iterator[Any]:
+    """Chromium on the laptop in the home LAN, trusting the server's certificate."""
+    skip_without(chromium_missing())
+    from playwright.sync_api import sync_playwright
+
+    with netns.entered(loss_bed.hosts.home):  # the driver and the browser it starts live in the home LAN
+        playwright = sync_playwright().start()
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[*BROWSER_ARGS, f"--ignore-certificate-errors-spki-list={loss_bed.certificate.spki_sha256}"],
+        )
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+def test_chromium_latency_page_through_loss(loss_bed: LossBed, chromium: Any) -> None:
+    """Chromium's camera (its own NACK/PLI handling as a sender and receiver) through the lossy router:
+    the latency page's frames back and glass-to-glass per case, and the server's counters."""
+    cases = [c for c in CASES if c[0] in ("clean", "uplink 1%", "uplink 5%", "uplink burst of 20", "downlink 5%")]
+    seconds = min(int(SECONDS), 30)  # the latency page's run must end within latency_run's 60 s
+    page = f"/latency?duration={seconds}&fps=15&resolution=320x240&mode=model"
+    http_loop = HostLoop(loss_bed.hosts.home)
+    http = http_loop.call(_make_session(loss_bed.certificate.cert))
+    summaries = []
+    try:
+        for name, uplink, downlink in cases:
+            before = http_loop.call(_server_counters(http, loss_bed.url))
+            loss_bed.hosts.set_loss(uplink, downlink)
+            summary = latency_run(chromium, loss_bed.url + page)
+            dropped = loss_bed.hosts.dropped()
+            loss_bed.hosts.set_loss()
+            after = http_loop.call(_server_counters(http, loss_bed.url))
+            server = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items() if v != before.get(k, 0.0)}
+            summaries.append((name, summary, dropped))
+            print(
+                f"\n[loss{' stock' if STOCK else ''}] chromium {name} over {seconds} s: frames back "
+                f"{summary['received']}/{summary['sent']}, g2g p50 {summary['p50_ms']:.0f} ms, "
+                f"router dropped {dropped}, server {server}",
+                flush=True,
+            )
+        assert all(dropped > 0 for name, _, dropped in summaries[1:]), summaries
+        if not STOCK:
+            clean = summaries[0][1]["received"]
+            assert all(s["received"] >= 0.5 * clean for _, s, _ in summaries), summaries
+    finally:
+        loss_bed.hosts.set_loss()
+        http_loop.call(http.close())
+        http_loop.close()
+
+
+async def _make_session(cert: Any) -> Any:
+    return https_session(cert)

@@ -349,6 +349,8 @@ class RecoveringJitterBuffer(MarkerJitterBuffer):
             self._newest = packet.sequence_number
         pli, frame = super().add(packet)
         if pli:  # aiortc's own reasons (capacity overflow, a sender restart): rate-limited too
+            if self._origin == packet.sequence_number:  # a restart: the buffer begins again here
+                self._newest = packet.sequence_number
             pli = recovery.request_keyframe(now)
             recovery.awaiting_keyframe = True
         if frame is None and self._origin is not None:
