@@ -208,3 +208,26 @@ async def test_pli_then_fir_when_plis_go_unanswered() -> None:
     recovery.keyframe_arrived()
     clock.now = 1.0
     assert recovery.request_keyframe(clock.now) is True  # answered: PLIs again
+
+
+async def test_enable_for_swaps_every_video_receiver_once() -> None:
+    from aiortc import RTCPeerConnection
+
+    from livediff.transport.loss_recovery import LossStats, enable_for, stats_of
+
+    pc = RTCPeerConnection()
+    try:
+        totals = LossStats()
+        enable_for(pc, totals)
+        video = pc.addTransceiver("video")
+        audio = pc.addTransceiver("audio")
+        enable_for(pc, totals)  # idempotent; the "track" event swaps receivers made later
+        pc.emit("track", None)
+        buffer = video.receiver._RTCRtpReceiver__jitter_buffer
+        assert isinstance(buffer, RecoveringJitterBuffer)
+        assert isinstance(video.receiver._RTCRtpReceiver__nack_generator, NackScheduler)
+        assert not isinstance(audio.receiver._RTCRtpReceiver__jitter_buffer, RecoveringJitterBuffer)
+        buffer.recovery.count("packets_missed", 3)
+        assert stats_of(pc).packets_missed == 3 and totals.packets_missed == 3
+    finally:
+        await pc.close()
