@@ -189,7 +189,11 @@ async def test_pli_then_fir_when_plis_go_unanswered() -> None:
     async def send_rtcp(packet: Any) -> None:
         sent.append(packet)
 
-    receiver = SimpleNamespace(_RTCRtpReceiver__rtcp_ssrc=77, _send_rtcp=send_rtcp)
+    class Receiver:  # what a FIR needs of aiortc's receiver (held weakly: a class, not a namespace)
+        _RTCRtpReceiver__rtcp_ssrc = 77
+        _send_rtcp = staticmethod(send_rtcp)
+
+    receiver = Receiver()
     clock = Clock()
     recovery = LossRecovery(receiver, RecoverySettings(fir_after_plis=2), clock=clock)  # type: ignore[arg-type]
     recovery.media_ssrc = 1234

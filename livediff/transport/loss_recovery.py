@@ -177,7 +177,9 @@ class LossRecovery:
         """Smoothed NACK-to-retransmission time; None until measured."""
         self.clock = clock
         self._totals = totals
-        self._receiver = receiver
+        # weakly: `enable_for` keeps recoveries per peer connection in a WeakKeyDictionary, and a
+        # value that led back to its key (receiver -> transport -> the connection) would keep both
+        self._receiver = weakref.ref(receiver) if receiver is not None else None
         self.holes: dict[int, _Hole] = {}
         """Missing sequence numbers (after the RTX unwrap) -> when seen and NACKed."""
         self.awaiting_keyframe = False
@@ -249,7 +251,7 @@ class LossRecovery:
 
     def _send_fir(self) -> bool:
         """A FIR (RFC 5104 4.3.1: media SSRC 0; FCI = SSRC, sequence number, 24 reserved bits)."""
-        receiver = self._receiver
+        receiver = self._receiver() if self._receiver is not None else None
         sender_ssrc = getattr(receiver, _RECEIVER_RTCP_SSRC_ATTR, None)
         if receiver is None or sender_ssrc is None:
             return False
