@@ -134,6 +134,8 @@ class Session:
     controlnet_state: dict[str, str] = field(default_factory=dict)
     """The session's ControlNets (and `depth model`) -> `loading`, `ready` or `failed`
     (`livediff.server.controlnets.follow_loads`)."""
+    loss: Callable[[], dict[str, float]] | None = None
+    """The loss-recovery counters of the session's video receiver (`livediff.transport.loss_recovery`)."""
     closed_event: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[Cleanup] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -183,8 +183,9 @@ async def whep_view(
     session_id: str | None = None,
     codec: str = "VP8",
     headers: dict[str, str] | None = None,
+    marker_completion: bool = False,
 ) -> Client:
-    client = Client(pc=new_peer())
+    client = Client(pc=new_peer(marker_completion))
     transceiver = client.pc.addTransceiver("video", direction="recvonly")
     prefer(transceiver, codec)
     client.receive_video()

@@ -79,12 +79,18 @@ def _ms(t: float) -> float:
     return round(t * 1000.0, 3)
 
 
-def stats_message(out: FrameOut, dropped: dict[str, list[int]], quality: dict[str, Any] | None) -> dict[str, Any]:
+def stats_message(
+    out: FrameOut,
+    dropped: dict[str, list[int]],
+    quality: dict[str, Any] | None,
+    loss: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """The `stats` message of a frame just handed to its encoder (times on this process's monotonic clock, ms).
 
     `dropped`: probe ids of the frames dropped on purpose since the message before, by slot
     (`DropLog.take`); `quality`: the session's live temporal quality (`LiveQuality.as_dict`), None
-    until sampled.
+    until sampled; `loss`: the input's loss-recovery counters since the session began
+    (`livediff.transport.loss_recovery.LossStats`), None without loss recovery.
     """
     return {
         "type": "stats",
@@ -98,6 +104,7 @@ def stats_message(out: FrameOut, dropped: dict[str, list[int]], quality: dict[st
         "skipped": out.skipped,
         "dropped": dropped,
         "quality": quality,
+        "loss": loss,
     }
 
 
@@ -236,7 +243,8 @@ class Control:
         """Send `out`'s stats message `STATS_DELAY_S` from now, unless the channel is backed up then."""
         if self.channel is not None:
             quality = self.session.quality.as_dict() if self.session.quality is not None else None
-            message = stats_message(out, self.drops.take(), quality)
+            loss = self.session.loss() if self.session.loss is not None else None
+            message = stats_message(out, self.drops.take(), quality, loss)
             asyncio.get_running_loop().call_later(STATS_DELAY_S, self._send_stats, message)
 
     def _send_stats(self, message: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from livediff.session import FrameOut, Session
+from livediff.transport.loss_recovery import LossStats
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -51,6 +52,31 @@ def _gpu_metrics(engine: Any) -> Iterator[Any]:
     yield GaugeMetricFamily("livediff_gpu_utilization_ratio", "GPU busy fraction (NVML)", value=utilisation / 100)
 
 
+class _LossCollector(Collector):
+    """Loss recovery on the publishers' video receivers, summed over every session since the start."""
+
+    def __init__(self, totals: LossStats) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[Any]:
+        t = self._totals
+        for name, value, text in (
+            ("livediff_rtp_packets_missed", t.packets_missed, "RTP packets seen missing (a sequence gap)"),
+            ("livediff_rtp_packets_recovered", t.packets_recovered, "Missing RTP packets that came later"),
+            ("livediff_rtp_packets_lost", t.packets_lost, "Missing RTP packets given up"),
+            ("livediff_rtcp_nacks_sent", t.nacks_sent, "RTCP NACK messages sent"),
+            ("livediff_rtcp_plis_sent", t.plis_sent, "RTCP PLIs sent"),
+            ("livediff_rtcp_firs_sent", t.firs_sent, "RTCP FIRs sent"),
+            ("livediff_input_frames_dropped_incomplete", t.frames_dropped_incomplete,
+             "Input frames with a packet given up"),
+            ("livediff_input_frames_dropped_undecodable", t.frames_dropped_undecodable,
+             "Complete input frames dropped while waiting for a keyframe"),
+            ("livediff_input_freezes", t.freeze_count, "Input freezes (W3C webrtc-stats freezeCount)"),
+            ("livediff_input_freeze_seconds", t.freeze_s, "Input freeze time (W3C totalFreezesDuration)"),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, text, value=value)
+
+
 class Metrics:
     def __init__(self, engine: Callable[[], Any] = lambda: None) -> None:
         self.registry = CollectorRegistry()
@@ -82,9 +108,26 @@ class Metrics:
             "ssim": Histogram("livediff_quality_ssim", "SSIM of sampled output frames against their input, at 128 px",
                               buckets=SSIM_BUCKETS, registry=r),
         }  # fmt: skip
+        self.receiver_feedback = Counter(
+            "livediff_output_receiver_feedback",
+            "RTCP feedback on the output from its receivers (publishers and viewers): "
+            "keyframe_request (PLI or FIR), nack (packets asked for again)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("keyframe_request", "nack"):
+            self.receiver_feedback.labels(kind)
         for outcome in ("received", "processed", "skipped", "dropped_in", "dropped_out", "sent"):
             self.frames.labels(outcome)
         r.register(_EngineCollector(engine))
+
+    def on_receiver_feedback(self, kind: str) -> None:
+        """One PLI/FIR ("keyframe_request") or NACKed packet ("nack") from a receiver of an output."""
+        self.receiver_feedback.labels(kind).inc()
+
+    def watch_loss(self, totals: LossStats) -> None:
+        """Export `totals` (the publishers' loss-recovery counters) at every scrape."""
+        self.registry.register(_LossCollector(totals))
 
     def on_step(self, outputs: list[tuple[Session, FrameOut]], dropped_out: int = 0) -> None:
         if not outputs:

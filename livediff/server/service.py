@@ -36,6 +36,8 @@ from livediff.transport.candidates import is_mdns
 from livediff.transport.fanout import Fanout
 from livediff.transport.frames import array_to_frame, frame_to_tensor, luma
 from livediff.transport.ice_servers import IceServerConfig
+from livediff.transport.loss_recovery import LossStats
+from livediff.transport.loss_recovery import stats_of as loss_stats_of
 from livediff.transport.offers import prepare_offer
 from livediff.transport.peer import create_peer, negotiated_codec, prefer_codecs
 from livediff.transport.sctp_text import tolerate_invalid_text
@@ -70,6 +72,9 @@ class Service:
         )
         self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
         self.metrics = Metrics(engine=lambda: self.scheduler.engine)
+        self.loss_totals = LossStats()
+        """Loss recovery on every publisher's video receiver, summed (`/metrics`)."""
+        self.metrics.watch_loss(self.loss_totals)
         self.quality = QualitySampler(observe=self.metrics.on_quality)
         self.scheduler = Scheduler(
             settings.max_sessions,
@@ -256,10 +261,15 @@ class Service:
         try:
             await follow_loads(self.scheduler, session)  # the ControlNets it names start loading
             session.ensure_open()  # it may have given its slot away meanwhile: then no peer is made
-            pc = create_peer(self.ice, self.settings.marker_completion)
+            pc = create_peer(self.ice, self.settings.marker_completion, self.loss_totals)
+            session.loss = lambda: loss_stats_of(pc).as_dict()
             session.on_close(pc.close)
             output = Fanout(
-                session.outbox, self._on_sent(session), self.settings.bitrate, self.settings.keyframe_interval_s
+                session.outbox,
+                self._on_sent(session),
+                self.settings.bitrate,
+                self.settings.keyframe_interval_s,
+                self.metrics.on_receiver_feedback,
             )
             self.outputs[session.id] = output
             session.on_close(self._forget_output(session.id))

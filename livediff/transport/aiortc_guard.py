@@ -1,14 +1,15 @@
 """What livediff's patches of aiortc internals share: the error they raise, the versions they were
 tested with, and the warning outside those.
 
-Five modules reach into aiortc's private API, each for a measured reason given in its own
-docstring: `marker_jitterbuffer` (frame completion on the marker bit), `encoded_sender` (one
-encode for every viewer), `h264_profiles` (H.264 Main/High rows), `sctp_text` (text messages
-that are not UTF-8) and `sctp_params` (chunk parameters whose length would loop forever). Each
-checks what it relies on with a `check_aiortc_internals()` that raises `AiortcInternalsError`
-naming the installed aiortc and what moved, and the test suite runs every one of those checks,
-so an aiortc upgrade that breaks a patch fails loudly instead of silently. The version is read once
-per process (`aiortc_version` is cached): the checks run per peer and per track event.
+Six modules reach into aiortc's private API, each for a measured reason given in its own
+docstring: `marker_jitterbuffer` (frame completion on the marker bit), `loss_recovery` (NACKs
+repeated, holes given up, keyframes asked for), `encoded_sender` (one encode for every viewer),
+`h264_profiles` (H.264 Main/High rows), `sctp_text` (text messages that are not UTF-8) and
+`sctp_params` (chunk parameters whose length would loop forever). Each checks what it relies on
+with a `check_aiortc_internals()` that raises `AiortcInternalsError` naming the installed aiortc
+and what moved, and the test suite runs every one of those checks, so an aiortc upgrade that breaks
+a patch fails loudly instead of silently. The version is read once per process (`aiortc_version`
+is cached): the checks run per peer and per track event.
 """
 
 from __future__ import annotations

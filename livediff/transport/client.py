@@ -169,10 +169,11 @@ def prefer(transceiver: RTCRtpTransceiver, codec: str) -> None:
 
 def new_peer(marker_completion: bool = False) -> RTCPeerConnection:
     """A client peer with no ICE servers; with `marker_completion`, its video receivers complete
-    frames on the RTP marker bit (one frame interval earlier than stock aiortc)."""
+    frames on the RTP marker bit (one frame interval earlier than stock aiortc) and recover from
+    lost packets (`livediff.transport.loss_recovery`)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     if marker_completion:
-        from livediff.transport.marker_jitterbuffer import enable_for
+        from livediff.transport.loss_recovery import enable_for
 
         enable_for(pc)
     return pc

@@ -18,7 +18,9 @@ What, and the private API it rests on
   `_RTCRtpSender__encoder`, which the sender creates lazily only when it is None) with a
   packer that forwards the receiver's bandwidth estimate (REMB, which the sender writes to
   `encoder.target_bitrate`) to the shared encoder, and replaces the instance's
-  `_send_keyframe` (what the sender calls on a PLI or FIR) with the shared encoder's request.
+  `_send_keyframe` (what the sender calls on a PLI or FIR) with the shared encoder's request;
+  it may wrap the instance's `_retransmit` (what the sender awaits for each NACKed packet) to
+  count NACKs.
 
 `check_aiortc_internals()` checks every one of these before use and raises
 `AiortcInternalsError` naming the aiortc version and what moved; the test suite runs it, and
@@ -68,6 +70,8 @@ def check_aiortc_internals() -> None:
             "RTCRtpSender._handle_rtcp_packet no longer calls self._send_keyframe() on PLI/FIR "
             "and writes REMB into self.__encoder.target_bitrate"
         )
+    if "self._retransmit(" not in rtcp or not inspect.iscoroutinefunction(RTCRtpSender._retransmit):
+        raise _fail("RTCRtpSender._handle_rtcp_packet no longer answers a NACK with await self._retransmit(seq)")
     for cls, params in ((Vp8Encoder, ["buffer", "picture_id"]), (H264Encoder, ["packages"])):
         packetize = inspect.getattr_static(cls, "_packetize", None)
         if not isinstance(packetize, classmethod) or list(inspect.signature(cls._packetize).parameters) != params:
@@ -169,11 +173,14 @@ def feed_packets(
     codec: RTCRtpCodecParameters,
     on_bitrate: Callable[[int], None],
     on_keyframe_request: Callable[[], None],
+    on_nack: Callable[[int], None] | None = None,
 ) -> None:
     """Make `sender` take encoded frames (its track returns `av.Packet`s of `codec`).
 
     Call before the sender starts (it starts once the peer connects). `on_bitrate` gets the
-    receiver's bandwidth estimates, `on_keyframe_request` runs on its PLI/FIR.
+    receiver's bandwidth estimates, `on_keyframe_request` runs on its PLI/FIR, `on_nack` (if
+    given) gets each sequence number a NACK asks for (the sender still retransmits it, RFC 4585
+    6.2.1, from its own history).
     """
     check_aiortc_internals()
     if not hasattr(sender, _SENDER_ENCODER_ATTR):
@@ -182,3 +189,11 @@ def feed_packets(
         raise RuntimeError("the sender already encodes: feed it before it starts")
     setattr(sender, _SENDER_ENCODER_ATTR, _Packer(codec, on_bitrate))
     sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+    if on_nack is not None:
+        retransmit = sender._retransmit
+
+        async def counted(sequence_number: int) -> None:
+            on_nack(sequence_number)
+            await retransmit(sequence_number)
+
+        sender._retransmit = counted  # type: ignore[method-assign]

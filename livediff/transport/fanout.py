@@ -16,7 +16,11 @@ Encoded frames depend on the ones before them, so a track cannot keep only the n
   keyframe and waits for it (counted in `EncodedTrack.dropped`): latency stays bounded;
 * a receiver's PLI/FIR asks the encoder for a keyframe; every `keyframe_interval_s` one comes
   anyway (recovery, and a picture within that time for a new viewer whose PLI was lost). Asked
-  for keyframes come at most every `KEYFRAME_GAP_S` per codec.
+  for keyframes come at most every `KEYFRAME_GAP_S` per codec: requests from any number of
+  receivers meanwhile (a lossy viewer repeats its PLI until a keyframe comes) make one keyframe,
+  which every receiver of the codec gets, so a lossy viewer costs the others at most one
+  keyframe per `KEYFRAME_GAP_S`. PLIs, FIRs and NACKs are counted per track and reported to
+  `on_feedback` (the server's `/metrics`).
 
 Congestion: each receiver's estimate (REMB) reaches the encoder of its codec, which runs at the
 lowest estimate among its tracks (never above the configured bitrate; changed at most every
@@ -71,6 +75,10 @@ class EncodedTrack(MediaStreamTrack):
         """The receiver's last bandwidth estimate (REMB), bit/s."""
         self.dropped = 0
         """Encoded frames dropped: before the first keyframe, and when the sender fell behind."""
+        self.keyframe_requests = 0
+        """PLIs and FIRs from this track's receiver."""
+        self.nacked_packets = 0
+        """Packets this track's receiver asked for again (NACK); its sender retransmits them."""
         self._fanout = fanout
         self._queue: deque[av.Packet] = deque()
         self._wake = asyncio.Event()
@@ -114,10 +122,17 @@ class Fanout:
     """A session's output (its outbox of frames with an `.image`), encoded once per codec for every track."""
 
     def __init__(
-        self, outbox: LatestSlot[Any], on_send: Callable[[Any], None] | None, bitrate: int, keyframe_interval_s: float
+        self,
+        outbox: LatestSlot[Any],
+        on_send: Callable[[Any], None] | None,
+        bitrate: int,
+        keyframe_interval_s: float,
+        on_feedback: Callable[[str], None] | None = None,
     ) -> None:
         self._outbox = outbox
         self._on_send = on_send
+        self._on_feedback = on_feedback
+        """Told "keyframe_request" on each PLI/FIR and "nack" on each NACKed packet of any track."""
         self.bitrate = bitrate
         """The configured bitrate, bit/s: the most any encoder runs at."""
         self.keyframe_interval_s = keyframe_interval_s
@@ -128,6 +143,8 @@ class Fanout:
         """Frames encoded, all codecs together (one per frame and codec in use, whatever the viewers)."""
         self.keyframes = 0
         """Of which keyframes (the first, the periodic ones, those asked for, and after a bitrate change)."""
+        self.keyframe_requests = 0
+        """PLIs and FIRs from every track's receiver (each coalesced: see `KEYFRAME_GAP_S`)."""
         self._codecs: dict[str, RTCRtpCodecParameters] = {}
         self._keyframe_due: dict[str, float] = {}
         self._last_keyframe: dict[str, float] = {}
@@ -147,7 +164,19 @@ class Fanout:
         def on_bitrate(bitrate: int) -> None:
             track.bitrate = bitrate  # applied by the reader, at most every BITRATE_HOLD_S
 
-        feed_packets(sender, codec, on_bitrate, lambda: self.request_keyframe(mime))
+        def on_keyframe_request() -> None:  # a receiver's PLI or FIR
+            track.keyframe_requests += 1
+            self.keyframe_requests += 1
+            if self._on_feedback is not None:
+                self._on_feedback("keyframe_request")
+            self.request_keyframe(mime)
+
+        def on_nack(sequence_number: int) -> None:
+            track.nacked_packets += 1
+            if self._on_feedback is not None:
+                self._on_feedback("nack")
+
+        feed_packets(sender, codec, on_bitrate, on_keyframe_request, on_nack)
         sender.replaceTrack(track)
         self.tracks.append(track)
         if self._task is None:

@@ -22,23 +22,25 @@ from aiortc import (
 from aiortc.codecs import is_rtx
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from livediff.transport import h264_profiles, sctp_params
+from livediff.transport import h264_profiles, loss_recovery, sctp_params
 from livediff.transport.ice_servers import IceServerConfig
+from livediff.transport.loss_recovery import LossStats
 
 
-def create_peer(ice: IceServerConfig, marker_completion: bool = True) -> RTCPeerConnection:
+def create_peer(
+    ice: IceServerConfig, marker_completion: bool = True, loss_totals: LossStats | None = None
+) -> RTCPeerConnection:
     """A server-side peer with the configured STUN/TURN servers (none by default: no look-up
     delays on a LAN, and never aiortc's own default STUN server), H.264 Main and High among the
     codecs it receives (`h264_profiles`), SCTP packets with malformed chunk parameters dropped
     instead of looping forever (`sctp_params`) and, with `marker_completion`, marker-bit frame
-    completion on its video receivers."""
+    completion and loss recovery (`loss_recovery`: NACKs repeated, holes given up, keyframes
+    asked for) on its video receivers, counted into `loss_totals` too if given."""
     h264_profiles.enable()  # idempotent
     sctp_params.reject_malformed_params()  # idempotent
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice.for_peer()))
     if marker_completion:
-        from livediff.transport.marker_jitterbuffer import enable_for
-
-        enable_for(pc)
+        loss_recovery.enable_for(pc, loss_totals)
     return pc
 
 

@@ -49,6 +49,33 @@ table ip cloud_nat {{
 """
 
 
+LOSS_TABLE = "loss"
+
+
+def loss_ruleset(uplink: str | None = None, downlink: str | None = None) -> str:
+    """An nftables ruleset for the home router that drops UDP packets forwarded LAN -> WAN (`uplink`)
+    and WAN -> LAN (`downlink`) matching an nft expression: `numgen random mod 100 < 5` (5% at
+    random), `numgen inc mod 1000000 < 20` (the next 20 packets: a burst; the rule counts only
+    the packets that reach it, so only that direction's). None: that direction loses nothing.
+    Loading it replaces the previous loss rules (it deletes the table first)."""
+    rules = [
+        f'iifname "{src}" oifname "{dst}" meta l4proto udp {expression} counter drop'
+        for src, dst, expression in (("lan", "wan", uplink), ("wan", "lan", downlink))
+        if expression is not None
+    ]
+    body = "\n    ".join(rules)
+    return f"""
+table ip {LOSS_TABLE}
+delete table ip {LOSS_TABLE}
+table ip {LOSS_TABLE} {{
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    {body}
+  }}
+}}
+"""
+
+
 @dataclass
 class TestBed:
     """Namespace names of each host; `build()` makes them all, `teardown()` removes them all."""
@@ -116,6 +143,21 @@ class TestBed:
         netns.route(vm, "default", CLOUD_GATEWAY_IP)
         netns.run(cloud, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         netns.nft(cloud, CLOUD_NAT)
+
+    @property
+    def router(self) -> str:
+        """The home LAN's NAT router (the laptop's uplink and downlink pass it)."""
+        return self.ns("nat")
+
+    def set_loss(self, uplink: str | None = None, downlink: str | None = None) -> None:
+        """Drop packets on the home router (`loss_ruleset`); both None: no loss."""
+        netns.nft(self.router, loss_ruleset(uplink, downlink))
+
+    def dropped(self) -> int:
+        """Packets the current loss rules dropped so far."""
+        listing = netns.run(self.router, ["nft", "list", "table", "ip", LOSS_TABLE], check=False).stdout
+        words = listing.split()
+        return sum(int(words[i + 1]) for i, word in enumerate(words[:-1]) if word == "packets")
 
     def _add(self, role: str) -> str:
         name = self.ns(role)
