@@ -368,6 +368,14 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """`livediff run INPUT -o OUTPUT`: see `livediff.jobs.run`."""
+    from livediff.jobs.run import cmd_run as run
+
+    args.max_batch = max(args.max_batch, args.batch)
+    return run(args, engine_settings(args, backend=args.backend), stream_params(args))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from livediff.models import BUILDERS, DEFAULT_MODEL
     from livediff.models.builtin import BUILDER_VERSION, cache_root
@@ -814,6 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(serve)
     add_cluster_flags(serve)
     serve.set_defaults(run=cmd_serve)
+
+    from livediff.jobs.run import add_run_command
+
+    add_run_command(commands, add_engine_flags, BACKEND_NAMES, _env)
+    commands.choices["run"].set_defaults(run=cmd_run)
 
     models = commands.add_parser("models", help="list the models livediff can run here")
     models.set_defaults(run=cmd_models)
