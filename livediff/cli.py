@@ -647,7 +647,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         settings = server_settings(args)
         engine = engine_settings(args, backend=args.backend)
-        return asyncio.run(serve(engine, settings, stream_params(args), sockets=sockets, started=args.started))
+        from livediff.jobs.flags import jobs_settings
+
+        jobs = jobs_settings(args)
+        return asyncio.run(
+            serve(engine, settings, stream_params(args), sockets=sockets, started=args.started, jobs=jobs)
+        )
     finally:
         for sock in sockets:
             sock.close()
@@ -820,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND)",
     )
     add_server_flags(serve)
+    from livediff.jobs.flags import add_jobs_flags
+
+    add_jobs_flags(serve, _env, _int_range, _float_range)
     add_cluster_flags(serve)
     serve.set_defaults(run=cmd_serve)
 

@@ -22,6 +22,7 @@ from livediff.backends import resolve_backend
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.engine.device import resolve_device
 from livediff.errors import LivediffError
+from livediff.jobs.settings import JobSettings
 from livediff.models import resolve_auto
 from livediff.server import tls
 from livediff.server.app import LOAD_TASK, create_app
@@ -38,6 +39,7 @@ async def serve(
     params: StreamParams,
     sockets: list[socket.socket] | None = None,
     started: float | None = None,
+    jobs: JobSettings | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean stop, 2 when the model cannot load (said once).
 
@@ -49,7 +51,7 @@ async def serve(
         sockets = bind(settings.host, settings.port)
         print_loading()
     with loopback_candidates() if settings.ice_loopback else contextlib.nullcontext():
-        return await _serve(engine_settings, settings, params, sockets, started)
+        return await _serve(engine_settings, settings, params, sockets, started, jobs)
 
 
 async def _serve(
@@ -58,13 +60,14 @@ async def _serve(
     params: StreamParams,
     sockets: list[socket.socket],
     started: float,
+    jobs: JobSettings | None = None,
 ) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
     engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
     settings, certificate = tls.prepare(settings)
     ssl_context = tls.context_for(settings)
-    app = create_app(engine_settings, settings, default_params=params)
+    app = create_app(engine_settings, settings, default_params=params, jobs=jobs)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()  # starts the model load in the background
     for sock in sockets:
