@@ -226,6 +226,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_quality(args)
     if args.controlnet:
         return cmd_bench_controlnet(args)
+    if args.jobs:
+        return cmd_bench_jobs(args)
     if args.temporal:
         raise ConfigError("--temporal needs --quality")
     from livediff.bench import BenchPlan, format_report, run_bench
@@ -242,6 +244,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = run_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_bench_jobs(args: argparse.Namespace) -> int:
+    """`bench --jobs`: `livediff run`'s path against the engine, and a job's cost to live sessions
+    (`livediff.jobs.bench`)."""
+    from livediff.jobs.bench import format_jobs_report, run_jobs_bench
+
+    batch = max(args.batch, 4)
+    args.max_batch = max(args.max_batch, batch)
+    settings = engine_settings(args, backend=args.backend.split(",")[0].strip())
+    report = run_jobs_bench(settings, args.frames, batch, 2, args.fps, args.duration, stream_params(args))
+    print(json.dumps(report, indent=2) if args.json else format_jobs_report(report))
     return 0
 
 
@@ -775,6 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}',
+    )
+    bench.add_argument(
+        "--jobs",
+        action="store_true",
+        help="clips: `livediff run`'s frames per second against the engine's batched best (--frames, "
+        "--batch at least 4), and what one job costs 2 live sessions at --fps over --duration s",
     )
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
     g2g.add_argument(

@@ -14,7 +14,12 @@ actually processed (a dropped frame costs no conversion).
 Background frames (clips, `livediff.jobs.worker`) come through `run_background`: they take the
 batch slots live frames leave in a step, and run steps of their own when no live frame waits. A
 live frame is never held back for them: it waits at most for the step already running. Two frames
-of one engine stream never share a step (a stream's frames are in order).
+of one engine stream never share a step (a stream's frames are in order). How many they get is
+read off the measured step time per batch size (`step_ms`), so the same rule suits a GPU, where a
+fuller batch costs little more, and a CPU, where it costs about its size: beside live frames, only
+as many as keep the step within `BACKGROUND_SHARE` more than the live frames' own step; in a step of
+their own while sessions are live, only as many as run within `IDLE_SHARE` of the shortest camera
+interval (at least one, so a job always moves); with no live session, a full batch.
 
 Fresh frames first (`fresh_frames`): a model slower than the camera finds, each time it is free,
 a newest frame that has already waited half a camera interval on average. When every waiting
@@ -50,6 +55,11 @@ from livediff.session import FrameIn, FrameOut, Session
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+BACKGROUND_SHARE = 0.1
+"""Background frames may make a step with live frames this much longer (by the measured `step_ms`)."""
+IDLE_SHARE = 0.5
+"""A background step while sessions are live lasts at most this part of the shortest camera interval:
+a live frame arriving meanwhile waits for it (its p99 age grows by at most that)."""
 ConvertIn = Callable[[Session, FrameIn], torch.Tensor]
 ConvertOut = Callable[[Session, FrameIn, torch.Tensor], Any]
 PassThrough = Callable[[Session, FrameIn], Any | None]
@@ -133,6 +143,8 @@ class Scheduler:
         self.steps = 0
         self.background: deque[_Background] = deque()
         """Background frames (`run_background`), oldest first."""
+        self.step_ms: dict[int, float] = {}
+        """Batch size -> its step's wall time in ms, a moving average (what background slots cost)."""
         self._opening: dict[str, Session] = {}
         self._evicting: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
@@ -309,6 +321,35 @@ class Scheduler:
             for item in items:
                 item.future.cancel()  # no-op for those that ran
 
+    def background_slots(self, live: int) -> int:
+        """How many background frames the next step takes beside `live` live frames (module doc)."""
+        free = self.max_batch - live
+        if free <= 0 or not self.background:
+            return 0
+        if not any(not s.closed for s in self.sessions.values()):
+            return free
+        if live:
+            own = self.step_ms.get(live)
+            if own is None:
+                return 0  # the live step's own cost is learnt first
+            budget = own * (1 + BACKGROUND_SHARE)
+        else:
+            intervals = [s.rhythm.interval for s in self.sessions.values() if s.rhythm.interval]
+            budget = IDLE_SHARE * min(intervals, default=1 / 30) * 1000.0
+        slots = 0
+        while slots < free:
+            cost = self.step_ms.get(live + slots + 1)
+            if cost is None:
+                return slots + 1  # not measured yet: one more frame, to learn what it costs
+            if cost > budget:
+                break
+            slots += 1
+        return slots if live else max(slots, 1)
+
+    def _measured(self, size: int, ms: float) -> None:
+        known = self.step_ms.get(size)
+        self.step_ms[size] = ms if known is None else 0.8 * known + 0.2 * ms
+
     def pick_background(self, slots: int) -> list[_Background]:
         """Up to `slots` background frames, oldest first, one per engine stream."""
         picked: list[_Background] = []
@@ -327,12 +368,13 @@ class Scheduler:
         """One batch: pick (live frames first, background frames in the slots left), run on the worker
         thread, hand outputs to the outboxes and the background callers."""
         picks = self.pick()
-        extra = self.pick_background(self.max_batch - len(picks))
+        extra = self.pick_background(self.background_slots(len(picks)))
         if not picks and not extra:
             return []
         scheduled = time.monotonic()
         try:
             outputs, extra_out = await self.run_on_worker(self._work, picks, scheduled, extra)
+            self._measured(len(picks) + len(extra), (time.monotonic() - scheduled) * 1000.0)
         except BaseException as exc:
             for item in extra:
                 if not item.future.done():

@@ -3,9 +3,10 @@ spec says (https://www.standardwebhooks.com: `webhook-id`, `webhook-timestamp`, 
 `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`), signed with the `standardwebhooks` package.
 
 Delivery is at least once: events are rows written with the state change (`JobStore`), delivered by
-`WebhookSender` until a 2xx, the same `webhook-id` on every attempt (receivers drop repeats), retried
-after 1 s doubling to at most 60 s, with jitter, `webhook_max_attempts` tries in all; each attempt is
-a row of its own (`JobStore.events`).
+`WebhookSender` until a 2xx (one job's events one after the other, in the order they happened; a
+retried one comes after those delivered meanwhile), the same `webhook-id` on every attempt
+(receivers drop repeats), retried after 1 s doubling to at most 60 s, with jitter,
+`webhook_max_attempts` tries in all; each attempt is a row of its own (`JobStore.events`).
 
 Callback URLs are checked against the operator's network: an address that is not global (loopback,
 private, link-local, shared, reserved, multicast) is refused at submission (`check_callback_url`) and
@@ -173,7 +174,10 @@ class WebhookSender:
         while True:
             try:
                 events = await asyncio.to_thread(self.store.due_events, hold)
-                await asyncio.gather(*(self._deliver(e) for e in events))
+                per_job: dict[str, list[Event]] = {}
+                for event in events:  # oldest first: one job's events go in the order they happened
+                    per_job.setdefault(event.job_id, []).append(event)
+                await asyncio.gather(*(self._deliver_in_order(group) for group in per_job.values()))
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a store hiccup: the events stay due
@@ -186,6 +190,10 @@ class WebhookSender:
                 await asyncio.wait_for(self._wake.wait(), min(1.0, self.settings.poll_s))
             except asyncio.TimeoutError:
                 pass
+
+    async def _deliver_in_order(self, events: list[Event]) -> None:
+        for event in events:
+            await self._deliver(event)
 
     async def _deliver(self, event: Event) -> None:
         assert self._http is not None
