@@ -158,6 +158,7 @@ class JobWorker:
             await self._attempt(running)
             outcome = "complete"
         except Cancelled:
+            self.storage.result_path(job.id).unlink(missing_ok=True)  # cancelled while the file was finished
             if self._task is None:  # the server is closing: back to the queue, this attempt not counted
                 outcome = "stopped"
                 self._changed(await self._call(self.store.transition, job.id, "queued", ("processing", "encoding"),
