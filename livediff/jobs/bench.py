@@ -24,6 +24,7 @@ import torch
 from livediff.bench import percentiles
 from livediff.config import EngineSettings, StreamParams
 from livediff.jobs.clip import probe
+from livediff.jobs.run import cpu_threads
 from livediff.jobs.transcode import transcode
 from livediff.synthetic import SyntheticCamera
 
@@ -164,6 +165,7 @@ def run_jobs_bench(settings: EngineSettings, frames: int, batch: int, live: int,
     from livediff.engine import StreamEngine
 
     settings = settings.replace(max_batch=max(settings.max_batch, batch))
+    cpu_threads(settings)  # as `livediff run` and `serve` set them
     engine = StreamEngine(settings)
     try:
         throughput = clip_throughput(engine, frames, batch, params)
