@@ -232,6 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_quality(args)
     if args.controlnet:
         return cmd_bench_controlnet(args)
+    if args.jobs:
+        return cmd_bench_jobs(args)
     if args.temporal:
         raise ConfigError("--temporal needs --quality")
     from livediff.bench import BenchPlan, format_report, run_bench
@@ -270,6 +272,19 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size must be a multiple of 16 for a video model, got {settings.width}x{settings.height}")
     report = run_video_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_video_report(report))
+    return 0
+
+
+def cmd_bench_jobs(args: argparse.Namespace) -> int:
+    """`bench --jobs`: `livediff run`'s path against the engine, and a job's cost to live sessions
+    (`livediff.jobs.bench`)."""
+    from livediff.jobs.bench import format_jobs_report, run_jobs_bench
+
+    batch = max(args.batch, 4)
+    args.max_batch = max(args.max_batch, batch)
+    settings = engine_settings(args, backend=args.backend.split(",")[0].strip())
+    report = run_jobs_bench(settings, args.frames, batch, 2, args.fps, args.duration, stream_params(args))
+    print(json.dumps(report, indent=2) if args.json else format_jobs_report(report))
     return 0
 
 
@@ -394,6 +409,14 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     parts = load_model(settings.model, device, dtype, vae=settings.vae)
     build_engines(settings, parts, progress=print)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`livediff run INPUT -o OUTPUT`: see `livediff.jobs.run`."""
+    from livediff.jobs.run import cmd_run as run
+
+    args.max_batch = max(args.max_batch, args.batch)
+    return run(args, engine_settings(args, backend=args.backend), stream_params(args))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -668,7 +691,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         settings = server_settings(args)
         engine = engine_settings(args, backend=args.backend)
-        return asyncio.run(serve(engine, settings, stream_params(args), sockets=sockets, started=args.started))
+        from livediff.jobs.flags import jobs_settings
+
+        jobs = jobs_settings(args)
+        return asyncio.run(
+            serve(engine, settings, stream_params(args), sockets=sockets, started=args.started, jobs=jobs)
+        )
     finally:
         for sock in sockets:
             sock.close()
@@ -792,6 +820,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='a live `temporal` param to compare, e.g. \'{"bank": 2, "weight": 1.5}\' or '
         '\'{"motion_strength": [0.3, 0.6]}\'; repeat for more; none: {"bank": 1} and {"bank": 2}',
     )
+    bench.add_argument(
+        "--jobs",
+        action="store_true",
+        help="clips: `livediff run`'s frames per second against the engine's batched best (--frames, "
+        "--batch at least 4), and what one job costs 2 live sessions at --fps over --duration s",
+    )
     g2g = bench.add_argument_group("glass-to-glass (--g2g): a real server and aiortc client over loopback")
     g2g.add_argument(
         "--g2g",
@@ -842,8 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
         "video models (tiny-video, wan-*) run on torch: auto picks it, the exported CPU backends are not for them",
     )
     add_server_flags(serve)
+    from livediff.jobs.flags import add_jobs_flags
+
+    add_jobs_flags(serve, _env, _int_range, _float_range)
     add_cluster_flags(serve)
     serve.set_defaults(run=cmd_serve)
+
+    from livediff.jobs.run import add_run_command
+
+    add_run_command(commands, add_engine_flags, BACKEND_NAMES, _env)
+    commands.choices["run"].set_defaults(run=cmd_run)
 
     models = commands.add_parser("models", help="list the models livediff can run here")
     models.set_defaults(run=cmd_models)

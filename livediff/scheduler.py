@@ -11,6 +11,16 @@ WebRTC is not known here: `convert_in` / `convert_out` (given by the server) tur
 transport's frames into engine tensors and back, on the worker thread, only for frames that are
 actually processed (a dropped frame costs no conversion).
 
+Background frames (clips, `livediff.jobs.worker`) come through `run_background`: they take the
+batch slots live frames leave in a step, and run steps of their own when no live frame waits. A
+live frame is never held back for them: it waits at most for the step already running. Two frames
+of one engine stream never share a step (a stream's frames are in order). How many they get is
+read off the measured step time per batch size (`step_ms`), so the same rule suits a GPU, where a
+fuller batch costs little more, and a CPU, where it costs about its size: beside live frames, only
+as many as keep the step within `BACKGROUND_SHARE` more than the live frames' own step; in a step of
+their own while sessions are live, only as many as run within `IDLE_SHARE` of the shortest camera
+interval (at least one, so a job always moves); with no live session, a full batch.
+
 Fresh frames first (`fresh_frames`): a model slower than the camera finds, each time it is free,
 a newest frame that has already waited half a camera interval on average. When every waiting
 frame is older than half its camera's interval, the step waits (at most until the next frames
@@ -36,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +64,11 @@ from livediff.transport.pacing import ChunkPacer
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+BACKGROUND_SHARE = 0.1
+"""Background frames may make a step with live frames this much longer (by the measured `step_ms`)."""
+IDLE_SHARE = 0.5
+"""A background step while sessions are live lasts at most this part of the shortest camera interval:
+a live frame arriving meanwhile waits for it (its p99 age grows by at most that)."""
 ConvertIn = Callable[[Session, FrameIn], torch.Tensor]
 ConvertOut = Callable[[Session, FrameIn, torch.Tensor], Any]
 PassThrough = Callable[[Session, FrameIn], Any | None]
@@ -87,6 +103,15 @@ class StepObservers:
 class _Pick:
     session: Session
     frame: FrameIn
+
+
+@dataclass(eq=False)
+class _Background:
+    """A background frame waiting for a step: `image` through `stream`, the output set on `future`."""
+
+    stream: Any
+    image: torch.Tensor
+    future: asyncio.Future[torch.Tensor]
 
 
 def _identity_in(session: Session, frame: FrameIn) -> torch.Tensor:
@@ -125,6 +150,10 @@ class Scheduler:
         self.engine: Any = None
         self.sessions: dict[str, Session] = {}
         self.steps = 0
+        self.background: deque[_Background] = deque()
+        """Background frames (`run_background`), oldest first."""
+        self.step_ms: dict[int, float] = {}
+        """Batch size -> its step's wall time in ms, a moving average (what background slots cost)."""
         self._opening: dict[str, Session] = {}
         self._evicting: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
@@ -161,6 +190,9 @@ class Scheduler:
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             await self.close_session(session)
+        for item in self.background:
+            item.future.cancel()
+        self.background.clear()
         await asyncio.gather(*self._evicting, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
@@ -335,15 +367,89 @@ class Scheduler:
                                           stages_ms={}, batch_size=0))])  # fmt: skip
         return True
 
+    async def run_background(self, frames: list[tuple[Any, torch.Tensor]]) -> list[torch.Tensor]:
+        """Background frames, (engine stream, (H, W, 3) uint8 image) pairs: their outputs, in order, once
+        steps have run them in the slots live frames leave. Cancelling the call withdraws those not run yet."""
+        if self.chunked:  # its steps take whole chunks of live sessions only (`_tick_chunks`)
+            raise ConfigError("background frames need an image model; this engine takes chunks")
+        loop = asyncio.get_running_loop()
+        items = [_Background(stream, image, loop.create_future()) for stream, image in frames]
+        self.background.extend(items)
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        finally:
+            waiting = set(items)
+            if any(item in waiting for item in self.background):  # withdrawn (cancelled, or one failed)
+                self.background = deque(item for item in self.background if item not in waiting)
+            for item in items:
+                item.future.cancel()  # no-op for those that ran
+
+    def background_slots(self, live: int) -> int:
+        """How many background frames the next step takes beside `live` live frames (module doc)."""
+        free = self.max_batch - live
+        if free <= 0 or not self.background:
+            return 0
+        if not any(not s.closed for s in self.sessions.values()):
+            return free
+        if live:
+            own = self.step_ms.get(live)
+            if own is None:
+                return 0  # the live step's own cost is learnt first
+            budget = own * (1 + BACKGROUND_SHARE)
+        else:
+            intervals = [s.rhythm.interval for s in self.sessions.values() if s.rhythm.interval]
+            budget = IDLE_SHARE * min(intervals, default=1 / 30) * 1000.0
+        slots = 0
+        while slots < free:
+            cost = self.step_ms.get(live + slots + 1)
+            if cost is None:
+                return slots + 1  # not measured yet: one more frame, to learn what it costs
+            if cost > budget:
+                break
+            slots += 1
+        return slots if live else max(slots, 1)
+
+    def _measured(self, size: int, ms: float) -> None:
+        known = self.step_ms.get(size)
+        self.step_ms[size] = ms if known is None else 0.8 * known + 0.2 * ms
+
+    def pick_background(self, slots: int) -> list[_Background]:
+        """Up to `slots` background frames, oldest first, one per engine stream."""
+        picked: list[_Background] = []
+        streams: set[int] = set()
+        for item in self.background:
+            if len(picked) == slots:
+                break
+            if id(item.stream) not in streams and not item.future.done():
+                picked.append(item)
+                streams.add(id(item.stream))
+        for item in picked:
+            self.background.remove(item)
+        return picked
+
     async def tick(self) -> list[tuple[Session, FrameOut]]:
-        """One batch: pick, run on the worker thread, hand outputs to the outboxes."""
+        """One batch: pick (live frames first, background frames in the slots left), run on the worker
+        thread, hand outputs to the outboxes and the background callers. A chunked engine (a video
+        model) steps whole chunks instead (`_tick_chunks`; it takes no background frames)."""
         if self.chunked:
             return await self._tick_chunks()
         picks = self.pick()
-        if not picks:
+        extra = self.pick_background(self.background_slots(len(picks)))
+        if not picks and not extra:
             return []
         scheduled = time.monotonic()
-        outputs = await self.run_on_worker(self._work, picks, scheduled)
+        try:
+            outputs, extra_out = await self.run_on_worker(self._work, picks, scheduled, extra)
+            self._measured(len(picks) + len(extra), (time.monotonic() - scheduled) * 1000.0)
+        except BaseException as exc:
+            for item in extra:
+                if not item.future.done():
+                    item.future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            raise
+        for item, image in zip(extra, extra_out):
+            if not item.future.done():
+                item.future.set_result(image)
         self.steps += 1
         return self._deliver([(p.session, out) for p, out in zip(picks, outputs)])
 
@@ -362,10 +468,14 @@ class Scheduler:
             self.observer.on_step(delivered, dropped_out)
         return delivered
 
-    def _work(self, picks: list[_Pick], scheduled: float) -> list[FrameOut]:
-        """On the worker thread: convert, step, convert back."""
+    def _work(
+        self, picks: list[_Pick], scheduled: float, extra: list[_Background] | None = None
+    ) -> tuple[list[FrameOut], list[torch.Tensor]]:
+        """On the worker thread: convert, step, convert back; background frames go as they are."""
         images = [self.convert_in(p.session, p.frame) for p in picks]
-        result = self.engine.step([(p.session.stream, image) for p, image in zip(picks, images)])
+        batch = [(p.session.stream, image) for p, image in zip(picks, images)]
+        batch += [(item.stream, item.image) for item in extra or ()]
+        result = self.engine.step(batch)
         outputs = []
         for pick, image_in, image, skipped in zip(picks, images, result.outputs, result.skipped):
             outputs.append(
@@ -380,7 +490,7 @@ class Scheduler:
                     frames=(image_in, image),
                 )
             )
-        return outputs
+        return outputs, list(result.outputs[len(picks) :])
 
     async def _tick_chunks(self) -> list[tuple[Session, FrameOut]]:
         """One step of a chunked engine: the complete chunks of up to `max_batch` sessions (oldest
@@ -460,9 +570,9 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.ready_sessions():
+            while self.ready_sessions() or self.background:
                 try:
-                    if self.fresh_frames:
+                    if self.fresh_frames and self.ready_sessions():
                         await self._hold_for_fresher_frames()
                     await self.tick()
                 except asyncio.CancelledError:

@@ -67,6 +67,7 @@ async def running_server(
     controlnets: tuple[tuple[str, str], ...] = (),
     depth_model: str = "",
     model: str = "tiny",
+    jobs: Any = None,
     **server: Any,
 ) -> AsyncIterator[Running]:
     from livediff.server import tls
@@ -81,7 +82,7 @@ async def running_server(
         depth_model=depth_model,
     )
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
-    app = create_app(engine, settings, parts=parts, default_params=params)
+    app = create_app(engine, settings, parts=parts, default_params=params, jobs=jobs)
     test_server = TestServer(app, host="127.0.0.1", port=0)
     await test_server.start_server(ssl=tls.context_for(settings))
     try:

@@ -30,8 +30,8 @@ def dashboard_queries() -> list[str]:
 
 
 def test_alert_rules_load_and_fire_on_their_conditions() -> None:
-    assert "SUCCESS: 7 rules found" in promtool("check", "rules", "alerts.yml")
-    promtool("test", "rules", "alerts_test.yml")  # fires on a slow replica and an idle GPU, not on the others
+    assert "SUCCESS: 9 rules found" in promtool("check", "rules", "alerts.yml")
+    promtool("test", "rules", "alerts_test.yml")  # fires on a slow replica, an idle GPU, a growing job queue ...
 
 
 def test_every_dashboard_query_parses(tmp_path: Path) -> None:
@@ -56,15 +56,20 @@ def test_dashboard_panels_are_complete() -> None:
         assert wanted in titles, wanted
 
 
-def test_the_metrics_named_are_the_ones_livediff_exports() -> None:
+def test_the_metrics_named_are_the_ones_livediff_exports(tmp_path: Path) -> None:
     import_or_skip("ray.serve", CLUSTER_EXTRA)
     from prometheus_client.parser import text_string_to_metric_families
 
     from livediff.cluster.metrics import merge
     from livediff.cluster.routing import ReplicaView
+    from livediff.config import StreamParams
+    from livediff.jobs.service import Jobs
+    from livediff.jobs.settings import JobSettings
     from livediff.server.metrics import Metrics
 
-    text = merge({"r1": Metrics().render().decode()}, [ReplicaView("r1", 0, 0, 4, True, 0.0)]).decode()
+    metrics = Metrics()
+    Jobs(JobSettings(), tmp_path, None, StreamParams(), metrics.registry)  # the jobs' metrics, as a server has them
+    text = merge({"r1": metrics.render().decode()}, [ReplicaView("r1", 0, 0, 4, True, 0.0)]).decode()
     families = list(text_string_to_metric_families(text))
     exported = {s.name for family in families for s in family.samples}
     exported |= {
@@ -73,6 +78,8 @@ def test_the_metrics_named_are_the_ones_livediff_exports() -> None:
         if family.type == "histogram"  # labelled ones
         for suffix in ("_bucket", "_sum", "_count")
     }  # have no samples before the first observation
+    exported |= {family.name + "_total" for family in families if family.type == "counter"}  # labelled ones
+    exported |= {"livediff_job_fps"}  # one sample per running job (jobs/service.py `_JobsCollector`)
     exported |= {"livediff_gpu_utilization_ratio"}  # CUDA only (server/metrics.py `_gpu_metrics`)
     rules = (DEPLOY / "alerts.yml").read_text()
     named = set(re.findall(r"\blivediff_[a-z_]+\b", rules + " ".join(dashboard_queries())))

@@ -138,3 +138,15 @@ async def test_reset_is_refused_by_an_image_engine(tiny_parts) -> None:  # type:
             await sched.reset(session)
     finally:
         await sched.close()
+
+
+async def test_background_frames_are_refused_by_a_chunked_engine(scheduler) -> None:  # type: ignore[no-untyped-def]
+    """Job frames fill an image engine's free batch slots; a video model's steps take whole chunks of
+    live sessions only, so they are refused at once (a queued one would never run, and the loop would
+    go round on it without awaiting)."""
+    from livediff.errors import ConfigError
+
+    stream = await scheduler.run_on_worker(scheduler.engine.open_stream, StreamParams())
+    with pytest.raises(ConfigError, match="image model"):
+        await scheduler.run_background([(stream, torch.zeros((SIZE, SIZE, 3), dtype=torch.uint8))])
+    assert not scheduler.background

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.jobs.settings import JobSettings
 from livediff.models import ModelParts
 from livediff.server import api, health, ice, offer, whep, whip
 from livediff.server.auth import bearer_middleware
@@ -40,7 +41,9 @@ def create_app(
     settings: ServerSettings | None = None,
     parts: ModelParts | None = None,
     default_params: StreamParams | None = None,
+    jobs: JobSettings | None = None,
 ) -> web.Application:
+    """The app; with `jobs`, the job routes and worker too (`livediff.server.jobs`)."""
     settings = settings or ServerSettings()
     middlewares: list[Middleware] = [cors_middleware(settings.cors_origins)] if settings.cors_origins else []
     middlewares.append(error_middleware)
@@ -56,6 +59,11 @@ def create_app(
     if settings.web_dir.is_dir():
         app.router.add_static("/web/", settings.web_dir, show_index=False)
     app.on_startup.append(_start)
+    if jobs is not None:  # its close runs before _stop's: job frames leave the scheduler first
+        from livediff.server import jobs as job_routes
+        from livediff.server.tls import default_state_dir
+
+        job_routes.setup(app, jobs, settings.state_dir or default_state_dir())
     app.on_shutdown.append(_stop)
     return app
 

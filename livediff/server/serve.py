@@ -24,6 +24,7 @@ from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.engine.device import resolve_device
 from livediff.engine.video import resolve_video_backend
 from livediff.errors import LivediffError
+from livediff.jobs.settings import JobSettings
 from livediff.models import resolve_auto
 from livediff.models.video import is_video_model
 from livediff.server import tls
@@ -41,6 +42,7 @@ async def serve(
     params: StreamParams,
     sockets: list[socket.socket] | None = None,
     started: float | None = None,
+    jobs: JobSettings | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean stop, 2 when the model cannot load (said once).
 
@@ -52,7 +54,7 @@ async def serve(
         sockets = bind(settings.host, settings.port)
         print_loading()
     with loopback_candidates() if settings.ice_loopback else contextlib.nullcontext():
-        return await _serve(engine_settings, settings, params, sockets, started)
+        return await _serve(engine_settings, settings, params, sockets, started, jobs)
 
 
 async def _serve(
@@ -61,6 +63,7 @@ async def _serve(
     params: StreamParams,
     sockets: list[socket.socket],
     started: float,
+    jobs: JobSettings | None = None,
 ) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
@@ -70,7 +73,7 @@ async def _serve(
         engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
     settings, certificate = tls.prepare(settings)
     ssl_context = tls.context_for(settings)
-    app = create_app(engine_settings, settings, default_params=params)
+    app = create_app(engine_settings, settings, default_params=params, jobs=jobs)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()  # starts the model load in the background
     for sock in sockets:

@@ -1,0 +1,97 @@
+"""`livediff serve`'s jobs flags (each also read from `LIVEDIFF_<FLAG>`) -> `JobSettings`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from livediff.jobs.settings import JobSettings
+
+
+def add_jobs_flags(
+    parser: argparse.ArgumentParser,
+    env: Callable[[str, Any], Any],
+    int_range: Callable[[int, int], Any],
+    float_range: Callable[[float, float], Any],
+) -> None:
+    d = JobSettings()
+    group = parser.add_argument_group("jobs: clips over HTTP, POST /api/jobs (each flag also reads LIVEDIFF_<FLAG>)")
+    group.add_argument(
+        "--jobs-db",
+        default=env("jobs_db", d.db),
+        help="postgresql://user@host/db: a job store shared by replicas (claims with SKIP LOCKED); "
+        "none: SQLite, jobs.db in --state-dir",
+    )
+    group.add_argument(
+        "--jobs-storage",
+        type=Path,
+        default=env("jobs_storage", None),
+        help="folder of the jobs' uploads and results (none: jobs/ in --state-dir)",
+    )
+    group.add_argument(
+        "--max-jobs", type=int_range(1, 64), default=env("max_jobs", d.max_jobs), help="jobs run at once"
+    )
+    group.add_argument(
+        "--jobs-max-bytes",
+        type=int_range(1, 1 << 50),
+        default=env("jobs_max_bytes", d.max_bytes),
+        help="largest upload; refused with 413 while it streams in",
+    )
+    group.add_argument(
+        "--jobs-max-seconds",
+        type=float_range(0.001, 1e7),
+        default=env("jobs_max_seconds", d.max_seconds),
+        help="longest clip in seconds (422 beyond)",
+    )
+    group.add_argument(
+        "--jobs-lease",
+        type=float_range(0.5, 86400),
+        default=env("jobs_lease", d.lease_s),
+        help="seconds without progress after which a job is taken up again (its server died)",
+    )
+    group.add_argument(
+        "--jobs-max-attempts",
+        type=int_range(1, 100),
+        default=env("jobs_max_attempts", d.max_attempts),
+        help="attempts of a job failing with transient errors (out of memory, storage), the first included",
+    )
+    group.add_argument(
+        "--jobs-batch",
+        type=int_range(0, 64),
+        default=env("jobs_batch", d.batch),
+        help="frames of one job per engine step; 0: --max-batch",
+    )
+    group.add_argument(
+        "--idempotency-ttl",
+        type=float_range(1, 365 * 86400),
+        default=env("idempotency_ttl", d.idempotency_ttl_s),
+        help="seconds an Idempotency-Key is remembered",
+    )
+    group.add_argument(
+        "--webhook-secret",
+        default=env("webhook_secret", ""),
+        help="whsec_... secret signing the webhooks (Standard Webhooks); none: made once, kept in --state-dir",
+    )
+    group.add_argument(
+        "--webhook-allow-private",
+        action="store_true",
+        default=env("webhook_allow_private", "") in ("1", "true", "yes"),
+        help="allow callback URLs on loopback, link-local and private addresses (refused by default)",
+    )
+    group.add_argument(
+        "--webhook-max-attempts",
+        type=int_range(1, 100),
+        default=env("webhook_max_attempts", d.webhook_max_attempts),
+        help="delivery attempts of one webhook event (1 s doubling to 60 s apart, with jitter)",
+    )
+
+
+def jobs_settings(args: argparse.Namespace) -> JobSettings:
+    return JobSettings(
+        db=args.jobs_db, storage=args.jobs_storage, max_jobs=args.max_jobs, max_bytes=args.jobs_max_bytes,
+        max_seconds=args.jobs_max_seconds, lease_s=args.jobs_lease, max_attempts=args.jobs_max_attempts,
+        batch=args.jobs_batch, idempotency_ttl_s=args.idempotency_ttl, webhook_secret=args.webhook_secret,
+        webhook_allow_private=args.webhook_allow_private, webhook_max_attempts=args.webhook_max_attempts,
+    )  # fmt: skip

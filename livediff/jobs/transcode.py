@@ -1,0 +1,161 @@
+"""A clip through the engine: decode -> batches of frames -> transform -> encode, with progress.
+
+The same driver runs `livediff run` (the transform is `StreamEngine.step`, called here) and a server
+job (the transform hands the frames to the scheduler, which runs them beside live sessions). It runs
+on a thread of its own; decoding and the RGB conversion run one batch ahead on a second thread.
+
+Batches for throughput: a stream's frames depend on each other only through its temporal state (the
+feature bank, motion-aware strength, the similarity filter, a `previous`-frame ControlNet, Stream
+Batch's pending latents). Without any, every frame's output depends only on the params and the frame
+itself (the stream's noise is fixed by the seed), so the clip runs as `lanes` streams opened with the
+same params, frame i on stream i mod lanes, `lanes` frames per step: the output is the one a single
+stream would give, up to float rounding. With temporal state, one stream takes every frame in order.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from livediff.config import EngineSettings, StreamParams
+from livediff.jobs.clip import ClipError, ClipInfo, ClipReader, ClipWriter
+from livediff.transport.frames import frame_to_tensor
+
+Batch = list[tuple[int, torch.Tensor]]
+"""(pts, (H, W, 3) uint8 frame) pairs of consecutive frames."""
+Transform = Callable[[list[tuple[int, torch.Tensor]]], list[torch.Tensor]]
+"""(lane, (H, W, 3) uint8 frame) pairs, one per lane at most -> the transformed frames, in order."""
+
+
+class Cancelled(Exception):
+    """The transcode stopped because `should_stop` said so (a cancelled job, a server going down)."""
+
+
+def independent_frames(params: StreamParams, settings: EngineSettings) -> bool:
+    """Whether a frame's output depends on nothing but the params and the frame (see the module doc)."""
+    return not (
+        params.temporal_bank
+        or params.motion_strength is not None
+        or params.similarity_filter
+        or settings.stream_batch
+        or any(c.preprocessor == "previous" for c in params.controlnet)
+    )
+
+
+@dataclass
+class Progress:
+    """Where a transcode stands; handed to the progress callback after every batch."""
+
+    frames_done: int
+    frames_total: int
+    """Estimated from the container (0: unknown); `frames_done` may pass it on an inexact estimate."""
+    elapsed_s: float
+    fps: float
+    """Frames per second since the start."""
+
+    @property
+    def percent(self) -> float:
+        if not self.frames_total:
+            return 0.0
+        return min(100.0, 100.0 * self.frames_done / self.frames_total)
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.frames_total or not self.fps:
+            return None
+        return max(0.0, (self.frames_total - self.frames_done) / self.fps)
+
+
+def _batches(reader: ClipReader, size: int, width: int, height: int) -> Iterator[Batch]:
+    batch: Batch = []
+    for frame in reader.frames():
+        batch.append((frame.pts, frame_to_tensor(frame.image, width, height)))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prefetch(
+    items: Iterator[list[tuple[int, torch.Tensor]]], depth: int = 2
+) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """`items`, produced on a thread of its own up to `depth` ahead; its errors are raised here."""
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            slots.put(exc)
+
+    thread = threading.Thread(target=produce, name="livediff-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def transcode(
+    source: Path,
+    output: Path,
+    info: ClipInfo,
+    transform: Transform,
+    lanes: int,
+    size: tuple[int, int],
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_encoding: Callable[[], None] | None = None,
+) -> int:
+    """Transform every frame of `source` into `output` (H.264 MP4 at `size` = (width, height)); the
+    number of frames written.
+
+    `lanes` frames go to `transform` at a time, frame i as lane i mod lanes. `output` appears only
+    when the whole clip is written (see `ClipWriter`); `should_stop` is asked between batches and
+    raises `Cancelled` when it says so; `on_encoding` is called once every frame is transformed, before
+    the encoder is flushed and the file finished. Raises `ClipError` for a clip that cannot be decoded.
+    """
+    width, height = size
+    started = time.monotonic()
+    done = 0
+    with ClipReader(source, info) as reader, ClipWriter(output, reader, width, height) as writer:
+        for batch in _prefetch(_batches(reader, lanes, width, height)):
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            images = transform([(i, image) for i, (_, image) in enumerate(batch)])
+            for (pts, _), image in zip(batch, images):
+                writer.write(image.numpy(), pts)
+            done += len(batch)
+            if on_progress is not None:
+                elapsed = time.monotonic() - started
+                on_progress(Progress(done, info.estimated_frames, elapsed, done / elapsed if elapsed > 0 else 0.0))
+        if done == 0:
+            raise ClipError(f"{source}: the video stream has no frame that decodes")
+        if on_encoding is not None:
+            on_encoding()
+    return done
