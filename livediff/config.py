@@ -315,6 +315,9 @@ class ServerSettings:
     fresh_frames: bool = True
     """When the model is slower than the cameras, wait a moment for fresher frames rather than run
     stale ones (less glass-to-glass latency, a little lower output frame rate; see the scheduler)."""
+    batch_by_deadline: bool | None = None
+    """Take the largest batch whose step (measured per batch size at warm-up) fits every session's
+    frame interval (`livediff.deadline`); None: on a CUDA engine only (on a CPU a step rarely fits)."""
     connect_timeout_s: float = 10.0
     """A peer that has not connected this long after its answer is reaped (ICE and DTLS take well under
     a second on a LAN and a few seconds through TURN; a slot that has not connected should cost little)."""
