@@ -17,7 +17,7 @@ from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
-BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "onnx", "openvino", "tensorrt")
+BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 

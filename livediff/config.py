@@ -16,7 +16,7 @@ from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "cuda-graph", "onnx", "openvino", "tensorrt")
+BACKENDS = ("auto", "torch", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 MAX_BANK_FRAMES = 4
@@ -53,7 +53,8 @@ class EngineSettings:
     """Frame width in pixels; a multiple of 8."""
     backend: str = "torch"
     """Runs the networks: `torch`, `cuda-graph` (torch's networks, each step's stages replayed from
-    CUDA graphs), `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
+    CUDA graphs), `cuda-graph-compiled` (the same with inductor-compiled networks inside the graphs),
+    `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
     (`openvino` on the CPU where installed, else `onnx`; `cuda-graph` on CUDA). The CLI's default is `auto`;
     here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False

@@ -143,6 +143,7 @@ class Service:
             "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
             **({"steps": table.describe()} if (table := self.scheduler.step_table) is not None else {}),
             "batch_by_deadline": self.scheduler.batch_by_deadline,
+            **({"backend_detail": engine.backend.describe()} if hasattr(engine.backend, "describe") else {}),
         }
 
     def require_ready(self) -> None:
