@@ -18,6 +18,10 @@ are due) for newer ones: each output then shows a fresher input, for a little id
 an eighth of a camera interval per step on average). A faster model always finds fresh frames
 and never waits.
 
+Batch by deadline (`batch_by_deadline`, `livediff.deadline`): with the step time of each batch size
+measured at warm-up (`load(measure_steps=True)`), a tick takes the largest batch whose step fits the
+shortest camera interval of the open sessions, and leaves the other ready frames to the next tick.
+
 Passthrough sessions (`StreamParams.passthrough`, transport measurements) need no engine: when
 `pass_through` (also the server's) can send a frame as it came, the frame goes straight to the
 outbox the moment it arrives, so it never waits behind a model step nor takes a place in a
