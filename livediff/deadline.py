@@ -88,15 +88,18 @@ def tightest_interval_ms(intervals_s: list[float | None], fps: float = REFERENCE
     return min(known, default=1000.0 / fps)
 
 
-def measure_step_times(engine: Any, max_batch: int, runs: int = 3) -> StepTable:
+def measure_step_times(engine: Any, max_batch: int, runs: int | None = None) -> StepTable:
     """The step time of 1 to `max_batch` frames on `engine` (a `StreamEngine`), each batch size run
-    `runs` times and the last timed (the first runs eagerly and the second records where the backend
-    records layouts: by the last the step is as warm as it will be). Runs on the engine's thread.
+    `runs` times and the last timed. By default 3 where the backend records layouts (the first runs
+    eagerly and the second records: by the third the step is as warm as it will be), else 2 (on a
+    CPU each extra step of 512x512 costs a second of start-up). Runs on the engine's thread.
 
     Each step ends with the frames' copy to the host, so wall-clock time is the step's time with no
     extra synchronisation. The streams use the default params with the similarity filter off, so
     every frame runs the networks.
     """
+    if runs is None:
+        runs = 3 if hasattr(engine.backend, "graphs") else 2
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     import torch
