@@ -18,7 +18,7 @@ from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
-BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "onnx", "openvino", "tensorrt")
+BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 
@@ -566,6 +566,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="when the model is slower than the camera, wait for fresher frames over stale ones",
     )
     group.add_argument(
+        "--batch-by-deadline",
+        action=argparse.BooleanOptionalAction,
+        default={"": None, "0": False, "false": False, "no": False}.get(_env("batch_by_deadline", ""), True),
+        help="batch only as many frames as keep every stream's frame interval (default: on CUDA)",
+    )
+    group.add_argument(
         "--ice-loopback",
         action="store_true",
         default=_env("ice_loopback", "") == "1",
@@ -672,6 +678,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         video_codecs=split(args.video_codecs), bitrate=args.bitrate, keyframe_interval_s=args.keyframe_interval,
         marker_completion=args.marker_completion, fresh_frames=args.fresh_frames, ice_loopback=args.ice_loopback,
         connect_timeout_s=args.connect_timeout, cpu_threads=args.cpu_threads, web_dir=args.web_dir,
+        batch_by_deadline=args.batch_by_deadline,
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "cuda-graph", "onnx", "openvino", "tensorrt")
+BACKENDS = ("auto", "torch", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 MAX_BANK_FRAMES = 4
@@ -53,7 +53,8 @@ class EngineSettings:
     """Frame width in pixels; a multiple of 8."""
     backend: str = "torch"
     """Runs the networks: `torch`, `cuda-graph` (torch's networks, each step's stages replayed from
-    CUDA graphs), `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
+    CUDA graphs), `cuda-graph-compiled` (the same with inductor-compiled networks inside the graphs),
+    `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
     (`openvino` on the CPU where installed, else `onnx`; `cuda-graph` on CUDA). The CLI's default is `auto`;
     here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False
@@ -316,6 +317,9 @@ class ServerSettings:
     fresh_frames: bool = True
     """When the model is slower than the cameras, wait a moment for fresher frames rather than run
     stale ones (less glass-to-glass latency, a little lower output frame rate; see the scheduler)."""
+    batch_by_deadline: bool | None = None
+    """Take the largest batch whose step (measured per batch size at warm-up) fits every session's
+    frame interval (`livediff.deadline`); None: on a CUDA engine only (on a CPU a step rarely fits)."""
     connect_timeout_s: float = 10.0
     """A peer that has not connected this long after its answer is reaped (ICE and DTLS take well under
     a second on a LAN and a few seconds through TURN; a slot that has not connected should cost little)."""

@@ -28,6 +28,10 @@ are due) for newer ones: each output then shows a fresher input, for a little id
 an eighth of a camera interval per step on average). A faster model always finds fresh frames
 and never waits.
 
+Batch by deadline (`batch_by_deadline`, `livediff.deadline`): with the step time of each batch size
+measured at warm-up (`load(measure_steps=True)`), a tick takes the largest batch whose step fits the
+shortest camera interval of the open sessions, and leaves the other ready frames to the next tick.
+
 Passthrough sessions (`StreamParams.passthrough`, transport measurements) need no engine: when
 `pass_through` (also the server's) can send a frame as it came, the frame goes straight to the
 outbox the moment it arrives, so it never waits behind a model step nor takes a place in a
@@ -57,6 +61,7 @@ import torch
 from livediff.admission import Admission, AdmissionError
 from livediff.chunks import ChunkInbox
 from livediff.config import EngineSettings, StreamParams
+from livediff.deadline import StepTable, measure_step_times, tightest_interval_ms
 from livediff.errors import ConfigError
 from livediff.session import FrameIn, FrameOut, Session
 from livediff.transport.pacing import ChunkPacer
@@ -136,6 +141,7 @@ class Scheduler:
         fresh_frames: bool = True,
         max_connecting: int | None = None,
         id_prefix: str = "",
+        batch_by_deadline: bool = False,
     ) -> None:
         self.max_sessions = max_sessions
         self.admission = Admission(max_sessions, max_connecting or max_sessions, "sessions")
@@ -147,6 +153,10 @@ class Scheduler:
         self.pass_through = pass_through
         self.fresh_frames = fresh_frames
         self.observer = observer
+        self.batch_by_deadline = batch_by_deadline
+        """Take the largest batch whose measured step fits every stream's frame interval (`livediff.deadline`)."""
+        self.step_table: StepTable | None = None
+        """The measured step time per batch size (`load(measure_steps=True)`), else None."""
         self.engine: Any = None
         self.sessions: dict[str, Session] = {}
         self.steps = 0
@@ -166,12 +176,16 @@ class Scheduler:
         """Run `fn(*args)` on the device's worker thread (where every engine call happens)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def load(self, make_engine: Callable[[], Any], warmup_frames: int = 2) -> None:
-        """Build the engine and run a warm-up inference on the worker thread, then start ticking."""
+    async def load(self, make_engine: Callable[[], Any], warmup_frames: int = 2, measure_steps: bool = False) -> None:
+        """Build the engine and run a warm-up inference on the worker thread, then start ticking.
+        `measure_steps`: then time a step of each batch size up to max_batch (`step_table`)."""
         self.engine = await self.run_on_worker(make_engine)
         if warmup_frames:
             log.info("warming up: %d frames", warmup_frames)
             await self.run_on_worker(self.engine.warmup, warmup_frames)
+        if measure_steps and not self.chunked:  # (a chunked engine's step takes chunks, not frames)
+            self.step_table = await self.run_on_worker(measure_step_times, self.engine, self.max_batch)
+            self.step_ms.update(self.step_table.step_ms)  # where background frames start from (then learnt)
         self.start()
 
     def start(self) -> None:
@@ -334,11 +348,20 @@ class Scheduler:
         ready = self.ready_sessions()
         ready.sort(key=lambda s: s.inbox.peek().received)  # type: ignore[union-attr]
         picks = []
-        for session in ready[: self.max_batch]:
+        for session in ready[: self.batch_limit(len(ready))]:
             frame = session.inbox.take_nowait()
             assert frame is not None
             picks.append(_Pick(session, frame))
         return picks
+
+    def batch_limit(self, ready: int) -> int:
+        """How many of `ready` frames the next step takes: up to max_batch, and with
+        `batch_by_deadline` the largest batch whose step fits the tightest camera interval of the
+        open sessions (`StepTable.batch_for`)."""
+        if not self.batch_by_deadline or self.step_table is None:
+            return min(ready, self.max_batch)
+        intervals = [s.rhythm.interval for s in self.sessions.values() if not s.closed]
+        return self.step_table.batch_for(ready, tightest_interval_ms(intervals), self.max_batch)
 
     def _on_put(self, session: Session) -> None:
         """A frame arrived in `session`'s inbox: forward it now if it is passthrough, else wake the loop."""

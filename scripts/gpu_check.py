@@ -20,7 +20,14 @@ Steps, in order, each in its own process under its own time limit, all inside on
    1.3B's architecture at random weights, bf16): 512x512 at 1 step with 1, 2 and 4 streams per step,
    and 832x480 at 2 steps with 1 and 2 (ms per chunk and frame by stage, fps, first chunk latency,
    memory per added stream; docs/video-models.md);
-11. `bench-compile`: `torch.compile` beside `torch` at batch 1 (last: it compiles for minutes);
+11. `bench-compile`: `torch.compile` beside `torch` at batch 1 (late: it compiles for minutes);
+12. `variants`: `python -m livediff.bench_variants`: `torch`, `cuda-graph` and `cuda-graph-compiled`
+    (inductor's kernels inside the step's CUDA graphs) side by side: time to ready with compile times,
+    ms per frame by stage, fps at batch 1/4/8, parity with eager torch (PSNR, largest pixel
+    difference), a ControlNet and the feature bank against the plain step on each, the top 10
+    kernels of the fastest variant that matched (torch.profiler); the compile cache goes to the
+    checkout's `engines/` and is copied to `$OUT/engines` (carry it back as `engines` next call);
+13. `variants-warm`: the compiled variant again in a fresh process: its time to ready from the cache;
 
 and `nvidia-smi`'s clocks and memory before the first step and after the last. The results go to
 `$OUT` (or `--out`): `gpu-check.json` (every step's result, the verdict), `gpu-check.txt` (the
@@ -155,6 +162,7 @@ def plan(gpu: bool, python: str, size: int) -> list[Step]:
         Step("bench-compile", [*bench, "--backend", "torch,torch.compile", "--batch", "1", "--frames", str(few),
                                "--warmup", str(warmup)], 300, bench_json,
              skip=None if gpu else "dry run: torch.compile takes minutes on 2 CPU cores"),
+        *variant_steps(gpu, python, model, size),
     ]  # fmt: skip
 
 
@@ -179,6 +187,100 @@ def video_line(name: str, result: dict[str, Any]) -> str:
     return f"{name} ({result['model']}, {result['size']}, {result['dtype']}, {result['steps']} step(s)): " + "; ".join(
         cells
     )
+
+
+def variant_steps(gpu: bool, python: str, model: str, size: int) -> list[Step]:
+    """`variants` and `variants-warm` (see the module docstring); a dry run measures torch and
+    cuda-graph (recorded through a host stand-in) at batch 1 on one frame, the compiled variant skipped."""
+    variants = [python, "-m", "livediff.bench_variants", "--model", model, "--size", str(size),
+                "--engines-dir", str(ROOT / "engines")]  # fmt: skip
+    if gpu:
+        return [
+            Step("variants", [*variants, "--frames", "30", "--batches", "1,4,8"], 420, bench_json),
+            Step(
+                "variants-warm",
+                [
+                    *variants,
+                    "--variants",
+                    "cuda-graph-compiled",
+                    "--frames",
+                    "10",
+                    "--batches",
+                    "1,4,8",
+                    "--no-features",
+                ],
+                240,
+                bench_json,
+            ),  # fmt: skip
+        ]
+    return [
+        Step(
+            "variants",
+            [*variants, "--frames", "1", "--batches", "1"],
+            240,
+            bench_json,
+            note="dry run: cuda-graph through a host stand-in (its times mean nothing), the compiled variant "
+            "skipped (inductor compiles for minutes on 2 CPU cores)",
+        ),  # fmt: skip
+        Step("variants-warm", [], 60, skip="dry run: the compiled variant needs CUDA"),
+    ]
+
+
+VARIANT_TARGETS = {"batch1_ms": 5.0, "feature_vs_plain": 1.3, "psnr_db": 40.0, "warm_ready_s": 60.0}
+"""Issue 26's targets: batch 1 <= 5 ms a frame, a ControlNet or the bank <= 1.3x the plain step on
+the fast path, PSNR >= 40 dB against eager torch, a warm start from the compile cache <= 60 s."""
+
+
+def variants_verdict(steps: dict[str, dict[str, Any]], gpu: bool = True) -> dict[str, Any]:
+    """The `variants` steps against issue 26's targets, and the variant `--backend auto` may pick on
+    CUDA from these numbers (the fastest at batch 1 that matched eager torch)."""
+    report, warm = _result(steps, "variants"), _result(steps, "variants-warm")
+    rows = {r["variant"]: r for r in (report or {}).get("variants", [])}
+    best = (report or {}).get("best")
+    row = rows.get(best) if best else None
+    warm_row = next(iter((warm or {}).get("variants", [])), None)
+    feature_ratios = [v["vs_plain"] for v in (row or {}).get("features", {}).values()
+                      if isinstance(v, dict) and "vs_plain" in v]  # fmt: skip
+    parity = (row or {}).get("parity") or {}
+    values = {
+        "batch1_ms": row["batches"]["1"]["ms_per_frame"] if row else None,
+        "feature_vs_plain": max(feature_ratios) if feature_ratios else None,
+        "psnr_db": parity.get("psnr_db"),
+        "warm_ready_s": warm_row["ready_s"] if warm_row else None,
+    }
+    below = {"batch1_ms", "feature_vs_plain", "warm_ready_s"}
+    targets = {
+        name: {"value": values[name], "target": target,
+               "met": None if values[name] is None or not gpu
+               else (values[name] <= target if name in below else values[name] >= target)}
+        for name, target in VARIANT_TARGETS.items()
+    }  # fmt: skip
+    return {"best": best, "auto_may_pick": best if gpu and best else None, "targets": targets}
+
+
+def variants_lines(report: dict[str, Any]) -> list[str]:
+    """`bench_variants`' JSON as summary lines: a row per variant, then the profile's top kernels."""
+    lines = [f"variants ({report['model']}, {report['size']}, {report['dtype']}, {report['device']}):"]
+    for row in report["variants"]:
+        fps = ", ".join(f"b{b} {v['fps']:.1f} fps {v['ms_per_frame']:.2f} ms/f" for b, v in row["batches"].items())
+        stages = " ".join(f"{k} {v:.2f}" for k, v in row.get("stages_ms", {}).items())
+        cell = f"  {row['variant']}: ready {row['ready_s']} s; {fps}; stage ms {stages}"
+        if row.get("parity"):
+            p = row["parity"]
+            cell += f"; PSNR {p['psnr_db']} dB, max diff {p['max_abs']}"
+        if row.get("compile_s"):
+            cell += f"; compile s {row['compile_s']} (cache loaded: {(row.get('compile_cache') or {}).get('loaded')})"
+        for name, feature in row.get("features", {}).items():
+            if isinstance(feature, dict) and "vs_plain" in feature:
+                cell += f"; {name} {feature['ms_per_frame']:.2f} ms ({feature['vs_plain']}x plain)"
+        lines.append(cell)
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"  {name}: skipped ({why})")
+    profile = report.get("profile") or {}
+    if profile:
+        lines.append(f"  top kernels of {profile['variant']}: " + "; ".join(
+            f"{k['name'][:48]} {k['ms_per_step']:.3f} ms" for k in profile["top"]))  # fmt: skip
+    return lines
 
 
 def run_step(step: Step, limit_s: float, log: Any, env: dict[str, str]) -> dict[str, Any]:
@@ -395,6 +497,18 @@ def summary(report: dict[str, Any]) -> str:
         video = steps.get(name, {}).get("result")
         if isinstance(video, dict):
             lines.append(video_line(name, video))
+    for name in ("variants", "variants-warm"):
+        variants = steps.get(name, {}).get("result")
+        if isinstance(variants, dict):
+            lines.extend(variants_lines(variants))
+    for name, t in (v.get("variants") or {}).get("targets", {}).items():
+        state = "not judged" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        lines.append(f"target variants {name} {'>=' if name == 'psnr_db' else '<='} {t['target']}: {state} "
+                     f"({t['value']})")  # fmt: skip
+    if (v.get("variants") or {}).get("auto_may_pick"):
+        lines.append(
+            f"--backend auto on CUDA may pick (fastest variant that matched): {v['variants']['auto_may_pick']}"
+        )
     for name, t in v["targets"].items():
         state = "not judged" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {name} >= {t['target']}: {state} ({t['value']})")
@@ -420,6 +534,15 @@ def summary(report: dict[str, Any]) -> str:
         else:
             lines.append(f"nvidia-smi {when}: {smi.get('skipped')}")
     return "\n".join(lines)
+
+
+def keep_compile_cache(out: Path) -> None:
+    """Copy the compile caches the `variants` steps left in the checkout's `engines/` to `out/engines`
+    (the device returns `$OUT` only; carried back as `engines`, the next call compiles from them)."""
+    for blob in (ROOT / "engines").glob("*/inductor-*/artifacts.bin"):
+        target = out / "engines" / blob.parent.relative_to(ROOT / "engines")
+        if target.resolve() != blob.parent.resolve():
+            shutil.copytree(blob.parent, target, dirs_exist_ok=True)
 
 
 def commit() -> str | None:
@@ -503,6 +626,8 @@ def _finish(report: dict[str, Any], environment: dict[str, Any], args: argparse.
     report["mode"] = mode
     report["elapsed_s"] = round(time.monotonic() - started_at, 1)
     report["verdict"] = verdict({s["name"]: s for s in report["steps"]}, gpu=mode == "gpu")
+    report["verdict"]["variants"] = variants_verdict({s["name"]: s for s in report["steps"]}, gpu=mode == "gpu")
+    keep_compile_cache(args.out)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     try:
         text = summary(report)

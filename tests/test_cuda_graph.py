@@ -149,25 +149,39 @@ def test_a_step_mixing_step_counts_runs_eagerly(tiny_parts, frames) -> None:
 
 
 @pytest.mark.parametrize("stream_batch", [False, True])
-def test_feature_bank_and_motion_aware_steps_run_eagerly_with_the_torch_backends_frames(
+def test_feature_bank_steps_run_eagerly_and_motion_aware_steps_replay_with_the_torch_backends_frames(
     tiny_parts, frames, stream_batch: bool
 ) -> None:
-    """The bank writes each stream's ring during the step and picks its UNet graph per call;
-    motion-aware strength moves a stream's timesteps frame by frame: such steps are never recorded.
-    The same engine still records the steps without them."""
+    """The bank writes each stream's ring during the step and picks its UNet graph per call: such
+    steps are never recorded. Motion-aware strength moves a stream's timesteps frame by frame, but
+    they enter the step as schedule coefficients (tensors): its steps are recorded once and replayed
+    with each frame's timesteps, frames identical to eager torch's."""
     eager, recorded, recorder = engines(tiny_parts, feature_bank=True, stream_batch=stream_batch)
     banked = StreamParams(prompt="a red fox", steps=2, strength=0.8, seed=1, temporal_bank=2)
     moving = StreamParams(prompt="a city", steps=2, seed=2, motion_strength=(0.3, 0.7))
     plain = StreamParams(prompt="rain", steps=2, strength=0.8, seed=3)
     pairs = run_both(eager, recorded, [banked, plain], frames[:4])
-    run_both(eager, recorded, [moving], frames[:4])
-    run_both(eager, recorded, [banked, moving, plain], frames[4:8])
     assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
     bank = pairs[0][1].bank
     assert bank is not None and bank.filled((0, 0)) == 2  # the bank did take part: two frames kept per slot
     assert all(torch.equal(a, b) for a, b in zip(pairs[0][0].bank.rings[(1, 0)].kv, bank.rings[(1, 0)].kv))
+
+    still = frames[0]
+    moving_pair = (eager.open_stream(moving), recorded.open_stream(moving))
+    strengths = []
+    for frame in [still, still, frames[3], frames[3], frames[3]]:  # a change, then still: the strength moves
+        want = eager.step([(moving_pair[0], frame)]).outputs[0]
+        assert torch.equal(want, recorded.step([(moving_pair[1], frame)]).outputs[0])
+        strengths.append(moving_pair[1].strength)
+    assert len(set(strengths[2:])) >= 2  # timesteps changed while the layout replayed (steps 3 to 5)
+    layouts = recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+    assert len(layouts) == 1  # under Stream Batch the first frame (its own layout, met once) ran eagerly
+    assert recorder.recorded == len(layouts) * len(STAGES)
+    recorded_before = recorder.recorded
+    run_both(eager, recorded, [banked, moving, plain], frames[4:6])
+    assert recorder.recorded == recorded_before  # a bank in the step: eager
     run_both(eager, recorded, [plain, plain.replace(seed=4)], frames[:3])
-    assert recorder.recorded == len(STAGES)  # bankless, fixed-strength streams: recorded as before
+    assert recorder.recorded == recorded_before + len(STAGES)  # bankless streams: recorded as before
 
 
 def _buffers(engine: StreamEngine) -> list[torch.Tensor]:
@@ -251,9 +265,9 @@ def test_cli_names_the_backend_off_cuda(capsys) -> None:
         assert "\n" not in err
 
 
-def test_steps_with_a_controlnet_run_eagerly_with_the_torch_backends_frames(tiny_parts, frames) -> None:
-    """Which ControlNets run on which rows (and whether they have loaded) changes with the streams'
-    params: such steps are never recorded; the steps without one still are."""
+def test_steps_with_a_controlnet_are_recorded_with_the_torch_backends_frames(tiny_parts, frames) -> None:
+    """Which ControlNets run on which rows is part of the layout, their images and scales are tensors
+    copied in: such steps are recorded like the others (their ControlNets then timed within `unet`)."""
     from livediff.config import ControlParams
 
     eager, recorded, recorder = engines(tiny_parts, controlnets=(("edges", "tiny"),))
@@ -262,11 +276,11 @@ def test_steps_with_a_controlnet_run_eagerly_with_the_torch_backends_frames(tiny
         for future in engine.control_loads(controlled).values():
             future.result(timeout=120)
     pairs = [(eager.open_stream(p), recorded.open_stream(p)) for p in (controlled, StreamParams(seed=3))]
-    for frame in frames[:3]:
+    for index, frame in enumerate(frames[:3]):
         expected = eager.step([(a, frame) for a, _ in pairs])
         got = recorded.step([(b, frame) for _, b in pairs])
         assert all(torch.equal(want, have) for want, have in zip(expected.outputs, got.outputs))
-        assert {"canny", "controlnet"} <= set(got.timings_ms)
-    assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+        assert "canny" in got.timings_ms and ("controlnet" in got.timings_ms) == (index == 0)  # eager first
+    assert recorder.recorded == len(STAGES) and len(recorded.backend.graphs.layouts) == 1  # type: ignore[attr-defined]
     run_both(eager, recorded, [StreamParams(seed=3), StreamParams(seed=4)], frames[:3])
-    assert recorder.recorded == len(STAGES)
+    assert recorder.recorded == 2 * len(STAGES)  # without the ControlNet: another layout

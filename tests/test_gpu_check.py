@@ -44,6 +44,8 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
         "video",
         "video-480p",
         "bench-compile",
+        "variants",
+        "variants-warm",
     ]
     b1 = " ".join(gpu["bench-batch1"].argv)
     assert "--model sd-turbo-random --size 512 --steps 1" in b1 and "--backend torch,cuda-graph --batch 1" in b1
@@ -67,6 +69,12 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
     assert dry["bench-compile"].skip and "torch.compile" in dry["bench-compile"].skip
     assert "--backend torch" in " ".join(dry["g2g"].argv)
     assert "--model tiny-video" in " ".join(dry["video"].argv) and dry["video"].skip is None
+    variants = " ".join(gpu["variants"].argv)
+    assert "livediff.bench_variants --model sd-turbo-random --size 512" in variants and "--batches 1,4,8" in variants
+    assert "--variants cuda-graph-compiled" in " ".join(gpu["variants-warm"].argv)
+    assert gpu["variants"].argv[gpu["variants"].argv.index("--engines-dir") + 1] == str(kit.ROOT / "engines")
+    assert "--batches 1" in " ".join(dry["variants"].argv) and "compiled variant" in dry["variants"].note
+    assert dry["variants-warm"].skip and "CUDA" in dry["variants-warm"].skip
 
 
 def test_the_gpu_tests_step_runs_every_file_that_holds_gpu_tests(kit) -> None:
@@ -251,3 +259,50 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
     not_judged = "holds here: not judged (this run measured no cuda-graph against torch, or ran no GPU test)"
     assert not_judged in kit.summary(partial)
     assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
+
+
+def _variants(best_ms: float, psnr: float, canny_ratio: float) -> dict[str, Any]:
+    def row(variant: str, ms: float, parity: float | None, features: float) -> dict[str, Any]:
+        r: dict[str, Any] = {
+            "variant": variant,
+            "ready_s": 20.0,
+            "stages_ms": {"unet": ms * 0.7},
+            "batches": {"1": {"ms_per_frame": ms, "fps": 1e3 / ms}, "4": {"ms_per_frame": ms / 2, "fps": 2e3 / ms}},
+            "features": {
+                "plain": {"ms_per_frame": ms},
+                "controlnet-canny": {"ms_per_frame": ms * features, "vs_plain": features},
+            },
+        }
+        if parity is not None:
+            r["parity"] = {"vs": "torch", "psnr_db": parity, "max_abs": 3, "matches": parity >= 40.0}
+        return r  # fmt: skip
+
+    rows = [row("torch", 20.0, None, 1.9), row("cuda-graph", 10.0, float("inf"), 1.5),
+            row("cuda-graph-compiled", best_ms, psnr, canny_ratio)]  # fmt: skip
+    matching = [r for r in rows if r["variant"] == "torch" or r["parity"]["matches"]]
+    best = min(matching, key=lambda r: r["batches"]["1"]["ms_per_frame"])["variant"]
+    return {"model": "sd-turbo-random (builtin-v1)", "size": "512x512", "dtype": "float16", "device": "NVIDIA H200",
+            "variants": rows, "skipped": {}, "best": best,
+            "profile": {"variant": best, "top": [{"name": "triton_poi_fused", "ms_per_step": 0.5,
+                                                  "calls_per_step": 3.0}]}}  # fmt: skip
+
+
+def test_the_variants_verdict_holds_the_fastest_matching_variant_to_issue_26s_targets(kit) -> None:
+    ok = lambda result: {"status": "ok", "result": result}  # noqa: E731
+    warm = {"variants": [{"variant": "cuda-graph-compiled", "ready_s": 35.0, "batches": {}}]}
+    steps = {"variants": ok(_variants(4.5, 42.0, 1.2)), "variants-warm": ok(warm)}
+    v = kit.variants_verdict(steps)
+    assert v["best"] == "cuda-graph-compiled" and v["auto_may_pick"] == "cuda-graph-compiled"
+    assert v["targets"]["batch1_ms"] == {"value": 4.5, "target": 5.0, "met": True}
+    assert v["targets"]["feature_vs_plain"]["met"] is True and v["targets"]["warm_ready_s"]["met"] is True
+    assert v["targets"]["psnr_db"] == {"value": 42.0, "target": 40.0, "met": True}
+    # the compiled variant's frames do not match: the fastest that matched is cuda-graph, its numbers judged
+    drifted = kit.variants_verdict({"variants": ok(_variants(4.5, 30.0, 1.2))})
+    assert drifted["best"] == "cuda-graph" and drifted["targets"]["batch1_ms"]["met"] is False
+    assert drifted["targets"]["psnr_db"]["value"] == float("inf") and drifted["targets"]["warm_ready_s"]["met"] is None
+    dry = kit.variants_verdict(steps, gpu=False)
+    assert dry["auto_may_pick"] is None and all(t["met"] is None for t in dry["targets"].values())
+    lines = "\n".join(kit.variants_lines(_variants(4.5, 42.0, 1.2)))
+    assert "cuda-graph-compiled: ready 20.0 s; b1 222.2 fps 4.50 ms/f" in lines
+    assert "PSNR 42.0 dB, max diff 3" in lines and "controlnet-canny 5.40 ms (1.2x plain)" in lines
+    assert "top kernels of cuda-graph-compiled: triton_poi_fused 0.500 ms" in lines

@@ -31,10 +31,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
     A named backend that cannot run on `device` at all (`cuda-graph` off CUDA) raises
     BackendUnavailable here, before any model is loaded.
     """
-    if name == "cuda-graph":
+    if name in ("cuda-graph", "cuda-graph-compiled"):
         from livediff.backends.cuda_graph import require_cuda
 
-        require_cuda(device)
+        require_cuda(device, name)
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -57,6 +57,12 @@ def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:
         from livediff.backends.unet_extras import unet_extras
 
         return CudaGraphBackend(parts, extras=unet_extras(settings, parts))
+    if settings.backend == "cuda-graph-compiled":
+        from livediff.backends.compiled_graph import CompiledGraphBackend
+        from livediff.backends.unet_extras import unet_extras
+
+        return CompiledGraphBackend(parts, extras=unet_extras(settings, parts), engines_dir=settings.engines_dir,
+                                    size=(settings.height, settings.width))  # fmt: skip
     if settings.backend == "onnx":
         from livediff.backends.onnx_backend import OnnxBackend
 
@@ -84,9 +90,13 @@ def create_controlnet(settings: EngineSettings, parts: ModelParts, controlnet: C
     """
     from livediff.backends.cache import CONTROLNET
 
-    if settings.backend in ("torch", "cuda-graph"):  # cuda-graph: steps with ControlNets run eagerly
+    if settings.backend in ("torch", "cuda-graph", "cuda-graph-compiled"):  # recorded into the step's graphs
         from livediff.backends.torch_backend import controlnet_module
 
+        if settings.backend == "cuda-graph-compiled":
+            from livediff.backends.compiled_graph import compile_module
+
+            return compile_module(controlnet_module(parts, controlnet), "controlnet", parts.device)
         return controlnet_module(parts, controlnet, compile=settings.compile)
     return _compiled(settings, parts.with_controlnet(controlnet), CONTROLNET, progress)
 
@@ -98,7 +108,7 @@ def create_depth(settings: EngineSettings, parts: ModelParts, depth: DepthParts,
     the engine cache and checked against torch on the compiled backends, as `create_controlnet`."""
     from livediff.backends.cache import DEPTH
 
-    if settings.backend in ("torch", "cuda-graph"):
+    if settings.backend in ("torch", "cuda-graph", "cuda-graph-compiled"):
         from livediff.backends.modules import DepthNetwork
 
         return DepthNetwork(depth.model).eval()

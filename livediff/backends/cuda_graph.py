@@ -16,12 +16,17 @@ different params batch as they do eagerly. A stage's outputs are static buffers,
 the next replay: the engine copies out what it keeps. Nothing inside a replay waits for the
 host; the step's one synchronisation stays its final copy of the frames to the host.
 
-Steps whose streams use the feature bank or motion-aware strength are never recorded: the engine
-gives them no layout (None) and they run eagerly, the other steps of the same engine still
-replay. The bank's UNet call chooses per call between the plain graph and the bank graph, sizes
-its inputs by how full each stream's bank is, and writes the banks during the step; motion-aware
-strength changes a stream's timesteps from frame to frame. The bank graph is the torch backend's
-(`extras`, `livediff.backends.unet_extras`), run eagerly here.
+Steps with ControlNets and with motion-aware strength are recorded like any other: which ControlNets
+run on which rows at which denoising step is part of the layout, and their images, their scales
+and a stream's timesteps (schedule coefficients) are tensors copied in. Steps whose streams use the
+feature bank are never recorded: the engine gives them no layout (None) and they run eagerly, the
+other steps of the same engine still replay. The bank's UNet call chooses per call between the
+plain graph and the bank graph, sizes its inputs by how full each stream's bank is, and writes the
+banks during the step. The bank graph is the torch backend's (`extras`,
+`livediff.backends.unet_extras`), run eagerly here.
+
+`cuda-graph-compiled` (`livediff.backends.compiled_graph`) records inductor-compiled networks
+through the same `StepGraphs`.
 
 All graphs share one memory pool. That is safe because graphs never run concurrently (one
 worker thread, one CUDA stream) and nothing reads a stage's outputs after the next step starts.
@@ -62,11 +67,12 @@ class GraphCaptureError(LivediffError):
     """A stage could not be recorded as a CUDA graph (an op that synchronises or allocates host memory)."""
 
 
-def require_cuda(device: torch.device) -> None:
-    """Raises BackendUnavailable unless `device` is a CUDA device (checked before a model is loaded)."""
+def require_cuda(device: torch.device, name: str = NAME) -> None:
+    """Raises BackendUnavailable unless `device` is a CUDA device (checked before a model is loaded);
+    `name`: the backend's, for the message."""
     if device.type != "cuda":
         raise BackendUnavailable(
-            f"{NAME} backend needs the engine on a CUDA GPU (its device is {device}); "
+            f"{name} backend needs the engine on a CUDA GPU (its device is {device}); "
             "use --backend torch or auto on this host"
         )
 
@@ -243,8 +249,8 @@ class CudaGraphBackend(TorchBackend):
 
     def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16,
                  extras: UNetExtras = NO_EXTRAS) -> None:  # fmt: skip
-        """`extras`: the optional UNet inputs (the feature bank), as `TorchBackend` takes them; the
-        steps that use them run eagerly (the module docstring says why)."""
+        """`extras`: the optional UNet inputs (the feature bank, ControlNet residuals), as `TorchBackend`
+        takes them; steps with a feature bank run eagerly (the module docstring says why)."""
         if capture is None:
             require_cuda(parts.device)
             capture = cuda_capture(parts.device)

@@ -207,18 +207,53 @@ class ControlRow:
 
     name: str
     """The ControlNet (`EngineSettings.controlnets`)."""
-    scale: float
+    scale: torch.Tensor
+    """() float32 on the device: the row's conditioning scale (a tensor, so that a recorded step
+    reads each replay's scale from its inputs)."""
     image: torch.Tensor
     """(3, H, W) control image in [0, 1], the row's stream's."""
 
 
+@dataclass(frozen=True)
+class ControlInput:
+    """One of a frame's ControlNets as a step takes it: what fixes the step's work (`name`, `active`)
+    beside its tensors (`image`, `scale`), so that a recorded step replays with any image and scale."""
+
+    name: str
+    active: tuple[bool, ...]
+    """Per denoising step of the stream: whether the ControlNet runs then (`ControlParams.active`)."""
+    image: torch.Tensor
+    """(3, H, W) control image in [0, 1]."""
+    scale: torch.Tensor
+    """() float32 on the device."""
+
+
+class RowIndices:
+    """Device index tensors for row tuples, each made once and kept: the rows a ControlNet runs on are
+    fixed by a step's layout, so a recorded step reads the same tensor on every replay (it is made
+    when the layout's first step runs eagerly, never while a step is recorded)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._made: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, rows: tuple[int, ...]) -> torch.Tensor:
+        found = self._made.get(rows)
+        if found is None:
+            found = self._made[rows] = torch.tensor(rows, dtype=torch.long).to(self.device)
+        return found
+
+
 def residuals(rows: Sequence[Sequence[ControlRow]], latents: torch.Tensor, timesteps: torch.Tensor,
-              embeds: torch.Tensor, runners: Mapping[str, Runner]) -> torch.Tensor | None:  # fmt: skip
+              embeds: torch.Tensor, runners: Mapping[str, Runner],
+              indices: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor | None:  # fmt: skip
     """The summed ControlNet residuals of one UNet call, (rows, total); None when no row has a ControlNet.
 
     `latents`, `timesteps`, `embeds` are the call's (the ControlNet sees what the UNet sees). Each
     ControlNet runs once, on the rows that use it; a ControlNet every row uses in order runs on the
     call's tensors as they are and its output is the sum (the common case: no gather, no zeros).
+    `indices` gives the device index tensor of a row tuple (`RowIndices`; default: made per call).
+    Nothing here reads the host's values of a tensor, so a step with ControlNets can be recorded.
     """
     groups: dict[str, list[tuple[int, ControlRow]]] = {}
     for r, controls in enumerate(rows):
@@ -227,15 +262,16 @@ def residuals(rows: Sequence[Sequence[ControlRow]], latents: torch.Tensor, times
     total: torch.Tensor | None = None
     device = latents.device
     for name, members in groups.items():
-        index = [r for r, _ in members]
+        index = tuple(r for r, _ in members)
         images = torch.stack([c.image for _, c in members])
-        scales = torch.tensor([c.scale for _, c in members], dtype=torch.float32).to(device, non_blocking=True)
-        if index == list(range(len(rows))):
+        scales = torch.stack([c.scale for _, c in members]).float()
+        if index == tuple(range(len(rows))):
             out = runners[name](latents, timesteps, embeds, images, scales)
             total = out if total is None else total.add_(out)
             continue
-        at = torch.tensor(index, dtype=torch.long).to(device, non_blocking=True)
-        out = runners[name](latents[at], timesteps[at], embeds[at], images, scales)
+        at = indices(index) if indices is not None else torch.tensor(index, dtype=torch.long).to(device)
+        out = runners[name](latents.index_select(0, at), timesteps.index_select(0, at), embeds.index_select(0, at),
+                            images, scales)  # fmt: skip
         if total is None:
             total = torch.zeros((len(rows), out.shape[1]), device=device, dtype=out.dtype)
         total.index_add_(0, at, out)

@@ -26,11 +26,12 @@ is prepared when the params change, never per frame. Per-stream state lives in `
 Steps 3-8 go through the backend's `stages(layout)`: computed there and then, or (`cuda-graph`)
 replayed from a recording of the same stage for steps of the same layout. Each stage is a
 function of tensors alone (per-stream tensors gathered beforehand into a `_Batch`), and what it
-returns is copied before it is kept across steps. A step with a stream that uses the feature bank,
-motion-aware strength or a ControlNet has no layout and always runs eagerly: the bank's UNet call
-picks its graph (plain or bank) and the size of its inputs per call and writes the banks during
-the step, motion-aware strength changes a stream's timesteps from frame to frame, and which
-ControlNets run on which rows (and whether they are loaded yet) changes with the streams' params.
+returns is copied before it is kept across steps. Per-stream params enter a step as tensors
+(embeddings, schedule coefficients, whose timesteps motion-aware strength changes from frame to
+frame, noise, ControlNet images and scales), so a param change replays the same recording; which
+ControlNets run on which rows at which denoising step is part of the layout. A step with a stream
+that uses the feature bank has no layout and always runs eagerly: the bank's UNet call picks its
+graph (plain or bank) and the size of its inputs per call and writes the banks during the step.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 
 import torch
 
-from livediff.backends import Backend, Stages, create_backend, resolve_backend
+from livediff.backends import EAGER, Backend, Stages, create_backend, resolve_backend
 from livediff.backends.control_residuals import RESIDUALS
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
@@ -52,7 +53,7 @@ from livediff.config import ControlParams, EngineSettings, StreamParams
 from livediff.engine import preprocessors
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
-from livediff.engine.control import ControlModels, ControlRow, Key, residuals
+from livediff.engine.control import ControlInput, ControlModels, ControlRow, Key, RowIndices, residuals
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
@@ -123,8 +124,8 @@ class StepResult:
     """Milliseconds per stage for the whole batch (empty when no frame ran the networks)."""
 
 
-Controls = list[tuple[ControlParams, torch.Tensor]]
-"""A frame's ControlNets that can run now, each with its (3, H, W) control image."""
+Controls = list[ControlInput]
+"""A frame's ControlNets that can run now, each with its (3, H, W) control image and its scale."""
 
 
 @dataclass
@@ -146,8 +147,8 @@ class _Batch:
     controls: tuple[Controls, ...] = ()
     """Each frame's ControlNets with their control images; empty when no stream has one."""
     clock: StageClock | None = None
-    """With `controls` only: the step's clock, which times the ControlNets' runs as a stage of
-    their own (such steps run eagerly; a recorded stage takes no clock)."""
+    """With `controls` in an eager step only: the step's clock, which times the ControlNets' runs as
+    a stage of their own (a recorded stage takes no clock: its ControlNets are timed within `unet`)."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -188,6 +189,8 @@ class StreamEngine:
         """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
         self.controls = ControlModels(settings, self.parts)
         """The ControlNets streams may name (`controlnets`) and the depth estimator, loaded on first use."""
+        self._row_indices = RowIndices(self.device)
+        """Device index tensors of the rows each ControlNet runs on, kept for recorded steps."""
         self._network_threads = torch.get_num_threads()
         """torch's threads for the depth network, whatever the backend leaves to the step's own small ops."""
         channels = self.parts.unet.config.in_channels
@@ -342,18 +345,20 @@ class StreamEngine:
         for stream, image in zip(streams, images):
             if stream.motion is not None:
                 self._follow_motion(stream, image)
-        stages = self.backend.stages(self._layout(streams))
+        ready = [[c for c in stream.params.controlnet if self.controls.ready(c)] for stream in streams]
+        stages = self.backend.stages(self._layout(streams, ready))
         pixels = stages.run("preprocess", self._preprocess, self._upload(images))
         clock.mark("preprocess")
-        controls = self._control_images(streams, images, pixels, clock)
+        controls = self._control_images(streams, images, pixels, clock, ready)
         latents = stages.run("encode", self.backend.encode, pixels)
         clock.mark("encode")
         groups: dict[int, list[int]] = {}
         for i, stream in enumerate(streams):
             groups.setdefault(len(stream.params.timesteps), []).append(i)
         if len(groups) == 1:
-            denoised = self._denoise_group(streams, latents, stages, controls, clock)
-        else:  # streams with different step counts: one pass per count
+            step_clock = clock if stages is EAGER else None  # a recorded stage takes no clock
+            denoised = self._denoise_group(streams, latents, stages, controls, step_clock)
+        else:  # streams with different step counts: one pass per count (such a step is never recorded)
             denoised = torch.empty_like(latents)
             for members in groups.values():
                 index = torch.tensor(members, device=self.device)
@@ -367,20 +372,23 @@ class StreamEngine:
         clock.mark("postprocess")
         return list(frames.unbind(0)), clock.durations_ms()
 
-    def _layout(self, streams: list[Stream]) -> Hashable | None:
+    def _layout(self, streams: list[Stream], ready: list[list[ControlParams]]) -> Hashable | None:
         """What fixes the shapes and the order of work of a step of `streams`: batch size, step
-        count, guidance, and under Stream Batch which streams start their pipeline. None (never
+        count, guidance, under Stream Batch which streams start their pipeline, and which loaded
+        ControlNets (`ready`, per stream) run on which rows at which denoising steps. None (never
         recorded) when the streams' step counts differ (that step gathers its groups by index), or
-        when a stream uses the feature bank, motion-aware strength or a ControlNet (see the module
-        docstring)."""
+        when a stream uses the feature bank (see the module docstring). Params that are tensors in
+        the step (prompt embeddings, strength and motion-aware strength's timesteps as schedule
+        coefficients, noise from the seed, ControlNet scales and images) are not part of it: a
+        change of them replays the same recording."""
         steps = {len(stream.params.timesteps) for stream in streams}
-        if len(steps) > 1 or any(
-            stream.bank is not None or stream.motion is not None or stream.params.controlnet for stream in streams
-        ):
+        if len(steps) > 1 or any(stream.bank is not None for stream in streams):
             return None
+        count = steps.pop()
         guided = any(stream.conditioning.uncond is not None for stream in streams)
         starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
-        return (len(streams), steps.pop(), guided, starting)
+        controls = tuple(tuple((c.name, _active(c, count)) for c in row) for row in ready) if any(ready) else ()
+        return (len(streams), count, guided, starting, controls)
 
     def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, 3) uint8 frames on the device, in one host-to-device copy."""
@@ -399,10 +407,10 @@ class StreamEngine:
         return pixels
 
     def _control_images(self, streams: list[Stream], images: list[torch.Tensor], pixels: torch.Tensor,
-                        clock: StageClock) -> list[Controls]:  # fmt: skip
-        """Each stream's ControlNets that can run now (loaded), with their control images: each kind
-        of image made once for all the streams that use it, timed as a stage named after it."""
-        wanted = [[c for c in stream.params.controlnet if self.controls.ready(c)] for stream in streams]
+                        clock: StageClock, wanted: list[list[ControlParams]]) -> list[Controls]:  # fmt: skip
+        """Each stream's ControlNets that can run now (`wanted`: loaded), with their control images
+        and scales: each kind of image made once for all the streams that use it, timed as a stage
+        named after it."""
         users: dict[str, list[int]] = {}
         for i, ready in enumerate(wanted):
             for control in ready:
@@ -423,9 +431,13 @@ class StreamEngine:
                                            self.device, self.dtype)  # fmt: skip
             clock.mark(kind)
             made.update(((i, kind), image) for i, image in zip(members, out))
-        result = [[(c, made[i, c.preprocessor]) for c in ready] for i, ready in enumerate(wanted)]
+        result = [
+            [ControlInput(c.name, _active(c, len(streams[i].params.timesteps)), made[i, c.preprocessor],
+                          torch.full((), c.scale, dtype=torch.float32, device=self.device)) for c in ready]
+            for i, ready in enumerate(wanted)
+        ]  # fmt: skip
         for stream, imaged in zip(streams, result):
-            stream.control_image = imaged[0][1] if imaged else None
+            stream.control_image = imaged[0].image if imaged else None
         return result
 
     def _follow_motion(self, stream: Stream, image: torch.Tensor) -> None:
@@ -455,8 +467,8 @@ class StreamEngine:
         return self.settings.stream_batch and len(streams[0].params.timesteps) > 1
 
     def _denoise_group(self, streams: list[Stream], x0: torch.Tensor, stages: Stages, controls: list[Controls],
-                       clock: StageClock) -> torch.Tensor:  # fmt: skip
-        """Denoise the latents of streams that share a step count."""
+                       clock: StageClock | None) -> torch.Tensor:  # fmt: skip
+        """Denoise the latents of streams that share a step count (`clock`: None in a recorded step)."""
         batch = self._gather(streams, controls, clock)
         if not self._stream_batch(streams):
             return stages.run("unet", self._denoise, x0, batch)
@@ -465,7 +477,7 @@ class StreamEngine:
             stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
         return denoised
 
-    def _gather(self, streams: list[Stream], controls: list[Controls], clock: StageClock) -> _Batch:
+    def _gather(self, streams: list[Stream], controls: list[Controls], clock: StageClock | None) -> _Batch:
         """The per-stream tensors of a denoising pass, stacked (device copies; motion-aware strength
         computes a timestep set's coefficients the first time the stream meets it), the banks and
         the ControlNets with their control images."""
@@ -513,8 +525,7 @@ class StreamEngine:
         """Each row's ControlNets active at its denoising step (`ControlParams.active`)."""
         if not batch.controls:
             return [[] for _ in steps]
-        count = batch.coefs.shape[-1]
-        return [[ControlRow(c.name, c.scale, image) for c, image in controls if c.active(step, count)]
+        return [[ControlRow(c.name, c.scale, c.image) for c in controls if c.active[step]]
                 for controls, step in zip(batch.controls, steps)]  # fmt: skip
 
     def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: list[BankRow | None],
@@ -529,7 +540,7 @@ class StreamEngine:
         if any(controls):
             runners = self.controls.runners({row.name for row_controls in controls for row in row_controls})
             with clock.part("controlnet") if clock is not None else contextlib.nullcontext():
-                summed = residuals(controls, x, timesteps, embeds, runners)
+                summed = residuals(controls, x, timesteps, embeds, runners, self._row_indices)
             assert summed is not None  # some row has a ControlNet
             values[RESIDUALS] = summed
         if not values:
@@ -589,6 +600,9 @@ class StreamEngine:
         for stream in streams:
             for _ in range(frames):
                 self.step([(stream, image)])
+        warmed = getattr(self.backend, "warmed", None)
+        if warmed is not None:  # a backend that keeps what warm-up compiled (the compile cache)
+            warmed()
 
 
 def bank_rule(old: StreamParams, new: StreamParams) -> str:
@@ -609,3 +623,8 @@ def bank_rule(old: StreamParams, new: StreamParams) -> str:
     ):
         return "drop"
     return "keep"
+
+
+def _active(control: ControlParams, steps: int) -> tuple[bool, ...]:
+    """Per denoising step of `steps`: whether `control` runs then."""
+    return tuple(control.active(k, steps) for k in range(steps))

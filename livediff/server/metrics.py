@@ -77,8 +77,32 @@ class _LossCollector(Collector):
             yield CounterMetricFamily(name, text, value=value)
 
 
+class _StepTableCollector(Collector):
+    """The step time per batch size measured at warm-up and the streams it holds at 30 fps (`livediff.deadline`)."""
+
+    def __init__(self, steps: Callable[[], Any]) -> None:
+        self._steps = steps
+
+    def collect(self) -> Iterator[Any]:
+        from livediff.deadline import REFERENCE_FPS
+
+        table = self._steps()
+        if table is None:
+            return
+        step = GaugeMetricFamily("livediff_step_seconds_by_batch", "Engine step time measured at warm-up",
+                                 labels=["batch"])  # fmt: skip
+        for batch, ms in sorted(table.step_ms.items()):
+            step.add_metric([str(batch)], ms / 1000.0)
+        yield step
+        capacity = GaugeMetricFamily("livediff_capacity_streams", "Streams the engine holds at a camera rate, "
+                                     "from the measured step times", labels=["fps"])  # fmt: skip
+        capacity.add_metric([f"{REFERENCE_FPS:g}"], table.capacity(REFERENCE_FPS))
+        yield capacity
+
+
 class Metrics:
-    def __init__(self, engine: Callable[[], Any] = lambda: None) -> None:
+    def __init__(self, engine: Callable[[], Any] = lambda: None, steps: Callable[[], Any] = lambda: None) -> None:
+        """`steps`: the scheduler's `StepTable` (None until measured)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.stage = Histogram(
@@ -120,6 +144,7 @@ class Metrics:
         for outcome in ("received", "processed", "skipped", "dropped_in", "dropped_out", "sent"):
             self.frames.labels(outcome)
         r.register(_EngineCollector(engine))
+        r.register(_StepTableCollector(steps))
 
     def on_receiver_feedback(self, kind: str) -> None:
         """One PLI/FIR ("keyframe_request") or NACKed packet ("nack") from a receiver of an output."""

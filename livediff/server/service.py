@@ -71,7 +71,7 @@ class Service:
             settings.turn_ttl_s,
         )
         self.nat_1to1 = nat_1to1_map(settings.nat_1to1)
-        self.metrics = Metrics(engine=lambda: self.scheduler.engine)
+        self.metrics = Metrics(engine=lambda: self.scheduler.engine, steps=lambda: self.scheduler.step_table)
         self.loss_totals = LossStats()
         """Loss recovery on every publisher's video receiver, summed (`/metrics`)."""
         self.metrics.watch_loss(self.loss_totals)
@@ -85,6 +85,7 @@ class Service:
             fresh_frames=settings.fresh_frames,
             max_connecting=settings.max_connecting,
             id_prefix=settings.session_id_prefix,
+            batch_by_deadline=_batch_by_deadline(settings, engine_settings),
         )
         self.metrics.sessions.set_function(lambda: len(self.scheduler.sessions))
         self.outputs: dict[str, Fanout] = {}
@@ -116,7 +117,7 @@ class Service:
             return StreamEngine(self.engine_settings, self.parts)
 
         try:
-            await self.scheduler.load(make_engine)
+            await self.scheduler.load(make_engine, measure_steps=True)
         except Exception as exc:  # reported by /readyz and the CLI, never swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.debug("model load failed: %s", self.load_error)  # the caller says it (once)
@@ -149,6 +150,9 @@ class Service:
             "features": list(FEATURES),
             "controlnets": [name for name, _ in self.engine_settings.controlnets],
             "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
+            **({"steps": table.describe()} if (table := self.scheduler.step_table) is not None else {}),
+            "batch_by_deadline": self.scheduler.batch_by_deadline,
+            **({"backend_detail": engine.backend.describe()} if hasattr(engine.backend, "describe") else {}),
         }
 
     def require_ready(self) -> None:
@@ -415,3 +419,12 @@ class Service:
             "controlnet_state": dict(session.controlnet_state),
             "warnings": warnings,
         }
+
+
+def _batch_by_deadline(settings: ServerSettings, engine_settings: EngineSettings) -> bool:
+    """`ServerSettings.batch_by_deadline`, its default (None) decided by the engine's device: on CUDA."""
+    if settings.batch_by_deadline is not None:
+        return settings.batch_by_deadline
+    from livediff.engine.device import resolve_device
+
+    return resolve_device(engine_settings.device).type == "cuda"
