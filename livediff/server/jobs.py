@@ -46,6 +46,10 @@ def setup(app: web.Application, settings: JobSettings, state_dir: Path) -> None:
     app.router.add_get("/api/jobs/{id}", get_job)
     app.router.add_delete("/api/jobs/{id}", cancel_job)
     app.router.add_get("/api/jobs/{id}/result", result)
+    from livediff.jobs.recording import Recordings
+    from livediff.server import recordings
+
+    recordings.setup(app, Recordings(app[JOBS].storage, service.metrics.registry))
     app.on_startup.append(_start)
     app.on_shutdown.append(_stop)
 
