@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import av
+import numpy as np
 import pytest
 
 from livediff.jobs.settings import JobSettings
@@ -138,3 +139,20 @@ async def test_bad_record_values_are_refused_naming_the_field(tiny_parts, tmp_pa
         async with http.post(f"{server.url}/offer", json={**body, "params": {"record": True}}) as response:
             answer = await response.json()
             assert response.status == 422 and answer["field"] == "record", answer
+
+
+def test_frames_that_find_the_encoder_busy_are_dropped_and_counted(tmp_path: Path) -> None:
+    from livediff.jobs.recording import QUEUE_FRAMES, Track
+
+    drops: list[int] = []
+    track = Track(tmp_path / "output.mp4", "output", lambda: drops.append(1))
+    frame = av.VideoFrame.from_ndarray(np.full((1080, 1920, 3), 90, np.uint8), format="rgb24")
+    offered = QUEUE_FRAMES * 6
+    for _ in range(offered):  # far faster than libx264 opens and encodes 1080p: the queue fills
+        track.offer(frame)
+    track.finish()
+    assert track.error is None
+    assert track.dropped > 0 and len(drops) == track.dropped
+    assert track.frames + track.dropped == offered
+    assert len(decode((tmp_path / "output.mp4").read_bytes())) == track.frames
+    assert not (tmp_path / "output.mp4.part").exists()
