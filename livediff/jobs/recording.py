@@ -211,6 +211,14 @@ class Recordings:
         recording.error = "; ".join(errors) or None
         recording.ended_at = time.time()
         recording.save()
+        try:  # S3 storage: put the files in the bucket (local storage: they already are where they are kept)
+            for name in [f"{n}.mp4" for n, t in recording.tracks.items() if t.frames and not t.error]:
+                self.storage.store(recording.id, name)
+            self.storage.store(recording.id, "recording.json")
+        except Exception as exc:  # noqa: BLE001 - the files stay in the working copy; the record says why
+            log.warning("recording %s: storing failed: %s", recording.id, exc)
+            recording.state, recording.error = "failed", f"storing failed: {type(exc).__name__}: {exc}"
+            recording.save()
         return recording
 
     def get(self, rec_id: str) -> dict[str, Any] | None:
@@ -219,10 +227,11 @@ class Recordings:
             if recording.id == rec_id:
                 return recording.describe()
         try:
-            path = self.storage.folder(rec_id) / "recording.json"
+            self.storage.folder(rec_id)
         except ValueError:
             return None
-        if not rec_id.startswith("rec_") or not path.is_file():
+        path = self.storage.fetch(rec_id, "recording.json") if rec_id.startswith("rec_") else None
+        if path is None:
             return None
         return json.loads(path.read_text())  # type: ignore[no-any-return]
 
@@ -235,5 +244,6 @@ class Recordings:
                 found.append(record)
         return sorted(found, key=lambda r: r["started_at"], reverse=True)
 
-    def result_path(self, rec_id: str, stream: str) -> Path:
-        return self.storage.folder(rec_id) / f"{stream}.mp4"
+    def result_path(self, rec_id: str, stream: str) -> Path | None:
+        """The MP4 of `stream` on this machine's disk (brought back from S3 storage), or None. Blocks."""
+        return self.storage.fetch(rec_id, f"{stream}.mp4")

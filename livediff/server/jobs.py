@@ -254,7 +254,7 @@ async def result(request: web.Request) -> web.StreamResponse:
     job = await _find(request)
     if job.state != "complete":
         raise ApiError(409 if job.state in ACTIVE else 410, f"job {job.id} is {job.state}: it has no result")
-    path = jobs.storage.result_path(job.id)
-    if not path.is_file():
+    path = await asyncio.to_thread(jobs.storage.fetch, job.id, "result.mp4")
+    if path is None:
         raise ApiError(410, f"the result of job {job.id} is no longer stored")
     return web.FileResponse(path, headers={"Content-Type": "video/mp4"})

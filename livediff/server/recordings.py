@@ -53,7 +53,7 @@ async def result(request: web.Request) -> web.StreamResponse:
         raise ApiError(status, f"recording {record['id']} is {record['state']}: it has no result yet")
     if stream not in record["streams"]:
         raise ApiError(404, f"recording {record['id']} has no {stream} stream (record_input was not set)", "stream")
-    path = request.app[RECORDINGS].result_path(record["id"], stream)
-    if not path.is_file():
+    path = await asyncio.to_thread(request.app[RECORDINGS].result_path, record["id"], stream)
+    if path is None:
         raise ApiError(410, f"recording {record['id']} has no {stream} file (no frame was recorded)")
     return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
