@@ -96,3 +96,16 @@ async def test_a_job_and_a_recording_live_in_the_bucket(tiny_parts, tmp_path: Pa
             async with http.get(f"{server.url}/api/recordings/{rec_id}/result") as response:
                 assert response.status == 200 and await response.read() == recorded
             await client_peer.close()
+
+
+def test_the_flag_takes_a_folder_or_an_s3_url() -> None:
+    from livediff.cli import build_parser
+    from livediff.jobs.flags import jobs_settings
+
+    def parsed(value: str) -> JobSettings:
+        return jobs_settings(build_parser().parse_args(["serve", "--jobs-storage", value]))
+
+    assert parsed("s3://bucket/jobs").storage_url == "s3://bucket/jobs" and parsed("s3://bucket/jobs").storage is None
+    assert parsed("/data/jobs").storage == Path("/data/jobs") and parsed("/data/jobs").storage_url == ""
+    with pytest.raises(ConfigError, match="bucket"):
+        parsed("s3://")
