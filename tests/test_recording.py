@@ -134,7 +134,17 @@ async def test_bad_record_values_are_refused_naming_the_field(tiny_parts, tmp_pa
             assert response.status == 404
         async with http.get(f"{server.url}/api/recordings/../../etc/passwd") as response:
             assert response.status == 404
+        # started by PATCH, still running when the server shuts down: finished all the same
+        async with http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"record": True}) as response:
+            ack = await response.json()
+            assert response.status == 200 and ack["recording"], ack
+        rec_id = ack["recording"]
+        await client.received.wait_for(len(client.received.times) + 5)  # type: ignore[union-attr]
         await client.close()
+    folder = tmp_path / "state" / "jobs" / rec_id
+    record = json.loads((folder / "recording.json").read_text())
+    assert record["state"] == "complete" and record["streams"]["output"]["frames"] > 0, record
+    assert len(decode((folder / "output.mp4").read_bytes())) == record["streams"]["output"]["frames"]
     async with running_server(tiny_parts, size=64) as server:  # no jobs: no storage to record into
         async with http.post(f"{server.url}/offer", json={**body, "params": {"record": True}}) as response:
             answer = await response.json()
