@@ -26,9 +26,9 @@ def add_jobs_flags(
     )
     group.add_argument(
         "--jobs-storage",
-        type=Path,
         default=env("jobs_storage", None),
-        help="folder of the jobs' uploads and results (none: jobs/ in --state-dir)",
+        help="folder of the jobs' and recordings' files (none: jobs/ in --state-dir), or s3://bucket/prefix: "
+        "S3-compatible storage (endpoint and keys: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; docs/jobs.md)",
     )
     group.add_argument(
         "--max-jobs", type=int_range(1, 64), default=env("max_jobs", d.max_jobs), help="jobs run at once"
@@ -90,8 +90,16 @@ def add_jobs_flags(
 
 def jobs_settings(args: argparse.Namespace) -> JobSettings:
     return JobSettings(
-        db=args.jobs_db, storage=args.jobs_storage, max_jobs=args.max_jobs, max_bytes=args.jobs_max_bytes,
+        db=args.jobs_db, max_jobs=args.max_jobs, max_bytes=args.jobs_max_bytes,
         max_seconds=args.jobs_max_seconds, lease_s=args.jobs_lease, max_attempts=args.jobs_max_attempts,
         batch=args.jobs_batch, idempotency_ttl_s=args.idempotency_ttl, webhook_secret=args.webhook_secret,
         webhook_allow_private=args.webhook_allow_private, webhook_max_attempts=args.webhook_max_attempts,
+        **_storage(args.jobs_storage),
     )  # fmt: skip
+
+
+def _storage(value: str | None) -> dict[str, Any]:
+    """--jobs-storage: a folder, or an s3:// URL (its working copy then in the state folder)."""
+    if value and value.startswith("s3://"):
+        return {"storage_url": value}
+    return {"storage": Path(value) if value else None}

@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from livediff.config import StreamParams
+from livediff.jobs.s3 import make_storage
 from livediff.jobs.settings import JobSettings
 from livediff.jobs.storage import LocalStorage
 from livediff.jobs.store import STATES, Event, Job, JobStore
@@ -55,7 +56,7 @@ class Jobs:
         self.state_dir = state_dir
         self.scheduler = scheduler
         self.default_params = default_params
-        self.storage = LocalStorage(settings.storage or state_dir / "jobs")
+        self.storage: LocalStorage = make_storage(settings.storage, settings.storage_url, state_dir)
         self.secret = load_secret(state_dir, settings.webhook_secret)
         self.store: JobStore | None = None
         self.worker: JobWorker | None = None

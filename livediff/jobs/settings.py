@@ -16,6 +16,8 @@ class JobSettings:
     """`postgresql://...` for a store shared by replicas; empty: SQLite, `jobs.db` in the state folder."""
     storage: Path | None = None
     """Folder of the jobs' uploads and results; None: `jobs/` in the state folder."""
+    storage_url: str = ""
+    """`s3://bucket/prefix`: files kept in S3-compatible storage, `storage` their working copy (`livediff.jobs.s3`)."""
     max_jobs: int = 1
     """Jobs this server runs at once (each takes batch slots live sessions leave)."""
     max_bytes: int = 2 * 1024**3
@@ -56,6 +58,10 @@ class JobSettings:
                 raise ConfigError(f"{name} must be in {low:g}..{high:g}, got {value}")
         if self.db and not self.db.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"jobs db must be a postgresql:// URL (or empty: SQLite), got {self.db!r}")
+        if self.storage_url:
+            from livediff.jobs.s3 import parse_url
+
+            parse_url(self.storage_url)
         if self.webhook_secret and not self.webhook_secret.startswith("whsec_"):
             raise ConfigError("webhook secret must be whsec_ followed by base64 (Standard Webhooks)")
 

@@ -2,6 +2,8 @@
 
 `LocalStorage` keeps them on this machine's disk (the default: `<state folder>/jobs/`). Uploads are
 written as they arrive, chunk by chunk, to a part file that becomes the input only when complete.
+`livediff.jobs.s3.S3Storage` keeps them in S3-compatible object storage (`--jobs-storage s3://...`), with
+this machine's folder as its working copy: `store` puts a finished file there, `fetch` brings one back.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,6 +33,8 @@ class Upload:
         self.size = 0
         self.sha256 = hashlib.sha256()
         self._file = open(self.part, "wb")  # noqa: SIM115 - closed by commit/abort
+        self.on_commit: Callable[[], None] | None = None
+        """Runs once the file is in place (S3 storage: puts it in the bucket)."""
 
     def write(self, chunk: bytes) -> None:
         """Append `chunk`; `TooLarge` (and the part file removed) once past the limit."""
@@ -43,6 +48,8 @@ class Upload:
     def commit(self) -> None:
         self._file.close()
         os.replace(self.part, self.path)
+        if self.on_commit is not None:
+            self.on_commit()
 
     def abort(self) -> None:
         self._file.close()
@@ -71,6 +78,15 @@ class LocalStorage:
 
     def result_path(self, job_id: str) -> Path:
         return self.folder(job_id) / "result.mp4"
+
+    def store(self, job_id: str, name: str) -> None:
+        """Keep the finished file `name` of `job_id` where the storage keeps files (here: it already is)."""
+
+    def fetch(self, job_id: str, name: str) -> Path | None:
+        """The file `name` of `job_id` on this machine's disk (brought back from the storage when it keeps
+        files elsewhere), or None when it is not stored. Blocks: call off the event loop."""
+        path = self.folder(job_id) / name
+        return path if path.is_file() else None
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.folder(job_id), ignore_errors=True)

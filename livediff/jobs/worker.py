@@ -210,7 +210,9 @@ class JobWorker:
             raise PermanentError(f"params: {exc.message}") from None
         except ConfigError as exc:
             raise PermanentError(f"params: {refusal(exc).message}") from None
-        source = self.storage.input_path(job.id)
+        source = await self._call(self.storage.fetch, job.id, "input")
+        if source is None:
+            raise PermanentError("the uploaded clip is no longer stored")
         info = await self._call(probe, source, self.settings.max_seconds)
         lanes = (self.settings.batch or engine.settings.max_batch) if independent_frames(params, engine.settings) else 1
         streams = [await self.scheduler.run_on_worker(engine.open_stream, params) for _ in range(lanes)]
@@ -237,6 +239,7 @@ class JobWorker:
             transcode, source, self.storage.result_path(job.id), info, transform, lanes, size,
             on_progress, running.stop.is_set, on_encoding,
         )  # fmt: skip
+        await self._call(self.storage.store, job.id, "result.mp4")  # S3: put in the bucket before complete
         p = running.progress
         done = await self._call(
             self.store.transition, job.id, "complete", ("encoding",), self.worker_id,

@@ -46,6 +46,10 @@ def setup(app: web.Application, settings: JobSettings, state_dir: Path) -> None:
     app.router.add_get("/api/jobs/{id}", get_job)
     app.router.add_delete("/api/jobs/{id}", cancel_job)
     app.router.add_get("/api/jobs/{id}/result", result)
+    from livediff.jobs.recording import Recordings
+    from livediff.server import recordings
+
+    recordings.setup(app, Recordings(app[JOBS].storage, service.metrics.registry))
     app.on_startup.append(_start)
     app.on_shutdown.append(_stop)
 
@@ -250,7 +254,7 @@ async def result(request: web.Request) -> web.StreamResponse:
     job = await _find(request)
     if job.state != "complete":
         raise ApiError(409 if job.state in ACTIVE else 410, f"job {job.id} is {job.state}: it has no result")
-    path = jobs.storage.result_path(job.id)
-    if not path.is_file():
+    path = await asyncio.to_thread(jobs.storage.fetch, job.id, "result.mp4")
+    if path is None:
         raise ApiError(410, f"the result of job {job.id} is no longer stored")
     return web.FileResponse(path, headers={"Content-Type": "video/mp4"})

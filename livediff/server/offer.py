@@ -19,9 +19,11 @@ async def post_offer(request: web.Request) -> web.Response:
     if kind != "offer":
         raise ApiError(400, 'type must be "offer"', "type")
     params, extras = parse_update(svc.default_params, data.get("params") or {})
+    svc.check_record(extras)
     session, resource = await svc.publish(
         RTCSessionDescription(sdp=sdp, type="offer"), params, "offer", probe_on=extras.get("probe", False)
     )
+    await svc.record(session, extras)
     if client_gone(request):  # nobody will apply the answer: end it now, not at the connect deadline
         await svc.close_session(session, f"POST /offer: {GONE}")
     return web.json_response({"sdp": resource.answer, "type": "answer", "session_id": session.id})

@@ -31,8 +31,8 @@ _TYPES: dict[str, type] = {
     "max_skip_frames": int,
     "passthrough": bool,
 }
-SESSION_FIELDS = ("probe", "reset")
-"""Fields that belong to the session, not to the engine stream."""
+SESSION_FIELDS = ("probe", "reset", "record", "record_input")
+"""Fields that belong to the session, not to the engine stream (`record`, `record_input`: docs/jobs.md)."""
 _OBJECTS: dict[str, dict[str, tuple[str, type]]] = {
     "blend": {"prompt": ("blend_prompt", str), "weight": ("blend_weight", float)},
     "temporal": {

@@ -20,6 +20,7 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCSessionDescription
 from livediff.admission import AdmissionError
 from livediff.config import PREPROCESSORS, EngineSettings, ServerSettings, StreamParams, nat_1to1_map
 from livediff.errors import ConfigError
+from livediff.jobs.recording import Recordings
 from livediff.models import ModelParts
 from livediff.scheduler import Scheduler, StepObservers
 from livediff.server.control import Control
@@ -96,6 +97,8 @@ class Service:
         self.ready = False
         self.load_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.recordings: Recordings | None = None
+        """Sessions' recordings (`record: true`), set with the job routes (`livediff.server.recordings`)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -222,6 +225,9 @@ class Service:
             age = self.metrics.on_sent(out)
             session.stats.sent += 1
             session.stats.last_age_ms = round(age * 1000.0, 3)
+            recording = self.recordings.active.get(session.id) if self.recordings is not None else None
+            if recording is not None:
+                recording.tracks["output"].offer(out.image)
             if session.control is not None:
                 session.control.frame_sent(out)
 
@@ -236,6 +242,9 @@ class Service:
             if session.state == "new":
                 session.state = "live"
             received.inc()
+            recording = self.recordings.active.get(session.id) if self.recordings is not None else None
+            if recording is not None and "input" in recording.tracks:
+                recording.tracks["input"].offer(frame)
             before = session.inbox.replaced  # a chunked engine may drop a whole stale chunk on this put
             session.inbox.put(FrameIn(frame, frame.pts, frame.time_base, time.monotonic()))
             if session.inbox.replaced > before:
@@ -379,6 +388,7 @@ class Service:
     async def _apply_update(self, session: Session, params: StreamParams, extras: dict[str, Any]) -> dict[str, Any]:
         """Apply checked params (from the next frame on) and session fields; `SessionClosed` once it ended."""
         session.ensure_open()
+        self.check_record(extras)
         old = session.params
         try:
             truncated = (
@@ -398,7 +408,43 @@ class Service:
                 await self.scheduler.reset(session)
             except ConfigError as exc:
                 raise ParamError("reset", str(exc)) from None
+        await self.record(session, extras, old)
         return self._control_state(session, truncated)
+
+    # -- recording (livediff.jobs.recording) -----------------------------------------------------
+
+    def check_record(self, extras: dict[str, Any]) -> None:
+        """`ParamError` naming `record` when it asks for a recording and this server keeps none."""
+        if (extras.get("record") or extras.get("record_input")) and self.recordings is None:
+            raise ParamError("record", "this server has no recording storage (it serves no jobs)")
+
+    async def record(self, session: Session, extras: dict[str, Any], old: StreamParams | None = None) -> None:
+        """Note the change since `old` in the session's recording; start one (`record: true`, with its input
+        on `record_input: true`) or end it (`record: false`)."""
+        recordings = self.recordings
+        if recordings is None:
+            return
+        recording = recordings.active.get(session.id)
+        if recording is not None and old is not None:
+            new_json, old_json = params_to_json(session.params), params_to_json(old)
+            changes: dict[str, Any] = {k: v for k, v in new_json.items() if old_json.get(k) != v}
+            changes.update({k: v for k, v in extras.items() if k in ("probe", "reset")})
+            if changes:
+                recording.note(changes)
+        if extras.get("record") and recording is None:
+            session.ensure_open()  # a session that ended meanwhile is not recorded (its close would not stop it)
+            recordings.start(session.id, params_to_json(session.params), bool(extras.get("record_input")))
+
+            async def stop() -> None:
+                await asyncio.to_thread(recordings.stop, session.id)
+
+            session.on_close(stop)
+        elif extras.get("record") is False and recording is not None:
+            await asyncio.to_thread(recordings.stop, session.id)
+
+    def _recording_id(self, session: Session) -> str | None:
+        recording = self.recordings.active.get(session.id) if self.recordings is not None else None
+        return recording.id if recording is not None else None
 
     def _check_params(self, params: StreamParams, current: StreamParams) -> None:
         """`ParamError` naming the field when the engine cannot serve `params` (see `Control.check`)."""
@@ -416,6 +462,7 @@ class Service:
             "session_id": session.id,
             "params": params_to_json(session.params),
             "probe": session.probe,
+            "recording": self._recording_id(session),
             "controlnet_state": dict(session.controlnet_state),
             "warnings": warnings,
         }

@@ -33,9 +33,11 @@ async def post_whip(request: web.Request) -> web.Response:
     svc = service(request)
     sdp = await read_text(request, SDP_TYPE)
     params, extras = parse_update(svc.default_params, parse_query(request.query))
+    svc.check_record(extras)
     session, resource = await svc.publish(
         RTCSessionDescription(sdp=sdp, type="offer"), params, "whip", probe_on=extras.get("probe", False)
     )
+    await svc.record(session, extras)
     if client_gone(request):  # nobody will apply the answer: end it now, not at the connect deadline
         await svc.close_session(session, f"POST /whip: {GONE}")
     return created(resource, f"/whip/{session.id}", svc)

@@ -1,0 +1,168 @@
+"""Recording live sessions: a real aiortc publisher with `record` on, the recording fetched over HTTP and
+decoded with PyAV (its frames, its size), the timeline of param changes (PATCH and data channel), the end by
+`record: false` and by the session's end, and bad values refused naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+
+from livediff.jobs.settings import JobSettings
+from tests.server_fixtures import CameraTrack, frames_back, metric_value, offer_client, running_server, whip_publish
+
+pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(180)]
+
+
+def settings() -> JobSettings:
+    return JobSettings(webhook_secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", poll_s=0.2)
+
+
+async def wait_recorded(http: aiohttp.ClientSession, url: str, rec_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(f"{url}/api/recordings/{rec_id}") as response:
+            record = await response.json()
+            assert response.status == 200, record
+        if record["state"] != "recording":
+            return record
+        assert time.monotonic() < deadline, f"recording {rec_id} never ended: {record}"
+        await asyncio.sleep(0.1)
+
+
+async def fetch(http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    async with http.get(url, headers=headers) as response:
+        return response.status, await response.read()
+
+
+def decode(data: bytes) -> list[tuple[int, int]]:
+    with av.open(io.BytesIO(data)) as container:
+        return [(frame.width, frame.height) for frame in container.decode(video=0)]
+
+
+async def test_a_session_records_its_output_input_and_param_timeline(tiny_parts, tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64, jobs=settings(), state_dir=tmp_path / "state") as server:
+        camera = CameraTrack(width=96, height=80)
+        client = await offer_client(http, server.url, camera, params={"seed": 3, "record": True, "record_input": True})
+        await frames_back(client, 10)
+        session_url = f"{server.url}/api/sessions/{client.session_id}"
+        async with http.patch(session_url, json={"strength": 0.7}) as response:
+            ack = await response.json()
+            assert response.status == 200, ack
+        rec_id = ack["recording"]
+        assert rec_id and rec_id.startswith("rec_")
+        while client.channel.readyState != "open":
+            await asyncio.sleep(0.05)
+        client.channel.send(json.dumps({"prompt": "neon city", "request_id": 1}))
+        assert (await client.wait_message(lambda m: m.get("request_id") == 1))["type"] == "ack"
+        client.channel.send(json.dumps({"record": 5, "request_id": 2}))
+        error = await client.wait_message(lambda m: m.get("request_id") == 2)
+        assert error["type"] == "error" and error["field"] == "record"
+        await client.received.wait_for(len(client.received.times) + 5)  # type: ignore[union-attr]
+        async with http.get(f"{server.url}/api/recordings/{rec_id}/result") as response:
+            assert response.status == 409  # still recording
+
+        async with http.patch(session_url, json={"record": False}) as response:
+            ack = await response.json()
+            assert response.status == 200 and ack["recording"] is None, ack
+        record = await wait_recorded(http, server.url, rec_id)
+        assert record["state"] == "complete" and record["session_id"] == client.session_id, record
+        changes = [entry["changes"] for entry in record["timeline"]]
+        assert changes[0]["params"]["seed"] == 3
+        assert {"strength": 0.7} in changes and {"prompt": "neon city"} in changes, changes
+        times = [entry["t"] for entry in record["timeline"]]
+        assert times == sorted(times)
+
+        status, output = await fetch(http, f"{server.url}/api/recordings/{rec_id}/result")
+        assert status == 200
+        sizes = decode(output)
+        assert len(sizes) > 0 and set(sizes) == {(64, 64)}, sizes[:3]
+        assert record["streams"]["output"]["frames"] == len(sizes)
+        status, input_mp4 = await fetch(http, f"{server.url}/api/recordings/{rec_id}/result?stream=input")
+        assert status == 200
+        sizes = decode(input_mp4)
+        assert len(sizes) > 0 and set(sizes) == {(96, 80)}, sizes[:3]
+        status, part = await fetch(http, f"{server.url}/api/recordings/{rec_id}/result", {"Range": "bytes=0-99"})
+        assert status == 206 and part == output[:100]
+
+        async with http.get(f"{server.url}/api/recordings") as response:
+            listed = (await response.json())["recordings"]
+        assert [r["id"] for r in listed] == [rec_id]
+        dropped = await metric_value(http, server.url, 'livediff_recording_frames_dropped_total{stream="output"}')
+        assert dropped == record["streams"]["output"]["dropped"]
+        await client.close()
+
+
+async def test_a_recording_is_finished_when_its_session_ends(tiny_parts, tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64, jobs=settings(), state_dir=tmp_path / "state") as server:
+        client = await whip_publish(http, server.url, sendrecv=True, query="?record=1&strength=0.6")
+        await frames_back(client, 8)
+        recordings = server.service.recordings
+        assert recordings is not None
+        rec_id = recordings.active[client.session_id].id
+        async with http.delete(f"{server.url}/api/sessions/{client.session_id}") as response:
+            assert response.status == 200
+        record = await wait_recorded(http, server.url, rec_id)
+        assert record["state"] == "complete" and "input" not in record["streams"], record
+        status, output = await fetch(http, f"{server.url}/api/recordings/{rec_id}/result")
+        assert status == 200 and len(decode(output)) > 0
+        async with http.get(f"{server.url}/api/recordings/{rec_id}/result?stream=input") as response:
+            assert response.status == 404 and (await response.json())["field"] == "stream"
+        await client.close()
+
+
+async def test_bad_record_values_are_refused_naming_the_field(tiny_parts, tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    async with running_server(tiny_parts, size=64, jobs=settings(), state_dir=tmp_path / "state") as server:
+        body = {"sdp": "v=0\r\n", "type": "offer", "params": {"record": 5}}
+        async with http.post(f"{server.url}/offer", json=body) as response:
+            answer = await response.json()
+            assert response.status == 422 and answer["field"] == "record", answer
+        client = await offer_client(http, server.url, CameraTrack())
+        await frames_back(client, 3)
+        async with http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"record": "yes"}) as response:
+            answer = await response.json()
+            assert response.status == 422 and answer["field"] == "record", answer
+        async with http.get(f"{server.url}/api/recordings/rec_0123") as response:
+            assert response.status == 404
+        async with http.get(f"{server.url}/api/recordings/../../etc/passwd") as response:
+            assert response.status == 404
+        # started by PATCH, still running when the server shuts down: finished all the same
+        async with http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"record": True}) as response:
+            ack = await response.json()
+            assert response.status == 200 and ack["recording"], ack
+        rec_id = ack["recording"]
+        await client.received.wait_for(len(client.received.times) + 5)  # type: ignore[union-attr]
+        await client.close()
+    folder = tmp_path / "state" / "jobs" / rec_id
+    record = json.loads((folder / "recording.json").read_text())
+    assert record["state"] == "complete" and record["streams"]["output"]["frames"] > 0, record
+    assert len(decode((folder / "output.mp4").read_bytes())) == record["streams"]["output"]["frames"]
+    async with running_server(tiny_parts, size=64) as server:  # no jobs: no storage to record into
+        async with http.post(f"{server.url}/offer", json={**body, "params": {"record": True}}) as response:
+            answer = await response.json()
+            assert response.status == 422 and answer["field"] == "record", answer
+
+
+def test_frames_that_find_the_encoder_busy_are_dropped_and_counted(tmp_path: Path) -> None:
+    from livediff.jobs.recording import QUEUE_FRAMES, Track
+
+    drops: list[int] = []
+    track = Track(tmp_path / "output.mp4", "output", lambda: drops.append(1))
+    frame = av.VideoFrame.from_ndarray(np.full((1080, 1920, 3), 90, np.uint8), format="rgb24")
+    offered = QUEUE_FRAMES * 6
+    for _ in range(offered):  # far faster than libx264 opens and encodes 1080p: the queue fills
+        track.offer(frame)
+    track.finish()
+    assert track.error is None
+    assert track.dropped > 0 and len(drops) == track.dropped
+    assert track.frames + track.dropped == offered
+    assert len(decode((tmp_path / "output.mp4").read_bytes())) == track.frames
+    assert not (tmp_path / "output.mp4.part").exists()
