@@ -13,12 +13,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from livediff.config import EngineSettings, StreamParams
 from livediff.errors import ConfigError
-from livediff.jobs.clip import ClipInfo, probe
-from livediff.jobs.transcode import Progress, independent_frames, transcode
+
+if TYPE_CHECKING:  # the clip modules import PyAV: `livediff --help` and the GPU kit run without it
+    from livediff.jobs.clip import ClipInfo
+    from livediff.jobs.transcode import Progress
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,8 @@ def run_clip(
 ) -> dict[str, Any]:
     """Build the engine and transform `source` into `output`; the run's figures (frames, seconds, fps)."""
     from livediff.engine import StreamEngine
+    from livediff.jobs.clip import probe
+    from livediff.jobs.transcode import independent_frames, transcode
 
     info = info or probe(source)
     lanes = batch if independent_frames(params, settings) else 1
@@ -199,6 +203,8 @@ def cmd_run(args: argparse.Namespace, settings: EngineSettings, base: StreamPara
         raise ConfigError(f"--model: livediff run takes image models; {settings.model!r} is a video model")
     params = run_params(args, base)
     check_paths(args.input, args.output)
+    from livediff.jobs.clip import probe
+
     info = probe(args.input, args.max_seconds)  # a bad clip is said before the model loads
     log.info(
         "%s: %dx%d %s, %s fps, %s frames%s -> %s at %dx%d",
