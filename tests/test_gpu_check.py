@@ -251,3 +251,19 @@ def test_the_summary_reads_a_gpu_report(kit) -> None:
     not_judged = "holds here: not judged (this run measured no cuda-graph against torch, or ran no GPU test)"
     assert not_judged in kit.summary(partial)
     assert "nvidia-smi before: SM 1980/1980 MHz" in text and "nvidia-smi after: nvidia-smi failed: x" in text
+
+
+def test_the_video_line_reads_a_video_bench_with_mixed_cache_lengths(kit, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from livediff.cli import main
+
+    argv = ["bench", "--model", "tiny-video", "--size", "64", "--frames", "4", "--warmup", "0", "--streams", "1,2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    line = kit.video_line("video", report)
+    one, two = line.split("; ")
+    assert line.startswith("video (tiny-video, 64x64, float32, 1 step(s)): 1 stream(s)") and "mixed" not in one
+    mixed = report["results"][1]["mixed_cache"]
+    said = f"mixed caches: padded {mixed['padded_ms']:.1f} ms vs per stream {mixed['per_stream_ms']:.1f} ms"
+    assert two.endswith(said), line
