@@ -8,6 +8,11 @@ aggregate and per-stream frames per second, the first chunk's latency (from a co
 to its frames), and the memory a stream adds (its KV cache and autoencoder memories on the CPU;
 CUDA's allocated memory on a GPU). The ratio of each N's aggregate fps to one stream's (measured in
 the same run) says what batching streams in one transformer call buys.
+
+For N >= 2 it also measures streams whose caches hold different numbers of latent frames (stream i
+after i + 1 chunks: 2, 3, ... up to sink + window frames), as when streams joined at different
+times: one denoising step's transformer work for them as one padded call (shorter caches padded and
+masked to the longest, what the engine does) against one call per stream (no padding, N calls).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import torch
 
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine.video import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine, VideoStream
+from livediff.models.tae import LATENT_CHANNELS
+from livediff.models.wan import Row
 from livediff.synthetic import SyntheticCamera
 
 
@@ -39,6 +46,60 @@ def _stream_bytes(engine: VideoEngine, stream: VideoStream) -> int:
     tensors = [stream.cache.keys, stream.cache.values, *stream.cross.keys, *stream.cross.values]
     tensors += [t for t in (*stream.tae.encoder, *stream.tae.decoder) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _median_ms(run: Any, repeats: int, device: torch.device) -> float:
+    """Median wall milliseconds of `run()` over `repeats` calls (after one unmeasured call)."""
+    run()
+    walls = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        walls.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(walls)
+
+
+def mixed_cache_calls(engine: VideoEngine, count: int, frames: list[torch.Tensor], params: StreamParams,
+                      repeats: int) -> dict[str, Any]:  # fmt: skip
+    """One denoising step's transformer work for `count` streams whose caches differ in length
+    (stream i after i + 1 chunks, at most sink + window latent frames): `padded_ms`, one call with
+    shorter caches padded and masked; `per_stream_ms`, one call per stream; each a median of
+    `repeats`. The streams are closed (dropped) after."""
+    streams = [engine.open_stream(params.replace(seed=params.seed + i)) for i in range(count)]
+    for i, stream in enumerate(streams):
+        for _ in range(i + 1):
+            engine.step([(stream, frames[: stream.frames_needed])])
+    model = engine.model
+    rows = []
+    for stream in streams:
+        layers = [stream.cache.layer(i) for i in range(model.layers)]
+        positions = stream.cache.reserve(1, model.rope)
+        rows.append(Row(stream.cross, tuple(k for k, _ in layers), tuple(v for _, v in layers), positions))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((count, LATENT_CHANNELS, 1, *engine.latent_size), generator=generator)
+    latents = latents.to(engine.device, engine.dtype)
+    t = torch.full((count,), 500.0, device=engine.device)
+
+    def padded() -> None:
+        model.forward_chunk(latents, t, rows)
+
+    def per_stream() -> None:
+        for b, row in enumerate(rows):
+            model.forward_chunk(latents[b : b + 1], t[b : b + 1], [row])
+
+    with torch.inference_mode():
+        padded_ms = _median_ms(padded, repeats, engine.device)
+        per_stream_ms = _median_ms(per_stream, repeats, engine.device)
+    return {
+        "cached_frames": [stream.cache.frames for stream in streams],
+        "padded_ms": round(padded_ms, 2),
+        "per_stream_ms": round(per_stream_ms, 2),
+        "per_stream_vs_padded": round(per_stream_ms / padded_ms, 2),
+    }
 
 
 def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str, Any]:
@@ -83,6 +144,8 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
             "memory_per_stream_mib": round(per_stream / 2**20, 2),
         })  # fmt: skip
         del streams
+        if count >= 2:
+            results[-1]["mixed_cache"] = mixed_cache_calls(engine, count, frames, plan.params, max(3, plan.chunks))
     one: float | None = next((float(r["fps"]) for r in results if r["streams"] == 1), None)
     for r in results:
         r["fps_vs_1_stream"] = round(r["fps"] / one, 2) if one else None
@@ -115,4 +178,14 @@ def format_video_report(report: dict[str, Any]) -> str:
             f"{r['fps_per_stream']:>8.1f} {r['fps_vs_1_stream'] or 0:>6.2f} {r['first_chunk_ms']:>9.0f} "
             f"{r['memory_per_stream_mib']:>8.2f}  {stages}"
         )
+    mixed = [r for r in report["results"] if "mixed_cache" in r]
+    if mixed:
+        lines.append("mixed cache lengths, one step's transformer: one padded call vs one call per stream")
+        for r in mixed:
+            m = r["mixed_cache"]
+            lines.append(
+                f"{r['streams']:>7} streams, cached latent frames {m['cached_frames']}: "
+                f"padded {m['padded_ms']:.1f} ms, per stream {m['per_stream_ms']:.1f} ms "
+                f"({m['per_stream_vs_padded']:.2f}x)"
+            )
     return "\n".join(lines)

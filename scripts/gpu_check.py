@@ -180,9 +180,12 @@ def video_steps(gpu: bool, python: str) -> list[Step]:
 
 
 def video_line(name: str, result: dict[str, Any]) -> str:
-    """One line of a `video` step: fps, ms per frame, first chunk and memory per stream count."""
+    """One line of a `video` step: fps, ms per frame, first chunk and memory per stream count, and for
+    2 or more streams a step's transformer for mixed cache lengths, padded in one call or one call per stream."""
     cells = [f"{r['streams']} stream(s) {r['fps']:.1f} fps ({r['fps_vs_1_stream']}x one), {r['ms_per_frame']:.1f} "
              f"ms/frame, first chunk {r['first_chunk_ms']:.0f} ms, {r['memory_per_stream_mib']:.1f} MiB/stream"
+             + (f", mixed caches: padded {r['mixed_cache']['padded_ms']:.1f} ms vs per stream "
+                f"{r['mixed_cache']['per_stream_ms']:.1f} ms" if "mixed_cache" in r else "")
              for r in result["results"]]  # fmt: skip
     return f"{name} ({result['model']}, {result['size']}, {result['dtype']}, {result['steps']} step(s)): " + "; ".join(
         cells

@@ -114,12 +114,14 @@ def start_server(
     size: int = ENGINE_SIZE,
     controlnets: tuple[tuple[str, str], ...] = (),
     depth_model: str = "",
+    model: str = "tiny",
     **settings: Any,
 ) -> LiveServer:
     """Starts the app on a free port on a new thread; returns once /readyz says ready.
 
     `size`: the engine's frame side in pixels (a larger one makes the tiny model slower than a camera);
-    `controlnets`, `depth_model`: the engine's (`EngineSettings`).
+    `controlnets`, `depth_model`: the engine's (`EngineSettings`); `model`: the name `parts` were
+    loaded as (`tiny`, or `tiny-video` for the video engine's parts).
     """
     from aiohttp import web
 
@@ -129,7 +131,7 @@ def start_server(
     port = free_port()
     server_settings = ServerSettings(host="127.0.0.1", port=port, web_dir=WEB_DIR, **settings)
     engine = EngineSettings(
-        model="tiny",
+        model=model,
         device="cpu",
         dtype="float32",
         height=size,

@@ -25,6 +25,12 @@ def test_video_bench_reports_stages_fps_latency_and_memory_per_stream_count(caps
         assert result["fps"] > 0 and result["first_chunk_ms"] > 0 and result["memory_per_stream_mib"] > 0
         assert result["ms_per_frame"] == pytest.approx(result["ms_per_step"] / (4 * result["streams"]), rel=0.01)
     assert report["results"][0]["fps_vs_1_stream"] == 1.0
+    # streams of different cache lengths: one padded transformer call against one call per stream
+    assert "mixed_cache" not in report["results"][0]
+    mixed = report["results"][1]["mixed_cache"]
+    assert mixed["cached_frames"] == [2, 3], mixed  # after 1 and 2 chunks (the first gives 2 latent frames)
+    assert mixed["padded_ms"] > 0 and mixed["per_stream_ms"] > 0, mixed
+    assert mixed["per_stream_vs_padded"] == pytest.approx(mixed["per_stream_ms"] / mixed["padded_ms"], rel=0.02)
 
 
 def test_the_table_names_the_stages(capsys) -> None:

@@ -306,3 +306,19 @@ def test_the_variants_verdict_holds_the_fastest_matching_variant_to_issue_26s_ta
     assert "cuda-graph-compiled: ready 20.0 s; b1 222.2 fps 4.50 ms/f" in lines
     assert "PSNR 42.0 dB, max diff 3" in lines and "controlnet-canny 5.40 ms (1.2x plain)" in lines
     assert "top kernels of cuda-graph-compiled: triton_poi_fused 0.500 ms" in lines
+
+
+def test_the_video_line_reads_a_video_bench_with_mixed_cache_lengths(kit, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from livediff.cli import main
+
+    argv = ["bench", "--model", "tiny-video", "--size", "64", "--frames", "4", "--warmup", "0", "--streams", "1,2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    line = kit.video_line("video", report)
+    one, two = line.split("; ")
+    assert line.startswith("video (tiny-video, 64x64, float32, 1 step(s)): 1 stream(s)") and "mixed" not in one
+    mixed = report["results"][1]["mixed_cache"]
+    said = f"mixed caches: padded {mixed['padded_ms']:.1f} ms vs per stream {mixed['per_stream_ms']:.1f} ms"
+    assert two.endswith(said), line

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from livediff.backends.unet_extras import Collect, TensorSpec
+from livediff.backends.unet_feature import Collect, TensorSpec
 from livediff.models.controlnet import ResidualLayout
 
 CONTROL_TAG = "control-v1"

@@ -59,14 +59,8 @@ from livediff.backends.cache import (
 from livediff.backends.control_residuals import RESIDUALS, ControlNetResiduals
 from livediff.backends.modules import DepthNetwork, UNet, VaeDecoder, VaeEncoder
 from livediff.backends.temporal_attention import EMPTY_SLOT
-from livediff.backends.unet_extras import (
-    DYNAMIC_AXES,
-    NO_EXTRAS,
-    ExtrasUNet,
-    TensorSpec,
-    UNetExtras,
-    unet_extras,
-)
+from livediff.backends.unet_extras import NO_EXTRAS, ExtrasUNet, UNetExtras, unet_extras
+from livediff.backends.unet_feature import DYNAMIC_AXES, TensorSpec
 from livediff.config import EngineSettings
 from livediff.errors import BackendUnavailable, ConfigError, LivediffError
 from livediff.models import ModelParts

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from livediff.backends.unet_extras import Collect, TensorSpec
+from livediff.backends.unet_feature import Collect, TensorSpec
 
 BANK_TAG = "bank-v1"
 """The engine-key tag of graphs with the feature bank; bump when the graph's interface changes."""

@@ -48,7 +48,8 @@ from livediff.backends.onnx_backend import (
     sample_inputs,
     torch_module,
 )
-from livediff.backends.unet_extras import DYNAMIC_AXES, UNetExtras, unet_extras
+from livediff.backends.unet_extras import UNetExtras, unet_extras
+from livediff.backends.unet_feature import DYNAMIC_AXES
 from livediff.config import MAX_STEPS, EngineSettings
 from livediff.errors import BackendUnavailable
 from livediff.models import ModelParts

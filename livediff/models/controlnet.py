@@ -29,7 +29,7 @@ from diffusers import ControlNetModel
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, SD21_UNET, SEED, TINY_UNET, build_once, cache_root, rescale_output
-from livediff.models.loading import HubKind, _fingerprint, _snapshot
+from livediff.models.hub import HubKind, fingerprint, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +140,14 @@ def _locate(ref: str) -> tuple[Path, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a diffusers ControlNet folder (no config.json inside)")
-        return path, _fingerprint(path)
+        return path, fingerprint(path)
     if path.suffix or ref.count("/") != 1:
         raise ModelLoadError(
             f"ControlNet {ref!r} is not a built-in ({', '.join(BUILDERS)}), an existing folder, nor a hub id "
             "(owner/name, e.g. thibaud/controlnet-sd21-canny-diffusers)"
         )
     kind = HubKind("ControlNet", tuple(BUILDERS), "name the built-in one of the model (`--controlnet NAME=tiny`)")
-    folder = _snapshot(ref, ["config.json", "*.safetensors"], kind)
+    folder = snapshot(ref, ["config.json", "*.safetensors"], kind)
     return folder, folder.name  # the hub cache stores snapshots under their commit hash
 
 

@@ -23,7 +23,7 @@ import torch
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, SEED, build_once, cache_root, rescale_output
-from livediff.models.loading import HubKind, _fingerprint, _snapshot
+from livediff.models.hub import HubKind, fingerprint, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,14 @@ def _locate(ref: str) -> tuple[Path, str]:
         missing = [name for name in ("config.json", PROCESSOR_FILE) if not (path / name).is_file()]
         if missing:
             raise ModelLoadError(f"{path} is not a transformers depth-estimation folder (no {' or '.join(missing)})")
-        return path, _fingerprint(path)
+        return path, fingerprint(path)
     if path.suffix or ref.count("/") != 1:
         raise ModelLoadError(
             f"depth model {ref!r} is not a built-in ({', '.join(BUILTINS)}), an existing folder, nor a hub id "
             "(owner/name, e.g. depth-anything/Depth-Anything-V2-Small-hf)"
         )
     kind = HubKind("depth model", BUILTINS, "run with `--depth-model tiny` (built in, random weights)")
-    folder = _snapshot(ref, ["*.json", "*.safetensors"], kind)
+    folder = snapshot(ref, ["*.json", "*.safetensors"], kind)
     return folder, folder.name
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
+from livediff.models.hub import HubKind, fingerprint, snapshot
 
 if TYPE_CHECKING:
     from livediff.models.controlnet import ControlNetParts
@@ -104,26 +104,7 @@ def load_model(
     return parts
 
 
-@dataclass(frozen=True)
-class HubKind:
-    """What a hub id names, for the messages about it: its noun, its built-ins and the way out."""
-
-    noun: str
-    builtins: tuple[str, ...]
-    fallback: str
-    """How to run without it, e.g. "run with `--model tiny` (built in, no download)"."""
-
-
 MODEL = HubKind("model", tuple(BUILDERS), "run with `--model tiny` (built in, no download)")
-
-
-def _how_to_get(ref: str, why: str, kind: HubKind = MODEL) -> str:
-    """A one-line answer for a model that is not here: what was looked at, `why` it was not fetched, the way out."""
-    return (
-        f"{kind.noun} {ref!r} is not a built-in ({', '.join(kind.builtins)}), a local folder, nor in the "
-        f"Hugging Face cache, and {why}. Download it with `hf download {ref}` (on a machine with internet, "
-        f"then point HF_HOME at that cache), or {kind.fallback}."
-    )
 
 
 def _locate(ref: str) -> tuple[Path, str]:
@@ -134,7 +115,7 @@ def _locate(ref: str) -> tuple[Path, str]:
     if path.is_dir():
         if not (path / "unet").is_dir():
             raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/ inside)")
-        return path, _fingerprint(path)
+        return path, fingerprint(path)
     if path.suffix or ref.count("/") != 1:
         raise ModelLoadError(
             f"model {ref!r} is not a built-in ({', '.join(BUILDERS)}), an existing folder, nor a hub id "
@@ -142,54 +123,8 @@ def _locate(ref: str) -> tuple[Path, str]:
         )
     extensions = ("json", "txt", "safetensors")
     patterns = ["model_index.json"] + [f"{c}/*.{ext}" for c in (*_COMPONENTS, "vae") for ext in extensions]
-    folder = _snapshot(ref, patterns)
+    folder = snapshot(ref, patterns, MODEL)
     return folder, folder.name  # the hub cache stores snapshots under their commit hash
-
-
-def _snapshot(repo_id: str, allow_patterns: list[str] | None = None, kind: HubKind = MODEL) -> Path:
-    """The local snapshot of a hub repository: from the cache, else downloaded once; `ModelLoadError`
-    saying why not and what to do (in `kind`'s words) when it cannot be had."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
-    except HFValidationError as exc:
-        raise ModelLoadError(f"{repo_id!r} is not a valid {kind.noun} id: {exc}") from exc
-    except Exception:  # noqa: BLE001 - not in the cache, whatever the reason: try the hub
-        pass
-    if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(_how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked", kind))
-    log.info("%s is not in the Hugging Face cache: downloading it", repo_id)
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
-    except GatedRepoError as exc:
-        why = "it is gated on the hub: accept its terms on huggingface.co, then `hf auth login`"
-        raise ModelLoadError(_how_to_get(repo_id, why, kind)) from exc
-    except RepositoryNotFoundError as exc:
-        why = f"the hub has no such {kind.noun} (or it is private: `hf auth login` first)"
-        raise ModelLoadError(_how_to_get(repo_id, why, kind)) from exc
-    except Exception as exc:  # noqa: BLE001 - network, auth, disk: answered the same way, with the cause
-        why = f"it could not be downloaded ({type(exc).__name__}: {_first_line(exc)})"
-        raise ModelLoadError(_how_to_get(repo_id, why, kind)) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _fingerprint(folder: Path) -> str:
-    """Configs hashed by content, weights by name, size and mtime (hashing gigabytes per start is too slow)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(folder)).encode())
-        if file.suffix in (".json", ".txt"):
-            digest.update(file.read_bytes())
-        else:
-            stat = file.stat()
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return "sha256-" + digest.hexdigest()[:16]
 
 
 def _load_vae(folder: Path, vae: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -200,7 +135,7 @@ def _load_vae(folder: Path, vae: str, dtype: torch.dtype) -> torch.nn.Module:
             raise ModelLoadError(f"{folder} has no vae/ folder; use --vae taesd")
         return AutoModel.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
     source = DEFAULT_TAESD if vae == "taesd" else vae
-    vae_folder = Path(source) if Path(source).is_dir() else _snapshot(source)
+    vae_folder = Path(source) if Path(source).is_dir() else snapshot(source, None, MODEL)
     return AutoModel.from_pretrained(str(vae_folder), torch_dtype=dtype)
 
 

@@ -112,11 +112,11 @@ def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable
     from diffusers import WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from livediff.models.loading import HubKind, _fingerprint, _snapshot
+    from livediff.models.hub import HubKind, fingerprint, snapshot
 
     path = Path(ref).expanduser()
     if path.is_dir():
-        folder, revision = path, _fingerprint(path)
+        folder, revision = path, fingerprint(path)
     elif path.suffix or ref.count("/") != 1:
         raise ModelLoadError(
             f"video model {ref!r} is not a built-in ({', '.join(VIDEO_BUILTINS)}), an existing folder, nor a hub "
@@ -126,7 +126,7 @@ def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable
         kind = HubKind("video model", VIDEO_BUILTINS, "run with `--model tiny-video` (built in, no download)")
         extensions = ("json", "safetensors", "model", "txt")
         patterns = [f"{c}/*.{e}" for c in ("transformer", "text_encoder", "tokenizer") for e in extensions]
-        folder = _snapshot(ref, patterns, kind)
+        folder = snapshot(ref, patterns, kind)
         revision = folder.name
     config = folder / "transformer" / "config.json"
     try:

@@ -58,15 +58,35 @@ export class RtcStats {
   }
 }
 
-/** Splits a server `stats` message into named spans (ms, server clock): wait, each stage, out. */
-export function serverSpans(message) {
-  const spans = [["wait", message.scheduled_ms - message.received_ms]];
-  for (const [name, ms] of Object.entries(message.stages_ms ?? {})) spans.push([name, ms]);
-  const staged = spans.slice(1).reduce((sum, [, ms]) => sum + ms, 0);
+/** Stage keys of a server `stats` message that are waits before the engine step, not parts of it. */
+const WAIT_STAGES = new Set(["chunk_wait"]);
+
+/**
+ * The server's part of a frame's latency as named spans (ms, server clock, not clamped: they add up
+ * to `sent_ms - received_ms`): the wait for the engine step, each engine stage, then the way to the
+ * encoder. A chunked (video) model's wait is two legs, "chunk fill" (this frame until its chunk's
+ * last frame came) and "chunk wait" (the complete chunk until its step, the server's `chunk_wait`),
+ * and its output frames are "paced out" at the camera's rhythm before they reach the encoder.
+ */
+export function serverLegs(message) {
+  const wait = message.scheduled_ms - message.received_ms;
+  const chunkWait = message.stages_ms?.chunk_wait;
+  const spans = chunkWait == null ? [["wait", wait]] : [["chunk fill", wait - chunkWait], ["chunk wait", chunkWait]];
+  let staged = 0;
+  for (const [name, ms] of Object.entries(message.stages_ms ?? {})) {
+    if (WAIT_STAGES.has(name)) continue;
+    spans.push([name, ms]);
+    staged += ms;
+  }
   const engine = message.finished_ms - message.scheduled_ms;
   if (engine - staged > 0.05) spans.push(["engine other", engine - staged]);
-  spans.push(["to encoder", message.sent_ms - message.finished_ms]);
-  return spans.map(([name, ms]) => [name, Math.max(0, ms)]);
+  spans.push([chunkWait == null ? "to encoder" : "paced out", message.sent_ms - message.finished_ms]);
+  return spans;
+}
+
+/** Splits a server `stats` message into named spans (ms, server clock, none below 0): `serverLegs`. */
+export function serverSpans(message) {
+  return serverLegs(message).map(([name, ms]) => [name, Math.max(0, ms)]);
 }
 
 /** Rolling mean of the server's spans over the last `size` stats messages; the latest quality figures. */
@@ -103,6 +123,9 @@ export function spanColour(name) {
     "uplink+decode": "#5ad1e6",
     wait: "#6b7386",
     "to encoder": "#b48cff",
+    "chunk fill": "#8a93a8",
+    "chunk wait": "#c9a227",
+    "paced out": "#d58cff",
     downlink: "#3ecf8e",
     "encode+downlink+render": "#3ecf8e",
     network: "#5ad1e6",

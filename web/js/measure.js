@@ -1,6 +1,8 @@
 // Glass-to-glass bookkeeping for the latency page: send times by id, what was displayed, the
 // server's per-frame stats, and the summary. No DOM here.
 
+import { serverLegs } from "./hud.js";
+
 /** The p-th percentile (0-100) of ascending `sorted`, linear between ranks; NaN when empty. */
 export function percentile(sorted, p) {
   if (!sorted.length) return NaN;
@@ -128,15 +130,7 @@ export class LatencyRun {
     const s = this.server.get(frame.id);
     if (!s || offset == null) return null;
     const spans = [["uplink+decode", s.received_ms - offset - frame.sent_ms]];
-    spans.push(["wait", s.scheduled_ms - s.received_ms]);
-    let staged = 0;
-    for (const [name, ms] of Object.entries(s.stages_ms ?? {})) {
-      spans.push([name, ms]);
-      staged += ms;
-    }
-    const engine = s.finished_ms - s.scheduled_ms;
-    if (engine - staged > 0.05) spans.push(["engine other", engine - staged]);
-    spans.push(["to encoder", s.sent_ms - s.finished_ms]);
+    spans.push(...serverLegs(s));
     spans.push(["encode+downlink+render", frame.displayed_ms - (s.sent_ms - offset)]);
     return spans;
   }

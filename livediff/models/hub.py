@@ -1,0 +1,79 @@
+"""Hub ids and local folders of model files, shared by every loader (SD models, ControlNets, depth
+and video models): a hub repository's local snapshot (from the Hugging Face cache, else downloaded
+once) with one-line errors saying what to do, and a local folder's content fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from livediff.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HubKind:
+    """What a hub id names, for the messages about it: its noun, its built-ins and the way out."""
+
+    noun: str
+    builtins: tuple[str, ...]
+    fallback: str
+    """How to run without it, e.g. "run with `--model tiny` (built in, no download)"."""
+
+
+def how_to_get(ref: str, why: str, kind: HubKind) -> str:
+    """A one-line answer for a model that is not here: what was looked at, `why` it was not fetched, the way out."""
+    return (
+        f"{kind.noun} {ref!r} is not a built-in ({', '.join(kind.builtins)}), a local folder, nor in the "
+        f"Hugging Face cache, and {why}. Download it with `hf download {ref}` (on a machine with internet, "
+        f"then point HF_HOME at that cache), or {kind.fallback}."
+    )
+
+
+def snapshot(repo_id: str, allow_patterns: list[str] | None, kind: HubKind) -> Path:
+    """The local snapshot of a hub repository: from the cache, else downloaded once; `ModelLoadError`
+    saying why not and what to do (in `kind`'s words) when it cannot be had."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
+    except HFValidationError as exc:
+        raise ModelLoadError(f"{repo_id!r} is not a valid {kind.noun} id: {exc}") from exc
+    except Exception:  # noqa: BLE001 - not in the cache, whatever the reason: try the hub
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked", kind))
+    log.info("%s is not in the Hugging Face cache: downloading it", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except GatedRepoError as exc:
+        why = "it is gated on the hub: accept its terms on huggingface.co, then `hf auth login`"
+        raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+    except RepositoryNotFoundError as exc:
+        why = f"the hub has no such {kind.noun} (or it is private: `hf auth login` first)"
+        raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+    except Exception as exc:  # noqa: BLE001 - network, auth, disk: answered the same way, with the cause
+        why = f"it could not be downloaded ({type(exc).__name__}: {first_line(exc)})"
+        raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def fingerprint(folder: Path) -> str:
+    """Configs hashed by content, weights by name, size and mtime (hashing gigabytes per start is too slow)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        if file.suffix in (".json", ".txt"):
+            digest.update(file.read_bytes())
+        else:
+            stat = file.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "sha256-" + digest.hexdigest()[:16]
