@@ -55,8 +55,7 @@ class EngineReplica:
         from livediff.engine.device import resolve_device
         from livediff.models import resolve_auto
         from livediff.server import create_app
-        from livediff.server.app import LOAD_TASK
-        from livediff.server.common import SERVICE
+        from livediff.server.common import LOAD_TASK, SERVICE
         from livediff.server.listen import bind, bound_port
         from livediff.transport.loopback import host_candidates
 

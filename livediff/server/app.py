@@ -17,12 +17,11 @@ from livediff.jobs.settings import JobSettings
 from livediff.models import ModelParts
 from livediff.server import api, health, ice, offer, whep, whip
 from livediff.server.auth import bearer_middleware
-from livediff.server.common import SERVICE
+from livediff.server.common import LOAD_TASK, SERVICE
 from livediff.server.cors import cors_middleware
 from livediff.server.errors import ApiError, error_middleware
 from livediff.server.service import Service
 
-LOAD_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("load_task", asyncio.Task)
 PAGES = {"/": "index.html", "/latency": "latency.html"}
 
 

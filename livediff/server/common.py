@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -12,6 +13,8 @@ from livediff.server.service import Service
 from livediff.session import Session
 
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
+LOAD_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("load_task", asyncio.Task)
+"""The model's load (`Service.load`), started with the app."""
 
 
 def service(request: web.Request) -> Service:

@@ -28,7 +28,7 @@ from livediff.jobs.storage import TooLarge
 from livediff.jobs.store import ACTIVE, STATES, IdempotencyMismatch, Job, event_payload, new_job_id
 from livediff.jobs.webhooks import CallbackRefused, check_callback_url, describe_events
 from livediff.jobs.worker import job_params
-from livediff.server.common import SERVICE
+from livediff.server.common import LOAD_TASK, SERVICE
 from livediff.server.errors import ApiError
 from livediff.server.params import refusal
 
@@ -55,8 +55,6 @@ def setup(app: web.Application, settings: JobSettings, state_dir: Path) -> None:
 
 
 async def _start(app: web.Application) -> None:
-    from livediff.server.app import LOAD_TASK
-
     async def start_when_loaded() -> None:
         await app[JOBS].open_store()  # submissions are taken while the model loads
         await asyncio.shield(app[LOAD_TASK])

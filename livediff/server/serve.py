@@ -28,8 +28,8 @@ from livediff.jobs.settings import JobSettings
 from livediff.models import resolve_auto
 from livediff.models.video import is_video_model
 from livediff.server import tls
-from livediff.server.app import LOAD_TASK, create_app
-from livediff.server.common import SERVICE
+from livediff.server.app import create_app
+from livediff.server.common import LOAD_TASK, SERVICE
 from livediff.server.listen import bind, bound_port
 from livediff.server.stall import StallReporter
 from livediff.server.startup import print_loading, wait_loaded
