@@ -66,6 +66,7 @@ async def running_server(
     feature_bank: bool = False,
     controlnets: tuple[tuple[str, str], ...] = (),
     depth_model: str = "",
+    loras: tuple[tuple[str, str], ...] = (),
     **server: Any,
 ) -> AsyncIterator[Running]:
     from livediff.server import tls
@@ -78,6 +79,7 @@ async def running_server(
         feature_bank=feature_bank,
         controlnets=controlnets,
         depth_model=depth_model,
+        loras=loras,
     )
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params)

@@ -139,6 +139,7 @@ class Service:
             "max_sessions": self.settings.max_sessions,
             "features": list(FEATURES),
             "controlnets": [name for name, _ in self.engine_settings.controlnets],
+            "loras": [name for name, _ in self.engine_settings.loras],
             "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
         }
 
