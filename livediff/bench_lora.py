@@ -8,10 +8,11 @@ On one engine (its LoRAs from `--lora`), in turns of `plan.turn` frames as in `l
 
 Each row: ms per step (mean and p50), ms per frame and the ratio to `none`.
 
-Then the UNet call alone, batch `plan.batch`, each row another LoRA, three ways taking turns:
-plain (no LoRA), livediff's gathered per-row product, and PEFT's mixed-batch forward (the LoRAs
-injected into a copy of the UNet by diffusers, each row naming its adapter through PEFT's
-`adapter_names`), with the largest difference of PEFT's predictions from livediff's.
+Then the UNet call alone, batch `plan.batch`, each row another LoRA, four ways taking turns:
+plain (no LoRA), livediff's two strategies (`segmented`: one product per slot on its own weights;
+`gather`: the rows' weights gathered into batched products), and PEFT's mixed-batch forward (the
+LoRAs injected into a copy of the UNet by diffusers, each row naming its adapter through PEFT's
+`adapter_names`), with the largest difference of livediff's predictions from PEFT's.
 
 With `--streams N`: N streams, each with another LoRA, as one batched step per frame against N
 steps one after another, and N streams with none batched (what the LoRAs cost a shared step).
@@ -115,24 +116,34 @@ def unet_comparison(engine: StreamEngine, plan: BenchPlan) -> dict[str, Any]:
     scales = torch.zeros((rows, len(feature.names)))
     for i, name in enumerate(names):
         scales[i, feature.names.index(name)] = 1.0
+    chosen = feature.strategy
+
+    def ours(strategy: str) -> Any:
+        def call() -> torch.Tensor:
+            feature.strategy = strategy
+            try:
+                return engine.backend.unet_with(latents, timesteps, embeds, {LORA_SCALES: scales})[0]
+            finally:
+                feature.strategy = chosen
+
+        return call
+
     lanes = [
         UNetLane("plain", lambda: engine.backend.unet(latents, timesteps, embeds)),
-        UNetLane("livediff", lambda: engine.backend.unet_with(latents, timesteps, embeds, {LORA_SCALES: scales})[0]),
+        UNetLane("segmented", ours("segmented")),
+        UNetLane("gather", ours("gather")),
         UNetLane("peft", _peft_call(engine, names, latents, timesteps, embeds)),
     ]
     run_rounds(list(lanes), plan)
-    plain, ours, peft = (lane.report() for lane in lanes)
-    assert lanes[1].output is not None and lanes[2].output is not None
-    return {
-        "rows": rows,
-        "loras": names,
-        "plain": plain,
-        "livediff": ours,
-        "peft": peft,
-        "livediff_vs_plain_p50": round(ours["ms"]["p50"] / plain["ms"]["p50"], 3),
-        "peft_vs_plain_p50": round(peft["ms"]["p50"] / plain["ms"]["p50"], 3),
-        "peft_max_abs_diff": float((lanes[1].output.float() - lanes[2].output.float()).abs().max()),
-    }
+    reports = {lane.label: lane.report() for lane in lanes}
+    outputs = {lane.label: lane.output for lane in lanes if lane.output is not None}
+    plain_p50 = reports["plain"]["ms"]["p50"]
+    ways = ("segmented", "gather", "peft")
+    result: dict[str, Any] = {"rows": rows, "loras": names, "strategy": chosen, **reports}
+    result.update({f"{way}_vs_plain_p50": round(reports[way]["ms"]["p50"] / plain_p50, 3) for way in ways})
+    for way in ways[:2]:
+        result[f"{way}_max_abs_diff_from_peft"] = float((outputs[way].float() - outputs["peft"].float()).abs().max())
+    return result
 
 
 def run_lora_bench(settings: EngineSettings, plan: BenchPlan, streams: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -199,10 +210,14 @@ def format_lora(report: dict[str, Any]) -> str:
     unet = report["unet"]
     lines += [
         "",
-        f"UNet call, {unet['rows']} rows ({', '.join(unet['loras'])}), p50 ms: plain {unet['plain']['ms']['p50']:.1f}, "
-        f"livediff {unet['livediff']['ms']['p50']:.1f} ({unet['livediff_vs_plain_p50']:.3f}x), "
-        f"PEFT adapter_names {unet['peft']['ms']['p50']:.1f} ({unet['peft_vs_plain_p50']:.3f}x); "
-        f"largest difference {unet['peft_max_abs_diff']:.2e}",
+        f"UNet call alone, {unet['rows']} rows ({', '.join(unet['loras'])}), p50 ms (x plain); the engine runs "
+        f"{unet['strategy']}:",
+        f"  plain {unet['plain']['ms']['p50']:.1f}, livediff segmented {unet['segmented']['ms']['p50']:.1f} "
+        f"({unet['segmented_vs_plain_p50']:.3f}x), livediff gather {unet['gather']['ms']['p50']:.1f} "
+        f"({unet['gather_vs_plain_p50']:.3f}x), PEFT adapter_names {unet['peft']['ms']['p50']:.1f} "
+        f"({unet['peft_vs_plain_p50']:.3f}x)",
+        f"  largest difference from PEFT's prediction: segmented {unet['segmented_max_abs_diff_from_peft']:.1e}, "
+        f"gather {unet['gather_max_abs_diff_from_peft']:.1e}",
     ]
     for row in report.get("streams", []):
         b, s, p = row["batched"], row["sequential"], row["none"]

@@ -64,15 +64,17 @@ def test_loading_keeps_the_unet_as_it_was(tiny_parts: Any, lora_files: dict[str,
     assert {type(m) for m in tiny_parts.unet.modules()} == kinds and not getattr(tiny_parts.unet, "peft_config", None)
 
 
+@pytest.mark.parametrize("strategy", ["segmented", "gather"])
 @pytest.mark.parametrize("kind", ["diffusers", "kohya"])
 def test_each_row_matches_peft_with_its_own_lora_and_scale(tiny_parts: Any, lora_files: dict[str, Path],
-                                                          kind: str) -> None:  # fmt: skip
+                                                          kind: str, strategy: str) -> None:  # fmt: skip
     """Rows of one call (no LoRA; the file's at 1; at -0.7; the file's and `tiny` at 0.5 and 1.5)
     against diffusers/PEFT running the same file alone, one adapter set per call (`set_adapters`)."""
     source = str(lora_files[kind])
     unet = copy.deepcopy(tiny_parts.unet)
     loras = [load_lora("file", source, unet), load_lora("tiny", "tiny", unet)]
     feature = MultiLoRA(loras, unet)
+    feature.strategy = strategy
     model = ExtrasUNet(unet, UNetExtras((feature,)))
     rows = [(0.0, 0.0), (1.0, 0.0), (-0.7, 0.0), (0.5, 1.5)]
     latents, timesteps, embeds = _inputs(len(rows))
@@ -182,13 +184,15 @@ def test_a_scale_change_applies_on_the_next_frame_without_touching_the_weights(e
         assert (layer.down.data_ptr(), layer.up.data_ptr()) == (down_ptr, up_ptr) and torch.equal(layer.down, down)
 
 
-def test_a_scale_change_does_not_recompile(tiny_parts: Any) -> None:
+@pytest.mark.parametrize("strategy", ["segmented", "gather"])
+def test_a_scale_change_does_not_recompile(tiny_parts: Any, strategy: str) -> None:
     """torch.compile of the LoRA UNet call: new scales for the same rows reuse the compiled frames
     (dynamo's count of compiled frames stays put); a new layout of rows is the only recompile."""
     import torch._dynamo
 
     unet = copy.deepcopy(tiny_parts.unet)
     feature = MultiLoRA([load_lora("ink", "tiny", unet), load_lora("film", "random:8", unet)], unet)
+    feature.strategy = strategy
     model = ExtrasUNet(unet, UNetExtras((feature,)))
     torch._dynamo.reset()
     compiled = torch.compile(model.call, backend="eager", dynamic=False)

@@ -8,15 +8,22 @@ buffer (slots, rank, out), zero-padded to the largest rank and zero where a LoRA
 alone, allocated once when the engine starts. A call names each row's scale per slot, a
 (rows, slots) matrix (`LORA_SCALES`): the one input every backend takes (`UNetFeature`).
 
-How the torch backends run it (`gather`): from the scale matrix (on the host) a plan: the rows
-that apply any LoRA, for each up to K slots and their scales. At each adapted layer the rows'
-`down` and `up` matrices are gathered by slot index into (rows, K * rank, in) and (rows, K * rank,
-out) and applied as two batched products (`torch.bmm`; a grouped convolution, one group per row,
-for a convolution's `down`), the scales multiplied in between, the result added to those rows of
-the base output. Rows without a LoRA are not touched (their output is the base layer's, computed
-once for the whole batch as always) and a call where no row applies one is the plain call.
-Changing a stream's LoRAs or scales changes only the scale matrix: no weight is written, no
-buffer allocated.
+How the torch backends run it: from the scale matrix (on the host) a plan of the rows that apply
+any LoRA, in one of two strategies (`MultiLoRA.strategy`):
+
+- `segmented` (the CPU's): per slot that any row applies, its rows (selected by index) times the
+  slot's own `down` and `up` (views: no weight copied), scaled per row and added to those rows of
+  the base output: one product pair per LoRA in use, as Punica's segmented kernel groups rows by
+  adapter.
+- `gather` (CUDA's): each row's `down` and `up` gathered by slot index into (rows, K * rank, in)
+  and (rows, K * rank, out) and applied as two batched products (`torch.bmm`; a grouped
+  convolution, one group per row, for a convolution's `down`), the scales multiplied in between:
+  a fixed number of kernels whatever the mix. On the CPU its weight copies cost more than the
+  products at small frame sizes (`livediff bench --lora` times both against PEFT).
+
+Either way rows without a LoRA are not touched (their output is the base layer's, computed once
+for the whole batch as always) and a call where no row applies one is the plain call. Changing a
+stream's LoRAs or scales changes only the scale matrix: no weight is written, no buffer allocated.
 
 How an exported graph runs it (`dense`, used while tracing): every slot's pair stacked,
 (slots * rank, in) and (slots * rank, out), each row's scales spread over its slots' ranks: the
@@ -40,7 +47,8 @@ from livediff.errors import ConfigError, ModelLoadError
 from livediff.models.lora import LoRAWeights
 
 LORA_SCALES = "lora_scales"
-"""The UNet input: (rows, slots) float32, each row's scale of each of the engine's LoRAs (0: not applied)."""
+"""The UNet input: (rows, slots), each row's scale of each of the engine's LoRAs (0: not applied);
+the engine passes it in float32 on the host."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,27 @@ class LoRAPlan:
     """(R, K * rank) each row's scale per LoRA, repeated over the slot's rank, in the model dtype."""
     used: frozenset[int]
     """The slots any row applies (layers that none of them adapts are skipped)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows of a call that apply one slot's LoRA (the `segmented` form)."""
+
+    slot: int
+    rows: torch.Tensor
+    """(n,) int64 row indices, on the device."""
+    all_rows: bool
+    """Whether `rows` is every row of the call in order."""
+    scales: torch.Tensor
+    """(n,) each row's scale of this slot, in the model dtype, on the device."""
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """A call's LoRA rows grouped by slot: one product per slot used, straight on the slot's weights."""
+
+    segments: tuple[Segment, ...]
+    used: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -95,8 +124,9 @@ class _Layer:
             return self._dense(x, plan)
         rows = x if plan.all_rows else x.index_select(0, plan.rows)
         count, k = plan.slots.shape
-        down = self.down[plan.slots]  # (R, K, rank, in[, kh, kw])
-        up = self.up[plan.slots].reshape(count, k * self.rank, -1)  # (R, K * rank, out)
+        down = self.down[plan.slots].to(x.dtype)  # (R, K, rank, in[, kh, kw]); to(): no-op but in an export's copy
+        up = self.up[plan.slots].reshape(count, k * self.rank, -1).to(x.dtype)  # (R, K * rank, out)
+        spread = plan.scales.to(x.dtype)
         if self.conv:
             module = self.module
             assert isinstance(module, torch.nn.Conv2d)
@@ -104,26 +134,57 @@ class _Layer:
             hidden = F.conv2d(rows.reshape(1, -1, *rows.shape[2:]), kernel, None, module.stride, module.padding,
                               module.dilation, groups=count)  # fmt: skip
             size = hidden.shape[2:]
-            hidden = hidden.reshape(count, k * self.rank, -1) * plan.scales[:, :, None]
+            hidden = hidden.reshape(count, k * self.rank, -1) * spread[:, :, None]
             return torch.bmm(up.transpose(1, 2), hidden).reshape(count, -1, *size)
         flat = rows.reshape(count, -1, rows.shape[-1])  # (R, tokens, in)
         hidden = torch.bmm(flat, down.reshape(count, k * self.rank, -1).transpose(1, 2))
-        hidden = hidden * plan.scales[:, None, :]
+        hidden = hidden * spread[:, None, :]
         return torch.bmm(hidden, up).reshape(*rows.shape[:-1], -1)
 
+    def add_segments(self, x: torch.Tensor, output: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+        """`output` (the base layer's, written in place) plus each segment's rows' LoRA product,
+        computed on the slot's own `down` and `up` (views: no weight is copied)."""
+        for segment in plan.segments:
+            if segment.slot not in self.present:
+                continue
+            down, up = self.down[segment.slot].to(x.dtype), self.up[segment.slot].to(x.dtype)
+            rows = x if segment.all_rows else x.index_select(0, segment.rows)
+            shape = (-1,) + (1,) * (rows.dim() - 1)
+            if self.conv:
+                module = self.module
+                assert isinstance(module, torch.nn.Conv2d)
+                hidden = F.conv2d(rows, down, None, module.stride, module.padding, module.dilation)
+                hidden = hidden * segment.scales.to(x.dtype).reshape(shape)
+                delta = torch.einsum("nrhw,ro->nohw", hidden, up)
+            else:
+                hidden = (rows @ down.T) * segment.scales.to(x.dtype).reshape(shape)
+                delta = hidden @ up
+            if segment.all_rows:
+                output = output.add_(delta.to(output.dtype))
+            else:
+                output = output.index_add_(0, segment.rows, delta.to(output.dtype))
+        return output
+
     def _dense(self, x: torch.Tensor, plan: DensePlan) -> torch.Tensor:
-        slots, rank = self.down.shape[:2]
-        up = self.up.reshape(slots * rank, -1)  # (S * rank, out)
+        # in x's dtype: an export traces a float32 copy of a bfloat16 engine's UNet
+        down, up, spread = self.down.to(x.dtype), self.up.to(x.dtype), plan.scales.to(x.dtype)
+        slots, rank = down.shape[:2]
+        up = up.reshape(slots * rank, -1)  # (S * rank, out)
         if self.conv:
             module = self.module
             assert isinstance(module, torch.nn.Conv2d)
-            kernel = self.down.reshape(slots * rank, *self.down.shape[2:])
+            kernel = down.reshape(slots * rank, *down.shape[2:])
             hidden = F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation)
-            hidden = hidden * plan.scales[:, :, None, None]
+            hidden = hidden * spread[:, :, None, None]
             return torch.einsum("nchw,co->nohw", hidden, up)
-        hidden = x @ self.down.reshape(slots * rank, -1).T
-        scales = plan.scales.reshape(plan.scales.shape[0], *([1] * (x.dim() - 2)), -1)
+        hidden = x @ down.reshape(slots * rank, -1).T
+        scales = spread.reshape(spread.shape[0], *([1] * (x.dim() - 2)), -1)
         return (hidden * scales) @ up
+
+
+def _tracing() -> bool:
+    """Whether the call is being traced for an export (TorchScript, torch.export or the ONNX exporter)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 class MultiLoRA:
@@ -158,9 +219,13 @@ class MultiLoRA:
                 layer.present.add(slot)
                 digest = zlib.crc32(pair.down.float().numpy().tobytes()[:4096], digest)
         self.tag = f"lora{len(self.names)}r{self.rank}-{digest:08x}"
-        self.inputs: tuple[TensorSpec, ...] = (TensorSpec(LORA_SCALES, ("batch", len(self.names)), float32=True),)
+        self.inputs: tuple[TensorSpec, ...] = (TensorSpec(LORA_SCALES, ("batch", len(self.names))),)
         self.outputs: tuple[TensorSpec, ...] = ()
-        self._plan: LoRAPlan | DensePlan | None = None
+        self._plan: LoRAPlan | SegmentPlan | DensePlan | None = None
+        self.strategy = "segmented" if device.type == "cpu" else "gather"
+        """How the torch backends run a call's LoRA rows (the export traces `dense`): `segmented`
+        (one product per slot used, on its own weights) or `gather` (the rows' weights gathered
+        by slot into two batched products); see `livediff bench --lora` for what each costs."""
         self._installed = False
 
     def slot(self, name: str) -> int | None:
@@ -198,8 +263,10 @@ class MultiLoRA:
     def _hook(self, layer: _Layer) -> Any:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             plan = self._plan
-            if plan is None or (isinstance(plan, LoRAPlan) and not plan.used & layer.present):
+            if plan is None or (not isinstance(plan, DensePlan) and not plan.used & layer.present):
                 return None
+            if isinstance(plan, SegmentPlan):
+                return layer.add_segments(args[0], output, plan)
             delta = layer.delta(args[0], plan)
             if isinstance(plan, DensePlan) or plan.all_rows:
                 return output + delta.to(output.dtype)
@@ -222,13 +289,28 @@ class MultiLoRA:
 
     # -- plans ----------------------------------------------------------------------------------
 
-    def plan(self, scales: torch.Tensor) -> LoRAPlan | DensePlan | None:
+    def plan(self, scales: torch.Tensor) -> LoRAPlan | SegmentPlan | DensePlan | None:
         """The plan of a (rows, slots) scale matrix: `dense` while tracing an export or when the
-        matrix is on an accelerator (no host sync inside a call), else `gather` (None: no row applies any)."""
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or scales.device.type != "cpu":
+        matrix is on an accelerator (no host sync inside a call), else `strategy`'s (None: no row applies any)."""
+        if _tracing() or scales.device.type != "cpu":
             spread = scales.to(self.dtype).repeat_interleave(self.rank, dim=1)
             return DensePlan(spread)
-        return self.gather_plan(scales, torch.device(next(iter(self.layers.values())).down.device))
+        device = next(iter(self.layers.values())).down.device
+        if self.strategy == "segmented":
+            return self.segment_plan(scales, device)
+        return self.gather_plan(scales, device)
+
+    def segment_plan(self, scales: torch.Tensor, device: torch.device) -> SegmentPlan | None:
+        """The `segmented` plan of a host (rows, slots) scale matrix: per slot used, its rows and their scales."""
+        segments = []
+        for slot in range(scales.shape[1]):
+            rows = scales[:, slot].nonzero().flatten()
+            if rows.numel():
+                segments.append(Segment(slot, rows.to(device), rows.numel() == scales.shape[0],
+                                        scales[rows, slot].to(device, self.dtype)))  # fmt: skip
+        if not segments:
+            return None
+        return SegmentPlan(tuple(segments), frozenset(segment.slot for segment in segments))
 
     def gather_plan(self, scales: torch.Tensor, device: torch.device) -> LoRAPlan | None:
         """The `gather` plan of a host (rows, slots) scale matrix (see the module docstring)."""

@@ -49,7 +49,7 @@ from livediff.backends.control_residuals import RESIDUALS
 from livediff.backends.multi_lora import LORA_SCALES, MultiLoRA
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
-from livediff.config import ControlParams, EngineSettings, StreamParams
+from livediff.config import ControlParams, EngineSettings, LoRAParams, StreamParams
 from livediff.engine import preprocessors
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
@@ -613,10 +613,12 @@ class StreamEngine:
 
     def warmup(self, frames: int = 2) -> None:
         """Run a few frames so lazy initialisation and compilation happen before real traffic
-        (of the UNet with the feature bank too, when the engine has it)."""
+        (of the UNet with the feature bank and with a LoRA too, when the engine has them)."""
         streams = [self.open_stream()]
         if self.bank_feature is not None:
             streams.append(self.open_stream(StreamParams(temporal_bank=1)))
+        if self.lora_feature is not None:
+            streams.append(self.open_stream(StreamParams(loras=(LoRAParams(self.lora_feature.names[0]),))))
         image = torch.zeros(self.frame_shape, dtype=torch.uint8)
         for stream in streams:
             for _ in range(frames):
