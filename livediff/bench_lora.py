@@ -8,9 +8,10 @@ On one engine (its LoRAs from `--lora`), in turns of `plan.turn` frames as in `l
 
 Each row: ms per step (mean and p50), ms per frame and the ratio to `none`.
 
-Then the UNet call alone, batch `plan.batch`, each row another LoRA, four ways taking turns:
-plain (no LoRA), livediff's two strategies (`segmented`: one product per slot on its own weights;
-`gather`: the rows' weights gathered into batched products), and PEFT's mixed-batch forward (the
+Then the UNet call alone, batch `plan.batch`, each row another LoRA, five ways taking turns:
+plain (no LoRA), livediff's three strategies (`segmented`: one product per slot on its own weights;
+`gather`: the rows' weights gathered into batched products; `dense`: every slot for every row, as
+the exported graph), and PEFT's mixed-batch forward (the
 LoRAs injected into a copy of the UNet by diffusers, each row naming its adapter through PEFT's
 `adapter_names`), with the largest difference of livediff's predictions from PEFT's.
 
@@ -132,22 +133,23 @@ def unet_comparison(engine: StreamEngine, plan: BenchPlan) -> dict[str, Any]:
         UNetLane("plain", lambda: engine.backend.unet(latents, timesteps, embeds)),
         UNetLane("segmented", ours("segmented")),
         UNetLane("gather", ours("gather")),
+        UNetLane("dense", ours("dense")),
         UNetLane("peft", _peft_call(engine, names, latents, timesteps, embeds)),
     ]
     run_rounds(list(lanes), plan)
     reports = {lane.label: lane.report() for lane in lanes}
     outputs = {lane.label: lane.output for lane in lanes if lane.output is not None}
     plain_p50 = reports["plain"]["ms"]["p50"]
-    ways = ("segmented", "gather", "peft")
+    ways = ("segmented", "gather", "dense", "peft")
     result: dict[str, Any] = {"rows": rows, "loras": names, "strategy": chosen, **reports}
     result.update({f"{way}_vs_plain_p50": round(reports[way]["ms"]["p50"] / plain_p50, 3) for way in ways})
-    for way in ways[:2]:
+    for way in ways[:3]:
         result[f"{way}_max_abs_diff_from_peft"] = float((outputs[way].float() - outputs["peft"].float()).abs().max())
     return result
 
 
 def run_lora_bench(settings: EngineSettings, plan: BenchPlan, streams: tuple[int, ...] = ()) -> dict[str, Any]:
-    """One report: the step with and without LoRAs, the UNet call three ways, and the streams comparison."""
+    """One report: the step with and without LoRAs, the UNet call five ways, and the streams comparison."""
     if not settings.loras:
         raise ConfigError("--lora: name the LoRAs to time (NAME=SOURCE, e.g. a=random:16,b=random:16)")
     if settings.backend not in ("torch", "cuda-graph"):
@@ -214,10 +216,11 @@ def format_lora(report: dict[str, Any]) -> str:
         f"{unet['strategy']}:",
         f"  plain {unet['plain']['ms']['p50']:.1f}, livediff segmented {unet['segmented']['ms']['p50']:.1f} "
         f"({unet['segmented_vs_plain_p50']:.3f}x), livediff gather {unet['gather']['ms']['p50']:.1f} "
-        f"({unet['gather_vs_plain_p50']:.3f}x), PEFT adapter_names {unet['peft']['ms']['p50']:.1f} "
+        f"({unet['gather_vs_plain_p50']:.3f}x), livediff dense {unet['dense']['ms']['p50']:.1f} "
+        f"({unet['dense_vs_plain_p50']:.3f}x), PEFT adapter_names {unet['peft']['ms']['p50']:.1f} "
         f"({unet['peft_vs_plain_p50']:.3f}x)",
         f"  largest difference from PEFT's prediction: segmented {unet['segmented_max_abs_diff_from_peft']:.1e}, "
-        f"gather {unet['gather_max_abs_diff_from_peft']:.1e}",
+        f"gather {unet['gather_max_abs_diff_from_peft']:.1e}, dense {unet['dense_max_abs_diff_from_peft']:.1e}",
     ]
     for row in report.get("streams", []):
         b, s, p = row["batched"], row["sequential"], row["none"]

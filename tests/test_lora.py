@@ -64,7 +64,7 @@ def test_loading_keeps_the_unet_as_it_was(tiny_parts: Any, lora_files: dict[str,
     assert {type(m) for m in tiny_parts.unet.modules()} == kinds and not getattr(tiny_parts.unet, "peft_config", None)
 
 
-@pytest.mark.parametrize("strategy", ["segmented", "gather"])
+@pytest.mark.parametrize("strategy", ["segmented", "gather", "dense"])
 @pytest.mark.parametrize("kind", ["diffusers", "kohya"])
 def test_each_row_matches_peft_with_its_own_lora_and_scale(tiny_parts: Any, lora_files: dict[str, Path],
                                                           kind: str, strategy: str) -> None:  # fmt: skip

@@ -224,8 +224,9 @@ class MultiLoRA:
         self._plan: LoRAPlan | SegmentPlan | DensePlan | None = None
         self.strategy = "segmented" if device.type == "cpu" else "gather"
         """How the torch backends run a call's LoRA rows (the export traces `dense`): `segmented`
-        (one product per slot used, on its own weights) or `gather` (the rows' weights gathered
-        by slot into two batched products); see `livediff bench --lora` for what each costs."""
+        (one product per slot used, on its own weights), `gather` (the rows' weights gathered by
+        slot into two batched products) or `dense` (every slot for every row, as the export);
+        see `livediff bench --lora` for what each costs."""
         self._installed = False
 
     def slot(self, name: str) -> int | None:
@@ -292,9 +293,11 @@ class MultiLoRA:
     def plan(self, scales: torch.Tensor) -> LoRAPlan | SegmentPlan | DensePlan | None:
         """The plan of a (rows, slots) scale matrix: `dense` while tracing an export or when the
         matrix is on an accelerator (no host sync inside a call), else `strategy`'s (None: no row applies any)."""
-        if _tracing() or scales.device.type != "cpu":
+        if self.strategy == "dense" and not bool(scales.any()):
+            return None
+        if _tracing() or scales.device.type != "cpu" or self.strategy == "dense":
             spread = scales.to(self.dtype).repeat_interleave(self.rank, dim=1)
-            return DensePlan(spread)
+            return DensePlan(spread.to(next(iter(self.layers.values())).down.device))
         device = next(iter(self.layers.values())).down.device
         if self.strategy == "segmented":
             return self.segment_plan(scales, device)
