@@ -1,6 +1,7 @@
 """`livediff bench --lora NAME=SOURCE ...`: what per-stream LoRAs cost, beside the same engine without.
 
-On one engine (its LoRAs from `--lora`), in turns of `plan.turn` frames as in `livediff bench`:
+On one engine (its LoRAs from `--lora`), the configurations taking turns frame by frame (so that
+the host's busy spells slow all of them alike):
 
 1. `none`: `plan.batch` streams, no LoRA: the plain step.
 2. `loras`: the same streams, stream i with the i-th LoRA (round robin) at scale 1: one UNet
@@ -22,6 +23,7 @@ steps one after another, and N streams with none batched (what the LoRAs cost a 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Any
 
@@ -154,6 +156,7 @@ def run_lora_bench(settings: EngineSettings, plan: BenchPlan, streams: tuple[int
         raise ConfigError("--lora: name the LoRAs to time (NAME=SOURCE, e.g. a=random:16,b=random:16)")
     if settings.backend not in ("torch", "cuda-graph"):
         raise ConfigError("bench --lora times the torch backends (--backend torch or cuda-graph)")
+    plan = dataclasses.replace(plan, turn=1)  # lanes alternate frame by frame: a busy spell of the host slows all alike
     engine = StreamEngine(settings)
     names = [name for name, _ in settings.loras]
     base = plan.params.replace(loras=())

@@ -288,3 +288,19 @@ def test_cli_lora_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         lora_entries(argparse.Namespace(lora=["ink"]))
     with pytest.raises(ConfigError, match="named twice"):
         EngineSettings(loras=(("ink", "tiny"), ("ink", "tiny")))
+
+
+def test_bench_lora_reports_every_way_against_plain() -> None:
+    from livediff.bench import BenchPlan
+    from livediff.bench_lora import format_lora, run_lora_bench
+
+    settings = EngineSettings(model="tiny", height=64, width=64, loras=(("a", "tiny"), ("b", "random:8")))
+    report = run_lora_bench(settings, BenchPlan(frames=2, warmup=1, batch=2), streams=(2,))
+    assert [row["config"] for row in report["runs"]] == ["none", "loras"]
+    assert report["runs"][1]["loras"] == [["a"], ["b"]] and report["runs"][1]["vs_none"] > 0
+    unet = report["unet"]
+    for way in ("segmented", "gather", "dense"):  # the same predictions as PEFT's, whatever their speed
+        assert unet[f"{way}_max_abs_diff_from_peft"] < 1e-4 and unet[f"{way}_vs_plain_p50"] > 0
+    assert report["streams"][0]["loras"] == ["a", "b"] and report["streams"][0]["speedup_p50"] > 0
+    text = format_lora(report)
+    assert "PEFT adapter_names" in text and "2 streams (a, b)" in text
