@@ -137,6 +137,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "LIVEDIFF_CONTROLNET). bench: each NAME is a control image to time (canny, depth, previous)",
     )
     group.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=SOURCE",
+        help="a LoRA sessions may apply (their `loras` param), loaded at start; SOURCE: a .safetensors "
+        "file (diffusers or kohya keys), a folder, a hub id, or tiny / random:RANK (built in, random); "
+        "repeat or comma separate for more (also LIVEDIFF_LORA)",
+    )
+    group.add_argument(
         "--depth-model",
         default=_env("depth_model", ""),
         help="the depth estimator of the `depth` control image: a transformers depth-estimation "
@@ -171,7 +179,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         model=args.model, vae=args.vae, device=args.device, dtype=args.dtype, height=height, width=width,
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
-        controlnets=controlnet_entries(args), depth_model=args.depth_model,
+        controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
     )  # fmt: skip
 
 
@@ -193,6 +201,21 @@ def controlnet_entries(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
                                   f"only the built-in models ({', '.join(BUILTIN_CONTROLNETS)}) have a built-in "
                                   "ControlNet")  # fmt: skip
             source = model
+        entries.append((name.strip(), source.strip()))
+    return tuple(entries)
+
+
+def lora_entries(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """--lora (or LIVEDIFF_LORA) as (name, source) pairs; `ConfigError` naming the flag for an entry without both."""
+    texts = getattr(args, "lora", None) or [_env("lora", "")]
+    entries = []
+    for item in (part.strip() for text in texts for part in text.split(",")):
+        if not item:
+            continue
+        name, _, source = item.partition("=")
+        if not name.strip() or not source.strip():
+            raise ConfigError(f"--lora: {item!r} is not NAME=SOURCE (SOURCE: a .safetensors file, a folder, a hub id, "
+                              "tiny or random:RANK)")  # fmt: skip
         entries.append((name.strip(), source.strip()))
     return tuple(entries)
 
@@ -234,6 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_controlnet(args)
     if args.jobs:
         return cmd_bench_jobs(args)
+    if getattr(args, "lora", None):
+        return cmd_bench_lora(args)
     if args.temporal:
         raise ConfigError("--temporal needs --quality")
     from livediff.bench import BenchPlan, format_report, run_bench
@@ -285,6 +310,25 @@ def cmd_bench_jobs(args: argparse.Namespace) -> int:
     settings = engine_settings(args, backend=args.backend.split(",")[0].strip())
     report = run_jobs_bench(settings, args.frames, batch, 2, args.fps, args.duration, stream_params(args))
     print(json.dumps(report, indent=2) if args.json else format_jobs_report(report))
+    return 0
+
+
+def cmd_bench_lora(args: argparse.Namespace) -> int:
+    """`bench --lora a=random:16,b=...`: the step with per-stream LoRAs against none, the UNet call
+    against PEFT's mixed batch, and `--streams N` with a LoRA each, batched against one by one."""
+    from livediff.bench import BenchPlan
+    from livediff.bench_lora import format_lora, run_lora_bench
+
+    if args.baseline:
+        raise ConfigError("--lora compares LoRAs on one engine; leave out --baseline")
+    names = [name.strip() for name in args.backend.split(",") if name.strip()]
+    if len(names) != 1:
+        raise ConfigError("--lora times one --backend (torch or cuda-graph)")
+    streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else ()
+    args.max_batch = max([args.max_batch, args.batch, *streams])
+    plan = BenchPlan(frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args))
+    report = run_lora_bench(engine_settings(args, backend=names[0]), plan, streams=streams)
+    print(json.dumps(report, indent=2) if args.json else format_lora(report))
     return 0
 
 

@@ -28,6 +28,10 @@ PREPROCESSORS = ("canny", "depth", "previous")
 MAX_CONTROL_SCALE = 2.0
 """Largest ControlNet conditioning scale (diffusers' `controlnet_conditioning_scale`; 1 is as trained)."""
 CONTROLNET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
+MAX_LORAS = 4
+"""Most LoRAs one stream may apply at once (`StreamParams.loras`)."""
+MAX_LORA_SCALE = 2.0
+"""LoRA scales lie in [-MAX_LORA_SCALE, MAX_LORA_SCALE] (1 is as trained; negative pushes away from it)."""
 LIVE_SIZE = {"cuda": 512, "cpu": 256}
 """`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
 with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
@@ -76,6 +80,10 @@ class EngineSettings:
     a hub id, a local folder or a built-in (`tiny`, `sd-turbo-random`). Each is loaded when a stream
     first names it, off the frame path. With any, the compiled backends also export a UNet that
     takes ControlNet residuals (the same graph as the feature bank's when both are on)."""
+    loras: tuple[tuple[str, str], ...] = ()
+    """LoRAs that streams may apply (`StreamParams.loras`): (name, source) pairs, the source a
+    `.safetensors` file, a folder, a hub id or a built-in random one (`tiny`, `random:RANK`); all
+    loaded at start into the UNet's LoRA slots (`livediff.backends.multi_lora`)."""
     depth_model: str = ""
     """The depth estimator of the `depth` control image: a transformers depth-estimation model (hub
     id, folder, or the built-in `tiny`); empty: no `depth` preprocessor. Loaded on first use."""
@@ -103,6 +111,14 @@ class EngineSettings:
                 raise ConfigError(f"controlnets: {name!r} has no source (a hub id, a folder or a built-in)")
             if names.count(name) > 1:
                 raise ConfigError(f"controlnets: {name!r} is named twice")
+        lora_names = [name for name, _ in self.loras]
+        for name, source in self.loras:
+            if not isinstance(name, str) or not CONTROLNET_NAME.fullmatch(name):
+                raise ConfigError(f"loras: {name!r} is not a name (letters, digits, . _ / -, up to 100)")
+            if not source:
+                raise ConfigError(f"loras: {name!r} has no source (a .safetensors file, a folder, a hub id or tiny)")
+            if lora_names.count(name) > 1:
+                raise ConfigError(f"loras: {name!r} is named twice")
 
     def replace(self, **changes: Any) -> EngineSettings:
         return dataclasses.replace(self, **changes)
@@ -143,6 +159,23 @@ class ControlParams:
     def active(self, step: int, steps: int) -> bool:
         """Whether the ControlNet runs at denoising step `step` (0-based) of `steps`, as diffusers decides it."""
         return self.start <= step / steps and (step + 1) / steps <= self.end
+
+
+@dataclass(frozen=True)
+class LoRAParams:
+    """One LoRA a stream applies, and how strongly. Errors name the field (`scale must be ...`);
+    the live-params parser adds its place (`loras[1].scale`)."""
+
+    name: str
+    """One of the engine's LoRAs (`EngineSettings.loras`)."""
+    scale: float = 1.0
+    """Multiplies the LoRA's update, in [-`MAX_LORA_SCALE`, `MAX_LORA_SCALE`]; 0 leaves it out."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not CONTROLNET_NAME.fullmatch(self.name):
+            raise ConfigError(f"name must be a LoRA's name, got {self.name!r}")
+        if not -MAX_LORA_SCALE <= self.scale <= MAX_LORA_SCALE:
+            raise ConfigError(f"scale must be in [{-MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -187,6 +220,9 @@ class StreamParams:
     controlnet: tuple[ControlParams, ...] = ()
     """ControlNets applied to this stream, 0 to `MAX_CONTROLNETS` (their residuals add up); each
     names one of the engine's (see `ControlParams`)."""
+    loras: tuple[LoRAParams, ...] = ()
+    """LoRAs applied to this stream, 0 to `MAX_LORAS` (their updates add up); each names one of the
+    engine's (see `LoRAParams`). Changing them costs no reload and no recompile."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -232,6 +268,12 @@ class StreamParams:
         if any(not isinstance(c, ControlParams) for c in controls):
             raise ConfigError("controlnet entries must be ControlParams")
         object.__setattr__(self, "controlnet", controls)
+        loras = tuple(self.loras)
+        if len(loras) > MAX_LORAS:
+            raise ConfigError(f"loras takes at most {MAX_LORAS} entries, got {len(loras)}")
+        if any(not isinstance(lora, LoRAParams) for lora in loras):
+            raise ConfigError("loras entries must be LoRAParams")
+        object.__setattr__(self, "loras", loras)
 
     @property
     def timesteps(self) -> tuple[int, ...]:

@@ -244,4 +244,5 @@ def params_to_json(params: StreamParams) -> dict[str, Any]:
         "motion_strength": list(motion) if motion is not None else None,
     }
     data["controlnet"] = [dict(control.__dict__) for control in params.controlnet]
+    data["loras"] = [dict(lora.__dict__) for lora in params.loras]
     return data

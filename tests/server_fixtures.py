@@ -68,6 +68,7 @@ async def running_server(
     depth_model: str = "",
     model: str = "tiny",
     jobs: Any = None,
+    loras: tuple[tuple[str, str], ...] = (),
     **server: Any,
 ) -> AsyncIterator[Running]:
     from livediff.server import tls
@@ -80,6 +81,7 @@ async def running_server(
         feature_bank=feature_bank,
         controlnets=controlnets,
         depth_model=depth_model,
+        loras=loras,
     )
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params, jobs=jobs)

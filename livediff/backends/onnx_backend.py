@@ -365,8 +365,10 @@ def ensure_ort_graph(settings: EngineSettings, parts: ModelParts, component: str
 
 def ensure_for_ort(settings: EngineSettings, parts: ModelParts, component: str, progress: Progress,
                    extras: UNetExtras = NO_EXTRAS) -> Artifact:  # fmt: skip
-    """What the onnx backend runs: the fused graph on the CPU, the plain export on CUDA."""
-    if parts.device.type == "cpu":
+    """What the onnx backend runs: the fused graph on the CPU, the plain export on CUDA, and the
+    plain export for a UNet with LoRA inputs (the fusions turned its LoRA-added attention
+    projections into an Attention node ONNX Runtime refused: "Invalid bias shape")."""
+    if parts.device.type == "cpu" and not any(spec.name == "lora_scales" for spec in extras.inputs):
         return ensure_ort_graph(settings, parts, component, progress, extras)
     return ensure_onnx(settings, parts, component, progress, extras=extras)
 

@@ -92,7 +92,8 @@ class ExtrasUNet(torch.nn.Module):
 
 def unet_extras(settings: EngineSettings, parts: ModelParts) -> UNetExtras:
     """The extra inputs `settings` asks the UNet to carry: the feature bank with `feature_bank`,
-    ControlNet residuals with `controlnets` (both in one graph when both are asked for)."""
+    ControlNet residuals with `controlnets`, per-row LoRA scales with `loras` (the LoRAs loaded
+    here into their slots; all in one graph when several are asked for)."""
     features: list[UNetFeature] = []
     if settings.feature_bank:
         from livediff.backends.temporal_attention import TemporalBank, bank_layers
@@ -103,4 +104,9 @@ def unet_extras(settings: EngineSettings, parts: ModelParts) -> UNetExtras:
         from livediff.models.controlnet import residual_layout
 
         features.append(ControlResiduals(residual_layout(parts.unet, settings.height, settings.width)))
+    if settings.loras:
+        from livediff.backends.multi_lora import MultiLoRA
+        from livediff.models.lora import load_lora
+
+        features.append(MultiLoRA([load_lora(name, source, parts.unet) for name, source in settings.loras], parts.unet))
     return UNetExtras(tuple(features))

@@ -47,9 +47,10 @@ import torch
 
 from livediff.backends import EAGER, Backend, Stages, create_backend, resolve_backend
 from livediff.backends.control_residuals import RESIDUALS
+from livediff.backends.multi_lora import LORA_SCALES, MultiLoRA
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
-from livediff.config import ControlParams, EngineSettings, StreamParams
+from livediff.config import ControlParams, EngineSettings, LoRAParams, StreamParams
 from livediff.engine import preprocessors
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
@@ -82,6 +83,8 @@ class Conditioning:
     guidance: torch.Tensor
     """(1,) guidance scale on the device (1 means no guidance)."""
     truncated: bool
+    lora: torch.Tensor | None = None
+    """(slots,) float32 host scales of the engine's LoRAs that the stream applies; None: none."""
 
 
 @dataclass
@@ -149,6 +152,9 @@ class _Batch:
     clock: StageClock | None = None
     """With `controls` in an eager step only: the step's clock, which times the ControlNets' runs as
     a stage of their own (a recorded stage takes no clock: its ControlNets are timed within `unet`)."""
+    lora: torch.Tensor | None = None
+    """(B, slots) float32 host scales of each frame's LoRAs (`livediff.backends.multi_lora`); None
+    when no frame applies one."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -159,7 +165,8 @@ class _Batch:
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
                       repeat(self.uncond), repeat(self.guidance), self.pending,
                       tuple(bank for bank in self.banks for _ in range(times)),
-                      tuple(controls for controls in self.controls for _ in range(times)), self.clock)  # fmt: skip
+                      tuple(controls for controls in self.controls for _ in range(times)), self.clock,
+                      repeat(self.lora))  # fmt: skip
 
 
 class StreamEngine:
@@ -187,6 +194,8 @@ class StreamEngine:
         extras = getattr(self.backend, "extras", NO_EXTRAS)
         self.bank_feature = next((f for f in extras.features if isinstance(f, TemporalBank)), None)
         """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
+        self.lora_feature = next((f for f in extras.features if isinstance(f, MultiLoRA)), None)
+        """The engine's LoRAs in their slots when it was started with some (`loras`), else None."""
         self.controls = ControlModels(settings, self.parts)
         """The ControlNets streams may name (`controlnets`) and the depth estimator, loaded on first use."""
         self._row_indices = RowIndices(self.device)
@@ -265,6 +274,12 @@ class StreamEngine:
                 f"the {self.backend.name} backend here runs without it"
             )
         self.controls.check(params.controlnet, current.controlnet if current else ())
+        if params.loras:
+            if self.lora_feature is None:
+                raise ConfigError(
+                    "loras[0].name needs an engine with LoRAs; this one has none (start it with --lora NAME=SOURCE)"
+                )
+            self.lora_feature.check(params.loras)
 
     def _check(self, params: StreamParams, current: StreamParams | None = None) -> None:
         """`check_params`, then start the ControlNets' loads."""
@@ -293,6 +308,7 @@ class StreamEngine:
             coefs=self.schedule.coefficients(params.timesteps),
             guidance=torch.tensor([max(params.guidance, 1.0)], device=self.device),
             truncated=prompt.truncated,
+            lora=self.lora_feature.row(params.loras) if self.lora_feature is not None else None,
         )
 
     def _noise(self, params: StreamParams) -> torch.Tensor:
@@ -382,7 +398,8 @@ class StreamEngine:
         coefficients, noise from the seed, ControlNet scales and images) are not part of it: a
         change of them replays the same recording."""
         steps = {len(stream.params.timesteps) for stream in streams}
-        if len(steps) > 1 or any(stream.bank is not None for stream in streams):
+        # steps with a LoRA row run eagerly too: the per-call row plan has no fixed shape per layout yet
+        if len(steps) > 1 or any(stream.bank is not None or stream.conditioning.lora is not None for stream in streams):
             return None
         count = steps.pop()
         guided = any(stream.conditioning.uncond is not None for stream in streams)
@@ -491,11 +508,19 @@ class StreamEngine:
             banks=tuple(s.bank for s in streams) if any(s.bank is not None for s in streams) else (),
             controls=tuple(controls) if controlled else (),
             clock=clock if controlled else None,
+            lora=self._lora_rows(conds),
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
             batch.guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
         return batch
+
+    def _lora_rows(self, conds: list[Conditioning]) -> torch.Tensor | None:
+        """(B, slots) host LoRA scales of the frames, None when none applies a LoRA."""
+        if self.lora_feature is None or all(c.lora is None for c in conds):
+            return None
+        zero = torch.zeros(len(self.lora_feature.names))
+        return torch.stack([zero if c.lora is None else c.lora for c in conds])
 
     def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch, steps: Sequence[int]) -> torch.Tensor:
         """The UNet's prediction, with classifier-free guidance for the frames that ask for it.
@@ -505,11 +530,11 @@ class StreamEngine:
         controls = self._control_rows(batch, steps)
         if batch.uncond is None or batch.guidance is None:
             return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0), controls,
-                              batch.clock)  # fmt: skip
+                              batch.clock, batch.lora)  # fmt: skip
         rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
         both = self._unet(
             torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows,
-            controls + controls, batch.clock,
+            controls + controls, batch.clock, None if batch.lora is None else torch.cat([batch.lora, batch.lora]),
         )  # fmt: skip
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
@@ -529,10 +554,14 @@ class StreamEngine:
                 for controls, step in zip(batch.controls, steps)]  # fmt: skip
 
     def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: list[BankRow | None],
-              controls: list[list[ControlRow]], clock: StageClock | None) -> torch.Tensor:  # fmt: skip
-        """One UNet call: the plain graph when no row has a bank or a ControlNet, else the graph with
-        extra inputs (the ControlNets run first; the bank keeps this frame's features after)."""
+              controls: list[list[ControlRow]], clock: StageClock | None,
+              lora: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One UNet call: the plain graph when no row has a bank, a ControlNet or a LoRA, else the
+        graph with extra inputs (the ControlNets run first; the bank keeps this frame's features
+        after). `lora`: (N, slots) host LoRA scales of the rows, None when none applies one."""
         values: dict[str, torch.Tensor] = {}
+        if lora is not None:
+            values[LORA_SCALES] = lora
         banked = self.bank_feature is not None and any(row is not None for row in rows)
         if banked:
             assert self.bank_feature is not None
@@ -592,10 +621,12 @@ class StreamEngine:
 
     def warmup(self, frames: int = 2) -> None:
         """Run a few frames so lazy initialisation and compilation happen before real traffic
-        (of the UNet with the feature bank too, when the engine has it)."""
+        (of the UNet with the feature bank and with a LoRA too, when the engine has them)."""
         streams = [self.open_stream()]
         if self.bank_feature is not None:
             streams.append(self.open_stream(StreamParams(temporal_bank=1)))
+        if self.lora_feature is not None:
+            streams.append(self.open_stream(StreamParams(loras=(LoRAParams(self.lora_feature.names[0]),))))
         image = torch.zeros(self.frame_shape, dtype=torch.uint8)
         for stream in streams:
             for _ in range(frames):

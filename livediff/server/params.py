@@ -4,7 +4,8 @@ data channel, POST /offer's `params` and WHIP query strings.
 Fields: prompt, negative_prompt, strength, steps, t_index_list, seed, guidance,
 blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, passthrough, probe,
 temporal {"bank", "weight", "motion_strength": [low, high] or null},
-controlnet [{"name", "preprocessor", "scale", "start", "end"}, ...] (the whole list each time; [] or null: none).
+controlnet [{"name", "preprocessor", "scale", "start", "end"}, ...] (the whole list each time; [] or null: none),
+loras [{"name", "scale"}, ...] (the whole list each time; [] or null: none).
 A wrong type, an unknown field or a value out of range is a `ParamError` naming the field (422),
 nested fields by their path (`temporal.bank`, `controlnet[0].scale`).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from livediff.config import ControlParams, StreamParams
+from livediff.config import ControlParams, LoRAParams, StreamParams
 from livediff.errors import ConfigError
 
 MAX_PROMPT_CHARS = 2000
@@ -98,6 +99,49 @@ def _parse_controlnet(value: Any) -> tuple[ControlParams, ...]:
     return tuple(controls)
 
 
+_LORA: dict[str, type] = {"name": str, "scale": float}
+"""A `loras` entry's members and their types (`LoRAParams`)."""
+
+
+def parse_loras(value: Any) -> tuple[LoRAParams, ...]:
+    """The `loras` list -> LoRAParams, each error naming its entry's member (`loras[1].scale`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ParamError("loras", 'loras must be a list of objects {"name": str, "scale": number}, or null')
+    loras = []
+    for i, entry in enumerate(value):
+        path = f"loras[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ParamError(path, f"{path} must be an object with a name")
+        unknown = sorted(set(entry) - set(_LORA))
+        if unknown:
+            raise ParamError(f"{path}.{unknown[0]}", f"unknown field {unknown[0]!r} in {path}")
+        if "name" not in entry:
+            raise ParamError(f"{path}.name", f"{path}.name is missing: which LoRA")
+        members = {m: _check_type(f"{path}.{m}", entry[m], kind) for m, kind in _LORA.items() if m in entry}
+        try:
+            loras.append(LoRAParams(**members))
+        except ConfigError as exc:
+            raise ParamError(f"{path}.{str(exc).split(' ', 1)[0]}", f"{path}.{exc}") from None
+    return tuple(loras)
+
+
+def lora_query(text: str) -> list[dict[str, Any]]:
+    """`loras=NAME[:SCALE]`, comma separated for several: `ink:0.8,film` -> [{"name": "ink", "scale": 0.8},
+    {"name": "film"}]."""
+    entries: list[dict[str, Any]] = []
+    for item in (part.strip() for part in text.split(",")):
+        name, colon, scale = item.partition(":")
+        try:
+            if not name:
+                raise ValueError(item)
+            entries.append({"name": name, "scale": float(scale)} if colon else {"name": name})
+        except ValueError:
+            raise ParamError("loras", f"loras: {item!r} is not NAME[:SCALE] (comma separated for several)") from None
+    return entries
+
+
 def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[StreamParams, dict[str, Any]]:
     """`current` with the changes in `data`, and the session fields (probe) found in `data`."""
     if not isinstance(data, Mapping):
@@ -126,6 +170,8 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
                     changes[field] = _check_type(f"{name}.{member}", value[member], kind)
         elif name == "controlnet":
             changes[name] = _parse_controlnet(value)
+        elif name == "loras":
+            changes[name] = parse_loras(value)
         elif name in SESSION_FIELDS:
             session[name] = _check_type(name, value, bool)
         else:
@@ -158,6 +204,8 @@ def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
                 data[name] = float(text)
             elif name == "controlnet":
                 data[name] = _controls_from_query(text)
+            elif name == "loras":
+                data[name] = lora_query(text)
             elif name in _PATHS:  # blend_prompt=...&temporal_bank=2: the object's members, flat
                 parent, member = _PATHS[name].split(".")
                 kind = _OBJECTS[parent][member][1]
