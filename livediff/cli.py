@@ -543,7 +543,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=_env("state_dir", None),
-        help="folder of livediff's state, e.g. the self-signed certificate in its tls/ (none: ~/.local/state/livediff)",
+        help="folder of livediff's state, e.g. the self-signed certificate in its tls/ "
+        "(default: ~/.local/state/livediff)",
     )
     group.add_argument(
         "--cors-origins",
@@ -776,7 +777,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+        said = "%(default)" in text or "(default: " in text  # `(default: on CUDA)` is not told twice
+        if said or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         default = action.default
         if default in (None, ""):

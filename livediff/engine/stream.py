@@ -326,7 +326,8 @@ class StreamEngine:
         for _, image in batch:
             if tuple(image.shape) != self.frame_shape or image.dtype != torch.uint8:
                 raise ValueError(
-                    f"frames must be uint8 tensors of shape {self.frame_shape}, got {image.dtype} {tuple(image.shape)}"
+                    f"frames must be torch uint8 tensors of shape {self.frame_shape}, "
+                    f"got {type(image).__module__}.{type(image).__name__} {image.dtype} {tuple(image.shape)}"
                 )
         with torch_threads(self.backend.torch_threads):
             return self._step(batch)
