@@ -199,3 +199,19 @@ async def test_bad_submissions_are_4xx_naming_the_field(tiny_parts, tmp_path: Pa
         async with http.get(url, headers=auth) as response:
             assert (await response.json())["jobs"] == []  # nothing stored for any of them
         assert not [p for p in (tmp_path / "state" / "jobs").rglob("*") if p.is_file()]
+
+
+async def test_a_video_model_server_refuses_jobs_at_submission(tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    """Jobs run image models (a video model's steps take live sessions' chunks only): 422 at once,
+    before the upload is stored, not a 202 and a failed job."""
+    from livediff.models.video import load_video_model
+
+    clip = make_clip(tmp_path / "in.mp4", frames=3, audio=False)
+    parts = load_video_model("tiny-video")
+    jobs = settings(tmp_path)
+    async with running_server(parts, size=64, model="tiny-video", jobs=jobs, state_dir=tmp_path / "state") as server:
+        async with http.post(f"{server.url}/api/jobs", data=form(clip)) as response:
+            body = await response.json()
+            assert response.status == 422 and "video model 'tiny-video'" in body["error"], body
+        async with http.get(f"{server.url}/api/jobs") as response:
+            assert (await response.json())["jobs"] == []

@@ -95,6 +95,9 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(415, f"Content-Type must be multipart/form-data, got {request.content_type or 'none'!r}")
     if request.content_length is not None and request.content_length > settings.max_bytes + 1024 * 1024:
         raise ApiError(413, f"the file is over the limit of {settings.max_bytes} bytes", "file")
+    if jobs.scheduler.chunked:  # its steps take live sessions' chunks only (Scheduler.run_background)
+        model = jobs.scheduler.engine.settings.model
+        raise ApiError(422, f"jobs run image models; this server runs the video model {model!r}")
     job_id = new_job_id()
     try:
         return await _receive(request, jobs, job_id, key)
