@@ -42,6 +42,7 @@ def built(settings: EngineSettings, tiny_parts: ModelParts) -> tuple[list[Path],
     return build_engines(settings, tiny_parts, progress=messages.append), messages
 
 
+@pytest.mark.slow  # exports and checks the plain UNet, the UNet with residual inputs and a ControlNet
 def test_build_engines_builds_the_residual_unet_and_the_controlnet_keyed_apart(
     built: tuple[list[Path], list[str]], settings: EngineSettings, tiny_parts: ModelParts, controlnet: ControlNetParts
 ) -> None:
@@ -61,6 +62,7 @@ def test_build_engines_builds_the_residual_unet_and_the_controlnet_keyed_apart(
     assert '"component": "controlnet"' in (controlnet_graph.parent / "key.json").read_text()
 
 
+@pytest.mark.slow  # one more UNet export with both the bank's and the residuals' inputs, checked on two runtimes
 def test_the_bank_and_the_residuals_share_one_unet_export(settings: EngineSettings, tiny_parts: ModelParts) -> None:
     both = settings.replace(feature_bank=True)
     extras = unet_extras(both, tiny_parts)

@@ -232,6 +232,7 @@ def test_the_steps_timings_name_the_preprocessors_and_the_controlnet(engine: Str
     assert not {"canny", "depth", "controlnet"} & set(plain)
 
 
+@pytest.mark.slow  # exports the residual UNet and a ControlNet for each runtime, checked against torch
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_compiled_backends_run_controlnets_as_torch_does(backend: str, tiny_parts: ModelParts, engine: StreamEngine,
                                                          frames: list[torch.Tensor],

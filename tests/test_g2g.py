@@ -14,6 +14,7 @@ pytestmark = pytest.mark.timeout(120)
 FRAME_INTERVAL_MS = 1000 / 30
 
 
+@pytest.mark.slow  # the served app and an aiortc client through every case, a few seconds each
 def test_g2g_reports_every_case_and_marker_completion_saves_frame_intervals(capsys) -> None:  # type: ignore[no-untyped-def]
     code = main(["bench", "--g2g", "--json", "--model", "tiny", "--size", "128", "--fps", "30", "--duration", "3"])
     assert code == 0

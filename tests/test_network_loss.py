@@ -47,7 +47,10 @@ STOCK = os.environ.get("LIVEDIFF_LOSS_STOCK") == "1"
 """The baseline for the figures: aiortc's own receivers, no loss recovery, on the server
 (`--no-marker-completion`) and the laptop. The generous bounds are not asserted then."""
 PORT = 8443
-pytestmark = [pytest.mark.timeout(int(120 + 8 * (SECONDS + 4)))]
+pytestmark = [
+    pytest.mark.timeout(int(120 + 8 * (SECONDS + 4))),
+    pytest.mark.slow,
+]  # seven loss cases of SECONDS each, per codec
 
 RANDOM = "numgen random mod 100 < {}"
 BURST = "numgen inc mod 1000000 < 20"

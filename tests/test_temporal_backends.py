@@ -43,6 +43,7 @@ def frames() -> list[torch.Tensor]:
     return [torch.from_numpy(f) for f in camera.frames(4)]
 
 
+@pytest.mark.slow  # exports the UNet with the bank's inputs and checks it against torch on two runtimes
 def test_the_bank_graph_is_built_checked_and_keyed_apart(
     built: tuple[list[Path], list[str]], settings: EngineSettings, tiny_parts: ModelParts
 ) -> None:
