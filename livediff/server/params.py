@@ -12,11 +12,13 @@ nested fields by their path (`temporal.bank`, `controlnet[0].scale`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from livediff.config import ControlParams, LoRAParams, StreamParams
 from livediff.errors import ConfigError
+
+T = TypeVar("T")
 
 MAX_PROMPT_CHARS = 2000
 
@@ -74,29 +76,32 @@ _CONTROL: dict[str, type] = {"name": str, "preprocessor": str, "scale": float, "
 """A `controlnet` entry's members and their types (`ControlParams`)."""
 
 
-def _parse_controlnet(value: Any) -> tuple[ControlParams, ...]:
-    """The `controlnet` list -> ControlParams, each error naming its entry's member (`controlnet[1].scale`)."""
+def _parse_entries(
+    field: str, value: Any, members: dict[str, type], make: Callable[..., T], what: str
+) -> tuple[T, ...]:
+    """A list of objects (`controlnet`, `loras`) -> `make(**members)` each; every error names the
+    entry's member (`loras[1].scale`). `what` says what an entry's `name` picks."""
     if value is None:
         return ()
+    shape = ", ".join(f'"{m}": {"str" if kind is str else "number"}' for m, kind in members.items())
     if not isinstance(value, list):
-        raise ParamError("controlnet", 'controlnet must be a list of objects {"name": str, "preprocessor": str, '
-                         '"scale": number, "start": number, "end": number}, or null')  # fmt: skip
-    controls = []
+        raise ParamError(field, f"{field} must be a list of objects {{{shape}}}, or null")
+    entries = []
     for i, entry in enumerate(value):
-        path = f"controlnet[{i}]"
+        path = f"{field}[{i}]"
         if not isinstance(entry, Mapping):
             raise ParamError(path, f"{path} must be an object with a name")
-        unknown = sorted(set(entry) - set(_CONTROL))
+        unknown = sorted(set(entry) - set(members))
         if unknown:
             raise ParamError(f"{path}.{unknown[0]}", f"unknown field {unknown[0]!r} in {path}")
         if "name" not in entry:
-            raise ParamError(f"{path}.name", f"{path}.name is missing: which ControlNet")
-        members = {m: _check_type(f"{path}.{m}", entry[m], kind) for m, kind in _CONTROL.items() if m in entry}
+            raise ParamError(f"{path}.name", f"{path}.name is missing: which {what}")
+        given = {m: _check_type(f"{path}.{m}", entry[m], kind) for m, kind in members.items() if m in entry}
         try:
-            controls.append(ControlParams(**members))
+            entries.append(make(**given))
         except ConfigError as exc:
             raise ParamError(f"{path}.{str(exc).split(' ', 1)[0]}", f"{path}.{exc}") from None
-    return tuple(controls)
+    return tuple(entries)
 
 
 _LORA: dict[str, type] = {"name": str, "scale": float}
@@ -105,26 +110,7 @@ _LORA: dict[str, type] = {"name": str, "scale": float}
 
 def parse_loras(value: Any) -> tuple[LoRAParams, ...]:
     """The `loras` list -> LoRAParams, each error naming its entry's member (`loras[1].scale`)."""
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ParamError("loras", 'loras must be a list of objects {"name": str, "scale": number}, or null')
-    loras = []
-    for i, entry in enumerate(value):
-        path = f"loras[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ParamError(path, f"{path} must be an object with a name")
-        unknown = sorted(set(entry) - set(_LORA))
-        if unknown:
-            raise ParamError(f"{path}.{unknown[0]}", f"unknown field {unknown[0]!r} in {path}")
-        if "name" not in entry:
-            raise ParamError(f"{path}.name", f"{path}.name is missing: which LoRA")
-        members = {m: _check_type(f"{path}.{m}", entry[m], kind) for m, kind in _LORA.items() if m in entry}
-        try:
-            loras.append(LoRAParams(**members))
-        except ConfigError as exc:
-            raise ParamError(f"{path}.{str(exc).split(' ', 1)[0]}", f"{path}.{exc}") from None
-    return tuple(loras)
+    return _parse_entries("loras", value, _LORA, LoRAParams, "LoRA")
 
 
 def lora_query(text: str) -> list[dict[str, Any]]:
@@ -169,7 +155,7 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
                 if member in value:
                     changes[field] = _check_type(f"{name}.{member}", value[member], kind)
         elif name == "controlnet":
-            changes[name] = _parse_controlnet(value)
+            changes[name] = _parse_entries(name, value, _CONTROL, ControlParams, "ControlNet")
         elif name == "loras":
             changes[name] = parse_loras(value)
         elif name in SESSION_FIELDS:
