@@ -762,9 +762,18 @@ def cmd_serve_cluster(args: argparse.Namespace) -> int:
         sock.close()
     _quiet_libraries()
     from livediff.cluster.run import serve_cluster
+    from livediff.jobs.flags import jobs_settings
 
+    jobs = jobs_settings(args) if args.jobs_db else None  # a cluster's jobs need the shared store
+    if jobs is None:
+        print("livediff: no jobs in this cluster (they need a shared store: --jobs-db postgresql://...)", flush=True)
     return serve_cluster(
-        engine_settings(args, backend=args.backend), server, stream_params(args), cluster, started=args.started
+        engine_settings(args, backend=args.backend),
+        server,
+        stream_params(args),
+        cluster,
+        started=args.started,
+        jobs=jobs,
     )
 
 

@@ -251,3 +251,41 @@ def test_opening_calls_are_bounded() -> None:
     for i in range(OpeningCalls.LIMIT + 10):
         calls.sent(float(i))
     assert calls.missing_from(0.0) == OpeningCalls.LIMIT
+
+
+def test_job_routes_are_streamed_or_called_and_refused_without_a_shared_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from starlette.requests import Request
+
+    from livediff.cluster import jobs
+    from livediff.cluster.app import shared_jobs
+    from livediff.cluster.gateway import Gateway
+    from livediff.jobs.settings import JobSettings
+
+    assert jobs.is_streamed("POST", "/api/jobs") and jobs.is_streamed("GET", "/api/jobs/job_1/result")
+    assert jobs.is_streamed("GET", "/api/recordings/rec_1/result")
+    for method, path in (("GET", "/api/jobs"), ("GET", "/api/jobs/job_1"), ("DELETE", "/api/jobs/job_1"),
+                         ("GET", "/api/recordings"), ("POST", "/api/jobs/job_1/result")):  # fmt: skip
+        assert jobs.is_job_path(path) and not jobs.is_streamed(method, path), (method, path)
+    assert not jobs.is_job_path("/api/jobsx") and not jobs.is_job_path("/api/sessions")
+
+    # an upload to the ready replica with the fewest sessions; a replica with no address yet is skipped
+    views = [ReplicaView("b", 2, 0, 4, True, 0.0, "http://b"), ReplicaView("a", 1, 1, 4, True, 0.0, "http://a"),
+             ReplicaView("c", 0, 0, 4, False, 0.0, "http://c"), ReplicaView("d", 0, 0, 4, True, 0.0, "")]  # fmt: skip
+    assert jobs.pick(views, upload=True).key == "a"  # type: ignore[union-attr]
+    assert jobs.pick(views[2:], upload=True) is None
+
+    # a cluster without --jobs-db: 501 naming the flag, the body never read
+    gateway = Gateway(None, "livediff", 1024, 5.0, with_jobs=False)
+    scope = {"type": "http", "method": "POST", "path": "/api/jobs", "query_string": b"", "headers": []}
+    response = asyncio.run(gateway(Request(scope)))
+    assert response.status_code == 501 and b'"field": "--jobs-db"' in response.body
+
+    # what the replicas share: one secret (made once in the state folder), absolute folders; SQLite refused
+    server = ServerSettings(state_dir=tmp_path / "state")
+    shared, settings = shared_jobs(server, JobSettings(db="postgresql://x@h/d", storage=tmp_path / "files"))
+    assert settings.webhook_secret.startswith("whsec_") and shared.state_dir == (tmp_path / "state").resolve()
+    assert shared_jobs(server, JobSettings(db="postgresql://x@h/d"))[1].webhook_secret == settings.webhook_secret
+    with pytest.raises(ConfigError, match="--jobs-db"):
+        shared_jobs(server, JobSettings())

@@ -2,7 +2,8 @@
 
 `build` is what `livediff serve --cluster` deploys; `build_app` is the same for a Serve config
 file or a KubeRay RayService (`import_path: livediff.cluster.app:build_app`, `args:` the flags by
-their long names, e.g. `{"model": "stabilityai/sd-turbo", "max_sessions": 4, "replica_gpus": 1}`).
+their long names, e.g. `{"model": "stabilityai/sd-turbo", "max_sessions": 4, "replica_gpus": 1}`;
+jobs with `"jobs_db": "postgresql://..."`).
 Every Serve option livediff relies on is set here, in one place.
 """
 
@@ -19,6 +20,8 @@ from livediff.cluster.gateway import ENGINE, Gateway
 from livediff.cluster.replica import EngineReplica
 from livediff.cluster.settings import ClusterSettings
 from livediff.config import LIVE_SIZE, EngineSettings, ServerSettings, StreamParams
+from livediff.errors import ConfigError
+from livediff.jobs.settings import JobSettings
 
 LOOK_BACK_S = 10.0
 """Autoscaling window: a replica counts as holding sessions if it held one in the last 10 s."""
@@ -54,8 +57,10 @@ def build(
     cluster: ClusterSettings,
     max_replicas: int,
     replica_gpus: float,
+    jobs: JobSettings | None = None,
 ) -> serve.Application:
-    """The application for `max_replicas` (resolved: >= 1) replicas reserving `replica_gpus` each."""
+    """The application for `max_replicas` (resolved: >= 1) replicas reserving `replica_gpus` each; with
+    `jobs` (a PostgreSQL store), every replica serves jobs on that store (`livediff.cluster.jobs`)."""
     router = RequestRouterConfig(
         request_router_class="livediff.cluster.routing:SessionRouter",  # type: ignore[arg-type]
         # Ray Serve 2.60's stubs type it as a dict; the config takes seconds (a float)
@@ -76,18 +81,37 @@ def build(
     server = server.replace(cpu_threads=server.cpu_threads or max(1, int(cluster.replica_cpus)))
     # replicas run in Ray's worker folders: a relative engine cache would be built anew in each
     engine = engine.replace(engines_dir=engine.engines_dir.resolve())
+    if jobs is not None:
+        server, jobs = shared_jobs(server, jobs)
     return gateway.bind(
-        replicas.bind(engine, server, params, cluster.drain_timeout_s),
+        replicas.bind(engine, server, params, cluster.drain_timeout_s, jobs),
         cluster.app_name,
         server.max_body_bytes,
         cluster.call_timeout_s,
+        jobs is not None,
     )
+
+
+def shared_jobs(server: ServerSettings, jobs: JobSettings) -> tuple[ServerSettings, JobSettings]:
+    """What every replica needs to share the jobs: the state and storage folders as absolute paths (replicas
+    run in Ray's worker folders), and one webhook secret (given, or made here once and kept in the state
+    folder) so that every replica signs with it. `ConfigError` when the store is not PostgreSQL."""
+    from livediff.jobs.webhooks import load_secret
+    from livediff.server.tls import default_state_dir
+
+    if not jobs.db:
+        raise ConfigError("jobs in a cluster need a store every replica shares: --jobs-db postgresql://...")
+    state_dir = (server.state_dir or default_state_dir()).resolve()
+    storage = jobs.storage.resolve() if jobs.storage is not None else None
+    secret = load_secret(state_dir, jobs.webhook_secret)
+    return server.replace(state_dir=state_dir), jobs.replace(storage=storage, webhook_secret=secret)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """For Serve config files and KubeRay: `args` holds `livediff serve` flags by their long names
     (`max_sessions`, `model`, `min_replicas`, ...); the rest take their defaults."""
     from livediff.cli import build_parser, cluster_settings, engine_settings, server_settings, stream_params
+    from livediff.jobs.flags import jobs_settings
 
     args = dict(args)
     if str(args.get("device", "auto")).startswith("cuda") and str(args.get("size", "auto")) == "auto":
@@ -109,4 +133,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     wants_cuda = engine.device.startswith("cuda") or cluster_gpus > 0
     gpus = cluster.replica_gpus if cluster.replica_gpus >= 0 else float(wants_cuda)
     most = cluster.max_replicas or max(1, cluster.min_replicas, int(cluster_gpus // gpus) if gpus else 1)
-    return build(engine, server_settings(parsed), stream_params(parsed), cluster, most, gpus)
+    jobs = jobs_settings(parsed) if parsed.jobs_db else None
+    return build(engine, server_settings(parsed), stream_params(parsed), cluster, most, gpus, jobs)

@@ -10,7 +10,9 @@ replica's own app answered, so routes, auth, CORS, limits and errors are the sin
 * `GET /api/sessions` and `GET /metrics` ask every replica and merge (sessions gain `replica`,
   samples a `replica` label); `POST /whep` (the newest live session) asks every replica for its sessions;
 * `GET /readyz` says how many replicas are ready (200 when at least one is), `GET /healthz` that
-  the gateway answers; anything else (pages, `/api/ice-servers`, OPTIONS) goes to any replica.
+  the gateway answers; anything else (pages, `/api/ice-servers`, OPTIONS) goes to any replica;
+* jobs and recordings (`/api/jobs...`, `/api/recordings...`): a clip's upload and a result's MP4
+  stream to and from a ready replica's app directly; the rest go to any replica (`cluster.jobs`).
 
 A replica that Serve stops drains: Serve no longer routes to it, so its sessions' requests go
 straight to its app's address on its node (`direct`).
@@ -28,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from livediff.cluster import metrics
+from livediff.cluster import jobs, metrics
 from livediff.cluster.calls import HttpCall, HttpReply, end_to_end, replay, session_route
 from livediff.cluster.routing import (
     ReplicaView,
@@ -58,21 +60,38 @@ def _json(status: int, data: dict[str, Any], retry_after: int | None = None) -> 
     return HttpReply(status, headers, json.dumps(data).encode(), "")
 
 
+def _response(reply: HttpReply) -> Any:
+    """`reply` as a Starlette response."""
+    from starlette.responses import Response
+
+    response = Response(content=reply.body, status_code=reply.status)
+    for name, value in end_to_end(reply.headers):
+        response.headers.append(name, value)
+    return response
+
+
 class Gateway:
     """Serve ingress deployment (bound in `livediff.cluster.app`)."""
 
-    def __init__(self, engines: Any, app_name: str, max_body_bytes: int, call_timeout_s: float) -> None:
+    def __init__(
+        self, engines: Any, app_name: str, max_body_bytes: int, call_timeout_s: float, with_jobs: bool = False
+    ) -> None:
         self.engines = engines
         """DeploymentHandle of the EngineReplica deployment."""
         self.app_name = app_name
         self.max_body_bytes = max_body_bytes
         self.call_timeout_s = call_timeout_s
+        self.with_jobs = with_jobs
+        """The replicas serve jobs on a shared store (`--jobs-db`); else job routes answer 501."""
         self._session: aiohttp.ClientSession | None = None
+        self._streams: aiohttp.ClientSession | None = None
 
     async def __call__(self, request: Any) -> Any:
         """A Starlette request from Serve's HTTP proxy -> a Starlette response."""
-        from starlette.responses import Response
-
+        if jobs.is_job_path(request.url.path) and not self.with_jobs:
+            return _response(_json(501, jobs.refusal()))
+        if self.with_jobs and jobs.is_streamed(request.method, request.url.path):
+            return await self.stream(request)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -83,10 +102,42 @@ class Gateway:
             call = HttpCall(request.method, request.url.path, request.url.query, list(request.headers.items()),
                             bytes(body))  # fmt: skip
             reply = await self.handle(call)
-        response = Response(content=reply.body, status_code=reply.status)
-        for name, value in end_to_end(reply.headers):
+        return _response(reply)
+
+    async def stream(self, request: Any) -> Any:
+        """A clip's upload or a result's download, streamed through to a ready replica's app (`cluster.jobs`)."""
+        from starlette.responses import StreamingResponse
+
+        upload = request.method == "POST"
+        replica = jobs.pick(await self.replicas(), upload)
+        if replica is None:
+            return _response(_json(503, {"error": "no replica is ready"}, RETRY_AFTER_S))
+
+        async def body() -> Any:
+            async for chunk in request.stream():
+                if chunk:
+                    yield chunk
+
+        target = request.url.path + ("?" + request.url.query if request.url.query else "")
+        try:
+            status, headers, chunks = await jobs.stream(
+                self._streaming(), replica, request.method, target, list(request.headers.items()),
+                body() if upload else None,
+            )  # fmt: skip
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("%s %s to replica %s failed: %s", request.method, request.url.path, replica.key, exc)
+            return _response(_json(503, {"error": "the replica did not take the request; try again"}, RETRY_AFTER_S))
+        response = StreamingResponse(chunks, status_code=status)
+        for name, value in headers:
             response.headers.append(name, value)
         return response
+
+    def _streaming(self) -> aiohttp.ClientSession:
+        """The HTTP client of streamed requests: no total timeout (a large clip takes as long as it takes)."""
+        if self._streams is None or self._streams.closed:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.call_timeout_s)
+            self._streams = aiohttp.ClientSession(auto_decompress=False, timeout=timeout)
+        return self._streams
 
     async def handle(self, call: HttpCall) -> HttpReply:
         """The answer to `call`, from the replica(s) it concerns (module docstring)."""
@@ -153,8 +204,9 @@ class Gateway:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._streams):
+            if session is not None:
+                await session.close()
 
     async def replicas(self) -> list[ReplicaView]:
         """The replicas the router sees (one call first makes this process's router)."""

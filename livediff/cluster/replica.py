@@ -7,7 +7,8 @@ against the app over HTTP on the node, so every route, check and error is the si
 While Serve drains the replica (it routes nothing more to it), the gateway sends the requests of
 its sessions to that address directly (`routing.SessionRouter` remembers it). The app's peers
 gather ICE candidates on this node's addresses (all of them, or `LIVEDIFF_ICE_ADDRESSES` where set
-on the node), so clients send media here directly.
+on the node), so clients send media here directly. With `jobs` (`--jobs-db`), the app also has the
+job routes and a worker claiming jobs from the store every replica shares (`livediff.cluster.jobs`).
 
 What Serve asks of a replica: `record_routing_stats` (free room, for the gateway's placement),
 `record_autoscaling_stats` (sessions, for `autoscale.sessions_policy`), `check_health`, and
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from livediff.cluster.calls import HttpCall, HttpReply, replay
 from livediff.config import EngineSettings, ServerSettings, StreamParams
+from livediff.jobs.settings import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class EngineReplica:
         server: ServerSettings,
         params: StreamParams,
         drain_timeout_s: float,
+        jobs: JobSettings | None = None,
     ) -> None:
         import ray
         from ray import serve
@@ -80,7 +83,7 @@ class EngineReplica:
         # plain http inside the cluster: TLS, if any, ends at the entry point
         server = server.replace(port=0, session_id_prefix=f"{self.key}-", tls_cert=None,
                                 tls_key=None, tls_self_signed=False)  # fmt: skip
-        app = create_app(engine, server, default_params=params)
+        app = create_app(engine, server, default_params=params, jobs=jobs)  # jobs: on the shared store
         self.service = app[SERVICE]
         self.runner = web.AppRunner(app, handle_signals=False)
         await self.runner.setup()  # starts the model load

@@ -22,6 +22,7 @@ import aiohttp
 from livediff.cluster.settings import LOCAL, ClusterSettings
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.errors import ConfigError
+from livediff.jobs.settings import JobSettings
 
 READY_POLL_S = 0.5
 
@@ -57,9 +58,11 @@ def deploy(
     params: StreamParams,
     cluster: ClusterSettings,
     proxy_location: str = "EveryNode",
+    jobs: JobSettings | None = None,
 ) -> int:
     """Start Serve's HTTP proxy on `server.host`/`server.port` and deploy the application (returns once
-    every replica's engine is warm). Ray must be initialised. -> the most replicas it may scale to."""
+    every replica's engine is warm), with `jobs` on a shared PostgreSQL store when given. Ray must be
+    initialised. -> the most replicas it may scale to."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions
@@ -71,7 +74,8 @@ def deploy(
     if server.tls_cert is not None:
         options.update(ssl_certfile=str(server.tls_cert), ssl_keyfile=str(server.tls_key))
     serve.start(proxy_location=proxy_location, http_options=HTTPOptions(**options))
-    serve.run(build(engine, server, params, cluster, most, gpus), name=cluster.app_name, route_prefix="/")
+    app = build(engine, server, params, cluster, most, gpus, jobs)
+    serve.run(app, name=cluster.app_name, route_prefix="/")
     return most
 
 
@@ -108,8 +112,9 @@ def serve_cluster(
     params: StreamParams,
     cluster: ClusterSettings,
     started: float | None = None,
+    jobs: JobSettings | None = None,
 ) -> int:
-    """Run until SIGINT/SIGTERM; 0 after a clean stop."""
+    """Run until SIGINT/SIGTERM; 0 after a clean stop. `jobs`: the replicas serve jobs on that shared store."""
     import ray
     from ray import serve
 
@@ -126,7 +131,7 @@ def serve_cluster(
     start_ray(cluster)
     address = url(server, server.port).rstrip("/")
     try:
-        most = deploy(engine, server, params, cluster, "HeadOnly" if cluster.address == LOCAL else "EveryNode")
+        most = deploy(engine, server, params, cluster, "HeadOnly" if cluster.address == LOCAL else "EveryNode", jobs)
         if certificate is not None:
             print(tls.explain(certificate), flush=True)
         ready = asyncio.run(
