@@ -164,7 +164,7 @@ async def test_bad_submissions_are_4xx_naming_the_field(tiny_parts, tmp_path: Pa
         (form(None, {}), 422, "file", "no file field"),
         (form(clip, {"strength": 3}), 422, "strength", "strength must be in (0, 1]"),
         (form(clip, "{nope"), 422, "params", "params is not JSON"),
-        (form(clip, {"temporal": {"bank": 2}}), 422, "temporal.bank", "temporal_bank"),
+        (form(clip, {"temporal": {"bank": 2}}), 422, "temporal.bank", "temporal.bank needs an engine"),
         (form(clip, {}, "ftp://example.com/hook"), 422, "callback_url", "http:// or https://"),
         (form(clip, {}, "http://127.0.0.1:9/hook"), 422, "callback_url", "loopback address 127.0.0.1"),
         (form(clip, {}, "http://169.254.169.254/latest"), 422, "callback_url", "link-local"),

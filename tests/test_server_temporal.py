@@ -35,6 +35,7 @@ def test_bad_temporal_values_name_the_field(bad: dict[str, object], field: str) 
     with pytest.raises(ParamError) as error:
         parse_update(StreamParams(), bad)
     assert error.value.field == field
+    assert error.value.message.startswith(field), error.value.message  # as the user wrote it, not temporal_bank
 
 
 def test_temporal_params_from_json_and_query_strings() -> None:

@@ -171,9 +171,12 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
 def refusal(exc: ConfigError) -> ParamError:
     """A `ConfigError` about a StreamParams field (its message starts with the field's name) as a
     `ParamError` naming the field as the JSON does: from validation, or from an engine that cannot
-    serve a param (`temporal_bank` without the feature bank)."""
-    field = str(exc).split(" ", 1)[0]
-    return ParamError(_PATHS.get(field, field), str(exc))
+    serve a param (`temporal_bank` without the feature bank). The message names it as the JSON does
+    too (`temporal.bank must be ...`), not by the dataclass field."""
+    message = str(exc)
+    field = message.split(" ", 1)[0]
+    path = _PATHS.get(field)
+    return ParamError(field, message) if path is None else ParamError(path, path + message[len(field) :])
 
 
 def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
