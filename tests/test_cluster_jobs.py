@@ -130,6 +130,10 @@ async def test_jobs_through_the_entry_point_run_on_replicas_with_room(
             assert response.status == 409, await response.text()
         async with http.get(f"{url}/api/jobs/job_0123") as response:
             assert response.status == 404
+        async with http.get(f"{url}/api/recordings") as response:  # recordings: the same storage, any replica
+            assert response.status == 200 and (await response.json())["recordings"] == []
+        async with http.delete(f"{url}/api/recordings/rec_0123") as response:
+            assert response.status == 404
 
         # a cancel at the entry point stops the job on the replica running it
         long_clip = make_clip(tmp_path / "long.mp4", frames=600, size=(64, 64), rate=24, audio=False)

@@ -92,9 +92,17 @@ async def test_a_job_and_a_recording_live_in_the_bucket(tiny_parts, tmp_path: Pa
             keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"live/{rec_id}/")["Contents"]}
             assert keys == {f"live/{rec_id}/output.mp4", f"live/{rec_id}/recording.json"}
             shutil.rmtree(state / "jobs" / rec_id)
+            async with http.get(f"{server.url}/api/recordings") as response:  # listed from the bucket
+                assert [r["id"] for r in (await response.json())["recordings"]] == [rec_id]
+            shutil.rmtree(state / "jobs" / rec_id)
             recorded = s3.get_object(Bucket=BUCKET, Key=f"live/{rec_id}/output.mp4")["Body"].read()
             async with http.get(f"{server.url}/api/recordings/{rec_id}/result") as response:
                 assert response.status == 200 and await response.read() == recorded
+            async with http.delete(f"{server.url}/api/recordings/{rec_id}") as response:
+                assert response.status == 200 and (await response.json())["state"] == "deleted"
+            assert s3.list_objects_v2(Bucket=BUCKET, Prefix=f"live/{rec_id}/").get("KeyCount") == 0
+            async with http.get(f"{server.url}/api/recordings") as response:
+                assert (await response.json())["recordings"] == []
             await client_peer.close()
 
 

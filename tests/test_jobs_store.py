@@ -83,6 +83,33 @@ def test_stale_jobs_are_taken_back_and_cancel_beats_completion(target: str | Pat
     store.close()
 
 
+def test_retention_deletes_old_finished_jobs_with_their_events_and_keys(target: str | Path) -> None:
+    store = JobStore(target, lease_s=5)
+    hook = "http://hooks.example/x"
+    old, _ = store.create(job(callback_url=hook), "old-key", key_ttl_s=10_000, now=100.0)
+    pending, _ = store.create(job(callback_url=hook), now=101.0)
+    recent, _ = store.create(job(), now=102.0)
+    running, _ = store.create(job(), now=103.0)
+    for finished, at in ((old, 110.0), (pending, 111.0), (recent, 300.0)):
+        store.claim("w", now=at - 1)
+        store.transition(finished.id, "complete", ("processing",), "w", now=at)
+    store.claim("w", now=120.0)  # `running`: still processing, however old
+    for event in store.due_events(30.0, limit=100, now=130.0):  # every event delivered but pending's last one
+        if not (event.job_id == pending.id and event.type == "job.complete"):
+            store.record_attempt(event, 204, None, True, None, now=131.0)
+    recording = store.add_event("rec_0a1b", "recording.complete", hook, {"id": "rec_0a1b"}, now=132.0)
+    assert [e.type for e, _ in store.events("rec_0a1b")] == ["recording.complete"]
+    assert store.sweep(before=200.0, now=140.0) == [old.id]  # pending: an event to deliver; recent: too new
+    assert store.get(old.id) is None and store.events(old.id) == []
+    assert len(store.events("rec_0a1b")) == 1  # not delivered yet: kept
+    store.record_attempt(recording, 200, None, True, None, now=133.0)
+    assert store.sweep(before=200.0, now=140.0) == [] and store.events("rec_0a1b") == []
+    assert {store.get(j.id).state for j in (pending, recent, running)} == {"complete", "processing"}  # type: ignore[union-attr]
+    reused, created = store.create(job(), "old-key", now=150.0)  # its key went with it: a new job, no error
+    assert created and reused.id != old.id
+    store.close()
+
+
 def test_concurrent_claims_on_postgres_take_each_job_once(postgres_url: str) -> None:  # noqa: F811
     """Two stores (two connections, as two replicas) claiming from threads: every job once, none twice."""
     setup = JobStore(postgres_url)

@@ -17,13 +17,17 @@ import numpy as np
 import pytest
 
 from livediff.jobs.settings import JobSettings
+from tests.jobs_support import webhook_receiver
 from tests.server_fixtures import CameraTrack, frames_back, metric_value, offer_client, running_server, whip_publish
 
 pytestmark = [pytest.mark.usefixtures("loopback_ice"), pytest.mark.timeout(180)]
 
 
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
 def settings() -> JobSettings:
-    return JobSettings(webhook_secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", poll_s=0.2)
+    return JobSettings(webhook_secret=SECRET, poll_s=0.2)
 
 
 async def wait_recorded(http: aiohttp.ClientSession, url: str, rec_id: str, timeout: float = 60) -> dict[str, Any]:
@@ -151,6 +155,71 @@ async def test_bad_record_values_are_refused_naming_the_field(tiny_parts, tmp_pa
             assert response.status == 422 and answer["field"] == "record", answer
 
 
+async def test_recordings_send_signed_webhooks_and_are_deleted(tiny_parts, tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    async with webhook_receiver(SECRET) as receiver:
+        jobs = settings().replace(recordings_callback_url=receiver.url, webhook_allow_private=True)
+        async with running_server(tiny_parts, size=64, jobs=jobs, state_dir=tmp_path / "state") as server:
+            client = await offer_client(http, server.url, CameraTrack(), params={"record": True})
+            await frames_back(client, 5)
+            recordings = server.service.recordings
+            assert recordings is not None
+            rec_id = recordings.active[client.session_id].id
+            await receiver.wait_for(rec_id, "recording")
+            async with http.delete(f"{server.url}/api/recordings/{rec_id}") as response:
+                assert response.status == 409 and "record: false" in (await response.json())["error"]
+            async with http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"record": False}) as r:
+                assert r.status == 200, await r.text()
+            record = await wait_recorded(http, server.url, rec_id)
+            await receiver.wait_for(rec_id, "complete")
+            assert (await fetch(http, f"{server.url}/api/recordings/{rec_id}/result"))[0] == 200
+
+            async with http.delete(f"{server.url}/api/recordings/{rec_id}") as response:
+                assert response.status == 200 and await response.json() == {"id": rec_id, "state": "deleted"}
+            assert not (tmp_path / "state" / "jobs" / rec_id).exists()
+            for method in (http.get, http.delete):
+                async with method(f"{server.url}/api/recordings/{rec_id}") as response:
+                    assert response.status == 404
+            await receiver.wait_for(rec_id, "deleted")
+            assert receiver.states(rec_id) == ["recording", "complete", "deleted"] and receiver.rejected == 0
+            kinds = [payload["type"] for _, payload in receiver.verified]
+            assert kinds == ["recording.recording", "recording.complete", "recording.deleted"]
+            complete = next(p["data"] for _, p in receiver.verified if p["type"] == "recording.complete")
+            assert complete["streams"]["output"]["frames"] == record["streams"]["output"]["frames"] > 0
+            await client.close()
+
+
+async def test_retention_deletes_finished_jobs_and_recordings(tiny_parts, tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    from tests.clips import make_clip
+    from tests.jobs_support import form, wait_state
+
+    state = tmp_path / "state"
+    async with running_server(tiny_parts, size=64, jobs=settings().replace(retention_s=6.0), state_dir=state) as server:
+        async with http.post(f"{server.url}/api/jobs", data=form(make_clip(tmp_path / "in.mp4", frames=4))) as r:
+            assert r.status == 202, await r.text()
+            job_id = (await r.json())["id"]
+        client = await offer_client(http, server.url, CameraTrack(), params={"record": True})
+        await frames_back(client, 3)
+        async with http.patch(f"{server.url}/api/sessions/{client.session_id}", json={"record": False}) as r:
+            assert r.status == 200
+        rec_id = next(iter(await asyncio.to_thread(server.service.recordings.list)))["id"]  # type: ignore[union-attr]
+        job = await wait_state(http, server.url, job_id, ("complete", "failed"))
+        assert job["state"] == "complete" and (state / "jobs" / job_id / "result.mp4").is_file()
+
+        deadline = time.monotonic() + 60  # 6 s after each ended, a sweep (every 1 s) takes it away
+        gone: dict[str, bool] = {}
+        while len(gone) < 2:
+            for kind, some_id in (("jobs", job_id), ("recordings", rec_id)):
+                async with http.get(f"{server.url}/api/{kind}/{some_id}") as response:
+                    if response.status == 404:
+                        gone[kind] = True
+            assert time.monotonic() < deadline, f"still there after 60 s: {gone}"
+            await asyncio.sleep(0.2)
+        assert not (state / "jobs" / job_id).exists() and not (state / "jobs" / rec_id).exists()
+        async with http.get(f"{server.url}/api/jobs") as response:
+            assert (await response.json())["jobs"] == []
+        await client.close()
+
+
 def test_frames_that_find_the_encoder_busy_are_dropped_and_counted(tmp_path: Path) -> None:
     from livediff.jobs.recording import QUEUE_FRAMES, Track
 
@@ -166,3 +235,22 @@ def test_frames_that_find_the_encoder_busy_are_dropped_and_counted(tmp_path: Pat
     assert track.frames + track.dropped == offered
     assert len(decode((tmp_path / "output.mp4").read_bytes())) == track.frames
     assert not (tmp_path / "output.mp4.part").exists()
+
+
+def test_retention_and_recording_webhook_flags() -> None:
+    from livediff.cli import build_parser
+    from livediff.errors import ConfigError
+    from livediff.jobs.flags import jobs_settings
+
+    def parsed(*argv: str) -> JobSettings:
+        return jobs_settings(build_parser().parse_args(["serve", *argv]))
+
+    assert parsed().retention_s == 0 and parsed().recordings_callback_url == ""
+    week = parsed("--jobs-retention", "604800")
+    assert week.retention_s == 604800 and week.sweep_s == 3600  # a tenth, at most an hour
+    hook = "http://127.0.0.1:9000/recordings"
+    assert parsed("--recordings-callback-url", hook, "--webhook-allow-private").recordings_callback_url == hook
+    with pytest.raises(ConfigError, match="--recordings-callback-url: .*loopback address 127.0.0.1"):
+        parsed("--recordings-callback-url", hook)
+    with pytest.raises(ConfigError, match="--recordings-callback-url: the URL must be an http"):
+        parsed("--recordings-callback-url", "ftp://example.com/x")

@@ -86,6 +86,17 @@ def add_jobs_flags(
         default=env("webhook_max_attempts", d.webhook_max_attempts),
         help="delivery attempts of one webhook event (1 s doubling to 60 s apart, with jitter)",
     )
+    group.add_argument(
+        "--jobs-retention",
+        type=float_range(0, 100 * 365 * 86400),
+        default=env("jobs_retention", d.retention_s),
+        help="seconds after which finished jobs and recordings are deleted, records and files; 0: kept",
+    )
+    group.add_argument(
+        "--recordings-callback-url",
+        default=env("recordings_callback_url", d.recordings_callback_url),
+        help="http(s) URL each recording's state changes are POSTed to, signed as job webhooks; none: not sent",
+    )
 
 
 def jobs_settings(args: argparse.Namespace) -> JobSettings:
@@ -94,8 +105,23 @@ def jobs_settings(args: argparse.Namespace) -> JobSettings:
         max_seconds=args.jobs_max_seconds, lease_s=args.jobs_lease, max_attempts=args.jobs_max_attempts,
         batch=args.jobs_batch, idempotency_ttl_s=args.idempotency_ttl, webhook_secret=args.webhook_secret,
         webhook_allow_private=args.webhook_allow_private, webhook_max_attempts=args.webhook_max_attempts,
+        retention_s=args.jobs_retention, recordings_callback_url=_callback(args),
         **_storage(args.jobs_storage),
     )  # fmt: skip
+
+
+def _callback(args: argparse.Namespace) -> str:
+    """--recordings-callback-url, checked as a job's callback_url is (`ConfigError` naming the flag)."""
+    from livediff.errors import ConfigError
+    from livediff.jobs.webhooks import CallbackRefused, check_callback_url
+
+    url: str = args.recordings_callback_url or ""
+    if url:
+        try:
+            check_callback_url(url, args.webhook_allow_private)
+        except CallbackRefused as exc:
+            raise ConfigError(f"--recordings-callback-url: {str(exc).replace('callback_url', 'the URL')}") from None
+    return url
 
 
 def _storage(value: str | None) -> dict[str, Any]:

@@ -9,7 +9,10 @@ plays at the pace the session ran, drops and all.
 
 A recording ends when its session ends or `record: false` comes: the encoders are flushed, the MP4s
 finished (moov written) under a `.part` name and renamed into place, and the record (`recording.json`)
-says `complete` (or `failed` with the reason).
+says `complete` (or `failed` with the reason). A finished recording is deleted by `DELETE
+/api/recordings/{id}` or, past `--jobs-retention`, by the jobs' sweep (`Recordings.sweep`). Each state
+(`recording`, `complete`, `failed`, `deleted`) is handed to `Recordings.on_change` (the server makes it a
+signed webhook to `--recordings-callback-url`, as a job's).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -170,12 +174,21 @@ class Recording:
         os.replace(part, self.folder / "recording.json")
 
 
+class RecordingActive(Exception):
+    """A recording still recording cannot be deleted (answered 409: end it with `record: false`)."""
+
+    def __init__(self, rec_id: str) -> None:
+        super().__init__(f"recording {rec_id} is still recording: end it first (record: false, or end the session)")
+
+
 class Recordings:
     """The recordings of one server: those running (by session id) and those stored in `storage`."""
 
     def __init__(self, storage: LocalStorage, registry: CollectorRegistry | None = None) -> None:
         self.storage = storage
         self.active: dict[str, Recording] = {}
+        self.on_change: Callable[[dict[str, Any]], None] | None = None
+        """Called with a recording's record after each change of its state (from any thread: it must not block)."""
         registry = registry or CollectorRegistry()
         self.frames_dropped = Counter("livediff_recording_frames_dropped", "Frames dropped from recordings "
                                       "(the encoder's queue was full)", ["stream"], registry=registry)  # fmt: skip
@@ -197,7 +210,15 @@ class Recordings:
         recording.save()
         self.active[session_id] = recording
         self.started.inc()
+        self._changed(recording.describe())
         return recording
+
+    def _changed(self, record: dict[str, Any]) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(record)
+            except Exception:  # noqa: BLE001 - a notification, never a reason to fail the recording
+                log.warning("recording %s: state change not handed on", record["id"], exc_info=True)
 
     def stop(self, session_id: str) -> Recording | None:
         """End the session's recording, if any: finish the files and the record (blocks: call off the loop)."""
@@ -219,7 +240,38 @@ class Recordings:
             log.warning("recording %s: storing failed: %s", recording.id, exc)
             recording.state, recording.error = "failed", f"storing failed: {type(exc).__name__}: {exc}"
             recording.save()
+        self._changed(recording.describe())
         return recording
+
+    def delete(self, rec_id: str) -> dict[str, Any] | None:
+        """Delete a finished recording, its files and record (from the bucket too) -> its record as it was, None
+        when there is none. `RecordingActive` while it records. Blocks: call off the event loop."""
+        if any(r.id == rec_id for r in self.active.values()):
+            raise RecordingActive(rec_id)
+        record = self.get(rec_id)
+        if record is None:
+            return None
+        if record["state"] == "recording":  # its server died while recording, or another replica records it
+            raise RecordingActive(rec_id)
+        self.storage.remove(rec_id)
+        self._changed({**record, "state": "deleted", "deleted_at": time.time()})
+        return record
+
+    def sweep(self, before: float) -> list[str]:
+        """Retention: delete the finished recordings that ended before `before` (Unix seconds) -> their ids.
+        Blocks: call off the event loop."""
+        removed = []
+        for rec_id in sorted(self.storage.ids("rec_")):
+            record = self.get(rec_id)
+            if record is None or record["state"] not in ("complete", "failed"):
+                continue
+            if (record.get("ended_at") or record["started_at"]) < before:
+                try:
+                    if self.delete(rec_id) is not None:
+                        removed.append(rec_id)
+                except RecordingActive:
+                    pass
+        return removed
 
     def get(self, rec_id: str) -> dict[str, Any] | None:
         """A recording's record (a running one as it is now), or None."""
@@ -238,8 +290,8 @@ class Recordings:
     def list(self) -> list[dict[str, Any]]:
         """Every recording's record, newest first."""
         found = []
-        for folder in self.storage.root.glob("rec_*"):
-            record = self.get(folder.name)
+        for rec_id in self.storage.ids("rec_"):  # with S3 storage: the bucket's too
+            record = self.get(rec_id)
             if record is not None:
                 found.append(record)
         return sorted(found, key=lambda r: r["started_at"], reverse=True)

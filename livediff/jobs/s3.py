@@ -95,6 +95,20 @@ class S3Storage(LocalStorage):
         except Exception:  # noqa: BLE001 - an unused upload left in the bucket is not worth failing a request
             log.warning("jobs storage: could not remove %s from %s", prefix, self.url, exc_info=True)
 
+    def ids(self, prefix: str) -> set[str]:
+        """The ids starting with `prefix` in the bucket (the folders under this storage's prefix, as S3's
+        ListObjectsV2 with a `/` delimiter gives them), and those in the working copy. boto3's errors raise."""
+        found = super().ids(prefix)
+        base = self.prefix + "/" if self.prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base + prefix, Delimiter="/"
+        ):
+            for common in page.get("CommonPrefixes", []):
+                name = common["Prefix"][len(base) :].rstrip("/")
+                if name.replace("_", "").isalnum():
+                    found.add(name)
+        return found
+
 
 def make_storage(storage: Path | None, url: str, state_dir: Path) -> LocalStorage:
     """The storage the settings name: `url` (s3://) with `storage` or `<state>/jobs` as its working copy, else

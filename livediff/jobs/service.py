@@ -1,10 +1,12 @@
 """`Jobs`: the store, the files, the worker and the webhook sender of one server, started and closed together,
-and their figures in `/metrics`."""
+their figures in `/metrics`, the webhooks of recordings (`--recordings-callback-url`) and the retention sweep
+(`--jobs-retention`: finished jobs and recordings older than that deleted, records and files)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from livediff.config import StreamParams
+from livediff.jobs.recording import Recordings
 from livediff.jobs.s3 import make_storage
 from livediff.jobs.settings import JobSettings
 from livediff.jobs.storage import LocalStorage
@@ -63,6 +66,12 @@ class Jobs:
         self.webhooks: WebhookSender | None = None
         self.counts: dict[str, int] = {}
         self._counting: asyncio.Task[None] | None = None
+        self.recordings: Recordings | None = None
+        """The server's recordings (set with the routes): their webhooks, their retention."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeping: asyncio.Task[None] | None = None
+        self._events_lock = asyncio.Lock()
+        self._event_tasks: set[asyncio.Task[None]] = set()
         registry = registry or CollectorRegistry()
         self.durations = Histogram(
             "livediff_job_seconds", "Seconds each job attempt ran, by its end: complete, failed, retried, cancelled, "
@@ -76,6 +85,7 @@ class Jobs:
 
     async def open_store(self) -> JobStore:
         """The store, connected (PostgreSQL) or opened (SQLite) on first use."""
+        self._loop = asyncio.get_running_loop()
         if self.store is None:
             target: str | Path = self.settings.db or self.state_dir / "jobs.db"
             self.store = await asyncio.to_thread(JobStore, target, self.settings.lease_s)
@@ -90,6 +100,59 @@ class Jobs:
                                 on_change=self.changed, on_finished=self._finished)  # fmt: skip
         self.worker.start()
         self.counts = await asyncio.to_thread(store.counts)
+        if self.settings.retention_s:
+            self._sweeping = asyncio.create_task(self._sweep_loop(), name="livediff-jobs-retention")
+
+    # -- recordings' webhooks ----------------------------------------------------------------------
+
+    def recording_changed(self, record: dict[str, Any]) -> None:
+        """`Recordings.on_change`: the recording's new state as a webhook event (callable from any thread)."""
+        if self.settings.recordings_callback_url and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._recording_event_soon, record)
+
+    def _recording_event_soon(self, record: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self._recording_event(record))
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _recording_event(self, record: dict[str, Any]) -> None:
+        try:
+            async with self._events_lock:  # in the order the changes came (tasks take the lock first come first)
+                store = await self.open_store()
+                kind = f"recording.{record['state']}"
+                await asyncio.to_thread(store.add_event, record["id"], kind, self.settings.recordings_callback_url,
+                                        record)  # fmt: skip
+        except Exception:  # noqa: BLE001 - the store is down: this event is lost, said in the log
+            log.exception("recording %s: its %s webhook could not be stored", record["id"], record["state"])
+            return
+        if self.webhooks is not None:
+            self.webhooks.wake()
+
+    # -- retention ---------------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the store or the storage failed for a moment: the next sweep tries
+                log.exception("jobs: the retention sweep failed")
+            await asyncio.sleep(self.settings.sweep_s)
+
+    async def sweep(self, now: float | None = None) -> tuple[list[str], list[str]]:
+        """Delete the finished jobs and recordings that ended over `retention_s` before `now`, records and files
+        -> (job ids, recording ids)."""
+        before = (time.time() if now is None else now) - self.settings.retention_s
+        store = await self.open_store()
+        jobs = await asyncio.to_thread(store.sweep, before)
+        for job_id in jobs:  # rows first: a crash here leaves files no row names, never a row without its file
+            await asyncio.to_thread(self.storage.remove, job_id)
+        recordings = await asyncio.to_thread(self.recordings.sweep, before) if self.recordings is not None else []
+        if jobs or recordings:
+            log.info("jobs: retention removed %d jobs and %d recordings", len(jobs), len(recordings))
+            self.changed()
+        return jobs, recordings
 
     def changed(self, job: Job | None = None) -> None:
         """A job's state changed (here or by a request): deliver its webhook, count again."""
@@ -114,8 +177,15 @@ class Jobs:
         self.webhook_attempts.labels("delivered" if delivered else "failed").inc()
 
     async def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            await asyncio.gather(self._sweeping, return_exceptions=True)
         if self.worker is not None:
             await self.worker.close()
+        if self.recordings is not None:  # end them now, while their webhook events can still be stored
+            for session_id in list(self.recordings.active):
+                await asyncio.to_thread(self.recordings.stop, session_id)
+        await asyncio.gather(*self._event_tasks, return_exceptions=True)
         if self.webhooks is not None:
             await self.webhooks.close()
         if self._counting is not None:

@@ -44,13 +44,23 @@ class JobSettings:
     """Delivery attempts of one webhook event before it is given up."""
     webhook_timeout_s: float = 10.0
     """Seconds a receiver has to answer one delivery."""
+    retention_s: float = 0.0
+    """Finished jobs and recordings older than this (seconds since they ended) are deleted, records and files;
+    0: kept until deleted by hand."""
+    recordings_callback_url: str = ""
+    """Where each recording's state changes are POSTed (signed as the jobs' webhooks are); empty: nowhere."""
+
+    @property
+    def sweep_s(self) -> float:
+        """How often the retention sweep runs: a tenth of the retention, within 1 s and an hour."""
+        return max(1.0, min(3600.0, self.retention_s / 10))
 
     def __post_init__(self) -> None:
         checks = {
             "max_jobs": (1, 64), "max_bytes": (1, 1 << 50), "max_seconds": (0.001, 1e7), "lease_s": (0.5, 86400),
             "max_attempts": (1, 100), "retry_base_s": (0.0, 3600), "idempotency_ttl_s": (1, 365 * 86400),
             "batch": (0, 64), "poll_s": (0.01, 60), "webhook_max_attempts": (1, 100),
-            "webhook_timeout_s": (0.1, 300),
+            "webhook_timeout_s": (0.1, 300), "retention_s": (0, 100 * 365 * 86400),
         }  # fmt: skip
         for name, (low, high) in checks.items():
             value = getattr(self, name)

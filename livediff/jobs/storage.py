@@ -90,3 +90,7 @@ class LocalStorage:
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.folder(job_id), ignore_errors=True)
+
+    def ids(self, prefix: str) -> set[str]:
+        """The ids starting with `prefix` (`rec_`) that have files here. Blocks: call off the event loop."""
+        return {folder.name for folder in self.root.glob(f"{prefix}*") if folder.is_dir()}

@@ -244,15 +244,50 @@ class JobStore:
 
     def _add_event(self, cur: _Cursor, job: Job, now: float) -> None:
         """The webhook event of `job`'s new state, in the transaction that stored it."""
-        if not job.callback_url:
-            return
-        kind = f"job.{job.state}"
-        payload = {"type": kind, "timestamp": _iso(now), "data": event_payload(job)}
+        if job.callback_url:
+            self._insert_event(cur, job.id, f"job.{job.state}", job.callback_url, event_payload(job), now)
+
+    @staticmethod
+    def _insert_event(cur: _Cursor, subject: str, kind: str, url: str, data: dict[str, Any], now: float) -> Event:
+        payload = json.dumps({"type": kind, "timestamp": _iso(now), "data": data})
+        event = Event("msg_" + secrets.token_hex(12), subject, kind, url, payload, now, 0, now)
         cur.execute(
             f"INSERT INTO webhook_events ({', '.join(EVENT_COLUMNS)}) VALUES ({_marks(len(EVENT_COLUMNS))})",
-            ["msg_" + secrets.token_hex(12), job.id, kind, job.callback_url, json.dumps(payload), now, 0, now,
-             None, None, None],
-        )  # fmt: skip
+            [getattr(event, name) for name in EVENT_COLUMNS],
+        )
+        return event
+
+    def add_event(self, subject: str, kind: str, url: str, data: dict[str, Any], now: float | None = None) -> Event:
+        """A webhook event about something that is not a job row (a recording: `subject` its id, `kind`
+        `recording.<state>`), delivered as jobs' events are: `{"type": kind, "timestamp", "data": data}`."""
+        now = time.time() if now is None else now
+        with self._tx() as cur:
+            return self._insert_event(cur, subject, kind, url, data, now)
+
+    def sweep(self, before: float, now: float | None = None) -> list[str]:
+        """Retention: finished jobs (complete, failed, cancelled) that ended before `before` and have no webhook
+        event still to deliver are deleted with their events, attempts and idempotency keys -> their ids (their
+        files are the caller's to remove). Delivered or given-up events older than `before` of subjects that
+        are no job (recordings) go too, and expired idempotency keys."""
+        now = time.time() if now is None else now
+        with self._tx() as cur:
+            cur.execute(
+                "DELETE FROM jobs WHERE state IN ('complete', 'failed', 'cancelled') AND finished_at < %s AND NOT "
+                "EXISTS (SELECT 1 FROM webhook_events e WHERE e.job_id = jobs.id AND e.delivered_at IS NULL AND "
+                "e.failed_at IS NULL) RETURNING id",
+                [before],
+            )
+            ids = [str(row[0]) for row in cur.fetchall()]
+            done = (
+                "(delivered_at IS NOT NULL OR failed_at IS NOT NULL) AND created_at < %s "
+                "AND job_id NOT IN (SELECT id FROM jobs)"
+            )
+            cur.execute(f"DELETE FROM webhook_attempts WHERE event_id IN (SELECT id FROM webhook_events WHERE {done})",
+                        [before])  # fmt: skip
+            cur.execute(f"DELETE FROM webhook_events WHERE {done}", [before])
+            cur.execute("DELETE FROM idempotency_keys WHERE expires_at < %s OR job_id NOT IN (SELECT id FROM jobs)",
+                        [now])  # fmt: skip
+        return ids
 
     def _update(self, cur: _Cursor, sets: str, where: str, args: Sequence[Any], now: float) -> list[Job]:
         cur.execute(f"UPDATE jobs SET {sets} WHERE {where} RETURNING {', '.join(JOB_COLUMNS)}", args)

@@ -49,7 +49,10 @@ def setup(app: web.Application, settings: JobSettings, state_dir: Path) -> None:
     from livediff.jobs.recording import Recordings
     from livediff.server import recordings
 
-    recordings.setup(app, Recordings(app[JOBS].storage, service.metrics.registry))
+    kept = Recordings(app[JOBS].storage, service.metrics.registry)
+    kept.on_change = app[JOBS].recording_changed  # their webhooks (--recordings-callback-url)
+    app[JOBS].recordings = kept
+    recordings.setup(app, kept)
     app.on_startup.append(_start)
     app.on_shutdown.append(_stop)
 

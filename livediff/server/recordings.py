@@ -1,7 +1,8 @@
 """Recording routes: `GET /api/recordings` (newest first), `GET /api/recordings/{id}` (its record: state,
-frames and drops per stream, the timeline of param changes), `GET /api/recordings/{id}/result[?stream=input]`
-(the MP4, with range requests, once the recording is complete). Recordings start and stop with the session
-field `record` (`livediff.jobs.recording`, `Service.record`)."""
+frames and drops per stream, the timeline of param changes, its webhooks), `GET
+/api/recordings/{id}/result[?stream=input]` (the MP4, with range requests, once the recording is complete),
+`DELETE /api/recordings/{id}` (a finished recording, files and record). Recordings start and stop with the
+session field `record` (`livediff.jobs.recording`, `Service.record`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from livediff.jobs.recording import STREAMS, Recordings
+from livediff.jobs.recording import STREAMS, RecordingActive, Recordings
 from livediff.server.common import SERVICE
 from livediff.server.errors import ApiError
 
@@ -24,6 +25,7 @@ def setup(app: web.Application, recordings: Recordings) -> None:
     app.router.add_get("/api/recordings", list_recordings)
     app.router.add_get("/api/recordings/{id}", get_recording)
     app.router.add_get("/api/recordings/{id}/result", result)
+    app.router.add_delete("/api/recordings/{id}", delete_recording)
 
 
 async def _find(request: web.Request) -> dict[str, Any]:
@@ -40,7 +42,25 @@ async def list_recordings(request: web.Request) -> web.Response:
 
 
 async def get_recording(request: web.Request) -> web.Response:
-    return web.json_response(await _find(request))
+    from livediff.jobs.webhooks import describe_events
+    from livediff.server.jobs import JOBS
+
+    record = await _find(request)
+    if JOBS in request.app and request.app[JOBS].settings.recordings_callback_url:
+        store = await request.app[JOBS].open_store()
+        record["webhooks"] = describe_events(await asyncio.to_thread(store.events, record["id"]))
+    return web.json_response(record)
+
+
+async def delete_recording(request: web.Request) -> web.Response:
+    rec_id = request.match_info["id"]
+    try:
+        record = await asyncio.to_thread(request.app[RECORDINGS].delete, rec_id)
+    except RecordingActive as exc:
+        raise ApiError(409, str(exc)) from None
+    if record is None:
+        raise ApiError(404, f"no recording {rec_id!r}")
+    return web.json_response({"id": rec_id, "state": "deleted"})
 
 
 async def result(request: web.Request) -> web.StreamResponse:
