@@ -4,12 +4,16 @@ the tiny model, a real PostgreSQL store shared by the replicas, a real webhook r
 Clips go in at the entry point (streamed through the gateway to a replica, larger than the server's signalling
 body limit), the replicas' workers claim them from the shared store (`--max-jobs 1` each: the second replica
 takes what the first has no room for), results and statuses come back through the entry point from any replica,
-a cancel reaches the replica running the job, an upload over `--jobs-max-bytes` is refused while it streams.
+a cancel reaches the replica running the job, an upload over `--jobs-max-bytes` is refused while it streams,
+and a replica killed (SIGKILL) mid-job leaves the job to the other, which makes its one result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,3 +154,54 @@ async def test_jobs_through_the_entry_point_run_on_replicas_with_room(
         async with http.post(f"{url}/api/jobs", data=form(b"\0" * (2 * MAX_BYTES))) as response:
             body: dict[str, Any] = await response.json()
             assert response.status == 413 and body.get("field") == "file", body
+
+        # the replica running a job is killed: after --jobs-lease the other one takes the job up again, one result
+        crash_clip = make_clip(tmp_path / "crash.mp4", frames=240, size=(64, 64), rate=24, audio=False)
+        crash_id = await submit(http, url, crash_clip, receiver.url)
+        await wait_state(http, url, crash_id, ("processing",), timeout=120)
+        killed = worker_pid(postgres_url, crash_id)
+        os.kill(killed, signal.SIGKILL)
+        job = await finished(http, url, crash_id)
+        assert job["state"] == "complete" and job["attempt"] == 2, job
+        assert worker_pid(postgres_url, crash_id) in pids - {killed}
+        status, whole = await result(http, url, crash_id)
+        assert status == 200
+        (tmp_path / "out.mp4").write_bytes(whole)
+        assert video_facts(tmp_path / "out.mp4")["pts"] == video_facts(crash_clip)["pts"]
+        await receiver.wait_for(crash_id, "complete")
+        states = receiver.states(crash_id)
+        assert states[0] == "queued" and states[-1] == "complete" and states.count("complete") == 1, states
+        assert "queued" in states[1:] and states.count("processing") >= 2, states  # taken back, claimed again
+
+
+def worker_pid(postgres_url: str, job_id: str) -> int:  # noqa: F811 - not the fixture
+    store = JobStore(postgres_url)
+    try:
+        job = store.get(job_id)
+    finally:
+        store.close()
+    assert job is not None and job.worker is not None, job
+    return int(job.worker.split(":")[1])
+
+
+async def finished(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    """The job once complete or failed; a 503 while Serve notices a dead replica is asked again (Retry-After)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(f"{url}/api/jobs/{job_id}") as response:
+            body: dict[str, Any] = await response.json()
+            assert response.status in (200, 503), body
+        if response.status == 200 and body["state"] in ("complete", "failed"):
+            return body
+        assert time.monotonic() < deadline, f"job {job_id}: {body}"
+        await asyncio.sleep(0.2)
+
+
+async def result(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 120) -> tuple[int, bytes]:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(f"{url}/api/jobs/{job_id}/result") as response:
+            data = await response.read()
+            if response.status != 503 or time.monotonic() > deadline:
+                return response.status, data
+        await asyncio.sleep(0.5)

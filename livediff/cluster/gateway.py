@@ -105,13 +105,12 @@ class Gateway:
         return _response(reply)
 
     async def stream(self, request: Any) -> Any:
-        """A clip's upload or a result's download, streamed through to a ready replica's app (`cluster.jobs`)."""
+        """A clip's upload or a result's download, streamed through to a ready replica's app (`cluster.jobs`).
+        A replica that refuses the connection (it died; Serve has not noticed yet) is passed over for the next:
+        nothing of the body was sent to it."""
         from starlette.responses import StreamingResponse
 
         upload = request.method == "POST"
-        replica = jobs.pick(await self.replicas(), upload)
-        if replica is None:
-            return _response(_json(503, {"error": "no replica is ready"}, RETRY_AFTER_S))
 
         async def body() -> Any:
             async for chunk in request.stream():
@@ -119,18 +118,26 @@ class Gateway:
                     yield chunk
 
         target = request.url.path + ("?" + request.url.query if request.url.query else "")
-        try:
-            status, headers, chunks = await jobs.stream(
-                self._streaming(), replica, request.method, target, list(request.headers.items()),
-                body() if upload else None,
-            )  # fmt: skip
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("%s %s to replica %s failed: %s", request.method, request.url.path, replica.key, exc)
-            return _response(_json(503, {"error": "the replica did not take the request; try again"}, RETRY_AFTER_S))
-        response = StreamingResponse(chunks, status_code=status)
-        for name, value in headers:
-            response.headers.append(name, value)
-        return response
+        replicas, gone = await self.replicas(), set()
+        while (replica := jobs.pick([r for r in replicas if r.key not in gone], upload)) is not None:
+            try:
+                status, headers, chunks = await jobs.stream(
+                    self._streaming(), replica, request.method, target, list(request.headers.items()),
+                    body() if upload else None,
+                )  # fmt: skip
+            except aiohttp.ClientConnectorError as exc:
+                log.warning("replica %s refused %s %s: %s", replica.key, request.method, request.url.path, exc)
+                gone.add(replica.key)
+                continue
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("%s %s to replica %s failed: %s", request.method, request.url.path, replica.key, exc)
+                return _response(_json(503, {"error": "the replica did not take the request; try again"},
+                                       RETRY_AFTER_S))  # fmt: skip
+            response = StreamingResponse(chunks, status_code=status)
+            for name, value in headers:
+                response.headers.append(name, value)
+            return response
+        return _response(_json(503, {"error": "no replica is ready"}, RETRY_AFTER_S))
 
     def _streaming(self) -> aiohttp.ClientSession:
         """The HTTP client of streamed requests: no total timeout (a large clip takes as long as it takes)."""
