@@ -5,7 +5,8 @@ Clips go in at the entry point (streamed through the gateway to a replica, large
 body limit), the replicas' workers claim them from the shared store (`--max-jobs 1` each: the second replica
 takes what the first has no room for), results and statuses come back through the entry point from any replica,
 a cancel reaches the replica running the job, an upload over `--jobs-max-bytes` is refused while it streams,
-and a replica killed (SIGKILL) mid-job leaves the job to the other, which makes its one result.
+a live session's recording is listed, served and deleted at the entry point, and a replica killed (SIGKILL)
+mid-job leaves the job to the other, which makes its one result.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from tests.clips import make_clip, video_facts
 from tests.jobs_support import form, wait_state, webhook_receiver
 from tests.postgres_support import postgres_cluster, postgres_url  # noqa: F401 - fixtures
+from tests.server_fixtures import CameraTrack, frames_back, offer_client
 from tests.tools import import_or_skip
 
 ray = import_or_skip("ray", "pip install 'livediff[cluster]'")
@@ -37,11 +39,11 @@ from livediff.jobs.store import JobStore  # noqa: E402
 from livediff.transport.loopback import free_port  # noqa: E402
 
 # a Ray cluster (~15 s), two replicas loading the model (~10-20 s each) and five clips on a shared 2-core machine
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480), pytest.mark.usefixtures("loopback_ice")]
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MAX_BYTES = 400_000
-BODY_LIMIT = 4 * 1024
+BODY_LIMIT = 12 * 1024
 """The signalling body limit: every clip here is larger, so only the streamed upload path can carry it."""
 
 
@@ -57,7 +59,7 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[str]:  # noqa: F811 -
         port = free_port()
         engine = EngineSettings(model="tiny", height=64, width=64, backend="torch", device="cpu")
         server = ServerSettings(host="127.0.0.1", port=port, cpu_threads=1, max_body_bytes=BODY_LIMIT,
-                                state_dir=tmp_path / "state")  # fmt: skip
+                                state_dir=tmp_path / "state", ice_loopback=True)  # fmt: skip
         jobs = JobSettings(db=postgres_url, storage=tmp_path / "files", webhook_secret=SECRET, max_jobs=1, batch=1,
                            webhook_allow_private=True, poll_s=0.2, lease_s=2.0, max_bytes=MAX_BYTES)  # fmt: skip
         cluster = ClusterSettings(min_replicas=2, max_replicas=2, stats_period_s=0.5)
@@ -94,7 +96,7 @@ async def test_jobs_through_the_entry_point_run_on_replicas_with_room(
         await asyncio.sleep(0.5)
     pids = await ready_pids(http, url)
     assert len(pids) == 2, pids
-    clips = [make_clip(tmp_path / f"in{i}.mp4", frames=72, size=(64, 64), rate=24, audio=False) for i in range(3)]
+    clips = [make_clip(tmp_path / f"in{i}.mp4", frames=72, size=(64, 64), rate=24) for i in range(3)]  # ~16 kB
     assert all(c.stat().st_size > BODY_LIMIT for c in clips)
     async with webhook_receiver(SECRET) as receiver:
         ids = [await submit(http, url, clip, receiver.url) for clip in clips]
@@ -154,6 +156,30 @@ async def test_jobs_through_the_entry_point_run_on_replicas_with_room(
         async with http.post(f"{url}/api/jobs", data=form(b"\0" * (2 * MAX_BYTES))) as response:
             body: dict[str, Any] = await response.json()
             assert response.status == 413 and body.get("field") == "file", body
+
+        # a live session's recording, made on its replica, served and deleted through the entry point
+        client = await offer_client(http, url, CameraTrack(64, 64))
+        await frames_back(client, 3)
+        session_url = f"{url}/api/sessions/{client.session_id}"
+        async with http.patch(session_url, json={"record": True}) as response:
+            rec_id = (await response.json())["recording"]
+            assert response.status == 200 and rec_id, rec_id
+        assert client.received is not None
+        await client.received.wait_for(len(client.received.times) + 5)
+        async with http.patch(session_url, json={"record": False}) as response:
+            assert response.status == 200, await response.text()
+        async with http.get(f"{url}/api/recordings") as response:
+            listed = (await response.json())["recordings"]
+        assert [(r["id"], r["state"]) for r in listed] == [(rec_id, "complete")], listed
+        async with http.get(f"{url}/api/recordings/{rec_id}/result") as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "video/mp4"
+            (tmp_path / "recorded.mp4").write_bytes(await response.read())
+        assert len(video_facts(tmp_path / "recorded.mp4")["pts"]) == listed[0]["streams"]["output"]["frames"] > 0
+        async with http.delete(f"{url}/api/recordings/{rec_id}") as response:
+            assert response.status == 200, await response.text()
+        async with http.get(f"{url}/api/recordings/{rec_id}") as response:
+            assert response.status == 404
+        await client.close()
 
         # the replica running a job is killed: after --jobs-lease the other one takes the job up again, one result
         crash_clip = make_clip(tmp_path / "crash.mp4", frames=240, size=(64, 64), rate=24, audio=False)

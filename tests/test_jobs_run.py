@@ -109,7 +109,7 @@ def test_bad_flags_and_limits_name_the_flag(tmp_path: Path, capsys) -> None:  # 
         (["--param", "strength=3"], "--param: strength must be in (0, 1]"),
         (["--params", '{"steps": "two"}'], "--params: steps must be a int"),
         (["--params", "{"], "--params: not JSON"),
-        (["--params", '{"temporal": {"bank": 2}}'], "--params: temporal_bank"),
+        (["--params", '{"temporal": {"bank": 2}}'], "--params: temporal.bank"),
         (["--max-seconds", "0.01"], "over the limit of 0.01 s"),
     ]
     for extra, said in cases:

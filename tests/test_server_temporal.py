@@ -3,6 +3,7 @@ server without the feature bank, applied by one with it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -63,6 +64,8 @@ async def test_a_server_without_the_feature_bank_refuses_it_by_name(tiny_parts, 
         async with http.get(url) as response:
             described = await response.json()
         assert described["params"]["temporal"] == {"bank": 0, "weight": 1.0, "motion_strength": [0.3, 0.6]}
+        while client.channel.readyState != "open":  # connected (ICE, DTLS) comes before SCTP has opened it
+            await asyncio.sleep(0.05)
         client.channel.send(json.dumps({"temporal": {"bank": 1}, "request_id": 3}))
         error = await client.wait_message(lambda m: m.get("request_id") == 3)
         assert error["type"] == "error" and error["field"] == "temporal.bank"
