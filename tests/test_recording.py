@@ -172,6 +172,14 @@ async def test_recordings_send_signed_webhooks_and_are_deleted(tiny_parts, tmp_p
             record = await wait_recorded(http, server.url, rec_id)
             await receiver.wait_for(rec_id, "complete")
             assert (await fetch(http, f"{server.url}/api/recordings/{rec_id}/result"))[0] == 200
+            while True:  # its record lists each event and attempt once the receiver's answer is stored
+                async with http.get(f"{server.url}/api/recordings/{rec_id}") as response:
+                    hooks = (await response.json())["webhooks"]
+                if len(hooks) == 2 and all(h["delivered_at"] for h in hooks):
+                    break
+                await asyncio.sleep(0.05)
+            assert [h["type"] for h in hooks] == ["recording.recording", "recording.complete"]
+            assert all(h["attempts"][0]["status"] == 204 for h in hooks), hooks
 
             async with http.delete(f"{server.url}/api/recordings/{rec_id}") as response:
                 assert response.status == 200 and await response.json() == {"id": rec_id, "state": "deleted"}

@@ -189,6 +189,8 @@ class Recordings:
         self.active: dict[str, Recording] = {}
         self.on_change: Callable[[dict[str, Any]], None] | None = None
         """Called with a recording's record after each change of its state (from any thread: it must not block)."""
+        self.webhooks: Callable[[str], list[dict[str, Any]] | None] | None = None
+        """A recording's webhook events and attempts, or None when none are sent (blocks: call off the loop)."""
         registry = registry or CollectorRegistry()
         self.frames_dropped = Counter("livediff_recording_frames_dropped", "Frames dropped from recordings "
                                       "(the encoder's queue was full)", ["stream"], registry=registry)  # fmt: skip

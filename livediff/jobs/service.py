@@ -21,7 +21,7 @@ from livediff.jobs.s3 import make_storage
 from livediff.jobs.settings import JobSettings
 from livediff.jobs.storage import LocalStorage
 from livediff.jobs.store import STATES, Event, Job, JobStore
-from livediff.jobs.webhooks import WebhookSender, load_secret
+from livediff.jobs.webhooks import WebhookSender, describe_events, load_secret
 from livediff.jobs.worker import JobWorker
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,13 @@ class Jobs:
         """`Recordings.on_change`: the recording's new state as a webhook event (callable from any thread)."""
         if self.settings.recordings_callback_url and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._recording_event_soon, record)
+
+    def recording_webhooks(self, rec_id: str) -> list[dict[str, Any]] | None:
+        """A recording's webhook events with every attempt, as `GET /api/recordings/{id}` shows them; None
+        when recordings send none or the store is not open yet. Blocks: call off the event loop."""
+        if not self.settings.recordings_callback_url or self.store is None:
+            return None
+        return describe_events(self.store.events(rec_id))
 
     def _recording_event_soon(self, record: dict[str, Any]) -> None:
         task = asyncio.ensure_future(self._recording_event(record))

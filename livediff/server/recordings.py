@@ -42,13 +42,12 @@ async def list_recordings(request: web.Request) -> web.Response:
 
 
 async def get_recording(request: web.Request) -> web.Response:
-    from livediff.jobs.webhooks import describe_events
-    from livediff.server.jobs import JOBS
-
     record = await _find(request)
-    if JOBS in request.app and request.app[JOBS].settings.recordings_callback_url:
-        store = await request.app[JOBS].open_store()
-        record["webhooks"] = describe_events(await asyncio.to_thread(store.events, record["id"]))
+    webhooks = request.app[RECORDINGS].webhooks
+    if webhooks is not None:
+        found = await asyncio.to_thread(webhooks, record["id"])
+        if found is not None:
+            record["webhooks"] = found
     return web.json_response(record)
 
 
