@@ -110,6 +110,8 @@ def test_bad_flags_and_limits_name_the_flag(tmp_path: Path, capsys) -> None:  # 
         (["--params", '{"steps": "two"}'], "--params: steps must be a int"),
         (["--params", "{"], "--params: not JSON"),
         (["--params", '{"temporal": {"bank": 2}}'], "--params: temporal.bank"),
+        (["--param", "temporal_bank=9"], "--param: temporal_bank must be an integer in 0..4, got 9"),
+        (["--params", '{"temporal": {"bank": 9}}'], "--params: temporal.bank must be an integer in 0..4, got 9"),
         (["--max-seconds", "0.01"], "over the limit of 0.01 s"),
     ]
     for extra, said in cases:

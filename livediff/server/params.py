@@ -179,6 +179,11 @@ def refusal(exc: ConfigError) -> ParamError:
     return ParamError(field, message) if path is None else ParamError(path, path + message[len(field) :])
 
 
+def query_name(path: str) -> str:
+    """The name a URL query (and `livediff run --param`) gives a field: `temporal.bank` -> `temporal_bank`."""
+    return next((field for field, nested in _PATHS.items() if nested == path), path)
+
+
 def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
     """WHIP publishers (OBS) can only pass params in the URL: `?prompt=...&strength=0.6&probe=1`."""
     data: dict[str, Any] = {}
