@@ -50,6 +50,11 @@ def test_temporal_params_from_json_and_query_strings() -> None:
 
 async def test_a_server_without_the_feature_bank_refuses_it_by_name(tiny_parts, http) -> None:  # type: ignore[no-untyped-def]
     async with running_server(tiny_parts, size=64) as server:
+        sdp = {"Content-Type": "application/sdp"}
+        async with http.post(server.url + "/whip?temporal_bank=9", data="v=0", headers=sdp) as response:
+            body = await response.json()  # named as the URL wrote it
+        assert response.status == 422 and body["field"] == "temporal_bank", body
+        assert body["error"].startswith("temporal_bank must be an integer in 0..4"), body
         with pytest.raises(SignallingError) as refused:  # a real offer: the engine refuses, not the SDP check
             await offer_client(http, server.url, CameraTrack(), params={"temporal": {"bank": 1}})
         assert refused.value.status == 422 and refused.value.body["field"] == "temporal.bank"

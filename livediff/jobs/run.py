@@ -60,7 +60,7 @@ def add_run_command(commands: Any, add_engine_flags: Any, backend_names: tuple[s
 def run_params(args: argparse.Namespace, base: StreamParams) -> StreamParams:
     """`base` (the engine flags' prompt, steps, strength) with --param and --params applied; a
     `ConfigError` naming the flag and the field for a bad one."""
-    from livediff.server.params import ParamError, parse_query, parse_update, query_name
+    from livediff.server.params import ParamError, as_query, parse_query, parse_update
 
     params = base
     try:
@@ -74,10 +74,7 @@ def run_params(args: argparse.Namespace, base: StreamParams) -> StreamParams:
         if session:
             raise ConfigError(f"--param: {', '.join(session)} is a live-session field, not a clip's")
     except ParamError as exc:  # named as --param takes it (temporal_bank), not as JSON nests it (temporal.bank)
-        message = exc.message
-        if exc.field and message.startswith(exc.field):
-            message = query_name(exc.field) + message[len(exc.field) :]
-        raise ConfigError(f"--param: {message}") from None
+        raise ConfigError(f"--param: {as_query(exc).message}") from None
     if args.params:
         try:
             data = json.loads(args.params)

@@ -184,6 +184,14 @@ def query_name(path: str) -> str:
     return next((field for field, nested in _PATHS.items() if nested == path), path)
 
 
+def as_query(exc: ParamError) -> ParamError:
+    """`exc` naming its field as a URL query writes it (`temporal_bank`), for params that came from one."""
+    if exc.field is None or not exc.message.startswith(exc.field):
+        return exc
+    name = query_name(exc.field)
+    return ParamError(name, name + exc.message[len(exc.field) :])
+
+
 def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
     """WHIP publishers (OBS) can only pass params in the URL: `?prompt=...&strength=0.6&probe=1`."""
     data: dict[str, Any] = {}

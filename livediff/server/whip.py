@@ -13,7 +13,7 @@ from aiortc import RTCSessionDescription
 
 from livediff.server.common import GONE, client_gone, read_text, service
 from livediff.server.errors import ApiError
-from livediff.server.params import parse_query, parse_update
+from livediff.server.params import ParamError, as_query, parse_query, parse_update
 from livediff.server.peers import Resource
 from livediff.server.service import Service
 from livediff.transport.whip import SDP_TYPE, SDPFRAG_TYPE, etag_matches, is_ice_restart, parse_sdpfrag
@@ -32,11 +32,14 @@ def created(resource: Resource, location: str, svc: Service) -> web.Response:
 async def post_whip(request: web.Request) -> web.Response:
     svc = service(request)
     sdp = await read_text(request, SDP_TYPE)
-    params, extras = parse_update(svc.default_params, parse_query(request.query))
-    svc.check_record(extras)
-    session, resource = await svc.publish(
-        RTCSessionDescription(sdp=sdp, type="offer"), params, "whip", probe_on=extras.get("probe", False)
-    )
+    try:  # the params came in the URL: errors name them as it does (temporal_bank, not temporal.bank)
+        params, extras = parse_update(svc.default_params, parse_query(request.query))
+        svc.check_record(extras)
+        session, resource = await svc.publish(
+            RTCSessionDescription(sdp=sdp, type="offer"), params, "whip", probe_on=extras.get("probe", False)
+        )
+    except ParamError as exc:
+        raise as_query(exc) from None
     await svc.record(session, extras)
     if client_gone(request):  # nobody will apply the answer: end it now, not at the connect deadline
         await svc.close_session(session, f"POST /whip: {GONE}")
