@@ -281,7 +281,8 @@ def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: Model
         baseline_parts = parts
         if plan.baseline_dtype is not None and resolve_dtype(plan.baseline_dtype, parts.device) != parts.dtype:
             dtype = resolve_dtype(plan.baseline_dtype, parts.device)
-            baseline_parts = load_model(settings_list[0].model, parts.device, dtype, vae=settings_list[0].vae)
+            base = settings_list[0]
+            baseline_parts = load_model(base.model, parts.device, dtype, vae=base.vae, lcm_lora=base.lcm_lora)
         baseline = DiffusersLane(baseline_parts, plan, frames)
         lanes.append(baseline)
     run_rounds(lanes, plan)

@@ -145,6 +145,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "repeat or comma separate for more (also LIVEDIFF_LORA)",
     )
     group.add_argument(
+        "--lcm-lora",
+        default=_env("lcm_lora", ""),
+        metavar="SOURCE",
+        help="an LCM-LoRA fused into the model at start, with the LCM scheduler: makes an SD 1.5 checkpoint "
+        "few-step (latent-consistency/lcm-lora-sdv1-5); a .safetensors file, a folder, a hub id, or tiny "
+        "(built in, random)",
+    )
+    group.add_argument(
         "--depth-model",
         default=_env("depth_model", ""),
         help="the depth estimator of the `depth` control image: a transformers depth-estimation "
@@ -180,6 +188,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
+        lcm_lora=args.lcm_lora,
     )  # fmt: skip
 
 
@@ -450,7 +459,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         print(f"livediff: the torch backend on {device} has nothing to build ahead")
         return 0
     dtype = resolve_dtype(settings.dtype, device, settings.backend)
-    parts = load_model(settings.model, device, dtype, vae=settings.vae)
+    parts = load_model(settings.model, device, dtype, vae=settings.vae, lcm_lora=settings.lcm_lora)
     build_engines(settings, parts, progress=print)
     return 0
 

@@ -47,6 +47,8 @@ class ModelParts:
     """Set on the copy of the parts that builds a ControlNet's graph (`with_controlnet`), else None."""
     depth: DepthParts | None = None
     """Set on the copy of the parts that builds the depth estimator's graph (`with_depth`), else None."""
+    lcm_lora: str = ""
+    """The LCM-LoRA source fused into the UNet (`livediff.models.lcm_lora`), empty for none."""
 
     def with_controlnet(self, controlnet: ControlNetParts) -> ModelParts:
         """These parts with `controlnet`: what the backends export and key the `controlnet` component from."""
@@ -75,12 +77,17 @@ def resolve_auto(ref: str, device: torch.device) -> str:
 
 
 def load_model(
-    ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, vae: str = "taesd"
+    ref: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae: str = "taesd",
+    lcm_lora: str = "",
 ) -> ModelParts:
     """Load `ref` (hub id, local diffusers folder, `tiny`, `sd-turbo-random` or `auto`).
 
     `vae` is `taesd` (AutoencoderTiny: the model's own when it ships one, else madebyollin/taesd),
-    `full` (the model's own VAE) or another id/folder.
+    `full` (the model's own VAE) or another id/folder. `lcm_lora`: an LCM-LoRA source fused into
+    the UNet, with the LCM scheduler (`livediff.models.lcm_lora`); empty for none.
     """
     device = torch.device(device)
     ref = resolve_auto(ref, device)
@@ -99,6 +106,10 @@ def load_model(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"model {ref!r} at {folder} could not be loaded: {exc}") from exc
+    if lcm_lora:
+        from livediff.models.lcm_lora import fuse_lcm_lora
+
+        parts = fuse_lcm_lora(parts, lcm_lora)  # before the move: merged in the load dtype, on the host
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.to(device).eval().requires_grad_(False)
     return parts
