@@ -31,7 +31,8 @@ import torch
 from livediff.config import EngineSettings, StreamParams
 from livediff.engine import STAGES, StreamEngine
 from livediff.engine.device import resolve_dtype
-from livediff.models import ModelParts, load_model
+from livediff.models import ModelParts
+from livediff.models.loading import load_engine_model
 from livediff.synthetic import SyntheticCamera
 
 
@@ -281,7 +282,7 @@ def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: Model
         baseline_parts = parts
         if plan.baseline_dtype is not None and resolve_dtype(plan.baseline_dtype, parts.device) != parts.dtype:
             dtype = resolve_dtype(plan.baseline_dtype, parts.device)
-            baseline_parts = load_model(settings_list[0].model, parts.device, dtype, vae=settings_list[0].vae)
+            baseline_parts = load_engine_model(settings_list[0], parts.device, dtype)
         baseline = DiffusersLane(baseline_parts, plan, frames)
         lanes.append(baseline)
     run_rounds(lanes, plan)

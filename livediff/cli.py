@@ -84,8 +84,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=_env("model", "auto"),
-        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id or a folder; causal video "
+        help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id, a folder or a single-file "
+        "SD 1.x/SD-Turbo .safetensors checkpoint (see --model-config); causal video "
         "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id (docs/video-models.md)",
+    )
+    group.add_argument(
+        "--model-config",
+        default=_env("model_config", ""),
+        metavar="FOLDER_OR_ID",
+        help="for a single-file --model (.safetensors): the diffusers config that describes it; default: "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.x files, stabilityai/sd-turbo for SD 2.x",
     )
     group.add_argument("--vae", default=_env("vae", "taesd"), help="taesd (fast), full, or a VAE id/folder")
     group.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
@@ -145,6 +153,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "repeat or comma separate for more (also LIVEDIFF_LORA)",
     )
     group.add_argument(
+        "--lcm-lora",
+        default=_env("lcm_lora", ""),
+        metavar="SOURCE",
+        help="an LCM-LoRA fused into the model at start, with the LCM scheduler: makes an SD 1.5 checkpoint "
+        "few-step (latent-consistency/lcm-lora-sdv1-5); a .safetensors file, a folder, a hub id, or tiny "
+        "(built in, random)",
+    )
+    group.add_argument(
         "--depth-model",
         default=_env("depth_model", ""),
         help="the depth estimator of the `depth` control image: a transformers depth-estimation "
@@ -180,6 +196,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
+        lcm_lora=args.lcm_lora, model_config=args.model_config,
     )  # fmt: skip
 
 
@@ -441,7 +458,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     from livediff.backends import resolve_backend
     from livediff.backends.build import build_engines
     from livediff.engine.device import resolve_device, resolve_dtype
-    from livediff.models import load_model
+    from livediff.models.loading import load_engine_model
 
     settings = engine_settings(args, backend=args.backend)
     device = resolve_device(settings.device)
@@ -450,7 +467,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         print(f"livediff: the torch backend on {device} has nothing to build ahead")
         return 0
     dtype = resolve_dtype(settings.dtype, device, settings.backend)
-    parts = load_model(settings.model, device, dtype, vae=settings.vae)
+    parts = load_engine_model(settings, device, dtype)
     build_engines(settings, parts, progress=print)
     return 0
 

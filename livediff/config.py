@@ -84,6 +84,13 @@ class EngineSettings:
     """LoRAs that streams may apply (`StreamParams.loras`): (name, source) pairs, the source a
     `.safetensors` file, a folder, a hub id or a built-in random one (`tiny`, `random:RANK`); all
     loaded at start into the UNet's LoRA slots (`livediff.backends.multi_lora`)."""
+    model_config: str = ""
+    """For a single-file `model` (a `.safetensors` checkpoint): the diffusers config that describes
+    it, a folder or hub id (`livediff.models.single_file`); empty: its family's (SD 1.x or SD-Turbo)."""
+    lcm_lora: str = ""
+    """An LCM-LoRA fused into the UNet at load, with the LCM scheduler, so that an SD 1.5-family
+    checkpoint runs in 1-4 steps (`livediff.models.lcm_lora`): a `.safetensors` file, a folder, a
+    hub id (latent-consistency/lcm-lora-sdv1-5) or a built-in random one (`tiny`); empty: none."""
     depth_model: str = ""
     """The depth estimator of the `depth` control image: a transformers depth-estimation model (hub
     id, folder, or the built-in `tiny`); empty: no `depth` preprocessor. Loaded on first use."""

@@ -115,12 +115,13 @@ def start_server(
     controlnets: tuple[tuple[str, str], ...] = (),
     depth_model: str = "",
     model: str = "tiny",
+    loras: tuple[tuple[str, str], ...] = (),
     **settings: Any,
 ) -> LiveServer:
     """Starts the app on a free port on a new thread; returns once /readyz says ready.
 
     `size`: the engine's frame side in pixels (a larger one makes the tiny model slower than a camera);
-    `controlnets`, `depth_model`: the engine's (`EngineSettings`); `model`: the name `parts` were
+    `controlnets`, `depth_model`, `loras`: the engine's (`EngineSettings`); `model`: the name `parts` were
     loaded as (`tiny`, or `tiny-video` for the video engine's parts).
     """
     from aiohttp import web
@@ -139,6 +140,7 @@ def start_server(
         max_batch=2,
         controlnets=controlnets,
         depth_model=depth_model,
+        loras=loras,
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()

@@ -60,7 +60,8 @@ from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
 from livediff.engine.temporal import BankRow, FeatureBank, MotionEstimate, gather, store
 from livediff.errors import ConfigError
-from livediff.models import ModelParts, load_model
+from livediff.models import ModelParts
+from livediff.models.loading import load_engine_model
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,12 @@ class StreamEngine:
         self.settings = settings
         if parts is None:
             self.dtype = resolve_dtype(settings.dtype, self.device, settings.backend)
-            parts = load_model(settings.model, self.device, self.dtype, vae=settings.vae)
+            parts = load_engine_model(settings, self.device, self.dtype)
         elif settings.dtype != "auto" and resolve_dtype(settings.dtype, self.device) != parts.dtype:
             raise ConfigError(f"dtype {settings.dtype} asked for, but the model given was loaded in {parts.dtype}")
+        elif parts.lcm_lora != settings.lcm_lora:
+            fused = parts.lcm_lora
+            raise ConfigError(f"lcm_lora {settings.lcm_lora!r} asked for, but the model given has {fused!r} fused")
         self.dtype = parts.dtype
         self.parts = parts
         self.backend: Backend = create_backend(settings, self.parts)

@@ -178,6 +178,8 @@ class VideoEngine:
                 raise ConfigError(f"{name} must be a multiple of {unit} for a video model, got {value}")
         if settings.feature_bank or settings.controlnets:
             raise ConfigError("feature_bank and controlnets are image-model features; a video model has neither")
+        if settings.lcm_lora:
+            raise ConfigError("lcm_lora fuses into an SD-family UNet; a video model has none")
         settings = settings.replace(backend="torch")
         self.settings = settings
         self.video = video or VideoSettings()

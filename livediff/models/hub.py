@@ -26,8 +26,9 @@ class HubKind:
 
 def how_to_get(ref: str, why: str, kind: HubKind) -> str:
     """A one-line answer for a model that is not here: what was looked at, `why` it was not fetched, the way out."""
+    builtin = f"a built-in ({', '.join(kind.builtins)}), " if kind.builtins else ""
     return (
-        f"{kind.noun} {ref!r} is not a built-in ({', '.join(kind.builtins)}), a local folder, nor in the "
+        f"{kind.noun} {ref!r} is not {builtin}a local folder, nor in the "
         f"Hugging Face cache, and {why}. Download it with `hf download {ref}` (on a machine with internet, "
         f"then point HF_HOME at that cache), or {kind.fallback}."
     )

@@ -17,8 +17,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
 from livediff.models.hub import HubKind, fingerprint, snapshot
+from livediff.models.single_file import is_single_file, load_single_file
 
 if TYPE_CHECKING:
+    from livediff.config import EngineSettings
     from livediff.models.controlnet import ControlNetParts
     from livediff.models.depth import DepthParts
 
@@ -47,6 +49,8 @@ class ModelParts:
     """Set on the copy of the parts that builds a ControlNet's graph (`with_controlnet`), else None."""
     depth: DepthParts | None = None
     """Set on the copy of the parts that builds the depth estimator's graph (`with_depth`), else None."""
+    lcm_lora: str = ""
+    """The LCM-LoRA source fused into the UNet (`livediff.models.lcm_lora`), empty for none."""
 
     def with_controlnet(self, controlnet: ControlNetParts) -> ModelParts:
         """These parts with `controlnet`: what the backends export and key the `controlnet` component from."""
@@ -75,23 +79,56 @@ def resolve_auto(ref: str, device: torch.device) -> str:
 
 
 def load_model(
-    ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, vae: str = "taesd"
+    ref: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae: str = "taesd",
+    lcm_lora: str = "",
+    model_config: str = "",
 ) -> ModelParts:
-    """Load `ref` (hub id, local diffusers folder, `tiny`, `sd-turbo-random` or `auto`).
+    """Load `ref` (hub id, local diffusers folder, single-file `.safetensors` checkpoint, `tiny`,
+    `sd-turbo-random` or `auto`).
 
     `vae` is `taesd` (AutoencoderTiny: the model's own when it ships one, else madebyollin/taesd),
-    `full` (the model's own VAE) or another id/folder.
+    `full` (the model's own VAE) or another id/folder. `lcm_lora`: an LCM-LoRA source fused into
+    the UNet, with the LCM scheduler (`livediff.models.lcm_lora`); empty for none. `model_config`:
+    the diffusers config (folder or hub id) of a single-file `ref` (`livediff.models.single_file`);
+    empty: its family's.
     """
     device = torch.device(device)
     ref = resolve_auto(ref, device)
+    if model_config and not is_single_file(ref):
+        raise ModelLoadError(f"--model-config {model_config} describes a single-file --model; {ref} is not one")
+    if is_single_file(ref):
+        log.info("loading single-file model %s", ref)
+        parts = load_single_file(ref, model_config, dtype, vae)
+    else:
+        parts = _load_folder(ref, dtype, vae)
+    if lcm_lora:
+        from livediff.models.lcm_lora import fuse_lcm_lora
+
+        parts = fuse_lcm_lora(parts, lcm_lora)  # before the move: merged in the load dtype, on the host
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return parts
+
+
+def load_engine_model(settings: EngineSettings, device: torch.device | str, dtype: torch.dtype) -> ModelParts:
+    """`load_model` with the engine settings' model, VAE, LCM-LoRA and single-file config."""
+    return load_model(settings.model, device, dtype, vae=settings.vae, lcm_lora=settings.lcm_lora,
+                      model_config=settings.model_config)  # fmt: skip
+
+
+def _load_folder(ref: str, dtype: torch.dtype, vae: str) -> ModelParts:
+    """The parts of a diffusers folder, hub id or built-in, on the host in `dtype`."""
     folder, revision = _locate(ref)
     log.info("loading model %s (%s)", ref, revision)
     try:
-        parts = ModelParts(
+        return ModelParts(
             ref=ref,
             revision=revision,
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            vae=_load_vae(folder, vae, dtype),
+            vae=load_vae(folder, vae, dtype),
             text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             scheduler=_load_scheduler(folder),
@@ -99,9 +136,6 @@ def load_model(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"model {ref!r} at {folder} could not be loaded: {exc}") from exc
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        module.to(device).eval().requires_grad_(False)
-    return parts
 
 
 MODEL = HubKind("model", tuple(BUILDERS), "run with `--model tiny` (built in, no download)")
@@ -127,7 +161,8 @@ def _locate(ref: str) -> tuple[Path, str]:
     return folder, folder.name  # the hub cache stores snapshots under their commit hash
 
 
-def _load_vae(folder: Path, vae: str, dtype: torch.dtype) -> torch.nn.Module:
+def load_vae(folder: Path, vae: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The VAE `vae` names (`taesd`, `full`, an id/folder) for the model in `folder`, in `dtype`."""
     own = folder / "vae" / "config.json"
     own_class = json.loads(own.read_text()).get("_class_name") if own.exists() else None
     if vae == "full" or (vae == "taesd" and own_class == "AutoencoderTiny"):

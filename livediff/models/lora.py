@@ -39,7 +39,7 @@ TARGETS = re.compile(
 )
 """The UNet layers a built-in random LoRA adapts: attention, feed-forward, the transformer's
 projections and the resnets' convolutions (kohya's LoCon targets)."""
-LORA = HubKind("LoRA", tuple(BUILTIN_RANK) + ("random:RANK",), "start without this --lora")
+LORA = HubKind("LoRA", tuple(BUILTIN_RANK) + ("random:RANK",), "start without this LoRA")
 
 
 @dataclass(frozen=True)

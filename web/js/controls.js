@@ -2,12 +2,13 @@
 // Text applies on Enter, on blur and after a short pause in typing; sliders while dragging (throttled).
 
 import { ControlNetPanel } from "./controlnet.js";
+import { LoRAPanel } from "./lora.js";
 
 const TYPING_DEBOUNCE_MS = 600;
 const SLIDER_THROTTLE_MS = 150;
 const MAX_SEED = 2 ** 31 - 1;
 const FIELD_NAMES = { similarity_filter: "similarity filter", blend: "blend", negative_prompt: "negative prompt",
-  controlnet: "ControlNet" };
+  controlnet: "ControlNet", loras: "LoRAs" };
 
 function debounce(fn, ms) {
   let timer = null;
@@ -62,6 +63,7 @@ export class Controls {
       feedback: $("feedback"),
     };
     this.controlnet = new ControlNetPanel(root, () => this._commit("controlnet"));
+    this.lora = new LoRAPanel(root, throttle(() => this._commit("loras"), SLIDER_THROTTLE_MS));
     this.sent = this.values();
     this._wire();
   }
@@ -78,6 +80,7 @@ export class Controls {
       blend: { prompt: e.blendPrompt.value.trim(), weight: Number(e.blendWeight.value) },
       similarity_filter: e.similarity.checked,
       controlnet: this.controlnet.value(),
+      loras: this.lora.value(),
     };
   }
 
@@ -159,6 +162,7 @@ export class Controls {
   acknowledged(ack, changes) {
     if (changes && "prompt" in changes) this.promptState("applied", "Applied");
     if (changes && "controlnet" in changes) this.controlnet.acknowledged(ack);
+    if (changes && "loras" in changes) this.lora.acknowledged();
     const warning = ack.warnings?.[0];
     const names = Object.keys(changes ?? {}).map((name) => FIELD_NAMES[name] ?? name);
     this.feedback(warning ? "error" : "applied", warning ?? `Applied: ${names.join(", ")}`);
@@ -168,6 +172,10 @@ export class Controls {
   rejected(message, changes) {
     if (changes && "prompt" in changes) this.promptState("error", message.error);
     if (changes && "controlnet" in changes) this.controlnet.status(message.error, "error");
+    if (changes && "loras" in changes) {
+      const named = !message.field || message.error.includes(message.field);
+      this.lora.status(named ? message.error : `${message.field}: ${message.error}`, "error");
+    }
     this.feedback("error", message.field ? `${message.field}: ${message.error}` : message.error);
     // Resend it next time even if the value stays the same.
     for (const name of Object.keys(changes ?? {})) this.sent[name] = undefined;

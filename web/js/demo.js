@@ -385,6 +385,7 @@ function loadServerInfo() {
     .then((info) => {
       state.server = info;
       controls.controlnet.configure(info);
+      controls.lora.configure(info);
     })
     .catch(() => {
       /* not ready yet: /offer says so when the user starts, and connecting asks again */
