@@ -31,15 +31,23 @@ from livediff.models.tae import LATENT_CHANNELS
 from livediff.models.wan import Row
 from livediff.synthetic import SyntheticCamera
 
+MIN_VIDEO_WARMUP_CHUNKS = 2
+"""Chunks of 4 frames run after a stream's first chunk before measuring: fewer would time the cache
+still growing and the 4-frame path's first calls."""
+
 
 @dataclass(frozen=True)
 class VideoBenchPlan:
     chunks: int = 10
     """Chunks measured per stream count (each of 4 frames per stream)."""
-    warmup: int = 2
-    """Chunks run after the first and before measuring."""
+    warmup: int = MIN_VIDEO_WARMUP_CHUNKS
+    """Chunks run after the first and before measuring (at least `MIN_VIDEO_WARMUP_CHUNKS`)."""
     streams: tuple[int, ...] = (1,)
     params: StreamParams = StreamParams()
+
+    def __post_init__(self) -> None:
+        if self.warmup < MIN_VIDEO_WARMUP_CHUNKS:
+            raise ValueError(f"warmup must be at least {MIN_VIDEO_WARMUP_CHUNKS} chunks, got {self.warmup}")
 
 
 def _stream_bytes(engine: VideoEngine, stream: VideoStream) -> int:
@@ -107,7 +115,7 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
     engine = VideoEngine(settings)
     cuda = engine.device.type == "cuda"
     frames = [torch.from_numpy(f) for f in SyntheticCamera(settings.height, settings.width).frames(16)]
-    engine.warmup(1)
+    engine.warmup(MIN_VIDEO_WARMUP_CHUNKS)
     results: list[dict[str, Any]] = []
     for count in plan.streams:
         if cuda:

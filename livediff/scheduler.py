@@ -178,10 +178,11 @@ class Scheduler:
 
     async def load(self, make_engine: Callable[[], Any], warmup_frames: int = 2, measure_steps: bool = False) -> None:
         """Build the engine and run a warm-up inference on the worker thread, then start ticking.
+        `warmup_frames`: what `engine.warmup` runs: frames (an image engine), or chunks (a chunked engine).
         `measure_steps`: then time a step of each batch size up to max_batch (`step_table`)."""
         self.engine = await self.run_on_worker(make_engine)
         if warmup_frames:
-            log.info("warming up: %d frames", warmup_frames)
+            log.info("warming up: %d %s", warmup_frames, "chunks" if self.chunked else "frames")
             await self.run_on_worker(self.engine.warmup, warmup_frames)
         if measure_steps and not self.chunked:  # (a chunked engine's step takes chunks, not frames)
             self.step_table = await self.run_on_worker(measure_step_times, self.engine, self.max_batch)

@@ -150,3 +150,12 @@ async def test_background_frames_are_refused_by_a_chunked_engine(scheduler) -> N
     with pytest.raises(ConfigError, match="image model"):
         await scheduler.run_background([(stream, torch.zeros((SIZE, SIZE, 3), dtype=torch.uint8))])
     assert not scheduler.background
+
+
+async def test_the_warm_up_log_speaks_of_chunks(video_parts, caplog) -> None:  # type: ignore[no-untyped-def]
+    sched = Scheduler(max_sessions=1)
+    with caplog.at_level("INFO", logger="livediff.scheduler"):
+        await sched.load(lambda: VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), video_parts),
+                         warmup_frames=2)  # fmt: skip
+    await sched.close()
+    assert "warming up: 2 chunks" in caplog.text, caplog.text

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from livediff.config import EngineSettings, StreamParams
+from livediff.config import MAX_STEPS, EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.device import resolve_device
 from livediff.engine.kv_cache import KVCache
@@ -49,6 +49,8 @@ from livediff.models.wan import CrossKV, Row
 
 log = logging.getLogger(__name__)
 
+VIDEO_CONTROLS = ("prompt", "blend_prompt", "strength", "steps", "seed", "motion_strength", "reset")
+"""The live controls a video model takes (over REST and the data channel)."""
 STAGES = ("preprocess", "encode", "transformer", "decode", "postprocess")
 CHUNK_FRAMES = 4
 """Camera frames per chunk (one latent frame: the autoencoder's 4x temporal compression)."""
@@ -342,6 +344,18 @@ class VideoEngine:
 
     def _noise(self, stream: VideoStream, shape: torch.Size) -> torch.Tensor:
         return torch.randn(tuple(shape), generator=stream.generator).to(self.device, self.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """What this model has, for `/readyz` (where an image model lists its ControlNet
+        preprocessors): its chunk sizes in camera frames, step counts, cache, autoencoder, and the
+        live controls it takes."""
+        return {
+            "chunk_frames": {"first": FIRST_CHUNK_FRAMES, "next": CHUNK_FRAMES},
+            "steps": {"min": 1, "max": MAX_STEPS},
+            "cache": {"sink": self.video.sink, "window": self.video.window},
+            "autoencoder": self.parts.autoencoder_name,
+            "controls": list(VIDEO_CONTROLS),
+        }
 
     # -- convenience -----------------------------------------------------------------------------
 

@@ -70,6 +70,11 @@ class VideoParts:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    @property
+    def autoencoder_name(self) -> str:
+        """`tae` (the TAEHV-shaped one) or `wan-vae` (Wan 2.1's VAE in streaming form)."""
+        return getattr(self.autoencoder, "name", "tae")
+
 
 def is_video_model(ref: str) -> bool:
     """Whether `ref` names a causal video model: a built-in, or a folder whose transformer is Wan's."""
