@@ -91,8 +91,15 @@ async def test_two_sessions_share_one_step(scheduler) -> None:  # type: ignore[n
         a.inbox.put(frame(i, now))
         b.inbox.put(frame(i, now))
     delivered = await scheduler.tick()
-    assert len(delivered) == 10 and {out.batch_size for _, out in delivered} == {2}
-    assert scheduler.steps == 1
+    # one step for both; b's 2 steps (Stream Batch) answer its chunk one step later
+    assert [s for s, _ in delivered] == [a] * 5 and {out.batch_size for _, out in delivered} == {2}
+    assert scheduler.steps == 1 and b.chunks is not None and b.chunks.in_flight == 1
+    for i in range(5, 9):
+        a.inbox.put(frame(i, now + 0.1 * i))
+        b.inbox.put(frame(i, now + 0.1 * i))
+    delivered = await scheduler.tick()
+    assert [s for s, _ in delivered] == [a] * 4 + [b] * 5 and scheduler.steps == 2
+    assert [out.source.pts for s, out in delivered if s is b] == [0, 1, 2, 3, 4]  # b's first chunk, its own frames
 
 
 async def test_a_reset_drops_the_backlog_and_starts_a_first_chunk(scheduler) -> None:  # type: ignore[no-untyped-def]
