@@ -57,6 +57,8 @@ class VideoBenchPlan:
 def _stream_bytes(engine: VideoEngine, stream: VideoStream) -> int:
     tensors = [stream.cache.keys, stream.cache.values, *stream.cross.keys, *stream.cross.values]
     tensors += [t for t in (*stream.tae.encoder, *stream.tae.decoder) if t is not None]
+    for name in ("enc_cache", "dec_cache"):  # the Wan VAE's feature caches
+        tensors += [t for t in getattr(stream.tae, name, []) if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

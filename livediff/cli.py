@@ -147,6 +147,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "repeat or comma separate for more (also LIVEDIFF_LORA)",
     )
     group.add_argument(
+        "--video-autoencoder",
+        choices=["auto", "tae", "wan-vae"],
+        default=_env("video_autoencoder", "auto"),
+        help="a video model's autoencoder: tae (fast), wan-vae (Wan 2.1's VAE, streamed), auto: wan-vae "
+        "for a checkpoint with a vae/, else tae",
+    )
+    group.add_argument(
         "--depth-model",
         default=_env("depth_model", ""),
         help="the depth estimator of the `depth` control image: a transformers depth-estimation "
@@ -182,6 +189,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         backend=backend.removesuffix(".compile"), compile=backend == "torch.compile", max_batch=args.max_batch,
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
+        video_autoencoder=args.video_autoencoder,
     )  # fmt: skip
 
 

@@ -141,6 +141,7 @@ class VideoStream:
     """The prompt's cross-attention keys and values (computed once per prompt)."""
     cache: KVCache
     tae: TaeState
+    """The autoencoder's memories (`TaeState`, or `WanVaeState` for the Wan VAE)."""
     generator: torch.Generator
     """The stream's noise (host generator, seeded by `params.seed`: the same run gives the same video)."""
     motion: MotionEstimate | None = None
@@ -200,7 +201,7 @@ class VideoEngine:
             dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
             dtypes["auto"] = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             dtype = dtypes[settings.dtype]
-            parts = load_video_model(settings.model, self.device, dtype)
+            parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder)
         self.parts = parts
         self.dtype = parts.dtype
         self.model = parts.transformer
@@ -236,7 +237,7 @@ class VideoEngine:
                         self.video.window, self.video.position_limit, self.device, self.dtype)  # fmt: skip
         generator = torch.Generator().manual_seed(params.seed)
         motion = MotionEstimate() if params.motion_strength else None
-        return VideoStream(params, self._cross(params), cache, TaeState(), generator, motion)
+        return VideoStream(params, self._cross(params), cache, self.parts.autoencoder.new_state(), generator, motion)
 
     def update(self, stream: VideoStream, params: StreamParams) -> None:
         """New params from the next chunk on: a new prompt's keys and values, a new seed's noise."""
@@ -402,10 +403,11 @@ class VideoEngine:
         clock.mark("transformer")
         leaving = [stream.pipeline.leave() for stream in streams]
         outputs: list[list[torch.Tensor]] = [[] for _ in streams]
-        decode_groups: dict[int, list[int]] = {}
+        decode_groups: dict[tuple[int, bool], list[int]] = {}  # rows of one decode give as many frames
         for i, chunks in enumerate(leaving):
             if chunks:
-                decode_groups.setdefault(sum(c.latent_frames for c in chunks), []).append(i)
+                key = (sum(c.latent_frames for c in chunks), streams[i].tae.decoded == 0)
+                decode_groups.setdefault(key, []).append(i)
         decoded_by_group = []
         for members in decode_groups.values():
             latents = torch.stack([torch.cat([c.x for c in leaving[i]], dim=1) for i in members])
