@@ -5,8 +5,10 @@ engine step each time, as the scheduler runs them: a first chunk (5 frames), `wa
 `chunks` measured chunks of 4 frames. Reported per N: milliseconds per step (a chunk of every
 stream) and per output frame, each stage's milliseconds per step (encode, transformer, decode, ...),
 aggregate and per-stream frames per second, the first chunk's latency (from a complete first chunk
-to its frames), and the memory a stream adds (its KV cache and autoencoder memories on the CPU;
-CUDA's allocated memory on a GPU). The ratio of each N's aggregate fps to one stream's (measured in
+to its frames: the compute of the steps until they come, `first_chunk_steps`, S with Stream Batch at
+S steps; live, each step after the first also waits for the next chunk's 4 camera frames), and the
+memory a stream adds (its KV cache and autoencoder memories on the CPU; CUDA's allocated memory on a
+GPU). The ratio of each N's aggregate fps to one stream's (measured in
 the same run) says what batching streams in one transformer call buys.
 
 For N >= 2 it also measures streams whose caches hold different numbers of latent frames (stream i
@@ -26,25 +28,37 @@ from typing import Any
 import torch
 
 from livediff.config import EngineSettings, StreamParams
-from livediff.engine.video import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine, VideoStream
+from livediff.engine.video import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine, VideoSettings, VideoStream
 from livediff.models.tae import LATENT_CHANNELS
 from livediff.models.wan import Row
 from livediff.synthetic import SyntheticCamera
+
+MIN_VIDEO_WARMUP_CHUNKS = 2
+"""Chunks of 4 frames run after a stream's first chunk before measuring: fewer would time the cache
+still growing and the 4-frame path's first calls."""
 
 
 @dataclass(frozen=True)
 class VideoBenchPlan:
     chunks: int = 10
     """Chunks measured per stream count (each of 4 frames per stream)."""
-    warmup: int = 2
-    """Chunks run after the first and before measuring."""
+    warmup: int = MIN_VIDEO_WARMUP_CHUNKS
+    """Chunks run after the first and before measuring (at least `MIN_VIDEO_WARMUP_CHUNKS`)."""
     streams: tuple[int, ...] = (1,)
     params: StreamParams = StreamParams()
+    stream_batch: bool = True
+    """Stream Batch over the denoising steps (`VideoSettings.stream_batch`)."""
+
+    def __post_init__(self) -> None:
+        if self.warmup < MIN_VIDEO_WARMUP_CHUNKS:
+            raise ValueError(f"warmup must be at least {MIN_VIDEO_WARMUP_CHUNKS} chunks, got {self.warmup}")
 
 
 def _stream_bytes(engine: VideoEngine, stream: VideoStream) -> int:
     tensors = [stream.cache.keys, stream.cache.values, *stream.cross.keys, *stream.cross.values]
     tensors += [t for t in (*stream.tae.encoder, *stream.tae.decoder) if t is not None]
+    for name in ("enc_cache", "dec_cache"):  # the Wan VAE's feature caches
+        tensors += [t for t in getattr(stream.tae, name, []) if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -66,12 +80,12 @@ def _median_ms(run: Any, repeats: int, device: torch.device) -> float:
 def mixed_cache_calls(engine: VideoEngine, count: int, frames: list[torch.Tensor], params: StreamParams,
                       repeats: int) -> dict[str, Any]:  # fmt: skip
     """One denoising step's transformer work for `count` streams whose caches differ in length
-    (stream i after i + 1 chunks, at most sink + window latent frames): `padded_ms`, one call with
+    (stream i's holding 2 + i latent frames, at most sink + window): `padded_ms`, one call with
     shorter caches padded and masked; `per_stream_ms`, one call per stream; each a median of
     `repeats`. The streams are closed (dropped) after."""
     streams = [engine.open_stream(params.replace(seed=params.seed + i)) for i in range(count)]
     for i, stream in enumerate(streams):
-        for _ in range(i + 1):
+        while stream.cache.frames < 2 + i:  # (with Stream Batch a chunk's keys come a step or more later)
             engine.step([(stream, frames[: stream.frames_needed])])
     model = engine.model
     rows = []
@@ -104,10 +118,10 @@ def mixed_cache_calls(engine: VideoEngine, count: int, frames: list[torch.Tensor
 
 def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str, Any]:
     """Build the engine and measure each stream count of `plan`; the report as a dict."""
-    engine = VideoEngine(settings)
+    engine = VideoEngine(settings, video=VideoSettings(stream_batch=plan.stream_batch))
     cuda = engine.device.type == "cuda"
     frames = [torch.from_numpy(f) for f in SyntheticCamera(settings.height, settings.width).frames(16)]
-    engine.warmup(1)
+    engine.warmup(MIN_VIDEO_WARMUP_CHUNKS)
     results: list[dict[str, Any]] = []
     for count in plan.streams:
         if cuda:
@@ -115,8 +129,14 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
             before = torch.cuda.memory_allocated(engine.device)
         streams = [engine.open_stream(plan.params.replace(seed=plan.params.seed + i)) for i in range(count)]
         start = time.perf_counter()
-        engine.step([(s, frames[:FIRST_CHUNK_FRAMES]) for s in streams])
+        out = engine.step([(s, frames[:FIRST_CHUNK_FRAMES]) for s in streams])
         first_ms = (time.perf_counter() - start) * 1000.0
+        first_steps = 1
+        while not out.outputs[0]:  # Stream Batch with S steps: the first frames come S - 1 steps later
+            start = time.perf_counter()
+            out = engine.step([(s, frames[:CHUNK_FRAMES]) for s in streams])
+            first_ms += (time.perf_counter() - start) * 1000.0
+            first_steps += 1
         per_stream = (
             (torch.cuda.memory_allocated(engine.device) - before) / count
             if cuda
@@ -141,6 +161,7 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
             "fps": round(fps, 2),
             "fps_per_stream": round(fps / count, 2),
             "first_chunk_ms": round(first_ms, 1),
+            "first_chunk_steps": first_steps,
             "memory_per_stream_mib": round(per_stream / 2**20, 2),
         })  # fmt: skip
         del streams
@@ -157,6 +178,7 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
         "cpus": os.cpu_count(),
         "size": f"{settings.width}x{settings.height}",
         "steps": plan.params.steps,
+        "stream_batch": engine.video.stream_batch,
         "cache": {"sink": engine.video.sink, "window": engine.video.window},
         "chunks": plan.chunks,
         "results": results,
@@ -166,7 +188,8 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
 def format_video_report(report: dict[str, Any]) -> str:
     lines = [
         f"video bench: {report['model']} {report['size']} on {report['device']} ({report['dtype']}, "
-        f"{report['threads']} threads), {report['steps']} step(s), cache {report['cache']['sink']} sink + "
+        f"{report['threads']} threads), {report['steps']} step(s), Stream Batch "
+        f"{'on' if report.get('stream_batch') else 'off'}, cache {report['cache']['sink']} sink + "
         f"{report['cache']['window']} window latent frames, median of {report['chunks']} chunks",
         f"{'streams':>7} {'ms/step':>9} {'ms/frame':>9} {'fps':>8} {'fps/str':>8} {'vs 1':>6} {'first ms':>9} "
         f"{'MiB/str':>8}  stages ms/step",

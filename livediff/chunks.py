@@ -14,8 +14,9 @@ Used from the event loop thread only, like `LatestSlot`.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -34,6 +35,9 @@ class ChunkInbox(Generic[T]):
         self.dropped_frames = 0
         self.dropped_chunks = 0
         self.chunks = 0
+        self._in_flight: deque[list[Any]] = deque()
+        """Chunks handed to the engine whose output frames have not come back (Stream Batch answers
+        a chunk steps after it went in), oldest first, each as the scheduler handed it."""
 
     @property
     def need(self) -> int:
@@ -70,6 +74,25 @@ class ChunkInbox(Generic[T]):
             self._started = True
         return chunk
 
+    def handed(self, chunk: list[Any]) -> None:
+        """`chunk` (what the scheduler pairs with its outputs: one item per frame) went to the engine."""
+        self._in_flight.append(chunk)
+
+    def came_back(self, frames: int) -> list[list[Any]]:
+        """The oldest chunks in flight that `frames` output frames answer (whole chunks; fewer when a
+        reset dropped some meanwhile: their outputs have no chunk to go with)."""
+        out: list[list[Any]] = []
+        while self._in_flight and frames >= len(self._in_flight[0]):
+            frames -= len(self._in_flight[0])
+            out.append(self._in_flight.popleft())
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        """Chunks handed to the engine and not answered yet."""
+        return len(self._in_flight)
+
     def reset(self) -> None:
         """Drop what is collected and waiting (a cache reset: no backlog survives it); the next chunk is a first one."""
         self._collecting, self._ready, self._started = [], None, False
+        self._in_flight.clear()

@@ -18,6 +18,8 @@ from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
 
+IMAGE_BENCH_WARMUP = 5
+"""`bench --warmup` for image models when not given (frames)."""
 BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
@@ -161,6 +163,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "(built in, random)",
     )
     group.add_argument(
+        "--video-autoencoder",
+        choices=["auto", "tae", "wan-vae"],
+        default=_env("video_autoencoder", "auto"),
+        help="a video model's autoencoder: tae (fast), wan-vae (Wan 2.1's VAE, streamed), auto: wan-vae "
+        "for a checkpoint with a vae/, else tae",
+    )
+    group.add_argument(
         "--depth-model",
         default=_env("depth_model", ""),
         help="the depth estimator of the `depth` control image: a transformers depth-estimation "
@@ -197,6 +206,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
         lcm_lora=args.lcm_lora, model_config=args.model_config,
+        video_autoencoder=args.video_autoencoder,
     )  # fmt: skip
 
 
@@ -287,12 +297,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.max_batch = max([args.max_batch, args.batch, *streams])
     settings = [engine_settings(args, backend=name) for name in names]
     plan = BenchPlan(
-        frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args),
+        frames=args.frames, warmup=_warmup_frames(args), batch=args.batch, params=stream_params(args),
         baseline=args.baseline, baseline_dtype=args.baseline_dtype, streams=streams,
     )  # fmt: skip
     report = run_bench(settings, plan)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def _warmup_frames(args: argparse.Namespace) -> int:
+    """An image bench's `--warmup` frames (its default when the flag is not given)."""
+    return IMAGE_BENCH_WARMUP if args.warmup is None else int(args.warmup)
+
+
+def video_warmup_chunks(frames: int | None) -> int:
+    """A video bench's warm-up in chunks for `--warmup` frames: whole chunks of 4 frames, at least
+    `MIN_VIDEO_WARMUP_CHUNKS` (a one-line note on stderr naming the flag when a shorter one is raised).
+    Fewer chunks would time a stream's first 4-frame chunks while its cache still grows and the
+    4-frame path still initialises, which made one stream look slower than it is."""
+    from livediff.bench_video import MIN_VIDEO_WARMUP_CHUNKS
+
+    if frames is None:
+        return MIN_VIDEO_WARMUP_CHUNKS
+    chunks = -(-frames // 4)
+    if chunks < MIN_VIDEO_WARMUP_CHUNKS:
+        least = MIN_VIDEO_WARMUP_CHUNKS * 4
+        print(f"livediff: --warmup {frames} is under {MIN_VIDEO_WARMUP_CHUNKS} chunks for a video model; "
+              f"warming up {least} frames ({MIN_VIDEO_WARMUP_CHUNKS} chunks)", file=sys.stderr)  # fmt: skip
+        return MIN_VIDEO_WARMUP_CHUNKS
+    return chunks
 
 
 def cmd_bench_video(args: argparse.Namespace) -> int:
@@ -307,7 +340,7 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
         raise ConfigError(f"--backend: video models run on torch, got {args.backend!r}")
     streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else (args.batch,)
     args.max_batch = max([args.max_batch, *streams])
-    plan = VideoBenchPlan(chunks=max(1, args.frames // 4), warmup=max(1, args.warmup // 4), streams=streams,
+    plan = VideoBenchPlan(chunks=max(1, args.frames // 4), warmup=video_warmup_chunks(args.warmup), streams=streams,
                           params=stream_params(args))  # fmt: skip
     settings = engine_settings(args, backend="torch")
     if settings.width % 16 or settings.height % 16:
@@ -343,7 +376,7 @@ def cmd_bench_lora(args: argparse.Namespace) -> int:
         raise ConfigError("--lora times one --backend (torch or cuda-graph)")
     streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else ()
     args.max_batch = max([args.max_batch, args.batch, *streams])
-    plan = BenchPlan(frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args))
+    plan = BenchPlan(frames=args.frames, warmup=_warmup_frames(args), batch=args.batch, params=stream_params(args))
     report = run_lora_bench(engine_settings(args, backend=names[0]), plan, streams=streams)
     print(json.dumps(report, indent=2) if args.json else format_lora(report))
     return 0
@@ -385,7 +418,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     args.max_batch = max(args.max_batch, args.batch)
     names = [name.strip() for name in args.backend.split(",") if name.strip()]
     settings = [engine_settings(args, backend=name) for name in names]
-    plan = BenchPlan(frames=args.frames, warmup=args.warmup, batch=args.batch, params=configs[0].params)
+    plan = BenchPlan(frames=args.frames, warmup=_warmup_frames(args), batch=args.batch, params=configs[0].params)
     report = run_quality(settings, plan, configs)
     print(json.dumps(report, indent=2) if args.json else format_quality(report))
     return 0
@@ -412,7 +445,7 @@ def cmd_bench_controlnet(args: argparse.Namespace) -> int:
     args.max_batch = max([args.max_batch, *streams])
     names = [name.strip() for name in args.backend.split(",") if name.strip()]
     settings = [engine_settings(args, backend=name) for name in names]
-    plan = BenchPlan(frames=args.frames, warmup=args.warmup, params=stream_params(args))
+    plan = BenchPlan(frames=args.frames, warmup=_warmup_frames(args), params=stream_params(args))
     report = run_controlnet_bench(settings, plan, streams=streams)
     print(json.dumps(report, indent=2) if args.json else format_controlnet(report))
     return 0
@@ -875,7 +908,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(bench)
     bench.add_argument("--backend", default="torch", help=f"one or more of {', '.join(BACKEND_NAMES)}, comma separated")
     bench.add_argument("--frames", type=_int_range(1, 100_000), default=100, help="frames measured per configuration")
-    bench.add_argument("--warmup", type=_int_range(0, 1000), default=5, help="frames run before measuring")
+    bench.add_argument(
+        "--warmup",
+        type=_int_range(0, 1000),
+        default=None,
+        help=f"frames run before measuring (default {IMAGE_BENCH_WARMUP}; a video model: 8, 2 chunks)",
+    )
     bench.add_argument("--batch", type=_int_range(1, 64), default=1, help="streams per engine step")
     bench.add_argument("--streams", default="", help="e.g. 1,2,4: batched versus sequential streams")
     bench.add_argument("--baseline", choices=["diffusers"], help="also time diffusers' img2img pipeline")

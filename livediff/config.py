@@ -94,6 +94,9 @@ class EngineSettings:
     depth_model: str = ""
     """The depth estimator of the `depth` control image: a transformers depth-estimation model (hub
     id, folder, or the built-in `tiny`); empty: no `depth` preprocessor. Loaded on first use."""
+    video_autoencoder: str = "auto"
+    """A video model's streaming autoencoder: `tae`, `wan-vae` (Wan 2.1's VAE) or `auto` (`wan-vae`
+    for a checkpoint with a `vae/`, else `tae`); `livediff.models.video.load_video_model`."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):

@@ -178,10 +178,11 @@ class Scheduler:
 
     async def load(self, make_engine: Callable[[], Any], warmup_frames: int = 2, measure_steps: bool = False) -> None:
         """Build the engine and run a warm-up inference on the worker thread, then start ticking.
+        `warmup_frames`: what `engine.warmup` runs: frames (an image engine), or chunks (a chunked engine).
         `measure_steps`: then time a step of each batch size up to max_batch (`step_table`)."""
         self.engine = await self.run_on_worker(make_engine)
         if warmup_frames:
-            log.info("warming up: %d frames", warmup_frames)
+            log.info("warming up: %d %s", warmup_frames, "chunks" if self.chunked else "frames")
             await self.run_on_worker(self.engine.warmup, warmup_frames)
         if measure_steps and not self.chunked:  # (a chunked engine's step takes chunks, not frames)
             self.step_table = await self.run_on_worker(measure_step_times, self.engine, self.max_batch)
@@ -527,11 +528,11 @@ class Scheduler:
         outputs = await self.run_on_worker(self._work_chunks, picks, scheduled)
         self.steps += 1
         delivered = []
-        for (session, chunk), outs in zip(picks, outputs):
+        for (session, _), outs in zip(picks, outputs):
             if session.closed or not outs:
                 continue
             session.stats.processed += len(outs)
-            session.pacer.play([(frame.received - chunk[0].received, out) for frame, out in zip(chunk, outs)])
+            session.pacer.play([(out.source.received - outs[0].source.received, out) for out in outs])
             delivered += [(session, out) for out in outs]
         if self.observer is not None and delivered:
             self.observer.on_step(delivered)
@@ -548,17 +549,25 @@ class Scheduler:
         if not valid:
             return [[] for _ in picks]
         images = [[self.convert_in(s, frame) for frame in chunk] for s, chunk in valid]
+        for (session, chunk), inputs in zip(valid, images):  # an engine may answer a chunk steps later (Stream Batch)
+            assert session.chunks is not None
+            session.chunks.handed(list(zip(chunk, inputs)))
         result = self.engine.step([(s.stream, chunk_images) for (s, _), chunk_images in zip(valid, images)])
         finished = time.monotonic()
         done: dict[int, list[FrameOut]] = {}
-        for (session, chunk), inputs, outs in zip(valid, images, result.outputs):
-            stages = dict(result.timings_ms)
-            stages["chunk_wait"] = (scheduled - chunk[-1].received) * 1000.0
-            done[id(chunk)] = [
-                FrameOut(image=self.convert_out(session, frame, image), source=frame, scheduled=scheduled,
-                         finished=finished, stages_ms=stages, batch_size=len(valid), frames=(image_in, image))
-                for frame, image_in, image in zip(chunk, inputs, outs)
-            ]  # fmt: skip
+        for (session, chunk), outs in zip(valid, result.outputs):
+            assert session.chunks is not None
+            answered, start = [], 0
+            for sources in session.chunks.came_back(len(outs)):  # whole chunks, oldest first
+                stages = dict(result.timings_ms)
+                stages["chunk_wait"] = (scheduled - sources[-1][0].received) * 1000.0
+                answered += [
+                    FrameOut(image=self.convert_out(session, frame, image), source=frame, scheduled=scheduled,
+                             finished=finished, stages_ms=stages, batch_size=len(valid), frames=(image_in, image))
+                    for (frame, image_in), image in zip(sources, outs[start:])
+                ]  # fmt: skip
+                start += len(sources)
+            done[id(chunk)] = answered
         return [done.get(id(chunk), []) for _, chunk in picks]
 
     def fresher_frames_due_in(self, now: float) -> float | None:

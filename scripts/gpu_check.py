@@ -168,7 +168,7 @@ def plan(gpu: bool, python: str, size: int) -> list[Step]:
 
 def video_steps(gpu: bool, python: str) -> list[Step]:
     """The video model's bench (`bench --model wan-1.3b-random`); a dry run: `tiny-video` at 64x64, 2 chunks."""
-    model, frames, warmup = ("wan-1.3b-random", "40", "8") if gpu else ("tiny-video", "8", "4")
+    model, frames, warmup = ("wan-1.3b-random", "40", "8") if gpu else ("tiny-video", "8", "8")
     bench = [python, "-m", "livediff.cli", "bench", "--model", model, "--backend", "torch", "--json",
              "--frames", frames, "--warmup", warmup]  # fmt: skip
     note = None if gpu else "dry run: tiny-video at 64x64 (wan-1.3b-random needs a GPU's memory and time)"

@@ -46,3 +46,17 @@ def test_the_table_names_the_stages(capsys) -> None:
 def test_what_a_video_bench_cannot_do_is_named(argv: list[str], flag: str, capsys) -> None:
     assert main(["bench", "--model", "tiny-video", *argv]) == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("warmup", "noted"), [("0", True), ("4", True), ("5", False)])
+def test_a_warmup_under_two_chunks_is_raised_with_a_note_naming_the_flag(warmup: str, noted: bool, capsys) -> None:
+    assert main(["bench", "--model", "tiny-video", "--size", "64", "--frames", "4", "--warmup", warmup]) == 0
+    err = capsys.readouterr().err
+    assert ("--warmup" in err and "8 frames (2 chunks)" in err) is noted, err
+
+
+def test_a_plan_under_two_warmup_chunks_is_refused() -> None:
+    from livediff.bench_video import VideoBenchPlan
+
+    with pytest.raises(ValueError, match="warmup must be at least 2 chunks"):
+        VideoBenchPlan(warmup=1)

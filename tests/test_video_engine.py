@@ -25,8 +25,11 @@ def parts() -> VideoParts:
     return load_video_model("tiny-video")
 
 
-def engine_of(parts: VideoParts, **video: int) -> VideoEngine:
-    return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, VideoSettings(**video))
+def engine_of(parts: VideoParts, stream_batch: bool = False, **video: int) -> VideoEngine:
+    """An engine at SIZE; these tests read the cache chunk by chunk, so Stream Batch is off unless asked
+    (tests/test_stream_batch.py covers it, and the defaults' tests below run both)."""
+    settings = VideoSettings(stream_batch=stream_batch, **video)  # type: ignore[arg-type]
+    return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, settings)
 
 
 def camera(chunks: int, seed: int = 0) -> list[list[torch.Tensor]]:

@@ -91,8 +91,15 @@ async def test_two_sessions_share_one_step(scheduler) -> None:  # type: ignore[n
         a.inbox.put(frame(i, now))
         b.inbox.put(frame(i, now))
     delivered = await scheduler.tick()
-    assert len(delivered) == 10 and {out.batch_size for _, out in delivered} == {2}
-    assert scheduler.steps == 1
+    # one step for both; b's 2 steps (Stream Batch) answer its chunk one step later
+    assert [s for s, _ in delivered] == [a] * 5 and {out.batch_size for _, out in delivered} == {2}
+    assert scheduler.steps == 1 and b.chunks is not None and b.chunks.in_flight == 1
+    for i in range(5, 9):
+        a.inbox.put(frame(i, now + 0.1 * i))
+        b.inbox.put(frame(i, now + 0.1 * i))
+    delivered = await scheduler.tick()
+    assert [s for s, _ in delivered] == [a] * 4 + [b] * 5 and scheduler.steps == 2
+    assert [out.source.pts for s, out in delivered if s is b] == [0, 1, 2, 3, 4]  # b's first chunk, its own frames
 
 
 async def test_a_reset_drops_the_backlog_and_starts_a_first_chunk(scheduler) -> None:  # type: ignore[no-untyped-def]
@@ -150,3 +157,12 @@ async def test_background_frames_are_refused_by_a_chunked_engine(scheduler) -> N
     with pytest.raises(ConfigError, match="image model"):
         await scheduler.run_background([(stream, torch.zeros((SIZE, SIZE, 3), dtype=torch.uint8))])
     assert not scheduler.background
+
+
+async def test_the_warm_up_log_speaks_of_chunks(video_parts, caplog) -> None:  # type: ignore[no-untyped-def]
+    sched = Scheduler(max_sessions=1)
+    with caplog.at_level("INFO", logger="livediff.scheduler"):
+        await sched.load(lambda: VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), video_parts),
+                         warmup_frames=2)  # fmt: skip
+    await sched.close()
+    assert "warming up: 2 chunks" in caplog.text, caplog.text

@@ -43,6 +43,8 @@ class KVCache:
         """The absolute position of each cached frame, oldest first (the sinks first)."""
         self.next_position = 0
         """Where the next latent frame goes."""
+        self.reserved: list[int] = []
+        """Stream Batch: positions of chunks in flight (`reserve_ahead`), not yet appended."""
         self.refreshes = 0
 
     @property
@@ -64,20 +66,49 @@ class KVCache:
             self.refresh(rope)
         return torch.arange(self.next_position, self.next_position + frames, device=self.keys.device)
 
-    def refresh(self, rope: Rope) -> None:
-        """Rotate the window's keys back so that its oldest frame sits right after the sinks."""
-        window = [p for p in self.positions[self.sink :]]
+    def reserve_ahead(self, frames: int, rope: Rope) -> tuple[torch.Tensor, int]:
+        """Stream Batch: the (frames,) positions of a chunk that enters while earlier ones are still in
+        flight (reserved, not yet appended), and the refresh offset applied first (0 when none), which
+        the caller subtracts from the positions of its chunks in flight. Each call moves
+        `next_position` on; `append` takes the chunk's (shifted) positions when it is done."""
+        offset = 0
+        if self.next_position + frames > self.position_limit:
+            offset = self.refresh(rope)
+        positions = list(range(self.next_position, self.next_position + frames))
+        self.reserved.extend(positions)
+        self.next_position += frames
+        return torch.tensor(positions, device=self.keys.device), offset
+
+    def refresh(self, rope: Rope) -> int:
+        """Rotate the window's keys back so that its oldest frame sits right after the sinks; the
+        offset they moved by (0: nothing to do). Frames reserved and not yet appended count as
+        appended: the offset is what it would be with them in the window, and they move by it too."""
+        window = (self.positions[self.sink :] + self.reserved)[-self.window :]
         target = min(self.sink, self.next_position)
         offset = (window[0] if window else self.next_position) - target
         if offset <= 0:
-            return
-        if window:
+            return 0
+        if self.frames > self.sink:
             start = self.sink * self.tokens_per_frame
             cos, sin = rope.shift(-offset, self.keys.device)
             self.keys[:, start : self.tokens] = rotate(self.keys[:, start : self.tokens], cos, sin)
-            self.positions[self.sink :] = [p - offset for p in window]
+            self.positions[self.sink :] = [p - offset for p in self.positions[self.sink :]]
+        self.reserved = [p - offset for p in self.reserved]
         self.next_position -= offset
         self.refreshes += 1
+        return offset
+
+    def seen(self, layer: int, extra_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s (tokens, heads, head_dim) keys and values as a chunk sees them when
+        `extra_frames` more frames will be appended before it (Stream Batch: chunks finished, their
+        context pass in the same call): the window frames those would evict are left out."""
+        n = self.tokens_per_frame
+        overflow = self.frames + extra_frames - (self.sink + self.window)
+        keys, values = self.layer(layer)
+        if overflow <= 0:
+            return keys, values
+        sink, start = self.sink * n, min(self.tokens, (self.sink + overflow) * n)
+        return torch.cat([keys[:sink], keys[start:]]), torch.cat([values[:sink], values[start:]])
 
     def append(self, kept: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor) -> None:
         """Cache a chunk's keys and values: per layer (frames * tokens_per_frame, heads, head_dim),
@@ -98,12 +129,15 @@ class KVCache:
         start = self.tokens
         self.keys[:, start : start + keys.shape[1]] = keys
         self.values[:, start : start + values.shape[1]] = values
-        self.positions.extend(int(p) for p in positions.tolist())
-        self.next_position = self.positions[-1] + 1
+        added = [int(p) for p in positions.tolist()]
+        self.positions.extend(added)
+        self.reserved = [p for p in self.reserved if p not in added]
+        self.next_position = max(self.next_position, self.positions[-1] + 1)
 
     def reset(self) -> None:
         """Forget every frame (a scene cut): the next chunk starts at position 0."""
         self.positions.clear()
+        self.reserved.clear()
         self.next_position = 0
 
     @property

@@ -21,6 +21,11 @@ the stream's past in its KV cache. One step, for one chunk of each of any number
 5. decode: latents back to frames with each stream's decoder memories
 6. postprocess: (T, H, W, 3) uint8 on the host, one list per stream
 
+With Stream Batch (`VideoSettings.stream_batch`, on by default; `livediff.engine.stream_batch`)
+steps 4 and 5 change shape: each step adds every stream's new chunk at its first denoising step and
+moves its chunks in flight one step on, all in one transformer call together with the context passes
+of the chunks finished before; a chunk is decoded when it leaves, S - 1 steps later at S steps.
+
 Streams whose first chunk this is (two latent frames) run their transformer calls apart from the
 others (one latent frame): a call's rows share their token count. Everything that depends only on
 a stream's params (the prompt's cross-attention keys and values) is computed when they change.
@@ -37,10 +42,11 @@ from typing import Any
 
 import torch
 
-from livediff.config import EngineSettings, StreamParams
+from livediff.config import MAX_STEPS, EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
 from livediff.engine.device import resolve_device
 from livediff.engine.kv_cache import KVCache
+from livediff.engine.stream_batch import ChunkInFlight, StreamPipeline
 from livediff.engine.temporal import MotionEstimate
 from livediff.errors import ConfigError
 from livediff.models.tae import SPACE_SCALE, TaeState
@@ -49,6 +55,8 @@ from livediff.models.wan import CrossKV, Row
 
 log = logging.getLogger(__name__)
 
+VIDEO_CONTROLS = ("prompt", "blend_prompt", "strength", "steps", "seed", "motion_strength", "reset")
+"""The live controls a video model takes (over REST and the data channel)."""
 STAGES = ("preprocess", "encode", "transformer", "decode", "postprocess")
 CHUNK_FRAMES = 4
 """Camera frames per chunk (one latent frame: the autoencoder's 4x temporal compression)."""
@@ -68,12 +76,17 @@ class VideoSettings:
     """Frame positions stay below this: the window is refreshed before (Wan's rotary table length)."""
     shift: float = 5.0
     """Flow-matching timestep shift (Wan 2.1 text-to-video samples with 5)."""
+    stream_batch: bool = True
+    """Stream Batch over the denoising steps (`livediff.engine.stream_batch`): one transformer call per
+    step of the engine whatever the step counts; off, a chunk runs `steps` calls then a context pass."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.sink <= 8:
             raise ConfigError(f"sink must be in 0..8 latent frames, got {self.sink}")
         if not 1 <= self.window <= 64:
             raise ConfigError(f"window must be in 1..64 latent frames, got {self.window}")
+        if self.stream_batch and self.window < MAX_STEPS:
+            raise ConfigError(f"window must be at least {MAX_STEPS} latent frames with stream_batch, got {self.window}")
         if self.position_limit < self.sink + self.window + 2:
             raise ConfigError(f"position_limit must exceed sink + window + 2, got {self.position_limit}")
 
@@ -128,12 +141,15 @@ class VideoStream:
     """The prompt's cross-attention keys and values (computed once per prompt)."""
     cache: KVCache
     tae: TaeState
+    """The autoencoder's memories (`TaeState`, or `WanVaeState` for the Wan VAE)."""
     generator: torch.Generator
     """The stream's noise (host generator, seeded by `params.seed`: the same run gives the same video)."""
     motion: MotionEstimate | None = None
     """Motion-aware noise: the smoothed motion of the input, when `params.motion_strength` is set."""
     strength: float | None = None
     """Motion-aware noise: the latest chunk's strength (None: `params.strength` applies)."""
+    pipeline: StreamPipeline = field(default_factory=StreamPipeline)
+    """Stream Batch: the stream's chunks in flight between engine steps."""
     chunks: int = 0
     frames: int = 0
 
@@ -187,7 +203,7 @@ class VideoEngine:
             dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
             dtypes["auto"] = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             dtype = dtypes[settings.dtype]
-            parts = load_video_model(settings.model, self.device, dtype)
+            parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder)
         self.parts = parts
         self.dtype = parts.dtype
         self.model = parts.transformer
@@ -223,7 +239,7 @@ class VideoEngine:
                         self.video.window, self.video.position_limit, self.device, self.dtype)  # fmt: skip
         generator = torch.Generator().manual_seed(params.seed)
         motion = MotionEstimate() if params.motion_strength else None
-        return VideoStream(params, self._cross(params), cache, TaeState(), generator, motion)
+        return VideoStream(params, self._cross(params), cache, self.parts.autoencoder.new_state(), generator, motion)
 
     def update(self, stream: VideoStream, params: StreamParams) -> None:
         """New params from the next chunk on: a new prompt's keys and values, a new seed's noise."""
@@ -248,6 +264,7 @@ class VideoEngine:
         goes on as a new one would."""
         stream.cache.reset()
         stream.tae.reset()
+        stream.pipeline.clear()
         stream.generator = torch.Generator().manual_seed(stream.params.seed)
 
     def control_loads(self, params: StreamParams) -> dict[str, Any]:
@@ -287,7 +304,13 @@ class VideoEngine:
                     stream.motion.observe(frame)
                 stream.strength = stream.motion.strength(*stream.params.motion_strength)
         clock = StageClock(self.device)
-        outputs: list[list[torch.Tensor]] = [[] for _ in batch]
+        if self.video.stream_batch:
+            outputs = self._stream_batch(batch, clock)
+            for stream, frames in zip((s for s, _ in batch), outputs):
+                stream.chunks += 1
+                stream.frames += len(frames)
+            return VideoStepResult(outputs, [False] * len(batch), clock.durations_ms())
+        outputs = [[] for _ in batch]
         groups: dict[int, list[int]] = {}
         for i, (stream, _) in enumerate(batch):
             groups.setdefault(stream.frames_needed, []).append(i)
@@ -338,12 +361,116 @@ class VideoEngine:
         clock.mark("postprocess")
         return [list(row.unbind(0)) for row in frames]
 
+    def _stream_batch(self, batch: list[tuple[VideoStream, list[torch.Tensor]]],
+                      clock: StageClock) -> list[list[torch.Tensor]]:  # fmt: skip
+        """Stream Batch (`livediff.engine.stream_batch`): each stream's new chunk enters at its first
+        step and every chunk in flight moves one step on, all streams' rows in one transformer call
+        per latent-frame count (a first chunk has 2, the others 1); rows of chunks finished before
+        run their context pass in the same call. Returns per stream the frames of the chunks that
+        left (none while its queue fills)."""
+        streams = [s for s, _ in batch]
+        autoencoder = self.parts.autoencoder
+        groups: dict[int, list[int]] = {}
+        for i, stream in enumerate(streams):
+            groups.setdefault(stream.frames_needed, []).append(i)
+        entered: dict[int, torch.Tensor] = {}
+        pixels_by_group = []
+        for members in groups.values():
+            pixels = torch.stack([torch.stack(batch[i][1]) for i in members]).to(self.device, non_blocking=True)
+            pixels_by_group.append((members, pixels.permute(0, 1, 4, 2, 3).to(self.dtype).div_(255.0)))
+        clock.mark("preprocess")
+        for members, pixels in pixels_by_group:
+            x0 = autoencoder.encode(pixels, [streams[i].tae for i in members]).transpose(1, 2)  # (B, C, F, h, w)
+            for j, i in enumerate(members):
+                entered[i] = x0[j]
+        clock.mark("encode")
+        for i, stream in enumerate(streams):  # the new chunk at its first timestep
+            x0 = entered[i]
+            positions, offset = stream.cache.reserve_ahead(x0.shape[1], self.model.rope)
+            stream.pipeline.shift(offset)
+            timesteps = stream.timesteps
+            sigmas = tuple(self.sigma(t) for t in timesteps)
+            x = (1 - sigmas[0]) * x0 + sigmas[0] * self._noise(stream, x0.shape)
+            fresh = [self._noise(stream, x0.shape) for _ in timesteps[1:]]
+            stream.pipeline.in_flight.append(ChunkInFlight(x, timesteps, sigmas, positions, fresh))
+        # rows: each stream's finished chunks (context pass, t = 0), then its chunks in flight, oldest first
+        rows_by_frames: dict[int, list[tuple[VideoStream, ChunkInFlight, bool]]] = {}
+        for stream in streams:
+            for chunk in stream.pipeline.finished:
+                rows_by_frames.setdefault(chunk.latent_frames, []).append((stream, chunk, True))
+            for chunk in (c for c in stream.pipeline.in_flight if not c.done):  # (a done one waits for older ones)
+                rows_by_frames.setdefault(chunk.latent_frames, []).append((stream, chunk, False))
+        for frames in sorted(rows_by_frames, reverse=True):  # a first chunk's context pass before the others'
+            self._stream_batch_call(rows_by_frames[frames])
+        clock.mark("transformer")
+        leaving = [stream.pipeline.leave() for stream in streams]
+        outputs: list[list[torch.Tensor]] = [[] for _ in streams]
+        decode_groups: dict[tuple[int, bool], list[int]] = {}  # rows of one decode give as many frames
+        for i, chunks in enumerate(leaving):
+            if chunks:
+                key = (sum(c.latent_frames for c in chunks), streams[i].tae.decoded == 0)
+                decode_groups.setdefault(key, []).append(i)
+        decoded_by_group = []
+        for members in decode_groups.values():
+            latents = torch.stack([torch.cat([c.x for c in leaving[i]], dim=1) for i in members])
+            decoded = autoencoder.decode(latents.transpose(1, 2), [streams[i].tae for i in members])
+            decoded_by_group.append((members, decoded))
+        clock.mark("decode")
+        for members, decoded in decoded_by_group:
+            frames_out = decoded.mul(255.0).round_().to(torch.uint8).permute(0, 1, 3, 4, 2).to("cpu")
+            for j, i in enumerate(members):
+                outputs[i] = list(frames_out[j].unbind(0))
+        clock.mark("postprocess")
+        return outputs
+
+    def _stream_batch_call(self, entries: list[tuple[VideoStream, ChunkInFlight, bool]]) -> None:
+        """One transformer call over rows of the same latent-frame count: context rows (True) cache
+        their chunk's keys and values after the call; the others take one denoising step."""
+        index: dict[int, list[int]] = {}  # a stream's context rows in this call, by id(stream)
+        rows = []
+        for r, (stream, chunk, context) in enumerate(entries):
+            before = index.setdefault(id(stream), [])
+            extra_frames = len(before) * chunk.latent_frames
+            layers = [stream.cache.seen(i, extra_frames) for i in range(self.model.layers)]
+            rows.append(Row(stream.cross, tuple(k for k, _ in layers), tuple(v for _, v in layers), chunk.positions,
+                            tuple(before)))  # fmt: skip
+            if context:
+                before.append(r)
+        x = torch.stack([chunk.x for _, chunk, _ in entries])
+        t = torch.tensor([0.0 if context else float(chunk.timesteps[chunk.step]) for _, chunk, context in entries],
+                         device=self.device)  # fmt: skip
+        keep = any(context for _, _, context in entries)
+        flow, kept = self.model.forward_chunk(x, t, rows, keep=keep)
+        for r, (stream, chunk, context) in enumerate(entries):
+            if context:
+                stream.cache.append([(k[r], v[r]) for k, v in kept], chunk.positions)
+                stream.pipeline.finished.remove(chunk)
+                continue
+            sigma = chunk.sigmas[chunk.step]
+            chunk.x = chunk.x - sigma * flow[r].to(chunk.x.dtype)  # the clean prediction
+            chunk.step += 1
+            if not chunk.done:
+                nxt = chunk.sigmas[chunk.step]
+                chunk.x = (1 - nxt) * chunk.x + nxt * chunk.noise[chunk.step - 1]
+
     def _row(self, stream: VideoStream, positions: torch.Tensor) -> Row:
         layers = [stream.cache.layer(i) for i in range(self.model.layers)]
         return Row(stream.cross, tuple(k for k, _ in layers), tuple(v for _, v in layers), positions)
 
     def _noise(self, stream: VideoStream, shape: torch.Size) -> torch.Tensor:
         return torch.randn(tuple(shape), generator=stream.generator).to(self.device, self.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """What this model has, for `/readyz` (where an image model lists its ControlNet
+        preprocessors): its chunk sizes in camera frames, step counts, cache, autoencoder, and the
+        live controls it takes."""
+        return {
+            "chunk_frames": {"first": FIRST_CHUNK_FRAMES, "next": CHUNK_FRAMES},
+            "steps": {"min": 1, "max": MAX_STEPS},
+            "cache": {"sink": self.video.sink, "window": self.video.window},
+            "autoencoder": self.parts.autoencoder_name,
+            "controls": list(VIDEO_CONTROLS),
+        }
 
     # -- convenience -----------------------------------------------------------------------------
 

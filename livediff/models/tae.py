@@ -144,9 +144,15 @@ class TinyVideoAutoencoder(nn.Module):
         self.encoder = _encoder(encoder)
         self.decoder = _decoder(tuple(decoder))
 
+    name = "tae"
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def new_state(self) -> TaeState:
+        """A new stream's (empty) memories."""
+        return TaeState()
 
     def encode(self, pixels: torch.Tensor, states: list[TaeState]) -> torch.Tensor:
         """(B, T, 3, H, W) in [0, 1] -> (B, T', 16, H/8, W/8) latents, one row per stream's state.

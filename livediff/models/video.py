@@ -9,7 +9,8 @@ UMT5-XXL's output shape (512 tokens x 4096), for speed runs with no download.
 Real checkpoints: a local folder or a hub id laid out as diffusers' Wan 2.1 T2V repositories
 (`transformer/` a `WanTransformer3DModel` with causal weights, such as StreamDiffusionV2's
 1.3B causal weights converted to diffusers' layout, `text_encoder/` UMT5, `tokenizer/`; the
-autoencoder is the built-in TAEHV-shaped one, or `vae/` Wan's VAE once its streaming form exists).
+autoencoder is `vae/`, Wan's VAE in streaming form (`livediff.models.wan_vae`), when the checkpoint
+has one, else the built-in TAEHV-shaped one).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from livediff.errors import ModelLoadError
+from livediff.errors import ConfigError, ModelLoadError
 from livediff.models.tae import TAEHV_SHAPE, TINY_SHAPE, TinyVideoAutoencoder, build_autoencoder
 from livediff.models.wan import TINY_VIDEO, WAN_1_3B, CausalWan, build_transformer
+from livediff.models.wan_vae import TINY_WAN_VAE, WAN_2_1_VAE, WanStreamingVae, build_wan_vae
 
 log = logging.getLogger(__name__)
 
 VIDEO_BUILTINS = ("tiny-video", "wan-1.3b-random")
 """Built-in causal video models (random weights, no download)."""
 VIDEO_BUILDER_VERSION = 1
+VIDEO_AUTOENCODERS = ("auto", "tae", "wan-vae")
+"""`--video-autoencoder`: the streaming autoencoder of a video model (`load_video_model`)."""
 
 
 class ByteTextEncoder(nn.Module):
@@ -62,13 +66,19 @@ class VideoParts:
     ref: str
     revision: str
     transformer: CausalWan
-    autoencoder: TinyVideoAutoencoder
+    autoencoder: TinyVideoAutoencoder | WanStreamingVae
+    """The streaming autoencoder: the TAEHV-shaped one (`tae`) or Wan 2.1's VAE (`wan-vae`)."""
     encode_prompt: Callable[[str], torch.Tensor]
     """prompt -> (1, text tokens, text_dim) text states."""
 
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    @property
+    def autoencoder_name(self) -> str:
+        """`tae` (the TAEHV-shaped one) or `wan-vae` (Wan 2.1's VAE in streaming form)."""
+        return self.autoencoder.name
 
 
 def is_video_model(ref: str) -> bool:
@@ -82,34 +92,55 @@ def is_video_model(ref: str) -> bool:
         return False
 
 
-def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VideoParts:
+def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                     autoencoder: str = "auto") -> VideoParts:  # fmt: skip
     """Load `ref`: `tiny-video`, `wan-1.3b-random`, or a diffusers-layout causal Wan folder or hub id.
 
-    `ModelLoadError` naming the file and what was expected when a folder has another layout."""
+    `autoencoder` (one of `VIDEO_AUTOENCODERS`): `tae`, the TAEHV-shaped one; `wan-vae`, Wan 2.1's
+    VAE in streaming form (a folder's or hub id's `vae/`; for a built-in, at random weights: Wan 2.1's
+    shape for `wan-1.3b-random`, a few channels wide for `tiny-video`); `auto`, `wan-vae` for a
+    checkpoint with a `vae/`, else `tae`. `ConfigError` for another name; `ModelLoadError` naming the
+    file and what was expected when a folder has another layout."""
+    if autoencoder not in VIDEO_AUTOENCODERS:
+        raise ConfigError(f"video_autoencoder must be one of {', '.join(VIDEO_AUTOENCODERS)}, got {autoencoder!r}")
     device = torch.device(device)
+    vae_module: Any = None
     if ref in VIDEO_BUILTINS:
         tiny = ref == "tiny-video"
         transformer: Any = build_transformer(TINY_VIDEO if tiny else WAN_1_3B)
-        autoencoder = build_autoencoder(TINY_SHAPE if tiny else TAEHV_SHAPE)
+        if autoencoder == "wan-vae":
+            vae_module = build_wan_vae(TINY_WAN_VAE if tiny else WAN_2_1_VAE)
         config = TINY_VIDEO if tiny else WAN_1_3B
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             text: nn.Module = ByteTextEncoder(16 if tiny else 512, config["text_dim"])
         revision = f"builtin-v{VIDEO_BUILDER_VERSION}"
         encode: Callable[[str], torch.Tensor] = text
+        shape = TINY_SHAPE if tiny else TAEHV_SHAPE
     else:
-        transformer, text, encode, revision = _load_folder(ref, dtype)
-        autoencoder = build_autoencoder(TAEHV_SHAPE)
-        log.warning("video model %s: the TAEHV-shaped autoencoder runs at random weights", ref)
-    for module in (transformer, autoencoder, text):
+        transformer, text, encode, revision, vae_module = _load_folder(ref, dtype, autoencoder)
+        shape = TAEHV_SHAPE
+    modules = [transformer, text]
+    chosen: TinyVideoAutoencoder | WanStreamingVae
+    if vae_module is not None:
+        modules.append(vae_module)
+        chosen = WanStreamingVae(vae_module)
+    else:
+        tae = build_autoencoder(shape)
+        modules.append(tae)
+        chosen = tae
+        if ref not in VIDEO_BUILTINS:
+            log.warning("video model %s: the TAEHV-shaped autoencoder runs at random weights", ref)
+    for module in modules:
         module.to(device).eval().requires_grad_(False)
         if dtype != torch.float32:  # diffusers then warns that it would keep a few modules in float32
             module.to(dtype)
-    return VideoParts(ref, revision, CausalWan(transformer), autoencoder, encode)
+    return VideoParts(ref, revision, CausalWan(transformer), chosen, encode)
 
 
-def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable[[str], torch.Tensor], str]:
-    from diffusers import WanTransformer3DModel
+def _load_folder(ref: str, dtype: torch.dtype,
+                 autoencoder: str) -> tuple[Any, nn.Module, Callable[[str], torch.Tensor], str, Any]:  # fmt: skip
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from livediff.models.hub import HubKind, fingerprint, snapshot
@@ -125,7 +156,8 @@ def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable
     else:
         kind = HubKind("video model", VIDEO_BUILTINS, "run with `--model tiny-video` (built in, no download)")
         extensions = ("json", "safetensors", "model", "txt")
-        patterns = [f"{c}/*.{e}" for c in ("transformer", "text_encoder", "tokenizer") for e in extensions]
+        parts = ("transformer", "text_encoder", "tokenizer") + (("vae",) if autoencoder != "tae" else ())
+        patterns = [f"{c}/*.{e}" for c in parts for e in extensions]
         folder = snapshot(ref, patterns, kind)
         revision = folder.name
     config = folder / "transformer" / "config.json"
@@ -135,6 +167,16 @@ def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable
         raise ModelLoadError(f"{config}: expected a WanTransformer3DModel config ({exc})") from exc
     if found != "WanTransformer3DModel":
         raise ModelLoadError(f"{config}: expected _class_name WanTransformer3DModel (a causal Wan 2.1), got {found!r}")
+    vae_config = folder / "vae" / "config.json"
+    use_vae = autoencoder == "wan-vae" or (autoencoder == "auto" and vae_config.exists())
+    if use_vae:  # its layout checked before any weights load
+        try:
+            found = json.loads(vae_config.read_text()).get("_class_name")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{vae_config}: expected an AutoencoderKLWan config for --video-autoencoder "
+                                 f"wan-vae ({exc})") from exc  # fmt: skip
+        if found != "AutoencoderKLWan":
+            raise ModelLoadError(f"{vae_config}: expected _class_name AutoencoderKLWan, got {found!r}")
     try:
         transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -143,6 +185,12 @@ def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable
         raise ModelLoadError(f"video model {ref!r} at {folder} could not be loaded: {exc}") from exc
     if int(transformer.config.patch_size[0]) != 1:
         raise ModelLoadError(f"{config}: expected patch_size (1, 2, 2), got {transformer.config.patch_size}")
+    vae = None
+    if use_vae:
+        try:
+            vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"video model {ref!r}: its vae/ at {folder} could not be loaded: {exc}") from exc
 
     def encode(prompt: str, max_tokens: int = 512) -> torch.Tensor:
         """UMT5 states of `prompt`, zeroed past its tokens and padded to 512 (Wan's text pipeline)."""
@@ -151,4 +199,4 @@ def _load_folder(ref: str, dtype: torch.dtype) -> tuple[Any, nn.Module, Callable
         states = text(ids.input_ids.to(text.device), mask).last_hidden_state
         return states * mask[..., None].to(states.dtype)
 
-    return transformer, text, encode, revision
+    return transformer, text, encode, revision, vae

@@ -127,6 +127,10 @@ class Row:
     """Per layer, (cached tokens, heads, head_dim)."""
     positions: torch.Tensor
     """(F,) the absolute frame positions of the chunk's latent frames."""
+    extra: tuple[int, ...] = ()
+    """Rows of the same call whose chunk keys and values this row also attends to, in every layer,
+    after its cached tokens and before its own (Stream Batch: a chunk finished in an earlier call
+    whose context pass runs in this one). Those rows must not attend to this one."""
 
 
 class CausalWan:
@@ -189,7 +193,7 @@ class CausalWan:
         ropes = [self.rope.frames(row.positions, grid_h, grid_w) for row in rows]
         cos = torch.stack([c for c, _ in ropes])  # (B, S, 1, head_dim)
         sin = torch.stack([s for _, s in ropes])
-        cached = [row.cache_keys[0].shape[0] if row.cache_keys else 0 for row in rows]
+        cached = [(row.cache_keys[0].shape[0] if row.cache_keys else 0) + len(row.extra) * tokens for row in rows]
         longest = max(cached)
         mask = None
         if any(n != longest for n in cached):  # padding: each row sees its own cached tokens only
@@ -211,8 +215,10 @@ class CausalWan:
             if keep:
                 kept.append((k, v))
             if longest:
-                k = torch.cat([_padded([row.cache_keys[i] for row in rows], longest), k], dim=1)
-                v = torch.cat([_padded([row.cache_values[i] for row in rows], longest), v], dim=1)
+                past_k = [_past(row.cache_keys, i, [k[j] for j in row.extra]) for row in rows]
+                past_v = [_past(row.cache_values, i, [v[j] for j in row.extra]) for row in rows]
+                k = torch.cat([_padded(past_k, longest), k], dim=1)
+                v = torch.cat([_padded(past_v, longest), v], dim=1)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask).transpose(1, 2).flatten(2).type_as(x)  # fmt: skip
             x = (x.float() + attn.to_out[0](out) * gate).type_as(x)
@@ -234,6 +240,13 @@ class CausalWan:
         x = x.reshape(batch, frames, grid_h, grid_w, ph, pw, -1)  # the patch's channels last, as diffusers
         flow = x.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, -1, frames, grid_h * ph, grid_w * pw)
         return flow, kept
+
+
+def _past(cached: tuple[torch.Tensor, ...], layer: int, extra: list[torch.Tensor]) -> torch.Tensor:
+    """(tokens, heads, head_dim): a row's cached tokens in `layer`, then its extra rows' chunk tokens."""
+    if not extra:
+        return cached[layer]
+    return torch.cat([cached[layer], *extra]) if cached else torch.cat(extra)
 
 
 def _padded(parts: list[torch.Tensor], length: int) -> torch.Tensor:

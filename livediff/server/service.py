@@ -140,6 +140,7 @@ class Service:
     def describe(self) -> dict[str, Any]:
         """What runs here, for /readyz and the pages' HUDs (only once the engine is built)."""
         engine = self.scheduler.engine
+        chunked = self.scheduler.chunked  # a video model: no preprocessors; what it has instead under "video"
         return {
             "model": engine.parts.ref,
             "revision": engine.parts.revision,
@@ -154,11 +155,15 @@ class Service:
             "controlnets": [name for name, _ in self.engine_settings.controlnets],
             "loras": [name for name, _ in self.engine_settings.loras],
             "lcm_lora": self.engine_settings.lcm_lora,
-            "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
+            "preprocessors": [] if chunked else self._preprocessors(),
+            **({"video": engine.describe()} if chunked else {}),
             **({"steps": table.describe()} if (table := self.scheduler.step_table) is not None else {}),
             "batch_by_deadline": self.scheduler.batch_by_deadline,
             **({"backend_detail": engine.backend.describe()} if hasattr(engine.backend, "describe") else {}),
         }
+
+    def _preprocessors(self) -> list[str]:
+        return [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model]
 
     def require_ready(self) -> None:
         if not self.ready:
