@@ -250,9 +250,12 @@ def test_auto_runs_a_video_model_on_torch_and_the_exported_backends_are_refused(
     from livediff.engine.video import resolve_video_backend
 
     assert resolve_video_backend("auto") == "torch" and resolve_video_backend("torch") == "torch"
-    for name in ("onnx", "openvino", "tensorrt", "cuda-graph"):
+    assert resolve_video_backend("auto", "cuda") == "cuda-graph"  # the fast path is CUDA's default
+    for name in ("onnx", "openvino", "tensorrt"):
         with pytest.raises(ConfigError, match=f"backend {name} does not run video models"):
             resolve_video_backend(name)
+    with pytest.raises(ConfigError, match="backend cuda-graph needs CUDA"):
+        resolve_video_backend("cuda-graph", "cpu")
 
 
 def test_serve_help_says_the_exported_backends_are_not_for_video_models(capsys) -> None:
