@@ -26,8 +26,8 @@ def parts() -> VideoParts:
 
 
 def engine_of(parts: VideoParts, stream_batch: bool = False, **video: int) -> VideoEngine:
-    """An engine at SIZE; these tests read the cache chunk by chunk, so Stream Batch is off unless asked
-    (tests/test_stream_batch.py covers it, and the defaults' tests below run both)."""
+    """An engine at SIZE; these tests read the cache chunk by chunk, so Stream Batch (the default) is off
+    unless asked: tests/test_stream_batch.py covers it, and shows it equal to this engine at 1 step."""
     settings = VideoSettings(stream_batch=stream_batch, **video)  # type: ignore[arg-type]
     return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, settings)
 
