@@ -99,11 +99,11 @@ def mixed_cache_calls(engine: VideoEngine, count: int, frames: list[torch.Tensor
     t = torch.full((count,), 500.0, device=engine.device)
 
     def padded() -> None:
-        model.forward_chunk(latents, t, rows)
+        model.forward_chunk(latents, t, rows, dense=engine.fast)
 
     def per_stream() -> None:
         for b, row in enumerate(rows):
-            model.forward_chunk(latents[b : b + 1], t[b : b + 1], [row])
+            model.forward_chunk(latents[b : b + 1], t[b : b + 1], [row], dense=engine.fast)
 
     with torch.inference_mode():
         padded_ms = _median_ms(padded, repeats, engine.device)
@@ -173,6 +173,7 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
     return {
         "model": engine.parts.ref,
         "device": str(engine.device),
+        "backend": engine.backend.name,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
@@ -187,7 +188,8 @@ def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str,
 
 def format_video_report(report: dict[str, Any]) -> str:
     lines = [
-        f"video bench: {report['model']} {report['size']} on {report['device']} ({report['dtype']}, "
+        f"video bench: {report['model']} {report['size']} on {report['device']} ({report.get('backend', 'torch')}, "
+        f"{report['dtype']}, "
         f"{report['threads']} threads), {report['steps']} step(s), Stream Batch "
         f"{'on' if report.get('stream_batch') else 'off'}, cache {report['cache']['sink']} sink + "
         f"{report['cache']['window']} window latent frames, median of {report['chunks']} chunks",

@@ -336,13 +336,15 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
     for flag, value in (("--baseline", args.baseline), ("--quality", args.quality), ("--controlnet", args.controlnet)):
         if value:
             raise ConfigError(f"{flag} is for image models; a video model's bench takes --streams, --frames, --steps")
-    if args.backend not in ("torch", "auto"):
-        raise ConfigError(f"--backend: video models run on torch, got {args.backend!r}")
+    if args.backend not in ("torch", "auto", "torch.compile", "cuda-graph", "cuda-graph-compiled"):
+        raise ConfigError(
+            f"--backend: video models run on torch (eager, torch.compile or cuda-graph), got {args.backend!r}"
+        )
     streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else (args.batch,)
     args.max_batch = max([args.max_batch, *streams])
     plan = VideoBenchPlan(chunks=max(1, args.frames // 4), warmup=video_warmup_chunks(args.warmup), streams=streams,
                           params=stream_params(args))  # fmt: skip
-    settings = engine_settings(args, backend="torch")
+    settings = engine_settings(args, backend=args.backend)
     if settings.width % 16 or settings.height % 16:
         raise ConfigError(f"--size must be a multiple of 16 for a video model, got {settings.width}x{settings.height}")
     report = run_video_bench(settings, plan)
@@ -990,7 +992,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BACKEND_NAMES,
         default=_env("backend", "auto"),
         help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND); "
-        "video models (tiny-video, wan-*) run on torch: auto picks it, the exported CPU backends are not for them",
+        "video models (tiny-video, wan-*) run on torch: auto picks eager on a CPU and cuda-graph (the step compiled "
+        "and replayed) on CUDA; the exported CPU backends are not for them",
     )
     add_server_flags(serve)
     from livediff.jobs.flags import add_jobs_flags

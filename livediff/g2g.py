@@ -183,6 +183,8 @@ async def _server(
     ]  # fmt: skip
     if engine.stream_batch:
         argv.append("--stream-batch")
+    if engine.video_autoencoder != "auto":
+        argv += ["--video-autoencoder", engine.video_autoencoder]
     with tempfile.TemporaryFile() as output:
         process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=asyncio.subprocess.STDOUT)
         try:

@@ -16,10 +16,12 @@ Steps, in order, each in its own process under its own time limit, all inside on
    batch 1 and 4 (warp error, static flicker, SSIM, ms per frame);
 9. `g2g`: `livediff bench --g2g`: a real `livediff serve` app (`--backend auto`) and an aiortc
    client over loopback, glass-to-glass for passthrough and the model, and each stage's share;
-10. `video`, `video-480p`: `livediff bench --model wan-1.3b-random` (a causal video model, Wan 2.1
-   1.3B's architecture at random weights, bf16): 512x512 at 1 step with 1, 2 and 4 streams per step,
+10. `video`, `video-480p`, `video-eager`: `livediff bench --model wan-1.3b-random` (a causal video
+   model, Wan 2.1 1.3B's architecture at random weights, bf16, `--backend auto`: the transformer
+   step replayed from CUDA graphs per layout): 512x512 at 1 step with 1, 2 and 4 streams per step,
    and 832x480 at 2 steps with 1 and 2 (ms per chunk and frame by stage, fps, first chunk latency,
-   memory per added stream; docs/video-models.md);
+   memory per added stream; docs/video-models.md); `video-eager` the 512x512 single stream on eager
+   torch, the fast path's baseline;
 11. `bench-compile`: `torch.compile` beside `torch` at batch 1 (late: it compiles for minutes);
 12. `variants`: `python -m livediff.bench_variants`: `torch`, `cuda-graph` and `cuda-graph-compiled`
     (inductor's kernels inside the step's CUDA graphs) side by side: time to ready with compile times,
@@ -169,14 +171,23 @@ def plan(gpu: bool, python: str, size: int) -> list[Step]:
 def video_steps(gpu: bool, python: str) -> list[Step]:
     """The video model's bench (`bench --model wan-1.3b-random`); a dry run: `tiny-video` at 64x64, 2 chunks."""
     model, frames, warmup = ("wan-1.3b-random", "40", "8") if gpu else ("tiny-video", "8", "8")
-    bench = [python, "-m", "livediff.cli", "bench", "--model", model, "--backend", "torch", "--json",
-             "--frames", frames, "--warmup", warmup]  # fmt: skip
+    bench = [python, "-m", "livediff.cli", "bench", "--model", model, "--json", "--frames", frames, "--warmup", warmup]
     note = None if gpu else "dry run: tiny-video at 64x64 (wan-1.3b-random needs a GPU's memory and time)"
     sizes = (("512", "1", "1,2,4"), ("832x480", "2", "1,2")) if gpu else (("64", "1", "1,2"), ("64", "2", "1"))
-    return [
-        Step(name, [*bench, "--size", size, "--steps", steps, "--streams", streams], 240, bench_json, note=note)
+    # auto: the fast path on CUDA (the step replayed from CUDA graphs per layout); video-eager: its baseline
+    steps = [
+        Step(
+            name,
+            [*bench, "--backend", "auto", "--size", size, "--steps", steps, "--streams", streams],
+            240,
+            bench_json,
+            note=note,
+        )  # fmt: skip
         for name, (size, steps, streams) in zip(("video", "video-480p"), sizes)
     ]
+    size, steps_, _ = sizes[0]
+    eager = [*bench, "--backend", "torch", "--size", size, "--steps", steps_, "--streams", "1"]
+    return [*steps, Step("video-eager", eager, 180, bench_json, note=note)]
 
 
 def video_line(name: str, result: dict[str, Any]) -> str:
@@ -187,9 +198,8 @@ def video_line(name: str, result: dict[str, Any]) -> str:
              + (f", mixed caches: padded {r['mixed_cache']['padded_ms']:.1f} ms vs per stream "
                 f"{r['mixed_cache']['per_stream_ms']:.1f} ms" if "mixed_cache" in r else "")
              for r in result["results"]]  # fmt: skip
-    return f"{name} ({result['model']}, {result['size']}, {result['dtype']}, {result['steps']} step(s)): " + "; ".join(
-        cells
-    )
+    head = f"{name} ({result['model']}, {result['size']}, {result.get('backend', 'torch')}, {result['dtype']}, "
+    return head + f"{result['steps']} step(s)): " + "; ".join(cells)
 
 
 def variant_steps(gpu: bool, python: str, model: str, size: int) -> list[Step]:
@@ -496,7 +506,7 @@ def summary(report: dict[str, Any]) -> str:
     g2g = steps.get("g2g", {}).get("result")
     if isinstance(g2g, dict):
         lines.append(g2g_line(g2g))
-    for name in ("video", "video-480p"):
+    for name in ("video", "video-480p", "video-eager"):
         video = steps.get(name, {}).get("result")
         if isinstance(video, dict):
             lines.append(video_line(name, video))

@@ -43,6 +43,7 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
         "g2g",
         "video",
         "video-480p",
+        "video-eager",
         "bench-compile",
         "variants",
         "variants-warm",
@@ -60,6 +61,9 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
     video = " ".join(gpu["video"].argv)
     assert "--model wan-1.3b-random" in video and "--size 512 --steps 1 --streams 1,2,4" in video
     assert "--size 832x480 --steps 2" in " ".join(gpu["video-480p"].argv)
+    assert "--backend auto" in video and "--backend torch --size 512 --steps 1 --streams 1" in " ".join(
+        gpu["video-eager"].argv
+    )  # the fast path, and its eager baseline
     assert all(step.skip is None and step.note is None for step in gpu.values())
     assert sum(step.limit_s for step in gpu.values()) > 500  # the budget, not the limits, bounds a run
 
@@ -318,7 +322,7 @@ def test_the_video_line_reads_a_video_bench_with_mixed_cache_lengths(kit, capsys
     report = json.loads(capsys.readouterr().out)
     line = kit.video_line("video", report)
     one, two = line.split("; ")
-    assert line.startswith("video (tiny-video, 64x64, float32, 1 step(s)): 1 stream(s)") and "mixed" not in one
+    assert line.startswith("video (tiny-video, 64x64, torch, float32, 1 step(s)): 1 stream(s)") and "mixed" not in one
     mixed = report["results"][1]["mixed_cache"]
     said = f"mixed caches: padded {mixed['padded_ms']:.1f} ms vs per stream {mixed['per_stream_ms']:.1f} ms"
     assert two.endswith(said), line

@@ -26,8 +26,8 @@ def parts() -> VideoParts:
 
 
 def engine_of(parts: VideoParts, stream_batch: bool = False, **video: int) -> VideoEngine:
-    """An engine at SIZE; these tests read the cache chunk by chunk, so Stream Batch is off unless asked
-    (tests/test_stream_batch.py covers it, and the defaults' tests below run both)."""
+    """An engine at SIZE; these tests read the cache chunk by chunk, so Stream Batch (the default) is off
+    unless asked: tests/test_stream_batch.py covers it, and shows it equal to this engine at 1 step."""
     settings = VideoSettings(stream_batch=stream_batch, **video)  # type: ignore[arg-type]
     return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, settings)
 
@@ -250,9 +250,12 @@ def test_auto_runs_a_video_model_on_torch_and_the_exported_backends_are_refused(
     from livediff.engine.video import resolve_video_backend
 
     assert resolve_video_backend("auto") == "torch" and resolve_video_backend("torch") == "torch"
-    for name in ("onnx", "openvino", "tensorrt", "cuda-graph"):
+    assert resolve_video_backend("auto", "cuda") == "cuda-graph"  # the fast path is CUDA's default
+    for name in ("onnx", "openvino", "tensorrt"):
         with pytest.raises(ConfigError, match=f"backend {name} does not run video models"):
             resolve_video_backend(name)
+    with pytest.raises(ConfigError, match="backend cuda-graph needs CUDA"):
+        resolve_video_backend("cuda-graph", "cpu")
 
 
 def test_serve_help_says_the_exported_backends_are_not_for_video_models(capsys) -> None:

@@ -48,6 +48,7 @@ from livediff.engine.device import resolve_device
 from livediff.engine.kv_cache import KVCache
 from livediff.engine.stream_batch import ChunkInFlight, StreamPipeline
 from livediff.engine.temporal import MotionEstimate
+from livediff.engine.video_fast import VideoBackend
 from livediff.errors import ConfigError
 from livediff.models.tae import SPACE_SCALE, TaeState
 from livediff.models.video import VideoParts, load_video_model
@@ -91,18 +92,26 @@ class VideoSettings:
             raise ConfigError(f"position_limit must exceed sink + window + 2, got {self.position_limit}")
 
 
-@dataclass(frozen=True)
-class EagerTorch:
-    """What runs a video model's networks: torch eager (the exported CPU backends do not take this kind)."""
-
-    name: str = "torch"
+VIDEO_BACKENDS = ("auto", "torch", "cuda-graph", "cuda-graph-compiled")
+"""What runs a video model (`resolve_video_backend`); `--backend torch.compile` compiles on any device."""
 
 
-def resolve_video_backend(name: str) -> str:
-    """`auto` and `torch` run a video model with torch eager; another backend is a `ConfigError`
-    naming the flag (the exported backends, ONNX Runtime, OpenVINO and TensorRT, do not take it)."""
-    if name not in ("auto", "torch"):
+def resolve_video_backend(name: str, device: torch.device | str | None = None) -> str:
+    """The backend a video model runs on: `torch` (eager, or compiled with `EngineSettings.compile`)
+    or `cuda-graph` (the transformer step recorded and replayed from CUDA graphs per batch layout)
+    or `cuda-graph-compiled` (compiled by inductor, with its CUDA graphs): `livediff.engine.video_fast`.
+    `auto` is `cuda-graph` on CUDA, `torch` elsewhere. A `ConfigError` naming the flag
+    for the exported backends (ONNX Runtime, OpenVINO and TensorRT do not take this kind) and for
+    `cuda-graph` without CUDA."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if name not in VIDEO_BACKENDS:
         raise ConfigError(f"backend {name} does not run video models: use --backend torch (or auto)")
+    if name == "auto":
+        return "cuda-graph" if cuda else "torch"
+    if name in ("cuda-graph", "cuda-graph-compiled"):
+        if not cuda:
+            raise ConfigError(f"backend {name} needs CUDA: use --backend torch (or auto) on a CPU")
+        return name
     return "torch"
 
 
@@ -186,7 +195,7 @@ class VideoEngine:
     def __init__(self, settings: EngineSettings, parts: VideoParts | None = None,
                  video: VideoSettings | None = None) -> None:  # fmt: skip
         self.device = resolve_device(settings.device)
-        resolve_video_backend(settings.backend)
+        backend = resolve_video_backend(settings.backend, self.device)
         unit = SPACE_SCALE * 2  # the autoencoder's 8x, then the transformer's 2x2 patches
         for name in ("height", "width"):
             value = getattr(settings, name)
@@ -196,7 +205,7 @@ class VideoEngine:
             raise ConfigError("feature_bank and controlnets are image-model features; a video model has neither")
         if settings.lcm_lora:
             raise ConfigError("lcm_lora fuses into an SD-family UNet; a video model has none")
-        settings = settings.replace(backend="torch")
+        settings = settings.replace(backend=backend)
         self.settings = settings
         self.video = video or VideoSettings()
         if parts is None:
@@ -210,7 +219,8 @@ class VideoEngine:
         self.latent_size = (settings.height // SPACE_SCALE, settings.width // SPACE_SCALE)
         self.tokens_per_frame = self.model.tokens_per_frame(*self.latent_size)
         self.conditioning = PromptStates(parts.encode_prompt, settings.cache_size, self.device, self.dtype)
-        self.backend = EagerTorch()
+        self.backend = VideoBackend.build(self.model, backend, settings.compile, self.device)
+        self.fast = self.backend.forward
         self.frame_shape = (settings.height, settings.width, 3)
         log.info("video engine: model %s (%s), %s %s, %dx%d, cache %d sink + %d window latent frames",
                  parts.ref, parts.revision, self.device, self.dtype, settings.width, settings.height,
@@ -343,7 +353,7 @@ class VideoEngine:
             active = [b for b, ts in enumerate(timesteps) if len(ts) > k]
             rows = [self._row(streams[b], positions[b]) for b in active]
             t = torch.tensor([float(timesteps[b][k]) for b in active], device=self.device)
-            flow, _ = self.model.forward_chunk(x[active], t, rows)
+            flow, _ = self.model.forward_chunk(x[active], t, rows, dense=self.fast)
             for j, b in enumerate(active):
                 denoised[b] = x[b] - sigmas[b][k] * flow[j].to(x.dtype)
                 if k + 1 < len(timesteps[b]):
@@ -351,7 +361,8 @@ class VideoEngine:
                     x[b] = (1 - sigmas[b][k + 1]) * denoised[b] + sigmas[b][k + 1] * fresh
         # the context pass: the clean chunk's keys and values at timestep 0 go into each cache
         rows = [self._row(s, p) for s, p in zip(streams, positions)]
-        _, kept = self.model.forward_chunk(denoised, torch.zeros(len(streams), device=self.device), rows, keep=True)
+        zeros = torch.zeros(len(streams), device=self.device)
+        _, kept = self.model.forward_chunk(denoised, zeros, rows, keep=True, dense=self.fast)
         for b, stream in enumerate(streams):
             stream.cache.append([(k[b], v[b]) for k, v in kept], positions[b])
         clock.mark("transformer")
@@ -440,7 +451,7 @@ class VideoEngine:
         t = torch.tensor([0.0 if context else float(chunk.timesteps[chunk.step]) for _, chunk, context in entries],
                          device=self.device)  # fmt: skip
         keep = any(context for _, _, context in entries)
-        flow, kept = self.model.forward_chunk(x, t, rows, keep=keep)
+        flow, kept = self.model.forward_chunk(x, t, rows, keep=keep, dense=self.fast)
         for r, (stream, chunk, context) in enumerate(entries):
             if context:
                 stream.cache.append([(k[r], v[r]) for k, v in kept], chunk.positions)

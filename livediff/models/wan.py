@@ -26,6 +26,7 @@ shorter caches and masking the padding out).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,44 +170,82 @@ class CausalWan:
             values.append(attn.to_v(context).unflatten(2, (self.heads, -1)))
         return CrossKV(tuple(keys), tuple(values))
 
-    def forward_chunk(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: list[Row],
-                      keep: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
+    def forward_chunk(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: list[Row], keep: bool = False,
+                      dense: Callable[..., Any] | None = None,
+                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
         """The flow prediction for one chunk per row.
 
         latents: (B, C, F, h, w) noisy latents; timesteps: (B,) in [0, 1000]; rows: B `Row`s (all
-        with F positions). Self-attention of row b sees its cached tokens and its own F frames.
-        Returns (B, C, F, h, w) flow (noise - clean, the Wan flow-matching target) and, when `keep`,
-        per layer the (B, F * tokens, heads, head_dim) keys (rotated) and values of the chunk, to be
-        cached by the caller (else an empty list).
-        """
+        with F positions). Self-attention of row b sees its cached tokens, its extra rows' chunk
+        tokens and its own F frames. Returns (B, C, F, h, w) flow (noise - clean, the Wan
+        flow-matching target) and, when `keep`, per layer the (B, F * tokens, heads, head_dim) keys
+        (rotated) and values of the chunk, to be cached by the caller (else an empty list).
+
+        `dense`: what runs `dense_forward` (a compiled or graph-replayed form of it; by default the
+        method itself). Everything that varies from call to call in Python (rows' cache lengths,
+        extras, positions) is turned into tensors of one layout first (`dense_inputs`), so that a
+        compiled form sees only tensors and recompiles only for a new layout."""
+        inputs = self.dense_inputs(latents, timesteps, rows)
+        run: Callable[..., Any] = dense or self.dense_forward
+        flow, kept = run(*inputs, keep=keep)
+        return flow, list(kept)
+
+    def dense_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: list[Row]) -> tuple[Any, ...]:
+        """`dense_forward`'s tensors for `rows`: latents (B, C, F, h, w); timesteps (B,); the rotary
+        cos and sin (B, S, 1, head_dim); per layer the caches padded to the longest (B, Lc, heads,
+        head_dim), keys and values; the extra rows (B, E) (-1: none); the attention mask
+        (B, 1, 1, Lc + E * S + S), True where a row may look, or None when every row sees all;
+        per layer the prompts' keys and values (B, text tokens, heads, head_dim).
+        Its layout (what a compiled form specialises on): B, F, h, w, Lc, E, the mask's presence."""
+        height, width = latents.shape[-2:]
+        grid_h, grid_w = height // self.patch[1], width // self.patch[2]
+        tokens = latents.shape[2] * grid_h * grid_w
+        device = latents.device
+        ropes = [self.rope.frames(row.positions, grid_h, grid_w) for row in rows]
+        cos = torch.stack([c for c, _ in ropes])  # (B, S, 1, head_dim)
+        sin = torch.stack([s for _, s in ropes])
+        cached = [row.cache_keys[0].shape[0] if row.cache_keys else 0 for row in rows]
+        longest, extras = max(cached), max(len(row.extra) for row in rows)
+        past_k = tuple(_padded([row.cache_keys[i] if row.cache_keys else None for row in rows], longest, self)
+                       for i in range(self.layers))  # fmt: skip
+        past_v = tuple(_padded([row.cache_values[i] if row.cache_values else None for row in rows], longest, self)
+                       for i in range(self.layers))  # fmt: skip
+        extra = torch.tensor([list(row.extra) + [-1] * (extras - len(row.extra)) for row in rows], device=device,
+                             dtype=torch.long).view(len(rows), extras)  # fmt: skip
+        mask = None
+        if any(n != longest for n in cached) or any(len(row.extra) != extras for row in rows):
+            valid = [[p < n for p in range(longest)]
+                     + [e < len(row.extra) for e in range(extras) for _ in range(tokens)]
+                     + [True] * tokens for n, row in zip(cached, rows)]  # fmt: skip
+            mask = torch.tensor(valid, device=device)[:, None, None, :]
+        text_k = tuple(torch.cat([row.cross.keys[i] for row in rows]) for i in range(self.layers))
+        text_v = tuple(torch.cat([row.cross.values[i] for row in rows]) for i in range(self.layers))
+        return latents, timesteps, cos, sin, past_k, past_v, extra, mask, text_k, text_v
+
+    def dense_forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      past_k: tuple[torch.Tensor, ...], past_v: tuple[torch.Tensor, ...], extra: torch.Tensor,
+                      mask: torch.Tensor | None, text_k: tuple[torch.Tensor, ...], text_v: tuple[torch.Tensor, ...],
+                      keep: bool = False,
+                      ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:  # fmt: skip
+        """`forward_chunk` on the tensors of `dense_inputs` (no Python state: what a compiled form
+        or a CUDA graph replays). Self-attention keys of row b: its padded cache, then the chunk
+        keys of its extra rows (this layer's, computed in this call), then its own."""
         model, dtype = self.model, self.dtype
         batch, _, frames, height, width = latents.shape
         grid_h, grid_w = height // self.patch[1], width // self.patch[2]
         x = model.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
-        tokens = x.shape[1]
+        extras = extra.shape[1]
+        gather = extra.clamp(min=0)
 
         embedder = model.condition_embedder
         t_freq = embedder.timesteps_proj(timesteps.float())
         temb = embedder.time_embedder(t_freq.to(next(embedder.time_embedder.parameters()).dtype)).type_as(x)
         modulation = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
 
-        ropes = [self.rope.frames(row.positions, grid_h, grid_w) for row in rows]
-        cos = torch.stack([c for c, _ in ropes])  # (B, S, 1, head_dim)
-        sin = torch.stack([s for _, s in ropes])
-        cached = [(row.cache_keys[0].shape[0] if row.cache_keys else 0) + len(row.extra) * tokens for row in rows]
-        longest = max(cached)
-        mask = None
-        if any(n != longest for n in cached):  # padding: each row sees its own cached tokens only
-            span = torch.arange(longest + tokens, device=x.device)
-            limit = torch.tensor(cached, device=x.device)[:, None]
-            mask = ((span[None] < limit) | (span[None] >= longest))[:, None, None, :]  # (B, 1, 1, K)
-        text_k = [torch.cat([row.cross.keys[i] for row in rows]) for i in range(self.layers)]
-        text_v = [torch.cat([row.cross.values[i] for row in rows]) for i in range(self.layers)]
-
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(model.blocks):
             shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + modulation.float()).chunk(6, 1)
-            # 1. self-attention over the row's cache and its own chunk
+            # 1. self-attention over the row's cache, its extra rows' chunks and its own chunk
             h = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
             attn = block.attn1
             q = rotate(attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1)), cos, sin)
@@ -214,11 +253,11 @@ class CausalWan:
             v = attn.to_v(h).unflatten(2, (self.heads, -1))
             if keep:
                 kept.append((k, v))
-            if longest:
-                past_k = [_past(row.cache_keys, i, [k[j] for j in row.extra]) for row in rows]
-                past_v = [_past(row.cache_values, i, [v[j] for j in row.extra]) for row in rows]
-                k = torch.cat([_padded(past_k, longest), k], dim=1)
-                v = torch.cat([_padded(past_v, longest), v], dim=1)
+            keys, values = [past_k[i], k], [past_v[i], v]
+            if extras:
+                keys.insert(1, k[gather].flatten(1, 2))  # (B, E * S, heads, head_dim)
+                values.insert(1, v[gather].flatten(1, 2))
+            k, v = torch.cat(keys, dim=1), torch.cat(values, dim=1)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask).transpose(1, 2).flatten(2).type_as(x)  # fmt: skip
             x = (x.float() + attn.to_out[0](out) * gate).type_as(x)
@@ -239,21 +278,18 @@ class CausalWan:
         _, ph, pw = self.patch
         x = x.reshape(batch, frames, grid_h, grid_w, ph, pw, -1)  # the patch's channels last, as diffusers
         flow = x.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, -1, frames, grid_h * ph, grid_w * pw)
-        return flow, kept
+        return flow, tuple(kept)
 
 
-def _past(cached: tuple[torch.Tensor, ...], layer: int, extra: list[torch.Tensor]) -> torch.Tensor:
-    """(tokens, heads, head_dim): a row's cached tokens in `layer`, then its extra rows' chunk tokens."""
-    if not extra:
-        return cached[layer]
-    return torch.cat([cached[layer], *extra]) if cached else torch.cat(extra)
-
-
-def _padded(parts: list[torch.Tensor], length: int) -> torch.Tensor:
-    """(B, length, heads, head_dim): each row's tokens first, zeros after (masked out)."""
-    out = parts[0].new_zeros((len(parts), length, *parts[0].shape[1:]))
+def _padded(parts: list[torch.Tensor | None], length: int, model: CausalWan) -> torch.Tensor:
+    """(B, length, heads, head_dim): each row's cached tokens first, zeros after (masked out)."""
+    found = next((p for p in parts if p is not None), None)
+    if found is None:
+        return torch.zeros((len(parts), length, model.heads, model.head_dim), device=model.device, dtype=model.dtype)
+    out = found.new_zeros((len(parts), length, *found.shape[1:]))
     for b, part in enumerate(parts):
-        out[b, : part.shape[0]] = part
+        if part is not None:
+            out[b, : part.shape[0]] = part
     return out
 
 

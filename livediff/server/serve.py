@@ -67,8 +67,10 @@ async def _serve(
 ) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
-    if is_video_model(model):  # a causal video model runs on torch eager (the exported backends do not take it)
-        engine_settings = engine_settings.replace(model=model, backend=resolve_video_backend(engine_settings.backend))
+    if is_video_model(model):  # a causal video model runs on torch (eager; on CUDA its step replayed from graphs)
+        engine_settings = engine_settings.replace(
+            model=model, backend=resolve_video_backend(engine_settings.backend, device)
+        )
     else:
         engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
     settings, certificate = tls.prepare(settings)
