@@ -101,7 +101,11 @@ def load_model(
         raise ModelLoadError(f"--model-config {model_config} describes a single-file --model; {ref} is not one")
     if is_single_file(ref):
         log.info("loading single-file model %s", ref)
-        parts = load_single_file(ref, model_config, dtype, vae)
+        revision, pipe = load_single_file(ref, model_config, dtype, vae, load_vae)
+        parts = ModelParts(
+            ref=str(Path(ref).expanduser()), revision=revision, unet=pipe.unet, vae=pipe.vae,
+            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, vae_ref=vae,
+        )  # fmt: skip
     else:
         parts = _load_folder(ref, dtype, vae)
     if lcm_lora:

@@ -18,18 +18,15 @@ Each failure is one `ModelLoadError` line naming `--model`, the file and why.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from livediff.errors import ModelLoadError
 from livediff.models.hub import HubKind, fingerprint, first_line, snapshot
-
-if TYPE_CHECKING:
-    from livediff.models.loading import ModelParts
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 """What a `--model` that names one file ends with; only `.safetensors` (and `.sft`) is read."""
@@ -87,13 +84,15 @@ def checkpoint_family(path: Path) -> str:
     return family
 
 
-def load_single_file(ref: str, config: str, dtype: torch.dtype, vae: str) -> ModelParts:
-    """The parts of the single-file checkpoint `ref`, on the host in `dtype`, described by `config`
-    (a diffusers folder or hub id; empty: the family's, `DEFAULT_CONFIGS`); `vae` as `load_model`'s.
-    `ModelLoadError` in one line naming the file and why."""
+def load_single_file(
+    ref: str, config: str, dtype: torch.dtype, vae: str, load_vae: Callable[[Path, str, torch.dtype], Any]
+) -> tuple[str, Any]:
+    """The single-file checkpoint `ref` as `(revision, pipeline)`: a diffusers `StableDiffusionPipeline`
+    on the host in `dtype`, described by `config` (a diffusers folder or hub id; empty: the family's,
+    `DEFAULT_CONFIGS`). `vae` as `load_model`'s; unless `full`, the VAE comes from
+    `load_vae(config_dir, vae, dtype)` (passed in by `livediff.models.loading`, which imports this
+    module). `ModelLoadError` in one line naming the file and why."""
     from diffusers import StableDiffusionPipeline
-
-    from livediff.models.loading import ModelParts, load_vae
 
     path = Path(ref).expanduser()
     family = checkpoint_family(path)
@@ -110,16 +109,7 @@ def load_single_file(ref: str, config: str, dtype: torch.dtype, vae: str) -> Mod
             f"--model {path} ({FAMILIES[family]}, config {source}) could not be loaded: "
             f"{type(exc).__name__}: {first_line(exc)}"
         ) from exc
-    return ModelParts(
-        ref=str(path),
-        revision=_revision(path, config_dir),
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-        vae_ref=vae,
-    )
+    return _revision(path, config_dir), pipe
 
 
 def _config_dir(source: str, path: Path, family: str) -> Path:
