@@ -34,7 +34,7 @@ from diffusers import LCMScheduler
 from livediff.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from livediff.models.loading import ModelParts
+    from livediff.models.parts import ModelParts
 
 log = logging.getLogger(__name__)
 

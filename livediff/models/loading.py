@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,56 +15,17 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
 from livediff.models.hub import HubKind, fingerprint, snapshot
+from livediff.models.parts import ModelParts
 from livediff.models.single_file import is_single_file, load_single_file
 
 if TYPE_CHECKING:
     from livediff.config import EngineSettings
-    from livediff.models.controlnet import ControlNetParts
-    from livediff.models.depth import DepthParts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_TAESD = "madebyollin/taesd"
 _COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
-
-
-@dataclass
-class ModelParts:
-    """What the engine needs from a model, on its device and in its dtype."""
-
-    ref: str
-    """The name the user gave (hub id, folder or built-in name)."""
-    revision: str
-    """Hub commit, `builtin-vN`, or a fingerprint of a local folder's files."""
-    unet: UNet2DConditionModel
-    vae: torch.nn.Module
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: SchedulerMixin
-    vae_ref: str
-    controlnet: ControlNetParts | None = None
-    """Set on the copy of the parts that builds a ControlNet's graph (`with_controlnet`), else None."""
-    depth: DepthParts | None = None
-    """Set on the copy of the parts that builds the depth estimator's graph (`with_depth`), else None."""
-    lcm_lora: str = ""
-    """The LCM-LoRA source fused into the UNet (`livediff.models.lcm_lora`), empty for none."""
-
-    def with_controlnet(self, controlnet: ControlNetParts) -> ModelParts:
-        """These parts with `controlnet`: what the backends export and key the `controlnet` component from."""
-        return dataclasses.replace(self, controlnet=controlnet)
-
-    def with_depth(self, depth: DepthParts) -> ModelParts:
-        """These parts with `depth`: what the backends export and key the `depth` component from."""
-        return dataclasses.replace(self, depth=depth)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
 
 def resolve_auto(ref: str, device: torch.device) -> str:
