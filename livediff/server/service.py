@@ -153,6 +153,7 @@ class Service:
             "features": list(FEATURES),
             "controlnets": [name for name, _ in self.engine_settings.controlnets],
             "loras": [name for name, _ in self.engine_settings.loras],
+            "ip_adapter": self.engine_settings.ip_adapter or None,
             "preprocessors": [p for p in PREPROCESSORS if p != "depth" or self.engine_settings.depth_model],
             **({"steps": table.describe()} if (table := self.scheduler.step_table) is not None else {}),
             "batch_by_deadline": self.scheduler.batch_by_deadline,
