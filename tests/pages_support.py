@@ -115,6 +115,7 @@ def start_server(
     controlnets: tuple[tuple[str, str], ...] = (),
     depth_model: str = "",
     model: str = "tiny",
+    ip_adapter: str = "",
     **settings: Any,
 ) -> LiveServer:
     """Starts the app on a free port on a new thread; returns once /readyz says ready.
@@ -139,6 +140,7 @@ def start_server(
         max_batch=2,
         controlnets=controlnets,
         depth_model=depth_model,
+        ip_adapter=ip_adapter,
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()

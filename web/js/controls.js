@@ -2,12 +2,13 @@
 // Text applies on Enter, on blur and after a short pause in typing; sliders while dragging (throttled).
 
 import { ControlNetPanel } from "./controlnet.js";
+import { ImagePromptPanel } from "./image_prompt.js";
 
 const TYPING_DEBOUNCE_MS = 600;
 const SLIDER_THROTTLE_MS = 150;
 const MAX_SEED = 2 ** 31 - 1;
 const FIELD_NAMES = { similarity_filter: "similarity filter", blend: "blend", negative_prompt: "negative prompt",
-  controlnet: "ControlNet" };
+  controlnet: "ControlNet", image_prompt: "image prompt" };
 
 function debounce(fn, ms) {
   let timer = null;
@@ -62,6 +63,7 @@ export class Controls {
       feedback: $("feedback"),
     };
     this.controlnet = new ControlNetPanel(root, () => this._commit("controlnet"));
+    this.imagePrompt = new ImagePromptPanel(root, (changes) => this.send(changes)); // its own messages: a frame is asked for anew each time
     this.sent = this.values();
     this._wire();
   }
@@ -159,6 +161,7 @@ export class Controls {
   acknowledged(ack, changes) {
     if (changes && "prompt" in changes) this.promptState("applied", "Applied");
     if (changes && "controlnet" in changes) this.controlnet.acknowledged(ack);
+    if (changes && "image_prompt" in changes) this.imagePrompt.acknowledged(ack);
     const warning = ack.warnings?.[0];
     const names = Object.keys(changes ?? {}).map((name) => FIELD_NAMES[name] ?? name);
     this.feedback(warning ? "error" : "applied", warning ?? `Applied: ${names.join(", ")}`);
@@ -168,6 +171,7 @@ export class Controls {
   rejected(message, changes) {
     if (changes && "prompt" in changes) this.promptState("error", message.error);
     if (changes && "controlnet" in changes) this.controlnet.status(message.error, "error");
+    if (changes && "image_prompt" in changes) this.imagePrompt.status(message.error, "error");
     this.feedback("error", message.field ? `${message.field}: ${message.error}` : message.error);
     // Resend it next time even if the value stays the same.
     for (const name of Object.keys(changes ?? {})) this.sent[name] = undefined;
