@@ -280,3 +280,19 @@ def test_image_prompt_steps_are_recorded_and_scale_or_image_changes_never_record
             engine.update(stream, stream.params.replace(image_prompt=change))
         step(frame)
     assert recorder.recorded == len(STAGES)  # new scales and a new image: replayed, never recorded
+
+
+def test_an_adapter_that_cannot_load_stops_serve_with_one_line(tmp_path: Path) -> None:
+    from tests.test_cli import livediff
+
+    pickled = tmp_path / "ip.bin"
+    pickled.write_bytes(b"\0")
+    process = livediff("serve", "--model", "tiny", "--size", "64", "--backend", "torch", "--ip-adapter", str(pickled),
+                       "--host", "127.0.0.1", "--port", "0", "--engines-dir", str(tmp_path / "engines"))  # fmt: skip
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and "http://" not in out + err, (out, err)
+    errors = [line for line in err.splitlines() if "IP-Adapter" in line]
+    assert len(errors) == 1 and errors[0] == (
+        f"livediff: error: IP-Adapter {pickled}: only .safetensors files are read (no pickled checkpoints)"
+    ), err
+    assert "Traceback" not in err
