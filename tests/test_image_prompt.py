@@ -296,3 +296,32 @@ def test_an_adapter_that_cannot_load_stops_serve_with_one_line(tmp_path: Path) -
         f"livediff: error: IP-Adapter {pickled}: only .safetensors files are read (no pickled checkpoints)"
     ), err
     assert "Traceback" not in err
+
+
+def test_torch_compile_reuses_its_graphs_for_new_scales_and_images(tiny_parts: Any) -> None:
+    """torch.compile of the image-prompt UNet call: new scales and new image tokens for the same rows
+    reuse the compiled frames (dynamo's count of compiled frames stays put), each equal to eager."""
+    import torch._dynamo
+
+    unet = copy.deepcopy(tiny_parts.unet)
+    model = ExtrasUNet(unet, UNetExtras((ImagePrompt(load_ip_adapter("tiny", unet)),)))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.call, backend="eager", dynamic=False)
+    generator = torch.Generator().manual_seed(3)
+    latents, timesteps = torch.randn(3, 4, 8, 8, generator=generator), torch.tensor([999.0, 500.0, 10.0])
+    embeds = torch.randn(3, 77, 32, generator=generator)
+    rows = torch.tensor([0, 2])
+    counters = torch._dynamo.utils.counters
+    with torch.inference_mode():
+        first = {IP_EMBEDS: torch.randn(3, 4, 32, generator=generator), IP_SCALES: torch.tensor([1.0, 0.0, 0.5]),
+                 IP_ROWS: rows}  # fmt: skip
+        compiled(latents, timesteps, embeds, first)
+        frames = counters["stats"]["unique_graphs"]
+        for scales in ([0.3, 0.0, 1.9], [2.0, 0.0, 0.0]):
+            values = {IP_EMBEDS: torch.randn(3, 4, 32, generator=generator), IP_SCALES: torch.tensor(scales),
+                      IP_ROWS: rows}  # fmt: skip
+            out, _ = compiled(latents, timesteps, embeds, values)
+            eager, _ = model.call(latents, timesteps, embeds, values)
+            torch.testing.assert_close(out, eager)
+    assert frames > 0 and counters["stats"]["unique_graphs"] == frames
+    torch._dynamo.reset()
