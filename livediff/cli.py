@@ -170,6 +170,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "for a checkpoint with a vae/, else tae",
     )
     group.add_argument(
+        "--ip-adapter",
+        default=_env("ip_adapter", ""),
+        metavar="SOURCE",
+        help="the IP-Adapter sessions' image prompts use (their `image_prompt` param), loaded at start; "
+        "SOURCE: a .safetensors file with its image_encoder folder beside it, a hub id (owner/name or "
+        "owner/name:FILE), or tiny (built in, random). bench: time image prompts against plain",
+    )
+    group.add_argument(
         "--depth-model",
         default=_env("depth_model", ""),
         help="the depth estimator of the `depth` control image: a transformers depth-estimation "
@@ -207,6 +215,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
         lcm_lora=args.lcm_lora, model_config=args.model_config,
         video_autoencoder=args.video_autoencoder,
+        ip_adapter=getattr(args, "ip_adapter", ""),
     )  # fmt: skip
 
 
@@ -286,6 +295,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_jobs(args)
     if getattr(args, "lora", None):
         return cmd_bench_lora(args)
+    if getattr(args, "ip_adapter", ""):
+        return cmd_bench_ip_adapter(args)
     if args.temporal:
         raise ConfigError("--temporal needs --quality")
     from livediff.bench import BenchPlan, format_report, run_bench
@@ -381,6 +392,24 @@ def cmd_bench_lora(args: argparse.Namespace) -> int:
     plan = BenchPlan(frames=args.frames, warmup=_warmup_frames(args), batch=args.batch, params=stream_params(args))
     report = run_lora_bench(engine_settings(args, backend=names[0]), plan, streams=streams)
     print(json.dumps(report, indent=2) if args.json else format_lora(report))
+    return 0
+
+
+def cmd_bench_ip_adapter(args: argparse.Namespace) -> int:
+    """`bench --ip-adapter SOURCE`: the step with per-stream image prompts against none, the UNet
+    call both ways, and an image change's encoder time (`livediff.bench_ip_adapter`)."""
+    from livediff.bench import BenchPlan
+    from livediff.bench_ip_adapter import format_ip_adapter, run_ip_adapter_bench
+
+    if args.baseline:
+        raise ConfigError("--ip-adapter compares image prompts on one engine; leave out --baseline")
+    names = [name.strip() for name in args.backend.split(",") if name.strip()]
+    if len(names) != 1:
+        raise ConfigError("--ip-adapter times one --backend (torch or cuda-graph)")
+    args.max_batch = max(args.max_batch, args.batch)
+    plan = BenchPlan(frames=args.frames, warmup=args.warmup, batch=args.batch, params=stream_params(args))
+    report = run_ip_adapter_bench(engine_settings(args, backend=names[0]), plan)
+    print(json.dumps(report, indent=2) if args.json else format_ip_adapter(report))
     return 0
 
 

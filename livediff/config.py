@@ -32,6 +32,11 @@ MAX_LORAS = 4
 """Most LoRAs one stream may apply at once (`StreamParams.loras`)."""
 MAX_LORA_SCALE = 2.0
 """LoRA scales lie in [-MAX_LORA_SCALE, MAX_LORA_SCALE] (1 is as trained; negative pushes away from it)."""
+IMAGE_SOURCES = ("frame", "upload")
+"""Where a stream's image prompt comes from: its own camera frame, captured once, or the image
+uploaded for the session (`PUT /api/sessions/{id}/image-prompt`)."""
+MAX_IMAGE_PROMPT_SCALE = 2.0
+"""Image-prompt scales lie in [0, MAX_IMAGE_PROMPT_SCALE] (1 is as trained; 0 leaves the image out)."""
 LIVE_SIZE = {"cuda": 512, "cpu": 256}
 """`--size auto` (the CLI's default): the frame side in pixels that each kind of device runs live
 with its default model and backend. SD-Turbo's own size on CUDA; on a CPU, where the server runs
@@ -91,6 +96,10 @@ class EngineSettings:
     """An LCM-LoRA fused into the UNet at load, with the LCM scheduler, so that an SD 1.5-family
     checkpoint runs in 1-4 steps (`livediff.models.lcm_lora`): a `.safetensors` file, a folder, a
     hub id (latent-consistency/lcm-lora-sdv1-5) or a built-in random one (`tiny`); empty: none."""
+    ip_adapter: str = ""
+    """The IP-Adapter streams' image prompts use (`StreamParams.image_prompt`): a `.safetensors`
+    file with its `image_encoder` folder beside it, a hub id, or the built-in `tiny`; empty: none.
+    Loaded at start (`livediff.models.ip_adapter`)."""
     depth_model: str = ""
     """The depth estimator of the `depth` control image: a transformers depth-estimation model (hub
     id, folder, or the built-in `tiny`); empty: no `depth` preprocessor. Loaded on first use."""
@@ -189,6 +198,29 @@ class LoRAParams:
 
 
 @dataclass(frozen=True)
+class ImagePromptParams:
+    """A stream's image prompt (IP-Adapter): which image, how strongly. Errors name the field
+    (`image_prompt.scale must be ...`)."""
+
+    image: str = "frame"
+    """One of `IMAGE_SOURCES`: `frame` (the stream's camera frame, captured once) or `upload`."""
+    scale: float = 1.0
+    """How strongly the image steers the picture, in [0, `MAX_IMAGE_PROMPT_SCALE`]; a change applies
+    from the next frame with no new encoding."""
+    version: int = 0
+    """Counts the requests for an image: the engine takes the image again (captures a new frame,
+    reads the latest upload) when `image` or this changes, never on a scale change alone."""
+
+    def __post_init__(self) -> None:
+        if self.image not in IMAGE_SOURCES:
+            raise ConfigError(f"image_prompt.image must be one of {', '.join(IMAGE_SOURCES)}, got {self.image!r}")
+        scale = self.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= MAX_IMAGE_PROMPT_SCALE:
+            raise ConfigError(f"image_prompt.scale must be a number in [0, {MAX_IMAGE_PROMPT_SCALE:g}], got {scale!r}")
+        object.__setattr__(self, "scale", float(scale))
+
+
+@dataclass(frozen=True)
 class StreamParams:
     """What one stream asks of the engine; any field may change between frames."""
 
@@ -233,6 +265,8 @@ class StreamParams:
     loras: tuple[LoRAParams, ...] = ()
     """LoRAs applied to this stream, 0 to `MAX_LORAS` (their updates add up); each names one of the
     engine's (see `LoRAParams`). Changing them costs no reload and no recompile."""
+    image_prompt: ImagePromptParams | None = None
+    """The stream's image prompt (needs an engine with `EngineSettings.ip_adapter`); None: none."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -284,6 +318,8 @@ class StreamParams:
         if any(not isinstance(lora, LoRAParams) for lora in loras):
             raise ConfigError("loras entries must be LoRAParams")
         object.__setattr__(self, "loras", loras)
+        if self.image_prompt is not None and not isinstance(self.image_prompt, ImagePromptParams):
+            raise ConfigError("image_prompt must be ImagePromptParams or None")
 
     @property
     def timesteps(self) -> tuple[int, ...]:

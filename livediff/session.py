@@ -245,4 +245,6 @@ def params_to_json(params: StreamParams) -> dict[str, Any]:
     }
     data["controlnet"] = [dict(control.__dict__) for control in params.controlnet]
     data["loras"] = [dict(lora.__dict__) for lora in params.loras]
+    prompt = params.image_prompt
+    data["image_prompt"] = None if prompt is None else {"image": prompt.image, "scale": prompt.scale}
     return data

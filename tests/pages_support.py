@@ -116,6 +116,7 @@ def start_server(
     depth_model: str = "",
     model: str = "tiny",
     loras: tuple[tuple[str, str], ...] = (),
+    ip_adapter: str = "",
     **settings: Any,
 ) -> LiveServer:
     """Starts the app on a free port on a new thread; returns once /readyz says ready.
@@ -141,6 +142,7 @@ def start_server(
         controlnets=controlnets,
         depth_model=depth_model,
         loras=loras,
+        ip_adapter=ip_adapter,
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()

@@ -69,6 +69,7 @@ async def running_server(
     model: str = "tiny",
     jobs: Any = None,
     loras: tuple[tuple[str, str], ...] = (),
+    ip_adapter: str = "",
     **server: Any,
 ) -> AsyncIterator[Running]:
     from livediff.server import tls
@@ -82,6 +83,7 @@ async def running_server(
         controlnets=controlnets,
         depth_model=depth_model,
         loras=loras,
+        ip_adapter=ip_adapter,
     )
     settings, _ = tls.prepare(ServerSettings(**{"max_body_bytes": 32 * 1024, **server}))  # as `serve` does
     app = create_app(engine, settings, parts=parts, default_params=params, jobs=jobs)

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from livediff.config import ControlParams, EngineSettings, StreamParams
+from livediff.config import ControlParams, EngineSettings, ImagePromptParams, StreamParams
 from livediff.engine.kv_cache import KVCache
 from livediff.engine.video import VideoEngine, VideoSettings
 from livediff.errors import ConfigError
@@ -206,6 +206,7 @@ def test_a_closed_stream_frees_its_cache(parts) -> None:
         (StreamParams(temporal_bank=2), "temporal_bank"),
         (StreamParams(guidance=3.0), "guidance"),
         (StreamParams(similarity_filter=True), "similarity_filter"),
+        (StreamParams(image_prompt=ImagePromptParams()), "image_prompt"),
     ],
 )
 def test_what_a_video_model_cannot_do_is_a_config_error_naming_the_field(parts, params, field) -> None:

@@ -93,7 +93,8 @@ class ExtrasUNet(torch.nn.Module):
 def unet_extras(settings: EngineSettings, parts: ModelParts) -> UNetExtras:
     """The extra inputs `settings` asks the UNet to carry: the feature bank with `feature_bank`,
     ControlNet residuals with `controlnets`, per-row LoRA scales with `loras` (the LoRAs loaded
-    here into their slots; all in one graph when several are asked for)."""
+    here into their slots), per-row image tokens and scales with `ip_adapter` (the adapter loaded
+    here); all in one graph when several are asked for."""
     features: list[UNetFeature] = []
     if settings.feature_bank:
         from livediff.backends.temporal_attention import TemporalBank, bank_layers
@@ -109,4 +110,9 @@ def unet_extras(settings: EngineSettings, parts: ModelParts) -> UNetExtras:
         from livediff.models.lora import load_lora
 
         features.append(MultiLoRA([load_lora(name, source, parts.unet) for name, source in settings.loras], parts.unet))
+    if settings.ip_adapter:  # last: its processors go on the cross-attention layers after the bank's on every layer
+        from livediff.backends.image_prompt import ImagePrompt
+        from livediff.models.ip_adapter import load_ip_adapter
+
+        features.append(ImagePrompt(load_ip_adapter(settings.ip_adapter, parts.unet)))
     return UNetExtras(tuple(features))

@@ -47,10 +47,11 @@ import torch
 
 from livediff.backends import EAGER, Backend, Stages, create_backend, resolve_backend
 from livediff.backends.control_residuals import RESIDUALS
+from livediff.backends.image_prompt import IP_EMBEDS, IP_ROWS, IP_SCALES, ImagePrompt
 from livediff.backends.multi_lora import LORA_SCALES, MultiLoRA
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
-from livediff.config import ControlParams, EngineSettings, LoRAParams, StreamParams
+from livediff.config import ControlParams, EngineSettings, ImagePromptParams, LoRAParams, StreamParams
 from livediff.engine import preprocessors
 from livediff.engine.clock import StageClock
 from livediff.engine.conditioning import ConditioningCache, clip_encoder
@@ -61,6 +62,7 @@ from livediff.engine.similarity import SimilarityFilter
 from livediff.engine.temporal import BankRow, FeatureBank, MotionEstimate, gather, store
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
+from livediff.models.ip_adapter import encode_images, unconditional_tokens
 from livediff.models.loading import load_engine_model
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,17 @@ class Stream:
     control_image: torch.Tensor | None = None
     """(3, H, W) in [0, 1]: the control image of the stream's first ControlNet at its latest frame
     (None while none has run); a new tensor every frame, never written in place."""
+    image_tokens: torch.Tensor | None = None
+    """(1, tokens, cross_dim) the image prompt's tokens (`livediff.backends.image_prompt`), made
+    once per image change; None: no image prompt, or its frame not captured yet."""
+    image_key: tuple[str, int] | None = None
+    """(`ImagePromptParams.image`, `version`) of the image `image_tokens` are of, or are waiting for."""
+    capture_pending: bool = False
+    """The image prompt asks for the stream's frame and none has come yet: the next one is taken."""
+    last_input: torch.Tensor | None = None
+    """(H, W, 3) uint8 host: the latest frame the stream brought (what `image: frame` captures)."""
+    uploaded_image: torch.Tensor | None = None
+    """(H, W, 3) uint8 host: the image uploaded for the stream's image prompt (`image: upload`)."""
     frames: int = 0
     skipped: int = 0
 
@@ -130,6 +143,24 @@ class StepResult:
 
 Controls = list[ControlInput]
 """A frame's ControlNets that can run now, each with its (3, H, W) control image and its scale."""
+
+
+@dataclass
+class ImagePromptRows:
+    """The image prompts of one UNet call's rows (`livediff.backends.image_prompt`)."""
+
+    tokens: torch.Tensor
+    """(N, tokens, cross_dim) each row's image tokens (zeros for rows without an image prompt)."""
+    scales: torch.Tensor
+    """(N,) each row's scale (0 for rows without), in the model dtype."""
+    rows: tuple[int, ...]
+    """The rows that have an image prompt: part of the step's layout, so a fixed index under `cuda-graph`."""
+
+    def repeat_each(self, times: int) -> ImagePromptRows:
+        """Each row repeated `times` times in a row (Stream Batch)."""
+        rows = tuple(row * times + k for row in self.rows for k in range(times))
+        return ImagePromptRows(self.tokens.repeat_interleave(times, dim=0),
+                               self.scales.repeat_interleave(times, dim=0), rows)  # fmt: skip
 
 
 @dataclass
@@ -156,6 +187,8 @@ class _Batch:
     lora: torch.Tensor | None = None
     """(B, slots) float32 host scales of each frame's LoRAs (`livediff.backends.multi_lora`); None
     when no frame applies one."""
+    image: ImagePromptRows | None = None
+    """Each frame's image prompt; None when no frame has one."""
 
     def repeat_each(self, times: int) -> _Batch:
         """Each frame's conditioning repeated `times` times in a row (Stream Batch)."""
@@ -167,7 +200,7 @@ class _Batch:
                       repeat(self.uncond), repeat(self.guidance), self.pending,
                       tuple(bank for bank in self.banks for _ in range(times)),
                       tuple(controls for controls in self.controls for _ in range(times)), self.clock,
-                      repeat(self.lora))  # fmt: skip
+                      repeat(self.lora), None if self.image is None else self.image.repeat_each(times))  # fmt: skip
 
 
 class StreamEngine:
@@ -200,6 +233,10 @@ class StreamEngine:
         """The UNet's feature-bank interface when the backend was built with it (`feature_bank`), else None."""
         self.lora_feature = next((f for f in extras.features if isinstance(f, MultiLoRA)), None)
         """The engine's LoRAs in their slots when it was started with some (`loras`), else None."""
+        self.image_feature = next((f for f in extras.features if isinstance(f, ImagePrompt)), None)
+        """The engine's IP-Adapter when it was started with one (`ip_adapter`), else None."""
+        self._image_uncond = None if self.image_feature is None else unconditional_tokens(self.image_feature.adapter)
+        """(1, tokens, cross_dim): what the unconditional branch of guidance attends to for an image prompt."""
         self.controls = ControlModels(settings, self.parts)
         """The ControlNets streams may name (`controlnets`) and the depth estimator, loaded on first use."""
         self._row_indices = RowIndices(self.device)
@@ -227,13 +264,16 @@ class StreamEngine:
         `control_loads`). `ConfigError` naming the field for a param this engine cannot serve."""
         params = params or StreamParams()
         self._check(params)
-        return Stream(
+        self._check_image(params, None, None)
+        stream = Stream(
             conditioning=self._condition(params),
             noise=self._noise(params),
             similarity=SimilarityFilter(params.seed),
             bank=self._bank(params),
             motion=MotionEstimate() if params.motion_strength else None,
         )
+        self._take_image(stream, params.image_prompt)
+        return stream
 
     def update(self, stream: Stream, params: StreamParams) -> None:
         """Apply new params from the next frame on: no reload, no recompile.
@@ -242,6 +282,7 @@ class StreamEngine:
         changes, dropped when the seed, the step count, guidance on/off or the bank size change.
         """
         self._check(params, stream.params)
+        self._check_image(params, stream.image_key, stream.uploaded_image)
         old = stream.params
         stream.conditioning = self._condition(params)
         if (params.seed, len(params.timesteps)) != (old.seed, len(old.timesteps)):
@@ -260,6 +301,47 @@ class StreamEngine:
             stream.motion = MotionEstimate()
         if len(params.timesteps) != len(old.timesteps):
             stream.coefs.clear()
+        self._take_image(stream, params.image_prompt)
+
+    def set_uploaded_image(self, stream: Stream, image: torch.Tensor) -> None:
+        """Keep `image`, (H, W, 3) uint8 RGB on the host (any size), as the stream's uploaded image:
+        what an image prompt with `image: upload` takes at its next image request (a new `version`).
+        `ConfigError` naming `image_prompt` for anything else."""
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise ConfigError(f"image_prompt image must be (H, W, 3) uint8 RGB, got {image.dtype} {tuple(image.shape)}")
+        stream.uploaded_image = image
+
+    def _check_image(self, params: StreamParams, key: tuple[str, int] | None, uploaded: torch.Tensor | None) -> None:
+        """`ConfigError` naming `image_prompt.image` for an `upload` image asked for before one was uploaded."""
+        prompt = params.image_prompt
+        if prompt is None:
+            return
+        if prompt.image == "upload" and (prompt.image, prompt.version) != key and uploaded is None:
+            raise ConfigError(
+                "image_prompt.image 'upload': no image was uploaded for this session "
+                "(PUT /api/sessions/{id}/image-prompt first)"
+            )
+
+    def _take_image(self, stream: Stream, prompt: ImagePromptParams | None) -> None:
+        """Encode the image `prompt` asks for when it is another than the stream's (the image
+        encoder runs here, on the engine's thread, once per image change); a scale change alone
+        encodes nothing. A frame asked for before the stream has one is taken at its next frame."""
+        if prompt is None:
+            stream.image_tokens, stream.image_key, stream.capture_pending = None, None, False
+            return
+        key = (prompt.image, prompt.version)
+        if key == stream.image_key:
+            return
+        stream.image_key = key
+        image = stream.uploaded_image if prompt.image == "upload" else stream.last_input
+        stream.capture_pending = image is None
+        stream.image_tokens = None if image is None else self._encode_image(image)
+
+    def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, tokens, cross_dim) image tokens of an (H, W, 3) uint8 host image."""
+        assert self.image_feature is not None
+        with torch_threads(self._network_threads):
+            return encode_images(self.image_feature.adapter, [image]).to(self.device, self.dtype)
 
     def control_loads(self, params: StreamParams) -> dict[Key, Future[Any]]:
         """The loads `params`' ControlNets (and the depth estimator) wait for, or that failed, by key;
@@ -284,6 +366,8 @@ class StreamEngine:
                     "loras[0].name needs an engine with LoRAs; this one has none (start it with --lora NAME=SOURCE)"
                 )
             self.lora_feature.check(params.loras)
+        if params.image_prompt is not None and self.image_feature is None:
+            raise ConfigError("image_prompt needs an engine started with an IP-Adapter (--ip-adapter SOURCE)")
 
     def _check(self, params: StreamParams, current: StreamParams | None = None) -> None:
         """`check_params`, then start the ControlNets' loads."""
@@ -333,6 +417,11 @@ class StreamEngine:
                     f"frames must be torch uint8 tensors of shape {self.frame_shape}, "
                     f"got {type(image).__module__}.{type(image).__name__} {image.dtype} {tuple(image.shape)}"
                 )
+        for stream, image in batch:
+            stream.last_input = image
+            if stream.capture_pending:  # an image prompt waiting for the stream's first frame
+                stream.capture_pending = False
+                stream.image_tokens = self._encode_image(image)
         with torch_threads(self.backend.torch_threads):
             return self._step(batch)
 
@@ -398,10 +487,11 @@ class StreamEngine:
         count, guidance, under Stream Batch which streams start their pipeline, and which loaded
         ControlNets (`ready`, per stream) run on which rows at which denoising steps. None (never
         recorded) when the streams' step counts differ (that step gathers its groups by index), or
-        when a stream uses the feature bank (see the module docstring). Params that are tensors in
-        the step (prompt embeddings, strength and motion-aware strength's timesteps as schedule
-        coefficients, noise from the seed, ControlNet scales and images) are not part of it: a
-        change of them replays the same recording."""
+        when a stream uses the feature bank (see the module docstring). Which rows have an image
+        prompt is part of it (appended when any has). Params that are tensors in the step (prompt
+        embeddings, strength and motion-aware strength's timesteps as schedule coefficients, noise
+        from the seed, ControlNet scales and images, image-prompt tokens and scales) are not part of
+        it: a change of them replays the same recording."""
         steps = {len(stream.params.timesteps) for stream in streams}
         # steps with a LoRA row run eagerly too: the per-call row plan has no fixed shape per layout yet
         if len(steps) > 1 or any(stream.bank is not None or stream.conditioning.lora is not None for stream in streams):
@@ -410,7 +500,9 @@ class StreamEngine:
         guided = any(stream.conditioning.uncond is not None for stream in streams)
         starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
         controls = tuple(tuple((c.name, _active(c, count)) for c in row) for row in ready) if any(ready) else ()
-        return (len(streams), count, guided, starting, controls)
+        imaged = tuple(self._image_of(stream) is not None for stream in streams)
+        layout = (len(streams), count, guided, starting, controls)
+        return layout + (imaged,) if any(imaged) else layout  # which rows have an image prompt
 
     def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, 3) uint8 frames on the device, in one host-to-device copy."""
@@ -514,6 +606,7 @@ class StreamEngine:
             controls=tuple(controls) if controlled else (),
             clock=clock if controlled else None,
             lora=self._lora_rows(conds),
+            image=self._image_rows(streams),
         )
         if any(c.uncond is not None for c in conds):
             batch.uncond = torch.cat([c.embeds if c.uncond is None else c.uncond for c in conds])
@@ -527,6 +620,25 @@ class StreamEngine:
         zero = torch.zeros(len(self.lora_feature.names))
         return torch.stack([zero if c.lora is None else c.lora for c in conds])
 
+    @staticmethod
+    def _image_of(stream: Stream) -> torch.Tensor | None:
+        """The stream's image tokens when its params ask for an image prompt and they are made."""
+        return stream.image_tokens if stream.params.image_prompt is not None else None
+
+    def _image_rows(self, streams: list[Stream]) -> ImagePromptRows | None:
+        """Each stream's image tokens and scale stacked (zeros for streams without), None when none has one."""
+        tokens = [self._image_of(stream) for stream in streams]
+        if self._image_uncond is None or all(t is None for t in tokens):
+            return None
+        zero = torch.zeros_like(self._image_uncond)
+        scales = [0.0 if t is None or s.params.image_prompt is None else s.params.image_prompt.scale
+                  for s, t in zip(streams, tokens)]  # fmt: skip
+        return ImagePromptRows(
+            tokens=torch.cat([zero if t is None else t for t in tokens]),
+            scales=torch.tensor(scales, dtype=self.dtype).to(self.device, non_blocking=True),
+            rows=tuple(i for i, t in enumerate(tokens) if t is not None),
+        )
+
     def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch, steps: Sequence[int]) -> torch.Tensor:
         """The UNet's prediction, with classifier-free guidance for the frames that ask for it.
 
@@ -535,14 +647,25 @@ class StreamEngine:
         controls = self._control_rows(batch, steps)
         if batch.uncond is None or batch.guidance is None:
             return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0), controls,
-                              batch.clock, batch.lora)  # fmt: skip
+                              batch.clock, batch.lora, batch.image)  # fmt: skip
         rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
         both = self._unet(
             torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows,
             controls + controls, batch.clock, None if batch.lora is None else torch.cat([batch.lora, batch.lora]),
+            self._guided_image(batch.image, x.shape[0]),
         )  # fmt: skip
         unconditional, conditional = both.chunk(2)
         return unconditional + batch.guidance * (conditional - unconditional)
+
+    def _guided_image(self, image: ImagePromptRows | None, count: int) -> ImagePromptRows | None:
+        """`image` for a guided call of 2 x `count` rows: the unconditional half attends to the
+        projection of no image (diffusers' negative image embeddings), the conditional half to its image."""
+        if image is None:
+            return None
+        assert self._image_uncond is not None
+        uncond = self._image_uncond.expand(count, -1, -1)
+        return ImagePromptRows(torch.cat([uncond, image.tokens]), torch.cat([image.scales, image.scales]),
+                               image.rows + tuple(row + count for row in image.rows))  # fmt: skip
 
     @staticmethod
     def _bank_rows(batch: _Batch, steps: Sequence[int], branch: int) -> list[BankRow | None]:
@@ -560,13 +683,17 @@ class StreamEngine:
 
     def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: list[BankRow | None],
               controls: list[list[ControlRow]], clock: StageClock | None,
-              lora: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              lora: torch.Tensor | None = None, image: ImagePromptRows | None = None) -> torch.Tensor:  # fmt: skip
         """One UNet call: the plain graph when no row has a bank, a ControlNet or a LoRA, else the
         graph with extra inputs (the ControlNets run first; the bank keeps this frame's features
         after). `lora`: (N, slots) host LoRA scales of the rows, None when none applies one."""
         values: dict[str, torch.Tensor] = {}
         if lora is not None:
             values[LORA_SCALES] = lora
+        if image is not None:
+            values[IP_EMBEDS], values[IP_SCALES] = image.tokens, image.scales
+            if image.rows != tuple(range(x.shape[0])):
+                values[IP_ROWS] = self._row_indices(image.rows)
         banked = self.bank_feature is not None and any(row is not None for row in rows)
         if banked:
             assert self.bank_feature is not None
@@ -632,6 +759,8 @@ class StreamEngine:
             streams.append(self.open_stream(StreamParams(temporal_bank=1)))
         if self.lora_feature is not None:
             streams.append(self.open_stream(StreamParams(loras=(LoRAParams(self.lora_feature.names[0]),))))
+        if self.image_feature is not None:  # its frame is captured at the first step: the encoder warms up too
+            streams.append(self.open_stream(StreamParams(image_prompt=ImagePromptParams())))
         image = torch.zeros(self.frame_shape, dtype=torch.uint8)
         for stream in streams:
             for _ in range(frames):

@@ -230,7 +230,7 @@ class VideoEngine:
 
     def check_params(self, params: StreamParams, current: StreamParams | None = None) -> None:
         """`ConfigError` naming the field for what a video model cannot do: ControlNets, the feature
-        bank, classifier-free guidance, the similarity filter."""
+        bank, classifier-free guidance, the similarity filter, image prompts."""
         if params.controlnet:
             raise ConfigError("controlnet is not available: a video model has no ControlNet")
         if params.temporal_bank:
@@ -239,6 +239,8 @@ class VideoEngine:
             raise ConfigError("guidance must be <= 1: video models run without classifier-free guidance")
         if params.similarity_filter:
             raise ConfigError("similarity_filter is not available for video models")
+        if params.image_prompt is not None:
+            raise ConfigError("image_prompt is not available: video models take no IP-Adapter")
 
     def open_stream(self, params: StreamParams | None = None) -> VideoStream:
         """A new stream with `params` (`ConfigError` naming the field when this engine cannot serve them)."""

@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from livediff.config import EngineSettings, ServerSettings, StreamParams
 from livediff.jobs.settings import JobSettings
 from livediff.models import ModelParts
-from livediff.server import api, health, ice, offer, whep, whip
+from livediff.server import api, health, ice, image_prompt, offer, whep, whip
 from livediff.server.auth import bearer_middleware
 from livediff.server.common import LOAD_TASK, SERVICE
 from livediff.server.cors import cors_middleware
@@ -50,7 +50,7 @@ def create_app(
         middlewares.append(bearer_middleware(settings.token))
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SERVICE] = Service(engine_settings, settings, parts, default_params)
-    for module in (offer, whip, whep, api, ice, health):
+    for module in (offer, whip, whep, api, ice, health, image_prompt):
         module.add_routes(app)
     for route, name in PAGES.items():
         app.router.add_get(route, _page(settings.web_dir, name))

@@ -5,7 +5,8 @@ Fields: prompt, negative_prompt, strength, steps, t_index_list, seed, guidance,
 blend {"prompt", "weight"}, similarity_filter, similarity_threshold, max_skip_frames, passthrough, probe,
 temporal {"bank", "weight", "motion_strength": [low, high] or null},
 controlnet [{"name", "preprocessor", "scale", "start", "end"}, ...] (the whole list each time; [] or null: none),
-loras [{"name", "scale"}, ...] (the whole list each time; [] or null: none).
+loras [{"name", "scale"}, ...] (the whole list each time; [] or null: none),
+image_prompt {"image": "frame" | "upload", "scale"} or null (`parse_image_prompt`).
 A wrong type, an unknown field or a value out of range is a `ParamError` naming the field (422),
 nested fields by their path (`temporal.bank`, `controlnet[0].scale`).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from livediff.config import ControlParams, LoRAParams, StreamParams
+from livediff.config import IMAGE_SOURCES, ControlParams, ImagePromptParams, LoRAParams, StreamParams
 from livediff.errors import ConfigError
 
 T = TypeVar("T")
@@ -128,6 +129,51 @@ def lora_query(text: str) -> list[dict[str, Any]]:
     return entries
 
 
+def parse_image_prompt(current: ImagePromptParams | None, value: Any) -> ImagePromptParams | None:
+    """The `image_prompt` object -> ImagePromptParams, errors naming the member (`image_prompt.scale`).
+
+    `image` asks for an image: `frame` captures the stream's current frame, `upload` takes the
+    image last uploaded (`PUT /api/sessions/{id}/image-prompt`); each request takes it anew (the
+    `version` counts them), even when it names the source the stream has now. Without `image`,
+    the stream keeps its image (a scale change alone). null: no image prompt."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ParamError(
+            "image_prompt", 'image_prompt must be an object {"image": "frame" or "upload", "scale": number} or null'
+        )
+    unknown = sorted(set(value) - {"image", "scale"})
+    if unknown:
+        raise ParamError(f"image_prompt.{unknown[0]}", f"unknown field {unknown[0]!r} in image_prompt")
+    scale = _check_type("image_prompt.scale", value["scale"], float) if "scale" in value else None
+    if "image" in value:
+        image = _check_type("image_prompt.image", value["image"], str)
+        if image not in IMAGE_SOURCES:
+            raise ParamError(
+                "image_prompt.image", f"image_prompt.image must be one of {', '.join(IMAGE_SOURCES)}, got {image!r}"
+            )
+        version = current.version + 1 if current is not None else 0
+    elif current is None:
+        raise ParamError("image_prompt.image", "image_prompt.image is missing: frame or upload")
+    else:
+        image, version = current.image, current.version
+    if scale is None:
+        scale = current.scale if current is not None else 1.0
+    try:
+        return ImagePromptParams(image, scale, version)
+    except ConfigError as exc:
+        raise refusal(exc) from None
+
+
+def image_prompt_query(text: str) -> dict[str, Any]:
+    """`image_prompt=IMAGE[:SCALE]` (WHIP query): `frame:0.6` -> {"image": "frame", "scale": 0.6}."""
+    image, colon, scale = text.partition(":")
+    try:
+        return {"image": image, "scale": float(scale)} if colon else {"image": image}
+    except ValueError:
+        raise ParamError("image_prompt.scale", f"image_prompt: {text!r} is not IMAGE[:SCALE] (frame:0.6)") from None
+
+
 def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[StreamParams, dict[str, Any]]:
     """`current` with the changes in `data`, and the session fields (probe) found in `data`."""
     if not isinstance(data, Mapping):
@@ -158,6 +204,8 @@ def parse_update(current: StreamParams, data: Mapping[str, Any]) -> tuple[Stream
             changes[name] = _parse_entries(name, value, _CONTROL, ControlParams, "ControlNet")
         elif name == "loras":
             changes[name] = parse_loras(value)
+        elif name == "image_prompt":
+            changes[name] = parse_image_prompt(current.image_prompt, value)
         elif name in SESSION_FIELDS:
             session[name] = _check_type(name, value, bool)
         else:
@@ -208,6 +256,8 @@ def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
                 data[name] = _controls_from_query(text)
             elif name == "loras":
                 data[name] = lora_query(text)
+            elif name == "image_prompt":
+                data[name] = image_prompt_query(text)
             elif name in _PATHS:  # blend_prompt=...&temporal_bank=2: the object's members, flat
                 parent, member = _PATHS[name].split(".")
                 kind = _OBJECTS[parent][member][1]

@@ -154,6 +154,7 @@ class Service:
             "features": list(FEATURES),
             "controlnets": [name for name, _ in self.engine_settings.controlnets],
             "loras": [name for name, _ in self.engine_settings.loras],
+            "ip_adapter": self.engine_settings.ip_adapter or None,
             "lcm_lora": self.engine_settings.lcm_lora,
             "preprocessors": [] if chunked else self._preprocessors(),
             **({"video": engine.describe()} if chunked else {}),

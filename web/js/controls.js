@@ -3,12 +3,13 @@
 
 import { ControlNetPanel } from "./controlnet.js";
 import { LoRAPanel } from "./lora.js";
+import { ImagePromptPanel } from "./image_prompt.js";
 
 const TYPING_DEBOUNCE_MS = 600;
 const SLIDER_THROTTLE_MS = 150;
 const MAX_SEED = 2 ** 31 - 1;
 const FIELD_NAMES = { similarity_filter: "similarity filter", blend: "blend", negative_prompt: "negative prompt",
-  controlnet: "ControlNet", loras: "LoRAs" };
+  controlnet: "ControlNet", loras: "LoRAs", image_prompt: "image prompt" };
 
 function debounce(fn, ms) {
   let timer = null;
@@ -64,6 +65,7 @@ export class Controls {
     };
     this.controlnet = new ControlNetPanel(root, () => this._commit("controlnet"));
     this.lora = new LoRAPanel(root, throttle(() => this._commit("loras"), SLIDER_THROTTLE_MS));
+    this.imagePrompt = new ImagePromptPanel(root, (changes) => this.send(changes)); // its own messages: a frame is asked for anew each time
     this.sent = this.values();
     this._wire();
   }
@@ -163,6 +165,7 @@ export class Controls {
     if (changes && "prompt" in changes) this.promptState("applied", "Applied");
     if (changes && "controlnet" in changes) this.controlnet.acknowledged(ack);
     if (changes && "loras" in changes) this.lora.acknowledged();
+    if (changes && "image_prompt" in changes) this.imagePrompt.acknowledged(ack);
     const warning = ack.warnings?.[0];
     const names = Object.keys(changes ?? {}).map((name) => FIELD_NAMES[name] ?? name);
     this.feedback(warning ? "error" : "applied", warning ?? `Applied: ${names.join(", ")}`);
@@ -176,6 +179,7 @@ export class Controls {
       const named = !message.field || message.error.includes(message.field);
       this.lora.status(named ? message.error : `${message.field}: ${message.error}`, "error");
     }
+    if (changes && "image_prompt" in changes) this.imagePrompt.status(message.error, "error");
     this.feedback("error", message.field ? `${message.field}: ${message.error}` : message.error);
     // Resend it next time even if the value stays the same.
     for (const name of Object.keys(changes ?? {})) this.sent[name] = undefined;

@@ -192,6 +192,7 @@ async function connect(stream, run) {
   state.playout = lowestPlayoutDelay(pc);
   ui.sessionLabel.textContent = `session ${answer.session_id}`;
   controls.controlnet.follow(answer.session_id);
+  controls.imagePrompt.follow(answer.session_id);
   setButtons("live");
   watchOutput();
   startHud(pc, timings);
@@ -252,6 +253,7 @@ async function disconnect({ keepSource = true, tellServer = true } = {}) {
   ui.hud.hidden = true;
   ui.sessionLabel.textContent = "";
   controls.controlnet.follow(null);
+  controls.imagePrompt.follow(null);
   if (!keepSource) closeSource();
   setButtons("idle");
 }
@@ -386,6 +388,7 @@ function loadServerInfo() {
       state.server = info;
       controls.controlnet.configure(info);
       controls.lora.configure(info);
+      controls.imagePrompt.configure(info);
     })
     .catch(() => {
       /* not ready yet: /offer says so when the user starts, and connecting asks again */
