@@ -179,7 +179,7 @@ class StreamEngine:
 
     def __init__(self, settings: EngineSettings, parts: ModelParts | None = None) -> None:
         self.device = resolve_device(settings.device)
-        settings = settings.replace(backend=resolve_backend(settings.backend, self.device))
+        settings = settings.replace(backend=resolve_backend(settings.backend, self.device, settings.engines_dir))
         self.settings = settings
         if parts is None:
             self.dtype = resolve_dtype(settings.dtype, self.device, settings.backend)
