@@ -148,6 +148,7 @@ def test_a_step_mixing_step_counts_runs_eagerly(tiny_parts, frames) -> None:
     assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
 
 
+@pytest.mark.timeout(900)  # 1-3 min each on 2 idle cores; a loaded machine took longer than the default 300 s
 @pytest.mark.parametrize("stream_batch", [False, True])
 def test_feature_bank_and_motion_aware_steps_replay_with_the_torch_backends_frames(
     tiny_parts, frames, stream_batch: bool
@@ -184,6 +185,7 @@ def test_feature_bank_and_motion_aware_steps_replay_with_the_torch_backends_fram
     assert len(layouts) == 3 and recorder.recorded == 3 * len(STAGES)  # a bank in a three-stream step: recorded
 
 
+@pytest.mark.timeout(900)  # 1-3 min each on 2 idle cores; a loaded machine took longer than the default 300 s
 def test_a_bank_filling_up_and_param_changes_replay_the_recording_of_their_layout(tiny_parts, frames) -> None:
     """A bank of 3 is recorded at its stream's second frame (1 frame kept), then fills to 3 while the
     recording replays; prompt, strength, weight and seed changes (a new seed empties the bank: a new

@@ -320,6 +320,7 @@ def test_the_variants_verdict_holds_the_fastest_matching_variant_to_issue_26s_ta
     assert "cuda-graph-fused-norm: not measured: no GroupNorm" in lines
 
 
+@pytest.mark.timeout(900)  # three variants' engines and their features: about a minute on 2 idle cores
 def test_bench_variants_runs_every_variant_here_or_says_why_not(capsys) -> None:  # type: ignore[no-untyped-def]
     """The kit's `variants` step as the dry run makes it, the fused-norm variant named (the dry run
     adds it when GroupNorm is among the CPU's top ops): every variant measured, or skipped with its
