@@ -1,7 +1,8 @@
 """`python -m livediff.bench_variants`: each fast-path variant against eager torch, in one process.
 
-For each variant (`torch`, `cuda-graph`, `cuda-graph-compiled`, and with `--autotune`
-`cuda-graph-compiled` with inductor's max-autotune options), on the same model, size, frames and params:
+For each variant (`torch`, `cuda-graph`, `cuda-graph-compiled`, `cuda-graph-compiled-fp8`, and with
+`--autotune` `cuda-graph-compiled` with inductor's max-autotune options), on the same model, size,
+dtype (`--dtype`: float16 on CUDA by default), frames and params:
 
 1. time to ready: building the backend and warming up batch 1, 4 and 8 (for the compiled variant,
    its compiles, from the compile cache in `--engines-dir` when an earlier run left one);
@@ -11,7 +12,12 @@ For each variant (`torch`, `cuda-graph`, `cuda-graph-compiled`, and with `--auto
    frame (the worst reported) and the largest pixel difference (levels of 255);
 4. features on the variant's path: a ControlNet (canny) and the feature bank (1 frame), each as ms
    per frame at batch 1 and the ratio to the plain step of the same variant;
-5. the top 10 kernels of the fastest variant that matched, from `torch.profiler`.
+5. the top 10 kernels of the fastest variant that matched, from `torch.profiler`; when GroupNorm is
+   among them, `cuda-graph-fused-norm` (GroupNorm+SiLU in one kernel) is measured too, as 1-4.
+
+A variant that cannot run here is skipped with its reason (float8 needs a GPU of compute capability
+8.9 or above and torchao). On CUDA the measurement is appended to `<engines-dir>/backend-choice.json`,
+which `--backend auto` reads (`livediff.backends.choice`).
 
 The JSON report goes to standard output, a table to standard error. Without CUDA the graph variants
 record through `host_capture` (a stand-in that recomputes a stage on replay: it checks the flow
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -33,14 +40,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from livediff.backends.choice import PSNR_MATCH_DB, best_variant, measurement, record
+from livediff.backends.fp8 import fp8_unavailable
 from livediff.config import ControlParams, EngineSettings, StreamParams
 from livediff.engine import StreamEngine
 from livediff.engine.stream import STAGES
 from livediff.models import ModelParts, load_model
 from livediff.synthetic import SyntheticCamera
 
-PSNR_MATCH_DB = 40.0
-"""A variant matches eager torch when every output frame is within this PSNR of torch's (issue 26)."""
+GROUP_NORM = re.compile(r"group_?norm", re.IGNORECASE)
+"""A profiled kernel's name that says it is GroupNorm's (eager `native_group_norm`, a fused inductor one)."""
+FUSED_NORM = "cuda-graph-fused-norm"
+DEFAULT_VARIANTS = "torch,cuda-graph,cuda-graph-compiled,cuda-graph-compiled-fp8"
 
 
 def host_capture(run: Callable[[], Any]) -> tuple[Any, Callable[[], None]]:
@@ -68,6 +79,7 @@ def make_engine(variant: str, settings: EngineSettings, parts: ModelParts, engin
     from livediff.backends.compiled_graph import OPTIONS_AUTOTUNE, CompiledGraphBackend, inductor_options
     from livediff.backends.cuda_graph import CudaGraphBackend
     from livediff.backends.unet_extras import unet_extras
+    from livediff.backends.variants import FusedNormGraphBackend
 
     cuda = parts.device.type == "cuda"
     base = variant.removesuffix("+autotune")
@@ -77,6 +89,8 @@ def make_engine(variant: str, settings: EngineSettings, parts: ModelParts, engin
     extras = unet_extras(settings, parts)
     if base == "cuda-graph" and not cuda:
         engine.backend = CudaGraphBackend(parts, capture=capture, extras=extras)
+    elif base == FUSED_NORM and not cuda:  # the torch reference of the fused kernel, recorded by the stand-in
+        engine.backend = FusedNormGraphBackend(parts, capture=capture, extras=extras)
     elif base == "cuda-graph-compiled" and (variant != base or not cuda):
         options = inductor_options(parts.device)
         if variant != base:
@@ -129,7 +143,12 @@ def measure(variant: str, settings: EngineSettings, parts: ModelParts, frames: l
         row["compile_cache"] = {"loaded": cache.loaded, "path": str(cache.path)} if cache is not None else None
     describe = getattr(engine.backend, "describe", None)
     if describe is not None:
-        row["attention"] = describe()["attention"]["order"]
+        detail = describe()
+        if "attention" in detail:
+            row["attention"] = detail["attention"]["order"]
+        for key in ("fp8_linear_layers", "fused_blocks", "group_norm_silu"):
+            if key in detail:
+                row[key] = detail[key]
     row["batches"] = {}
     for batch in batches:
         ms, stages = _time_steps(engine, [params.replace(seed=i) for i in range(batch)], frames, count)
@@ -160,12 +179,15 @@ def _features(variant: str, settings: EngineSettings, parts: ModelParts, frames:
         future.result(timeout=600)
     cases = {"plain": StreamParams(seed=1), "controlnet-canny": canny, "bank-1": StreamParams(seed=1, temporal_bank=1)}
     result: dict[str, Any] = {}
+    graphs = getattr(engine.backend, "graphs", None)
     for name, params in cases.items():
+        before = len(graphs.layouts) if graphs is not None else 0
         ms, _ = _time_steps(engine, [params], frames, count, warm=3)
         result[name] = {"ms_per_frame": round(ms, 3)}
+        if graphs is not None:  # whether its step ran from a recording (the fast path) or eagerly
+            result[name]["recorded"] = len(graphs.layouts) > before
     for name in ("controlnet-canny", "bank-1"):
         result[name]["vs_plain"] = round(result[name]["ms_per_frame"] / result["plain"]["ms_per_frame"], 2)
-    graphs = getattr(engine.backend, "graphs", None)
     if graphs is not None:
         result["recorded_layouts"] = [repr(layout) for layout in graphs.layouts]
     return result
@@ -190,17 +212,6 @@ def top_kernels(
              "calls_per_step": round(e.count / steps, 1)} for e in events[:top]]  # fmt: skip
 
 
-def best_variant(rows: list[dict[str, Any]]) -> str | None:
-    """The fastest variant at batch 1 (ties broken at the largest batch) among those that matched eager
-    torch (and torch itself): what `--backend auto` may pick, from measured data alone."""
-    eligible = [r for r in rows if r["variant"] == "torch" or r.get("parity", {}).get("matches")]
-    if not eligible:
-        return None
-    largest = max(eligible[0]["batches"], key=int)
-    best = min(eligible, key=lambda r: (r["batches"]["1"]["ms_per_frame"], r["batches"][largest]["ms_per_frame"]))
-    return str(best["variant"])
-
-
 def table(report: dict[str, Any]) -> str:
     """The report as a text table: one line per variant."""
     lines = [f"variants: {report['model']} {report['size']} {report['dtype']} on {report['device']}"]
@@ -217,10 +228,31 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"  {row['variant']:<28} ready {row['ready_s']} s; {fps}; stages ms: {stages}{match}{compiled}{feat}"
         )
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"  {name:<28} skipped: {why}")
     lines.append(f"  fastest matching: {report['best']}")
+    if report.get("fused_norm"):
+        lines.append(f"  {FUSED_NORM}: {report['fused_norm']}")
     for kernel in report.get("profile", {}).get("top", []):
         lines.append(f"    {kernel['ms_per_step']:>9.3f} ms/step x{kernel['calls_per_step']:<6} {kernel['name']}")
     return "\n".join(lines)
+
+
+def runnable(variants: list[str], device: torch.device, compiled_on_cpu: bool) -> tuple[list[str], dict[str, str]]:
+    """The variants that can run on `device`, and the others with the reason they are skipped."""
+    skipped: dict[str, str] = {}
+    fp8_why = fp8_unavailable(device)
+    for variant in variants:
+        if variant.startswith("cuda-graph-compiled-fp8") and fp8_why is not None:
+            skipped[variant] = fp8_why
+        elif variant.startswith("cuda-graph-compiled") and device.type != "cuda" and not compiled_on_cpu:
+            skipped[variant] = "needs CUDA (or --compiled-on-cpu)"
+    return [v for v in variants if v not in skipped], skipped
+
+
+def group_norm_kernels(top: list[dict[str, Any]]) -> list[str]:
+    """The names among profiled kernels that are GroupNorm's."""
+    return [k["name"] for k in top if GROUP_NORM.search(k["name"])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--frames", type=int, default=20, help="timed steps per batch size")
     parser.add_argument("--batches", default="1,4,8")
-    parser.add_argument("--variants", default="torch,cuda-graph,cuda-graph-compiled")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                        help="the engine's dtype (default float16 on CUDA, float32 on the CPU)")  # fmt: skip
     parser.add_argument("--autotune", action="store_true", help="also cuda-graph-compiled with max-autotune")
     parser.add_argument("--compiled-on-cpu", action="store_true", help="run the compiled variant without CUDA too")
     parser.add_argument("--no-features", action="store_true", help="skip the ControlNet and bank rows")
+    parser.add_argument("--no-fused-norm", action="store_true",
+                        help=f"never add {FUSED_NORM}, even when GroupNorm is among the top kernels")  # fmt: skip
     parser.add_argument("--engines-dir", type=Path, default=Path("engines"), help="where the compile cache lives")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,18 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.autotune:
         variants.append("cuda-graph-compiled+autotune")
-    skipped = {}
-    if device.type != "cuda" and not args.compiled_on_cpu:
-        skipped = {v: "needs CUDA (or --compiled-on-cpu)" for v in variants if v.startswith("cuda-graph-compiled")}
-        variants = [v for v in variants if v not in skipped]
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    variants, skipped = runnable(variants, device, args.compiled_on_cpu)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     parts = load_model(args.model, device, dtype)
     settings = EngineSettings(model=args.model, height=args.size, width=args.size, max_batch=max(batches))
     frames = [torch.from_numpy(np.ascontiguousarray(f)) for f in SyntheticCamera(args.size, args.size).frames(8)]
     rows: list[dict[str, Any]] = []
     engines: dict[str, StreamEngine] = {}
     reference: list[torch.Tensor] | None = None
-    for variant in variants:
+
+    def run(variant: str) -> None:
+        nonlocal reference
         print(f"variants: measuring {variant}", file=sys.stderr, flush=True)
         row, engine = measure(variant, settings, parts, frames, args.frames, batches, args.engines_dir, reference,
                               features=not args.no_features)  # fmt: skip
@@ -260,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         del row["outputs"]
         rows.append(row)
         engines[variant] = engine
+
+    for variant in variants:
+        run(variant)
     report: dict[str, Any] = {
         "model": f"{parts.ref} ({parts.revision})",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -271,6 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     if report["best"] is not None:
         report["profile"] = {"variant": report["best"], "top": top_kernels(engines[report["best"]], frames)}
+        norms = group_norm_kernels(report["profile"]["top"])
+        if norms and FUSED_NORM not in engines and not args.no_fused_norm:
+            report["fused_norm"] = f"measured: GroupNorm among the top kernels of {report['best']} ({norms[0]})"
+            run(FUSED_NORM)
+            report["best"] = best_variant(rows)
+        elif FUSED_NORM not in engines:
+            report["fused_norm"] = "not measured: " + (
+                "--no-fused-norm" if norms else f"no GroupNorm among the top kernels of {report['best']}"
+            )
+    if device.type == "cuda":  # what `--backend auto` reads (CPU times through the host stand-in mean nothing)
+        entry = measurement(report, report["device"], torch.__version__)
+        report["choice_file"] = str(record(args.engines_dir, entry))
     print(table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0

@@ -20,7 +20,18 @@ log = logging.getLogger("livediff")
 
 IMAGE_BENCH_WARMUP = 5
 """`bench --warmup` for image models when not given (frames)."""
-BACKEND_NAMES = ("auto", "torch", "torch.compile", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
+BACKEND_NAMES = (
+    "auto",
+    "torch",
+    "torch.compile",
+    "cuda-graph",
+    "cuda-graph-compiled",
+    "cuda-graph-fused-norm",
+    "cuda-graph-compiled-fp8",
+    "onnx",
+    "openvino",
+    "tensorrt",
+)
 """What --backend accepts: `EngineSettings.backend`, with `torch.compile` for the torch backend compiled."""
 
 
@@ -526,7 +537,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
     settings = engine_settings(args, backend=args.backend)
     device = resolve_device(settings.device)
-    settings = settings.replace(backend=resolve_backend(settings.backend, device))  # as `serve` would
+    settings = settings.replace(backend=resolve_backend(settings.backend, device, settings.engines_dir))  # as serve
     if settings.backend == "torch":  # auto on CUDA, or LIVEDIFF_BACKEND=torch
         print(f"livediff: the torch backend on {device} has nothing to build ahead")
         return 0
@@ -1020,9 +1031,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKEND_NAMES,
         default=_env("backend", "auto"),
-        help="runs the networks; auto: openvino (else onnx) on the CPU, cuda-graph on CUDA (also LIVEDIFF_BACKEND); "
-        "video models (tiny-video, wan-*) run on torch: auto picks eager on a CPU and cuda-graph (the step compiled "
-        "and replayed) on CUDA; the exported CPU backends are not for them",
+        help="runs the networks; auto: openvino (else onnx) on the CPU; on CUDA the fastest variant the GPU kit "
+        "measured matching here (engines/backend-choice.json), else cuda-graph (also LIVEDIFF_BACKEND); "
+        "video models (tiny-video, wan-*) run on torch: auto picks eager on a CPU and cuda-graph (the step "
+        "compiled and replayed) on CUDA; the exported CPU backends are not for them",
     )
     add_server_flags(serve)
     from livediff.jobs.flags import add_jobs_flags

@@ -16,7 +16,17 @@ from typing import Any
 
 from livediff.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "cuda-graph", "cuda-graph-compiled", "onnx", "openvino", "tensorrt")
+BACKENDS = (
+    "auto",
+    "torch",
+    "cuda-graph",
+    "cuda-graph-compiled",
+    "cuda-graph-fused-norm",
+    "cuda-graph-compiled-fp8",
+    "onnx",
+    "openvino",
+    "tensorrt",
+)
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_STEPS = 4
 MAX_BANK_FRAMES = 4
@@ -63,8 +73,10 @@ class EngineSettings:
     backend: str = "torch"
     """Runs the networks: `torch`, `cuda-graph` (torch's networks, each step's stages replayed from
     CUDA graphs), `cuda-graph-compiled` (the same with inductor-compiled networks inside the graphs),
-    `onnx` (ONNX Runtime), `openvino` (CPU), `tensorrt` (CUDA), or `auto`
-    (`openvino` on the CPU where installed, else `onnx`; `cuda-graph` on CUDA). The CLI's default is `auto`;
+    `cuda-graph-fused-norm` (`cuda-graph` with GroupNorm+SiLU fused), `cuda-graph-compiled-fp8` (the
+    compiled one with the UNet's large linear layers in float8), `onnx` (ONNX Runtime), `openvino`
+    (CPU), `tensorrt` (CUDA), or `auto` (`openvino` on the CPU where installed, else `onnx`; on CUDA
+    the fastest variant a measurement in `engines_dir` found matching, else `cuda-graph`). The CLI's default is `auto`;
     here it is `torch`, which compiles nothing and writes nothing to `engines_dir`."""
     compile: bool = False
     """torch backend only: wrap the UNet and VAE in `torch.compile`."""

@@ -23,13 +23,18 @@ Steps, in order, each in its own process under its own time limit, all inside on
    memory per added stream; docs/video-models.md); `video-eager` the 512x512 single stream on eager
    torch, the fast path's baseline;
 11. `bench-compile`: `torch.compile` beside `torch` at batch 1 (late: it compiles for minutes);
-12. `variants`: `python -m livediff.bench_variants`: `torch`, `cuda-graph` and `cuda-graph-compiled`
-    (inductor's kernels inside the step's CUDA graphs) side by side: time to ready with compile times,
-    ms per frame by stage, fps at batch 1/4/8, parity with eager torch (PSNR, largest pixel
-    difference), a ControlNet and the feature bank against the plain step on each, the top 10
-    kernels of the fastest variant that matched (torch.profiler); the compile cache goes to the
-    checkout's `engines/` and is copied to `$OUT/engines` (carry it back as `engines` next call);
+12. `variants`: `python -m livediff.bench_variants`: `torch`, `cuda-graph`, `cuda-graph-compiled`
+    (inductor's kernels inside the step's CUDA graphs) and `cuda-graph-compiled-fp8` (the UNet's
+    large linear layers in float8) side by side in float16: time to ready with compile times, ms per
+    frame by stage, fps at batch 1/4/8, parity with eager torch (PSNR, largest pixel difference), a
+    ControlNet and the feature bank against the plain step on each (and whether that step replayed
+    a recording), the top 10 kernels of the fastest variant that matched (torch.profiler), and
+    `cuda-graph-fused-norm` (GroupNorm+SiLU in one Triton kernel) when GroupNorm is among them; the
+    compile cache and `backend-choice.json` (what `--backend auto` reads) go to the checkout's
+    `engines/`, copied to `$OUT/engines` (carry it back as `engines` next call);
 13. `variants-warm`: the compiled variant again in a fresh process: its time to ready from the cache;
+14. `variants-bf16`: `torch`, `cuda-graph-compiled` and `cuda-graph-compiled-fp8` in bfloat16 at
+    batch 1/4/8 (float8 against bfloat16, as `variants` holds it against float16);
 
 and `nvidia-smi`'s clocks and memory before the first step and after the last. The results go to
 `$OUT` (or `--out`): `gpu-check.json` (every step's result, the verdict), `gpu-check.txt` (the
@@ -225,19 +230,29 @@ def variant_steps(gpu: bool, python: str, model: str, size: int) -> list[Step]:
                 240,
                 bench_json,
             ),  # fmt: skip
-        ]
+            Step("variants-bf16", [*variants, "--dtype", "bfloat16", "--variants", BF16_VARIANTS, "--frames", "20",
+                                   "--batches", "1,4,8", "--no-features", "--no-fused-norm"], 300, bench_json),
+        ]  # fmt: skip
     return [
         Step(
             "variants",
             [*variants, "--frames", "1", "--batches", "1"],
             240,
             bench_json,
-            note="dry run: cuda-graph through a host stand-in (its times mean nothing), the compiled variant "
-            "skipped (inductor compiles for minutes on 2 CPU cores)",
+            note="dry run: cuda-graph (and cuda-graph-fused-norm's torch reference, GroupNorm being among the "
+            "CPU's top ops) through a host stand-in (its times mean nothing), the compiled variants skipped "
+            "(inductor compiles for minutes on 2 CPU cores; float8 needs a GPU)",
         ),  # fmt: skip
         Step("variants-warm", [], 60, skip="dry run: the compiled variant needs CUDA"),
-    ]
+        Step("variants-bf16", [*variants, "--dtype", "bfloat16", "--variants", BF16_VARIANTS, "--frames", "1",
+                               "--batches", "1", "--no-features", "--no-fused-norm"], 180, bench_json,
+             note="dry run: torch in bfloat16 on the CPU; the compiled variants skipped (float8 needs a GPU of "
+                  "compute capability 8.9 or above)"),
+    ]  # fmt: skip
 
+
+BF16_VARIANTS = "torch,cuda-graph-compiled,cuda-graph-compiled-fp8"
+"""The `variants-bf16` step's: float8 against the compiled variant and eager torch in bfloat16."""
 
 VARIANT_TARGETS = {"batch1_ms": 5.0, "feature_vs_plain": 1.3, "psnr_db": 40.0, "warm_ready_s": 60.0}
 """Issue 26's targets: batch 1 <= 5 ms a frame, a ControlNet or the bank <= 1.3x the plain step on
@@ -289,6 +304,8 @@ def variants_lines(report: dict[str, Any]) -> list[str]:
         lines.append(cell)
     for name, why in report.get("skipped", {}).items():
         lines.append(f"  {name}: skipped ({why})")
+    if report.get("fused_norm"):
+        lines.append(f"  cuda-graph-fused-norm: {report['fused_norm']}")
     profile = report.get("profile") or {}
     if profile:
         lines.append(f"  top kernels of {profile['variant']}: " + "; ".join(
@@ -510,7 +527,7 @@ def summary(report: dict[str, Any]) -> str:
         video = steps.get(name, {}).get("result")
         if isinstance(video, dict):
             lines.append(video_line(name, video))
-    for name in ("variants", "variants-warm"):
+    for name in ("variants", "variants-warm", "variants-bf16"):
         variants = steps.get(name, {}).get("result")
         if isinstance(variants, dict):
             lines.extend(variants_lines(variants))
@@ -550,12 +567,17 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def keep_compile_cache(out: Path) -> None:
-    """Copy the compile caches the `variants` steps left in the checkout's `engines/` to `out/engines`
+    """Copy the compile caches and the measured backend choice (`backend-choice.json`, what
+    `--backend auto` reads) the `variants` steps left in the checkout's `engines/` to `out/engines`
     (the device returns `$OUT` only; carried back as `engines`, the next call compiles from them)."""
     for blob in (ROOT / "engines").glob("*/inductor-*/artifacts.bin"):
         target = out / "engines" / blob.parent.relative_to(ROOT / "engines")
         if target.resolve() != blob.parent.resolve():
             shutil.copytree(blob.parent, target, dirs_exist_ok=True)
+    choice = ROOT / "engines" / "backend-choice.json"
+    if choice.is_file() and (out / "engines").resolve() != choice.parent.resolve():
+        (out / "engines").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(choice, out / "engines" / choice.name)
 
 
 def commit() -> str | None:

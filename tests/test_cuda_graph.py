@@ -148,20 +148,26 @@ def test_a_step_mixing_step_counts_runs_eagerly(tiny_parts, frames) -> None:
     assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
 
 
+@pytest.mark.timeout(900)  # 1-3 min each on 2 idle cores; a loaded machine took longer than the default 300 s
 @pytest.mark.parametrize("stream_batch", [False, True])
-def test_feature_bank_steps_run_eagerly_and_motion_aware_steps_replay_with_the_torch_backends_frames(
+def test_feature_bank_and_motion_aware_steps_replay_with_the_torch_backends_frames(
     tiny_parts, frames, stream_batch: bool
 ) -> None:
-    """The bank writes each stream's ring during the step and picks its UNet graph per call: such
-    steps are never recorded. Motion-aware strength moves a stream's timesteps frame by frame, but
-    they enter the step as schedule coefficients (tensors): its steps are recorded once and replayed
-    with each frame's timesteps, frames identical to eager torch's."""
+    """The bank's earlier keys and values enter the `unet` stage as tensors sized by each row's bank
+    size (part of the layout), and the keys and values it returns are stored into the rings after
+    it: bank steps are recorded once and replayed, frames identical to eager torch's, the rings too.
+    Motion-aware strength moves a stream's timesteps frame by frame, but they enter the step as
+    schedule coefficients (tensors): its steps are recorded once and replayed with each frame's
+    timesteps."""
     eager, recorded, recorder = engines(tiny_parts, feature_bank=True, stream_batch=stream_batch)
     banked = StreamParams(prompt="a red fox", steps=2, strength=0.8, seed=1, temporal_bank=2)
     moving = StreamParams(prompt="a city", steps=2, seed=2, motion_strength=(0.3, 0.7))
     plain = StreamParams(prompt="rain", steps=2, strength=0.8, seed=3)
     pairs = run_both(eager, recorded, [banked, plain], frames[:4])
-    assert recorder.recorded == 0 and not recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+    layouts = recorded.backend.graphs.layouts  # type: ignore[attr-defined]
+    assert len(layouts) == 1 and recorder.recorded == len(STAGES)  # under Stream Batch frame 1 is a layout met once
+    (layout,) = layouts
+    assert layout[4] == (2, 0)  # each row's bank size
     bank = pairs[0][1].bank
     assert bank is not None and bank.filled((0, 0)) == 2  # the bank did take part: two frames kept per slot
     assert all(torch.equal(a, b) for a, b in zip(pairs[0][0].bank.rings[(1, 0)].kv, bank.rings[(1, 0)].kv))
@@ -174,14 +180,46 @@ def test_feature_bank_steps_run_eagerly_and_motion_aware_steps_replay_with_the_t
         assert torch.equal(want, recorded.step([(moving_pair[1], frame)]).outputs[0])
         strengths.append(moving_pair[1].strength)
     assert len(set(strengths[2:])) >= 2  # timesteps changed while the layout replayed (steps 3 to 5)
-    layouts = recorded.backend.graphs.layouts  # type: ignore[attr-defined]
-    assert len(layouts) == 1  # under Stream Batch the first frame (its own layout, met once) ran eagerly
-    assert recorder.recorded == len(layouts) * len(STAGES)
-    recorded_before = recorder.recorded
-    run_both(eager, recorded, [banked, moving, plain], frames[4:6])
-    assert recorder.recorded == recorded_before  # a bank in the step: eager
-    run_both(eager, recorded, [plain, plain.replace(seed=4)], frames[:3])
-    assert recorder.recorded == recorded_before + len(STAGES)  # bankless streams: recorded as before
+    assert len(layouts) == 2 and recorder.recorded == 2 * len(STAGES)
+    run_both(eager, recorded, [banked, moving, plain], frames[4:7])
+    assert len(layouts) == 3 and recorder.recorded == 3 * len(STAGES)  # a bank in a three-stream step: recorded
+
+
+@pytest.mark.timeout(900)  # 1-3 min each on 2 idle cores; a loaded machine took longer than the default 300 s
+def test_a_bank_filling_up_and_param_changes_replay_the_recording_of_their_layout(tiny_parts, frames) -> None:
+    """A bank of 3 is recorded at its stream's second frame (1 frame kept), then fills to 3 while the
+    recording replays; prompt, strength, weight and seed changes (a new seed empties the bank: a new
+    ring of the same size) replay it too, every frame equal to eager torch's. Only another bank size
+    is another layout."""
+    eager, recorded, recorder = engines(tiny_parts, feature_bank=True)
+    params = StreamParams(prompt="a red fox", seed=1, temporal_bank=3, temporal_weight=1.5)
+    pair = (eager.open_stream(params), recorded.open_stream(params))
+    fills = []
+
+    def step(frame: torch.Tensor) -> None:
+        want = eager.step([(pair[0], frame)]).outputs[0]
+        assert torch.equal(want, recorded.step([(pair[1], frame)]).outputs[0])
+        assert pair[1].bank is not None
+        fills.append(pair[1].bank.filled((0, 0)))
+
+    for frame in frames[:4]:
+        step(frame)
+    assert fills == [1, 2, 3, 3] and recorder.recorded == len(STAGES)  # recorded at frame 2, replayed as it filled
+    replayed = recorder.replayed
+    changes = [params.replace(prompt="a city"), params.replace(strength=0.7), params.replace(temporal_weight=0.5),
+               params.replace(seed=7)]  # fmt: skip
+    for change, frame in zip(changes, frames[4:]):
+        for engine, stream in zip((eager, recorded), pair):
+            engine.update(stream, change)
+        step(frame)
+    assert fills[-1] == 1  # the new seed's frame started an empty bank
+    assert recorder.recorded == len(STAGES) and recorder.replayed == replayed + len(changes) * len(STAGES)
+    for engine, stream in zip((eager, recorded), pair):
+        engine.update(stream, params.replace(seed=7, temporal_bank=1))
+    for frame in frames[:2]:
+        step(frame)
+    graphs = recorded.backend.graphs  # type: ignore[attr-defined]
+    assert sorted(layout[4] for layout in graphs.layouts) == [(1,), (3,)] and recorder.recorded == 2 * len(STAGES)
 
 
 def _buffers(engine: StreamEngine) -> list[torch.Tensor]:

@@ -237,6 +237,20 @@ def test_cuda_controlnet_and_motion_replay_from_cuda_graphs_matching_eager(tmp_p
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bank_steps_replay_from_cuda_graphs_matching_eager_while_the_bank_fills(tmp_path: Path) -> None:
+    eager = _cuda_engine("torch", tmp_path, feature_bank=True)
+    graphed = _cuda_engine("cuda-graph", tmp_path, feature_bank=True)
+    banked = StreamParams(prompt="a red fox", seed=1, temporal_bank=3)
+    frames = [torch.from_numpy(f) for f in SyntheticCamera(GPU_SIZE, GPU_SIZE, seed=5).frames(8)]
+    changes = [banked.replace(prompt="a city"), banked.replace(temporal_weight=2.0), banked.replace(seed=3)]
+    worst = _worst(eager, graphed, [banked, StreamParams(seed=2)], frames, changes)
+    assert worst >= 40.0, f"PSNR {worst:.1f} dB"
+    graphs = graphed.backend.graphs  # type: ignore[attr-defined]
+    assert len(graphs.layouts) == 1  # recorded at the second frame (1 frame kept), replayed as it filled and changed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.timeout(1200)
 def test_cuda_compiled_variant_matches_eager_and_never_recompiles_on_a_param_change(tmp_path: Path) -> None:
     eager = _cuda_engine("torch", tmp_path, max_batch=2)

@@ -47,6 +47,7 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
         "bench-compile",
         "variants",
         "variants-warm",
+        "variants-bf16",
     ]
     b1 = " ".join(gpu["bench-batch1"].argv)
     assert "--model sd-turbo-random --size 512 --steps 1" in b1 and "--backend torch,cuda-graph --batch 1" in b1
@@ -79,6 +80,11 @@ def test_the_gpu_plan_measures_every_backend_and_the_dry_run_skips_what_needs_cu
     assert gpu["variants"].argv[gpu["variants"].argv.index("--engines-dir") + 1] == str(kit.ROOT / "engines")
     assert "--batches 1" in " ".join(dry["variants"].argv) and "compiled variant" in dry["variants"].note
     assert dry["variants-warm"].skip and "CUDA" in dry["variants-warm"].skip
+    bf16 = " ".join(gpu["variants-bf16"].argv)  # float8 against bfloat16 (`variants` holds it against float16)
+    assert "--dtype bfloat16 --variants torch,cuda-graph-compiled,cuda-graph-compiled-fp8" in bf16
+    assert "--batches 1,4,8" in bf16
+    assert "--dtype bfloat16" in " ".join(dry["variants-bf16"].argv) and dry["variants-bf16"].skip is None
+    assert "--variants" not in gpu["variants"].argv  # bench_variants' default: every variant, fp8 included
 
 
 def test_the_gpu_tests_step_runs_every_file_that_holds_gpu_tests(kit) -> None:
@@ -310,6 +316,40 @@ def test_the_variants_verdict_holds_the_fastest_matching_variant_to_issue_26s_ta
     assert "cuda-graph-compiled: ready 20.0 s; b1 222.2 fps 4.50 ms/f" in lines
     assert "PSNR 42.0 dB, max diff 3" in lines and "controlnet-canny 5.40 ms (1.2x plain)" in lines
     assert "top kernels of cuda-graph-compiled: triton_poi_fused 0.500 ms" in lines
+    skipped = _variants(4.5, 42.0, 1.2)
+    skipped["skipped"] = {"cuda-graph-compiled-fp8": "needs compute capability >= 8.9"}
+    skipped["fused_norm"] = "not measured: no GroupNorm among the top kernels of cuda-graph-compiled"
+    lines = "\n".join(kit.variants_lines(skipped))
+    assert "cuda-graph-compiled-fp8: skipped (needs compute capability >= 8.9)" in lines
+    assert "cuda-graph-fused-norm: not measured: no GroupNorm" in lines
+
+
+@pytest.mark.timeout(900)  # three variants' engines and their features: about a minute on 2 idle cores
+def test_bench_variants_runs_every_variant_here_or_says_why_not(capsys) -> None:  # type: ignore[no-untyped-def]
+    """The kit's `variants` step as the dry run makes it, the fused-norm variant named (the dry run
+    adds it when GroupNorm is among the CPU's top ops): every variant measured, or skipped with its
+    reason; the bank and ControlNet steps on the graph variants replay a recording; the fused-norm
+    variant (its torch reference here) matches eager torch."""
+    import json
+
+    from livediff import bench_variants
+
+    assert bench_variants.group_norm_kernels([{"name": "aten::native_group_norm"}, {"name": "aten::mm"},
+                                              {"name": "triton_red_fused_native_group_norm_silu_3"}]) == [
+        "aten::native_group_norm", "triton_red_fused_native_group_norm_silu_3"]  # fmt: skip
+    variants = f"{bench_variants.DEFAULT_VARIANTS},cuda-graph-fused-norm"
+    argv = ["--frames", "1", "--batches", "1", "--engines-dir", "unused-off-cuda", "--variants", variants]
+    assert bench_variants.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert set(rows) == {"torch", "cuda-graph", "cuda-graph-fused-norm"}
+    assert set(report["skipped"]) == {"cuda-graph-compiled", "cuda-graph-compiled-fp8"}
+    assert "compute capability >= 8.9" in report["skipped"]["cuda-graph-compiled-fp8"]
+    assert "fused_norm" not in report  # named, so measured whatever the profile says
+    for name in ("cuda-graph", "cuda-graph-fused-norm"):
+        assert rows[name]["parity"]["matches"] and rows[name]["features"]["bank-1"]["recorded"]
+        assert rows[name]["features"]["controlnet-canny"]["recorded"]
+    assert "choice_file" not in report and not Path("unused-off-cuda").exists()  # CPU times choose nothing
 
 
 def test_the_video_line_reads_a_video_bench_with_mixed_cache_lengths(kit, capsys) -> None:  # type: ignore[no-untyped-def]

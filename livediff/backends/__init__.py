@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from livediff.backends.base import EAGER, Backend, Runner, Stages
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from livediff.backends.onnx_backend import Progress
@@ -22,22 +24,40 @@ __all__ = ["EAGER", "Backend", "Stages", "create_backend", "create_controlnet", 
 
 log = logging.getLogger(__name__)
 
+GRAPH_BACKENDS = ("cuda-graph", "cuda-graph-compiled", "cuda-graph-fused-norm", "cuda-graph-compiled-fp8")
+"""The backends that replay a step's stages from CUDA graphs (CUDA only)."""
+COMPILED_GRAPH_BACKENDS = ("cuda-graph-compiled", "cuda-graph-compiled-fp8")
+"""Those whose networks inductor compiles (their ControlNets too)."""
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """`auto`: on the CPU OpenVINO where it is installed, else ONNX Runtime; on CUDA `cuda-graph`
-    (the GPU check of 2026-11-30 on an H200: 4.2x eager torch at batch 1, 1.4x at batch 4, frames
-    identical; a TensorRT build takes minutes, so it is asked for by name). Says which it picked.
 
-    A named backend that cannot run on `device` at all (`cuda-graph` off CUDA) raises
-    BackendUnavailable here, before any model is loaded.
+def resolve_backend(name: str, device: torch.device, engines_dir: Path | None = None) -> str:
+    """`auto`: on the CPU OpenVINO where it is installed, else ONNX Runtime; on CUDA the fastest
+    variant that matched eager torch in a measurement of this GPU, torch version and engine dtype
+    kept in `engines_dir` (`livediff.backends.choice`: the GPU kit's `variants` step writes it),
+    else `cuda-graph` (the GPU check of 2026-11-30 on an H200: 4.2x eager torch at batch 1, 1.4x at
+    batch 4, frames identical; a TensorRT build takes minutes, so it is asked for by name). Says
+    which it picked, and why.
+
+    A named backend that cannot run on `device` at all (`cuda-graph` off CUDA, float8 on a GPU
+    without it) raises BackendUnavailable here, before any model is loaded.
     """
-    if name in ("cuda-graph", "cuda-graph-compiled"):
+    if name in GRAPH_BACKENDS:
         from livediff.backends.cuda_graph import require_cuda
 
         require_cuda(device, name)
+    if name == "cuda-graph-compiled-fp8":
+        from livediff.backends.fp8 import require_fp8
+
+        require_fp8(device)
     if name != "auto":
         return name
     if device.type == "cuda":
+        from livediff.backends.choice import measured_choice
+
+        choice = measured_choice(engines_dir, device)
+        if choice is not None:
+            log.info("--backend auto picked %s (device %s): %s", choice.variant, device, choice.why)
+            return choice.variant
         picked = "cuda-graph"
     else:
         picked = "openvino" if importlib.util.find_spec("openvino") is not None else "onnx"
@@ -63,6 +83,17 @@ def create_backend(settings: EngineSettings, parts: ModelParts) -> Backend:
 
         return CompiledGraphBackend(parts, extras=unet_extras(settings, parts), engines_dir=settings.engines_dir,
                                     size=(settings.height, settings.width))  # fmt: skip
+    if settings.backend == "cuda-graph-fused-norm":
+        from livediff.backends.unet_extras import unet_extras
+        from livediff.backends.variants import FusedNormGraphBackend
+
+        return FusedNormGraphBackend(parts, extras=unet_extras(settings, parts))
+    if settings.backend == "cuda-graph-compiled-fp8":
+        from livediff.backends.unet_extras import unet_extras
+        from livediff.backends.variants import Fp8CompiledBackend
+
+        return Fp8CompiledBackend(parts, extras=unet_extras(settings, parts), engines_dir=settings.engines_dir,
+                                  size=(settings.height, settings.width))  # fmt: skip
     if settings.backend == "onnx":
         from livediff.backends.onnx_backend import OnnxBackend
 
@@ -90,10 +121,10 @@ def create_controlnet(settings: EngineSettings, parts: ModelParts, controlnet: C
     """
     from livediff.backends.cache import CONTROLNET
 
-    if settings.backend in ("torch", "cuda-graph", "cuda-graph-compiled"):  # recorded into the step's graphs
+    if settings.backend == "torch" or settings.backend in GRAPH_BACKENDS:  # recorded into the step's graphs
         from livediff.backends.torch_backend import controlnet_module
 
-        if settings.backend == "cuda-graph-compiled":
+        if settings.backend in COMPILED_GRAPH_BACKENDS:
             from livediff.backends.compiled_graph import compile_module
 
             return compile_module(controlnet_module(parts, controlnet), "controlnet", parts.device)
@@ -108,7 +139,7 @@ def create_depth(settings: EngineSettings, parts: ModelParts, depth: DepthParts,
     the engine cache and checked against torch on the compiled backends, as `create_controlnet`."""
     from livediff.backends.cache import DEPTH
 
-    if settings.backend in ("torch", "cuda-graph", "cuda-graph-compiled"):
+    if settings.backend == "torch" or settings.backend in GRAPH_BACKENDS:
         from livediff.backends.modules import DepthNetwork
 
         return DepthNetwork(depth.model).eval()

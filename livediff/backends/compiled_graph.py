@@ -106,10 +106,11 @@ class CompiledGraphBackend(CudaGraphBackend):
     def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16,
                  extras: UNetExtras = NO_EXTRAS, engines_dir: Path | None = None,
                  options: Mapping[str, Any] | None = None, measure_attention: bool = True,
-                 size: tuple[int, int] = (512, 512)) -> None:  # fmt: skip
+                 size: tuple[int, int] = (512, 512), tag: str = "") -> None:  # fmt: skip
         """`engines_dir`: where the compile cache lives (None: no cache); `options`: inductor's
         (default `inductor_options`); `size`: the engine's (height, width), for the cache key and
-        the attention shapes."""
+        the attention shapes; `tag`: what else the cache key must tell apart (`fp8`: a UNet whose
+        linear layers are float8 compiles to other kernels)."""
         super().__init__(parts, capture=capture, max_layouts=max_layouts, extras=extras)
         self.name = NAME
         device = parts.device
@@ -117,7 +118,7 @@ class CompiledGraphBackend(CudaGraphBackend):
         self.cache: CompileCache | None = None
         if engines_dir is not None:
             key = CompileKey.of(parts.ref, parts.revision, size[0], size[1], parts.dtype, device,
-                                options_tag(self.options), extras.tag)  # fmt: skip
+                                options_tag(self.options) + (f"+{tag}" if tag else ""), extras.tag)  # fmt: skip
             self.cache = CompileCache(engines_dir, key)
             self.cache.load()
         self.sdpa = self._measure_attention(parts, size) if measure_attention else SdpaChoice()

@@ -16,14 +16,16 @@ different params batch as they do eagerly. A stage's outputs are static buffers,
 the next replay: the engine copies out what it keeps. Nothing inside a replay waits for the
 host; the step's one synchronisation stays its final copy of the frames to the host.
 
-Steps with ControlNets and with motion-aware strength are recorded like any other: which ControlNets
-run on which rows at which denoising step is part of the layout, and their images, their scales
-and a stream's timesteps (schedule coefficients) are tensors copied in. Steps whose streams use the
-feature bank are never recorded: the engine gives them no layout (None) and they run eagerly, the
-other steps of the same engine still replay. The bank's UNet call chooses per call between the
-plain graph and the bank graph, sizes its inputs by how full each stream's bank is, and writes the
-banks during the step. The bank graph is the torch backend's (`extras`,
-`livediff.backends.unet_extras`), run eagerly here.
+Steps with ControlNets, with motion-aware strength and with the feature bank are recorded like any
+other: which ControlNets run on which rows at which denoising step, and each row's bank size, are
+part of the layout, and their images, their scales, a stream's timesteps (schedule coefficients)
+and the bank's earlier keys and values with their slot biases are tensors copied in. The bank is
+gathered from each stream's rings before the step's `unet` stage and the keys and values the stage
+returns are stored into the rings after it (`livediff.engine.temporal`: indexed on the host, copies
+on the device), so the recorded graph reads and writes the same static buffers whichever streams
+fill the rows and however full their banks are. The bank's UNet call is the torch backend's
+(`extras`, `livediff.backends.unet_extras`), recorded like the plain one. Steps with a LoRA row
+(their per-call row plan) and steps mixing step counts run eagerly; the others still replay.
 
 `cuda-graph-compiled` (`livediff.backends.compiled_graph`) records inductor-compiled networks
 through the same `StepGraphs`.
@@ -249,8 +251,8 @@ class CudaGraphBackend(TorchBackend):
 
     def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16,
                  extras: UNetExtras = NO_EXTRAS) -> None:  # fmt: skip
-        """`extras`: the optional UNet inputs (the feature bank, ControlNet residuals), as `TorchBackend`
-        takes them; steps with a feature bank run eagerly (the module docstring says why)."""
+        """`extras`: the optional UNet inputs (the feature bank, ControlNet residuals, LoRAs), as
+        `TorchBackend` takes them; steps with a LoRA row run eagerly (the module docstring says why)."""
         if capture is None:
             require_cuda(parts.device)
             capture = cuda_capture(parts.device)

@@ -78,7 +78,8 @@ class EngineReplica:
             server = server.replace(nat_1to1=tuple(nat))
         device = resolve_device(engine.device)
         engine = engine.replace(
-            model=resolve_auto(engine.model, device), backend=resolve_backend(engine.backend, device)
+            model=resolve_auto(engine.model, device),
+            backend=resolve_backend(engine.backend, device, engine.engines_dir),
         )
         # plain http inside the cluster: TLS, if any, ends at the entry point
         server = server.replace(port=0, session_id_prefix=f"{self.key}-", tls_cert=None,

@@ -29,9 +29,11 @@ function of tensors alone (per-stream tensors gathered beforehand into a `_Batch
 returns is copied before it is kept across steps. Per-stream params enter a step as tensors
 (embeddings, schedule coefficients, whose timesteps motion-aware strength changes from frame to
 frame, noise, ControlNet images and scales), so a param change replays the same recording; which
-ControlNets run on which rows at which denoising step is part of the layout. A step with a stream
-that uses the feature bank has no layout and always runs eagerly: the bank's UNet call picks its
-graph (plain or bank) and the size of its inputs per call and writes the banks during the step.
+ControlNets run on which rows at which denoising step is part of the layout. So is each row's
+feature-bank size: the banks' earlier keys and values, gathered for every UNet call of the step
+before the `unet` stage (`livediff.engine.temporal.gather`, sized by the banks' sizes, not by how
+full they are), enter it as tensors, and the keys and values it returns are stored into the
+streams' rings after it, so a bank filling up or a param change replays the same recording.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from livediff.engine.control import ControlInput, ControlModels, ControlRow, Key
 from livediff.engine.device import resolve_device, resolve_dtype, torch_threads
 from livediff.engine.schedule import NoiseSchedule, T
 from livediff.engine.similarity import SimilarityFilter
-from livediff.engine.temporal import BankRow, FeatureBank, MotionEstimate, gather, store
+from livediff.engine.temporal import BankFeed, BankRow, FeatureBank, MotionEstimate, gather, store
 from livediff.errors import ConfigError
 from livediff.models import ModelParts
 from livediff.models.ip_adapter import encode_images, unconditional_tokens
@@ -177,8 +179,9 @@ class _Batch:
     """(B, 1, 1, 1), with `uncond`, when any frame uses classifier-free guidance."""
     pending: tuple[torch.Tensor | None, ...] = ()
     """Stream Batch only: each stream's `Stream.pending` (None on its first frame)."""
-    banks: tuple[FeatureBank | None, ...] = ()
-    """Each frame's feature bank (None: the stream has none); empty when no stream has one."""
+    bank: tuple[BankFeed, ...] = ()
+    """The feature bank's inputs of each UNet call of the pass, in call order (`StreamEngine._bank_calls`);
+    empty when no stream has a bank."""
     controls: tuple[Controls, ...] = ()
     """Each frame's ControlNets with their control images; empty when no stream has one."""
     clock: StageClock | None = None
@@ -197,8 +200,7 @@ class _Batch:
             return None if t is None else t.repeat_interleave(times, dim=0)
 
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
-                      repeat(self.uncond), repeat(self.guidance), self.pending,
-                      tuple(bank for bank in self.banks for _ in range(times)),
+                      repeat(self.uncond), repeat(self.guidance), self.pending, self.bank,
                       tuple(controls for controls in self.controls for _ in range(times)), self.clock,
                       repeat(self.lora), None if self.image is None else self.image.repeat_each(times))  # fmt: skip
 
@@ -211,7 +213,7 @@ class StreamEngine:
 
     def __init__(self, settings: EngineSettings, parts: ModelParts | None = None) -> None:
         self.device = resolve_device(settings.device)
-        settings = settings.replace(backend=resolve_backend(settings.backend, self.device))
+        settings = settings.replace(backend=resolve_backend(settings.backend, self.device, settings.engines_dir))
         self.settings = settings
         if parts is None:
             self.dtype = resolve_dtype(settings.dtype, self.device, settings.backend)
@@ -485,23 +487,25 @@ class StreamEngine:
     def _layout(self, streams: list[Stream], ready: list[list[ControlParams]]) -> Hashable | None:
         """What fixes the shapes and the order of work of a step of `streams`: batch size, step
         count, guidance, under Stream Batch which streams start their pipeline, and which loaded
-        ControlNets (`ready`, per stream) run on which rows at which denoising steps. None (never
-        recorded) when the streams' step counts differ (that step gathers its groups by index), or
-        when a stream uses the feature bank (see the module docstring). Which rows have an image
-        prompt is part of it (appended when any has). Params that are tensors in the step (prompt
+        ControlNets (`ready`, per stream) run on which rows at which denoising steps, each stream's
+        feature-bank size (0: none), and which rows have an image prompt (appended when any has).
+        None (never recorded) when the streams' step counts differ (that step gathers its groups by
+        index), or when a stream applies a LoRA. Params that are tensors in the step (prompt
         embeddings, strength and motion-aware strength's timesteps as schedule coefficients, noise
-        from the seed, ControlNet scales and images, image-prompt tokens and scales) are not part of
-        it: a change of them replays the same recording."""
+        from the seed, ControlNet scales and images, the bank's weight and its earlier frames,
+        image-prompt tokens and scales) are not part of it: a change of them, or a bank filling up,
+        replays the same recording."""
         steps = {len(stream.params.timesteps) for stream in streams}
-        # steps with a LoRA row run eagerly too: the per-call row plan has no fixed shape per layout yet
-        if len(steps) > 1 or any(stream.bank is not None or stream.conditioning.lora is not None for stream in streams):
+        # steps with a LoRA row run eagerly: the per-call row plan has no fixed shape per layout yet
+        if len(steps) > 1 or any(stream.conditioning.lora is not None for stream in streams):
             return None
         count = steps.pop()
         guided = any(stream.conditioning.uncond is not None for stream in streams)
         starting = tuple(stream.pending is None for stream in streams) if self._stream_batch(streams) else ()
+        banks = tuple(0 if s.bank is None else s.bank.frames for s in streams) if self._banked(streams) else ()
         controls = tuple(tuple((c.name, _active(c, count)) for c in row) for row in ready) if any(ready) else ()
         imaged = tuple(self._image_of(stream) is not None for stream in streams)
-        layout = (len(streams), count, guided, starting, controls)
+        layout = (len(streams), count, guided, starting, banks, controls)
         return layout + (imaged,) if any(imaged) else layout  # which rows have an image prompt
 
     def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -584,12 +588,41 @@ class StreamEngine:
                        clock: StageClock | None) -> torch.Tensor:  # fmt: skip
         """Denoise the latents of streams that share a step count (`clock`: None in a recorded step)."""
         batch = self._gather(streams, controls, clock)
+        calls = self._bank_calls(streams, guided=batch.uncond is not None)
+        if calls:
+            assert self.bank_feature is not None
+            batch.bank = tuple(gather(rows, self.bank_feature.layers, self.device, self.dtype) for rows in calls)
         if not self._stream_batch(streams):
-            return stages.run("unet", self._denoise, x0, batch)
-        denoised, pending = stages.run("unet", self._denoise_stream_batch, x0, batch)
-        for stream, latents in zip(streams, pending):
-            stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
+            denoised, news = stages.run("unet", self._denoise, x0, batch)
+        else:
+            denoised, pending, news = stages.run("unet", self._denoise_stream_batch, x0, batch)
+            for stream, latents in zip(streams, pending):
+                stream.pending = latents.clone()  # the stage's own buffer is overwritten by the next step
+        for rows, new in zip(calls, news):  # after the stage: its outputs copied into the rings
+            store(rows, new)
         return denoised
+
+    def _banked(self, streams: Sequence[Stream]) -> bool:
+        return self.bank_feature is not None and any(stream.bank is not None for stream in streams)
+
+    def _bank_calls(self, streams: list[Stream], guided: bool) -> list[list[BankRow | None]]:
+        """The bank rows of each UNet call a denoising pass of `streams` makes, in call order (empty
+        when no stream has a bank): a row is a stream's bank at the slot (denoising step, guidance
+        branch) of that row, as `_denoise` and `_denoise_stream_batch` lay out their calls."""
+        if not self._banked(streams):
+            return []
+        banks = [stream.bank for stream in streams]
+        steps = len(streams[0].params.timesteps)
+        branches = (1, 0) if guided else (0,)  # with guidance the unconditional rows come first
+
+        def rows(step_of: list[int], repeat: int) -> list[BankRow | None]:
+            each = [bank for bank in banks for _ in range(repeat)]
+            return [None if bank is None else BankRow(bank, (step, branch))
+                    for branch in branches for bank, step in zip(each, step_of)]  # fmt: skip
+
+        if self._stream_batch(streams):
+            return [rows(list(range(steps)) * len(banks), steps)]
+        return [rows([k] * len(banks), 1) for k in range(steps)]
 
     def _gather(self, streams: list[Stream], controls: list[Controls], clock: StageClock | None) -> _Batch:
         """The per-stream tensors of a denoising pass, stacked (device copies; motion-aware strength
@@ -602,7 +635,6 @@ class StreamEngine:
             noise=torch.stack([s.noise for s in streams]),
             embeds=torch.cat([c.embeds for c in conds]),
             pending=tuple(s.pending for s in streams) if self._stream_batch(streams) else (),
-            banks=tuple(s.bank for s in streams) if any(s.bank is not None for s in streams) else (),
             controls=tuple(controls) if controlled else (),
             clock=clock if controlled else None,
             lora=self._lora_rows(conds),
@@ -639,23 +671,24 @@ class StreamEngine:
             rows=tuple(i for i, t in enumerate(tokens) if t is not None),
         )
 
-    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch, steps: Sequence[int]) -> torch.Tensor:
-        """The UNet's prediction, with classifier-free guidance for the frames that ask for it.
+    def _predict(self, x: torch.Tensor, timesteps: torch.Tensor, batch: _Batch, steps: Sequence[int],
+                 call: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
+        """The UNet's prediction, with classifier-free guidance for the frames that ask for it, and
+        the bank's new keys and values per layer (empty without a bank).
 
-        `steps` is each row's denoising step index: with `batch.banks`, the slot of the row's bank.
-        """
+        `steps` is each row's denoising step index; `call` the index of this UNet call in the pass
+        (its `batch.bank` feed)."""
         controls = self._control_rows(batch, steps)
+        bank = batch.bank[call] if batch.bank else None
         if batch.uncond is None or batch.guidance is None:
-            return self._unet(x, timesteps, batch.embeds, self._bank_rows(batch, steps, branch=0), controls,
-                              batch.clock, batch.lora, batch.image)  # fmt: skip
-        rows = self._bank_rows(batch, steps, branch=1) + self._bank_rows(batch, steps, branch=0)
-        both = self._unet(
-            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), rows,
+            return self._unet(x, timesteps, batch.embeds, bank, controls, batch.clock, batch.lora, batch.image)
+        both, new = self._unet(
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), bank,
             controls + controls, batch.clock, None if batch.lora is None else torch.cat([batch.lora, batch.lora]),
             self._guided_image(batch.image, x.shape[0]),
         )  # fmt: skip
         unconditional, conditional = both.chunk(2)
-        return unconditional + batch.guidance * (conditional - unconditional)
+        return unconditional + batch.guidance * (conditional - unconditional), new
 
     def _guided_image(self, image: ImagePromptRows | None, count: int) -> ImagePromptRows | None:
         """`image` for a guided call of 2 x `count` rows: the unconditional half attends to the
@@ -668,12 +701,6 @@ class StreamEngine:
                                image.rows + tuple(row + count for row in image.rows))  # fmt: skip
 
     @staticmethod
-    def _bank_rows(batch: _Batch, steps: Sequence[int], branch: int) -> list[BankRow | None]:
-        if not batch.banks:
-            return [None] * len(steps)
-        return [None if bank is None else BankRow(bank, (step, branch)) for bank, step in zip(batch.banks, steps)]
-
-    @staticmethod
     def _control_rows(batch: _Batch, steps: Sequence[int]) -> list[list[ControlRow]]:
         """Each row's ControlNets active at its denoising step (`ControlParams.active`)."""
         if not batch.controls:
@@ -681,12 +708,15 @@ class StreamEngine:
         return [[ControlRow(c.name, c.scale, c.image) for c in controls if c.active[step]]
                 for controls, step in zip(batch.controls, steps)]  # fmt: skip
 
-    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: list[BankRow | None],
+    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, bank: BankFeed | None,
               controls: list[list[ControlRow]], clock: StageClock | None,
-              lora: torch.Tensor | None = None, image: ImagePromptRows | None = None) -> torch.Tensor:  # fmt: skip
+              lora: torch.Tensor | None = None,
+              image: ImagePromptRows | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
         """One UNet call: the plain graph when no row has a bank, a ControlNet or a LoRA, else the
-        graph with extra inputs (the ControlNets run first; the bank keeps this frame's features
-        after). `lora`: (N, slots) host LoRA scales of the rows, None when none applies one."""
+        graph with extra inputs (the ControlNets run first). `bank`: the call's bank feed (None
+        without); returns the prediction and, with `bank`, this frame's keys and values per layer
+        (`bank_new_{i}`), which the engine stores after the stage. `lora`: (N, slots) host LoRA
+        scales of the rows, None when none applies one."""
         values: dict[str, torch.Tensor] = {}
         if lora is not None:
             values[LORA_SCALES] = lora
@@ -694,10 +724,8 @@ class StreamEngine:
             values[IP_EMBEDS], values[IP_SCALES] = image.tokens, image.scales
             if image.rows != tuple(range(x.shape[0])):
                 values[IP_ROWS] = self._row_indices(image.rows)
-        banked = self.bank_feature is not None and any(row is not None for row in rows)
-        if banked:
-            assert self.bank_feature is not None
-            values.update(gather(rows, self.bank_feature.layers, self.device, self.dtype))
+        if bank is not None:
+            values.update(bank.values())
         if any(controls):
             runners = self.controls.runners({row.name for row_controls in controls for row in row_controls})
             with clock.part("controlnet") if clock is not None else contextlib.nullcontext():
@@ -705,31 +733,34 @@ class StreamEngine:
             assert summed is not None  # some row has a ControlNet
             values[RESIDUALS] = summed
         if not values:
-            return self.backend.unet(x, timesteps, embeds)
+            return self.backend.unet(x, timesteps, embeds), ()
         prediction, outputs = self.backend.unet_with(x, timesteps, embeds, values)
-        if banked:
-            assert self.bank_feature is not None
-            store(rows, outputs, len(self.bank_feature.layers))
-        return prediction
+        if bank is None:
+            return prediction, ()
+        return prediction, tuple(outputs[f"bank_new_{i}"] for i in range(len(bank.kv)))
 
-    def _denoise(self, x0: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """All steps of each frame in turn: `steps` UNet calls of batch B."""
+    def _denoise(self, x0: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], ...]]:
+        """All steps of each frame in turn: `steps` UNet calls of batch B. Returns the (B, C, h, w)
+        outputs and, with `batch.bank`, each call's new bank keys and values per layer."""
         coefs, noise = batch.coefs, batch.noise
         steps = coefs.shape[-1]
         x = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
+        news = []
         for k in range(steps):
-            output = self._predict(x, coefs[:, T, k], batch, [k] * coefs.shape[0])
+            output, new = self._predict(x, coefs[:, T, k], batch, [k] * coefs.shape[0], call=k)
+            news.append(new)
             denoised = self.schedule.predict_x0(x, output, coefs[:, :, k])
             if k + 1 < steps:
                 x = self.schedule.add_noise(denoised, noise[:, k + 1], coefs[:, :, k + 1])
-        return denoised
+        return denoised, tuple(news) if batch.bank else ()
 
-    def _denoise_stream_batch(self, x0: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denoise_stream_batch(self, x0: torch.Tensor, batch: _Batch
+                              ) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[torch.Tensor, ...], ...]]:  # fmt: skip
         """One UNet call of batch B * steps: this frame's first step beside the earlier frames' later steps.
 
         The output of a call is the frame that entered steps - 1 calls ago; each stream's `pending`
-        carries the latents in between. Returns (B, C, h, w) outputs and (B, steps - 1, C, h, w)
-        next `pending`.
+        carries the latents in between. Returns (B, C, h, w) outputs, (B, steps - 1, C, h, w)
+        next `pending` and, with `batch.bank`, the call's new bank keys and values per layer.
         """
         coefs, noise = batch.coefs, batch.noise
         size, steps = coefs.shape[0], coefs.shape[-1]
@@ -742,12 +773,12 @@ class StreamEngine:
         fresh = self.schedule.add_noise(x0, noise[:, 0], coefs[:, :, 0])
         x = torch.cat([fresh.unsqueeze(1), torch.stack(pending)], dim=1).flatten(0, 1)
         flat_coefs = coefs.transpose(1, 2).flatten(0, 1)  # (B * steps, 5), frame-major
-        output = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps), list(range(steps)) * size)
+        output, new = self._predict(x, flat_coefs[:, T], batch.repeat_each(steps), list(range(steps)) * size, call=0)
         denoised = self.schedule.predict_x0(x, output, flat_coefs).unflatten(0, (size, steps))
         renoised = self.schedule.add_noise(
             denoised[:, :-1].flatten(0, 1), noise[:, 1:].flatten(0, 1), coefs[:, :, 1:].transpose(1, 2).flatten(0, 1)
         ).unflatten(0, (size, steps - 1))
-        return denoised[:, -1], renoised
+        return denoised[:, -1], renoised, (new,) if batch.bank else ()
 
     # -- convenience -----------------------------------------------------------------------------
 

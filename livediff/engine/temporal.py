@@ -10,11 +10,18 @@ Here is what a stream keeps between frames, and how one step's rows are put toge
    frames' keys and values, one (frames, 2, tokens, channels) tensor per self-attention layer.
    Rings are allocated on first use and live in the stream, never on the model.
 2. `gather` turns the rows of one UNet call (each a stream's slot, or None for a row without a
-   bank) into the graph's inputs: N = the most frames any row has (at least 1), a (rows, N) bias
-   with ln(weight) on filled slots and `EMPTY_SLOT` elsewhere, and per layer (rows, N, 2, tokens,
-   channels) keys and values (zeros where empty). A single stream with a full ring passes views of
-   its ring, no copy.
+   bank) into the graph's inputs (`BankFeed`): N = the largest bank size among the rows (at least
+   1; the sizes, not how full the banks are, so a call's shapes never change while banks fill), a
+   (rows, N) bias with ln(weight) on filled slots and `EMPTY_SLOT` elsewhere, and per layer (rows,
+   N, 2, tokens, channels) keys and values (zeros where empty). A single stream with a full ring
+   passes views of its ring, no copy.
 3. `store` keeps each banked row's new keys and values, overwriting its ring's oldest frame.
+
+The engine gathers every UNet call's feed of a step before its `unet` stage and stores what the
+calls returned after it: the stage sees tensors of fixed shapes (for a given layout: batch, steps,
+guidance and each row's bank size) and never indexes by host state, so under `cuda-graph` it is
+recorded once per layout and replayed, the rings (static buffers per stream, allocated at their
+full size on first use and written in place) copied in and out around the replay.
 
 Memory per stream: `frames` x slots x `TemporalBank.bytes_per_frame(dtype)` (`FeatureBank.nbytes`
 says what a bank holds). Per frame and slot at 512x512: the tiny model's 4 layers x 2 x 1024 tokens
@@ -35,7 +42,7 @@ moving input instead of redrawing it every frame). It runs in the engine step on
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,18 +83,20 @@ class FeatureBank:
         ring = self.rings.get(slot)
         return 0 if ring is None else ring.filled
 
-    def push(self, slot: Slot, new: Sequence[torch.Tensor]) -> None:
-        """Keep one frame's keys and values (one (2, tokens, channels) tensor per layer), dropping the oldest."""
+    def advance(self, slot: Slot) -> list[torch.Tensor]:
+        """Where the next frame of `slot` goes, one (2, tokens, channels) view per layer of its ring's
+        oldest (or first free) frame, counted as filled: the caller writes it before the next `gather`.
+        The ring is allocated at its full size on first use."""
         ring = self.rings.get(slot)
         if ring is None:
             ring = self.rings[slot] = _Ring([
                 torch.zeros((self.frames, 2, layer.tokens, layer.channels), device=self.device, dtype=self.dtype)
                 for layer in self.layers
             ])  # fmt: skip
-        for stored, value in zip(ring.kv, new, strict=True):
-            stored[ring.next].copy_(value)
+        views = [stored[ring.next] for stored in ring.kv]
         ring.next = (ring.next + 1) % self.frames
         ring.filled = min(ring.filled + 1, self.frames)
+        return views
 
     def clear(self) -> None:
         """Forget every frame (the memory goes with it)."""
@@ -107,43 +116,87 @@ class BankRow:
     slot: Slot
 
 
+@dataclass
+class BankFeed:
+    """One UNet call's bank inputs, as tensors only: what a step passes into its `unet` stage (a
+    recorded stage copies them into its static inputs before each replay, so the graph reads the
+    same addresses whatever the streams and however full their banks)."""
+
+    bias: torch.Tensor
+    """(rows, N) float32 on the device: ln(weight) on a row's filled slots, `EMPTY_SLOT` elsewhere."""
+    bank_rows: torch.Tensor
+    """(banked rows,) int64: the rows that have a bank (the torch path runs the others plainly)."""
+    plain_rows: torch.Tensor
+    """(rows - banked rows,) int64: the rows that have none."""
+    kv: tuple[torch.Tensor, ...]
+    """Per layer (rows, N, 2, tokens, channels) keys and values of earlier frames, zeros where empty."""
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The feed by graph input name (`TemporalBank.inputs`, plus the torch path's row split)."""
+        values = {"bank_bias": self.bias, "bank_rows": self.bank_rows, "plain_rows": self.plain_rows}
+        values.update((f"bank_kv_{i}", kv) for i, kv in enumerate(self.kv))
+        return values
+
+
+def bank_slots(rows: Sequence[BankRow | None]) -> int:
+    """N, the bank axis of a call of `rows`: the largest bank size (`FeatureBank.frames`) among them,
+    at least 1. It depends on the rows' bank sizes only, never on how full the banks are, so a
+    call's shapes stay the same while banks fill (the step's layout records the sizes)."""
+    return max([1, *(row.bank.frames for row in rows if row is not None)])
+
+
 def gather(rows: Sequence[BankRow | None], layers: tuple[BankLayer, ...], device: torch.device,
-           dtype: torch.dtype) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The bank inputs of one UNet call, by graph input name (see the module docstring, step 2),
-    plus `bank_rows` / `plain_rows`, the rows with and without a bank (the torch path splits them)."""
+           dtype: torch.dtype) -> BankFeed:  # fmt: skip
+    """The bank inputs of one UNet call (see the module docstring, step 2), N = `bank_slots(rows)`.
+
+    Indexed on the host: which rows have a bank and how full each ring is are Python ints here,
+    and the copies out of the rings are made before the call, so the call itself (a recorded
+    graph on `cuda-graph`) has no host-dependent indexing."""
     fills = [0 if row is None else row.bank.filled(row.slot) for row in rows]
-    slots = max(1, *fills)
+    slots = bank_slots(rows)
     bias = torch.full((len(rows), slots), EMPTY_SLOT)
     for r, (row, fill) in enumerate(zip(rows, fills)):
         if row is not None and fill:
             bias[r, :fill] = row.bank.bias
     banked = [r for r, row in enumerate(rows) if row is not None]
-    values = {
-        "bank_bias": bias.to(device, non_blocking=True),
-        "bank_rows": torch.tensor(banked, dtype=torch.long).to(device, non_blocking=True),
-        "plain_rows": torch.tensor([r for r, row in enumerate(rows) if row is None], dtype=torch.long).to(
-            device, non_blocking=True
-        ),
-    }
+    plain = [r for r, row in enumerate(rows) if row is None]
     only = rows[0] if len(rows) == 1 and fills[0] == slots else None
+    kvs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     for i, layer in enumerate(layers):
         if only is not None:  # one stream, a full ring: its own storage, no copy
-            values[f"bank_kv_{i}"] = only.bank.rings[only.slot].kv[i][:slots].unsqueeze(0)
+            kvs.append(only.bank.rings[only.slot].kv[i].unsqueeze(0))
             continue
         kv = torch.zeros((len(rows), slots, 2, layer.tokens, layer.channels), device=device, dtype=dtype)
         for r, (row, fill) in enumerate(zip(rows, fills)):
             if row is not None and fill:
-                kv[r, :fill] = row.bank.rings[row.slot].kv[i][:fill]
-        values[f"bank_kv_{i}"] = kv
-    return values
+                targets.append(kv[r, :fill])
+                sources.append(row.bank.rings[row.slot].kv[i][:fill])
+        kvs.append(kv)
+    if targets:  # every row's and layer's copy in few launches (a launch per copy costs the host ~5 us on CUDA)
+        torch._foreach_copy_(targets, sources)
+    return BankFeed(
+        bias=bias.to(device, non_blocking=True),
+        bank_rows=torch.tensor(banked, dtype=torch.long).to(device, non_blocking=True),
+        plain_rows=torch.tensor(plain, dtype=torch.long).to(device, non_blocking=True),
+        kv=tuple(kvs),
+    )
 
 
-def store(rows: Sequence[BankRow | None], outputs: Mapping[str, torch.Tensor], layers: int) -> None:
-    """Keep each banked row's new keys and values (`bank_new_{i}`, (rows, 2, tokens, channels)) in its ring."""
-    new = [outputs[f"bank_new_{i}"] for i in range(layers)]
+def store(rows: Sequence[BankRow | None], new: Sequence[torch.Tensor]) -> None:
+    """Keep each banked row's new keys and values (per layer `bank_new_{i}`, (rows, 2, tokens,
+    channels)) in its ring, overwriting the oldest frame: a copy into the ring's slot `next`, a
+    host-side index, so it runs after the call (or its graph's replay) and never inside it."""
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     for r, row in enumerate(rows):
         if row is not None:
-            row.bank.push(row.slot, [layer[r] for layer in new])
+            slots = row.bank.advance(row.slot)
+            targets.extend(slots)
+            sources.extend(layer[r] for layer in new)
+    if targets:  # in few launches, as `gather`
+        torch._foreach_copy_(targets, sources)
 
 
 MOTION_STRIDE = 4

@@ -72,7 +72,9 @@ async def _serve(
             model=model, backend=resolve_video_backend(engine_settings.backend, device)
         )
     else:
-        engine_settings = engine_settings.replace(model=model, backend=resolve_backend(engine_settings.backend, device))
+        engine_settings = engine_settings.replace(
+            model=model, backend=resolve_backend(engine_settings.backend, device, engine_settings.engines_dir)
+        )
     settings, certificate = tls.prepare(settings)
     ssl_context = tls.context_for(settings)
     app = create_app(engine_settings, settings, default_params=params, jobs=jobs)
