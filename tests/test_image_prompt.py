@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 
 from livediff.backends.cuda_graph import CudaGraphBackend
@@ -123,6 +124,7 @@ def test_each_row_matches_diffusers_ip_adapter_unet_at_its_own_scale(
     """One call, rows at scales 0, 1 and 0.6 with their own images, against diffusers' UNet with
     the same adapter loaded (`_load_ip_adapter_weights`, one scale per call) run row by row."""
     unet = copy.deepcopy(tiny_parts.unet)
+    unet.set_attn_processor(AttnProcessor2_0())  # as diffusers loads it: other tests' engines leave theirs
     adapter = load_ip_adapter("tiny", unet)
     reference = copy.deepcopy(unet)
     reference._load_ip_adapter_weights([tiny_state(unet, 32, seed=1)], low_cpu_mem_usage=False)

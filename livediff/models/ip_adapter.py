@@ -189,7 +189,17 @@ def _convert(source: str, state: dict[str, dict[str, torch.Tensor]], unet: Any, 
             f"IP-Adapter {source}: its image tokens are {cross_dim} wide, this model's text embeddings "
             f"{unet.config.cross_attention_dim} (an IP-Adapter for another model family)"
         )
-    processors = unet._convert_ip_adapter_attn_to_diffusers([state], low_cpu_mem_usage=False)
+    # diffusers' conversion makes each self-attention layer a processor of the class it has now; with
+    # livediff's own processors installed (the feature bank's take arguments) that fails, so it reads
+    # a UNet with diffusers' default processors, and the UNet's own come back after.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    installed = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        processors = unet._convert_ip_adapter_attn_to_diffusers([state], low_cpu_mem_usage=False)
+    finally:
+        unet.set_attn_processor(installed)
     layers = {}
     for name, processor_module in processors.items():
         if hasattr(processor_module, "to_k_ip"):
