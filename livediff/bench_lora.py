@@ -104,6 +104,16 @@ def _peft_call(engine: StreamEngine, names: list[str], latents: torch.Tensor, ti
     return lambda: unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
 
 
+def unet_flops(call: Any) -> float:
+    """GFLOP of one `call` as torch's FLOP counter sees it (matrix products and convolutions): what no
+    kernel choice can go below, so `gather`'s count over plain's is the floor of a per-row LoRA's cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        call()
+    return round(counter.get_total_flops() / 1e9, 4)
+
+
 def unet_comparison(engine: StreamEngine, plan: BenchPlan) -> dict[str, Any]:
     """The UNet call alone: plain, livediff's per-row LoRAs, PEFT's `adapter_names` (see the module docstring)."""
     from livediff.backends.multi_lora import LORA_SCALES
@@ -138,12 +148,14 @@ def unet_comparison(engine: StreamEngine, plan: BenchPlan) -> dict[str, Any]:
         UNetLane("dense", ours("dense")),
         UNetLane("peft", _peft_call(engine, names, latents, timesteps, embeds)),
     ]
+    flops = {lane.label: unet_flops(lane.call) for lane in lanes if lane.label in ("plain", "gather", "dense")}
     run_rounds(list(lanes), plan)
     reports = {lane.label: lane.report() for lane in lanes}
     outputs = {lane.label: lane.output for lane in lanes if lane.output is not None}
     plain_p50 = reports["plain"]["ms"]["p50"]
     ways = ("segmented", "gather", "dense", "peft")
-    result: dict[str, Any] = {"rows": rows, "loras": names, "strategy": chosen, **reports}
+    result: dict[str, Any] = {"rows": rows, "loras": names, "strategy": chosen, **reports, "gflop": flops}
+    result["gather_gflop_vs_plain"] = round(flops["gather"] / flops["plain"], 3)  # the floor of any per-row way
     result.update({f"{way}_vs_plain_p50": round(reports[way]["ms"]["p50"] / plain_p50, 3) for way in ways})
     for way in ways[:3]:
         result[f"{way}_max_abs_diff_from_peft"] = float((outputs[way].float() - outputs["peft"].float()).abs().max())
@@ -222,6 +234,9 @@ def format_lora(report: dict[str, Any]) -> str:
         f"({unet['gather_vs_plain_p50']:.3f}x), livediff dense {unet['dense']['ms']['p50']:.1f} "
         f"({unet['dense_vs_plain_p50']:.3f}x), PEFT adapter_names {unet['peft']['ms']['p50']:.1f} "
         f"({unet['peft_vs_plain_p50']:.3f}x)",
+        f"  GFLOP per call (torch's counter): plain {unet['gflop']['plain']:.3f}, gather "
+        f"{unet['gflop']['gather']:.3f} ({unet['gather_gflop_vs_plain']:.3f}x: the floor of the LoRA rows' cost), "
+        f"dense {unet['gflop']['dense']:.3f}",
         f"  largest difference from PEFT's prediction: segmented {unet['segmented_max_abs_diff_from_peft']:.1e}, "
         f"gather {unet['gather_max_abs_diff_from_peft']:.1e}, dense {unet['dense_max_abs_diff_from_peft']:.1e}",
     ]

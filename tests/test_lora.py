@@ -302,5 +302,6 @@ def test_bench_lora_reports_every_way_against_plain() -> None:
     for way in ("segmented", "gather", "dense"):  # the same predictions as PEFT's, whatever their speed
         assert unet[f"{way}_max_abs_diff_from_peft"] < 1e-4 and unet[f"{way}_vs_plain_p50"] > 0
     assert report["streams"][0]["loras"] == ["a", "b"] and report["streams"][0]["speedup_p50"] > 0
+    assert unet["gflop"]["dense"] > unet["gflop"]["gather"] > unet["gflop"]["plain"] > 0  # LoRA rows add work
     text = format_lora(report)
-    assert "PEFT adapter_names" in text and "2 streams (a, b)" in text
+    assert "PEFT adapter_names" in text and "2 streams (a, b)" in text and "the floor of the LoRA rows' cost" in text

@@ -23,18 +23,14 @@ Steps, as `fuse_lcm_lora` runs them:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from diffusers import LCMScheduler
+from diffusers import LCMScheduler, SchedulerMixin
 
 from livediff.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from livediff.models.parts import ModelParts
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +38,16 @@ ADAPTER = "livediff_lcm"
 """PEFT's name for the LoRA while it is being fused."""
 
 
-def fuse_lcm_lora(parts: ModelParts, source: str) -> ModelParts:
-    """`parts` with the LCM-LoRA `source` fused into their UNet (in place: the UNet object is the
-    same, its weights changed) and the LCM scheduler; `lcm_lora` and `revision` say so.
+def fuse_lcm_lora(unet: Any, scheduler: SchedulerMixin, source: str) -> tuple[SchedulerMixin, str]:
+    """Fuse the LCM-LoRA `source` into `unet` (in place: the same object, its weights changed);
+    the LCM scheduler built from `scheduler`'s config and the tag the model's revision gets
+    (`+lcm-lora=<digest>`).
 
     `ModelLoadError` in one line naming `--lcm-lora`, the source and why: not found, not a LoRA,
     no UNet layer, or made for another model family (a shape that does not fit this UNet).
     """
     from livediff.models.lora import diffusers_state
 
-    unet = parts.unet
     try:
         unet_keys, alphas = diffusers_state("lcm-lora", source, unet)
         digest = state_digest(unet_keys)
@@ -63,11 +59,8 @@ def fuse_lcm_lora(parts: ModelParts, source: str) -> ModelParts:
         raise ModelLoadError(f"--lcm-lora {source} could not be loaded: {type(exc).__name__}: {first}") from exc
     if not fused:
         raise ModelLoadError(f"--lcm-lora {source} has no layer of this model's UNet (a LoRA for another model?)")
-    scheduler = LCMScheduler.from_config(parts.scheduler.config)
     log.info("LCM-LoRA %s fused into %d UNet layers; scheduler LCMScheduler", source, fused)
-    return dataclasses.replace(
-        parts, scheduler=scheduler, revision=f"{parts.revision}+lcm-lora={digest}", lcm_lora=source
-    )
+    return LCMScheduler.from_config(scheduler.config), f"+lcm-lora={digest}"
 
 
 def _fuse(unet: Any, unet_keys: dict[str, torch.Tensor], alphas: dict[str, float] | None) -> int:

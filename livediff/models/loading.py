@@ -16,7 +16,7 @@ from livediff.errors import ModelLoadError
 from livediff.models.builtin import BUILDER_VERSION, BUILDERS, builtin_dir
 from livediff.models.hub import HubKind, fingerprint, snapshot
 from livediff.models.parts import ModelParts
-from livediff.models.single_file import is_single_file, load_single_file
+from livediff.models.single_file import is_single_file, load_single_file, locate_single_file
 
 if TYPE_CHECKING:
     from livediff.config import EngineSettings
@@ -59,18 +59,14 @@ def load_model(
     if model_config and not is_single_file(ref):
         raise ModelLoadError(f"--model-config {model_config} describes a single-file --model; {ref} is not one")
     if is_single_file(ref):
-        log.info("loading single-file model %s", ref)
-        revision, pipe = load_single_file(ref, model_config, dtype, vae, load_vae)
-        parts = ModelParts(
-            ref=str(Path(ref).expanduser()), revision=revision, unet=pipe.unet, vae=pipe.vae,
-            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, vae_ref=vae,
-        )  # fmt: skip
+        parts = _load_single_file(ref, model_config, dtype, vae)
     else:
         parts = _load_folder(ref, dtype, vae)
     if lcm_lora:
         from livediff.models.lcm_lora import fuse_lcm_lora
 
-        parts = fuse_lcm_lora(parts, lcm_lora)  # before the move: merged in the load dtype, on the host
+        scheduler, tag = fuse_lcm_lora(parts.unet, parts.scheduler, lcm_lora)  # on the host, in the load dtype
+        parts = dataclasses.replace(parts, scheduler=scheduler, revision=parts.revision + tag, lcm_lora=lcm_lora)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.to(device).eval().requires_grad_(False)
     return parts
@@ -80,6 +76,17 @@ def load_engine_model(settings: EngineSettings, device: torch.device | str, dtyp
     """`load_model` with the engine settings' model, VAE, LCM-LoRA and single-file config."""
     return load_model(settings.model, device, dtype, vae=settings.vae, lcm_lora=settings.lcm_lora,
                       model_config=settings.model_config)  # fmt: skip
+
+
+def _load_single_file(ref: str, config: str, dtype: torch.dtype, vae: str) -> ModelParts:
+    """The parts of a single-file checkpoint (`livediff.models.single_file`), on the host in `dtype`."""
+    checkpoint = locate_single_file(ref, config)
+    log.info("loading single-file model %s (%s, config %s)", ref, checkpoint.family, checkpoint.config)
+    own_vae = None if vae == "full" else load_vae(checkpoint.config_dir, vae, dtype)
+    pipe = load_single_file(checkpoint, dtype, own_vae)
+    return ModelParts(ref=str(checkpoint.path), revision=checkpoint.revision, unet=pipe.unet, vae=pipe.vae,
+                      text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                      vae_ref=vae)  # fmt: skip
 
 
 def _load_folder(ref: str, dtype: torch.dtype, vae: str) -> ModelParts:

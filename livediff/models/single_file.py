@@ -18,7 +18,8 @@ Each failure is one `ModelLoadError` line naming `--model`, the file and why.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -84,24 +85,45 @@ def checkpoint_family(path: Path) -> str:
     return family
 
 
-def load_single_file(
-    ref: str, config: str, dtype: torch.dtype, vae: str, load_vae: Callable[[Path, str, torch.dtype], Any]
-) -> tuple[str, Any]:
-    """The single-file checkpoint `ref` as `(revision, pipeline)`: a diffusers `StableDiffusionPipeline`
-    on the host in `dtype`, described by `config` (a diffusers folder or hub id; empty: the family's,
-    `DEFAULT_CONFIGS`). `vae` as `load_model`'s; unless `full`, the VAE comes from
-    `load_vae(config_dir, vae, dtype)` (passed in by `livediff.models.loading`, which imports this
-    module). `ModelLoadError` in one line naming the file and why."""
-    from diffusers import StableDiffusionPipeline
+@dataclass(frozen=True)
+class SingleFile:
+    """A checked single-file checkpoint and the diffusers config that describes it (steps 1-2)."""
 
+    path: Path
+    family: str
+    """`v1` or `v2` (diffusers' names)."""
+    config: str
+    """What `--model-config` named, or the family's default."""
+    config_dir: Path
+    """Its local folder."""
+
+    @property
+    def revision(self) -> str:
+        """The file by name, size and mtime (hashing gigabytes per start is too slow) and its config's fingerprint."""
+        stat = self.path.stat()
+        text = f"{self.path.name}:{stat.st_size}:{stat.st_mtime_ns}:{fingerprint(self.config_dir)}"
+        return "file-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def locate_single_file(ref: str, config: str) -> SingleFile:
+    """Steps 1-2 for `--model ref` with `--model-config config` (empty: the family's, `DEFAULT_CONFIGS`)."""
     path = Path(ref).expanduser()
     family = checkpoint_family(path)
     source = config or DEFAULT_CONFIGS[family]
-    config_dir = _config_dir(source, path, family)
-    extra: dict[str, Any] = {} if vae == "full" else {"vae": load_vae(config_dir, vae, dtype)}
+    return SingleFile(path, family, source, _config_dir(source, path, family))
+
+
+def load_single_file(checkpoint: SingleFile, dtype: torch.dtype, vae: torch.nn.Module | None) -> Any:
+    """Step 3: diffusers' `StableDiffusionPipeline` of `checkpoint` on the host in `dtype` (its
+    `unet`, `text_encoder`, `tokenizer`, `scheduler`, `vae`); `vae` replaces the file's own (None: the
+    file's, converted). `ModelLoadError` in one line naming the file and why."""
+    from diffusers import StableDiffusionPipeline
+
+    path, family, source = checkpoint.path, checkpoint.family, checkpoint.config
+    extra: dict[str, Any] = {} if vae is None else {"vae": vae}
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_dir), torch_dtype=dtype, local_files_only=True,
+            str(path), config=str(checkpoint.config_dir), torch_dtype=dtype, local_files_only=True,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - diffusers, safetensors and torch raise many kinds; one line names it
@@ -109,7 +131,7 @@ def load_single_file(
             f"--model {path} ({FAMILIES[family]}, config {source}) could not be loaded: "
             f"{type(exc).__name__}: {first_line(exc)}"
         ) from exc
-    return _revision(path, config_dir), pipe
+    return pipe
 
 
 def _config_dir(source: str, path: Path, family: str) -> Path:
@@ -123,13 +145,6 @@ def _config_dir(source: str, path: Path, family: str) -> Path:
         return snapshot(source, ["model_index.json", "*/*.json", "*/*.txt"], CONFIG)
     except ModelLoadError as exc:
         raise ModelLoadError(f"--model {path} ({FAMILIES[family]}) needs the diffusers config {source}: {exc}") from exc
-
-
-def _revision(path: Path, config_dir: Path) -> str:
-    """The file by name, size and mtime (hashing gigabytes per start is too slow) and its config's fingerprint."""
-    stat = path.stat()
-    digest = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{fingerprint(config_dir)}".encode())
-    return "file-" + digest.hexdigest()[:16]
 
 
 class _Shapes(Mapping[str, Any]):
