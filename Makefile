@@ -25,8 +25,12 @@ serve: setup
 bench: setup
 	$(BIN)/livediff bench $(ARGS)
 
+# Two pytest-xdist workers (JOBS=1: one process): a module runs whole on one worker, the modules with
+# slow tests first (tests/conftest.py). Many tests wait on real time (streams at camera rate, network
+# cases, browsers): two workers overlap those waits on two cores.
+JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q --durations=20 $(ARGS)
+	$(BIN)/python -m pytest -q --durations=20 $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile --no-loadscope-reorder) $(ARGS)
 
 # What CI checks before the tests: lint, formatting (ruff, line length 120) and types (mypy, 0 errors).
 lint: setup
