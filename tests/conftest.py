@@ -20,6 +20,26 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("LIVEDIFF_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "livediff"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker (`make test` runs two), torch computes on one thread: two workers of two
+    spinning OpenMP threads each on a 2-core machine starve each other (and the codec threads)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`make test`: `-n 2 --dist loadfile`) a test module runs whole on one worker (its
+    module-scoped fixtures, a server, a network test bed, a browser, are built once), and the modules
+    with a `slow` test are handed out first, so that no long module starts when the other worker has
+    nothing left to do (`--no-loadscope-reorder` keeps this order). Without xdist nothing changes."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: a module stays in one piece
+
+
 @pytest.fixture(scope="session")
 def tiny_parts():  # type: ignore[no-untyped-def]
     from livediff.models import load_model

@@ -120,18 +120,22 @@ async def test_a_lost_packet_and_its_retransmission_do_not_freeze_the_input(
                   f"passed {uplink.retransmissions_passed}; server {loss}")  # fmt: skip
             assert resumed >= 30, f"the input stopped after the lost packet ({resumed} frames in 25 s)"
             assert gap < RESUME_BOUND_S, f"the input froze {gap:.1f} s after one lost packet"
-            assert loss["packets_missed"] >= 1 and loss["nacks_sent"] >= 2
+            # One lost retransmission: a second NACK brings the packet back. Every one lost: the hole is
+            # given up 350 ms after it was seen, by when two NACKs usually went out (once, at load 13, one
+            # did); the keyframe request after it is what that case is about.
+            nacks = 1 if every_retransmission else 2
+            assert loss["packets_missed"] >= 1 and loss["nacks_sent"] >= nacks
             if every_retransmission:  # the hole was given up: a keyframe was asked for
                 assert loss["packets_lost"] >= 1 and loss["plis_sent"] + loss["firs_sent"] >= 1
             else:  # the repeated NACK brought it back
                 assert uplink.retransmissions_passed >= 1 and loss["packets_recovered"] >= 1
             # the session's stats messages and /metrics carry the counters
             message = await client.wait_message(
-                lambda m: m["type"] == "stats" and (m.get("loss") or {}).get("nacks_sent", 0) >= 2, timeout=30
+                lambda m: m["type"] == "stats" and (m.get("loss") or {}).get("nacks_sent", 0) >= nacks, timeout=30
             )
             assert message["loss"]["packets_missed"] >= 1
             assert await metric_value(http, server.url, "livediff_rtp_packets_missed_total") >= 1
-            assert await metric_value(http, server.url, "livediff_rtcp_nacks_sent_total") >= 2
+            assert await metric_value(http, server.url, "livediff_rtcp_nacks_sent_total") >= nacks
         finally:
             await client.close()
 

@@ -30,7 +30,7 @@ from tests.net.clients import HostLoop, ProbeClock, https_session
 from tests.pages_support import CHROMIUM, CHROMIUM_ARGS, chromium_missing, skip_without, wait_until
 from tests.server_fixtures import CameraTrack, Client, new_peer, prefer, replay_gathered, whep_view, whip_publish
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(420)]  # the first test also waits for the bed's three servers
 
 PORT = 8443
 TURN_SECRET = "test-bed-turn-secret"
@@ -91,7 +91,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             program = services.start_livediff(ns, host, PORT + index, state, *flags)
             programs.append(program)
         for index, (ns, host, state, _) in enumerate(starting):
-            programs[1 + index].wait_for("livediff: ready", timeout=150)
+            # three model loads at once: 10-20 s on a quiet machine, over 150 s at load 20
+            programs[1 + index].wait_for("livediff: ready", timeout=300)
             public = topology.CLOUD_PUBLIC_IP if ns == hosts.vm else host
             certificate = tls.describe(state / "tls" / "cert.pem", state / "tls" / "key.pem")
             servers.append(Server(programs[1 + index], f"https://{public}:{PORT + index}", certificate))
