@@ -151,3 +151,22 @@ def test_the_depth_estimator_runs_compiled_as_torch_does(built: tuple[list[Path]
         expected = torch_module(parts, "depth")(*inputs)
     actual = OrtRunner(built[0][5], torch.device("cpu"))(*inputs)
     assert expected.shape == actual.shape and (expected - actual).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow(reason="inductor compiles the depth network on the CPU: ~30 s")
+def test_the_depth_estimator_runs_inductor_compiled_under_cuda_graph_compiled(tiny_parts: ModelParts) -> None:
+    """`cuda-graph-compiled` records the depth estimator compiled, as it does the ControlNet; on the
+    CPU inductor runs too, so its output is checked against torch's here."""
+    from livediff.backends import create_depth
+    from livediff.models.depth import load_depth_model
+
+    depth = load_depth_model("tiny")
+    parts = tiny_parts.with_depth(depth)
+    inputs = sample_inputs(parts, "depth", SIZE, SIZE, batch=2, dtype=torch.float32, seed=6)
+    settings = EngineSettings(model="tiny", height=SIZE, width=SIZE, backend="cuda-graph-compiled")
+    run = create_depth(settings, tiny_parts, depth)
+    with torch.inference_mode():
+        expected = torch_module(parts, "depth")(*inputs)
+        actual = run(*inputs)
+    assert getattr(run, "name", None) == "depth"  # the compiled callable, not the eager network
+    assert expected.shape == actual.shape and (expected - actual).abs().max().item() < 1e-4

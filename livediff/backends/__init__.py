@@ -139,10 +139,15 @@ def create_depth(settings: EngineSettings, parts: ModelParts, depth: DepthParts,
     the engine cache and checked against torch on the compiled backends, as `create_controlnet`."""
     from livediff.backends.cache import DEPTH
 
-    if settings.backend == "torch" or settings.backend in GRAPH_BACKENDS:
+    if settings.backend == "torch" or settings.backend in GRAPH_BACKENDS:  # recorded into the step's graphs
         from livediff.backends.modules import DepthNetwork
 
-        return DepthNetwork(depth.model).eval()
+        network = DepthNetwork(depth.model).eval()
+        if settings.backend in COMPILED_GRAPH_BACKENDS:
+            from livediff.backends.compiled_graph import compile_module
+
+            return compile_module(network, "depth", parts.device)
+        return network
     return _compiled(settings, parts.with_depth(depth), DEPTH, progress)
 
 
