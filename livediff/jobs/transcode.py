@@ -2,7 +2,10 @@
 
 The same driver runs `livediff run` (the transform is `StreamEngine.step`, called here) and a server
 job (the transform hands the frames to the scheduler, which runs them beside live sessions). It runs
-on a thread of its own; decoding and the RGB conversion run one batch ahead on a second thread.
+on a thread of its own; decoding and the RGB conversion run up to two batches ahead on a second thread,
+and the YUV conversion and H.264 encoding up to two batches behind on a third (PyAV drops the GIL in
+FFmpeg's scaler and codecs, so the three overlap: the clip goes at the pace of the slowest stage, not
+the sum of the three).
 
 Batches for throughput: a stream's frames depend on each other only through its temporal state (the
 feature bank, motion-aware strength, the similarity filter, a `previous`-frame ControlNet, Stream
@@ -121,6 +124,68 @@ def _prefetch(
         thread.join(timeout=5)
 
 
+class _Encoder:
+    """Writes batches to a `ClipWriter` on a thread of its own, at most `depth` batches behind.
+
+    `put` hands a batch over (blocking while `depth` are pending) and raises the thread's error, if
+    any; `finish` waits until every batch is written and raises it; `stop` drops what is pending and
+    waits for the thread. The writer is used by this thread alone until `finish` or `stop` returns.
+    """
+
+    def __init__(self, writer: ClipWriter, depth: int = 2) -> None:
+        self.writer = writer
+        self.slots: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="livediff-encode", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self.slots.get()
+            if batch is None or self.stopping.is_set():
+                return
+            try:
+                for pts, image in batch:
+                    self.writer.write(image.numpy(), pts)
+            except BaseException as exc:  # noqa: BLE001 - raised on the transcode's thread
+                self.error = exc
+                return
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, batch: Batch) -> None:
+        while True:
+            self._check()
+            try:
+                self.slots.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    self._check()
+                    raise RuntimeError("the encoder thread ended") from None
+
+    def finish(self) -> None:
+        self.slots.put(None)
+        self.thread.join()
+        self._check()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        while True:  # drop the pending batches, so that the thread meets the end at once
+            try:
+                self.slots.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self.slots.put_nowait(None)
+        except queue.Full:
+            pass
+        self.thread.join()
+
+
 def transcode(
     source: Path,
     output: Path,
@@ -144,18 +209,22 @@ def transcode(
     started = time.monotonic()
     done = 0
     with ClipReader(source, info) as reader, ClipWriter(output, reader, width, height) as writer:
-        for batch in _prefetch(_batches(reader, lanes, width, height)):
-            if should_stop is not None and should_stop():
-                raise Cancelled()
-            images = transform([(i, image) for i, (_, image) in enumerate(batch)])
-            for (pts, _), image in zip(batch, images):
-                writer.write(image.numpy(), pts)
-            done += len(batch)
-            if on_progress is not None:
-                elapsed = time.monotonic() - started
-                on_progress(Progress(done, info.estimated_frames, elapsed, done / elapsed if elapsed > 0 else 0.0))
-        if done == 0:
-            raise ClipError(f"{source}: the video stream has no frame that decodes")
-        if on_encoding is not None:
-            on_encoding()
+        encoder = _Encoder(writer)
+        try:
+            for batch in _prefetch(_batches(reader, lanes, width, height)):
+                if should_stop is not None and should_stop():
+                    raise Cancelled()
+                images = transform([(i, image) for i, (_, image) in enumerate(batch)])
+                encoder.put([(pts, image) for (pts, _), image in zip(batch, images)])
+                done += len(batch)
+                if on_progress is not None:
+                    elapsed = time.monotonic() - started
+                    on_progress(Progress(done, info.estimated_frames, elapsed, done / elapsed if elapsed > 0 else 0.0))
+            if done == 0:
+                raise ClipError(f"{source}: the video stream has no frame that decodes")
+            if on_encoding is not None:
+                on_encoding()
+            encoder.finish()
+        finally:
+            encoder.stop()  # after an error or Ctrl-C: the writer then drops its part file
     return done
