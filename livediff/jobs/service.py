@@ -100,6 +100,8 @@ class Jobs:
                                 on_change=self.changed, on_finished=self._finished)  # fmt: skip
         self.worker.start()
         self.counts = await asyncio.to_thread(store.counts)
+        if self.recordings is not None:  # recordings a dead server left `recording` end as failed
+            await asyncio.to_thread(self.recordings.recover)
         if self.settings.retention_s:
             self._sweeping = asyncio.create_task(self._sweep_loop(), name="livediff-jobs-retention")
 
