@@ -243,6 +243,9 @@ class Recordings:
         """Called with a recording's record after each change of its state (from any thread: it must not block)."""
         self.webhooks: Callable[[str], list[dict[str, Any]] | None] | None = None
         """A recording's webhook events and attempts, or None when none are sent (blocks: call off the loop)."""
+        self.claim: Callable[[str], bool] | None = None
+        """Whether this server deletes a recording (`JobStore.claim_deletion`: the first caller wins), so that
+        replicas sweeping one storage delete and announce each recording once; None: always (blocks)."""
         registry = registry or CollectorRegistry()
         self.frames_dropped = Counter("livediff_recording_frames_dropped", "Frames dropped from recordings "
                                       "(the encoder's queue was full)", ["stream"], registry=registry)  # fmt: skip
@@ -343,6 +346,8 @@ class Recordings:
             return None
         if record["state"] == "recording":  # its server died while recording, or another replica records it
             raise RecordingActive(rec_id)
+        if self.claim is not None and not self.claim(rec_id):
+            return None  # another replica (or an earlier call) deletes it and announces it
         self.storage.remove(rec_id)
         self._changed({**record, "state": "deleted", "deleted_at": time.time()})
         return record

@@ -119,6 +119,11 @@ class Jobs:
             return None
         return describe_events(self.store.events(rec_id))
 
+    def recording_claim(self, rec_id: str) -> bool:
+        """`Recordings.claim`: whether this server deletes the recording (`JobStore.claim_deletion`; True while
+        the store is not open). Blocks: call off the event loop."""
+        return True if self.store is None else self.store.claim_deletion(rec_id)
+
     def _recording_event_soon(self, record: dict[str, Any]) -> None:
         task = asyncio.ensure_future(self._recording_event(record))
         self._event_tasks.add(task)
