@@ -20,7 +20,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +35,9 @@ from livediff.transport.frames import frame_to_tensor
 
 Batch = list[tuple[int, torch.Tensor]]
 """(pts, (H, W, 3) uint8 frame) pairs of consecutive frames."""
-Transform = Callable[[list[tuple[int, torch.Tensor]]], list[torch.Tensor]]
-"""(lane, (H, W, 3) uint8 frame) pairs, one per lane at most -> the transformed frames, in order."""
+Transform = Callable[[list[tuple[int, torch.Tensor]]], "list[torch.Tensor] | Future[list[torch.Tensor]]"]
+"""(lane, (H, W, 3) uint8 frame) pairs, one per lane at most -> the transformed frames, in order, or a future
+of them (a job's: the scheduler runs them; see `transcode`'s `in_flight`)."""
 
 
 class Cancelled(Exception):
@@ -196,6 +200,7 @@ def transcode(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_encoding: Callable[[], None] | None = None,
+    in_flight: int = 1,
 ) -> int:
     """Transform every frame of `source` into `output` (H.264 MP4 at `size` = (width, height)); the
     number of frames written.
@@ -204,27 +209,49 @@ def transcode(
     when the whole clip is written (see `ClipWriter`); `should_stop` is asked between batches and
     raises `Cancelled` when it says so; `on_encoding` is called once every frame is transformed, before
     the encoder is flushed and the file finished. Raises `ClipError` for a clip that cannot be decoded.
+
+    A `transform` that answers with a future may have up to `in_flight` batches handed over before the
+    oldest is waited for (so the engine finds the next batch waiting, not a hop away); such a transform
+    must not give two batches in flight the same streams. A cancelled future raises `Cancelled`; on
+    any error the futures still pending are cancelled.
     """
     width, height = size
     started = time.monotonic()
     done = 0
     with ClipReader(source, info) as reader, ClipWriter(output, reader, width, height) as writer:
         encoder = _Encoder(writer)
+        pending: deque[tuple[Batch, list[torch.Tensor] | Future[list[torch.Tensor]]]] = deque()
+
+        def settle() -> None:
+            nonlocal done
+            batch, result = pending.popleft()
+            try:
+                images = result.result() if isinstance(result, Future) else result
+            except FutureCancelled:
+                raise Cancelled() from None
+            encoder.put([(pts, image) for (pts, _), image in zip(batch, images)])
+            done += len(batch)
+            if on_progress is not None:
+                elapsed = time.monotonic() - started
+                on_progress(Progress(done, info.estimated_frames, elapsed, done / elapsed if elapsed > 0 else 0.0))
+
         try:
             for batch in _prefetch(_batches(reader, lanes, width, height)):
                 if should_stop is not None and should_stop():
                     raise Cancelled()
-                images = transform([(i, image) for i, (_, image) in enumerate(batch)])
-                encoder.put([(pts, image) for (pts, _), image in zip(batch, images)])
-                done += len(batch)
-                if on_progress is not None:
-                    elapsed = time.monotonic() - started
-                    on_progress(Progress(done, info.estimated_frames, elapsed, done / elapsed if elapsed > 0 else 0.0))
+                pending.append((batch, transform([(i, image) for i, (_, image) in enumerate(batch)])))
+                while len(pending) >= max(1, in_flight):
+                    settle()
+            while pending:
+                settle()
             if done == 0:
                 raise ClipError(f"{source}: the video stream has no frame that decodes")
             if on_encoding is not None:
                 on_encoding()
             encoder.finish()
         finally:
+            for _, result in pending:  # after an error: withdraw what the engine has not run yet
+                if isinstance(result, Future):
+                    result.cancel()
             encoder.stop()  # after an error or Ctrl-C: the writer then drops its part file
     return done
