@@ -159,3 +159,30 @@ def test_run_refuses_a_video_model_in_one_line(tmp_path: Path, capsys: pytest.Ca
     code = main(["run", str(clip), "-o", str(tmp_path / "out.mp4"), "--model", "tiny-video"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--model" in err and "video model" in err, err
+
+
+@pytest.mark.parametrize("fails", ["transform", "encoder"])
+def test_a_failure_in_either_thread_stops_the_transcode_and_leaves_no_file(tmp_path: Path, fails: str) -> None:
+    """The steps and the encoder run on two threads: an error on either (a step; a frame the encoder
+    cannot take) ends the transcode with that error, the encoder thread gone and no part file left."""
+    import threading
+
+    from livediff.jobs.transcode import transcode
+
+    clip = make_clip(tmp_path / "in.mp4", frames=40, size=(64, 64))
+    calls = [0]
+
+    def transform(frames: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        calls[0] += 1
+        if calls[0] == 3 and fails == "transform":
+            raise RuntimeError("the step failed")
+        if calls[0] == 3:  # not (H, W, 3) uint8: the encoder's from_ndarray refuses it
+            return [torch.zeros(5, dtype=torch.float64) for _ in frames]
+        return [image for _, image in frames]
+
+    output = tmp_path / "out.mp4"
+    with pytest.raises(Exception) as caught:
+        transcode(clip, output, probe(clip), transform, 4, (64, 64))
+    assert fails != "transform" or str(caught.value) == "the step failed"
+    assert not output.exists() and not (tmp_path / "out.mp4.part").exists()
+    assert not [t for t in threading.enumerate() if t.name in ("livediff-encode", "livediff-decode")]

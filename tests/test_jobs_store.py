@@ -150,3 +150,61 @@ def test_a_claim_skips_a_row_another_transaction_holds(postgres_url: str) -> Non
     got = store.claim("w1")
     assert got is not None and got.id == oldest.id
     store.close()
+
+
+def test_a_deletion_is_claimed_once_and_forgotten_after_retention(target: str | Path) -> None:
+    store = JobStore(target)
+    assert store.claim_deletion("rec_a", now=100.0)
+    assert not store.claim_deletion("rec_a", now=101.0)  # a second sweep, a repeated DELETE
+    assert store.claim_deletion("rec_b", now=102.0)
+    store.sweep(before=101.0, now=200.0)  # rec_a's claim is past the retention: forgotten, rec_b's kept
+    assert store.claim_deletion("rec_a", now=201.0) and not store.claim_deletion("rec_b", now=201.0)
+    store.close()
+
+
+def test_replicas_sweeping_one_storage_delete_and_announce_each_recording_once(
+    tmp_path: Path,
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """Two `Recordings` on one storage (two replicas), each claiming through its own connection to one
+    PostgreSQL, sweep the same finished recordings from two threads at once: each is deleted and announced
+    (`on_change` with `deleted`) by exactly one of them."""
+    import json
+
+    from livediff.jobs.recording import Recordings
+    from livediff.jobs.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path / "jobs")
+    ids = [f"rec_{i:032x}" for i in range(30)]
+    for rec_id in ids:
+        folder = storage.folder(rec_id)
+        folder.mkdir()
+        record = {"id": rec_id, "state": "complete", "started_at": 1.0, "ended_at": 2.0, "streams": {}}
+        (folder / "recording.json").write_text(json.dumps(record))
+    stores = [JobStore(postgres_url) for _ in range(2)]
+    announced: list[list[str]] = [[], []]
+    swept: list[list[str]] = [[], []]
+    replicas = []
+    for i, store in enumerate(stores):
+        replica = Recordings(storage)
+        replica.claim = store.claim_deletion
+        replica.on_change = lambda record, i=i: (
+            announced[i].append(record["id"]) if record["state"] == "deleted" else None
+        )
+        replicas.append(replica)
+    start = threading.Barrier(2)
+
+    def sweep(i: int) -> None:
+        start.wait()
+        swept[i] = replicas[i].sweep(before=10.0)
+
+    threads = [threading.Thread(target=sweep, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(announced[0] + announced[1]) == ids  # every one once, none twice
+    assert sorted(swept[0] + swept[1]) == ids and not set(swept[0]) & set(swept[1])
+    assert storage.ids("rec_") == set()
+    for store in stores:
+        store.close()

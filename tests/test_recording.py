@@ -262,3 +262,82 @@ def test_retention_and_recording_webhook_flags() -> None:
         parsed("--recordings-callback-url", hook)
     with pytest.raises(ConfigError, match="--recordings-callback-url: the URL must be an http"):
         parsed("--recordings-callback-url", "ftp://example.com/x")
+
+
+RECORD_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+import av, numpy as np
+from livediff.jobs.recording import Recordings
+from livediff.jobs.storage import LocalStorage
+
+recordings = Recordings(LocalStorage(Path(sys.argv[1])))
+recording = recordings.start("sess_1", {"prompt": "x"}, with_input=True)
+for i in range(40):
+    image = np.full((64, 64, 3), i * 5, np.uint8)
+    for track in recording.tracks.values():
+        track.offer(av.VideoFrame.from_ndarray(image, format="rgb24"))
+while not all((t.part.is_file() and t.frames >= 30) for t in recording.tracks.values()):
+    time.sleep(0.05)
+print(recording.id, flush=True)
+time.sleep(600)  # SIGKILLed here, mid-recording
+"""
+
+
+async def test_a_recording_whose_process_was_killed_fails_at_the_next_start(tiny_parts, tmp_path: Path, http) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    child = subprocess.Popen([sys.executable, "-c", RECORD_THEN_WAIT, str(state / "jobs")], stdout=subprocess.PIPE,
+                             text=True, env=env, cwd=root)  # fmt: skip
+    try:
+        assert child.stdout is not None
+        rec_id = child.stdout.readline().strip()
+        assert rec_id.startswith("rec_"), rec_id
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    folder = state / "jobs" / rec_id
+    assert json.loads((folder / "recording.json").read_text())["state"] == "recording"
+    assert (folder / "output.mp4.part").is_file() and not (folder / "output.mp4").exists()
+
+    async with webhook_receiver(SECRET) as receiver:
+        jobs = settings().replace(recordings_callback_url=receiver.url, webhook_allow_private=True, retention_s=3.0)
+        async with running_server(tiny_parts, size=64, jobs=jobs, state_dir=state) as server:
+            await receiver.wait_for(rec_id, "failed")
+            async with http.get(f"{server.url}/api/recordings/{rec_id}") as response:
+                record = await response.json()
+            assert record["state"] == "failed", record
+            assert f"pid {child.pid}" in record["error"] and record["ended_at"] >= record["started_at"]
+            assert not list(folder.glob("*.part"))
+            failed = next(p["data"] for _, p in receiver.verified if p["type"] == "recording.failed")
+            assert failed["id"] == rec_id and failed["error"] == record["error"]
+            deadline = time.monotonic() + 60  # then swept by retention as any failed recording
+            while True:
+                async with http.get(f"{server.url}/api/recordings/{rec_id}") as response:
+                    if response.status == 404:
+                        break
+                assert time.monotonic() < deadline, "the failed recording was never swept"
+                await asyncio.sleep(0.2)
+            await receiver.wait_for(rec_id, "deleted")
+            assert receiver.states(rec_id) == ["failed", "deleted"] and receiver.rejected == 0
+            assert not folder.exists()
+
+
+def test_a_live_owner_is_not_taken_for_a_dead_one(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from livediff.jobs.recording import owner_gone, this_owner
+
+    assert not owner_gone(this_owner())
+    assert owner_gone({**this_owner(), "pid_start": "1"})  # our pid, another process's start: a reused pid
+    assert not owner_gone({**this_owner(), "host": "another-host", "pid": 1})  # another host's: not judged here
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert owner_gone({**this_owner(), "pid": int(ended.stdout)}) and int(ended.stdout) != os.getpid()

@@ -8,6 +8,7 @@ the CLI prints it, a job fails with it as a permanent error, the HTTP route answ
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,8 +140,9 @@ class ClipReader:
         self.video = self.container.streams.video[0]
         self.video.thread_type = "AUTO"
         self.audio = self.container.streams.audio[0] if self.container.streams.audio else None
-        self.audio_packets: list[Any] = []
-        """Audio packets met so far, not yet taken by the writer (`take_audio`)."""
+        self.audio_packets: collections.deque[Any] = collections.deque()
+        """Audio packets met so far, not yet taken by the writer (`take_audio`); the decoder's thread
+        appends and the encoder's takes (a deque's append and popleft are thread-safe)."""
 
     def __enter__(self) -> ClipReader:
         return self
@@ -171,8 +173,12 @@ class ClipReader:
             # a truncated tail: the frames before it are kept, as players show them
 
     def take_audio(self) -> list[Any]:
-        packets, self.audio_packets = self.audio_packets, []
-        return packets
+        packets = []
+        while True:
+            try:
+                packets.append(self.audio_packets.popleft())
+            except IndexError:
+                return packets
 
 
 class ClipWriter:
@@ -201,6 +207,8 @@ class ClipWriter:
             raise
         self.reader = reader
         self.frames = 0
+        self.reformatter = av.video.reformatter.VideoReformatter()
+        """Kept across frames: FFmpeg's scaler context is made once, not per frame."""
 
     def __enter__(self) -> ClipWriter:
         return self
@@ -213,7 +221,7 @@ class ClipWriter:
 
     def write(self, rgb: np.ndarray, pts: int) -> None:
         """One (H, W, 3) uint8 RGB frame at `pts` (input time base), then any audio read so far."""
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        frame = self.reformatter.reformat(av.VideoFrame.from_ndarray(rgb, format="rgb24"), format="yuv420p")
         frame.pts = pts
         frame.time_base = self.reader.info.time_base
         for packet in self.video.encode(frame):

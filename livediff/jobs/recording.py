@@ -13,6 +13,13 @@ says `complete` (or `failed` with the reason). A finished recording is deleted b
 /api/recordings/{id}` or, past `--jobs-retention`, by the jobs' sweep (`Recordings.sweep`). Each state
 (`recording`, `complete`, `failed`, `deleted`) is handed to `Recordings.on_change` (the server makes it a
 signed webhook to `--recordings-callback-url`, as a job's).
+
+A record names the process that records (`owner`: host, pid and the pid's start time, so that a reused pid
+is not taken for it). A server that dies while recording leaves its MP4s unfinished (`.part`, no index: no
+player opens them) and its record saying `recording`; the next server on the same host and storage
+(`Recordings.recover`, at start) marks such a record `failed`, with the dead owner in the reason, ended at
+the part files' last write, drops the part files, and announces it like any other end; retention then
+sweeps it as any failed recording.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -46,6 +54,47 @@ STREAMS = ("output", "input")
 
 def new_recording_id() -> str:
     return "rec_" + uuid.uuid4().hex
+
+
+def process_start(pid: int) -> str | None:
+    """An identity of the running process `pid` on this host: its start time in clock ticks since boot
+    (`/proc/<pid>/stat`, field 22, proc(5)), "" where /proc is missing but the pid is alive (then a reused pid
+    is not told apart), None when no such process runs."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text[text.rindex(")") + 2 :].split()[19]  # the fields after the command name start at 3
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def this_owner() -> dict[str, Any]:
+    """The `owner` a record written by this process carries."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+
+
+def owner_gone(owner: dict[str, Any] | None) -> bool:
+    """Whether the process that wrote a `recording` record is known to be gone: it ran on this host and
+    no process with its pid and start time runs now. A record of another host is never judged here (its
+    host may still record it); a record with no owner (written before records named one) counts as gone."""
+    if not owner:
+        return True
+    if owner.get("host") != socket.gethostname():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return True
+    running = process_start(pid)
+    return running is None or (bool(running) and running != owner.get("pid_start"))
 
 
 class Track:
@@ -141,6 +190,8 @@ class Recording:
     error: str | None = None
     tracks: dict[str, Track] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    owner: dict[str, Any] = field(default_factory=this_owner)
+    """The recording process (`this_owner`): how the next server tells a recording whose server died."""
     _start: float = field(default_factory=time.monotonic)
 
     def note(self, changes: dict[str, Any]) -> None:
@@ -157,6 +208,7 @@ class Recording:
             "error": self.error,
             "streams": {name: self._stream(name, track) for name, track in self.tracks.items()},
             "timeline": self.timeline,
+            "owner": self.owner,
         }
 
     def _stream(self, name: str, track: Track) -> dict[str, Any]:
@@ -191,6 +243,9 @@ class Recordings:
         """Called with a recording's record after each change of its state (from any thread: it must not block)."""
         self.webhooks: Callable[[str], list[dict[str, Any]] | None] | None = None
         """A recording's webhook events and attempts, or None when none are sent (blocks: call off the loop)."""
+        self.claim: Callable[[str], bool] | None = None
+        """Whether this server deletes a recording (`JobStore.claim_deletion`: the first caller wins), so that
+        replicas sweeping one storage delete and announce each recording once; None: always (blocks)."""
         registry = registry or CollectorRegistry()
         self.frames_dropped = Counter("livediff_recording_frames_dropped", "Frames dropped from recordings "
                                       "(the encoder's queue was full)", ["stream"], registry=registry)  # fmt: skip
@@ -245,6 +300,42 @@ class Recordings:
         self._changed(recording.describe())
         return recording
 
+    def recover(self, now: float | None = None) -> list[str]:
+        """At start: recordings left `recording` by a server that died (`owner_gone`) become `failed`, with the
+        reason, ended at their part files' last write (else `now`), their part files removed and the change
+        announced (`on_change`) -> their ids. Blocks: call off the event loop."""
+        now = time.time() if now is None else now
+        active = {r.id for r in self.active.values()}
+        recovered = []
+        for rec_id in sorted(self.storage.ids("rec_")):
+            if rec_id in active:
+                continue
+            record = self.get(rec_id)
+            if record is None or record.get("state") != "recording" or not owner_gone(record.get("owner")):
+                continue
+            folder = self.storage.folder(rec_id)
+            parts = [p for p in folder.glob("*.part") if p.is_file()]
+            ended = max((p.stat().st_mtime for p in parts), default=now)
+            owner = record.get("owner") or {}
+            who = f"pid {owner['pid']} on {owner.get('host')}" if "pid" in owner else "an earlier server"
+            record.update(state="failed", ended_at=min(ended, now), error=f"the server recording it ({who}) ended "
+                          "without finishing the recording: its MP4s have no index and were removed")  # fmt: skip
+            for stream in record.get("streams", {}).values():
+                stream["frames"] = 0  # nothing of them is kept
+            for part in parts:
+                part.unlink(missing_ok=True)
+            path = folder / "recording.json.part"
+            path.write_text(json.dumps(record))
+            os.replace(path, folder / "recording.json")
+            try:
+                self.storage.store(rec_id, "recording.json")
+            except Exception as exc:  # noqa: BLE001 - the record stays in the working copy
+                log.warning("recording %s: storing its failed record failed: %s", rec_id, exc)
+            log.warning("recording %s: %s", rec_id, record["error"])
+            self._changed(record)
+            recovered.append(rec_id)
+        return recovered
+
     def delete(self, rec_id: str) -> dict[str, Any] | None:
         """Delete a finished recording, its files and record (from the bucket too) -> its record as it was, None
         when there is none. `RecordingActive` while it records. Blocks: call off the event loop."""
@@ -255,6 +346,8 @@ class Recordings:
             return None
         if record["state"] == "recording":  # its server died while recording, or another replica records it
             raise RecordingActive(rec_id)
+        if self.claim is not None and not self.claim(rec_id):
+            return None  # another replica (or an earlier call) deletes it and announces it
         self.storage.remove(rec_id)
         self._changed({**record, "state": "deleted", "deleted_at": time.time()})
         return record

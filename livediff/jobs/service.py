@@ -100,6 +100,8 @@ class Jobs:
                                 on_change=self.changed, on_finished=self._finished)  # fmt: skip
         self.worker.start()
         self.counts = await asyncio.to_thread(store.counts)
+        if self.recordings is not None:  # recordings a dead server left `recording` end as failed
+            await asyncio.to_thread(self.recordings.recover)
         if self.settings.retention_s:
             self._sweeping = asyncio.create_task(self._sweep_loop(), name="livediff-jobs-retention")
 
@@ -116,6 +118,11 @@ class Jobs:
         if not self.settings.recordings_callback_url or self.store is None:
             return None
         return describe_events(self.store.events(rec_id))
+
+    def recording_claim(self, rec_id: str) -> bool:
+        """`Recordings.claim`: whether this server deletes the recording (`JobStore.claim_deletion`; True while
+        the store is not open). Blocks: call off the event loop."""
+        return True if self.store is None else self.store.claim_deletion(rec_id)
 
     def _recording_event_soon(self, record: dict[str, Any]) -> None:
         task = asyncio.ensure_future(self._recording_event(record))

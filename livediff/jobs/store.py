@@ -148,6 +148,8 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS webhook_attempts (
         event_id TEXT NOT NULL, attempt INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL, status INTEGER,
         error TEXT, PRIMARY KEY (event_id, attempt))""",
+    """CREATE TABLE IF NOT EXISTS deletions (
+        id TEXT PRIMARY KEY, deleted_at DOUBLE PRECISION NOT NULL)""",
 ]
 
 
@@ -264,6 +266,18 @@ class JobStore:
         with self._tx() as cur:
             return self._insert_event(cur, subject, kind, url, data, now)
 
+    def claim_deletion(self, subject: str, now: float | None = None) -> bool:
+        """Whether this caller deletes `subject` (a recording, whose record lives in the storage, not here):
+        the first to ask wins, every later ask (another replica sweeping the same recording, a repeated
+        DELETE) gets False, so that it is deleted and announced once. One `INSERT ... ON CONFLICT DO NOTHING
+        RETURNING`: the primary key decides, on PostgreSQL across connections as on SQLite. Claims older
+        than the retention go with `sweep`."""
+        now = time.time() if now is None else now
+        with self._tx() as cur:
+            cur.execute("INSERT INTO deletions (id, deleted_at) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING "
+                        "RETURNING id", [subject, now])  # fmt: skip
+            return cur.fetchone() is not None
+
     def sweep(self, before: float, now: float | None = None) -> list[str]:
         """Retention: finished jobs (complete, failed, cancelled) that ended before `before` and have no webhook
         event still to deliver are deleted with their events, attempts and idempotency keys -> their ids (their
@@ -287,6 +301,7 @@ class JobStore:
             cur.execute(f"DELETE FROM webhook_events WHERE {done}", [before])
             cur.execute("DELETE FROM idempotency_keys WHERE expires_at < %s OR job_id NOT IN (SELECT id FROM jobs)",
                         [now])  # fmt: skip
+            cur.execute("DELETE FROM deletions WHERE deleted_at < %s", [before])
         return ids
 
     def _update(self, cur: _Cursor, sets: str, where: str, args: Sequence[Any], now: float) -> list[Job]:

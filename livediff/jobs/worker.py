@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import CancelledError as FutureCancelled
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,16 +214,19 @@ class JobWorker:
             raise PermanentError("the uploaded clip is no longer stored")
         info = await self._call(probe, source, self.settings.max_seconds)
         lanes = (self.settings.batch or engine.settings.max_batch) if independent_frames(params, engine.settings) else 1
-        streams = [await self.scheduler.run_on_worker(engine.open_stream, params) for _ in range(lanes)]
+        # independent frames: two batches in flight (the next waits at the scheduler while one runs), each on
+        # its own set of streams, so that two frames of one stream never meet in a step
+        in_flight = 2 if lanes > 1 else 1
+        sets = [[await self.scheduler.run_on_worker(engine.open_stream, params) for _ in range(lanes)]
+                for _ in range(in_flight)]  # fmt: skip
+        turn = [0]
 
-        def transform(frames: list[Any]) -> list[Any]:
-            future = asyncio.run_coroutine_threadsafe(
+        def transform(frames: list[Any]) -> Any:
+            streams = sets[turn[0] % in_flight]
+            turn[0] += 1
+            return asyncio.run_coroutine_threadsafe(
                 self.scheduler.run_background([(streams[lane], image) for lane, image in frames]), loop
             )
-            try:
-                return list(future.result())
-            except FutureCancelled:
-                raise Cancelled() from None
 
         def on_progress(progress: Progress) -> None:
             running.progress = progress
@@ -237,7 +239,7 @@ class JobWorker:
         size = (engine.settings.width, engine.settings.height)
         await self._call(
             transcode, source, self.storage.result_path(job.id), info, transform, lanes, size,
-            on_progress, running.stop.is_set, on_encoding,
+            on_progress, running.stop.is_set, on_encoding, in_flight,
         )  # fmt: skip
         await self._call(self.storage.store, job.id, "result.mp4")  # S3: put in the bucket before complete
         p = running.progress

@@ -52,6 +52,7 @@ def setup(app: web.Application, settings: JobSettings, state_dir: Path) -> None:
     kept = Recordings(app[JOBS].storage, service.metrics.registry)
     kept.on_change = app[JOBS].recording_changed  # their webhooks (--recordings-callback-url)
     kept.webhooks = app[JOBS].recording_webhooks
+    kept.claim = app[JOBS].recording_claim  # replicas sweeping one storage delete each recording once
     app[JOBS].recordings = kept
     recordings.setup(app, kept)
     app.on_startup.append(_start)
