@@ -78,3 +78,20 @@ def test_a_scale_change_on_onnx_runtime_needs_no_new_export(onnx_engine: tuple[S
     embeds = engine.conditioning.get("x").embeds
     torch.testing.assert_close(engine.backend.unet_with(latents, timesteps, embeds, values)[0],
                                engine.backend.unet(latents, timesteps, embeds), atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_a_mixed_batch_on_openvino_matches_onnx_runtime(onnx_engine: tuple[StreamEngine, list[str]],
+                                                        tiny_parts: Any) -> None:  # fmt: skip
+    """OpenVINO builds its blobs from the same exports (the engine cache the ONNX Runtime engine
+    made), so its LoRA graph takes the same per-row scale input: each stream of a mixed batch
+    gets ONNX Runtime's frame."""
+    pytest.importorskip("openvino")
+    engine, _ = onnx_engine
+    openvino = StreamEngine(engine.settings.replace(backend="openvino", dtype="float32"),
+                            parts=copy.deepcopy(tiny_parts))  # fmt: skip
+    assert openvino.backend.extras.tag == engine.backend.extras.tag
+    image = _frame()
+    expected = engine.step([(engine.open_stream(p), image) for p in PARAMS]).outputs
+    mixed = openvino.step([(openvino.open_stream(p), image) for p in PARAMS]).outputs
+    for ours, theirs in zip(mixed, expected):
+        assert int((ours.int() - theirs.int()).abs().max()) <= 2
