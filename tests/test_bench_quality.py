@@ -56,4 +56,4 @@ def test_quality_flags_are_checked(capsys) -> None:  # type: ignore[no-untyped-d
     assert main(["bench", "--quality", "--model", "tiny", "--size", "64", "--temporal", "{bank: 1}"]) == 2
     assert "--temporal" in capsys.readouterr().err
     assert main(["bench", "--quality", "--model", "tiny", "--size", "64", "--temporal", '{"bank": 9}']) == 2
-    assert "--temporal: temporal_bank must be an integer in 0..4" in capsys.readouterr().err
+    assert "--temporal: temporal.bank must be an integer in 0..4" in capsys.readouterr().err

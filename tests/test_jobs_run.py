@@ -131,6 +131,8 @@ def test_ctrl_c_leaves_no_half_written_output(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "livediff.cli", *RUN, str(source), "-o", str(output), "--batch", "8"],
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        # as from a terminal: a pytest-xdist worker ignores SIGINT, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert proc.stderr is not None
