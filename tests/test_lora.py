@@ -305,3 +305,122 @@ def test_bench_lora_reports_every_way_against_plain() -> None:
     assert unet["gflop"]["dense"] > unet["gflop"]["gather"] > unet["gflop"]["plain"] > 0  # LoRA rows add work
     text = format_lora(report)
     assert "PEFT adapter_names" in text and "2 streams (a, b)" in text and "the floor of the LoRA rows' cost" in text
+
+
+def test_lora_steps_are_recorded_and_a_switch_or_rescale_never_records_again(tiny_parts: Any) -> None:
+    """`cuda-graph` (its host stand-in recorder): a mixed batch with LoRA rows is recorded and its
+    frames equal eager torch's; switching a stream's LoRA or rescaling one replays the same recording."""
+    from livediff.backends.cuda_graph import CudaGraphBackend
+    from livediff.backends.unet_extras import unet_extras
+    from tests.test_cuda_graph import STAGES, HostReplay
+
+    config = EngineSettings(model="tiny", height=64, width=64, loras=(("ink", "tiny"), ("film", "random:8")))
+    parts = copy.deepcopy(tiny_parts)
+    eager, recorded = StreamEngine(config, parts=parts), StreamEngine(config, parts=parts)
+    recorder = HostReplay()
+    recorded.backend = CudaGraphBackend(parts, capture=recorder, extras=unet_extras(config, parts))
+    pairs = [(eager.open_stream(p), recorded.open_stream(p)) for p in PARAMS]
+    image = _frame()
+
+    def step() -> list[torch.Tensor]:
+        want = eager.step([(a, image) for a, _ in pairs]).outputs
+        got = recorded.step([(b, image) for _, b in pairs]).outputs
+        for w, g in zip(want, got):
+            assert torch.equal(w, g)
+        return got
+
+    for _ in range(3):  # eager, recorded, replayed
+        before = step()
+    graphs = recorded.backend.graphs  # type: ignore[attr-defined]
+    assert len(graphs.layouts) == 1 and recorder.recorded == len(STAGES) and recorder.replayed == 2 * len(STAGES)
+    (layout,) = graphs.layouts
+    assert layout[-1] == ("lora", (0, 1, 2, 1))  # how many LoRAs each row applies
+    changes = {1: (LoRAParams("film", 0.7),), 2: (LoRAParams("film", 1.2), LoRAParams("ink", -0.3)),
+               3: (LoRAParams("ink", -0.5),)}  # fmt: skip
+    for row, loras in changes.items():
+        for engine, stream in zip((eager, recorded), pairs[row]):
+            engine.update(stream, stream.params.replace(loras=loras))
+    after = step()
+    assert recorder.recorded == len(STAGES)  # switched and rescaled LoRAs: replayed, never recorded
+    assert torch.equal(after[0], before[0]) and all(_diff(after[r], before[r]) > 1 for r in changes)
+
+
+def test_stream_batch_lora_steps_replay_matching_eager(tiny_parts: Any) -> None:
+    """Stream Batch under `cuda-graph` (host stand-in): each row's LoRAs repeated over its pipeline
+    steps, recorded once, a rescale replayed, frames equal to eager torch's."""
+    from livediff.backends.cuda_graph import CudaGraphBackend
+    from livediff.backends.unet_extras import unet_extras
+    from tests.test_cuda_graph import STAGES, HostReplay
+
+    config = EngineSettings(model="tiny", height=64, width=64, stream_batch=True, loras=(("ink", "tiny"),))
+    parts = copy.deepcopy(tiny_parts)
+    eager, recorded = StreamEngine(config, parts=parts), StreamEngine(config, parts=parts)
+    recorder = HostReplay()
+    recorded.backend = CudaGraphBackend(parts, capture=recorder, extras=unet_extras(config, parts))
+    params = [StreamParams(steps=2, strength=0.8), StreamParams(steps=2, strength=0.8, loras=(LoRAParams("ink"),))]
+    pairs = [(eager.open_stream(p), recorded.open_stream(p)) for p in params]
+    image = _frame()
+    for index in range(5):
+        if index == 4:
+            for engine, stream in zip((eager, recorded), pairs[1]):
+                engine.update(stream, stream.params.replace(loras=(LoRAParams("ink", -1.5),)))
+        want = eager.step([(a, image) for a, _ in pairs]).outputs
+        got = recorded.step([(b, image) for _, b in pairs]).outputs
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+    graphs = recorded.backend.graphs  # type: ignore[attr-defined]
+    # the first step starts the pipelines, the second runs eagerly, the third records, all later replay
+    assert len(graphs.layouts) == 1 and recorder.recorded == len(STAGES) and recorder.replayed == 3 * len(STAGES)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_lora_steps_replay_from_cuda_graphs_matching_eager(tmp_path: Path) -> None:
+    """Real CUDA graphs: LoRA rows read from the recording's static inputs (no host value baked in),
+    a LoRA switch and rescale replayed, frames as eager torch's."""
+    from tests.test_fast_path import _cuda_engine, _worst
+
+    loras = (("ink", "tiny"), ("film", "random:8"))
+    eager = _cuda_engine("torch", tmp_path, loras=loras)
+    graphed = _cuda_engine("cuda-graph", tmp_path, loras=loras)
+    from livediff.synthetic import SyntheticCamera
+
+    frames = [torch.from_numpy(f) for f in SyntheticCamera(128, 128, seed=5).frames(8)]
+    first = StreamParams(prompt="a red fox", seed=1, loras=(LoRAParams("ink"),))
+    changes = [first.replace(loras=(LoRAParams("film", 0.6),)), first.replace(loras=(LoRAParams("film", -1.5),)),
+               first.replace(loras=(LoRAParams("ink", 2.0),))]  # fmt: skip
+    others = [StreamParams(seed=2), StreamParams(seed=3, loras=(LoRAParams("film", 1.0), LoRAParams("ink", 0.5)))]
+    worst = _worst(eager, graphed, [first, *others], frames, changes)
+    assert worst >= 40.0, f"PSNR {worst:.1f} dB"
+    graphs = graphed.backend.graphs  # type: ignore[attr-defined]
+    assert len(graphs.layouts) == 1  # recorded at the second frame, replayed through every switch and rescale
+
+
+def test_torch_compile_of_the_fixed_plan_never_recompiles_on_a_switch_or_rescale(tiny_parts: Any) -> None:
+    """What `cuda-graph-compiled` compiles: the UNet call with a fixed-shape LoRA plan (rows, slots,
+    scales as tensors) reuses dynamo's compiled frames when the slots and scales change, and equals
+    the host-planned eager call."""
+    import torch._dynamo
+
+    from livediff.backends.multi_lora import LORA_ROW_SCALES, LORA_ROWS, LORA_SLOTS
+
+    unet = copy.deepcopy(tiny_parts.unet)
+    feature = MultiLoRA([load_lora("ink", "tiny", unet), load_lora("film", "random:8", unet)], unet)
+    model = ExtrasUNet(unet, UNetExtras((feature,)))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.call, backend="eager", dynamic=False)
+    latents, timesteps, embeds = _inputs(3)
+    counters = torch._dynamo.utils.counters
+    frames = 0
+    with torch.inference_mode():
+        for matrix in ([[1.0, 0.0], [0.0, 0.0], [0.0, 0.5]], [[0.0, -1.2], [0.0, 0.0], [2.0, 0.0]],
+                       [[0.0, 0.3], [0.0, 0.0], [0.0, 1.9]]):  # fmt: skip
+            rows = feature.fixed_rows(torch.tensor(matrix), torch.device("cpu"))
+            assert rows is not None and rows.slots is not None and rows.scales is not None and rows.rows == (0, 2)
+            values = {LORA_SCALES: rows.matrix, LORA_ROWS: torch.tensor(rows.rows), LORA_SLOTS: rows.slots,
+                      LORA_ROW_SCALES: rows.scales}  # fmt: skip
+            out, _ = compiled(latents, timesteps, embeds, values)
+            eager, _ = model.call(latents, timesteps, embeds, {LORA_SCALES: rows.matrix})
+            torch.testing.assert_close(out, eager)
+            frames = frames or counters["stats"]["unique_graphs"]
+    assert frames > 0 and counters["stats"]["unique_graphs"] == frames
+    torch._dynamo.reset()

@@ -24,8 +24,10 @@ gathered from each stream's rings before the step's `unet` stage and the keys an
 returns are stored into the rings after it (`livediff.engine.temporal`: indexed on the host, copies
 on the device), so the recorded graph reads and writes the same static buffers whichever streams
 fill the rows and however full their banks are. The bank's UNet call is the torch backend's
-(`extras`, `livediff.backends.unet_extras`), recorded like the plain one. Steps with a LoRA row
-(their per-call row plan) and steps mixing step counts run eagerly; the others still replay.
+(`extras`, `livediff.backends.unet_extras`), recorded like the plain one. Steps with LoRA rows
+are recorded too: which rows apply a LoRA and how many each applies are part of the layout, the
+rows' slots and scales are device tensors copied in (`livediff.backends.multi_lora.LoRARows`), so
+a LoRA switch or rescale replays. Steps mixing step counts run eagerly; the others still replay.
 
 `cuda-graph-compiled` (`livediff.backends.compiled_graph`) records inductor-compiled networks
 through the same `StepGraphs`.
@@ -252,7 +254,7 @@ class CudaGraphBackend(TorchBackend):
     def __init__(self, parts: ModelParts, capture: Capture | None = None, max_layouts: int = 16,
                  extras: UNetExtras = NO_EXTRAS) -> None:  # fmt: skip
         """`extras`: the optional UNet inputs (the feature bank, ControlNet residuals, LoRAs), as
-        `TorchBackend` takes them; steps with a LoRA row run eagerly (the module docstring says why)."""
+        `TorchBackend` takes them; steps with LoRA rows are recorded too (the module docstring says how)."""
         if capture is None:
             require_cuda(parts.device)
             capture = cuda_capture(parts.device)

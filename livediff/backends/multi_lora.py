@@ -49,6 +49,54 @@ from livediff.models.lora import LoRAWeights
 LORA_SCALES = "lora_scales"
 """The UNet input: (rows, slots), each row's scale of each of the engine's LoRAs (0: not applied);
 the engine passes it in float32 on the host."""
+LORA_ROWS = "lora_rows"
+"""torch only, for a recorded step (`cuda-graph`), with `LORA_SLOTS` and `LORA_ROW_SCALES`: (R,)
+int64 rows that apply any LoRA, on the device; fixed by the step's layout."""
+LORA_SLOTS = "lora_slots"
+"""torch only, recorded step: (R, K) int64 slot of each such row's k-th LoRA (padding: slot 0 at
+scale 0), on the device; data (which LoRA is in a slot is copied into the recording)."""
+LORA_ROW_SCALES = "lora_row_scales"
+"""torch only, recorded step: (R, K) float32 scale of each such row's k-th LoRA, on the device; data."""
+
+
+@dataclass(frozen=True)
+class LoRARows:
+    """The LoRAs of one UNet call's rows, as the engine passes them.
+
+    `matrix` alone on an eager backend (the call plans its rows from it on the host). Where steps
+    are recorded (`cuda-graph`, `cuda-graph-compiled`) also the `gather` plan as device tensors of
+    a shape fixed by the layout (`rows` and K, the most LoRAs a row applies, are part of it), so a
+    recording reads the slots and scales as data: loading, switching or rescaling a LoRA copies new
+    values into the same recording.
+    """
+
+    matrix: torch.Tensor
+    """(N, slots) float32 host scales (`LORA_SCALES`)."""
+    rows: tuple[int, ...] = ()
+    """With `slots`: the rows that apply any LoRA, in order."""
+    slots: torch.Tensor | None = None
+    """(R, K) int64 on the device (`LORA_SLOTS`); None on an eager backend."""
+    scales: torch.Tensor | None = None
+    """(R, K) float32 on the device (`LORA_ROW_SCALES`); None on an eager backend."""
+
+    def repeat_each(self, times: int) -> LoRARows:
+        """Each row repeated `times` times in a row (Stream Batch)."""
+
+        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        rows = tuple(row * times + k for row in self.rows for k in range(times))
+        return LoRARows(self.matrix.repeat_interleave(times, dim=0), rows, repeat(self.slots), repeat(self.scales))
+
+    def doubled(self) -> LoRARows:
+        """The rows of a guided call (unconditional half, then conditional half: the same LoRAs)."""
+
+        def twice(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.cat([t, t])
+
+        count = self.matrix.shape[0]
+        rows = self.rows + tuple(row + count for row in self.rows)
+        return LoRARows(torch.cat([self.matrix, self.matrix]), rows, twice(self.slots), twice(self.scales))
 
 
 @dataclass(frozen=True)
@@ -281,7 +329,11 @@ class MultiLoRA:
 
     def bind(self, values: Mapping[str, torch.Tensor], unet_kwargs: dict[str, Any]) -> Collect:
         scales = values[LORA_SCALES]
-        self._plan = self.plan(scales)
+        slots = values.get(LORA_SLOTS)
+        if slots is None:
+            self._plan = self.plan(scales)
+        else:
+            self._plan = self.fixed_plan(values[LORA_ROWS], slots, values[LORA_ROW_SCALES], scales.shape[0])
 
         def collect() -> dict[str, torch.Tensor]:
             self._plan = None
@@ -319,8 +371,11 @@ class MultiLoRA:
             return None
         return SegmentPlan(tuple(segments), frozenset(segment.slot for segment in segments))
 
-    def gather_plan(self, scales: torch.Tensor, device: torch.device) -> LoRAPlan | None:
-        """The `gather` plan of a host (rows, slots) scale matrix (see the module docstring)."""
+    @staticmethod
+    def _gather_host(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """From a host (rows, slots) scale matrix: the (R,) rows that apply any LoRA, each one's
+        (R, K) slots and (R, K) scales (K: the most LoRAs a row applies; padding slot 0 at scale
+        0); None when no row applies one."""
         applied = scales != 0
         counts = applied.sum(dim=1)
         rows = counts.nonzero().flatten()
@@ -333,6 +388,32 @@ class MultiLoRA:
             found = applied[row].nonzero().flatten()
             slots[i, : found.numel()] = found
             row_scales[i, : found.numel()] = scales[row, found]
+        return rows, slots, row_scales
+
+    def fixed_rows(self, scales: torch.Tensor, device: torch.device) -> LoRARows | None:
+        """A host (rows, slots) scale matrix as `LoRARows` with the `gather` plan's tensors on
+        `device` (for a recorded step); None when no row applies a LoRA."""
+        found = self._gather_host(scales)
+        if found is None:
+            return None
+        rows, slots, row_scales = found
+        return LoRARows(scales, tuple(rows.tolist()), slots.to(device), row_scales.to(device))
+
+    def fixed_plan(self, rows: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor, total: int) -> LoRAPlan:
+        """The `gather` plan from device tensors (`LORA_ROWS`, `LORA_SLOTS`, `LORA_ROW_SCALES`) of
+        a call of `total` rows, with no host sync (a CUDA graph records it): every layer with a LoRA
+        runs (which slots are used is data), its values the same as `gather_plan`'s."""
+        count, k = slots.shape
+        spread = scales.to(self.dtype)[:, :, None].expand(count, k, self.rank).reshape(count, k * self.rank)
+        return LoRAPlan(rows=rows, all_rows=count == total, slots=slots, scales=spread,
+                        used=frozenset(range(len(self.names))))  # fmt: skip
+
+    def gather_plan(self, scales: torch.Tensor, device: torch.device) -> LoRAPlan | None:
+        """The `gather` plan of a host (rows, slots) scale matrix (see the module docstring)."""
+        found = self._gather_host(scales)
+        if found is None:
+            return None
+        rows, slots, row_scales = found
         spread = row_scales.repeat_interleave(self.rank, dim=1)
         return LoRAPlan(
             rows=rows.to(device),

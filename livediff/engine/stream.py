@@ -49,8 +49,9 @@ import torch
 
 from livediff.backends import EAGER, Backend, Stages, create_backend, resolve_backend
 from livediff.backends.control_residuals import RESIDUALS
+from livediff.backends.cuda_graph import CudaGraphBackend
 from livediff.backends.image_prompt import IP_EMBEDS, IP_ROWS, IP_SCALES, ImagePrompt
-from livediff.backends.multi_lora import LORA_SCALES, MultiLoRA
+from livediff.backends.multi_lora import LORA_ROW_SCALES, LORA_ROWS, LORA_SCALES, LORA_SLOTS, LoRARows, MultiLoRA
 from livediff.backends.temporal_attention import TemporalBank
 from livediff.backends.unet_extras import NO_EXTRAS
 from livediff.config import ControlParams, EngineSettings, ImagePromptParams, LoRAParams, StreamParams
@@ -187,9 +188,8 @@ class _Batch:
     clock: StageClock | None = None
     """With `controls` in an eager step only: the step's clock, which times the ControlNets' runs as
     a stage of their own (a recorded stage takes no clock: its ControlNets are timed within `unet`)."""
-    lora: torch.Tensor | None = None
-    """(B, slots) float32 host scales of each frame's LoRAs (`livediff.backends.multi_lora`); None
-    when no frame applies one."""
+    lora: LoRARows | None = None
+    """Each frame's LoRAs (`livediff.backends.multi_lora`); None when no frame applies one."""
     image: ImagePromptRows | None = None
     """Each frame's image prompt; None when no frame has one."""
 
@@ -202,7 +202,8 @@ class _Batch:
         return _Batch(self.coefs, self.noise, self.embeds.repeat_interleave(times, dim=0),
                       repeat(self.uncond), repeat(self.guidance), self.pending, self.bank,
                       tuple(controls for controls in self.controls for _ in range(times)), self.clock,
-                      repeat(self.lora), None if self.image is None else self.image.repeat_each(times))  # fmt: skip
+                      None if self.lora is None else self.lora.repeat_each(times),
+                      None if self.image is None else self.image.repeat_each(times))  # fmt: skip
 
 
 class StreamEngine:
@@ -488,16 +489,16 @@ class StreamEngine:
         """What fixes the shapes and the order of work of a step of `streams`: batch size, step
         count, guidance, under Stream Batch which streams start their pipeline, and which loaded
         ControlNets (`ready`, per stream) run on which rows at which denoising steps, each stream's
-        feature-bank size (0: none), and which rows have an image prompt (appended when any has).
-        None (never recorded) when the streams' step counts differ (that step gathers its groups by
-        index), or when a stream applies a LoRA. Params that are tensors in the step (prompt
-        embeddings, strength and motion-aware strength's timesteps as schedule coefficients, noise
-        from the seed, ControlNet scales and images, the bank's weight and its earlier frames,
-        image-prompt tokens and scales) are not part of it: a change of them, or a bank filling up,
+        feature-bank size (0: none), which rows have an image prompt (appended when any has), and
+        how many LoRAs each row applies (appended as `("lora", counts)` when any does). None (never
+        recorded) when the streams' step counts differ (that step gathers its groups by index).
+        Params that are tensors in the step (prompt embeddings, strength and motion-aware strength's
+        timesteps as schedule coefficients, noise from the seed, ControlNet scales and images, the
+        bank's weight and its earlier frames, image-prompt tokens and scales, which LoRAs a row
+        applies and at what scales) are not part of it: a change of them, or a bank filling up,
         replays the same recording."""
         steps = {len(stream.params.timesteps) for stream in streams}
-        # steps with a LoRA row run eagerly: the per-call row plan has no fixed shape per layout yet
-        if len(steps) > 1 or any(stream.conditioning.lora is not None for stream in streams):
+        if len(steps) > 1:
             return None
         count = steps.pop()
         guided = any(stream.conditioning.uncond is not None for stream in streams)
@@ -505,8 +506,12 @@ class StreamEngine:
         banks = tuple(0 if s.bank is None else s.bank.frames for s in streams) if self._banked(streams) else ()
         controls = tuple(tuple((c.name, _active(c, count)) for c in row) for row in ready) if any(ready) else ()
         imaged = tuple(self._image_of(stream) is not None for stream in streams)
-        layout = (len(streams), count, guided, starting, banks, controls)
-        return layout + (imaged,) if any(imaged) else layout  # which rows have an image prompt
+        layout: tuple[Hashable, ...] = (len(streams), count, guided, starting, banks, controls)
+        if any(imaged):
+            layout += (imaged,)  # which rows have an image prompt
+        loras = tuple(0 if s.conditioning.lora is None else int(torch.count_nonzero(s.conditioning.lora))
+                      for s in streams)  # fmt: skip
+        return layout + (("lora", loras),) if any(loras) else layout  # the LoRA rows' fixed shape
 
     def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, 3) uint8 frames on the device, in one host-to-device copy."""
@@ -645,12 +650,17 @@ class StreamEngine:
             batch.guidance = torch.cat([c.guidance for c in conds]).to(self.dtype)[:, None, None, None]
         return batch
 
-    def _lora_rows(self, conds: list[Conditioning]) -> torch.Tensor | None:
-        """(B, slots) host LoRA scales of the frames, None when none applies a LoRA."""
+    def _lora_rows(self, conds: list[Conditioning]) -> LoRARows | None:
+        """The frames' LoRAs: their (B, slots) host scales, with the rows' slots and scales as
+        device tensors where the backend records steps (`MultiLoRA.fixed_rows`); None when none
+        applies a LoRA."""
         if self.lora_feature is None or all(c.lora is None for c in conds):
             return None
         zero = torch.zeros(len(self.lora_feature.names))
-        return torch.stack([zero if c.lora is None else c.lora for c in conds])
+        matrix = torch.stack([zero if c.lora is None else c.lora for c in conds])
+        if isinstance(self.backend, CudaGraphBackend):  # a layout's eager first step runs what its recording will
+            return self.lora_feature.fixed_rows(matrix, self.device)
+        return LoRARows(matrix)
 
     @staticmethod
     def _image_of(stream: Stream) -> torch.Tensor | None:
@@ -684,7 +694,7 @@ class StreamEngine:
             return self._unet(x, timesteps, batch.embeds, bank, controls, batch.clock, batch.lora, batch.image)
         both, new = self._unet(
             torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([batch.uncond, batch.embeds]), bank,
-            controls + controls, batch.clock, None if batch.lora is None else torch.cat([batch.lora, batch.lora]),
+            controls + controls, batch.clock, None if batch.lora is None else batch.lora.doubled(),
             self._guided_image(batch.image, x.shape[0]),
         )  # fmt: skip
         unconditional, conditional = both.chunk(2)
@@ -710,16 +720,19 @@ class StreamEngine:
 
     def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, bank: BankFeed | None,
               controls: list[list[ControlRow]], clock: StageClock | None,
-              lora: torch.Tensor | None = None,
+              lora: LoRARows | None = None,
               image: ImagePromptRows | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
         """One UNet call: the plain graph when no row has a bank, a ControlNet or a LoRA, else the
         graph with extra inputs (the ControlNets run first). `bank`: the call's bank feed (None
         without); returns the prediction and, with `bank`, this frame's keys and values per layer
-        (`bank_new_{i}`), which the engine stores after the stage. `lora`: (N, slots) host LoRA
-        scales of the rows, None when none applies one."""
+        (`bank_new_{i}`), which the engine stores after the stage. `lora`: the rows' LoRAs, None
+        when none applies one."""
         values: dict[str, torch.Tensor] = {}
         if lora is not None:
-            values[LORA_SCALES] = lora
+            values[LORA_SCALES] = lora.matrix
+            if lora.slots is not None and lora.scales is not None:  # a fixed plan: device tensors a recording reads
+                values[LORA_ROWS], values[LORA_SLOTS] = self._row_indices(lora.rows), lora.slots
+                values[LORA_ROW_SCALES] = lora.scales
         if image is not None:
             values[IP_EMBEDS], values[IP_SCALES] = image.tokens, image.scales
             if image.rows != tuple(range(x.shape[0])):
