@@ -313,6 +313,14 @@ def run_bench(settings_list: list[EngineSettings], plan: BenchPlan, parts: Model
     return report
 
 
+def engine_line(report: dict[str, Any]) -> str:
+    """The first line of an adapter bench's text report: model, backend, device, dtype, size, steps, batch."""
+    return (
+        f"model {report['model']}  backend {report['backend']}  device {report['device']} ({report['threads']} "
+        f"threads)  dtype {report['dtype']}  size {report['size']}  steps {report['steps']}  batch {report['batch']}"
+    )
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from livediff.bench import BenchPlan, percentiles, run_rounds
+from livediff.bench import BenchPlan, engine_line, percentiles, run_rounds
 from livediff.bench_lora import UNetLane
 from livediff.config import EngineSettings, ImagePromptParams, StreamParams
 from livediff.engine import StreamEngine
@@ -148,8 +148,7 @@ def run_ip_adapter_bench(settings: EngineSettings, plan: BenchPlan) -> dict[str,
 def format_ip_adapter(report: dict[str, Any]) -> str:
     """`report` as lines of text."""
     lines = [
-        f"model {report['model']}  backend {report['backend']}  device {report['device']} ({report['threads']} "
-        f"threads)  dtype {report['dtype']}  size {report['size']}  steps {report['steps']}  batch {report['batch']}",
+        engine_line(report),
         f"IP-Adapter {report['ip_adapter']}: {report['tokens']} image tokens, {report['layers']} "
         "cross-attention layers",
         "",

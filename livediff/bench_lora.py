@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from livediff.bench import BenchPlan, percentiles, run_rounds
+from livediff.bench import BenchPlan, engine_line, percentiles, run_rounds
 from livediff.bench_controlnet import MixedLane
 from livediff.config import EngineSettings, LoRAParams, StreamParams
 from livediff.engine import StreamEngine
@@ -213,8 +213,7 @@ def run_lora_bench(settings: EngineSettings, plan: BenchPlan, streams: tuple[int
 def format_lora(report: dict[str, Any]) -> str:
     """`report` as lines of text."""
     lines = [
-        f"model {report['model']}  backend {report['backend']}  device {report['device']} ({report['threads']} "
-        f"threads)  dtype {report['dtype']}  size {report['size']}  steps {report['steps']}  batch {report['batch']}",
+        engine_line(report),
         f"LoRAs {', '.join(f'{k}={v}' for k, v in report['loras'].items())}: rank {report['rank']}, "
         f"{report['layers']} layers",
         "",
