@@ -3,6 +3,8 @@ the merged metrics, the flags. The end-to-end behaviour is in test_cluster.py.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.tools import import_or_skip
@@ -13,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from livediff.cli import build_parser, cluster_settings, main  # noqa: E402
 from livediff.cluster.autoscale import desired_replicas  # noqa: E402
-from livediff.cluster.calls import HttpCall, end_to_end, route_key, session_route  # noqa: E402
+from livediff.cluster.calls import HttpCall, HttpReply, end_to_end, route_key, session_route  # noqa: E402
 from livediff.cluster.metrics import merge  # noqa: E402
 from livediff.cluster.routing import ReplicaView  # noqa: E402
 from livediff.cluster.run import replica_shape  # noqa: E402
@@ -37,6 +39,13 @@ def test_session_paths_carry_their_replica() -> None:
     assert end_to_end([("Host", "x"), ("Content-Length", "3"), ("ETag", '"1"'), ("connection", "close")]) == [
         ("ETag", '"1"')
     ]
+    # the session an answer to a session-opening call made, as the gateway's placement counts it
+    whip = HttpReply(201, [("Location", "/whip/abcd1234-0123456789ab")], b"v=0", "abcd1234")
+    offer = HttpReply(200, [], b'{"sdp": "v=0", "type": "answer", "session_id": "abcd1234-0123456789ab"}', "abcd1234")
+    assert whip.opened_session() == offer.opened_session() == "abcd1234-0123456789ab"
+    assert HttpReply(503, [("Location", "/whip/a-b")], b"{}", "a").opened_session() == ""
+    assert HttpReply(200, [], b"not json", "a").opened_session() == ""
+    assert HttpReply(200, [], b'{"session_id": 3}', "a").opened_session() == ""
 
 
 def test_server_settings_take_a_route_prefix_only_of_safe_characters() -> None:
@@ -209,39 +218,74 @@ def test_new_sessions_go_to_the_most_free_room() -> None:
     assert counts == {"a": 4, "b": 4}
 
 
-def test_an_opening_call_counts_until_stats_taken_after_its_answer() -> None:
-    """The router's view of a replica counts a session-opening call in `placing` until a stats snapshot
-    taken after the call's answer: a snapshot taken while the call was still on its way (here the
-    answer took 3 s, as on a loaded machine) must not make the replica look empty (CI split four
-    sessions 3/1 when a 0.5 s window forgot such calls)."""
+def _router_view() -> Any:
+    """A SessionRouter's view and call counts alone: no Serve controller behind it."""
     from collections import defaultdict
-    from types import SimpleNamespace
 
     from livediff.cluster.routing import OpeningCalls, SessionRouter
 
-    router = SessionRouter.__new__(SessionRouter)  # its view alone: no Serve controller behind it
+    router = SessionRouter.__new__(SessionRouter)
     router._opened = defaultdict(OpeningCalls)
+    router._stats = {}
+    return router
 
-    def replica(sessions: int, at: float) -> SimpleNamespace:
-        stats = {"at": at, "sessions": sessions, "max_sessions": 4, "ready": True}
-        return SimpleNamespace(replica_id=SimpleNamespace(unique_id="a"), routing_stats=stats)
 
+def _replica(key: str, sessions: list[str], at: float) -> Any:
+    from types import SimpleNamespace
+
+    stats = {"at": at, "sessions": sessions, "max_sessions": 4, "ready": True}
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=key), routing_stats=stats)
+
+
+def test_an_opening_call_counts_until_stats_show_its_session_or_are_taken_after_its_answer() -> None:
+    """The router's view of a replica counts a session-opening call in `placing` until a stats snapshot
+    lists its session, or one taken after its answer does not (the session ended): a snapshot taken
+    while the call was on its way (the answer took 3 s, as on a loaded machine) must not make the
+    replica look empty, nor one that lists the session count it twice."""
+    router = _router_view()
     calls = router._opened["a"]
     first = calls.sent(100.0)
-    assert router.view(replica(0, at=99.0)).placing == 1  # stats older than the call
-    assert router.view(replica(0, at=101.0)).placing == 1  # taken while on its way: may miss it
-    calls.answered(first, now=103.0, opened=True)
-    assert router.view(replica(0, at=102.5)).placing == 1  # taken before the answer: may still miss it
-    view = router.view(replica(1, at=104.0))  # taken after the answer: it shows the session
+    assert router.view(_replica("a", [], at=99.0)).placing == 1  # stats older than the call
+    assert router.view(_replica("a", [], at=101.0)).placing == 1  # taken while on its way: may miss it
+    calls.answered(first, now=103.0, opened=True, session="a-1")
+    assert router.view(_replica("a", [], at=102.5)).placing == 1  # taken before the answer, without it
+    view = router.view(_replica("a", ["a-1"], at=102.6))  # taken before the answer, with it: counted once
     assert (view.sessions, view.placing, view.free) == (1, 0, 3)
-    assert router.view(replica(1, at=102.0)).placing == 0  # and it is forgotten for good
+    assert router.view(_replica("a", [], at=102.0)).sessions == 1  # an older snapshot arriving late is passed over
 
     refused = calls.sent(105.0)
-    second = calls.sent(105.1)
+    failed = calls.sent(105.1)
     calls.answered(refused, now=105.5, opened=False)  # a 503 made no session: it stops counting
-    assert router.view(replica(1, at=104.0)).placing == 1
-    calls.answered(second, now=106.0, opened=True)
-    assert router.view(replica(2, at=106.5)).placing == 0
+    calls.answered(failed, now=106.0, opened=True)  # an error: it may have made one, unnamed
+    assert router.view(_replica("a", ["a-1"], at=105.8)).placing == 1
+    view = router.view(_replica("a", ["a-1"], at=106.5))  # after its answer, no new session: forgotten
+    assert (view.sessions, view.placing) == (1, 0)
+    ended = calls.sent(107.0)
+    calls.answered(ended, now=107.5, opened=True, session="a-2")
+    assert router.view(_replica("a", ["a-1"], at=108.0)).placing == 0  # it ended before these stats
+
+
+def test_sequential_sessions_on_stale_stats_split_evenly() -> None:
+    """The split CI saw (four sessions opened one after the other went 3/1): each replica's stats were
+    taken while a call to it was still on its way back, and none came after. Counting each session
+    once, from the snapshot or from the call, they go 2/2 whatever the snapshots' timing."""
+    from livediff.cluster.routing import choose_replica
+
+    router = _router_view()
+    stats = {"a": ([], 99.0), "b": ([], 99.0)}
+    made: dict[str, list[str]] = {"a": [], "b": []}
+    now = 100.0
+    for _ in range(4):
+        chosen = choose_replica([router.view(_replica(k, ids, at)) for k, (ids, at) in stats.items()])
+        assert chosen is not None
+        call = router._opened[chosen.key].sent(now)
+        session = f"{chosen.key}-{len(made[chosen.key])}"
+        made[chosen.key].append(session)
+        if len(made[chosen.key]) == 1:  # its one snapshot: the session made, the answer not yet back
+            stats[chosen.key] = (list(made[chosen.key]), now + 0.4)
+        router._opened[chosen.key].answered(call, now + 0.9, True, session)
+        now += 1.0
+    assert {k: len(v) for k, v in made.items()} == {"a": 2, "b": 2}
 
 
 def test_opening_calls_are_bounded() -> None:

@@ -7,8 +7,10 @@ replica, is read from its path: session ids are `{route key}-{12 hex digits}`
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -65,6 +67,22 @@ class HttpReply:
     body: bytes
     replica: str
     """The route key of the replica that answered."""
+
+    def opened_session(self) -> str:
+        """The session this answer to a session-opening call made: named by its Location (WHIP) or by
+        its JSON body's `session_id` (POST /offer); "" when it names none."""
+        if self.status >= 300:
+            return ""
+        location = next((v for k, v in self.headers if k.lower() == "location"), "")
+        match = SESSION_PATHS.match(urlsplit(location).path)
+        if match:
+            return match["id"]
+        try:
+            body = json.loads(self.body)
+        except ValueError:
+            return ""
+        session = body.get("session_id") if isinstance(body, dict) else None
+        return session if isinstance(session, str) else ""
 
 
 def route_key(session_id: str) -> str | None:

@@ -239,12 +239,12 @@ class Gateway:
         reply = _json(503, {"error": "no replica is ready"}, RETRY_AFTER_S)
         while (chosen := choose_replica(await self.replicas(), tuple(refused))) is not None:
             opening = note_opened(self.app_name, ENGINE, chosen.key)
-            opened = True  # until an answer says otherwise (a call that failed may still have made one)
+            opened, session = True, ""  # until an answer says otherwise (a call that failed may have made one)
             try:
                 reply = await self.send(call, route=chosen.key)
-                opened = reply.status < 300
+                opened, session = reply.status < 300, reply.opened_session()
             finally:
-                note_answered(self.app_name, ENGINE, chosen.key, opening, opened)
+                note_answered(self.app_name, ENGINE, chosen.key, opening, opened, session)
             if reply.status != 503 or not reply.replica or reply.replica in refused:
                 return reply
             refused.append(reply.replica)

@@ -12,10 +12,13 @@ A new session is sent to the replica `choose_replica` picks (the most free room)
 gateway picks it from this router's view rather than letting the router rank replicas, because
 Serve's router moves to a lower rank whenever the best replica's queue-length probe is slow (on
 a busy machine: 3 of 4 sessions went to one replica), where a named replica is waited for.
-Free room comes from each replica's `record_routing_stats`, read every `stats_period_s`. Placing a
-burst of sessions on stats that old would put them all on one replica, so the router also counts
-each session-opening call until a snapshot of its replica's stats taken after the call's answer
-(`note_opened`, `note_answered`, `OpeningCalls`): only such a snapshot surely shows the session.
+Free room comes from each replica's `record_routing_stats` (its sessions, by id), read every
+`stats_period_s`. Placing a burst of sessions on stats that old would put them all on one replica,
+so the router also counts each session-opening call it sent until a snapshot shows its session, or
+one taken after its answer does not (`note_opened`, `note_answered`, `OpeningCalls`). Each session
+is counted once: a replica counting its calls under way beside its sessions, or the router counting
+a call the snapshot already shows, made two replicas look alike when they were not, and CI saw four
+sequential sessions split 3/1.
 
 The gateway enumerates replicas (metrics, session lists, readiness) through `live_replicas`,
 this process's router's own view of what Serve routes to: no second registry of replicas.
@@ -31,6 +34,7 @@ import dataclasses
 import importlib
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +54,7 @@ class ReplicaView:
 
     key: str
     sessions: int
-    """Its sessions, with the calls opening one, when its stats were taken."""
+    """Its sessions when its stats were taken."""
     placing: int
     """Session-opening calls routed to it that `sessions` may miss (see `OpeningCalls`)."""
     max_sessions: int
@@ -104,17 +108,19 @@ class OpeningCall:
     sent: float
     answered: float | None = None
     """When its answer came back; None while it is on its way."""
+    session: str = ""
+    """The session its answer names ("" while on its way, or when the answer named none)."""
 
 
 class OpeningCalls:
     """The session-opening calls sent to one replica that its stats may not show yet.
 
-    A call is counted from when it is sent until a stats snapshot taken after its answer came back:
-    a snapshot taken earlier may have been taken before the replica even received it, however long
-    the answer took (an answer can take seconds on a loaded machine; a fixed window of 0.5 s let a
-    slow one drop out of the count and sent the next session to the same replica). While a call is
-    on its way a snapshot may count it too (as one being opened): counting it twice for that long
-    only spreads a burst. A call answered without a session (a refusal, an error) stops counting.
+    A call counts from when it is sent until a stats snapshot lists its session, or a snapshot taken
+    after its answer came back does not (the session ended, or the call failed on its way): such a
+    snapshot is the truth, however long the answer took (seconds, on a loaded machine). While a call
+    is on its way its session id is unknown, so a snapshot showing its session counts it a second time
+    for that long: that only spreads a burst of calls made together. A call answered without a session
+    (a refusal) stops counting at once.
     """
 
     LIMIT = 256
@@ -128,16 +134,19 @@ class OpeningCalls:
         self._calls = [*self._calls[-(self.LIMIT - 1) :], call]
         return call
 
-    def answered(self, call: OpeningCall, now: float, opened: bool) -> None:
-        """`call`'s answer came back at `now`; `opened`: it made a session."""
+    def answered(self, call: OpeningCall, now: float, opened: bool, session: str = "") -> None:
+        """`call`'s answer came back at `now`; `opened`: it may have made a session (`session`, when
+        the answer names it)."""
         if opened:
-            call.answered = now
+            call.answered, call.session = now, session
         elif call in self._calls:
             self._calls.remove(call)
 
-    def missing_from(self, stats_at: float) -> int:
-        """Calls that stats taken at `stats_at` may not show; forgets those it surely shows."""
-        self._calls = [c for c in self._calls if c.answered is None or c.answered >= stats_at]
+    def missing_from(self, stats_at: float, sessions: Collection[str] = ()) -> int:
+        """Calls that stats taken at `stats_at` listing `sessions` do not show; forgets the others."""
+        self._calls = [
+            c for c in self._calls if c.answered is None or (c.answered >= stats_at and c.session not in sessions)
+        ]
         return len(self._calls)
 
 
@@ -148,11 +157,14 @@ def note_opened(app_name: str, deployment: str, key: str) -> OpeningCall | None:
     return None if router is None else router.opened(key)
 
 
-def note_answered(app_name: str, deployment: str, key: str, call: OpeningCall | None, opened: bool) -> None:
-    """The answer to `call` (from `note_opened`) came back; `opened`: it made a session."""
+def note_answered(
+    app_name: str, deployment: str, key: str, call: OpeningCall | None, opened: bool, session: str = ""
+) -> None:
+    """The answer to `call` (from `note_opened`) came back; `opened`: it may have made a session
+    (`session`, when the answer names it)."""
     router = _ROUTERS.get(f"{app_name}#{deployment}")
     if router is not None and call is not None:
-        router.answered(key, call, opened)
+        router.answered(key, call, opened, session)
 
 
 def draining_replicas(app_name: str, deployment: str) -> dict[str, ReplicaView]:
@@ -175,6 +187,8 @@ class SessionRouter(RequestRouter):
         super().__init__(*args, **kwargs)
         self._opened: defaultdict[str, OpeningCalls] = defaultdict(OpeningCalls)
         self.departed: OrderedDict[str, ReplicaView] = OrderedDict()
+        self._stats: dict[str, dict[str, Any]] = {}
+        """The newest routing stats seen of each replica (`_newest_stats`)."""
         # Serve may ship this class by value (with a copy of this module's globals): register in
         # the module the gateway imported
         registry = importlib.import_module(__name__)._ROUTERS
@@ -182,21 +196,32 @@ class SessionRouter(RequestRouter):
 
     def view(self, replica: RunningReplica) -> ReplicaView:
         key = replica.replica_id.unique_id
-        stats = replica.routing_stats or {}
+        stats = self._newest_stats(key, replica.routing_stats or {})
         at = float(stats.get("at", 0.0))
-        placing = self._opened[key].missing_from(at) if key in self._opened else 0
-        return ReplicaView(key, int(stats.get("sessions", 0)), placing, int(stats.get("max_sessions", 0)),
+        sessions = frozenset(stats.get("sessions", ()))
+        placing = self._opened[key].missing_from(at, sessions) if key in self._opened else 0
+        return ReplicaView(key, len(sessions), placing, int(stats.get("max_sessions", 0)),
                            bool(stats.get("ready", False)), float(stats.get("started", 0.0)),
                            str(stats.get("url", "")), int(stats.get("pid", 0)),
                            time.time() - at if at else 0.0)  # fmt: skip
+
+    def _newest_stats(self, key: str, stats: dict[str, Any]) -> dict[str, Any]:
+        """`stats`, or the newer ones seen before: Serve's updates may arrive out of order (a router
+        listens on its own long-poll client until the process's shared one takes over), and an older
+        snapshot, once the calls it misses were forgotten, would make the replica look emptier."""
+        kept = self._stats.get(key)
+        if kept is not None and float(kept.get("at", 0.0)) > float(stats.get("at", 0.0)):
+            return kept
+        self._stats[key] = stats
+        return stats
 
     def opened(self, key: str) -> OpeningCall:
         """A session-opening call is being sent to replica `key` (counted until its stats show it)."""
         return self._opened[key].sent(time.time())
 
-    def answered(self, key: str, call: OpeningCall, opened: bool) -> None:
-        """`call`'s answer came back from replica `key`; `opened`: it made a session."""
-        self._opened[key].answered(call, time.time(), opened)
+    def answered(self, key: str, call: OpeningCall, opened: bool, session: str = "") -> None:
+        """`call`'s answer came back from replica `key`; `opened`: it may have made a session (`session`)."""
+        self._opened[key].answered(call, time.time(), opened, session)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new set of replicas to route to; those that left it are remembered (module docstring)."""
@@ -209,6 +234,8 @@ class SessionRouter(RequestRouter):
                     self.departed.popitem(last=False)
         for replica in replicas:
             self.departed.pop(replica.replica_id.unique_id, None)
+        live = {r.replica_id.unique_id for r in replicas}
+        self._stats = {key: stats for key, stats in self._stats.items() if key in live}
         super().update_replicas(replicas)
 
     async def choose_replicas(
