@@ -114,7 +114,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default=_env("dtype", "auto"),
         choices=DTYPES,
-        help="auto: float16 on CUDA, bfloat16 for openvino on a CPU with bf16 instructions, else float32",
+        help="auto: float16 on CUDA (bfloat16 for video models), bfloat16 for openvino and video models on a "
+        "CPU with bf16 instructions, else float32",
     )
     group.add_argument(
         "--size",

@@ -100,3 +100,23 @@ def test_an_unknown_name_says_how_to_run_without_a_download() -> None:
         load_video_model("no-such-model.bin")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         load_video_model("nobody/no-causal-wan")
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_on_cpus_with_native_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livediff.engine import device
+
+    native, emulated = tmp_path / "native", tmp_path / "emulated"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    emulated.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert device.cpu_has_native_bf16(str(native)) and not device.cpu_has_native_bf16(str(emulated))
+    assert not device.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+    cpu = torch.device("cpu")
+    assert device.resolve_video_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert device.resolve_video_dtype("float32", cpu) == torch.float32
+    reads = device.cpu_has_native_bf16
+    for path, expected in ((native, torch.bfloat16), (emulated, torch.float32)):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda path=path: reads(str(path)))
+        assert device.resolve_video_dtype("auto", cpu) == expected

@@ -37,6 +37,26 @@ def resolve_dtype(name: str, device: torch.device, backend: str = "torch") -> to
     return torch.float32
 
 
+def resolve_video_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A video model's dtype. `auto`: bfloat16 on CUDA (what Wan is trained and run in) and on a CPU
+    with native bf16 instructions (`cpu_has_native_bf16`: there `tiny-video`'s chunk takes about half
+    float32's time, docs/video-models.md), float32 on other CPUs (where bf16 is emulated, slower)."""
+    if name != "auto":
+        return resolve_dtype(name, device)
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86 CPU computes bfloat16 natively (the `avx512_bf16` or `amx_bf16` flag of
+    `cpuinfo`); False where that file is missing (then nothing is assumed)."""
+    try:
+        with open(cpuinfo) as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     """torch's CPU thread count set to `count` for the block, and back after (None: unchanged)."""

@@ -44,7 +44,7 @@ import torch
 
 from livediff.config import MAX_STEPS, EngineSettings, StreamParams
 from livediff.engine.clock import StageClock
-from livediff.engine.device import resolve_device
+from livediff.engine.device import resolve_device, resolve_video_dtype
 from livediff.engine.kv_cache import KVCache
 from livediff.engine.stream_batch import ChunkInFlight, StreamPipeline
 from livediff.engine.temporal import MotionEstimate
@@ -209,9 +209,7 @@ class VideoEngine:
         self.settings = settings
         self.video = video or VideoSettings()
         if parts is None:
-            dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-            dtypes["auto"] = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            dtype = dtypes[settings.dtype]
+            dtype = resolve_video_dtype(settings.dtype, self.device)
             parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder)
         self.parts = parts
         self.dtype = parts.dtype
