@@ -308,3 +308,34 @@ def test_the_cli_says_a_bad_weights_file_in_one_line(tmp_path: Path) -> None:
     errors = [line for line in process.stderr.splitlines() if "--video-weights" in line]
     assert len(errors) == 1 and errors[0].startswith(f"livediff: error: --video-weights {bad} is not a causal Wan")
     assert "of another shape (blocks.0.attn1.to_q.weight (2, 2) for (64, 64))" in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_the_engine_conditions_the_transformer_on_1000_sigma(stream_batch: bool) -> None:
+    """Causal Wan weights are trained at timestep t = 1000 sigma of the noise their input carries
+    (Wan's flow-matching scheduler; StreamDiffusionV2's and Self-Forcing's samplers look sigma up
+    from t so): the engine hands the transformer that, not the unshifted schedule value."""
+    from livediff.config import EngineSettings, StreamParams
+    from livediff.engine.video import VideoEngine, VideoSettings
+
+    engine = VideoEngine(EngineSettings(model="tiny-video", height=64, width=64), load_video_model("tiny-video"),
+                         VideoSettings(stream_batch=stream_batch))  # fmt: skip
+    seen: list[float] = []
+    forward = engine.model.forward_chunk
+
+    def spy(x: torch.Tensor, t: torch.Tensor, *args: object, **kwargs: object) -> object:
+        seen.extend(float(v) for v in t)
+        return forward(x, t, *args, **kwargs)
+
+    engine.model.forward_chunk = spy  # type: ignore[method-assign]
+    params = StreamParams(steps=2, strength=0.8)
+    stream = engine.open_stream(params)
+    generator = torch.Generator().manual_seed(0)
+    for frames in (5, 4, 4):
+        engine.step([(stream, [torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=generator)
+                               for _ in range(frames)])])  # fmt: skip
+    expected = [pytest.approx(1000 * engine.sigma(t), abs=1e-3) for t in params.timesteps]
+    assert params.timesteps == (799, 399) and all(1000 * engine.sigma(t) > t for t in params.timesteps)
+    assert [t for t in seen if t > 0][:2] == expected  # the first chunk's two steps, in order
+    allowed = [0.0, *(1000 * engine.sigma(t) for t in params.timesteps)]
+    assert all(any(abs(v - a) < 1e-3 for a in allowed) for v in seen)  # nothing else, context passes at 0
