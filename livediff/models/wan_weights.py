@@ -85,8 +85,10 @@ def locate_weights(source: str) -> WeightsFile:
         folder = snapshot(repo, [inside], HUB_FILE)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{FLAG} {source}: {exc}") from exc
-    if not (folder / inside).is_file():
-        raise ModelLoadError(f"{FLAG} {source}: the hub repository {repo} has no file {inside}")
+    if not (folder / inside).is_file():  # a cached snapshot may hold other files of the repository only
+        raise ModelLoadError(f"{FLAG} {source}: {inside} is not in {repo}'s snapshot at {folder} (the "
+                             f"repository has no such file, or only others were fetched: `hf download {repo} "
+                             f"{inside}`)")  # fmt: skip
     return WeightsFile(source, folder / inside)
 
 
