@@ -271,6 +271,20 @@ def test_a_hub_file_in_the_cache_loads_and_one_not_in_it_says_how_to_fetch_it(
     assert "`hf download someone/causal-wan wan_causal_dmd_v2v_14b/model.pt`" in message and "\n" not in message
 
 
+def test_weights_given_as_the_model_say_to_use_video_weights(tmp_path: Path) -> None:
+    from livediff.models.single_file import checkpoint_family
+
+    path = tmp_path / "self_forcing_dmd.safetensors"
+    save_file({f"model.{k}": v.contiguous() for k, v in original_layout(source_model()).items()}, str(path))
+    expected = rf"holds Wan transformer weights: give them as --video-weights {re.escape(str(path))} with a Wan 2\.1"
+    with pytest.raises(ModelLoadError, match=expected):
+        checkpoint_family(path)
+    pickle = tmp_path / "model.pt"
+    save_as_streamdiffusionv2(original_layout(source_model()), pickle)
+    with pytest.raises(ModelLoadError, match=r"such as StreamDiffusionV2's model\.pt, go in --video-weights"):
+        checkpoint_family(pickle)
+
+
 def tiny_base_folder(root: Path) -> Path:
     """A diffusers-layout Wan 2.1 T2V folder at the tiny configuration: `transformer/config.json`
     only (the weights come from the file), a small UMT5 text encoder of the transformer's text
