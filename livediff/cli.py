@@ -99,7 +99,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("model", "auto"),
         help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id, a folder or a single-file "
         "SD 1.x/SD-Turbo .safetensors checkpoint (see --model-config); causal video "
-        "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id (docs/video-models.md)",
+        "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id, or a Wan 2.1 T2V base with "
+        "--video-weights (docs/video-models.md)",
     )
     group.add_argument(
         "--model-config",
