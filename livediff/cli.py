@@ -99,7 +99,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("model", "auto"),
         help="auto (sd-turbo on CUDA, tiny on CPU), tiny, sd-turbo-random, a hub id, a folder or a single-file "
         "SD 1.x/SD-Turbo .safetensors checkpoint (see --model-config); causal video "
-        "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id (docs/video-models.md)",
+        "models: tiny-video, wan-1.3b-random, a causal Wan folder or hub id, or a Wan 2.1 T2V base with "
+        "--video-weights (docs/video-models.md)",
     )
     group.add_argument(
         "--model-config",
@@ -182,6 +183,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "for a checkpoint with a vae/, else tae",
     )
     group.add_argument(
+        "--video-weights",
+        default=_env("video_weights", ""),
+        metavar="FILE",
+        help="causal Wan transformer weights in Wan's original layout (StreamDiffusionV2's, CausVid's, "
+        "Self-Forcing's model.pt): a file or a hub file owner/name/path/in/repo.pt; --model is then the "
+        "Wan 2.1 T2V base (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) that gives its config, text encoder and VAE",
+    )
+    group.add_argument(
         "--ip-adapter",
         default=_env("ip_adapter", ""),
         metavar="SOURCE",
@@ -226,7 +235,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         stream_batch=args.stream_batch, engines_dir=args.engines_dir, feature_bank=args.feature_bank,
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
         lcm_lora=args.lcm_lora, model_config=args.model_config,
-        video_autoencoder=args.video_autoencoder,
+        video_autoencoder=args.video_autoencoder, video_weights=getattr(args, "video_weights", ""),
         ip_adapter=getattr(args, "ip_adapter", ""),
     )  # fmt: skip
 
@@ -297,7 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_g2g(args)
     from livediff.models.video import is_video_model
 
-    if is_video_model(args.model):
+    if is_video_model(args.model, getattr(args, "video_weights", "")):
         return cmd_bench_video(args)
     if args.quality:
         return cmd_bench_quality(args)

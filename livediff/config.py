@@ -118,6 +118,11 @@ class EngineSettings:
     video_autoencoder: str = "auto"
     """A video model's streaming autoencoder: `tae`, `wan-vae` (Wan 2.1's VAE) or `auto` (`wan-vae`
     for a checkpoint with a `vae/`, else `tae`); `livediff.models.video.load_video_model`."""
+    video_weights: str = ""
+    """Causal Wan transformer weights in Wan's original layout, as StreamDiffusionV2, CausVid and
+    Self-Forcing publish them (`model.pt`): a local file or a hub file `owner/name/path/in/repo.pt`,
+    loaded into a transformer of `model`'s configuration, `model` (a Wan 2.1 T2V folder or hub id)
+    supplying the text encoder, tokenizer and VAE (`livediff.models.wan_weights`); empty: `model`'s own."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):

@@ -115,7 +115,7 @@ def test_with_two_steps_it_follows_its_rule_computed_directly(parts) -> None:
                 s = state[i]
                 k = s["step"]
                 keys, values = seen(i + k - 2)
-                flow, _ = model.forward_chunk(s["x"][None], torch.tensor([float(params.timesteps[k])]),
+                flow, _ = model.forward_chunk(s["x"][None], torch.tensor([1000.0 * sigmas[k]]),
                                               [Row(ref.cross, keys, values, s["positions"])])  # fmt: skip
                 s["x"] = s["x"] - sigmas[k] * flow[0]
                 s["step"] = k + 1

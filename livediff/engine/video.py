@@ -12,8 +12,9 @@ the stream's past in its KV cache. One step, for one chunk of each of any number
    motion: less noise the more the input moves (StreamDiffusionV2's motion-aware noise controller,
    with the image engine's estimate, `livediff.engine.temporal.MotionEstimate`)
 4. transformer: denoising steps of a flow-matching schedule (Wan's shifted sigmas,
-   sigma' = shift * s / (1 + (shift - 1) s), s = t / 1000; the few-step rule of CausVid and
-   Self-Forcing: predict the clean latents x0 = x - sigma * flow, then noise them afresh to the
+   sigma' = shift * s / (1 + (shift - 1) s), s = t / 1000, the transformer conditioned on timestep
+   1000 sigma', as Wan's scheduler and the causal checkpoints' samplers condition it; the few-step
+   rule of CausVid and Self-Forcing: predict the clean latents x0 = x - sigma * flow, then noise them afresh to the
    next step's sigma). Step k runs every stream that has a step k in ONE transformer call, each row
    with its own timestep, prompt keys and values, positions and cache (padded and masked to the
    longest). After the last step a context pass at timestep 0 over the clean latents writes the
@@ -210,7 +211,8 @@ class VideoEngine:
         self.video = video or VideoSettings()
         if parts is None:
             dtype = resolve_video_dtype(settings.dtype, self.device)
-            parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder)
+            parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder,
+                                     settings.video_weights)  # fmt: skip
         self.parts = parts
         self.dtype = parts.dtype
         self.model = parts.transformer
@@ -298,6 +300,15 @@ class VideoEngine:
         s, shift = timestep / 1000.0, self.video.shift
         return shift * s / (1 + (shift - 1) * s)
 
+    @staticmethod
+    def model_timestep(sigma: float) -> float:
+        """The timestep the transformer is conditioned on at noise level `sigma`: 1000 sigma, the
+        shifted value. Wan 2.1's flow-matching scheduler hands its model `sigmas * 1000`, and
+        Self-Forcing's and StreamDiffusionV2's samplers look the noise level of a timestep up in such
+        a table (timestep t is noise level t / 1000, after their optional warp by the shift): causal
+        weights are trained at these timesteps."""
+        return 1000.0 * sigma
+
     @torch.inference_mode()
     def step(self, batch: list[tuple[VideoStream, list[torch.Tensor]]]) -> VideoStepResult:
         """One chunk per stream: `frames_needed` (H, W, 3) uint8 frames each -> as many output frames.
@@ -352,7 +363,7 @@ class VideoEngine:
         for k in range(max(len(ts) for ts in timesteps)):
             active = [b for b, ts in enumerate(timesteps) if len(ts) > k]
             rows = [self._row(streams[b], positions[b]) for b in active]
-            t = torch.tensor([float(timesteps[b][k]) for b in active], device=self.device)
+            t = torch.tensor([self.model_timestep(sigmas[b][k]) for b in active], device=self.device)
             flow, _ = self.model.forward_chunk(x[active], t, rows, dense=self.fast)
             for j, b in enumerate(active):
                 denoised[b] = x[b] - sigmas[b][k] * flow[j].to(x.dtype)
@@ -448,8 +459,8 @@ class VideoEngine:
             if context:
                 before.append(r)
         x = torch.stack([chunk.x for _, chunk, _ in entries])
-        t = torch.tensor([0.0 if context else float(chunk.timesteps[chunk.step]) for _, chunk, context in entries],
-                         device=self.device)  # fmt: skip
+        t = torch.tensor([0.0 if context else self.model_timestep(chunk.sigmas[chunk.step])
+                          for _, chunk, context in entries], device=self.device)  # fmt: skip
         keep = any(context for _, _, context in entries)
         flow, kept = self.model.forward_chunk(x, t, rows, keep=keep, dense=self.fast)
         for r, (stream, chunk, context) in enumerate(entries):

@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace, settings: EngineSettings, base: StreamPara
         raise ConfigError(f"--batch: {args.batch} is out of range 1..64")
     from livediff.models.video import is_video_model
 
-    if is_video_model(settings.model):
+    if is_video_model(settings.model, settings.video_weights):
         raise ConfigError(f"--model: livediff run takes image models; {settings.model!r} is a video model")
     params = run_params(args, base)
     check_paths(args.input, args.output)

@@ -58,7 +58,8 @@ def checkpoint_family(path: Path) -> str:
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ModelLoadError(
             f"{where}: only .safetensors single files are read (a {path.suffix} is a pickle, which can run code "
-            "when loaded); convert it to .safetensors"
+            "when loaded); convert it to .safetensors (causal Wan weights, such as StreamDiffusionV2's model.pt, "
+            "go in --video-weights with a Wan 2.1 base as --model)"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -66,6 +67,12 @@ def checkpoint_family(path: Path) -> str:
             if not any(key.startswith(UNET_PREFIX) for key in shapes):
                 if any("lora" in key for key in shapes):
                     raise ModelLoadError(f"{where} is a LoRA, not a model: load it with --lora NAME={path}")
+                from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+                if any(key.endswith(name) for key in shapes for name in CHECKPOINT_KEY_NAMES["wan"]):
+                    raise ModelLoadError(f"{where} holds Wan transformer weights: give them as --video-weights "
+                                         f"{path} with a Wan 2.1 T2V base as --model "
+                                         "(Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")  # fmt: skip
                 raise ModelLoadError(
                     f"{where} holds no Stable Diffusion UNet (no {UNET_PREFIX}* tensors); single files of "
                     f"{' and '.join(FAMILIES.values())} (SD-Turbo) models are read"

@@ -7,10 +7,13 @@ enough for a CPU, `wan-1.3b-random` Wan 2.1 1.3B's architecture with a text enco
 UMT5-XXL's output shape (512 tokens x 4096), for speed runs with no download.
 
 Real checkpoints: a local folder or a hub id laid out as diffusers' Wan 2.1 T2V repositories
-(`transformer/` a `WanTransformer3DModel` with causal weights, such as StreamDiffusionV2's
-1.3B causal weights converted to diffusers' layout, `text_encoder/` UMT5, `tokenizer/`; the
-autoencoder is `vae/`, Wan's VAE in streaming form (`livediff.models.wan_vae`), when the checkpoint
-has one, else the built-in TAEHV-shaped one).
+(`transformer/` a `WanTransformer3DModel`, `text_encoder/` UMT5, `tokenizer/`; the autoencoder is
+`vae/`, Wan's VAE in streaming form (`livediff.models.wan_vae`), when the checkpoint has one, else
+the built-in TAEHV-shaped one). The causal weights come either from that folder's `transformer/`
+(a causal checkpoint converted to diffusers' layout) or, as StreamDiffusionV2, CausVid and
+Self-Forcing publish them, from one file in Wan's original layout named by `weights`
+(`--video-weights`, `livediff.models.wan_weights`) with a base Wan 2.1 T2V folder or hub id
+(Wan-AI/Wan2.1-T2V-1.3B-Diffusers) for the transformer's configuration, UMT5, tokenizer and VAE.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from livediff.errors import ConfigError, ModelLoadError
 from livediff.models.tae import TAEHV_SHAPE, TINY_SHAPE, TinyVideoAutoencoder, build_autoencoder
 from livediff.models.wan import TINY_VIDEO, WAN_1_3B, CausalWan, build_transformer
 from livediff.models.wan_vae import TINY_WAN_VAE, WAN_2_1_VAE, WanStreamingVae, build_wan_vae
+from livediff.models.wan_weights import WeightsFile, describe, load_original_transformer, locate_weights
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +85,10 @@ class VideoParts:
         return self.autoencoder.name
 
 
-def is_video_model(ref: str) -> bool:
-    """Whether `ref` names a causal video model: a built-in, or a folder whose transformer is Wan's."""
-    if ref in VIDEO_BUILTINS:
+def is_video_model(ref: str, weights: str = "") -> bool:
+    """Whether `ref` names a causal video model: a built-in, a folder whose transformer is Wan's, or
+    any base model given causal `weights` (`--video-weights`: only a video model takes them)."""
+    if ref in VIDEO_BUILTINS or weights:
         return True
     config = Path(ref).expanduser() / "transformer" / "config.json"
     try:
@@ -93,8 +98,13 @@ def is_video_model(ref: str) -> bool:
 
 
 def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                     autoencoder: str = "auto") -> VideoParts:  # fmt: skip
+                     autoencoder: str = "auto", weights: str = "") -> VideoParts:  # fmt: skip
     """Load `ref`: `tiny-video`, `wan-1.3b-random`, or a diffusers-layout causal Wan folder or hub id.
+
+    `weights` (`--video-weights`): a file of causal transformer weights in Wan's original layout (a
+    local path or a hub file `owner/name/path/in/repo.pt`, `livediff.models.wan_weights`) loaded into
+    a transformer of `ref`'s configuration in place of `ref`'s own `transformer/` weights (which are
+    then not fetched); `ref` supplies the rest (for a built-in, its configuration and stand-ins).
 
     `autoencoder` (one of `VIDEO_AUTOENCODERS`): `tae`, the TAEHV-shaped one; `wan-vae`, Wan 2.1's
     VAE in streaming form (a folder's or hub id's `vae/`; for a built-in, at random weights: Wan 2.1's
@@ -107,18 +117,23 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
     vae_module: Any = None
     if ref in VIDEO_BUILTINS:
         tiny = ref == "tiny-video"
-        transformer: Any = build_transformer(TINY_VIDEO if tiny else WAN_1_3B)
+        config = TINY_VIDEO if tiny else WAN_1_3B
+        revision = f"builtin-v{VIDEO_BUILDER_VERSION}"
+        if weights:
+            file = locate_weights(weights)
+            transformer: Any = load_original_transformer(config, file, dtype, describe(ref, config))
+            revision += f"+{file.revision}"
+        else:
+            transformer = build_transformer(config)
         if autoencoder == "wan-vae":
             vae_module = build_wan_vae(TINY_WAN_VAE if tiny else WAN_2_1_VAE)
-        config = TINY_VIDEO if tiny else WAN_1_3B
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             text: nn.Module = ByteTextEncoder(16 if tiny else 512, config["text_dim"])
-        revision = f"builtin-v{VIDEO_BUILDER_VERSION}"
         encode: Callable[[str], torch.Tensor] = text
         shape = TINY_SHAPE if tiny else TAEHV_SHAPE
     else:
-        transformer, text, encode, revision, vae_module = _load_folder(ref, dtype, autoencoder)
+        transformer, text, encode, revision, vae_module = _load_folder(ref, dtype, autoencoder, weights)
         shape = TAEHV_SHAPE
     modules = [transformer, text]
     chosen: TinyVideoAutoencoder | WanStreamingVae
@@ -138,35 +153,44 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
     return VideoParts(ref, revision, CausalWan(transformer), chosen, encode)
 
 
-def _load_folder(ref: str, dtype: torch.dtype,
-                 autoencoder: str) -> tuple[Any, nn.Module, Callable[[str], torch.Tensor], str, Any]:  # fmt: skip
+def _load_folder(ref: str, dtype: torch.dtype, autoencoder: str,
+                 weights: str = "") -> tuple[Any, nn.Module, Callable[[str], torch.Tensor], str, Any]:  # fmt: skip
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from livediff.models.hub import HubKind, fingerprint, snapshot
 
     path = Path(ref).expanduser()
+    base = f" (the base of --video-weights {weights}: a Wan 2.1 T2V folder or hub id)" if weights else ""
+    file: WeightsFile | None = None
+    if weights:  # checked before the base's gigabytes are fetched
+        file = locate_weights(weights)
     if path.is_dir():
         folder, revision = path, fingerprint(path)
     elif path.suffix or ref.count("/") != 1:
         raise ModelLoadError(
-            f"video model {ref!r} is not a built-in ({', '.join(VIDEO_BUILTINS)}), an existing folder, nor a hub "
-            "id (owner/name); run with `--model tiny-video` (built in, no download)"
+            f"video model {ref!r}{base} is not a built-in ({', '.join(VIDEO_BUILTINS)}), an existing folder, nor a "
+            "hub id (owner/name); run with `--model tiny-video` (built in, no download)"
         )
     else:
         kind = HubKind("video model", VIDEO_BUILTINS, "run with `--model tiny-video` (built in, no download)")
         extensions = ("json", "safetensors", "model", "txt")
-        parts = ("transformer", "text_encoder", "tokenizer") + (("vae",) if autoencoder != "tae" else ())
+        parts = ("text_encoder", "tokenizer") + (("vae",) if autoencoder != "tae" else ())
         patterns = [f"{c}/*.{e}" for c in parts for e in extensions]
+        patterns += ["transformer/*.json"] if file else [f"transformer/*.{e}" for e in extensions]
         folder = snapshot(ref, patterns, kind)
         revision = folder.name
+    if file is not None:
+        revision = f"{revision}+{file.revision}"
     config = folder / "transformer" / "config.json"
     try:
-        found = json.loads(config.read_text()).get("_class_name")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{config}: expected a WanTransformer3DModel config ({exc})") from exc
+        settings = json.loads(config.read_text())
+        found = settings.get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{config}: expected a WanTransformer3DModel config{base} ({exc})") from exc
     if found != "WanTransformer3DModel":
-        raise ModelLoadError(f"{config}: expected _class_name WanTransformer3DModel (a causal Wan 2.1), got {found!r}")
+        raise ModelLoadError(f"{config}: expected _class_name WanTransformer3DModel (a causal Wan 2.1){base}, "
+                             f"got {found!r}")  # fmt: skip
     vae_config = folder / "vae" / "config.json"
     use_vae = autoencoder == "wan-vae" or (autoencoder == "auto" and vae_config.exists())
     if use_vae:  # its layout checked before any weights load
@@ -177,8 +201,11 @@ def _load_folder(ref: str, dtype: torch.dtype,
                                  f"wan-vae ({exc})") from exc  # fmt: skip
         if found != "AutoencoderKLWan":
             raise ModelLoadError(f"{vae_config}: expected _class_name AutoencoderKLWan, got {found!r}")
+    if file is not None:
+        transformer = load_original_transformer(settings, file, dtype, describe(ref, settings))
     try:
-        transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+        if file is None:
+            transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
         text = UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:

@@ -67,7 +67,8 @@ async def _serve(
 ) -> int:
     device = resolve_device(engine_settings.device)
     model = resolve_auto(engine_settings.model, device)  # each says which it picked
-    if is_video_model(model):  # a causal video model runs on torch (eager; on CUDA its step replayed from graphs)
+    # a causal video model runs on torch (eager; on CUDA its step replayed from graphs)
+    if is_video_model(model, engine_settings.video_weights):
         engine_settings = engine_settings.replace(
             model=model, backend=resolve_video_backend(engine_settings.backend, device)
         )

@@ -115,7 +115,8 @@ class Service:
                 # oversubscribed: measured on 2 cores, 2 threads gave 1.3 s stalls, 1 thread none.
                 threads = self.settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
                 torch.set_num_threads(threads)
-            if is_video_model(self.engine_settings.model):  # the second kind: a causal video model
+            # the second kind: a causal video model
+            if is_video_model(self.engine_settings.model, self.engine_settings.video_weights):
                 return VideoEngine(self.engine_settings, self.parts if isinstance(self.parts, VideoParts) else None)
             return StreamEngine(self.engine_settings, self.parts)
 
