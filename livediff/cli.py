@@ -182,6 +182,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "for a checkpoint with a vae/, else tae",
     )
     group.add_argument(
+        "--video-autoencoder-weights",
+        default=_env("video_autoencoder_weights", "auto"),
+        metavar="SOURCE",
+        help="the tae autoencoder's weights: auto (TAEHV's trained madebyollin/taehv:taew2_1.pth for a real "
+        "checkpoint, random for a built-in), random, or a TAEHV .pth/.safetensors file or hub file "
+        "(owner/name:FILE); a file makes --video-autoencoder auto pick tae",
+    )
+    group.add_argument(
         "--ip-adapter",
         default=_env("ip_adapter", ""),
         metavar="SOURCE",
@@ -227,6 +235,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
         lcm_lora=args.lcm_lora, model_config=args.model_config,
         video_autoencoder=args.video_autoencoder,
+        video_autoencoder_weights=getattr(args, "video_autoencoder_weights", "auto"),
         ip_adapter=getattr(args, "ip_adapter", ""),
     )  # fmt: skip
 

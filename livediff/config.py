@@ -118,6 +118,10 @@ class EngineSettings:
     video_autoencoder: str = "auto"
     """A video model's streaming autoencoder: `tae`, `wan-vae` (Wan 2.1's VAE) or `auto` (`wan-vae`
     for a checkpoint with a `vae/`, else `tae`); `livediff.models.video.load_video_model`."""
+    video_autoencoder_weights: str = "auto"
+    """The `tae` autoencoder's weights: `auto` (TAEHV's trained Wan 2.1 file from the hub for a real
+    checkpoint, random for a built-in), `random`, or a `.pth` / `.safetensors` file or hub file
+    (`owner/name:FILE`) in TAEHV's layout; `livediff.models.taehv_weights`."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):

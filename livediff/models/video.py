@@ -10,7 +10,7 @@ Real checkpoints: a local folder or a hub id laid out as diffusers' Wan 2.1 T2V 
 (`transformer/` a `WanTransformer3DModel` with causal weights, such as StreamDiffusionV2's
 1.3B causal weights converted to diffusers' layout, `text_encoder/` UMT5, `tokenizer/`; the
 autoencoder is `vae/`, Wan's VAE in streaming form (`livediff.models.wan_vae`), when the checkpoint
-has one, else the built-in TAEHV-shaped one).
+has one, else the TAEHV-shaped one with TAEHV's trained weights, `livediff.models.taehv_weights`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from livediff.errors import ConfigError, ModelLoadError
 from livediff.models.tae import TAEHV_SHAPE, TINY_SHAPE, TinyVideoAutoencoder, build_autoencoder
+from livediff.models.taehv_weights import WEIGHTS_CHOICES, load_taehv, taehv_source
 from livediff.models.wan import TINY_VIDEO, WAN_1_3B, CausalWan, build_transformer
 from livediff.models.wan_vae import TINY_WAN_VAE, WAN_2_1_VAE, WanStreamingVae, build_wan_vae
 
@@ -70,6 +71,9 @@ class VideoParts:
     """The streaming autoencoder: the TAEHV-shaped one (`tae`) or Wan 2.1's VAE (`wan-vae`)."""
     encode_prompt: Callable[[str], torch.Tensor]
     """prompt -> (1, text tokens, text_dim) text states."""
+    autoencoder_weights: str = "random"
+    """Where the `tae` autoencoder's weights came from: `random`, or the TAEHV file (its source);
+    empty for `wan-vae` (a checkpoint's own `vae/`)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,17 +97,27 @@ def is_video_model(ref: str) -> bool:
 
 
 def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                     autoencoder: str = "auto") -> VideoParts:  # fmt: skip
+                     autoencoder: str = "auto", autoencoder_weights: str = "auto") -> VideoParts:  # fmt: skip
     """Load `ref`: `tiny-video`, `wan-1.3b-random`, or a diffusers-layout causal Wan folder or hub id.
 
     `autoencoder` (one of `VIDEO_AUTOENCODERS`): `tae`, the TAEHV-shaped one; `wan-vae`, Wan 2.1's
     VAE in streaming form (a folder's or hub id's `vae/`; for a built-in, at random weights: Wan 2.1's
     shape for `wan-1.3b-random`, a few channels wide for `tiny-video`); `auto`, `wan-vae` for a
     checkpoint with a `vae/`, else `tae`. `ConfigError` for another name; `ModelLoadError` naming the
-    file and what was expected when a folder has another layout."""
+    file and what was expected when a folder has another layout.
+
+    `autoencoder_weights` (`--video-autoencoder-weights`, `livediff.models.taehv_weights`) for `tae`:
+    `auto`, TAEHV's trained Wan 2.1 file from the hub for a real checkpoint and random weights for a
+    built-in; `random`; or a file or hub file (`owner/name:FILE`), which also makes `auto` pick `tae`."""
     if autoencoder not in VIDEO_AUTOENCODERS:
         raise ConfigError(f"video_autoencoder must be one of {', '.join(VIDEO_AUTOENCODERS)}, got {autoencoder!r}")
     device = torch.device(device)
+    tae_source = taehv_source(ref in VIDEO_BUILTINS, autoencoder_weights)
+    if autoencoder == "auto" and autoencoder_weights not in WEIGHTS_CHOICES:
+        autoencoder = "tae"  # TAEHV weights named: the TAE runs
+    elif autoencoder == "wan-vae" and autoencoder_weights not in WEIGHTS_CHOICES:
+        raise ConfigError(f"video_autoencoder_weights {autoencoder_weights!r} is for the tae autoencoder, "
+                          "not wan-vae")  # fmt: skip
     vae_module: Any = None
     if ref in VIDEO_BUILTINS:
         tiny = ref == "tiny-video"
@@ -126,16 +140,17 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
         modules.append(vae_module)
         chosen = WanStreamingVae(vae_module)
     else:
-        tae = build_autoencoder(shape)
+        tae = build_autoencoder(shape) if tae_source is None else load_taehv(tae_source)
         modules.append(tae)
         chosen = tae
-        if ref not in VIDEO_BUILTINS:
+        if ref not in VIDEO_BUILTINS and tae_source is None:
             log.warning("video model %s: the TAEHV-shaped autoencoder runs at random weights", ref)
     for module in modules:
         module.to(device).eval().requires_grad_(False)
         if dtype != torch.float32:  # diffusers then warns that it would keep a few modules in float32
             module.to(dtype)
-    return VideoParts(ref, revision, CausalWan(transformer), chosen, encode)
+    weights = "" if vae_module is not None else tae_source or "random"
+    return VideoParts(ref, revision, CausalWan(transformer), chosen, encode, weights)
 
 
 def _load_folder(ref: str, dtype: torch.dtype,
