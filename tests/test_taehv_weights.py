@@ -226,3 +226,14 @@ def test_the_cli_names_the_flag_and_the_file_in_one_line(tmp_path: Path) -> None
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout, done.stderr
     assert len(errors) == 1 and f"--video-autoencoder-weights {bad} could not be read as weights" in errors[0], errors
+
+
+def test_a_checkpoints_taehv_file_is_checked_before_its_transformer_loads(tmp_path: Path) -> None:
+    """A causal Wan folder without a vae/ (its transformer's weights absent: they would load after)."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "WanTransformer3DModel"}')
+    (tmp_path / "bad.pth").write_bytes(b"not a pickle")
+    with pytest.raises(ModelLoadError, match=r"--video-autoencoder-weights .*bad\.pth could not be read"):
+        load_video_model(str(tmp_path), autoencoder_weights=str(tmp_path / "bad.pth"))
+    with pytest.raises(ModelLoadError, match=r"madebyollin/taehv.*HF_HUB_OFFLINE"):  # auto: TAEHV's hub file
+        load_video_model(str(tmp_path))

@@ -118,6 +118,12 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
     elif autoencoder == "wan-vae" and autoencoder_weights not in WEIGHTS_CHOICES:
         raise ConfigError(f"video_autoencoder_weights {autoencoder_weights!r} is for the tae autoencoder, "
                           "not wan-vae")  # fmt: skip
+    # TAEHV's file, where the tae is sure to run, is read and checked before a local checkpoint's
+    # gigabytes load (after its layout's own check: is_video_model)
+    folder = Path(ref).expanduser()
+    sure = autoencoder == "tae" or (autoencoder == "auto" and folder.is_dir() and not (folder / "vae").exists())
+    early = sure and (ref in VIDEO_BUILTINS or is_video_model(ref))
+    trained = load_taehv(tae_source) if tae_source is not None and early else None
     vae_module: Any = None
     if ref in VIDEO_BUILTINS:
         tiny = ref == "tiny-video"
@@ -140,7 +146,9 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
         modules.append(vae_module)
         chosen = WanStreamingVae(vae_module)
     else:
-        tae = build_autoencoder(shape) if tae_source is None else load_taehv(tae_source)
+        if trained is None:
+            trained = build_autoencoder(shape) if tae_source is None else load_taehv(tae_source)
+        tae = trained
         modules.append(tae)
         chosen = tae
         if ref not in VIDEO_BUILTINS and tae_source is None:
