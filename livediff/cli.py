@@ -187,8 +187,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("video_weights", ""),
         metavar="FILE",
         help="causal Wan transformer weights in Wan's original layout (StreamDiffusionV2's, CausVid's, "
-        "Self-Forcing's model.pt): a file or a hub file owner/name/path/in/repo.pt; --model is then the "
+        "Self-Forcing's model.pt): a file or a hub file owner/name:path/in/repo.pt; --model is then the "
         "Wan 2.1 T2V base (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) that gives its config, text encoder and VAE",
+    )
+    group.add_argument(
+        "--video-autoencoder-weights",
+        default=_env("video_autoencoder_weights", "auto"),
+        metavar="SOURCE",
+        help="the tae autoencoder's weights: auto (TAEHV's trained madebyollin/taehv:taew2_1.pth for a real "
+        "checkpoint, random for a built-in), random, or a TAEHV .pth/.safetensors file or hub file "
+        "(owner/name:FILE); a file makes --video-autoencoder auto pick tae",
     )
     group.add_argument(
         "--ip-adapter",
@@ -236,6 +244,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         controlnets=controlnet_entries(args), depth_model=args.depth_model, loras=lora_entries(args),
         lcm_lora=args.lcm_lora, model_config=args.model_config,
         video_autoencoder=args.video_autoencoder, video_weights=getattr(args, "video_weights", ""),
+        video_autoencoder_weights=getattr(args, "video_autoencoder_weights", "auto"),
         ip_adapter=getattr(args, "ip_adapter", ""),
     )  # fmt: skip
 

@@ -120,9 +120,13 @@ class EngineSettings:
     for a checkpoint with a `vae/`, else `tae`); `livediff.models.video.load_video_model`."""
     video_weights: str = ""
     """Causal Wan transformer weights in Wan's original layout, as StreamDiffusionV2, CausVid and
-    Self-Forcing publish them (`model.pt`): a local file or a hub file `owner/name/path/in/repo.pt`,
+    Self-Forcing publish them (`model.pt`): a local file or a hub file `owner/name:path/in/repo.pt`,
     loaded into a transformer of `model`'s configuration, `model` (a Wan 2.1 T2V folder or hub id)
     supplying the text encoder, tokenizer and VAE (`livediff.models.wan_weights`); empty: `model`'s own."""
+    video_autoencoder_weights: str = "auto"
+    """The `tae` autoencoder's weights: `auto` (TAEHV's trained Wan 2.1 file from the hub for a real
+    checkpoint, random for a built-in), `random`, or a `.pth` / `.safetensors` file or hub file
+    (`owner/name:FILE`) in TAEHV's layout; `livediff.models.taehv_weights`."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):

@@ -187,6 +187,8 @@ async def _server(
         argv += ["--video-autoencoder", engine.video_autoencoder]
     if engine.video_weights:
         argv += ["--video-weights", engine.video_weights]
+    if engine.video_autoencoder_weights != "auto":
+        argv += ["--video-autoencoder-weights", engine.video_autoencoder_weights]
     with tempfile.TemporaryFile() as output:
         process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=asyncio.subprocess.STDOUT)
         try:

@@ -34,7 +34,8 @@ async def test_a_client_publishes_to_a_tiny_video_server_and_gets_frames_back(vi
         # a video model lists what it has, not ControlNet preprocessors
         assert ready["preprocessors"] == [] and ready["controlnets"] == [], ready
         assert ready["video"]["chunk_frames"] == {"first": 5, "next": 4}, ready
-        assert ready["video"]["autoencoder"] == "tae" and "reset" in ready["video"]["controls"], ready
+        assert ready["video"]["autoencoder"] == "tae" and ready["video"]["autoencoder_weights"] == "random"
+        assert "reset" in ready["video"]["controls"], ready
         client = await offer_client(http, server.url, params={"prompt": "a red fox", "steps": 2})
         try:
             received = await frames_back(client, 9)  # two chunks or more came back (5 + 4 frames)

@@ -239,16 +239,16 @@ def test_a_hub_file_is_fetched_alone_and_said_when_it_cannot_be(monkeypatch: pyt
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError) as error:
-        locate_weights("jerryfeng/StreamDiffusionV2/wan_causal_dmd_v2v/model.pt")
+        locate_weights("jerryfeng/StreamDiffusionV2:wan_causal_dmd_v2v/model.pt")
     message = str(error.value)
-    assert message.startswith("--video-weights jerryfeng/StreamDiffusionV2/wan_causal_dmd_v2v/model.pt: ")
+    assert message.startswith("--video-weights jerryfeng/StreamDiffusionV2:wan_causal_dmd_v2v/model.pt: ")
     assert "HF_HUB_OFFLINE" in message and "\n" not in message
 
 
 def test_a_hub_file_in_the_cache_loads_and_one_not_in_it_says_how_to_fetch_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`owner/name/path/in/repo.pt` read from the Hugging Face cache (laid out as the hub client keeps
+    """`owner/name:path/in/repo.pt` read from the Hugging Face cache (laid out as the hub client keeps
     it: a ref naming a commit, that commit's snapshot folder), offline."""
     from huggingface_hub import constants
 
@@ -262,12 +262,12 @@ def test_a_hub_file_in_the_cache_loads_and_one_not_in_it_says_how_to_fetch_it(
     inside.mkdir(parents=True)
     source = source_model()
     save_as_streamdiffusionv2(original_layout(source), inside / "model.pt")
-    parts = load_video_model("tiny-video", weights="someone/causal-wan/wan_causal_dmd_v2v/model.pt")
+    parts = load_video_model("tiny-video", weights="someone/causal-wan:wan_causal_dmd_v2v/model.pt")
     assert_same_state(parts.transformer.model, source)
     with pytest.raises(ModelLoadError) as error:
-        locate_weights("someone/causal-wan/wan_causal_dmd_v2v_14b/model.pt")
+        locate_weights("someone/causal-wan:wan_causal_dmd_v2v_14b/model.pt")
     message = str(error.value)
-    assert message.startswith("--video-weights someone/causal-wan/wan_causal_dmd_v2v_14b/model.pt: ")
+    assert message.startswith("--video-weights someone/causal-wan:wan_causal_dmd_v2v_14b/model.pt: ")
     assert "`hf download someone/causal-wan wan_causal_dmd_v2v_14b/model.pt`" in message and "\n" not in message
 
 

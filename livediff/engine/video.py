@@ -212,7 +212,7 @@ class VideoEngine:
         if parts is None:
             dtype = resolve_video_dtype(settings.dtype, self.device)
             parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder,
-                                     settings.video_weights)  # fmt: skip
+                                     settings.video_weights, settings.video_autoencoder_weights)  # fmt: skip
         self.parts = parts
         self.dtype = parts.dtype
         self.model = parts.transformer
@@ -491,6 +491,7 @@ class VideoEngine:
             "steps": {"min": 1, "max": MAX_STEPS},
             "cache": {"sink": self.video.sink, "window": self.video.window},
             "autoencoder": self.parts.autoencoder_name,
+            "autoencoder_weights": self.parts.autoencoder_weights,
             "controls": list(VIDEO_CONTROLS),
         }
 

@@ -1,13 +1,17 @@
 """Hub ids and local folders of model files, shared by every loader (SD models, ControlNets, depth
-and video models): a hub repository's local snapshot (from the Hugging Face cache, else downloaded
-once) with one-line errors saying what to do, and a local folder's content fingerprint."""
+and video models, adapters and weight files): a hub repository's local snapshot (from the Hugging
+Face cache, else downloaded once) with one-line errors saying what to do, one file of a repository
+(`owner/name:path/in/repo`), a weights file's content read safely, and a local folder's content
+fingerprint."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from livediff.errors import ModelLoadError
 
@@ -60,6 +64,41 @@ def snapshot(repo_id: str, allow_patterns: list[str] | None, kind: HubKind) -> P
     except Exception as exc:  # noqa: BLE001 - network, auth, disk: answered the same way, with the cause
         why = f"it could not be downloaded ({type(exc).__name__}: {first_line(exc)})"
         raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+
+
+def split_hub_file(source: str) -> tuple[str, str] | None:
+    """`owner/name:path/in/repo` -> (`owner/name`, `path/in/repo`; "" when only `owner/name` is
+    written); None when `source` is not written so."""
+    repo, _, file = source.partition(":")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        return None
+    return repo, file
+
+
+def hub_file(repo_id: str, file: str, kind: HubKind, also: tuple[str, ...] = ()) -> Path:
+    """`file` of a hub repository (with the files matching the patterns in `also`): from the cache,
+    else fetched alone; `ModelLoadError` as `snapshot`'s, or when the repository has no such file."""
+    found = snapshot(repo_id, [file, *also], kind) / file
+    if not found.is_file():  # a cached snapshot may hold other files of the repository only
+        raise ModelLoadError(
+            f"{kind.noun} {repo_id} has no {file} (or only its other files are in the Hugging Face cache: "
+            f"`hf download {repo_id} {file}`)"
+        )
+    return found
+
+
+def read_weights(path: Path) -> Any:
+    """What a weights file holds, on the CPU: a `.safetensors` (or `.sft`) file's tensors by name, else
+    a pickle read by `torch.load(weights_only=True)`: tensors and plain containers only, no code runs
+    (memory-mapped when in torch's zip format, so a large file is not held twice). Raises the readers'
+    own errors (callers name the file and flag in one line)."""
+    import torch
+
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def first_line(exc: BaseException) -> str:

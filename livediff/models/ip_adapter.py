@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, first_line, snapshot
+from livediff.models.hub import HubKind, first_line, hub_file, split_hub_file
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +125,17 @@ def _locate(source: str) -> tuple[Path, Path]:
                 "h94/IP-Adapter's models/image_encoder)"
             )
         return path, encoder
-    repo, _, file = source.partition(":")
-    if path.suffix == ".safetensors" or repo.count("/") != 1:
+    written = split_hub_file(source)
+    if path.suffix == ".safetensors" or written is None:
         raise ModelLoadError(
             f"IP-Adapter {source!r} is not a built-in ({', '.join(BUILTINS)}), a .safetensors file, nor a hub id "
             "(owner/name or owner/name:path/in/repo.safetensors)"
         )
-    file = file or HUB_DEFAULT_FILE
-    folder = Path(file).parent
-    root = snapshot(repo, [file, f"{folder / 'image_encoder'}/*"], kind=IP_ADAPTER)
-    if not (root / file).is_file():
-        raise ModelLoadError(f"IP-Adapter {source}: the repository has no {file}")
-    return root / file, root / folder / "image_encoder"
+    repo, file = written[0], written[1] or HUB_DEFAULT_FILE
+    encoder = Path(file).parent / "image_encoder"
+    found = hub_file(repo, file, IP_ADAPTER, also=(f"{encoder}/*",))
+    snapshot_root = found.parents[len(Path(file).parts) - 1]
+    return found, snapshot_root / encoder
 
 
 def read_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -5,8 +5,9 @@ space and 4x in time with plain 2D convolutions: "memory blocks" see their input
 their input at frame t - 1, temporal pooling joins pairs of frames (a 1x1 convolution over their
 channels side by side) and temporal growth splits one frame into two. Its latent is Wan 2.1's (16
 channels). Our version follows that shape (3 stages of 3 memory blocks each way; encoder width 64,
-decoder widths 256/128/64/64: about 11 M parameters at full size) at random weights; the built-in
-`tiny-video` uses narrower stages.
+decoder widths 256/128/64/64: about 11 M parameters at full size), layer for layer as TAEHV's
+source has it, so TAEHV's trained files load into it (`livediff.models.taehv_weights`); built here
+it has random weights, and the built-in `tiny-video` uses narrower stages.
 
 Streaming: a memory block's "t - 1" at the first frame of a chunk is the last frame it saw in the
 previous chunk, kept in the stream's `TaeState`, so a chunk is encoded and decoded once, with the
@@ -157,7 +158,10 @@ class TinyVideoAutoencoder(nn.Module):
     def encode(self, pixels: torch.Tensor, states: list[TaeState]) -> torch.Tensor:
         """(B, T, 3, H, W) in [0, 1] -> (B, T', 16, H/8, W/8) latents, one row per stream's state.
 
-        T is 1 + 4k for streams whose first chunk this is (all rows alike), else 4k."""
+        T is 1 + 4k for streams whose first chunk this is (all rows alike), else 4k. The latents are
+        the transformer's own (with TAEHV's trained weights: Wan VAE latents already normalised by
+        its `latents_mean` / `latents_std`, as `WanStreamingVae.encode` returns them), so neither
+        this nor `decode` shifts or scales them."""
         if states[0].encoded == 0:
             pixels = torch.cat([pixels[:, :1].expand(-1, TIME_SCALE - 1, -1, -1, -1), pixels], dim=1)
         if pixels.shape[1] % TIME_SCALE:

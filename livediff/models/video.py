@@ -9,11 +9,12 @@ UMT5-XXL's output shape (512 tokens x 4096), for speed runs with no download.
 Real checkpoints: a local folder or a hub id laid out as diffusers' Wan 2.1 T2V repositories
 (`transformer/` a `WanTransformer3DModel`, `text_encoder/` UMT5, `tokenizer/`; the autoencoder is
 `vae/`, Wan's VAE in streaming form (`livediff.models.wan_vae`), when the checkpoint has one, else
-the built-in TAEHV-shaped one). The causal weights come either from that folder's `transformer/`
-(a causal checkpoint converted to diffusers' layout) or, as StreamDiffusionV2, CausVid and
-Self-Forcing publish them, from one file in Wan's original layout named by `weights`
-(`--video-weights`, `livediff.models.wan_weights`) with a base Wan 2.1 T2V folder or hub id
-(Wan-AI/Wan2.1-T2V-1.3B-Diffusers) for the transformer's configuration, UMT5, tokenizer and VAE.
+the TAEHV-shaped one with TAEHV's trained weights, `livediff.models.taehv_weights`). The causal
+weights come either from that folder's `transformer/` (a causal checkpoint converted to diffusers'
+layout) or, as StreamDiffusionV2, CausVid and Self-Forcing publish them, from one file in Wan's
+original layout named by `weights` (`--video-weights`, `livediff.models.wan_weights`) with a base
+Wan 2.1 T2V folder or hub id (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) for the transformer's
+configuration, UMT5, tokenizer and VAE.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from livediff.errors import ConfigError, ModelLoadError
 from livediff.models.tae import TAEHV_SHAPE, TINY_SHAPE, TinyVideoAutoencoder, build_autoencoder
+from livediff.models.taehv_weights import WEIGHTS_CHOICES, load_taehv, taehv_source
 from livediff.models.wan import TINY_VIDEO, WAN_1_3B, CausalWan, build_transformer
 from livediff.models.wan_vae import TINY_WAN_VAE, WAN_2_1_VAE, WanStreamingVae, build_wan_vae
 from livediff.models.wan_weights import WeightsFile, describe, load_original_transformer, locate_weights
@@ -74,6 +76,9 @@ class VideoParts:
     """The streaming autoencoder: the TAEHV-shaped one (`tae`) or Wan 2.1's VAE (`wan-vae`)."""
     encode_prompt: Callable[[str], torch.Tensor]
     """prompt -> (1, text tokens, text_dim) text states."""
+    autoencoder_weights: str = "random"
+    """Where the `tae` autoencoder's weights came from: `random`, or the TAEHV file (its source);
+    empty for `wan-vae` (a checkpoint's own `vae/`)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,11 +103,12 @@ def is_video_model(ref: str, weights: str = "") -> bool:
 
 
 def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                     autoencoder: str = "auto", weights: str = "") -> VideoParts:  # fmt: skip
+                     autoencoder: str = "auto", weights: str = "",
+                     autoencoder_weights: str = "auto") -> VideoParts:  # fmt: skip
     """Load `ref`: `tiny-video`, `wan-1.3b-random`, or a diffusers-layout causal Wan folder or hub id.
 
     `weights` (`--video-weights`): a file of causal transformer weights in Wan's original layout (a
-    local path or a hub file `owner/name/path/in/repo.pt`, `livediff.models.wan_weights`) loaded into
+    local path or a hub file `owner/name:path/in/repo.pt`, `livediff.models.wan_weights`) loaded into
     a transformer of `ref`'s configuration in place of `ref`'s own `transformer/` weights (which are
     then not fetched); `ref` supplies the rest (for a built-in, its configuration and stand-ins).
 
@@ -110,10 +116,26 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
     VAE in streaming form (a folder's or hub id's `vae/`; for a built-in, at random weights: Wan 2.1's
     shape for `wan-1.3b-random`, a few channels wide for `tiny-video`); `auto`, `wan-vae` for a
     checkpoint with a `vae/`, else `tae`. `ConfigError` for another name; `ModelLoadError` naming the
-    file and what was expected when a folder has another layout."""
+    file and what was expected when a folder has another layout.
+
+    `autoencoder_weights` (`--video-autoencoder-weights`, `livediff.models.taehv_weights`) for `tae`:
+    `auto`, TAEHV's trained Wan 2.1 file from the hub for a real checkpoint and random weights for a
+    built-in; `random`; or a file or hub file (`owner/name:FILE`), which also makes `auto` pick `tae`."""
     if autoencoder not in VIDEO_AUTOENCODERS:
         raise ConfigError(f"video_autoencoder must be one of {', '.join(VIDEO_AUTOENCODERS)}, got {autoencoder!r}")
     device = torch.device(device)
+    tae_source = taehv_source(ref in VIDEO_BUILTINS, autoencoder_weights)
+    if autoencoder == "auto" and autoencoder_weights not in WEIGHTS_CHOICES:
+        autoencoder = "tae"  # TAEHV weights named: the TAE runs
+    elif autoencoder == "wan-vae" and autoencoder_weights not in WEIGHTS_CHOICES:
+        raise ConfigError(f"video_autoencoder_weights {autoencoder_weights!r} is for the tae autoencoder, "
+                          "not wan-vae")  # fmt: skip
+    # TAEHV's file, where the tae is sure to run, is read and checked before a local checkpoint's
+    # gigabytes load (after its layout's own check: is_video_model)
+    folder = Path(ref).expanduser()
+    sure = autoencoder == "tae" or (autoencoder == "auto" and folder.is_dir() and not (folder / "vae").exists())
+    early = sure and (ref in VIDEO_BUILTINS or is_video_model(ref, weights))
+    trained = load_taehv(tae_source) if tae_source is not None and early else None
     vae_module: Any = None
     if ref in VIDEO_BUILTINS:
         tiny = ref == "tiny-video"
@@ -141,16 +163,19 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
         modules.append(vae_module)
         chosen = WanStreamingVae(vae_module)
     else:
-        tae = build_autoencoder(shape)
+        if trained is None:
+            trained = build_autoencoder(shape) if tae_source is None else load_taehv(tae_source)
+        tae = trained
         modules.append(tae)
         chosen = tae
-        if ref not in VIDEO_BUILTINS:
+        if ref not in VIDEO_BUILTINS and tae_source is None:
             log.warning("video model %s: the TAEHV-shaped autoencoder runs at random weights", ref)
     for module in modules:
         module.to(device).eval().requires_grad_(False)
         if dtype != torch.float32:  # diffusers then warns that it would keep a few modules in float32
             module.to(dtype)
-    return VideoParts(ref, revision, CausalWan(transformer), chosen, encode)
+    tae_weights = "" if vae_module is not None else tae_source or "random"
+    return VideoParts(ref, revision, CausalWan(transformer), chosen, encode, tae_weights)
 
 
 def _load_folder(ref: str, dtype: torch.dtype, autoencoder: str,

@@ -10,7 +10,7 @@ key; Self-Forcing's EMA keys also carry FSDP's `_fsdp_wrapped_module.` segments.
 and VAE are Wan 2.1 T2V's, unchanged.
 
 Steps, as `load_original_transformer` runs them:
-1. `locate_weights`: a local file, or a hub file `owner/name/path/in/repo.pt` (only that file is
+1. `locate_weights`: a local file, or a hub file `owner/name:path/in/repo.pt` (only that file is
    fetched, through `livediff.models.hub.snapshot`); `.pt`/`.pth`/`.bin` pickles are read with
    `torch.load(weights_only=True)` (tensors and plain containers only: no code runs), `.safetensors` too;
 2. `original_state`: the transformer's tensors, unwrapped (`generator_ema`, else `generator`, else
@@ -26,7 +26,6 @@ Each failure is one `ModelLoadError` line naming `--video-weights`, the file and
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, first_line, snapshot
+from livediff.models.hub import HubKind, first_line, hub_file, read_weights, split_hub_file
 
 FLAG = "--video-weights"
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".sft")
@@ -69,7 +68,7 @@ class WeightsFile:
 
 
 def locate_weights(source: str) -> WeightsFile:
-    """Step 1: `source` is a local file, or a hub file `owner/name/path/in/repo.pt` (fetched alone
+    """Step 1: `source` is a local file, or a hub file `owner/name:path/in/repo.pt` (fetched alone
     into the Hugging Face cache). `ModelLoadError` naming the flag for a missing file, an unread
     suffix or a hub file that cannot be had."""
     path = Path(source).expanduser()
@@ -77,19 +76,13 @@ def locate_weights(source: str) -> WeightsFile:
         raise ModelLoadError(f"{FLAG} {source}: expected a {', '.join(SUFFIXES)} file of Wan transformer weights")
     if path.is_file():
         return WeightsFile(source, path)
-    parts = source.split("/")
-    if path.is_absolute() or source.startswith((".", "~")) or len(parts) < 3 or not all(parts):
-        raise ModelLoadError(f"{FLAG} {source}: no such file (a hub file is written owner/name/path/in/repo.pt)")
-    repo, inside = "/".join(parts[:2]), "/".join(parts[2:])
+    written = split_hub_file(source)
+    if written is None or not written[1] or path.is_absolute() or source.startswith((".", "~")):
+        raise ModelLoadError(f"{FLAG} {source}: no such file (a hub file is written owner/name:path/in/repo.pt)")
     try:
-        folder = snapshot(repo, [inside], HUB_FILE)
+        return WeightsFile(source, hub_file(*written, HUB_FILE))
     except ModelLoadError as exc:
         raise ModelLoadError(f"{FLAG} {source}: {exc}") from exc
-    if not (folder / inside).is_file():  # a cached snapshot may hold other files of the repository only
-        raise ModelLoadError(f"{FLAG} {source}: {inside} is not in {repo}'s snapshot at {folder} (the "
-                             f"repository has no such file, or only others were fetched: `hf download {repo} "
-                             f"{inside}`)")  # fmt: skip
-    return WeightsFile(source, folder / inside)
 
 
 def original_state(file: WeightsFile) -> dict[str, torch.Tensor]:
@@ -101,13 +94,7 @@ def original_state(file: WeightsFile) -> dict[str, torch.Tensor]:
     prefixes and segments its training wrappers add are dropped."""
     where = f"{FLAG} {file.source}"
     try:
-        if file.path.suffix.lower() in (".safetensors", ".sft"):
-            from safetensors.torch import load_file
-
-            loaded: Any = load_file(str(file.path), device="cpu")
-        else:
-            mmap = zipfile.is_zipfile(file.path)  # torch's legacy format cannot be mapped
-            loaded = torch.load(file.path, map_location="cpu", weights_only=True, mmap=mmap)
+        loaded = read_weights(file.path)
     except Exception as exc:  # noqa: BLE001 - torch, pickle and safetensors raise many kinds; one line names it
         raise ModelLoadError(f"{where} could not be read: {type(exc).__name__}: {first_line(exc)}") from exc
     state = loaded
