@@ -206,7 +206,7 @@ def test_a_built_in_runs_a_named_file_and_wan_vae_refuses_one(state: dict[str, t
     assert parts.autoencoder_name == "tae" and parts.autoencoder_weights == str(tmp_path / "taew2_1.safetensors")
     assert load_video_model("tiny-video").autoencoder_weights == "random"
     assert torch.equal(parts.autoencoder.state_dict()["encoder.0.module.weight"], state["encoder.0.weight"])
-    with pytest.raises(ConfigError, match="video_autoencoder_weights"):
+    with pytest.raises(ConfigError, match="--video-autoencoder-weights .* --video-autoencoder wan-vae takes none"):
         load_video_model("tiny-video", autoencoder="wan-vae", autoencoder_weights=str(tmp_path / "taew2_1.safetensors"))
 
 

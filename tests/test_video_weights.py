@@ -243,6 +243,9 @@ def test_a_hub_file_is_fetched_alone_and_said_when_it_cannot_be(monkeypatch: pyt
     message = str(error.value)
     assert message.startswith("--video-weights jerryfeng/StreamDiffusionV2:wan_causal_dmd_v2v/model.pt: ")
     assert "HF_HUB_OFFLINE" in message and "\n" not in message
+    assert "`hf download jerryfeng/StreamDiffusionV2 wan_causal_dmd_v2v/model.pt`" in message  # that file alone
+    with pytest.raises(ModelLoadError, match="as a hub file: jerryfeng/StreamDiffusionV2:wan_causal_dmd_v2v/model.pt"):
+        locate_weights("jerryfeng/StreamDiffusionV2/wan_causal_dmd_v2v/model.pt")  # written with a slash
 
 
 def test_a_hub_file_in_the_cache_loads_and_one_not_in_it_says_how_to_fetch_it(
@@ -332,8 +335,9 @@ def test_a_base_of_another_shape_names_the_base(tmp_path: Path) -> None:
     expected = rf"--video-weights {re.escape(str(path))} is not a causal Wan transformer of {re.escape(str(base))} "
     with pytest.raises(ModelLoadError, match=expected + r"\(3 layers, width 64\).*: 27 missing \(blocks\.2\."):
         load_video_model(str(base), weights=str(path))
-    with pytest.raises(ModelLoadError, match=r"video model 'tiny' \(the base of --video-weights .*: a Wan 2\.1 T2V"):
-        load_video_model("tiny", weights=str(path))
+    needs_a_base = r"--video-weights needs --model set to a Wan 2\.1 T2V base.*'tiny' is neither"
+    with pytest.raises(ModelLoadError, match=needs_a_base):
+        load_video_model("tiny", weights=str(path))  # an image model
 
 
 def test_the_cli_says_a_bad_weights_file_in_one_line(tmp_path: Path) -> None:

@@ -201,7 +201,7 @@ class VideoEngine:
         for name in ("height", "width"):
             value = getattr(settings, name)
             if value % unit:
-                raise ConfigError(f"{name} must be a multiple of {unit} for a video model, got {value}")
+                raise ConfigError(f"{name} must be a multiple of {unit} for a video model (--size), got {value}")
         if settings.feature_bank or settings.controlnets:
             raise ConfigError("feature_bank and controlnets are image-model features; a video model has neither")
         if settings.lcm_lora:
@@ -222,9 +222,10 @@ class VideoEngine:
         self.backend = VideoBackend.build(self.model, backend, settings.compile, self.device)
         self.fast = self.backend.forward
         self.frame_shape = (settings.height, settings.width, 3)
-        log.info("video engine: model %s (%s), %s %s, %dx%d, cache %d sink + %d window latent frames",
+        weights = f" ({parts.autoencoder_weights} weights)" if parts.autoencoder_weights else ""
+        log.info("video engine: model %s (%s), %s %s, %dx%d, autoencoder %s%s, cache %d sink + %d window latent frames",
                  parts.ref, parts.revision, self.device, self.dtype, settings.width, settings.height,
-                 self.video.sink, self.video.window)  # fmt: skip
+                 parts.autoencoder_name, weights, self.video.sink, self.video.window)  # fmt: skip
 
     # -- streams ---------------------------------------------------------------------------------
 

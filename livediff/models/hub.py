@@ -28,19 +28,24 @@ class HubKind:
     """How to run without it, e.g. "run with `--model tiny` (built in, no download)"."""
 
 
-def how_to_get(ref: str, why: str, kind: HubKind) -> str:
-    """A one-line answer for a model that is not here: what was looked at, `why` it was not fetched, the way out."""
+def how_to_get(ref: str, why: str, kind: HubKind, file: str = "") -> str:
+    """A one-line answer for a model (or one `file` of a repository) that is not here: what was
+    looked at, `why` it was not fetched, the way out."""
     builtin = f"a built-in ({', '.join(kind.builtins)}), " if kind.builtins else ""
+    what = (
+        f"{file} of {kind.noun} {ref!r} is not" if file else f"{kind.noun} {ref!r} is not {builtin}a local folder, nor"
+    )
+    download = f"{ref} {file}" if file else ref
     return (
-        f"{kind.noun} {ref!r} is not {builtin}a local folder, nor in the "
-        f"Hugging Face cache, and {why}. Download it with `hf download {ref}` (on a machine with internet, "
-        f"then point HF_HOME at that cache), or {kind.fallback}."
+        f"{what} in the Hugging Face cache, and {why}. Download it with `hf download {download}` (on a machine "
+        f"with internet, then point HF_HOME at that cache), or {kind.fallback}."
     )
 
 
-def snapshot(repo_id: str, allow_patterns: list[str] | None, kind: HubKind) -> Path:
+def snapshot(repo_id: str, allow_patterns: list[str] | None, kind: HubKind, file: str = "") -> Path:
     """The local snapshot of a hub repository: from the cache, else downloaded once; `ModelLoadError`
-    saying why not and what to do (in `kind`'s words) when it cannot be had."""
+    saying why not and what to do (in `kind`'s words) when it cannot be had. `file`: the one file
+    wanted of it (`hub_file`), for the messages."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
@@ -51,19 +56,19 @@ def snapshot(repo_id: str, allow_patterns: list[str] | None, kind: HubKind) -> P
     except Exception:  # noqa: BLE001 - not in the cache, whatever the reason: try the hub
         pass
     if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked", kind))
-    log.info("%s is not in the Hugging Face cache: downloading it", repo_id)
+        raise ModelLoadError(how_to_get(repo_id, "HF_HUB_OFFLINE is set, so the hub was not asked", kind, file))
+    log.info("%s is not in the Hugging Face cache: downloading it", f"{file} of {repo_id}" if file else repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except GatedRepoError as exc:
         why = "it is gated on the hub: accept its terms on huggingface.co, then `hf auth login`"
-        raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+        raise ModelLoadError(how_to_get(repo_id, why, kind, file)) from exc
     except RepositoryNotFoundError as exc:
         why = f"the hub has no such {kind.noun} (or it is private: `hf auth login` first)"
-        raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+        raise ModelLoadError(how_to_get(repo_id, why, kind, file)) from exc
     except Exception as exc:  # noqa: BLE001 - network, auth, disk: answered the same way, with the cause
         why = f"it could not be downloaded ({type(exc).__name__}: {first_line(exc)})"
-        raise ModelLoadError(how_to_get(repo_id, why, kind)) from exc
+        raise ModelLoadError(how_to_get(repo_id, why, kind, file)) from exc
 
 
 def split_hub_file(source: str) -> tuple[str, str] | None:
@@ -75,10 +80,19 @@ def split_hub_file(source: str) -> tuple[str, str] | None:
     return repo, file
 
 
+def hub_spelling(source: str) -> str:
+    """For a file not found: "; as a hub file: owner/name:path" when `source` reads like a hub file
+    written with a slash (`owner/name/path/file.pt`), else ""."""
+    parts = source.split("/")
+    if ":" in source or source.startswith(("/", ".", "~")) or len(parts) < 3 or not all(parts):
+        return ""
+    return f"; as a hub file: {parts[0]}/{parts[1]}:{'/'.join(parts[2:])}"
+
+
 def hub_file(repo_id: str, file: str, kind: HubKind, also: tuple[str, ...] = ()) -> Path:
     """`file` of a hub repository (with the files matching the patterns in `also`): from the cache,
     else fetched alone; `ModelLoadError` as `snapshot`'s, or when the repository has no such file."""
-    found = snapshot(repo_id, [file, *also], kind) / file
+    found = snapshot(repo_id, [file, *also], kind, file) / file
     if not found.is_file():  # a cached snapshot may hold other files of the repository only
         raise ModelLoadError(
             f"{kind.noun} {repo_id} has no {file} (or only its other files are in the Hugging Face cache: "

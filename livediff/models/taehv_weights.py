@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, first_line, hub_file, read_weights, split_hub_file
+from livediff.models.hub import HubKind, first_line, hub_file, hub_spelling, read_weights, split_hub_file
 from livediff.models.tae import TAEHV_SHAPE, Framewise, TGrow, TinyVideoAutoencoder
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def locate(source: str) -> Path:
             raise ModelLoadError(f"{FLAG} {source}: expected a {', '.join(SUFFIXES)} file")
         return path
     if path.suffix.lower() in SUFFIXES and ":" not in source:
-        raise ModelLoadError(f"{FLAG} {source}: no such file")
+        raise ModelLoadError(f"{FLAG} {source}: no such file{hub_spelling(source)}")
     written = split_hub_file(source)
     if written is None:
         raise ModelLoadError(

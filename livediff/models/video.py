@@ -128,8 +128,8 @@ def load_video_model(ref: str, device: torch.device | str = "cpu", dtype: torch.
     if autoencoder == "auto" and autoencoder_weights not in WEIGHTS_CHOICES:
         autoencoder = "tae"  # TAEHV weights named: the TAE runs
     elif autoencoder == "wan-vae" and autoencoder_weights not in WEIGHTS_CHOICES:
-        raise ConfigError(f"video_autoencoder_weights {autoencoder_weights!r} is for the tae autoencoder, "
-                          "not wan-vae")  # fmt: skip
+        raise ConfigError(f"--video-autoencoder-weights {autoencoder_weights} is for the tae autoencoder; "
+                          "--video-autoencoder wan-vae takes none (drop one of the two)")  # fmt: skip
     # TAEHV's file, where the tae is sure to run, is read and checked before a local checkpoint's
     # gigabytes load (after its layout's own check: is_video_model)
     folder = Path(ref).expanduser()
@@ -192,9 +192,15 @@ def _load_folder(ref: str, dtype: torch.dtype, autoencoder: str,
         file = locate_weights(weights)
     if path.is_dir():
         folder, revision = path, fingerprint(path)
+    elif weights and (path.suffix or ref.count("/") != 1):
+        raise ModelLoadError(
+            f"--video-weights needs --model set to a Wan 2.1 T2V base, a folder or hub id in diffusers' layout "
+            f"(Wan-AI/Wan2.1-T2V-1.3B-Diffusers for 1.3B weights), or to a built-in video model "
+            f"({', '.join(VIDEO_BUILTINS)}); {ref!r} is neither"
+        )
     elif path.suffix or ref.count("/") != 1:
         raise ModelLoadError(
-            f"video model {ref!r}{base} is not a built-in ({', '.join(VIDEO_BUILTINS)}), an existing folder, nor a "
+            f"video model {ref!r} is not a built-in ({', '.join(VIDEO_BUILTINS)}), an existing folder, nor a "
             "hub id (owner/name); run with `--model tiny-video` (built in, no download)"
         )
     else:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, first_line, hub_file, read_weights, split_hub_file
+from livediff.models.hub import HubKind, first_line, hub_file, hub_spelling, read_weights, split_hub_file
 
 FLAG = "--video-weights"
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".sft")
@@ -78,7 +78,8 @@ def locate_weights(source: str) -> WeightsFile:
         return WeightsFile(source, path)
     written = split_hub_file(source)
     if written is None or not written[1] or path.is_absolute() or source.startswith((".", "~")):
-        raise ModelLoadError(f"{FLAG} {source}: no such file (a hub file is written owner/name:path/in/repo.pt)")
+        raise ModelLoadError(f"{FLAG} {source}: no such file (a hub file is written owner/name:path/in/repo.pt"
+                             f"{hub_spelling(source)})")  # fmt: skip
     try:
         return WeightsFile(source, hub_file(*written, HUB_FILE))
     except ModelLoadError as exc:
