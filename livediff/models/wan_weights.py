@@ -11,8 +11,9 @@ and VAE are Wan 2.1 T2V's, unchanged.
 
 Steps, as `load_original_transformer` runs them:
 1. `locate_weights`: a local file, or a hub file `owner/name:path/in/repo.pt` (only that file is
-   fetched, through `livediff.models.hub.snapshot`); `.pt`/`.pth`/`.bin` pickles are read with
-   `torch.load(weights_only=True)` (tensors and plain containers only: no code runs), `.safetensors` too;
+   fetched, through `livediff.models.hub.hub_file`); `.pt`/`.pth`/`.bin` pickles are read with
+   `torch.load(weights_only=True)` (`hub.read_weights`: tensors and plain containers only, no code
+   runs), `.safetensors` too;
 2. `original_state`: the transformer's tensors, unwrapped (`generator_ema`, else `generator`, else
    `state_dict`) and with the wrappers' prefixes removed;
 3. diffusers' own converter (`convert_wan_transformer_to_diffusers`) renames them to
