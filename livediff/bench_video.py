@@ -19,6 +19,7 @@ masked to the longest, what the engine does) against one call per stream (no pad
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from livediff.config import EngineSettings, StreamParams
-from livediff.engine.video import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine, VideoSettings, VideoStream
+from livediff.engine.video import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine, VideoStream
 from livediff.models.tae import LATENT_CHANNELS
 from livediff.models.wan import Row
 from livediff.synthetic import SyntheticCamera
@@ -118,7 +119,7 @@ def mixed_cache_calls(engine: VideoEngine, count: int, frames: list[torch.Tensor
 
 def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str, Any]:
     """Build the engine and measure each stream count of `plan`; the report as a dict."""
-    engine = VideoEngine(settings, video=VideoSettings(stream_batch=plan.stream_batch))
+    engine = VideoEngine(settings.replace(video=dataclasses.replace(settings.video, stream_batch=plan.stream_batch)))
     cuda = engine.device.type == "cuda"
     frames = [torch.from_numpy(f) for f in SyntheticCamera(settings.height, settings.width).frames(16)]
     engine.warmup(MIN_VIDEO_WARMUP_CHUNKS)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from livediff.admission import CONNECT_GRACE_S
-from livediff.config import BACKENDS, DTYPES, LIVE_SIZE, MAX_STEPS, EngineSettings, StreamParams
+from livediff.config import BACKENDS, DTYPES, LIVE_SIZE, MAX_STEPS, EngineSettings, StreamParams, VideoSettings
 from livediff.errors import ConfigError, LivediffError
 
 log = logging.getLogger("livediff")
@@ -198,6 +198,30 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "checkpoint, random for a built-in), random, or a TAEHV .pth/.safetensors file or hub file "
         "(owner/name:FILE); a file makes --video-autoencoder auto pick tae",
     )
+    defaults = VideoSettings()
+    group.add_argument(
+        "--video-sink",
+        type=_int_range(0, 8),
+        default=_env("video_sink", defaults.sink),
+        metavar="N",
+        help="a video model's cache: latent frames kept for good from a stream's start (attention sinks), 0-8",
+    )
+    group.add_argument(
+        "--video-window",
+        type=_int_range(MAX_STEPS, 64),
+        default=_env("video_window", defaults.window),
+        metavar="N",
+        help=f"a video model's cache: the most recent latent frames kept after the sinks, {MAX_STEPS}-64 "
+        "(each holds 4 camera frames)",
+    )
+    group.add_argument(
+        "--video-shift",
+        type=_float_range(0.1, 20.0),
+        default=_env("video_shift", defaults.shift),
+        metavar="S",
+        help="a video model's flow-matching timestep shift, 0.1-20: 5 as Wan 2.1 samples; 1 for weights "
+        "trained on an unwarped schedule (StreamDiffusionV2's, CausVid's)",
+    )
     group.add_argument(
         "--ip-adapter",
         default=_env("ip_adapter", ""),
@@ -246,6 +270,7 @@ def engine_settings(args: argparse.Namespace, backend: str = "torch") -> EngineS
         video_autoencoder=args.video_autoencoder, video_weights=getattr(args, "video_weights", ""),
         video_autoencoder_weights=getattr(args, "video_autoencoder_weights", "auto"),
         ip_adapter=getattr(args, "ip_adapter", ""),
+        video=VideoSettings(sink=args.video_sink, window=args.video_window, shift=args.video_shift),
     )  # fmt: skip
 
 

@@ -57,6 +57,37 @@ docs/benchmarks.md#why---size-auto-is-256x256-on-a-cpu). The library's `EngineSe
 
 
 @dataclass(frozen=True)
+class VideoSettings:
+    """What fixes a video engine's caches and schedule (`EngineSettings.video`; `--video-sink`,
+    `--video-window`, `--video-shift`)."""
+
+    sink: int = 1
+    """Latent frames kept for good at the start of each stream's cache (attention sinks)."""
+    window: int = 4
+    """Most recent latent frames kept after the sinks (the rolling window)."""
+    position_limit: int = 1024
+    """Frame positions stay below this: the window is refreshed before (Wan's rotary table length)."""
+    shift: float = 5.0
+    """Flow-matching timestep shift (Wan 2.1 text-to-video samples with 5; 1 leaves the schedule
+    unwarped, as StreamDiffusionV2's and CausVid's samplers run it)."""
+    stream_batch: bool = True
+    """Stream Batch over the denoising steps (`livediff.engine.stream_batch`): one transformer call per
+    step of the engine whatever the step counts; off, a chunk runs `steps` calls then a context pass."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sink <= 8:
+            raise ConfigError(f"sink must be in 0..8 latent frames, got {self.sink}")
+        if not 1 <= self.window <= 64:
+            raise ConfigError(f"window must be in 1..64 latent frames, got {self.window}")
+        if self.stream_batch and self.window < MAX_STEPS:
+            raise ConfigError(f"window must be at least {MAX_STEPS} latent frames with stream_batch, got {self.window}")
+        if not 0 < self.shift <= 20:
+            raise ConfigError(f"shift must be in (0, 20], got {self.shift}")
+        if self.position_limit < self.sink + self.window + 2:
+            raise ConfigError(f"position_limit must exceed sink + window + 2, got {self.position_limit}")
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     model: str = "auto"
     """`auto`, `tiny`, `sd-turbo-random`, a Hugging Face id or a local diffusers folder."""
@@ -127,6 +158,8 @@ class EngineSettings:
     """The `tae` autoencoder's weights: `auto` (TAEHV's trained Wan 2.1 file from the hub for a real
     checkpoint, random for a built-in), `random`, or a `.pth` / `.safetensors` file or hub file
     (`owner/name:FILE`) in TAEHV's layout; `livediff.models.taehv_weights`."""
+    video: VideoSettings = dataclasses.field(default_factory=VideoSettings)
+    """A video model's cache and schedule (`livediff.engine.video`); image models ignore it."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):

@@ -189,6 +189,8 @@ async def _server(
         argv += ["--video-weights", engine.video_weights]
     if engine.video_autoencoder_weights != "auto":
         argv += ["--video-autoencoder-weights", engine.video_autoencoder_weights]
+    video = engine.video
+    argv += ["--video-sink", str(video.sink), "--video-window", str(video.window), "--video-shift", str(video.shift)]
     with tempfile.TemporaryFile() as output:
         process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=asyncio.subprocess.STDOUT)
         try:

@@ -91,6 +91,8 @@ def test_help_never_prints_a_token_from_the_environment(
         (["serve", "--bitrate", "5"], ["--bitrate", "100000..50000000"]),
         (["bench", "--frames", "0"], ["--frames", "1..100000"]),
         (["build-engines", "--steps", "9"], ["--steps", "1..4"]),
+        (["serve", "--video-window", "2"], ["--video-window", "4..64"]),
+        (["serve", "--video-shift", "0"], ["--video-shift", "0.1"]),
         (["srve"], ["srve", "serve"]),
         ([], ["serve", "bench", "build-engines"]),
     ],
@@ -115,6 +117,17 @@ def test_a_bad_environment_value_is_named_like_a_flag(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert "--port" in err and "LIVEDIFF_PORT is 'http'" in err
+
+
+def test_video_cache_and_shift_flags_reach_the_engine_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livediff.cli import build_parser, engine_settings
+    from livediff.config import VideoSettings
+
+    args = build_parser().parse_args(["serve", "--model", "tiny-video", "--video-sink", "2", "--video-window", "6",
+                                      "--video-shift", "1"])  # fmt: skip
+    assert engine_settings(args).video == VideoSettings(sink=2, window=6, shift=1.0)
+    monkeypatch.setenv("LIVEDIFF_VIDEO_SHIFT", "3")
+    assert engine_settings(build_parser().parse_args(["serve"])).video == VideoSettings(shift=3.0)
 
 
 # -- --size auto -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ async def test_a_client_publishes_to_a_tiny_video_server_and_gets_frames_back(vi
         assert ready["preprocessors"] == [] and ready["controlnets"] == [], ready
         assert ready["video"]["chunk_frames"] == {"first": 5, "next": 4}, ready
         assert ready["video"]["autoencoder"] == "tae" and ready["video"]["autoencoder_weights"] == "random"
+        assert ready["video"]["cache"] == {"sink": 1, "window": 4} and ready["video"]["shift"] == 5.0, ready
         assert "reset" in ready["video"]["controls"], ready
         client = await offer_client(http, server.url, params={"prompt": "a red fox", "steps": 2})
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from livediff.config import EngineSettings, StreamParams
-from livediff.engine.video import VideoEngine, VideoSettings
+from livediff.config import EngineSettings, StreamParams, VideoSettings
+from livediff.engine.video import VideoEngine
 from livediff.models.video import VideoParts, load_video_model
 from livediff.models.wan import Row
 
@@ -27,7 +27,7 @@ def parts() -> VideoParts:
 
 def engine_of(parts: VideoParts, stream_batch: bool, **video: int) -> VideoEngine:
     settings = VideoSettings(stream_batch=stream_batch, **video)  # type: ignore[arg-type]
-    return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, settings)
+    return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE, video=settings), parts)
 
 
 def camera(chunks: int, seed: int = 0) -> list[list[torch.Tensor]]:

@@ -8,9 +8,9 @@ import weakref
 import pytest
 import torch
 
-from livediff.config import ControlParams, EngineSettings, ImagePromptParams, StreamParams
+from livediff.config import ControlParams, EngineSettings, ImagePromptParams, StreamParams, VideoSettings
 from livediff.engine.kv_cache import KVCache
-from livediff.engine.video import VideoEngine, VideoSettings
+from livediff.engine.video import VideoEngine
 from livediff.errors import ConfigError
 from livediff.models.video import VideoParts, load_video_model
 from livediff.models.wan import rotate
@@ -29,7 +29,7 @@ def engine_of(parts: VideoParts, stream_batch: bool = False, **video: int) -> Vi
     """An engine at SIZE; these tests read the cache chunk by chunk, so Stream Batch (the default) is off
     unless asked: tests/test_stream_batch.py covers it, and shows it equal to this engine at 1 step."""
     settings = VideoSettings(stream_batch=stream_batch, **video)  # type: ignore[arg-type]
-    return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, settings)
+    return VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE, video=settings), parts)
 
 
 def camera(chunks: int, seed: int = 0) -> list[list[torch.Tensor]]:

@@ -9,7 +9,7 @@ import torch
 
 from livediff.bench_variants import host_capture
 from livediff.config import EngineSettings, StreamParams
-from livediff.engine.video import VideoEngine, VideoSettings
+from livediff.engine.video import VideoEngine
 from livediff.engine.video_fast import VideoBackend, compiled_step
 from livediff.models.video import VideoParts, load_video_model
 from livediff.models.wan import Row
@@ -30,7 +30,7 @@ def camera(chunks: int, seed: int) -> list[list[torch.Tensor]]:
 
 
 def engine_with(parts: VideoParts, backend: VideoBackend | None) -> VideoEngine:
-    engine = VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts, VideoSettings())
+    engine = VideoEngine(EngineSettings(model="tiny-video", height=SIZE, width=SIZE), parts)
     if backend is not None:  # (the CUDA recorder cannot run here: the same step through the CPU stand-in)
         engine.backend, engine.fast = backend, backend.forward
     return engine

@@ -359,11 +359,13 @@ def test_the_engine_conditions_the_transformer_on_1000_sigma(stream_batch: bool)
     """Causal Wan weights are trained at timestep t = 1000 sigma of the noise their input carries
     (Wan's flow-matching scheduler; StreamDiffusionV2's and Self-Forcing's samplers look sigma up
     from t so): the engine hands the transformer that, not the unshifted schedule value."""
-    from livediff.config import EngineSettings, StreamParams
-    from livediff.engine.video import VideoEngine, VideoSettings
+    from livediff.config import EngineSettings, StreamParams, VideoSettings
+    from livediff.engine.video import VideoEngine
 
-    engine = VideoEngine(EngineSettings(model="tiny-video", height=64, width=64), load_video_model("tiny-video"),
-                         VideoSettings(stream_batch=stream_batch))  # fmt: skip
+    video = VideoSettings(stream_batch=stream_batch)
+    engine = VideoEngine(
+        EngineSettings(model="tiny-video", height=64, width=64, video=video), load_video_model("tiny-video")
+    )
     seen: list[float] = []
     forward = engine.model.forward_chunk
 

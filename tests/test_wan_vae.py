@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from livediff.config import EngineSettings, StreamParams
-from livediff.engine.video import VideoEngine, VideoSettings
+from livediff.engine.video import VideoEngine
 from livediff.errors import ConfigError
 from livediff.models.video import load_video_model
 from livediff.models.wan_vae import TINY_WAN_VAE, WanStreamingVae, WanVaeState, build_wan_vae
@@ -76,7 +76,7 @@ def test_two_streams_in_one_call_equal_each_alone(vae: WanStreamingVae) -> None:
 def test_it_serves_the_engine_as_its_autoencoder_and_a_reset_empties_its_caches() -> None:
     parts = load_video_model("tiny-video", autoencoder="wan-vae")
     assert parts.autoencoder_name == "wan-vae"
-    engine = VideoEngine(EngineSettings(model="tiny-video", height=64, width=64), parts, VideoSettings())
+    engine = VideoEngine(EngineSettings(model="tiny-video", height=64, width=64), parts)
     stream = engine.open_stream(StreamParams(steps=2))
     assert isinstance(stream.tae, WanVaeState)
     frames = [torch.full((64, 64, 3), 40 * i, dtype=torch.uint8) for i in range(5)]

@@ -66,33 +66,6 @@ FIRST_CHUNK_FRAMES = 5
 """Camera frames of a stream's first chunk (two latent frames: the first stands for one frame)."""
 
 
-@dataclass(frozen=True)
-class VideoSettings:
-    """What fixes a video engine's caches and schedule (beside `EngineSettings`)."""
-
-    sink: int = 1
-    """Latent frames kept for good at the start of each stream's cache (attention sinks)."""
-    window: int = 4
-    """Most recent latent frames kept after the sinks (the rolling window)."""
-    position_limit: int = 1024
-    """Frame positions stay below this: the window is refreshed before (Wan's rotary table length)."""
-    shift: float = 5.0
-    """Flow-matching timestep shift (Wan 2.1 text-to-video samples with 5)."""
-    stream_batch: bool = True
-    """Stream Batch over the denoising steps (`livediff.engine.stream_batch`): one transformer call per
-    step of the engine whatever the step counts; off, a chunk runs `steps` calls then a context pass."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.sink <= 8:
-            raise ConfigError(f"sink must be in 0..8 latent frames, got {self.sink}")
-        if not 1 <= self.window <= 64:
-            raise ConfigError(f"window must be in 1..64 latent frames, got {self.window}")
-        if self.stream_batch and self.window < MAX_STEPS:
-            raise ConfigError(f"window must be at least {MAX_STEPS} latent frames with stream_batch, got {self.window}")
-        if self.position_limit < self.sink + self.window + 2:
-            raise ConfigError(f"position_limit must exceed sink + window + 2, got {self.position_limit}")
-
-
 VIDEO_BACKENDS = ("auto", "torch", "cuda-graph", "cuda-graph-compiled")
 """What runs a video model (`resolve_video_backend`); `--backend torch.compile` compiles on any device."""
 
@@ -193,8 +166,7 @@ class VideoEngine:
     chunk_frames = (FIRST_CHUNK_FRAMES, CHUNK_FRAMES)
     """Camera frames of a stream's first chunk (and the first after a reset), and of every other."""
 
-    def __init__(self, settings: EngineSettings, parts: VideoParts | None = None,
-                 video: VideoSettings | None = None) -> None:  # fmt: skip
+    def __init__(self, settings: EngineSettings, parts: VideoParts | None = None) -> None:
         self.device = resolve_device(settings.device)
         backend = resolve_video_backend(settings.backend, self.device)
         unit = SPACE_SCALE * 2  # the autoencoder's 8x, then the transformer's 2x2 patches
@@ -208,7 +180,7 @@ class VideoEngine:
             raise ConfigError("lcm_lora fuses into an SD-family UNet; a video model has none")
         settings = settings.replace(backend=backend)
         self.settings = settings
-        self.video = video or VideoSettings()
+        self.video = settings.video
         if parts is None:
             dtype = resolve_video_dtype(settings.dtype, self.device)
             parts = load_video_model(settings.model, self.device, dtype, settings.video_autoencoder,
@@ -491,6 +463,7 @@ class VideoEngine:
             "chunk_frames": {"first": FIRST_CHUNK_FRAMES, "next": CHUNK_FRAMES},
             "steps": {"min": 1, "max": MAX_STEPS},
             "cache": {"sink": self.video.sink, "window": self.video.window},
+            "shift": self.video.shift,
             "autoencoder": self.parts.autoencoder_name,
             "autoencoder_weights": self.parts.autoencoder_weights,
             "controls": list(VIDEO_CONTROLS),
