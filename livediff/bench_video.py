@@ -19,7 +19,6 @@ masked to the longest, what the engine does) against one call per stream (no pad
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import time
@@ -47,8 +46,6 @@ class VideoBenchPlan:
     """Chunks run after the first and before measuring (at least `MIN_VIDEO_WARMUP_CHUNKS`)."""
     streams: tuple[int, ...] = (1,)
     params: StreamParams = StreamParams()
-    stream_batch: bool = True
-    """Stream Batch over the denoising steps (`VideoSettings.stream_batch`)."""
 
     def __post_init__(self) -> None:
         if self.warmup < MIN_VIDEO_WARMUP_CHUNKS:
@@ -119,7 +116,7 @@ def mixed_cache_calls(engine: VideoEngine, count: int, frames: list[torch.Tensor
 
 def run_video_bench(settings: EngineSettings, plan: VideoBenchPlan) -> dict[str, Any]:
     """Build the engine and measure each stream count of `plan`; the report as a dict."""
-    engine = VideoEngine(settings.replace(video=dataclasses.replace(settings.video, stream_batch=plan.stream_batch)))
+    engine = VideoEngine(settings)
     cuda = engine.device.type == "cuda"
     frames = [torch.from_numpy(f) for f in SyntheticCamera(settings.height, settings.width).frames(16)]
     engine.warmup(MIN_VIDEO_WARMUP_CHUNKS)

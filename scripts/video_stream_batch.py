@@ -8,7 +8,7 @@ come, for 1, 2 and 4 denoising steps and 1 and 2 streams.
 import argparse
 
 from livediff.bench_video import VideoBenchPlan, run_video_bench
-from livediff.config import EngineSettings, StreamParams
+from livediff.config import EngineSettings, StreamParams, VideoSettings
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="tiny-video")
@@ -19,8 +19,9 @@ args = parser.parse_args()
 print("steps  stream_batch  streams  ms/step  transformer ms/step  first frames after (steps)")
 for steps in (1, 2, 4):
     for on in (True, False):
-        plan = VideoBenchPlan(chunks=args.chunks, streams=(1, 2), params=StreamParams(steps=steps), stream_batch=on)
-        settings = EngineSettings(model=args.model, height=args.size, width=args.size, device=args.device)
+        plan = VideoBenchPlan(chunks=args.chunks, streams=(1, 2), params=StreamParams(steps=steps))
+        settings = EngineSettings(model=args.model, height=args.size, width=args.size, device=args.device,
+                                  video=VideoSettings(stream_batch=on))  # fmt: skip
         for r in run_video_bench(settings, plan)["results"]:
             print(f"{steps:>5}  {'on' if on else 'off':>12}  {r['streams']:>7}  {r['ms_per_step']:>7.1f}  "
                   f"{r['stages_ms']['transformer']:>19.1f}  {r['first_chunk_steps']:>3}", flush=True)  # fmt: skip
