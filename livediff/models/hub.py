@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,37 @@ def read_weights(path: Path) -> Any:
 
         return load_file(str(path), device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def layout_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any], shown: int = 4) -> str:
+    """How a state dict `found` differs from a model's `expected` one (tensors by name; `expected`'s
+    may be on the meta device), for a one-line error: "N missing (a, b, ...); N unexpected (...); N of
+    another shape (name (found shape) for (expected shape), ...)", each part only when there is one;
+    "" when every name is there at its shape."""
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if misshapen:
+        described = [f"{k} {tuple(found[k].shape)} for {tuple(expected[k].shape)}" for k in misshapen]
+        parts.append(f"{len(misshapen)} of another shape ({few(described)})")
+    return "; ".join(parts)
+
+
+def file_revision(path: Path, prefix: str, extra: str = "") -> str:
+    """A large file's revision by name, size and mtime (hashing gigabytes per start is too slow), with
+    `extra` (e.g. its config's `fingerprint`): "{prefix}-{16 hex digits}"."""
+    stat = path.stat()
+    text = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}" + (f":{extra}" if extra else "")
+    return f"{prefix}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def first_line(exc: BaseException) -> str:

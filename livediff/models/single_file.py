@@ -17,7 +17,6 @@ Each failure is one `ModelLoadError` line naming `--model`, the file and why.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, fingerprint, first_line, snapshot
+from livediff.models.hub import HubKind, file_revision, fingerprint, first_line, snapshot
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 """What a `--model` that names one file ends with; only `.safetensors` (and `.sft`) is read."""
@@ -107,9 +106,7 @@ class SingleFile:
     @property
     def revision(self) -> str:
         """The file by name, size and mtime (hashing gigabytes per start is too slow) and its config's fingerprint."""
-        stat = self.path.stat()
-        text = f"{self.path.name}:{stat.st_size}:{stat.st_mtime_ns}:{fingerprint(self.config_dir)}"
-        return "file-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        return file_revision(self.path, "file", fingerprint(self.config_dir))
 
 
 def locate_single_file(ref: str, config: str) -> SingleFile:

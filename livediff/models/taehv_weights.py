@@ -42,7 +42,15 @@ import torch
 from torch import nn
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, first_line, hub_file, hub_spelling, read_weights, split_hub_file
+from livediff.models.hub import (
+    HubKind,
+    first_line,
+    hub_file,
+    hub_spelling,
+    layout_mismatch,
+    read_weights,
+    split_hub_file,
+)
 from livediff.models.tae import TAEHV_SHAPE, Framewise, TGrow, TinyVideoAutoencoder
 
 log = logging.getLogger(__name__)
@@ -129,28 +137,14 @@ def to_ours(state: dict[str, torch.Tensor], ae: TinyVideoAutoencoder, where: str
         if isinstance(layer, TGrow) and value is not None and want is not None and value.ndim == want.ndim \
                 and value.shape[0] > want.shape[0] and value.shape[1:] == want.shape[1:]:  # fmt: skip
             mapped[key] = value[-want.shape[0] :]  # the last frame's outputs (a stage that no longer grows time)
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    shapes = sorted(n for n in set(expected) & set(mapped) if mapped[n].shape != expected[n].shape)
-    if missing or unexpected or shapes:
-        found = []
-        if missing:
-            found.append(f"{len(missing)} missing ({_few(missing)})")
-        if unexpected:
-            found.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if shapes:
-            detail = [f"{n} {tuple(mapped[n].shape)} vs {tuple(expected[n].shape)}" for n in shapes[:3]]
-            found.append(f"{len(shapes)} of another shape ({', '.join(detail)}{', ...' if len(shapes) > 3 else ''})")
+    problems = layout_mismatch(mapped, expected, 3)
+    if problems:
         raise ModelLoadError(
             f"{FLAG} {where}: not TAEHV's layout for Wan 2.1 latents at widths encoder {TAEHV_SHAPE['encoder']}, "
             f"decoder {'/'.join(map(str, TAEHV_SHAPE['decoder']))} (the {HUB_DEFAULT} file {HUB_DEFAULT_FILE}): "
-            f"keys {'; '.join(found)}"
+            f"keys {problems}"
         )
     return mapped
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def load_taehv(source: str) -> TinyVideoAutoencoder:

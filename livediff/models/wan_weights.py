@@ -26,7 +26,6 @@ Each failure is one `ModelLoadError` line naming `--video-weights`, the file and
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,16 @@ from typing import Any
 import torch
 
 from livediff.errors import ModelLoadError
-from livediff.models.hub import HubKind, first_line, hub_file, hub_spelling, read_weights, split_hub_file
+from livediff.models.hub import (
+    HubKind,
+    file_revision,
+    first_line,
+    hub_file,
+    hub_spelling,
+    layout_mismatch,
+    read_weights,
+    split_hub_file,
+)
 
 FLAG = "--video-weights"
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".sft")
@@ -62,10 +70,7 @@ class WeightsFile:
 
     @property
     def revision(self) -> str:
-        """The file by name, size and mtime (hashing gigabytes per start is too slow)."""
-        stat = self.path.stat()
-        text = f"{self.path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-        return "weights-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        return file_revision(self.path, "weights")
 
 
 def locate_weights(source: str) -> WeightsFile:
@@ -133,23 +138,12 @@ def check_layout(converted: Mapping[str, torch.Tensor], expected: Mapping[str, A
     (`expected`: a model's `state_dict()`, its tensors possibly on the meta device). `ModelLoadError`
     naming the file, `described` (the configuration it was checked against) and the first few
     missing, unexpected and misshapen names with their counts."""
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    both = set(expected) & set(converted)
-    misshapen = sorted(k for k in both if tuple(expected[k].shape) != tuple(converted[k].shape))
-    if not (missing or unexpected or misshapen):
+    problems = layout_mismatch(converted, expected, SHOWN)
+    if not problems:
         return
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing ({_few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-    if misshapen:
-        shown = ", ".join(f"{k} {tuple(converted[k].shape)} for {tuple(expected[k].shape)}" for k in misshapen[:SHOWN])
-        problems.append(f"{len(misshapen)} of another shape ({shown}{', ...' if len(misshapen) > SHOWN else ''})")
     raise ModelLoadError(
         f"{FLAG} {file.source} is not a causal Wan transformer of {described} in Wan's original layout "
-        f"(blocks.N.self_attn.q.weight, ...): {'; '.join(problems)} (keys named as diffusers' "
+        f"(blocks.N.self_attn.q.weight, ...): {problems} (keys named as diffusers' "
         "WanTransformer3DModel after conversion)"
     )
 
@@ -183,7 +177,3 @@ def describe(name: str, config: Mapping[str, Any]) -> str:
     """`name` with the sizes of its transformer `config`, for errors: "NAME (30 layers, width 1536)"."""
     width = int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
     return f"{name} ({config.get('num_layers')} layers, width {width})"
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
