@@ -187,6 +187,8 @@ def test_files_that_are_not_weights_are_refused_in_one_line(tmp_path: Path) -> N
         load_taehv(str(tmp_path / "list.pth"))
     with pytest.raises(ModelLoadError, match="no such file"):
         load_taehv(str(tmp_path / "missing.pth"))
+    with pytest.raises(ModelLoadError, match="no such file; as a hub file: madebyollin/taehv:taew2_1.pth"):
+        load_taehv("madebyollin/taehv/taew2_1.pth")  # a hub file written with a slash
     with pytest.raises(ModelLoadError, match="not auto, random, an existing file, nor a hub file"):
         load_taehv("not-a-repo")
 
